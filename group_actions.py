@@ -1,0 +1,281 @@
+"""The SER transformation group, acting on pixels and on ViT token maps.
+
+An element g acts on a batch as
+
+    g(x) = R90^k( Resize_size( F^flip( R180^rot180(x) ) ) )
+
+read right to left: an optional 180-degree rotation, an optional horizontal flip, a resize to a
+target grid, then k counter-clockwise quarter turns (torch.rot90 on dims (-2, -1)). This is the
+order the official release uses to build SER's "b2" views (ser.md §2.2).
+
+Which parts are per sample and which are shared by the batch:
+  * flip, rot180 -- (B,) bool tensors, PER SAMPLE. They keep the shape, so samples may differ.
+  * k, size      -- SHARED by the batch. A quarter turn of a non-square grid, or a resize, changes
+                    the tensor's shape, and one batch tensor has one shape.
+
+`size` is in token-grid units (h, w) and is the grid *before* the final rotation, so the output
+grid is `size` for even k and `size` transposed for odd k (see `output_grid`).
+
+Two representations of the same element:
+  * apply_to_images(x, g, patch)   pixel space: the image is resized to (h*patch, w*patch).
+  * apply_to_token_map(t, g)       feature space rho_g on (B, C, h, w): rotations and flips are
+                                   exact token permutations; the resize is bicubic resampling of
+                                   the token grid (align_corners=False, no antialias, as released).
+
+Algebra (what SER needs to carry view 1's token map onto view 2's grid):
+  compose(g2, g1)                 g2 after g1, in normal form
+  inverse(g, input_size)          g^-1; needs the grid g was applied to, to undo the resize
+  relative_action(g1, g2, base)   g2 g1^-1: view 1's map -> view 2's grid (swap args for back)
+
+Exactness. D4 parts (k, flip, rot180) compose and invert exactly, bit for bit. Resizes are
+"resize to a target grid"; as continuous maps (align_corners=False keeps pixel centres aligned)
+two of them compose exactly into the last one, so compose keeps the last target. The *discrete*
+result differs slightly: resampling twice is not resampling once. Output shapes are always exact.
+
+Run the tests:   python -m pytest -x -q wip_tests/test_group_actions.py
+Run the demo:    python group_actions.py
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(eq=False)  # eq=False: comparing tensor fields with == has no single truth value
+class GroupElement:
+    k: int = 0                                # quarter turns (counter-clockwise), shared by the batch
+    flip: Tensor | None = None                # (B,) bool, per-sample horizontal flip; None = no flips
+    rot180: Tensor | None = None              # (B,) bool, per-sample 180-degree rotation; None = none
+    size: tuple[int, int] | None = None       # token grid (h, w) before the rotation, shared; None = keep
+
+    def __post_init__(self):
+        if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral):
+            raise ValueError(f"GroupElement.k must be an int number of quarter turns, got {self.k!r}")
+        self.k = int(self.k) % 4
+        for name in ("flip", "rot180"):
+            flags = getattr(self, name)
+            if flags is not None and not (isinstance(flags, Tensor) and flags.dtype == torch.bool
+                                          and flags.dim() == 1):
+                raise ValueError(f"GroupElement.{name} must be a (B,) bool tensor or None, got "
+                                 f"{_describe(flags)} (use .bool() on 0/1 tensors)")
+        if self.flip is not None and self.rot180 is not None and len(self.flip) != len(self.rot180):
+            raise ValueError(f"GroupElement.flip has {len(self.flip)} entries but rot180 has "
+                             f"{len(self.rot180)}; both are per sample and need the batch size")
+        if self.size is not None:
+            self.size = _check_grid(self.size, "GroupElement.size")
+
+    @property
+    def batch_size(self) -> int | None:
+        """B from the per-sample flags, or None if the element has none (it fits any batch)."""
+        flags = self.flip if self.flip is not None else self.rot180
+        return None if flags is None else len(flags)
+
+
+def _describe(v) -> str:
+    if isinstance(v, Tensor):
+        return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
+    return repr(v)
+
+
+def _check_grid(grid, name: str) -> tuple[int, int]:
+    ok = (isinstance(grid, (tuple, list, torch.Size)) and len(grid) == 2
+          and all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in grid))
+    if not ok:
+        raise ValueError(f"{name} must be a grid (h, w) of two positive ints, got {grid!r}")
+    return int(grid[0]), int(grid[1])
+
+
+def _check_batch(x: Tensor, g: GroupElement, what: str) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"{what} must be a (B, C, H, W) tensor, got {_describe(x)}")
+    if g.batch_size is not None and g.batch_size != x.shape[0]:
+        raise ValueError(f"{what} has batch size {x.shape[0]} but the GroupElement's per-sample "
+                         f"flip/rot180 flags have {g.batch_size} entries")
+    if g.size is not None and not x.is_floating_point():
+        raise ValueError(f"{what} must be floating point to be resized (bicubic), got {x.dtype}")
+
+
+def _xor(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    # None means "all False", the neutral element of xor
+    if a is None or b is None:
+        return b if a is None else a
+    return a ^ b.to(a.device)
+
+
+def _where(mask: Tensor | None, x: Tensor, op) -> Tensor:
+    """op(x) for the samples where mask is True, x elsewhere."""
+    if mask is None or not mask.any():
+        return x
+    if mask.all():
+        return op(x)
+    # torch.where keeps both branches in the graph, so every sample still gets its gradient
+    return torch.where(mask.to(x.device).view(-1, 1, 1, 1), op(x), x)
+
+
+def _act(x: Tensor, g: GroupElement, resize) -> Tensor:
+    """The normal form, with the resize supplied by the caller (pixels and tokens differ only there)."""
+    x = _where(g.rot180, x, lambda t: t.flip(-2, -1))   # R180 = flip both axes
+    x = _where(g.flip, x, lambda t: t.flip(-1))          # F = flip the width axis
+    x = resize(x)
+    return torch.rot90(x, g.k, dims=(-2, -1)) if g.k else x
+
+
+def output_grid(g: GroupElement, input_grid: tuple[int, int]) -> tuple[int, int]:
+    """Token grid (h, w) that g produces from a map on input_grid."""
+    h, w = g.size if g.size is not None else _check_grid(input_grid, "input_grid")
+    return (w, h) if g.k % 2 else (h, w)
+
+
+def identity(batch_size: int) -> GroupElement:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    no = torch.zeros(batch_size, dtype=torch.bool)
+    return GroupElement(k=0, flip=no, rot180=no.clone(), size=None)
+
+
+def sample_element(batch_size: int, generator: torch.Generator, base_grid=(14, 14),
+                   scale=(0.7, 1.3), ratio=(3 / 4, 4 / 3)) -> GroupElement:
+    """One random element, drawn like the release's Aug_equi.get_params (same draws, same order).
+
+    area = base_h*base_w*U(scale) tokens, aspect ratio log-uniform in `ratio`, then k ~ U{0..3}
+    for the batch and per-sample rot180 and flip ~ Bernoulli(0.5). Everything comes from
+    `generator` (a CPU torch.Generator), so a seeded generator reproduces the element exactly.
+    """
+    identity(batch_size)  # validates batch_size
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise ValueError(f"generator must be a CPU torch.Generator, got {generator!r}")
+    base_h, base_w = _check_grid(base_grid, "base_grid")
+    for name, (lo, hi) in (("scale", scale), ("ratio", ratio)):
+        if not 0 < lo <= hi:
+            raise ValueError(f"{name} must be (lo, hi) with 0 < lo <= hi, got {(lo, hi)!r}")
+    log_ratio = torch.log(torch.tensor(ratio))
+    area = base_h * base_w * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+    aspect = math.exp(torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item(),
+                                              generator=generator).item())
+    # The release calls these w and h but passes them to F.interpolate as (rows, cols); we keep
+    # what it does. The aspect law is symmetric in ar <-> 1/ar, so only the draw order cares.
+    # max(1, .) only matters for tiny base grids, where rounding could give an empty grid.
+    rows = max(1, round(math.sqrt(area * aspect)))
+    cols = max(1, round(math.sqrt(area / aspect)))
+    k = int(torch.randint(0, 4, (1,), generator=generator).item())
+    rot180 = torch.rand(batch_size, generator=generator) > 0.5  # (B,)
+    flip = torch.rand(batch_size, generator=generator) > 0.5    # (B,)
+    return GroupElement(k=k, flip=flip, rot180=rot180, size=(rows, cols))
+
+
+def sample_view_pair(batch_size: int, generator: torch.Generator, base_grid=(14, 14),
+                     scale=(0.7, 1.3), ratio=(3 / 4, 4 / 3)) -> tuple[GroupElement, GroupElement]:
+    """The release's pair of b2 views of one common crop: (g1, g2).
+
+    g2's size and k are drawn independently of g1's, but its per-sample flags are g1's negated
+    (the release draws g2's flags too and discards them; we do the same, so the generator
+    advances identically). With negated flags the relative action g2 g1^-1 has the same D4 part
+    for every sample: R90^k2 . Resize . F . R180 . R90^-k1, a vertical flip between the turns.
+    """
+    g1 = sample_element(batch_size, generator, base_grid, scale, ratio)
+    g2 = sample_element(batch_size, generator, base_grid, scale, ratio)
+    return g1, GroupElement(k=g2.k, flip=~g1.flip, rot180=~g1.rot180, size=g2.size)
+
+
+def apply_to_images(x: Tensor, g: GroupElement, patch_size: int) -> Tensor:
+    """(B, C, H, W) pixels -> g(x). A resize goes to (h*patch, w*patch) px, bicubic."""
+    if isinstance(patch_size, bool) or not isinstance(patch_size, numbers.Integral) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    _check_batch(x, g, "images")
+    H, W = x.shape[-2:]
+    if g.size is not None and (H % patch_size or W % patch_size):
+        # g.size is in tokens, so the input must be a whole token grid for the scale to mean
+        # the same thing in pixels and in features
+        raise ValueError(f"image size {H}x{W} is not divisible by patch_size {patch_size}")
+
+    def resize(t: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, h*p, w*p)
+        if g.size is None or g.size == (H // patch_size, W // patch_size):
+            return t
+        out = (g.size[0] * patch_size, g.size[1] * patch_size)
+        # Shrinking pixels without a low-pass filter aliases fine texture into the view (what PIL
+        # and torchvision's resize avoid), so antialias when any side shrinks. Not when only
+        # growing: there antialias would just swap in PIL's cubic kernel (a=-0.5 vs -0.75).
+        shrink = out[0] < H or out[1] < W
+        return F.interpolate(t, size=out, mode="bicubic", align_corners=False, antialias=shrink)
+
+    return _act(x, g, resize)
+
+
+def apply_to_token_map(t: Tensor, g: GroupElement) -> Tensor:
+    """rho_g on a (B, C, h, w) token map: exact permutations for R90/F/R180, bicubic for the resize.
+
+    No antialias and no clamping: features have no value range, and this is the release's
+    `aug_equiv_feat` resampling. Differentiable, any device and dtype.
+    """
+    _check_batch(t, g, "token map")
+
+    def resize(u: Tensor) -> Tensor:  # (B, C, h, w) -> (B, C, *g.size)
+        if g.size is None or g.size == tuple(u.shape[-2:]):
+            return u
+        return F.interpolate(u, size=g.size, mode="bicubic", align_corners=False)
+
+    return _act(t, g, resize)
+
+
+def compose(g2: GroupElement, g1: GroupElement) -> GroupElement:
+    """g2 after g1, in normal form. Exact for D4 parts; a resize keeps the last target grid.
+
+    Moving g1's quarter turns left past g2 uses
+        F . R90^k    = R90^k . R180^(k odd) . F      (a reflection reverses the rotation sense)
+        Resize . R90^k = R90^k . Resize^T(k odd)     (target transposed for an odd turn)
+    and per-sample F and R180 commute with each other and with an axis-aligned resize.
+    """
+    if g1.batch_size is not None and g2.batch_size is not None and g1.batch_size != g2.batch_size:
+        raise ValueError(f"cannot compose elements for batch sizes {g2.batch_size} and {g1.batch_size}")
+    odd = g1.k % 2 == 1
+    size2 = g2.size[::-1] if (odd and g2.size is not None) else g2.size
+    # Resize_a . Resize_b = Resize_a as continuous maps; the discrete values differ (module doc).
+    size = size2 if size2 is not None else g1.size
+    rot180 = _xor(_xor(g1.rot180, g2.rot180), g2.flip if odd else None)
+    return GroupElement(k=(g1.k + g2.k) % 4, flip=_xor(g1.flip, g2.flip), rot180=rot180, size=size)
+
+
+def inverse(g: GroupElement, input_size: tuple[int, int] | None) -> GroupElement:
+    """g^-1, where input_size is the token grid (h, w) g was applied to.
+
+    The grid is needed because "resize to size" forgets where it came from; it may be None only
+    when g has no resize. g^-1 = R180^d F^f Resize_in R90^-k, brought back to normal form.
+    """
+    if input_size is not None:
+        input_size = _check_grid(input_size, "input_size")
+    elif g.size is not None:
+        raise ValueError("inverse of an element with a resize needs input_size, the grid it was applied to")
+    odd = g.k % 2 == 1
+    size = None if g.size is None else (input_size[::-1] if odd else input_size)
+    rot180 = _xor(g.rot180, g.flip if odd else None)
+    return GroupElement(k=-g.k % 4, flip=g.flip, rot180=rot180, size=size)
+
+
+def relative_action(g1: GroupElement, g2: GroupElement, base_size: tuple[int, int]) -> GroupElement:
+    """g = g2 g1^-1: carries view 1's token map (g1 of the common crop) onto view 2's grid.
+
+    base_size is the token grid of the common crop both views were made from. The result holds
+    a single resize (to view 2's grid), so rho_g resamples once, as the release does.
+    relative_action(g2, g1, base_size) goes back.
+    """
+    return compose(g2, inverse(g1, base_size))
+
+
+if __name__ == "__main__":
+    # Demo: two SER views of one 224-px crop, and view 1's token grid carried onto view 2's.
+    gen = torch.Generator().manual_seed(0)
+    g1, g2 = sample_view_pair(3, gen)
+    crop = torch.rand(3, 3, 224, 224)                                    # (B, 3, 224, 224)
+    v1, v2 = apply_to_images(crop, g1, 16), apply_to_images(crop, g2, 16)
+    t1 = F.avg_pool2d(v1, 16)                                            # (B, 3, h1, w1) toy tokens
+    t12 = apply_to_token_map(t1, relative_action(g1, g2, (14, 14)))      # (B, 3, h2, w2)
+    print(f"g1: k={g1.k} size={g1.size} flip={g1.flip.tolist()} rot180={g1.rot180.tolist()}")
+    print(f"g2: k={g2.k} size={g2.size} flip={g2.flip.tolist()} rot180={g2.rot180.tolist()}")
+    print(f"view 1 {tuple(v1.shape)}, view 2 {tuple(v2.shape)}, view 1's tokens on view 2's grid "
+          f"{tuple(t12.shape)}, max |diff| to view 2's tokens "
+          f"{(t12 - F.avg_pool2d(v2, 16)).abs().max():.3f} (white noise: large, by design)")

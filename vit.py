@@ -1,0 +1,388 @@
+"""Vision Transformer with SER's layer split, in timm/DINO parameter names.
+
+`vit_small(patch_size=16)` has exactly the 150 keys and shapes of timm's
+`vit_small_patch16_224(num_classes=0)` and DINO's `vit_small`, so released DINO and timm
+ViT-S/16 weights load with strict=True and give the same outputs:
+
+    from vit import load_backbone
+    model = load_backbone("dino_deitsmall16_pretrain.pth", arch=dict(name="vit_small", patch_size=16))
+
+SER splits the encoder as f = f2 . f1 (ser.md §1): with `cls_after_block=L`, blocks 1..L see patch
+tokens only, their output goes through its own LayerNorm (`norm_equiv`) and becomes the token map
+that L_equiv acts on, and the [CLS] token joins before block L+1. L = 0 is the standard ViT.
+
+Run `python -m pytest -q test_ser.py -k vit` for the checks of the state-dict contract.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample (no parameters, so no keys)."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)  # one Linear, as timm/DINO: keeps the keys
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, return_attention=False):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
+        if return_attention:
+            # The readable path, for visualisation; the fused kernel never materialises (T, T).
+            attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)  # (B, H, T, T)
+            attn = attn.softmax(dim=-1)
+            out = attn @ v
+        else:
+            attn = None
+            out = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on GPU
+        out = out.transpose(1, 2).reshape(B, T, D)
+        return self.proj(out), attn
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()  # exact erf GELU, as timm and DINO
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, return_attention=False):
+        y, attn = self.attn(self.norm1(x), return_attention)
+        x = x + self.drop_path(y)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x, attn
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, in_chans, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x)  # (B, D, h, w)
+
+
+def sincos_pos_embed(dim, h, w):
+    """MoCo v3's fixed 2-D sin-cos table, (h*w, dim), row-major patches.
+
+    Channels are [sin(a w), cos(a w), sin(b w), cos(b w)] with a the row and b the column
+    (MoCo v3's meshgrid is 'ij', despite its variable names), w_d = 1 / 10000^(d / (dim/4)).
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs embed_dim divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    a = rows.flatten()[:, None] * omega  # (h*w, dim/4)
+    b = cols.flatten()[:, None] * omega
+    return torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], dim=1).float()
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=384, depth=12, num_heads=6,
+                 mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, pos_embed="learned",
+                 cls_after_block=0, stop_grad_conv1=False, weight_init="trunc_normal"):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        if not 0 <= cls_after_block < depth:
+            raise ValueError(f"cls_after_block must be in [0, depth={depth}), got {cls_after_block}")
+        if pos_embed not in ("learned", "sincos"):
+            raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
+        if weight_init not in ("trunc_normal", "moco"):
+            raise ValueError(f"weight_init must be 'trunc_normal' or 'moco', got {weight_init!r}")
+        # Everything needed to rebuild this exact network; saved in every checkpoint we write,
+        # because the head count (and the SER split) cannot be read off a state dict.
+        self.arch = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                         depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                         drop_path_rate=drop_path_rate, pos_embed=pos_embed, cls_after_block=cls_after_block,
+                         stop_grad_conv1=stop_grad_conv1, weight_init=weight_init)
+        self.patch_size, self.embed_dim, self.depth, self.num_heads = patch_size, embed_dim, depth, num_heads
+        self.cls_after_block = cls_after_block
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.grad_checkpointing = False  # trade compute for memory at large per-GPU batches
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # Standard ViT: a [CLS] slot first (timm no_embed_class=False). SER: the [CLS] joins late and
+        # gets no position, so the table covers patches only (the release's (1, 196, 384)).
+        num_pos = self.grid_size[0] * self.grid_size[1] + (cls_after_block == 0)
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim), requires_grad=(pos_embed == "learned"))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r) for r in rates])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        if cls_after_block:
+            self.norm_equiv = nn.LayerNorm(embed_dim, eps=1e-6)
+        self._init_weights(pos_embed, weight_init)
+        if stop_grad_conv1:
+            # MoCo v3: a random, frozen patch projection stabilises ViT training.
+            self.patch_embed.proj.weight.requires_grad_(False)
+            self.patch_embed.proj.bias.requires_grad_(False)
+
+    @torch.no_grad()
+    def _init_weights(self, pos_embed, weight_init):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                if weight_init == "moco":
+                    nn.init.xavier_uniform_(m.weight)
+                else:
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if pos_embed == "sincos":
+            table = sincos_pos_embed(self.embed_dim, *self.grid_size)
+            start = self.pos_embed.shape[1] - table.shape[0]  # the [CLS] slot, if any, stays zero
+            self.pos_embed[0, start:] = table
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if weight_init == "moco":
+            for blk in self.blocks:  # Xavier per q, k and v rather than over the fused (3D, D) matrix
+                bound = math.sqrt(6.0 / (blk.attn.qkv.weight.shape[0] // 3 + blk.attn.qkv.weight.shape[1]))
+                nn.init.uniform_(blk.attn.qkv.weight, -bound, bound)
+            nn.init.normal_(self.cls_token, std=1e-6)
+            bound = math.sqrt(6.0 / (3 * self.patch_size ** 2 + self.embed_dim))
+            nn.init.uniform_(self.patch_embed.proj.weight, -bound, bound)
+            nn.init.zeros_(self.patch_embed.proj.bias)
+        else:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            w = self.patch_embed.proj.weight
+            nn.init.trunc_normal_(w.view(w.shape[0], -1), std=0.02)  # as a Linear over the flattened patch
+            nn.init.zeros_(self.patch_embed.proj.bias)
+
+    # ------------------------------------------------------------------ tokens
+    def resampled_pos_embed(self, h, w):
+        """Position table for an (h, w) patch grid, (1, [1+] h*w, D): bicubic in float32 (multi-crop, SER's grids)."""
+        n_cls = int(self.cls_after_block == 0)
+        if (h, w) == self.grid_size:
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :n_cls], self.pos_embed[:, n_cls:]
+        gh, gw = self.grid_size
+        patch_pos = patch_pos.reshape(1, gh, gw, -1).permute(0, 3, 1, 2).float()  # (1, D, gh, gw)
+        patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(self.pos_embed.dtype)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def _iter_blocks(self, x, return_attention=False):
+        """Yield (l, tokens, attn) after each block l = 1..depth; tokens (B, [1+] N, D), [CLS] first when present."""
+        B, _, H, W = x.shape
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"input {H}x{W} is not divisible by the patch size {self.patch_size}")
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        if self.cls_after_block == 0:
+            x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        x = x + self.resampled_pos_embed(H // self.patch_size, W // self.patch_size)
+        for l, blk in enumerate(self.blocks, start=1):
+            if self.grad_checkpointing and self.training and not return_attention:
+                x, attn = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x, attn = blk(x, return_attention)
+            yield l, x, attn
+            if l == self.cls_after_block:
+                x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # f2 starts here
+
+    def _num_prefix(self, l):
+        return int(l > self.cls_after_block)
+
+    @staticmethod
+    def _to_map(tokens, h, w):
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)  # (B, N, D) -> (B, D, h, w), row-major
+
+    # ------------------------------------------------------------------ outputs
+    def forward(self, x):
+        return self.forward_features(x)["cls"]  # (B, D)
+
+    def forward_features(self, x, layer=None):
+        """Final-normed [CLS] and patches; with `layer`, also the token map and [CLS] after that block.
+
+        The token map goes through `norm_equiv` when `layer` is SER's split layer (the map L_equiv
+        acts on), otherwise it is the raw block output. 'cls_at_layer' is None where [CLS] has not joined yet.
+        """
+        if layer is not None and not 1 <= layer <= self.depth:
+            raise ValueError(f"layer must be in 1..{self.depth}, got {layer}")
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        out = {"grid": (h, w)}
+        for l, tokens, _ in self._iter_blocks(x):
+            if l == layer:
+                n = self._num_prefix(l)
+                patches = tokens[:, n:]
+                if l == self.cls_after_block:
+                    patches = self.norm_equiv(patches)
+                out["token_map"] = self._to_map(patches, h, w)  # (B, D, h, w)
+                out["cls_at_layer"] = tokens[:, 0] if n else None  # (B, D)
+        tokens = self.norm(tokens)
+        out["cls"], out["patch"] = tokens[:, 0], tokens[:, 1:]  # (B, D), (B, N, D)
+        return out
+
+    def get_intermediate_layers(self, x, n=1):
+        """DINO's linear-eval features: the last n block outputs through the final norm, [(B, 1+N, D)]."""
+        if not 1 <= n <= self.depth - self.cls_after_block:
+            raise ValueError(f"n must be in 1..{self.depth - self.cls_after_block} "
+                             f"([CLS] joins after block {self.cls_after_block}), got {n}")
+        return [self.norm(t) for l, t, _ in self._iter_blocks(x) if l > self.depth - n]
+
+    def block_token_maps(self, x):
+        """Raw patch tokens after every block l = 1..depth, each (B, D, h, w): for equivariance scores."""
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        return [self._to_map(t[:, self._num_prefix(l):], h, w) for l, t, _ in self._iter_blocks(x)]
+
+    def forward_with_attention(self, x):
+        """[CLS] (B, D) through the readable attention path, plus every block's attention (B, H, T, T)."""
+        maps = []
+        for _, tokens, attn in self._iter_blocks(x, return_attention=True):
+            maps.append(attn)
+        return self.norm(tokens)[:, 0], maps
+
+
+def vit_tiny(**kw):
+    return VisionTransformer(**{**dict(embed_dim=192, depth=12, num_heads=3), **kw})
+
+
+def vit_small(**kw):
+    return VisionTransformer(**{**dict(embed_dim=384, depth=12, num_heads=6), **kw})
+
+
+def vit_base(**kw):
+    return VisionTransformer(**{**dict(embed_dim=768, depth=12, num_heads=12), **kw})
+
+
+ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
+
+
+def build_vit(arch):
+    """Rebuild a ViT from a saved `arch` dict, or from {'name': 'vit_small', **overrides} for released weights."""
+    arch = dict(arch)
+    name = arch.pop("name", None)
+    if name is None:
+        return VisionTransformer(**arch)
+    if name not in ARCHS:
+        raise ValueError(f"unknown arch {name!r}; choose from {sorted(ARCHS)}")
+    return ARCHS[name](**arch)
+
+
+# ---------------------------------------------------------------------- checkpoints
+# Wrappers add these in front of the backbone's own names. They are removed only where a key
+# starts with them (never str.replace inside a key).
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DDP
+COMPONENT_PREFIXES = ("backbone.", "base_encoder.", "encoder.")  # DINO MultiCropWrapper / ours, MoCo v3, generic
+
+
+def strip_prefixes(state_dict):
+    """Backbone keys in bare timm format: strip wrapper prefixes, then select the backbone component.
+
+    A checkpoint with a component prefix (e.g. DINO's 'backbone.' next to 'head.') keeps only that
+    component's keys; other components are heads and are dropped on purpose.
+    """
+    def strip_wrappers(k):
+        changed = True
+        while changed:
+            changed = False
+            for p in WRAPPER_PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        return k
+
+    sd = {strip_wrappers(k): v for k, v in state_dict.items()}
+    for p in COMPONENT_PREFIXES:
+        if any(k.startswith(p) for k in sd):
+            sd = {strip_wrappers(k[len(p):]): v for k, v in sd.items() if k.startswith(p)}
+            break
+    return sd
+
+
+def load_backbone(path, arch=None, key=None, map_location="cpu"):
+    """A frozen-ready ViT (eval mode) from one of:
+
+    - our export (pretrain.py's backbone.pth): {'arch', 'backbone'};
+    - our full checkpoint: {'arch', 'teacher', 'student', ...}; the teacher by default, else `key`;
+    - a released DINO full checkpoint ({'teacher', 'student'}), a DINO/timm backbone state dict or a
+      MoCo v3 checkpoint ({'state_dict'}); these carry no architecture, so pass `arch`,
+      e.g. dict(name='vit_small', patch_size=16).
+    Raises ValueError naming the missing and unexpected keys instead of loading partially.
+    """
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+
+    saved_arch = ckpt.get("arch")
+    if key is not None:
+        if key not in ckpt:
+            raise ValueError(f"{path}: no key {key!r}; top-level keys are {sorted(ckpt)}")
+        sd = ckpt[key]
+    else:
+        for k in ("backbone", "teacher", "student", "state_dict", "model"):
+            if k in ckpt and isinstance(ckpt[k], dict):
+                sd = ckpt[k]
+                break
+        else:
+            sd = ckpt  # a bare state dict
+    sd = strip_prefixes(sd)
+    dropped_head = sorted(k for k in sd if k.startswith("head."))  # timm classifier / MoCo projector
+    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+
+    if saved_arch is not None and arch is not None:
+        requested = build_vit(arch).arch
+        clash = {k: (saved_arch.get(k), v) for k, v in requested.items()
+                 if k in ("embed_dim", "depth", "num_heads", "patch_size", "cls_after_block") and saved_arch.get(k) != v}
+        if clash:
+            raise ValueError(f"{path}: the checkpoint's architecture differs from the requested one: "
+                             + ", ".join(f"{k} saved={a} requested={b}" for k, (a, b) in clash.items()))
+    if saved_arch is None and arch is None:
+        raise ValueError(f"{path} records no architecture (a released checkpoint?): pass the arch, "
+                         "e.g. --arch vit_small --patch-size 16; the head count cannot be read off the weights")
+    model = build_vit(saved_arch if saved_arch is not None else arch)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shape_mismatch = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
+    if missing or unexpected or shape_mismatch:
+        raise ValueError(
+            f"{path} does not match the {model.arch['embed_dim']}-dim, depth-{model.arch['depth']} ViT "
+            f"(cls_after_block={model.cls_after_block}):\n  missing: {missing}\n  unexpected: {unexpected}\n"
+            f"  shape mismatch: {[(k, tuple(sd[k].shape), tuple(expected[k].shape)) for k in shape_mismatch]}")
+    model.load_state_dict(sd, strict=True)
+    model.dropped_keys = dropped_head  # reported by the evaluation scripts
+    return model.eval()
