@@ -82,6 +82,12 @@ def _describe(v) -> str:
     return repr(v)
 
 
+def _check_positive_int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return int(v)
+
+
 def _check_grid(grid, name: str) -> tuple[int, int]:
     ok = (isinstance(grid, (tuple, list, torch.Size)) and len(grid) == 2
           and all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in grid))
@@ -132,9 +138,7 @@ def output_grid(g: GroupElement, input_grid: tuple[int, int]) -> tuple[int, int]
 
 
 def identity(batch_size: int) -> GroupElement:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    no = torch.zeros(batch_size, dtype=torch.bool)
+    no = torch.zeros(_check_positive_int(batch_size, "batch_size"), dtype=torch.bool)
     return GroupElement(k=0, flip=no, rot180=no.clone(), size=None)
 
 
@@ -146,7 +150,7 @@ def sample_element(batch_size: int, generator: torch.Generator, base_grid=(14, 1
     for the batch and per-sample rot180 and flip ~ Bernoulli(0.5). Everything comes from
     `generator` (a CPU torch.Generator), so a seeded generator reproduces the element exactly.
     """
-    identity(batch_size)  # validates batch_size
+    _check_positive_int(batch_size, "batch_size")
     if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
         raise ValueError(f"generator must be a CPU torch.Generator, got {generator!r}")
     base_h, base_w = _check_grid(base_grid, "base_grid")
@@ -184,8 +188,7 @@ def sample_view_pair(batch_size: int, generator: torch.Generator, base_grid=(14,
 
 def apply_to_images(x: Tensor, g: GroupElement, patch_size: int) -> Tensor:
     """(B, C, H, W) pixels -> g(x). A resize goes to (h*patch, w*patch) px, bicubic."""
-    if isinstance(patch_size, bool) or not isinstance(patch_size, numbers.Integral) or patch_size < 1:
-        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    _check_positive_int(patch_size, "patch_size")
     _check_batch(x, g, "images")
     H, W = x.shape[-2:]
     if g.size is not None and (H % patch_size or W % patch_size):
@@ -196,12 +199,16 @@ def apply_to_images(x: Tensor, g: GroupElement, patch_size: int) -> Tensor:
     def resize(t: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, h*p, w*p)
         if g.size is None or g.size == (H // patch_size, W // patch_size):
             return t
-        out = (g.size[0] * patch_size, g.size[1] * patch_size)
+        hw = (g.size[0] * patch_size, g.size[1] * patch_size)
         # Shrinking pixels without a low-pass filter aliases fine texture into the view (what PIL
         # and torchvision's resize avoid), so antialias when any side shrinks. Not when only
         # growing: there antialias would just swap in PIL's cubic kernel (a=-0.5 vs -0.75).
-        shrink = out[0] < H or out[1] < W
-        return F.interpolate(t, size=out, mode="bicubic", align_corners=False, antialias=shrink)
+        shrink = hw[0] < H or hw[1] < W
+        # CPU has no antialiased kernel for 16-bit floats; resample those in fp32
+        low = t.dtype in (torch.float16, torch.bfloat16)
+        y = F.interpolate(t.float() if low else t, size=hw, mode="bicubic", align_corners=False,
+                          antialias=shrink)
+        return y.to(t.dtype)
 
     return _act(x, g, resize)
 
@@ -267,15 +274,16 @@ def relative_action(g1: GroupElement, g2: GroupElement, base_size: tuple[int, in
 
 
 if __name__ == "__main__":
-    # Demo: two SER views of one 224-px crop, and view 1's token grid carried onto view 2's.
+    # Demo: two SER views of one smooth 224-px crop; view 1's tokens carried onto view 2's grid.
     gen = torch.Generator().manual_seed(0)
     g1, g2 = sample_view_pair(3, gen)
-    crop = torch.rand(3, 3, 224, 224)                                    # (B, 3, 224, 224)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 224), torch.linspace(0, 1, 224), indexing="ij")
+    crop = torch.stack([torch.cos(3 * yy + c) * torch.sin(2 * xx + 2 * c) for c in range(3)])
+    crop = crop.expand(3, -1, -1, -1)                                    # (B, 3, 224, 224)
     v1, v2 = apply_to_images(crop, g1, 16), apply_to_images(crop, g2, 16)
-    t1 = F.avg_pool2d(v1, 16)                                            # (B, 3, h1, w1) toy tokens
-    t12 = apply_to_token_map(t1, relative_action(g1, g2, (14, 14)))      # (B, 3, h2, w2)
-    print(f"g1: k={g1.k} size={g1.size} flip={g1.flip.tolist()} rot180={g1.rot180.tolist()}")
-    print(f"g2: k={g2.k} size={g2.size} flip={g2.flip.tolist()} rot180={g2.rot180.tolist()}")
-    print(f"view 1 {tuple(v1.shape)}, view 2 {tuple(v2.shape)}, view 1's tokens on view 2's grid "
-          f"{tuple(t12.shape)}, max |diff| to view 2's tokens "
-          f"{(t12 - F.avg_pool2d(v2, 16)).abs().max():.3f} (white noise: large, by design)")
+    t1, t2 = F.avg_pool2d(v1, 16), F.avg_pool2d(v2, 16)                  # toy tokens (B, 3, h, w)
+    t12 = apply_to_token_map(t1, relative_action(g1, g2, (14, 14)))      # (B, 3, *t2's grid)
+    for name, g in (("g1", g1), ("g2", g2)):
+        print(f"{name}: k={g.k} size={g.size} flip={g.flip.tolist()} rot180={g.rot180.tolist()}")
+    print(f"views {tuple(v1.shape)} and {tuple(v2.shape)}; view 1's tokens on view 2's grid "
+          f"{tuple(t12.shape)}, max |diff| to view 2's tokens {(t12 - t2).abs().max():.4f}")
