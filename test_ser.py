@@ -1,8 +1,42 @@
+"""The test suite (CPU, pytest): `python -m pytest -q test_ser.py`.
+
+One section per component. DDP checks spawn 2 CPU processes with the gloo backend.
+"""
+import copy
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as TF
+import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
 
+from augment import (MultiViewDataset, PhotometricAugment, SyntheticShapes, build_dataset, device_generator,
+                     eval_transform, linear_train_transform, recipe_for)
+from group_actions import GroupElement
+import augment
+import group_actions as ga
+import losses
+import losses as L
+import pretrain
 import vit
 
+torch.set_num_threads(1)  # tiny ops: threads only add synchronisation on a 2-core CI machine
+
+
+# ================================================================================================
+# vit.py: the ViT-S/16 state-dict contract, SER's layer split
+# ================================================================================================
 
 def tiny(**kw):
     return vit.VisionTransformer(**{**dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4), **kw})
@@ -198,3 +232,1263 @@ def test_grad_checkpointing_same_output():
 def test_input_not_divisible_raises():
     with pytest.raises(ValueError, match="not divisible by the patch size"):
         tiny()(torch.randn(1, 3, 30, 32))
+
+
+# ================================================================================================
+# group_actions.py: the group on pixels and token maps
+# ================================================================================================
+
+B = 4
+
+# Max abs error allowed when a resize is involved, for smooth images of amplitude <= 1 (a sum of
+# three sinusoids with at most one cycle across the image) seen through a (16, 24) token grid,
+# i.e. >= 16 tokens per period, at SER's scales (per side ~0.84-1.14; we test ~0.8-1.2).
+# The pixel path resamples pixels and then averages patches; rho_g resamples the patch averages.
+# They differ mostly by rho_g's own interpolation error: PyTorch's bicubic (Keys, a=-0.75) only
+# reproduces linear functions, so on a sinusoid with N tokens per period it errs by O((pi/N)^2)
+# of the amplitude, more at the borders where both paths clamp (replicate) at different
+# resolutions. The changed box-filter width of a resized patch adds ~0.3%. Measured over 60
+# random images and draws: <= 0.031 for one view (<= 0.057 with 8 tokens per period, the error
+# grows as the map gets coarser). A wrong element (a missing flip) errs by > 0.45.
+SMOOTH_TOL = 0.05
+# relative_action compares two views, each carrying its own error of the size above: measured
+# <= 0.042 over 60 random view pairs.
+RELATIVE_TOL = 0.07
+
+
+def flags(seed, n=B):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, generator=gen) > 0.5, torch.rand(n, generator=gen) > 0.5
+
+
+def d4(k, seed):
+    """A D4 element with mixed per-sample flags (both values of each flag present)."""
+    flip, rot180 = flags(seed)
+    flip[:2], rot180[:2] = torch.tensor([True, False]), torch.tensor([False, True])
+    return GroupElement(k=k, flip=flip, rot180=rot180)
+
+
+def int_images(H, W, C=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 16, (B, C, H, W), generator=gen).float()  # (B, C, H, W)
+
+
+def smooth(H, W, C=3, seed=0):
+    """Sum of three random low-frequency sinusoids (<= 1 cycle across the image), |x| <= 1."""
+    gen = torch.Generator().manual_seed(seed)
+    yy = ((torch.arange(H) + 0.5) / H)[:, None]
+    xx = ((torch.arange(W) + 0.5) / W)[None, :]
+    out = torch.zeros(B, C, H, W)
+    for _ in range(3):
+        fy, fx = (torch.rand(2, generator=gen) * 2 - 1).tolist()
+        phase = torch.rand(B, C, 1, 1, generator=gen) * 2 * math.pi
+        out += torch.cos(2 * math.pi * (fy * yy + fx * xx) + phase) / 3
+    return out  # (B, C, H, W)
+
+
+def tokens(x, p):
+    return F.avg_pool2d(x, p)  # (B, C, H/p, W/p): a stand-in patch embedding that commutes with D4
+
+
+def max_err(a, b):
+    assert a.shape == b.shape
+    return (a - b).abs().max().item()
+
+
+def test_identity_acts_as_identity():
+    x, t = int_images(32, 48), torch.randn(B, 5, 4, 6)
+    for g in (ga.identity(B), GroupElement()):
+        assert torch.equal(ga.apply_to_images(x, g, 8), x)
+        assert torch.equal(ga.apply_to_token_map(t, g), t)
+    # a resize to the grid the map already has is the identity too
+    assert torch.equal(ga.apply_to_token_map(t, GroupElement(size=(4, 6))), t)
+
+
+@pytest.mark.parametrize("k", range(4))
+def test_inverse_undoes_d4_exactly(k):
+    x, t = int_images(32, 48), torch.randn(B, 5, 4, 6)  # non-square, so odd k transposes
+    g = d4(k, seed=k)
+    for data, act in ((x, lambda u, e: ga.apply_to_images(u, e, 8)), (t, ga.apply_to_token_map)):
+        y = act(data, g)
+        assert not torch.equal(y, data)  # mixed flags: g really moved something
+        assert torch.equal(act(y, ga.inverse(g, None)), data)
+        assert torch.equal(act(y, ga.inverse(g, (4, 6))), data)
+    # and algebraically: both products are the identity element
+    for e in (ga.compose(ga.inverse(g, (4, 6)), g), ga.compose(g, ga.inverse(g, (4, 6)))):
+        assert e.k == 0 and not e.flip.any() and not e.rot180.any() and e.size is None
+
+
+def test_inverse_undoes_resize_up_to_resampling():
+    x = smooth(16, 24, C=5)  # a token map
+    g = GroupElement(k=1, flip=flags(3)[0], rot180=flags(3)[1], size=(14, 28))
+    y = ga.apply_to_token_map(x, g)
+    assert y.shape[-2:] == (28, 14)
+    back = ga.apply_to_token_map(y, ga.inverse(g, (16, 24)))
+    assert max_err(back, x) < SMOOTH_TOL  # there and back: two resamplings of a smooth map
+
+
+@pytest.mark.parametrize("k1", range(4))
+def test_compose_matches_sequential_d4_exactly(k1):
+    x, t = int_images(32, 48), torch.randn(B, 5, 4, 6)
+    for k2 in range(4):
+        g1, g2 = d4(k1, seed=10 + k1), d4(k2, seed=20 + k2)
+        g = ga.compose(g2, g1)
+        assert torch.equal(ga.apply_to_token_map(t, g),
+                           ga.apply_to_token_map(ga.apply_to_token_map(t, g1), g2))
+        assert torch.equal(ga.apply_to_images(x, g, 8),
+                           ga.apply_to_images(ga.apply_to_images(x, g1, 8), g2, 8))
+
+
+@pytest.mark.parametrize("k1", range(4))
+def test_compose_with_resizes(k1):
+    t = smooth(16, 24, C=5)  # a token map
+    for k2 in range(4):
+        f1, r1 = flags(k1)
+        f2, r2 = flags(10 + k2)
+        # one resize: the rewrite rules are exact identities, so only float rounding remains
+        g1 = GroupElement(k1, f1, r1, size=(14, 27))
+        g2 = GroupElement(k2, f2, r2)
+        seq = ga.apply_to_token_map(ga.apply_to_token_map(t, g1), g2)
+        assert max_err(ga.apply_to_token_map(t, ga.compose(g2, g1)), seq) < 1e-5
+        # resize in the second element: its target is transposed when g1 turns by an odd k
+        g1, g2 = GroupElement(k1, f1, r1), GroupElement(k2, f2, r2, size=(18, 21))
+        seq = ga.apply_to_token_map(ga.apply_to_token_map(t, g1), g2)
+        assert max_err(ga.apply_to_token_map(t, ga.compose(g2, g1)), seq) < 1e-5
+        # two resizes: exact shape, values agree up to resampling once vs twice
+        g1 = GroupElement(k1, f1, r1, size=(19, 20))
+        seq = ga.apply_to_token_map(ga.apply_to_token_map(t, g1), g2)
+        assert max_err(ga.apply_to_token_map(t, ga.compose(g2, g1)), seq) < SMOOTH_TOL
+
+
+@pytest.mark.parametrize("k", range(4))
+def test_token_action_commutes_with_patch_averaging_d4(k):
+    p = 4
+    x = int_images(32, 48)
+    g = d4(k, seed=30 + k)
+    assert torch.equal(tokens(ga.apply_to_images(x, g, p), p), ga.apply_to_token_map(tokens(x, p), g))
+
+
+@pytest.mark.parametrize("size", [(13, 27), (19, 20), (14, 29), (18, 28)])
+def test_token_action_tracks_pixel_resize_on_smooth_images(size):
+    p = 4
+    x = smooth(64, 96)  # token grid (16, 24)
+    f, r = flags(sum(size))
+    for k in range(4):
+        g = GroupElement(k, f, r, size)
+        pix = tokens(ga.apply_to_images(x, g, p), p)
+        assert pix.shape[-2:] == ga.output_grid(g, (16, 24))
+        assert max_err(pix, ga.apply_to_token_map(tokens(x, p), g)) < SMOOTH_TOL
+        # the tolerance discriminates: the same element with every flip toggled is far off
+        wrong = GroupElement(k, ~f, r, size)
+        assert max_err(pix, ga.apply_to_token_map(tokens(x, p), wrong)) > 4 * SMOOTH_TOL
+
+
+def test_relative_action_d4_exact_both_ways():
+    p = 4
+    crop = int_images(32, 48)  # common crop, token grid (8, 12)
+    for k1 in range(4):
+        for k2 in range(4):
+            g1, g2 = d4(k1, seed=40 + k1), d4(k2, seed=50 + k2)
+            t1 = tokens(ga.apply_to_images(crop, g1, p), p)
+            t2 = tokens(ga.apply_to_images(crop, g2, p), p)
+            assert torch.equal(ga.apply_to_token_map(t1, ga.relative_action(g1, g2, (8, 12))), t2)
+            assert torch.equal(ga.apply_to_token_map(t2, ga.relative_action(g2, g1, (8, 12))), t1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_relative_action_with_resizes_matches_views_and_release(seed):
+    p, base = 4, (16, 24)
+    crop = smooth(64, 96, seed=seed)
+    g1, g2 = ga.sample_view_pair(B, torch.Generator().manual_seed(seed), base_grid=base)
+    t1 = tokens(ga.apply_to_images(crop, g1, p), p)
+    t2 = tokens(ga.apply_to_images(crop, g2, p), p)
+    t12 = ga.apply_to_token_map(t1, ga.relative_action(g1, g2, base))
+    t21 = ga.apply_to_token_map(t2, ga.relative_action(g2, g1, base))
+    assert t12.shape == t2.shape and t21.shape == t1.shape
+    assert max_err(t12, t2) < RELATIVE_TOL and max_err(t21, t1) < RELATIVE_TOL
+    # the release's aug_equiv_feat(t1, size2, -k1, k2): rot90(2 - k1), h-flip, resize, rot90(k2)
+    u = torch.rot90(t1, 2 - g1.k, dims=(-2, -1)).flip(-1)
+    u = torch.rot90(F.interpolate(u, size=g2.size, mode="bicubic", align_corners=False), g2.k, dims=(-2, -1))
+    assert max_err(t12, u) < 1e-5
+
+
+def test_sample_view_pair_negates_flags_and_gives_a_uniform_relative_d4():
+    for seed in range(8):
+        g1, g2 = ga.sample_view_pair(16, torch.Generator().manual_seed(seed))
+        assert torch.equal(g2.flip, ~g1.flip) and torch.equal(g2.rot180, ~g1.rot180)
+        rel = ga.relative_action(g1, g2, (14, 14))
+        # F . R180 . R90^-k1 in normal form: flip everywhere, R180 iff k1 is even
+        assert rel.flip.all() and bool((rel.rot180 == (g1.k % 2 == 0)).all())
+        assert rel.k == (g2.k - g1.k) % 4 and ga.output_grid(rel, ga.output_grid(g1, (14, 14))) == \
+            ga.output_grid(g2, (14, 14))
+
+
+def test_sample_element_reproducible_and_in_range():
+    a = ga.sample_element(B, torch.Generator().manual_seed(7))
+    b = ga.sample_element(B, torch.Generator().manual_seed(7))
+    assert (a.k, a.size) == (b.k, b.size) and torch.equal(a.flip, b.flip) and torch.equal(a.rot180, b.rot180)
+    gen, ks, flips = torch.Generator().manual_seed(0), set(), []
+    for _ in range(200):
+        g = ga.sample_element(64, gen)
+        h, w = g.size
+        ks.add(g.k)
+        flips.append(torch.stack([g.flip, g.rot180]).float().mean())
+        # area 196*U(0.7, 1.3) tokens and aspect in [3/4, 4/3], up to rounding each side by <= 0.5
+        # (|h*w - area| <= (h + w)/2 + 1/4)
+        slack = (h + w) / 2 + 0.25
+        assert 0.7 * 196 - slack <= h * w <= 1.3 * 196 + slack
+        assert h - 0.5 <= 4 / 3 * (w + 0.5) and w - 0.5 <= 4 / 3 * (h + 0.5)
+    assert ks == {0, 1, 2, 3}
+    assert abs(torch.stack(flips).mean().item() - 0.5) < 0.02
+    c = ga.sample_element(B, torch.Generator().manual_seed(8))
+    assert (c.k, c.size) != (a.k, a.size) or not torch.equal(c.flip, a.flip)
+
+
+def test_token_action_keeps_gradients():
+    t = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    g = GroupElement(k=3, flip=torch.tensor([True, False]), rot180=torch.tensor([True, True]), size=(6, 3))
+    assert torch.autograd.gradcheck(lambda u: ga.apply_to_token_map(u, g), (t,))
+    ga.apply_to_token_map(t, g).square().sum().backward()
+    assert t.grad is not None and (t.grad.abs().flatten(1).sum(1) > 0).all()  # every sample gets a gradient
+
+
+def test_dtypes_are_kept():
+    g = GroupElement(k=1, flip=torch.tensor([True, False]), size=(3, 5))
+    for dtype in (torch.float64, torch.bfloat16):
+        t = torch.randn(2, 3, 4, 4, dtype=dtype)
+        assert ga.apply_to_token_map(t, g).dtype == dtype
+        assert ga.apply_to_images(t.repeat_interleave(4, -1).repeat_interleave(4, -2), g, 4).dtype == dtype
+
+
+def test_input_validation():
+    t = torch.randn(2, 3, 4, 4)
+    bad_elements = [dict(k=1.5), dict(k=True), dict(k=torch.tensor(1)),
+                    dict(flip=torch.tensor([1, 0])), dict(rot180=torch.ones(2, 1, dtype=torch.bool)),
+                    dict(flip=torch.ones(2, dtype=torch.bool), rot180=torch.ones(3, dtype=torch.bool)),
+                    dict(size=(0, 4)), dict(size=(4,)), dict(size=(2.5, 3)), dict(size=(True, 3))]
+    for kw in bad_elements:
+        with pytest.raises(ValueError, match="GroupElement"):
+            GroupElement(**kw)
+    with pytest.raises(ValueError, match="batch size 2"):
+        ga.apply_to_token_map(t, GroupElement(flip=torch.ones(3, dtype=torch.bool)))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        ga.apply_to_token_map(t[0], GroupElement(k=1))
+    with pytest.raises(ValueError, match="not divisible by patch_size 8"):
+        ga.apply_to_images(torch.randn(2, 3, 30, 32), GroupElement(size=(3, 3)), 8)
+    ga.apply_to_images(torch.randn(2, 3, 30, 32), GroupElement(k=1), 8)  # fine without a resize
+    with pytest.raises(ValueError, match="patch_size"):
+        ga.apply_to_images(torch.randn(2, 3, 32, 32), GroupElement(), 0)
+    with pytest.raises(ValueError, match="floating point"):
+        ga.apply_to_images(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), GroupElement(size=(3, 3)), 8)
+    with pytest.raises(ValueError, match="input_size"):
+        ga.inverse(GroupElement(size=(3, 3)), None)
+    with pytest.raises(ValueError, match="batch sizes"):
+        ga.compose(ga.identity(2), ga.identity(3))
+    with pytest.raises(ValueError, match="batch_size"):
+        ga.identity(0)
+    with pytest.raises(ValueError, match="generator"):
+        ga.sample_element(2, 0)
+    with pytest.raises(ValueError, match="scale"):
+        ga.sample_element(2, torch.Generator(), scale=(1.3, 0.7))
+    with pytest.raises(ValueError, match="base_grid"):
+        ga.sample_element(2, torch.Generator(), base_grid=(14, 0))
+
+
+# ================================================================================================
+# losses.py: every loss against an independent computation, exact under DDP
+# ================================================================================================
+
+DT = torch.float64
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DT)
+
+
+def leaf(*shape, seed=0):
+    return randn(*shape, seed=seed).requires_grad_()
+
+
+def mask_offdiag(m):
+    return m[~torch.eye(m.shape[0], dtype=torch.bool)]
+
+
+# ------------------------------------------------------------------------------------------
+# GlobalBatchNorm1d and heads
+# ------------------------------------------------------------------------------------------
+
+
+def test_global_bn_single_process_is_batchnorm():
+    x = randn(16, 5) * 3 + 1
+    ours, ref = L.GlobalBatchNorm1d(5).double(), nn.BatchNorm1d(5).double()
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    for _ in range(2):
+        torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(x), ref(x))
+    with pytest.raises(ValueError, match="expects \\(N, C\\)"):
+        ours(randn(2, 5, 3))
+
+
+def test_build_mlp_layout():
+    mlp = L.build_mlp(3, 8, 16, 4, last_bn=True, bias=True)
+    kinds = [type(m).__name__ for m in mlp]
+    assert kinds == ["Linear", "GlobalBatchNorm1d", "ReLU"] * 2 + ["Linear", "GlobalBatchNorm1d"]
+    assert mlp[0].bias is not None and mlp[6].bias is None and not mlp[7].affine
+    no_bn = L.build_mlp(2, 8, 16, 4, last_bn=False)
+    assert len(no_bn) == 4 and no_bn[0].bias is None
+
+
+def test_build_heads_official_sizes():
+    def linear_shapes(m):
+        return [tuple(x.weight.shape) for x in m.modules() if isinstance(x, nn.Linear)]
+
+    with torch.device("meta"):  # the official sizes without allocating 8192x8192 matrices
+        proj, pred = L.build_heads("mocov3", 384)
+        assert linear_shapes(proj) == [(4096, 384), (4096, 4096), (256, 4096)]
+        assert linear_shapes(pred) == [(4096, 256), (256, 4096)] and isinstance(pred[-1], L.GlobalBatchNorm1d)
+        head, none = L.build_heads("dino", 384)
+        assert none is None and tuple(head.last_layer.weight_v.shape) == (65536, 256)
+        assert linear_shapes(head) == [(2048, 384), (2048, 2048), (256, 2048)]
+        assert head.last_layer.weight_g.requires_grad  # norm_last_layer=False for ViT-S
+        assert linear_shapes(L.build_heads("barlowtwins", 384)[0]) == [(8192, 384), (8192, 8192), (8192, 8192)]
+        vic = L.build_heads("vicreg", 384)[0]
+        assert [m.bias is not None for m in vic if isinstance(m, nn.Linear)] == [True, True, False]
+        assert linear_shapes(L.build_heads("simclr", 384)[0]) == [(384, 384), (384, 384), (128, 384)]
+        proj, pred = L.build_heads("byol", 384)
+        assert linear_shapes(proj) == [(4096, 384), (256, 4096)] and linear_shapes(pred) == [(4096, 256), (256, 4096)]
+    proj, pred = L.build_heads("mocov3", 32, hidden_dim=16, out_dim=8)
+    assert proj(randn(4, 32).float()).shape == (4, 8) and pred(torch.randn(4, 8)).shape == (4, 8)
+    with pytest.raises(ValueError, match="unknown method"):
+        L.build_heads("swav", 32)
+    with pytest.raises(ValueError, match="unexpected options"):
+        L.build_heads("mocov3", 32, bottleneck_dim=8)
+
+
+def test_dino_head_matches_weight_norm_layout():
+    head = L.DINOHead(32, 64, hidden_dim=16, bottleneck_dim=8, norm_last_layer=True).double()
+    keys = set(head.state_dict())
+    assert {"mlp.0.weight", "mlp.2.weight", "mlp.4.weight", "last_layer.weight_g", "last_layer.weight_v"} <= keys
+    assert not head.last_layer.weight_g.requires_grad
+    x = randn(5, 32)
+    # weight-normalised last layer with g = 1: logits are cosines of the bottleneck with each row of v
+    z = F.normalize(head.mlp(x), dim=-1)
+    expected = z @ F.normalize(head.last_layer.weight_v, dim=1).T
+    torch.testing.assert_close(head(x), expected)
+    copy.deepcopy(head)  # the EMA teacher is a deep copy
+
+
+# ------------------------------------------------------------------------------------------
+# Base losses against independent computations
+# ------------------------------------------------------------------------------------------
+
+
+def official_moco_ctr(q, k, T):
+    q, k = nn.functional.normalize(q, dim=1), nn.functional.normalize(k, dim=1)
+    logits = torch.einsum("nc,mc->nm", q, k) / T
+    return nn.CrossEntropyLoss()(logits, torch.arange(len(q))) * (2 * T)
+
+
+def test_mocov3_against_official_and_closed_form():
+    q1, q2, k1, k2 = leaf(6, 8, seed=1), leaf(6, 8, seed=2), leaf(6, 8, seed=3), leaf(6, 8, seed=4)
+    ours = L.mocov3_loss(q1, q2, k1, k2, temperature=0.2)
+    ref = official_moco_ctr(q1, k2, 0.2) + official_moco_ctr(q2, k1, 0.2)
+    torch.testing.assert_close(ours, ref)
+    ours.backward()
+    assert k1.grad is None and k2.grad is None  # keys are stop-grad
+    assert torch.isfinite(q1.grad).all() and q1.grad.abs().sum() > 0
+    # orthonormal queries equal to their keys: positive logit 1/T, N-1 negatives at 0
+    e = torch.eye(6, 8, dtype=DT)
+    T, n = 0.2, 6
+    per_dir = -math.log(math.exp(1 / T) / (math.exp(1 / T) + n - 1)) * 2 * T
+    torch.testing.assert_close(L.mocov3_loss(e, e, e, e, T), torch.tensor(2 * per_dir, dtype=DT))
+
+
+def test_dino_loss_against_formula_and_centre():
+    B, K, ncrops = 3, 7, 4
+    student, teacher = leaf(ncrops * B, K, seed=1), randn(2 * B, K, seed=2) * 2
+    loss_fn = L.DINOLoss(K).double()
+    ours = loss_fn(student, teacher, ncrops, teacher_temp=0.05)
+    # every (teacher view t, student crop s) term at once, then drop s == t and average the rest
+    log_p_s = F.log_softmax(student.detach().view(ncrops, B, K) / 0.1, -1)
+    p_t = F.softmax(teacher.view(2, B, K) / 0.05, -1)  # centre is 0 at the first call
+    ce = -torch.einsum("tbk,sbk->ts", p_t, log_p_s) / B  # (2, ncrops)
+    keep = torch.ones(2, ncrops, dtype=torch.bool)
+    keep[0, 0] = keep[1, 1] = False
+    torch.testing.assert_close(ours, ce[keep].mean())
+    assert keep.sum() == 2 * ncrops - 2
+    torch.testing.assert_close(loss_fn.center, 0.1 * teacher.mean(0, keepdim=True))
+    # second call uses the updated centre
+    ours2 = loss_fn(student, teacher, ncrops, teacher_temp=0.05)
+    p_t2 = F.softmax((teacher.view(2, B, K) - 0.1 * teacher.mean(0)) / 0.05, -1)
+    ce2 = -torch.einsum("tbk,sbk->ts", p_t2, log_p_s) / B
+    torch.testing.assert_close(ours2, ce2[keep].mean())
+    ours.backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="ncrops"):
+        loss_fn(student[:-1], teacher, ncrops, 0.05)
+
+
+def test_teacher_temp_schedule_is_dino_linspace():
+    official = np.concatenate((np.linspace(0.04, 0.07, 30), np.ones(70) * 0.07))
+    ours = [L.teacher_temp_schedule(e, 0.04, 0.07, 30) for e in range(100)]
+    np.testing.assert_allclose(ours, official, rtol=0, atol=1e-15)
+    assert L.teacher_temp_schedule(0, 0.04, 0.07, 0) == 0.07
+    assert L.teacher_temp_schedule(0, 0.04, 0.07, 1) == 0.04
+
+
+def test_barlow_twins_against_official_and_identical_views():
+    z1, z2 = leaf(32, 6, seed=1), leaf(32, 6, seed=2)
+    bn = nn.BatchNorm1d(6, affine=False).double()
+    c = bn(z1).T @ bn(z2) / 32
+    ref = (torch.diagonal(c) - 1).pow(2).sum() + 0.0051 * mask_offdiag(c).pow(2).sum()
+    ours = L.barlow_twins_loss(z1, z2)
+    torch.testing.assert_close(ours, ref)
+    # identical (standardised) views: the diagonal is 1, only the correlations off it remain
+    z = randn(64, 5, seed=3) * 10
+    corr = torch.corrcoef(z.T)
+    off_diag = 0.0051 * mask_offdiag(corr).pow(2).sum()
+    torch.testing.assert_close(L.barlow_twins_loss(z, z), off_diag, rtol=1e-5, atol=1e-6)  # BN's eps
+    # invariant to a per-feature affine map, up to BN's eps
+    torch.testing.assert_close(L.barlow_twins_loss(z1, z2), L.barlow_twins_loss(2 * z1 + 4, z2), rtol=1e-5, atol=0)
+    ours.backward()
+    assert torch.isfinite(z1.grad).all() and z2.grad.abs().sum() > 0
+
+
+def test_vicreg_against_official_and_collapse():
+    z1, z2 = leaf(24, 6, seed=1), leaf(24, 6, seed=2)
+    x, y = z1.detach(), z2.detach()
+    repr_loss = ((x - y) ** 2).mean()
+    xc, yc = x - x.mean(0), y - y.mean(0)
+
+    def std(t):  # unbiased, centred t
+        return torch.sqrt(t.pow(2).sum(0) / (len(t) - 1) + 1e-4)
+
+    def cov(t):
+        return mask_offdiag(t.T @ t / (len(t) - 1)).pow(2).sum() / t.shape[1]
+
+    std_loss = F.relu(1 - std(xc)).mean() / 2 + F.relu(1 - std(yc)).mean() / 2
+    ref = 25 * repr_loss + 25 * std_loss + cov(xc) + cov(yc)
+    ours = L.vicreg_loss(z1, z2)
+    torch.testing.assert_close(ours, ref)
+    # full collapse: no invariance or covariance penalty, the variance hinge at 1 - sqrt(1e-4) per branch
+    const = torch.ones(10, 4, dtype=DT)
+    torch.testing.assert_close(L.vicreg_loss(const, const), torch.tensor(25 * (1 - 0.01), dtype=DT))
+    ours.backward()
+    assert torch.isfinite(z1.grad).all() and z2.grad.abs().sum() > 0
+
+
+def tf_simclr_loss(z1, z2, tau):
+    """google-research/simclr tf2 add_contrastive_loss, one replica."""
+    h1, h2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    n = len(h1)
+    big = 1e9 * torch.eye(n, dtype=h1.dtype)
+    aa, bb = h1 @ h1.T / tau - big, h2 @ h2.T / tau - big
+    ab, ba = h1 @ h2.T / tau, h2 @ h1.T / tau
+    labels = torch.arange(n)
+    loss_a = F.cross_entropy(torch.cat([ab, aa], 1), labels, reduction="none")
+    loss_b = F.cross_entropy(torch.cat([ba, bb], 1), labels, reduction="none")
+    return (loss_a + loss_b).mean()
+
+
+def test_simclr_is_half_the_tf_loss_and_closed_forms():
+    z1, z2 = leaf(8, 5, seed=1), leaf(8, 5, seed=2)
+    ours = L.simclr_loss(z1, z2, temperature=0.1)
+    torch.testing.assert_close(2 * ours, tf_simclr_loss(z1, z2, 0.1))
+    n, tau = 6, 0.1
+    same = torch.ones(n, 4, dtype=DT)  # perfectly correlated, all equal: every logit ties
+    torch.testing.assert_close(L.simclr_loss(same, same, tau), torch.tensor(math.log(2 * n - 1), dtype=DT))
+    e = torch.eye(n, 8, dtype=DT)  # pairs equal, all others orthogonal
+    expected = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + 2 * n - 2))
+    torch.testing.assert_close(L.simclr_loss(e, e, tau), torch.tensor(expected, dtype=DT))
+    ours.backward()
+    assert torch.isfinite(z1.grad).all() and z2.grad.abs().sum() > 0
+
+
+def test_byol_closed_forms_and_stop_grad():
+    p = randn(5, 4, seed=1)
+    q = torch.stack([p[:, 1], -p[:, 0], p[:, 3], -p[:, 2]], 1)  # orthogonal to p row by row
+    torch.testing.assert_close(L.byol_loss(p, p, 3 * p, p), torch.tensor(0.0, dtype=DT))
+    torch.testing.assert_close(L.byol_loss(p, p, q, q), torch.tensor(4.0, dtype=DT))
+    torch.testing.assert_close(L.byol_loss(p, p, -p, -p), torch.tensor(8.0, dtype=DT))
+    p1, p2, z1, z2 = leaf(5, 4, seed=2), leaf(5, 4, seed=3), leaf(5, 4, seed=4), leaf(5, 4, seed=5)
+    L.byol_loss(p1, p2, z1, z2).backward()
+    assert z1.grad is None and z2.grad is None
+    assert torch.isfinite(p1.grad).all() and p2.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------
+# SER
+# ------------------------------------------------------------------------------------------
+
+
+def ser_reference(groups, tau):
+    """The paper's L_equiv on one process, written per anchor. groups: list of (z1, z2, g1, g2,
+    base_size), one per rank; each group's images are distinct images. Global mean over anchors."""
+    def ntx(pairs):
+        a = torch.cat([F.normalize(p[0].flatten(2).transpose(1, 2).reshape(-1, p[0].shape[1]), dim=1) for p in pairs])
+        b = torch.cat([F.normalize(p[1].flatten(2).transpose(1, 2).reshape(-1, p[1].shape[1]), dim=1) for p in pairs])
+        ids, start = [], 0
+        for p in pairs:
+            ids.append(start + torch.arange(p[0].shape[0]).repeat_interleave(p[0].shape[2] * p[0].shape[3]))
+            start += p[0].shape[0]
+        ids = torch.cat(ids)
+        losses = []
+        for anchors, partners in ((a, b), (b, a)):
+            sim = anchors @ torch.cat([a, b]).T / tau  # (T, 2T)
+            pos = (anchors * partners).sum(1) / tau  # (T,)
+            other = ids[:, None] != torch.cat([ids, ids])[None, :]
+            denom = pos.exp() + (sim.exp() * other).sum(1)
+            losses.append(denom.log() - pos)
+        return torch.cat(losses).mean()
+
+    forward = [(ga.apply_to_token_map(z1, ga.relative_action(g1, g2, base)), z2) for z1, z2, g1, g2, base in groups]
+    backward = [(z1, ga.apply_to_token_map(z2, ga.inverse(ga.relative_action(g1, g2, base), z1.shape[-2:])))
+                for z1, z2, g1, g2, base in groups]
+    return 0.5 * (ntx(forward) + ntx(backward))
+
+
+def test_ser_against_reference_with_random_group_elements():
+    gen = torch.Generator().manual_seed(3)
+    g1, g2 = ga.sample_view_pair(3, gen, base_grid=(4, 4))
+    h1, w1 = ga.output_grid(g1, (4, 4))
+    h2, w2 = ga.output_grid(g2, (4, 4))
+    z1, z2 = leaf(3, 6, h1, w1, seed=1), leaf(3, 6, h2, w2, seed=2)
+    ours = L.ser_loss(z1, z2, g1, g2, (4, 4), temperature=0.4)
+    torch.testing.assert_close(ours, ser_reference([(z1, z2, g1, g2, (4, 4))], 0.4))
+    ours.backward()
+    for z in (z1, z2):
+        assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_ser_closed_forms():
+    tau = 0.5
+    ident = ga.identity(2)
+    z = torch.eye(4, dtype=DT).T.reshape(4, 2, 1, 2).transpose(0, 1).contiguous()  # (2, 4, 1, 2): 4 orthonormal tokens
+    # the positive at cosine 1; 2 tokens x 2 views of the other image at cosine 0; same-image tokens excluded
+    expected = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + 4))
+    torch.testing.assert_close(L.ser_loss(z, z, ident, ident, (1, 2), tau), torch.tensor(expected, dtype=DT))
+    collapsed = torch.ones(2, 4, 1, 2, dtype=DT)  # every token identical: positive among 5 equal terms
+    torch.testing.assert_close(L.ser_loss(collapsed, collapsed, ident, ident, (1, 2), tau),
+                               torch.tensor(math.log(5), dtype=DT))
+    # an exactly equivariant map (rho_g of view 1 is view 2) beats a shuffled one
+    g = ga.GroupElement(k=1, flip=torch.tensor([True, False]), rot180=torch.tensor([False, True]))
+    z1 = randn(2, 8, 3, 3, seed=4)
+    z2 = ga.apply_to_token_map(z1, g)
+    good = L.ser_loss(z1, z2, ident, g, (3, 3), tau)
+    bad = L.ser_loss(z1, z2.flip(-1), ident, g, (3, 3), tau)
+    assert good < bad
+
+
+def test_ser_gradients_reach_projector_encoder_and_both_views():
+    torch.manual_seed(0)
+    patch, base = 4, (4, 4)
+    encoder = nn.Conv2d(3, 16, patch, stride=patch).double()  # stand-in for blocks 1..L
+    projector = L.SERProjector(16, 12, 12).double()
+    crop = randn(3, 3, base[0] * patch, base[1] * patch, seed=5)
+    g1, g2 = ga.sample_view_pair(3, torch.Generator().manual_seed(1), base_grid=base)
+    maps = [encoder(ga.apply_to_images(crop, g, patch)) for g in (g1, g2)]
+    for m in maps:
+        m.retain_grad()
+    L.ser_loss(projector(maps[0]), projector(maps[1]), g1, g2, base, temperature=0.4).backward()
+    for t in [maps[0], maps[1], encoder.weight, *projector.parameters()]:
+        assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------
+# Add-ons
+# ------------------------------------------------------------------------------------------
+
+
+def view_params(batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    applied = (torch.rand(batch, generator=g) < 0.8).to(DT)
+    jitter = torch.where(applied[:, None] > 0,
+                         torch.tensor([0.6, 0.6, 0.8, -0.1], dtype=DT) + torch.rand(batch, 4, generator=g, dtype=DT)
+                         * torch.tensor([0.8, 0.8, 0.4, 0.2], dtype=DT), torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=DT))
+    size = 0.3 + 0.7 * torch.rand(batch, 2, generator=g, dtype=DT)
+    top_left = (1 - size) * torch.rand(batch, 2, generator=g, dtype=DT)
+    sigma = torch.where(torch.rand(batch, generator=g) < 0.5, 0.1 + torch.rand(batch, generator=g, dtype=DT), 0.0)
+    return {"crop": torch.cat([top_left, size], 1), "flip": (torch.rand(batch, generator=g) < 0.5).to(DT),
+            "jitter": jitter, "jitter_applied": applied, "jitter_order": torch.rand(batch, 4, generator=g).argsort(1),
+            "gray": (torch.rand(batch, generator=g) < 0.2).to(DT), "blur_sigma": sigma.to(DT),
+            "solarize": (torch.rand(batch, generator=g) < 0.2).to(DT)}
+
+
+def test_equimod_param_vector_layout():
+    p = {"crop": torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.0, 0.0, 1.0, 1.0]]), "flip": torch.tensor([1.0, 0.0]),
+         "jitter": torch.tensor([[1.1, 0.9, 1.2, 0.05], [1.0, 1.0, 1.0, 0.0]]),
+         "jitter_applied": torch.tensor([1.0, 0.0]),
+         "jitter_order": torch.tensor([[3, 1, 0, 2], [2, 3, 1, 0]]), "gray": torch.tensor([0.0, 1.0]),
+         "blur_sigma": torch.tensor([0.0, 1.5]), "solarize": torch.tensor([1.0, 0.0])}
+    expected = torch.tensor([
+        [0.1, 0.2, 0.5, 0.6, 1, 1, 1, 1 / 3, 0, 2 / 3, 1.1, 0.9, 1.2, 0.05, 0, 0, 0.0, 1],
+        [0.0, 0.0, 1.0, 1.0, 0, 0, 0, 1 / 3, 2 / 3, 1, 1.0, 1.0, 1.0, 0.0, 1, 1, 1.5, 0],  # no jitter: order 0..3
+    ])
+    torch.testing.assert_close(L.equimod_param_vector(p), expected)
+    with pytest.raises(ValueError, match="solarize"):
+        L.equimod_param_vector({k: v for k, v in p.items() if k != "solarize"})
+
+
+def test_equimod_head_and_loss_against_official_ntxent():
+    torch.manual_seed(0)
+    head = L.EquiModHead(16, hidden_dim=12, out_dim=6, input_norm=True).double()
+    h0, hv = leaf(4, 16, seed=1), leaf(8, 16, seed=2)
+    p = torch.cat([L.equimod_param_vector(view_params(4, s)) for s in (1, 2)])
+    y_t, y_hat = head(h0, hv, p)
+    assert y_t.shape == y_hat.shape == (8, 6)
+    ours = L.equimod_loss(y_t, y_hat, temperature=0.2)
+    # EquiMod's NTXentLoss(zeta=1e8): rows [y_t; y_hat], partner at +-M, diagonal pushed to -1e8
+    z = F.normalize(torch.cat([y_t, y_hat]), dim=1)
+    m = len(y_t)
+    logits = z @ z.T / 0.2 - 1e8 * torch.eye(2 * m, dtype=DT)
+    ref = F.cross_entropy(logits, (torch.arange(2 * m) + m) % (2 * m))
+    torch.testing.assert_close(ours, ref)
+    ours.backward()
+    for t in [h0, hv, *head.parameters()]:
+        assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+
+
+def test_augself_targets_by_hand():
+    p1 = {"crop": torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.2, 0.4, 0.4, 0.2]]), "flip": torch.tensor([1.0, 0.0]),
+          "jitter": torch.tensor([[1.4, 0.6, 1.0, 0.1], [1.0, 1.0, 1.0, 0.0]]),
+          "jitter_applied": torch.tensor([1.0, 0.0])}
+    p2 = {"crop": torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0]]), "flip": torch.tensor([0.0, 1.0]),
+          "jitter": torch.tensor([[1.0, 1.0, 1.2, -0.1], [0.8, 1.2, 0.9, 0.05]]),
+          "jitter_applied": torch.tensor([1.0, 1.0])}
+    t = L.augself_targets(p1, p2)
+    # sample 0, (1,2): view 1 flipped, so both x-centres mirror: 1-0.25 vs 1-0.75
+    # sample 0, (2,1): view 2 not flipped, no mirroring: 0.75 vs 0.25
+    # sample 1, (1,2): no mirror: centres (0.4, 0.5) vs (0.5, 0.5); (2,1): view 2 flipped, mirror both
+    crop = torch.tensor([[-0.5, 0.5, 0.0, 0.0], [-0.1, 0.0, -0.6, -0.8],
+                         [0.5, 0.5, 0.0, 0.0], [0.1, 0.0, 0.6, 0.8]])
+    torch.testing.assert_close(t["crop"], crop)
+    # colour: (factor - 1) / (2 strength) with strengths (0.4, 0.4, 0.2, 0.1), hue / 0.2
+    c1 = torch.tensor([[0.5, -0.5, 0.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    c2 = torch.tensor([[0.0, 0.0, 0.5, -0.5], [-0.25, 0.25, -0.25, 0.25]])
+    torch.testing.assert_close(t["color"], torch.cat([c1 - c2, c2 - c1]))
+
+
+def test_augself_head_and_loss():
+    torch.manual_seed(0)
+    head = L.AugSelfHead(16, hidden_dim=12, input_norm=True).double()
+    h1, h2 = leaf(5, 16, seed=1), leaf(5, 16, seed=2)
+    preds = head(h1, h2)
+    assert preds["crop"].shape == preds["color"].shape == (10, 4)
+    targets = L.augself_targets(view_params(5, 1), view_params(5, 2))
+    ours = L.augself_loss(preds, targets)
+    ref = sum(0.5 * ((torch.tanh(preds[k]) - targets[k]) ** 2).mean() for k in ("crop", "color"))
+    torch.testing.assert_close(ours, ref)
+    # both orders see the same pair: swapping the views swaps the two halves of the rows
+    swapped = head(h2, h1)
+    torch.testing.assert_close(swapped["crop"], torch.cat([preds["crop"][5:], preds["crop"][:5]]))
+    ours.backward()
+    for t in [h1, h2, *head.parameters()]:
+        assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+
+
+def test_essl_head_rotations_and_loss():
+    torch.manual_seed(0)
+    head = L.ESSLHead(16, bottleneck_dim=8, input_norm=True).double()
+    shapes = [tuple(m.weight.shape) for m in head.net if isinstance(m, nn.Linear)]
+    assert shapes == [(16, 16), (16, 16), (8, 16), (4, 8)]  # D-D-D-256-4 with a small bottleneck
+    x = randn(2, 3, 4, 4, seed=1)
+    rotated, labels = L.essl_rotations(x)
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert torch.equal(rotated[2], torch.rot90(x[0], 1, (-2, -1)))
+    h = leaf(8, 16, seed=2)
+    logits = head(h)
+    loss = L.essl_loss(logits, labels)
+    torch.testing.assert_close(loss, -F.log_softmax(logits, 1)[torch.arange(8), labels].mean())
+    loss.backward()
+    assert torch.isfinite(h.grad).all() and all(p.grad.abs().sum() > 0 for p in head.parameters())
+    with pytest.raises(ValueError, match="square"):
+        L.essl_rotations(randn(1, 3, 4, 6))
+
+
+# ------------------------------------------------------------------------------------------
+# DDP: the average of the per-rank gradients equals the single-process gradient
+# ------------------------------------------------------------------------------------------
+
+N, DIN = 8, 10  # global batch, input width of the heads
+WORLD = 2
+SER_BATCH = (2, 3)  # SER images per rank: different counts and (drawn per rank) different grids
+CASES = ("mocov3", "dino", "barlowtwins", "vicreg", "simclr", "byol", "ser", "equimod", "augself", "essl")
+
+
+def shard(x, rank, world):
+    n = len(x) // world
+    return x[rank * n:(rank + 1) * n]
+
+
+def stacked_shard(x, views, rank, world):
+    # (views*N, ...) view-major -> this rank's rows of every view, still view-major
+    return torch.cat([shard(v, rank, world) for v in x.chunk(views)])
+
+
+def run_case(name, rank, world):
+    """Loss, parameter gradients and buffers for this rank's share of a fixed global batch.
+    world == 1 is the single process on the whole batch."""
+    torch.manual_seed(0)  # identical modules on every rank
+
+    def part(x):
+        return shard(x, rank, world)
+
+    buffers = {}
+    if name in ("mocov3", "byol"):
+        proj, pred = L.build_heads(name, DIN, hidden_dim=12, out_dim=6)
+        proj, pred = proj.double(), pred.double()
+        target = copy.deepcopy(proj)  # momentum encoder, train-mode BN, no grad
+        h1, h2 = part(randn(N, DIN, seed=1)), part(randn(N, DIN, seed=2))
+        q1, q2 = pred(proj(h1)), pred(proj(h2))
+        with torch.no_grad():
+            k1, k2 = target(h1), target(h2)
+        loss = L.mocov3_loss(q1, q2, k1, k2) if name == "mocov3" else L.byol_loss(q1, q2, k1, k2)
+        modules = {"proj": proj, "pred": pred, "target": target}
+    elif name == "dino":
+        student, _ = L.build_heads("dino", DIN, hidden_dim=12, out_dim=9, bottleneck_dim=5, use_bn=True)
+        student = student.double()
+        teacher = copy.deepcopy(student)
+        crops = randn(4 * N, DIN, seed=3)  # 2 global + 2 local crops, crop-major
+        loss_fn = L.DINOLoss(9).double()
+        loss_fn.center.copy_(randn(1, 9, seed=4))  # a non-zero centre from earlier steps
+        with torch.no_grad():
+            t_out = teacher(stacked_shard(crops[: 2 * N], 2, rank, world))
+        s_out = student(stacked_shard(crops, 4, rank, world))
+        loss = loss_fn(s_out, t_out, ncrops=4, teacher_temp=0.06)
+        modules = {"student": student, "teacher": teacher}
+        buffers["center"] = loss_fn.center.clone()
+    elif name in ("barlowtwins", "vicreg", "simclr"):
+        proj, _ = L.build_heads(name, DIN, hidden_dim=12, out_dim=6)
+        proj = proj.double()
+        z1, z2 = proj(part(randn(N, DIN, seed=1))), proj(part(randn(N, DIN, seed=2)))
+        loss = {"barlowtwins": L.barlow_twins_loss, "vicreg": L.vicreg_loss, "simclr": L.simclr_loss}[name](z1, z2)
+        modules = {"proj": proj}
+    elif name == "ser":
+        patch, base = 2, (3, 3)
+        encoder = nn.Conv2d(3, 8, patch, stride=patch).double()
+        projector = L.SERProjector(8, 6, 6).double()
+        groups = []
+        for r in range(WORLD) if world == 1 else [rank]:
+            batch = SER_BATCH[r]
+            g1, g2 = ga.sample_view_pair(batch, torch.Generator().manual_seed(10 + r), base_grid=base, scale=(0.5, 1.6))
+            crop = randn(batch, 3, base[0] * patch, base[1] * patch, seed=20 + r)
+            z1, z2 = (projector(encoder(ga.apply_to_images(crop, g, patch))) for g in (g1, g2))
+            groups.append((z1, z2, g1, g2, base))
+        if world == 1:  # the whole global batch: every rank's images and grids, in one process
+            loss = ser_reference(groups, 0.4)
+        else:
+            loss = L.ser_loss(*groups[0], temperature=0.4)
+            buffers["grid"] = torch.tensor([*groups[0][0].shape[-2:], *groups[0][1].shape[-2:]])
+        modules = {"encoder": encoder, "projector": projector}
+    elif name == "equimod":
+        head = L.EquiModHead(DIN, hidden_dim=12, out_dim=6, input_norm=True).double()
+        params = torch.cat([L.equimod_param_vector(view_params(N, s)) for s in (1, 2)])
+        y_t, y_hat = head(part(randn(N, DIN, seed=1)), stacked_shard(randn(2 * N, DIN, seed=2), 2, rank, world),
+                          stacked_shard(params, 2, rank, world))
+        loss = L.equimod_loss(y_t, y_hat)
+        modules = {"head": head}
+    elif name == "augself":
+        head = L.AugSelfHead(DIN, hidden_dim=12).double()
+        p1, p2 = ({k: part(v) for k, v in view_params(N, s).items()} for s in (1, 2))
+        loss = L.augself_loss(head(part(randn(N, DIN, seed=1)), part(randn(N, DIN, seed=2))), L.augself_targets(p1, p2))
+        modules = {"head": head}
+    else:  # essl
+        head = L.ESSLHead(DIN, bottleneck_dim=6, input_norm=True).double()
+        labels = torch.arange(4).repeat_interleave(N // 4).repeat(4)
+        loss = L.essl_loss(head(part(randn(4 * N, DIN, seed=1))), part(labels))
+        modules = {"head": head}
+    loss.backward()
+    grads = {f"{m}.{n}": p.grad.clone() for m, mod in modules.items() for n, p in mod.named_parameters()
+             if p.grad is not None}
+    buffers.update({f"{m}.{n}": b.clone() for m, mod in modules.items() for n, b in mod.named_buffers()})
+    return {"loss": loss.detach(), "grads": grads, "buffers": buffers}
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {name: run_case(name, rank, world) for name in CASES}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("ddp"))
+    mp.spawn(_ddp_worker, args=(WORLD, free_port(), out_dir), nprocs=WORLD, join=True)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_ddp_average_gradient_equals_single_process(name, ddp_results):
+    single = run_case(name, 0, 1)
+    ranks = [res[name] for res in ddp_results]
+    assert single["grads"] and set(single["grads"]) == set(ranks[0]["grads"])
+    for key, ref in single["grads"].items():
+        assert ref.abs().sum() > 0, f"{name}: {key} gets no gradient"
+        ddp_mean = sum(r["grads"][key] for r in ranks) / WORLD
+        torch.testing.assert_close(ddp_mean, ref, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name} {key}: {m}")
+    # the loss: mean of the local losses (each scaled to sum to W x global) is the global loss
+    torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, single["loss"], rtol=1e-9, atol=1e-12)
+    for key, ref in single["buffers"].items():  # BN running stats, DINO centre: identical on every rank
+        for r in ranks:
+            torch.testing.assert_close(r["buffers"][key], ref, rtol=1e-9, atol=1e-12,
+                                       msg=lambda m: f"{name} {key}: {m}")
+    if name == "ser":  # the point of the variable-length gather: the ranks really had different grids
+        assert not torch.equal(ranks[0]["buffers"]["grid"], ranks[1]["buffers"]["grid"])
+
+
+# ================================================================================================
+# augment.py: datasets, view recipes, device-side photometric augmentation
+# ================================================================================================
+
+def _batch_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return all(_batch_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_batch_equal(a[k], b[k]) for k in a)
+    return a == b
+
+
+# ---------------------------------------------------------------------------- synthetic data
+
+def test_synthetic_deterministic_and_split_streams():
+    train = SyntheticShapes("train", 50, img_size=32, seed=0)
+    again = SyntheticShapes("train", 50, img_size=32, seed=0)
+    val = SyntheticShapes("val", 50, img_size=32, seed=0)
+    other_seed = SyntheticShapes("train", 50, img_size=32, seed=1)
+    a, label = train.render(7)
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, again.render(7)[0]) and label == again.render(7)[1]
+    assert not np.array_equal(a, val.render(7)[0])
+    assert not np.array_equal(a, other_seed.render(7)[0])
+    image, label = train[7]
+    assert isinstance(image, Image.Image) and image.size == (32, 32) and image.mode == "RGB"
+
+
+def test_synthetic_classes_and_colours():
+    data = SyntheticShapes("train", 240, img_size=32)
+    assert data.num_classes >= 10 and len(data.classes) == data.num_classes
+    labels = [data[i][1] for i in range(len(data))]
+    assert sorted(set(labels)) == list(range(data.num_classes))
+    assert labels == data.targets
+    # Colour varies within a class: mean colours of same-class images differ a lot.
+    means = np.stack([data.render(i * data.num_classes)[0].reshape(-1, 3).mean(0) for i in range(20)])
+    assert means.std(0).min() > 20
+    # The object is drawn: images are not flat.
+    assert all(data.render(i)[0].std() > 5 for i in range(12))
+
+
+def test_build_dataset_synthetic_and_transforms():
+    data = build_dataset("synthetic", "val", transform=eval_transform(32), img_size=32, length=24)
+    x, y = data[3]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and len(data) == 24 and data.num_classes >= 10
+    x, _ = build_dataset("synthetic", "train", linear_train_transform(32), img_size=40, length=4)[0]
+    assert x.shape == (3, 32, 32)
+
+
+# ---------------------------------------------------------------------------- real-data errors
+
+def _write_png_tree(root, split, classes=("a", "b"), n=3):
+    for c in classes:
+        (root / split / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((10, 12, 3), 40 * i, np.uint8)).save(root / split / c / f"{i}.png")
+
+
+def test_imagefolder_works(tmp_path):
+    _write_png_tree(tmp_path, "train")
+    data = build_dataset(str(tmp_path), "train")
+    assert len(data) == 6 and data.num_classes == 2 and data.classes == ["a", "b"]
+    image, label = data[4]
+    assert isinstance(image, Image.Image) and image.size == (12, 10) and label == 1
+    short = build_dataset(str(tmp_path), "train", length=2)
+    assert len(short) == 2 and {short[i][1] for i in range(2)} == {0, 1} and short.num_classes == 2
+
+
+def test_missing_and_empty_folders(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        build_dataset(str(tmp_path / "nowhere"), "train")
+    (tmp_path / "val").mkdir()
+    with pytest.raises(ValueError, match=str(tmp_path / "val")):
+        build_dataset(str(tmp_path), "val")
+    (tmp_path / "val" / "cls").mkdir()  # a class folder without images
+    with pytest.raises(ValueError, match="no images"):
+        build_dataset(str(tmp_path), "val")
+    with pytest.raises(ValueError, match="cifar10"):
+        build_dataset(f"cifar10:{tmp_path}", "train")
+    with pytest.raises(ValueError, match="does not exist"):
+        build_dataset(f"stl10:{tmp_path / 'nowhere'}", "train")
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    _write_png_tree(tmp_path, "train", classes=("a",), n=1)
+    bad = tmp_path / "train" / "a" / "broken.jpg"
+    bad.write_bytes(b"this is not a jpeg" * 10)
+    data = build_dataset(str(tmp_path), "train")
+    index = [p for p, _ in data.samples].index(str(bad))
+    with pytest.raises(ValueError, match="broken.jpg"):
+        data[index]
+
+
+# ---------------------------------------------------------------------------- worker-side views
+
+def test_multicrop_shapes_and_params():
+    recipe = recipe_for("dino", img_size=32, n_local=3, extra="essl", patch_size=8)
+    assert recipe.names == ["global0", "global1", "local0", "local1", "local2", "essl"] and recipe.n_global == 2
+    data = MultiViewDataset(build_dataset("synthetic", "train", img_size=40, length=8), recipe, seed=0)
+    batch = next(iter(DataLoader(data, batch_size=4)))
+    sizes = [tuple(x.shape) for x in batch["images"]]
+    assert sizes == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 4  # 32*96/224 = 13.7 -> 2 patches of 8
+    assert all(x.dtype == torch.uint8 for x in batch["images"])
+    for v, crop in enumerate(batch["crop"]):
+        assert crop.shape == (4, 4) and (crop >= 0).all() and (crop[:, :2] + crop[:, 2:] <= 1 + 1e-6).all()
+        area = crop[:, 2] * crop[:, 3]
+        lo, hi = recipe.views[v].scale
+        assert (area > lo * 0.8).all() and (area < hi * 1.2).all()  # pixel rounding only
+    assert batch["flip"][0].shape == (4,) and batch["flip"][0].dtype == torch.bool
+    assert batch["label"].shape == (4,) and "plain" not in batch
+
+
+def test_equimod_plain_view_and_recipes():
+    recipe = recipe_for("mocov3", img_size=32, extra="equimod")
+    assert [v.interpolation for v in recipe.views] == ["bilinear"] * 2 and recipe.views[0].scale == (0.08, 1.0)
+    assert (recipe.views[0].p_blur, recipe.views[1].p_blur, recipe.views[1].p_solarize) == (1.0, 0.1, 0.2)
+    assert recipe_for("dino", 32, crop_min=0.25).views[1].scale == (0.25, 1.0)
+    assert recipe_for("bt", 32).views[0].interpolation == "bicubic"
+    with pytest.raises(ValueError, match="unknown method"):
+        recipe_for("simsiam")
+    base = build_dataset("synthetic", "train", img_size=40, length=4)
+    sample = MultiViewDataset(base, recipe)[1]
+    expected = TF.center_crop(TF.resize(base[1][0], 37, interpolation=TF.InterpolationMode.BICUBIC), 32)
+    assert torch.equal(sample["plain"], TF.pil_to_tensor(expected))
+
+
+def test_worker_determinism_and_epoch():
+    recipe = recipe_for("mocov3", img_size=32, n_local=2)
+    data = MultiViewDataset(build_dataset("synthetic", "train", img_size=32, length=16), recipe, seed=3)
+    data.set_epoch(1)
+    serial = list(DataLoader(data, batch_size=4, num_workers=0))
+    parallel = list(DataLoader(data, batch_size=4, num_workers=2))
+    assert _batch_equal(serial, parallel)
+    data.set_epoch(2)
+    next_epoch = list(DataLoader(data, batch_size=4, num_workers=0))
+    assert not torch.equal(serial[0]["crop"][0], next_epoch[0]["crop"][0])
+    assert torch.equal(serial[0]["label"], next_epoch[0]["label"])
+    # set_epoch reaches workers that are already running.
+    loader = DataLoader(data, batch_size=4, num_workers=2, persistent_workers=True)
+    data.set_epoch(1)
+    assert _batch_equal(list(loader), serial)
+    data.set_epoch(2)
+    assert _batch_equal(list(loader), next_epoch)
+
+
+def test_crop_flip_match_pixels():
+    """The recorded box and flip reproduce the crop from the original image."""
+    base = build_dataset("synthetic", "train", img_size=48, length=2)
+    recipe = recipe_for("dino", img_size=24)
+    sample = MultiViewDataset(base, recipe, seed=0)[0]
+    image = base[0][0]
+    for v in range(2):
+        top, left, h, w = (sample["crop"][v] * torch.tensor([48, 48, 48, 48])).round().int().tolist()
+        crop = image.resize((24, 24), Image.BICUBIC, box=(left, top, left + w, top + h))
+        expected = TF.pil_to_tensor(crop)
+        if sample["flip"][v]:
+            expected = expected.flip(-1)
+        assert torch.equal(sample["images"][v], expected)
+
+
+# ---------------------------------------------------------------------------- device-side photometric
+
+@pytest.fixture
+def images():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 20, 24, generator=g)
+    x[0] = 0.5  # a gray image: hue undefined, saturation 0
+    x[1, :, :4] = 1.0  # saturated corner
+    x[2] = torch.randint(0, 3, (3, 20, 24), generator=g) / 2  # many ties between channels (as from uint8)
+    return x
+
+
+@pytest.mark.parametrize("name,tv_op,values", [
+    ("adjust_brightness", TF.adjust_brightness, [0.6, 1.0, 1.4, 0.0, 0.9, 1.3]),
+    ("adjust_contrast", TF.adjust_contrast, [0.6, 1.0, 1.4, 0.0, 0.9, 1.3]),
+    ("adjust_saturation", TF.adjust_saturation, [0.8, 1.0, 1.2, 0.0, 0.9, 2.0]),
+    ("adjust_hue", TF.adjust_hue, [-0.1, 0.0, 0.1, 0.5, -0.5, 0.03]),
+])
+def test_colour_ops_match_torchvision(images, name, tv_op, values):
+    ours = getattr(augment, name)(images, torch.tensor(values))
+    for i, value in enumerate(values):
+        torch.testing.assert_close(ours[i], tv_op(images[i], value), atol=1e-5, rtol=0)
+
+
+def test_gray_solarize_blur_match_torchvision(images):
+    aug = PhotometricAugment(img_size=224)
+    params = {k: torch.zeros_like(v) for k, v in aug.sample_params(6, torch.Generator()).items()}
+    params["jitter"][:] = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    params["jitter_order"][:] = torch.arange(4)
+    params["gray"][::2] = 1
+    gray = aug.apply(images, params)
+    for i in range(6):
+        expected = TF.rgb_to_grayscale(images[i], 3) if i % 2 == 0 else images[i]
+        torch.testing.assert_close(gray[i], expected, atol=1e-6, rtol=0)
+    assert aug.kernel_size == 9
+    sigma = torch.tensor([0.1, 0.5, 1.0, 2.0, 0.0, 1.5])
+    blurred = augment.gaussian_blur(images, sigma, 9)
+    for i, s in enumerate(sigma.tolist()):
+        expected = TF.gaussian_blur(images[i], [9, 9], [s, s]) if s > 0 else images[i]
+        torch.testing.assert_close(blurred[i], expected, atol=1e-5, rtol=0)
+    solar = augment.solarize(images)
+    torch.testing.assert_close(solar, TF.solarize(images, 0.5))
+    values = torch.tensor([0.2, 0.49, 0.5, 0.9])  # >= 0.5 inverts (0.5 stays 0.5)
+    torch.testing.assert_close(augment.solarize(values), torch.tensor([0.2, 0.49, 0.5, 0.1]))
+
+
+def test_blur_properties(images):
+    assert torch.equal(augment.gaussian_blur(images, torch.full((6,), 1e-3), 9), images)
+    blurred = augment.gaussian_blur(images, torch.full((6,), 2.0), 9)
+    torch.testing.assert_close(blurred.mean((2, 3)), images.mean((2, 3)), atol=1e-2, rtol=0)
+    assert blurred[2:].std() < images[2:].std() * 0.6  # noise is smoothed
+    assert augment.blur_kernel_size(64) == 3 and augment.blur_kernel_size(96) == 5
+
+
+def test_jitter_in_random_order_matches_torchvision(images):
+    aug = PhotometricAugment(p_jitter=1.0, p_gray=0.0, p_blur=0.0, img_size=24)
+    params = aug.sample_params(6, torch.Generator().manual_seed(5))
+    out = aug.apply(images, params)
+    tv_ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for i in range(6):
+        expected = images[i]
+        for k in params["jitter_order"][i].tolist():
+            expected = tv_ops[k](expected, params["jitter"][i, k].item())
+        torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
+
+
+def test_param_dict_shapes_and_ranges():
+    aug = PhotometricAugment(p_blur=0.5, p_solarize=0.2, img_size=64)
+    x = torch.randint(0, 256, (512, 3, 8, 8), dtype=torch.uint8)
+    out, p = aug(x, device_generator(0, step=10, rank=0, view_id=1))
+    assert out.shape == (512, 3, 8, 8) and out.dtype == torch.float32
+    assert p["jitter"].shape == (512, 4) and p["jitter_order"].shape == (512, 4)
+    assert p["jitter_order"].dtype == torch.long
+    assert torch.equal(p["jitter_order"].sort(1).values, torch.arange(4).expand(512, 4))
+    for key in ("jitter_applied", "gray", "blur_sigma", "solarize"):
+        assert p[key].shape == (512,) and p[key].dtype == torch.float32
+    on = p["jitter_applied"] > 0
+    assert 0.7 < on.float().mean() < 0.9 and 0.1 < p["gray"].mean() < 0.3 and 0.1 < p["solarize"].mean() < 0.3
+    lo, hi = torch.tensor([0.6, 0.6, 0.8, -0.1]), torch.tensor([1.4, 1.4, 1.2, 0.1])
+    assert ((p["jitter"][on] >= lo) & (p["jitter"][on] <= hi)).all()
+    assert torch.equal(p["jitter"][~on], torch.tensor([1.0, 1.0, 1.0, 0.0]).expand((~on).sum(), 4))
+    assert torch.equal(p["jitter_order"][~on], torch.arange(4).expand((~on).sum(), 4))
+    sigma = p["blur_sigma"][p["blur_sigma"] > 0]
+    assert 0.4 < len(sigma) / 512 < 0.6
+    assert sigma.min() >= 0.1 * 64 / 224 and sigma.max() <= 2.0 * 64 / 224
+    # Same (seed, step, rank, view) -> same parameters; another view -> others.
+    _, again = aug(x, device_generator(0, step=10, rank=0, view_id=1))
+    _, other = aug(x, device_generator(0, step=10, rank=0, view_id=2))
+    assert all(torch.equal(p[k], again[k]) for k in p) and not torch.equal(p["jitter"], other["jitter"])
+
+
+def test_identity_params_leave_images_unchanged():
+    aug = PhotometricAugment(p_jitter=0.0, p_gray=0.0, p_blur=0.0, p_solarize=0.0, img_size=32)
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    params = aug.sample_params(4, torch.Generator().manual_seed(0))
+    assert torch.equal(aug.apply(x.float() / 255, params), x.float() / 255)
+    out, _ = aug(x, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, augment.normalize(x))
+    mean = torch.tensor(augment.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(augment.IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(out * std + mean, x.float() / 255)
+
+
+# ================================================================================================
+# pretrain.py: every method and add-on, resume, torchrun
+# ================================================================================================
+
+TINY = ("--epochs 1 --synthetic-length 32 --batch-size 16 --img-size 32 --patch-size 8 --depth 3 "
+        "--head-hidden 32 --head-out 16 --knn-every 0 --num-workers 0 --log-every 1000")
+
+
+def config(extra, out):
+    return pretrain.resolve_config(pretrain.get_args_parser().parse_args(
+        f"{TINY} {extra} --output-dir {out}".split()))
+
+
+def run(extra, out):
+    pretrain.train(config(extra, out))
+    return torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("method", list(pretrain.METHOD_DEFAULTS))
+@pytest.mark.parametrize("addon", ["", "--ser --equiv-layer 2", "--equimod", "--augself", "--essl --equiv-layer 2"])
+def test_every_method_and_addon_trains(method, addon, tmp_path):
+    """Two optimisation steps: finite loss terms, the student moves, and (EMA methods) the teacher
+    moves by exactly the EMA rule of the step's momentum."""
+    first = run(f"--method {method} {addon} --stop-at-step 1", tmp_path)
+    second = run(f"--method {method} {addon} --stop-at-step 2", tmp_path)  # resumes from step 1
+    assert first["step"] == 1 and second["step"] == 2
+    logged = read_log(tmp_path)
+    assert len(logged) == 2 and all(math.isfinite(v) for row in logged for k, v in row.items() if k != "epoch")
+    if addon:
+        assert logged[-1]["equiv"] > 0
+    moved = [k for k, v in second["student"].items() if v.is_floating_point() and not torch.equal(v, first["student"][k])]
+    assert any(k.startswith("backbone.blocks.0.") for k in moved) and any(k.startswith("projector.") for k in moved)
+    if addon:
+        assert any(k.startswith("addon_head.") for k in moved)
+    if method in pretrain.EMA_METHODS:
+        args = config(f"--method {method}", tmp_path)
+        m = pretrain.ema_momentum(1, 2, args.momentum)
+        for name, t_new in second["teacher"].items():
+            if "running" in name or "num_batches" in name:
+                continue  # BN buffers follow the teacher's own forward, not the EMA
+            expected = m * first["teacher"][name] + (1 - m) * second["student"][name]
+            assert torch.allclose(t_new, expected, atol=1e-6), name
+        assert not torch.equal(second["teacher"]["backbone.blocks.0.attn.qkv.weight"],
+                               first["teacher"]["backbone.blocks.0.attn.qkv.weight"])
+    else:
+        assert second["teacher"] is None
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+    common = "--method dino --ser --equiv-layer 2 --epochs 2 --drop-path 0.1"  # drop-path: RNG must replay too
+    full = run(common, tmp_path / "full")
+    run(common + " --stop-at-step 3", tmp_path / "cut")  # mid-epoch (2 steps per epoch)
+    resumed = run(common, tmp_path / "cut")
+    assert full["step"] == resumed["step"] == 4
+    for part in ("student", "teacher", "dino_loss"):
+        for k, v in full[part].items():
+            assert torch.equal(v, resumed[part][k]), (part, k)
+    assert os.path.exists(tmp_path / "full" / "backbone.pth")
+
+
+def test_interrupt_handler_requests_a_checkpoint():
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        interrupt = pretrain.Interrupt()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert interrupt.requested
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    run("--method byol --stop-at-step 1", tmp_path)
+    with pytest.raises(SystemExit, match="different run"):
+        run("--method simclr --stop-at-step 1", tmp_path)
+
+
+def test_bad_configurations_give_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="one add-on at a time"):
+        config("--ser --essl", tmp_path)
+    with pytest.raises(SystemExit, match="--equiv-layer"):
+        config("--ser --equiv-layer 3", tmp_path)  # depth 3: [CLS] would join after the last block
+    with pytest.raises(SystemExit, match="must divide over the 2 ranks"):
+        pretrain.local_batch_size(15, 2)
+    with pytest.raises(SystemExit, match="b2 would take"):
+        pretrain.ser_images_per_rank(2, 0.01, 2)
+    with pytest.raises(SystemExit, match="not divisible by --patch-size"):
+        config("--img-size 36", tmp_path)
+    with pytest.raises(SystemExit, match="fewer than --batch-size"):
+        run("--synthetic-length 8", tmp_path)
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(losses, "simclr_loss", lambda z1, z2, t: (z1.sum() + z2.sum()) * float("nan"))
+    with pytest.raises(SystemExit, match="non-finite loss at step 1"):
+        run("--method simclr --stop-at-step 1", tmp_path)
+
+
+def test_ser_loss_reaches_blocks_before_the_split_only(tmp_path):
+    args = config("--method dino --ser --equiv-layer 2", tmp_path)
+    student, _ = pretrain.build_models(args)
+    assert student.backbone.cls_after_block == 2
+    torch.manual_seed(0)
+    g1, g2 = pretrain.group_actions.sample_view_pair(3, torch.Generator().manual_seed(0), base_grid=(4, 4))
+    x = torch.randn(3, 3, 32, 32)
+    maps = [student.addon_head(student.backbone.forward_features(
+        pretrain.group_actions.apply_to_images(x, g, 8), layer=2)["token_map"]) for g in (g1, g2)]
+    losses.ser_loss(*maps, g1, g2, (4, 4), temperature=0.4).backward()
+    blocks = student.backbone.blocks
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for b in blocks[:2] for p in b.parameters())
+    assert all(p.grad is None for p in blocks[2].parameters())
+    assert all(p.grad is not None for p in student.addon_head.parameters())
+
+
+def test_schedules_are_pure_functions_of_the_step():
+    assert pretrain.cosine_schedule(0, 100, 1.0, 0.1, warmup_steps=10) == 0.0
+    assert pretrain.cosine_schedule(5, 100, 1.0, 0.1, warmup_steps=10) == 0.5
+    assert pretrain.cosine_schedule(10, 100, 1.0, 0.1, warmup_steps=10) == 1.0
+    assert math.isclose(pretrain.cosine_schedule(55, 100, 1.0, 0.1, warmup_steps=10), 0.55)
+    assert math.isclose(pretrain.cosine_schedule(100, 100, 1.0, 0.1, warmup_steps=10), 0.1)
+    assert pretrain.ema_momentum(0, 100, 0.996) == 0.996 and pretrain.ema_momentum(100, 100, 0.996) == 1.0
+
+
+def test_global_batch_sampler_slices_the_single_process_batch():
+    single = list(pretrain.GlobalBatchSampler(50, 8, 0, 1, seed=3))
+    ranks = [list(pretrain.GlobalBatchSampler(50, 8, r, 2, seed=3)) for r in range(2)]
+    assert len(single) == 6 and all(len(b) == 4 for r in ranks for b in r)
+    for step, batch in enumerate(single):
+        assert ranks[0][step] + ranks[1][step] == batch
+    resumed = pretrain.GlobalBatchSampler(50, 8, 0, 1, seed=3)
+    resumed.set_epoch(0, start_step=4)
+    assert list(resumed) == single[4:] and len(resumed) == 2
+    other_epoch = pretrain.GlobalBatchSampler(50, 8, 0, 1, seed=3)
+    other_epoch.set_epoch(1)
+    assert list(other_epoch) != single
+
+
+def test_benchmark_mode_counts_the_ser_flops(tmp_path):
+    base = pretrain.train(config("--method mocov3 --benchmark 1 --batch-size 32 --synthetic-length 64",
+                                 tmp_path / "base"))
+    ser = pretrain.train(config("--method mocov3 --ser --ser-ratio 0.5 --equiv-layer 2 --benchmark 1 --batch-size 32 "
+                                "--synthetic-length 64", tmp_path / "ser"))
+    assert base["images_per_s"] > 0 and base["pipeline_images_per_s_per_worker"] > 0
+    assert base["data_wait_ms"] >= 0 and base["compute_ms"] > 0
+    assert ser["gflops_per_image"] > base["gflops_per_image"] > 0
+    assert json.load(open(tmp_path / "ser" / "benchmark.json"))["addon"] == "ser"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_first_step_equals_one_process(tmp_path):
+    """The union of the ranks' batches is the single-process batch, augmentation parameters are drawn
+    for the global batch, and every loss is exact under DDP: step 1 must agree to float rounding."""
+    args = f"pretrain.py --method mocov3 {TINY} --stop-at-step 1".split()
+    repo = os.path.dirname(os.path.abspath(pretrain.__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, *args, "--output-dir", str(tmp_path / "one")], cwd=repo, env=env, check=True,
+                   capture_output=True, timeout=300)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+              str(_free_port()), *args, "--output-dir", str(tmp_path / "two")]
+    result = subprocess.run(launch, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = torch.load(tmp_path / "one" / "checkpoint.pth", weights_only=False)
+    two = torch.load(tmp_path / "two" / "checkpoint.pth", weights_only=False)
+    for part in ("student", "teacher"):
+        for k, v in one[part].items():
+            if v.is_floating_point():
+                assert torch.allclose(v, two[part][k], atol=1e-5, rtol=1e-4), (part, k)
+    assert json.load(open(tmp_path / "two" / "config.json"))["world_size"] == 2

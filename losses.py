@@ -1,0 +1,705 @@
+"""SSL losses and heads: MoCo v3, DINO, Barlow Twins, VICReg, SimCLR, BYOL, and the add-ons
+SER (L_equiv), EquiMod, AugSelf and E-SSL.
+
+Every loss works on plain tensors without a process group (world size 1) and is exact under DDP:
+with W ranks, the DDP-averaged parameter gradient equals the gradient of the same loss computed by
+one process on the concatenated global batch. The rule that makes this work: whenever a loss
+gathers or reduces a tensor that carries gradients, the collective is autograd-aware (its backward
+sums every rank's gradient for our rows), and the local loss is scaled so that the losses of all
+ranks add up to W * (global loss). DDP's mean over ranks then cancels the W. Statistics that carry
+no gradient (DINO centre, MoCo keys) use plain no-grad collectives. All heads with BatchNorm use
+`GlobalBatchNorm1d`, whose training statistics span the global batch the same way.
+Losses with a per-anchor count known from a gather (MoCo v3, SimCLR, EquiMod, SER) are exact for any
+split of the batch over ranks; the purely local means (BYOL, DINO, VICReg's MSE, AugSelf, E-SSL)
+assume the same per-rank batch size, as DistributedSampler(drop_last=True) gives.
+
+Conventions relative to the official code are stated at each loss (methods.md, ser.md).
+Inputs of every loss are the head outputs; half-precision inputs are upcast to float32 inside.
+
+Typical use (pretrain.py owns the encoders, EMA copies and schedules):
+
+    projector, predictor = build_heads("mocov3", embed_dim=384)
+    loss = mocov3_loss(predictor(projector(h1)), predictor(projector(h2)), k1, k2, temperature=0.2)
+    loss = loss + lam * ser_loss(ser_proj(map1), ser_proj(map2), g1, g2, base_size, temperature=0.4)
+
+Tests: python -m pytest -x -q wip_tests/test_losses.py  (CPU; includes a 2-process gloo DDP check)
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import group_actions
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers: all of them are the identity without a process group.
+# ---------------------------------------------------------------------------------------------
+
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size():
+    return dist.get_world_size() if _distributed() else 1
+
+
+def rank():
+    return dist.get_rank() if _distributed() else 0
+
+
+def _upcast(x):
+    # Softmaxes and normalisations in fp16/bf16 lose too much; float64 (tests) stays float64.
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _gather_counts(n, device):
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+    dist.all_gather(counts, torch.tensor([n], dtype=torch.long, device=device))
+    return [int(c) for c in counts]
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 with a different row count per rank (pad to the max, gather, slice).
+
+    Backward: every rank computed its loss from the gathered rows, so the gradient of our rows is
+    the sum over ranks of the gradient each rank sent to them (all_reduce SUM, then our slice) --
+    the same rule as VICReg's FullGatherLayer, generalised to variable counts.
+    """
+
+    @staticmethod
+    def forward(ctx, x, counts):
+        padded = x.new_zeros((max(counts), *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        buffers = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(buffers, padded)
+        ctx.counts = counts
+        return torch.cat([buf[:n] for buf, n in zip(buffers, counts)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()  # all_reduce works in place
+        dist.all_reduce(grad)
+        start = sum(ctx.counts[: rank()])
+        return grad[start : start + ctx.counts[rank()]], None
+
+
+def all_gather_rows(x):
+    """Concatenate every rank's `x` (N_r, ...) along dim 0 -> (sum_r N_r, ...), and the counts.
+
+    Gradients flow back to every rank's rows when `x` requires grad; call it on a detached tensor
+    (or under no_grad) for a statistics-only gather.
+    """
+    if not _distributed():
+        return x, [x.shape[0]]
+    counts = _gather_counts(x.shape[0], x.device)
+    return _GatherRows.apply(x.contiguous(), counts), counts
+
+
+def all_reduce_sum(x):
+    """Autograd-aware SUM all-reduce (its backward is again a SUM all-reduce)."""
+    if not _distributed():
+        return x
+    import torch.distributed.nn.functional as dist_nn  # lazy: absent on builds without distributed
+
+    return dist_nn.all_reduce(x)
+
+
+def global_count(n, device):
+    """Rows in the global batch, given this rank's n (a plain int, no gradient)."""
+    if not _distributed():
+        return n
+    t = torch.tensor([n], dtype=torch.long, device=device)
+    dist.all_reduce(t)
+    return int(t)
+
+
+def _global_mean_of_sum(local_sum, global_count_):
+    # Local loss whose sum over ranks is W * (global mean): W * sum_local / N_global. Exact under
+    # DDP even when ranks hold different numbers of anchors (SER's grids differ per rank).
+    return local_sum * world_size() / global_count_
+
+
+def global_moments(x):
+    """Per-column mean and biased variance of (N, C) over the global batch, with gradients.
+
+    Two passes (mean, then centred squares) rather than E[x^2] - E[x]^2, which cancels badly in
+    float32 for features with a large mean. Returns (mean (C,), var (C,), N_global).
+    """
+    n = global_count(x.shape[0], x.device)
+    mean = all_reduce_sum(x.sum(0)) / n
+    var = all_reduce_sum((x - mean).pow(2).sum(0)) / n
+    return mean, var, n
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads
+# ---------------------------------------------------------------------------------------------
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d on (N, C) whose training statistics span the global batch.
+
+    Same parameters, buffers and state-dict keys as nn.BatchNorm1d (so a head saved with either
+    loads into the other). Training under a process group: mean and biased variance over all ranks
+    via autograd-aware all_reduce, normalisation with the biased variance, running_var updated with
+    the unbiased one (as torch). Without a process group, or in eval mode, it is exactly
+    nn.BatchNorm1d. Unlike torch.nn.SyncBatchNorm it runs on CPU/gloo.
+    Do not pass models holding it to SyncBatchNorm.convert_sync_batchnorm (it would replace it).
+    Every rank must call it in train mode together (it runs collectives), like SyncBatchNorm.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine)
+
+    def _check_input_dim(self, x):
+        if x.dim() != 2:
+            raise ValueError(f"GlobalBatchNorm1d expects (N, C) input, got shape {tuple(x.shape)}")
+
+    def forward(self, x):
+        self._check_input_dim(x)
+        if not (self.training and _distributed()):
+            return super().forward(x)
+        xf = _upcast(x)
+        mean, var, n = global_moments(xf)
+        if n < 2:
+            raise ValueError("GlobalBatchNorm1d needs more than 1 sample in the global batch when training")
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), self.momentum)
+            self.num_batches_tracked += 1
+        y = (xf - mean) * torch.rsqrt(var + self.eps)  # (N, C)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+
+def build_mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn=True, bias=False, last_bias=False):
+    """MoCo v3 `_build_mlp`: [Linear -> BN -> ReLU] x (num_layers-1) -> Linear [-> BN(affine=False)].
+
+    `bias` is for the hidden Linears (VICReg and BYOL use it; MoCo v3 and Barlow Twins do not);
+    the output Linear has no bias in every official projector, `last_bias` adds one (AugSelf).
+    """
+    layers = []
+    for i in range(num_layers):
+        d_in = in_dim if i == 0 else hidden_dim
+        last = i == num_layers - 1
+        d_out = out_dim if last else hidden_dim
+        layers.append(nn.Linear(d_in, d_out, bias=last_bias if last else bias))
+        if not last:
+            layers += [GlobalBatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        elif last_bn:
+            # MoCo v3 (and SimCLR) end with a BN; MoCo's has no affine (SimCLR's keeps the scale).
+            layers.append(GlobalBatchNorm1d(d_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free Linear with weight = g * v / ||v|| per output row.
+
+    The same parameters and names as torch's (deprecated) weight_norm(Linear) that DINO uses
+    ('weight_g' (out, 1), 'weight_v' (out, in)), so DINO head checkpoints load; unlike the hook
+    version, it deep-copies cleanly for the EMA teacher.
+    """
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        v = nn.Linear(in_dim, out_dim, bias=False).weight.detach()  # torch's default init, as DINO
+        self.weight_v = nn.Parameter(v.clone())
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
+
+    def forward(self, x):
+        w = self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))  # (out, in)
+        return F.linear(x, w)
+
+
+class DINOHead(nn.Module):
+    """DINO head: MLP (GELU) -> L2 normalise -> weight-normalised Linear to out_dim logits.
+
+    Same layout and parameter names as the official head ('mlp.0', 'mlp.2', 'mlp.4',
+    'last_layer.weight_g', 'last_layer.weight_v' without BN). With norm_last_layer the norm g is
+    frozen at 1 (official default; the ViT-S recipe sets it False). pretrain.py freezes
+    'last_layer' during the first epoch (freeze_last_layer = 1).
+    """
+
+    def __init__(self, in_dim, out_dim=65536, use_bn=False, norm_last_layer=True, nlayers=3,
+                 hidden_dim=2048, bottleneck_dim=256):
+        super().__init__()
+        if nlayers < 1:
+            raise ValueError(f"DINOHead needs nlayers >= 1, got {nlayers}")
+        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+        layers = []
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(d_in, d_out))
+            if i < nlayers - 1:
+                layers += ([GlobalBatchNorm1d(d_out)] if use_bn else []) + [nn.GELU()]
+        self.mlp = nn.Sequential(*layers) if nlayers > 1 else layers[0]
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        self.last_layer.weight_g.requires_grad = not norm_last_layer
+
+    def forward(self, x):  # (N, in_dim) -> (N, out_dim)
+        x = F.normalize(self.mlp(x), dim=-1)
+        return self.last_layer(x)
+
+
+METHODS = ("mocov3", "dino", "barlowtwins", "vicreg", "simclr", "byol")
+
+
+def build_heads(method, embed_dim, hidden_dim=None, out_dim=None, **kw):
+    """(projector, predictor) for a base method, official ViT-recipe sizes unless overridden.
+
+    The projector is part of the encoder (EMA-copied for the MoCo/BYOL target and the DINO
+    teacher); the predictor is online only, or None. Extra keywords: DINO's bottleneck_dim,
+    norm_last_layer (default False, the ViT-S recipe), use_bn, nlayers.
+    """
+    dino_keys = {"bottleneck_dim", "norm_last_layer", "use_bn", "nlayers"}
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if kw and (method != "dino" or not set(kw) <= dino_keys):
+        raise ValueError(f"build_heads({method!r}) got unexpected options {sorted(kw)}")
+    h, o = hidden_dim, out_dim
+    if method == "mocov3":  # D -> 4096 -> 4096 -> 256 (last BN), predictor 256 -> 4096 -> 256 (last BN)
+        o = o or 256
+        return build_mlp(3, embed_dim, h or 4096, o), build_mlp(2, o, h or 4096, o)
+    if method == "dino":
+        head = DINOHead(embed_dim, o or 65536, hidden_dim=h or 2048, use_bn=kw.get("use_bn", False),
+                        norm_last_layer=kw.get("norm_last_layer", False), nlayers=kw.get("nlayers", 3),
+                        bottleneck_dim=kw.get("bottleneck_dim", 256))
+        return head, None
+    if method == "barlowtwins":  # 8192-8192-8192, the loss brings its own affine-free BN
+        return build_mlp(3, embed_dim, h or 8192, o or 8192, last_bn=False), None
+    if method == "vicreg":  # 8192-8192-8192, biases on the hidden Linears
+        return build_mlp(3, embed_dim, h or 8192, o or 8192, last_bn=False, bias=True), None
+    if method == "simclr":
+        # SimCLR v2 head: hidden width = input width, out 128, BN on every layer. Deviation: the last
+        # BN is affine-free here (SimCLR keeps its scale, drops its centre).
+        return build_mlp(3, embed_dim, h or embed_dim, o or 128), None
+    # byol: Linear(4096, bias) -> BN -> ReLU -> Linear(256, no bias), for projector and predictor
+    o = o or 256
+    return (build_mlp(2, embed_dim, h or 4096, o, last_bn=False, bias=True),
+            build_mlp(2, o, h or 4096, o, last_bn=False, bias=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Base losses
+# ---------------------------------------------------------------------------------------------
+
+
+def _moco_direction(q, k, temperature):
+    q = F.normalize(_upcast(q), dim=1)  # (N, d)
+    with torch.no_grad():  # keys come from the momentum encoder: stop-grad, statistics-only gather
+        k_all, counts = all_gather_rows(F.normalize(_upcast(k.detach()), dim=1))  # (N_global, d)
+    logits = q @ k_all.T / temperature  # (N, N_global)
+    labels = sum(counts[: rank()]) + torch.arange(q.shape[0], device=q.device)
+    per_query = F.cross_entropy(logits, labels, reduction="none")
+    return _global_mean_of_sum(per_query.sum(), sum(counts)) * (2 * temperature)
+
+
+def mocov3_loss(q1, q2, k1, k2, temperature=0.2):
+    """MoCo v3: ctr(q1, k2) + ctr(q2, k1), ctr = InfoNCE against the keys of all ranks, x 2T.
+
+    q_i: (N, d) predictor outputs (online), k_i: (N, d) momentum-encoder projections (detached here).
+    Convention: identical to the official `contrastive_loss` (the 2T factor, directions summed).
+    """
+    return _moco_direction(q1, k2, temperature) + _moco_direction(q2, k1, temperature)
+
+
+class DINOLoss(nn.Module):
+    """DINO cross-entropy between the centred, sharpened teacher and the student, all crop pairs
+    except same-view ones, averaged over the n_teacher * ncrops - n_teacher terms.
+
+    The centre (1, K) is a buffer updated *after* the loss (so the loss uses the old centre) from
+    the raw teacher outputs averaged over the global batch with a no-grad all_reduce:
+    C <- m C + (1 - m) mean(teacher). Convention: identical to the official DINOLoss, except that
+    the teacher temperature is passed in (see teacher_temp_schedule) and the number of teacher
+    views is read from the shapes instead of being fixed at 2.
+    """
+
+    def __init__(self, out_dim, center_momentum=0.9, student_temp=0.1):
+        super().__init__()
+        self.center_momentum = center_momentum
+        self.student_temp = student_temp
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(self, student_out, teacher_out, ncrops, teacher_temp):
+        """student_out: (ncrops*B, K) crop-major; teacher_out: (n_teacher*B, K), the first
+        n_teacher crops (the global views), which are the student's crops 0..n_teacher-1."""
+        if student_out.shape[0] % ncrops:
+            raise ValueError(f"student_out has {student_out.shape[0]} rows, not a multiple of ncrops={ncrops}")
+        batch = student_out.shape[0] // ncrops
+        n_teacher = teacher_out.shape[0] // batch
+        if teacher_out.shape[0] != n_teacher * batch or not 1 <= n_teacher <= ncrops:
+            raise ValueError(f"teacher_out has {teacher_out.shape[0]} rows; expected a multiple of the "
+                             f"batch {batch} with at most ncrops={ncrops} views")
+        student_logp = F.log_softmax(_upcast(student_out) / self.student_temp, dim=-1).chunk(ncrops)
+        teacher = _upcast(teacher_out.detach())
+        teacher_p = F.softmax((teacher - self.center) / teacher_temp, dim=-1).chunk(n_teacher)
+        total, n_terms = 0.0, 0
+        for t_view, p in enumerate(teacher_p):
+            for s_view, logp in enumerate(student_logp):
+                if s_view == t_view:  # the student's copy of the teacher's own view
+                    continue
+                total = total + (-(p * logp).sum(-1)).mean()
+                n_terms += 1
+        self.update_center(teacher)
+        return total / n_terms
+
+    @torch.no_grad()
+    def update_center(self, teacher_out):
+        batch_center = teacher_out.sum(0, keepdim=True)  # (1, K)
+        if _distributed():
+            dist.all_reduce(batch_center)
+        batch_center = batch_center / global_count(teacher_out.shape[0], teacher_out.device)
+        self.center.mul_(self.center_momentum).add_(batch_center.to(self.center.dtype),
+                                                    alpha=1 - self.center_momentum)
+
+
+def teacher_temp_schedule(epoch, warmup_teacher_temp, teacher_temp, warmup_epochs):
+    """DINO's teacher temperature at an (integer) epoch: linspace(warmup, final, warmup_epochs),
+    endpoint included, then constant. ViT-S recipe: (e, 0.04, 0.07, 30); SER's DINO: 10 epochs."""
+    epoch = int(epoch)
+    if epoch >= warmup_epochs:
+        return teacher_temp
+    if warmup_epochs == 1:
+        return warmup_teacher_temp
+    return warmup_teacher_temp + (teacher_temp - warmup_teacher_temp) * epoch / (warmup_epochs - 1)
+
+
+def _off_diagonal(m):
+    # (n, n) -> (n*n - n,): drop the diagonal by viewing the flat matrix with stride n + 1
+    n = m.shape[0]
+    return m.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+def _global_standardize(z, eps=1e-5):
+    # BatchNorm1d(affine=False) in train mode over the global batch: biased variance, eps 1e-5
+    mean, var, _ = global_moments(z)
+    return (z - mean) * torch.rsqrt(var + eps)
+
+
+def barlow_twins_loss(z1, z2, lambd=0.0051):
+    """Barlow Twins: sum_i (1 - c_ii)^2 + lambd * sum_{i!=j} c_ij^2, c the cross-correlation of
+    the two views standardised over the global batch, divided by the global batch size.
+
+    z_i: (N, D) projector outputs. Convention: the official loss value; deliberate deviation in the
+    gradient: the official `dist.all_reduce(c)` is not autograd-aware, so under DDP its gradient is
+    1/W of the true one; ours (autograd-aware all_reduce) is the true gradient. Multiply the loss by
+    1/W to reproduce the official training dynamics exactly.
+    """
+    z1, z2 = _upcast(z1), _upcast(z2)
+    n = global_count(z1.shape[0], z1.device)
+    c = all_reduce_sum(_global_standardize(z1).T @ _global_standardize(z2) / n)  # (D, D)
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off_diag = _off_diagonal(c).pow(2).sum()
+    return on_diag + lambd * off_diag
+
+
+def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
+    """VICReg: 25 * MSE + 25 * variance + 1 * covariance.
+
+    z_i: (N, D) expander outputs. Convention: identical to the official forward -- the invariance
+    MSE is on the local batch (mean over N*D), variance and covariance on the global batch gathered
+    with gradients; variance hinge on sqrt(var + 1e-4), each branch halved; covariance
+    sum_{i!=j} cov^2 / D per branch, not halved, cov = x^T x / (N_global - 1).
+    """
+    z1, z2 = _upcast(z1), _upcast(z2)
+    repr_loss = F.mse_loss(z1, z2)
+    x, _ = all_gather_rows(z1)  # (N_global, D)
+    y, _ = all_gather_rows(z2)
+    x, y = x - x.mean(0), y - y.mean(0)
+    std_x, std_y = torch.sqrt(x.var(0) + 1e-4), torch.sqrt(y.var(0) + 1e-4)
+    std_loss = F.relu(1 - std_x).mean() / 2 + F.relu(1 - std_y).mean() / 2
+    n, d = x.shape
+    cov_x, cov_y = x.T @ x / (n - 1), y.T @ y / (n - 1)  # (D, D)
+    cov_loss = _off_diagonal(cov_x).pow(2).sum() / d + _off_diagonal(cov_y).pow(2).sum() / d
+    return sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
+
+
+def nt_xent(a, b, temperature):
+    """NT-Xent over the pairs a_k <-> b_k: every row of a and b is an anchor, its partner is the
+    positive, all other rows of the global {a, b} (both sets, gathered with gradients) are the
+    negatives. Averaged over the 2 N_global anchors. a, b: (N, d), not necessarily normalised."""
+    a, b = F.normalize(_upcast(a), dim=1), F.normalize(_upcast(b), dim=1)
+    a_all, counts = all_gather_rows(a)  # (M, d)
+    b_all, _ = all_gather_rows(b)
+    m, n = a_all.shape[0], a.shape[0]
+    idx = sum(counts[: rank()]) + torch.arange(n, device=a.device)  # our rows in the gathered set
+    anchors = torch.cat([a, b])  # (2n, d)
+    logits = anchors @ torch.cat([a_all, b_all]).T / temperature  # (2n, 2M)
+    rows = torch.arange(2 * n, device=a.device)
+    logits = logits.index_put((rows, torch.cat([idx, idx + m])), logits.new_tensor(float("-inf")))
+    positives = torch.cat([idx + m, idx])
+    per_anchor = F.cross_entropy(logits, positives, reduction="none")
+    return _global_mean_of_sum(per_anchor.sum(), 2 * m)
+
+
+def simclr_loss(z1, z2, temperature=0.1):
+    """SimCLR NT-Xent averaged over the 2N anchors of the global batch (negatives from both views).
+
+    Convention: the standard NT-Xent (lightly, solo-learn, EquiMod) = 1/2 of the official TF2 loss
+    (its loss_a + loss_b is a sum of two means over N). Multiply by 2 to reproduce the TF value.
+    """
+    return nt_xent(z1, z2, temperature)
+
+
+def byol_loss(p1, p2, z1, z2):
+    """BYOL: mean_b[(2 - 2 cos(p1, z2)) + (2 - 2 cos(p2, z1))], range 0..8.
+
+    p_i: (N, d) online predictions of view i; z_i: (N, d) target projections of view i (detached
+    here). Convention: identical to DeepMind's (directions summed; AugSelf's version is this - 4).
+    """
+    def direction(p, z):
+        p = F.normalize(_upcast(p), dim=-1)
+        z = F.normalize(_upcast(z.detach()), dim=-1)
+        return 2 - 2 * (p * z).sum(-1)  # (N,)
+
+    return (direction(p1, z2) + direction(p2, z1)).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# SER: equivariance loss on the layer-L token map
+# ---------------------------------------------------------------------------------------------
+
+
+class SERProjector(nn.Module):
+    """Conv1x1(D -> 512, no bias) -> GELU -> Conv1x1(512 -> 512, no bias) on a (B, D, h, w) map,
+    as the release's `projector_equiv`. Pointwise, so it commutes with the token permutations of
+    rho_g (the alignment is applied after it, as the release does)."""
+
+    def __init__(self, in_dim, hidden_dim=512, out_dim=512):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(in_dim, hidden_dim, 1, bias=False), nn.GELU(),
+                                 nn.Conv2d(hidden_dim, out_dim, 1, bias=False))
+
+    def forward(self, x):  # (B, D, h, w) -> (B, out_dim, h, w)
+        return self.net(x)
+
+
+def _token_nt_xent(a, b, temperature):
+    """NTX(a, b) for two token maps on the same grid, (B, C, h, w) each.
+
+    Anchor a_ij has positive b_ij; anchor b_ij has positive a_ij. Negatives: every token of every
+    *other* image, in both maps, over all ranks; the other tokens of the same image are excluded.
+    The local value is W * sum_local / (2 T_global) so that DDP gives the global mean.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"token maps are not aligned: {tuple(a.shape)} vs {tuple(b.shape)}")
+    batch, c, h, w = a.shape
+    def tokens(m):  # (B, C, h, w) -> (B*h*w, C), image-major
+        return F.normalize(_upcast(m).flatten(2).transpose(1, 2).reshape(-1, c), dim=1)
+    a_tok, b_tok = tokens(a), tokens(b)
+    # image id unique over ranks without an extra collective: local index * W + rank
+    ids = torch.arange(batch, device=a.device).repeat_interleave(h * w) * world_size() + rank()  # (T,)
+    a_all, counts = all_gather_rows(a_tok)  # (T_global, C); grids, hence counts, differ per rank
+    b_all, _ = all_gather_rows(b_tok)
+    with torch.no_grad():
+        ids_all, _ = all_gather_rows(ids)
+    t_global, t_local = a_all.shape[0], a_tok.shape[0]
+    idx = sum(counts[: rank()]) + torch.arange(t_local, device=a.device)  # our tokens, gathered
+    anchors = torch.cat([a_tok, b_tok])  # (2T, C)
+    logits = anchors @ torch.cat([a_all, b_all]).T / temperature  # (2T, 2T_global)
+    positives = torch.cat([idx + t_global, idx])
+    rows = torch.arange(2 * t_local, device=a.device)
+    same_image = ids.repeat(2)[:, None] == ids_all.repeat(2)[None, :]  # (2T, 2T_global)
+    same_image[rows, positives] = False
+    logits = logits.masked_fill(same_image, float("-inf"))
+    per_anchor = F.cross_entropy(logits, positives, reduction="none")
+    return _global_mean_of_sum(per_anchor.sum(), 2 * t_global)
+
+
+def ser_loss(z1, z2, g1, g2, base_size, temperature):
+    """SER's L_equiv, symmetric: 0.5 * [NTX(rho_g z1, z2) + NTX(z1, rho_{g^-1} z2)].
+
+    z1: (B, C, h1, w1), z2: (B, C, h2, w2): SERProjector outputs of the two views' layer-L token
+    maps, where view i = g_i(x) for the common crop x whose token grid is `base_size` (h, w).
+    g = relative_action(g1, g2, base_size) carries view 1 onto view 2's grid; g^-1 the reverse.
+    Gradients flow into both views (no stop-grad on either side).
+
+    Conventions vs the release (ser.md 2.4, 4): ours follows the paper -- negatives are the other
+    images' tokens in both views (the release: cross-view only) -- and is differentiable (the
+    release gathers under no_grad, so its L_equiv has no gradient). The DDP normalisation is the
+    global mean over all anchors, the grids (token counts) may differ per rank.
+    """
+    g = group_actions.relative_action(g1, g2, base_size)
+    g_inv = group_actions.relative_action(g2, g1, base_size)  # g1 g2^-1 = (g2 g1^-1)^-1
+    z1_on_2 = group_actions.apply_to_token_map(z1, g)  # (B, C, h2, w2)
+    z2_on_1 = group_actions.apply_to_token_map(z2, g_inv)  # (B, C, h1, w1)
+    return 0.5 * (_token_nt_xent(z1_on_2, z2, temperature) + _token_nt_xent(z1, z2_on_1, temperature))
+
+
+# ---------------------------------------------------------------------------------------------
+# Add-on baselines: EquiMod, AugSelf, E-SSL. Each head can read the final [CLS] or the raw [CLS]
+# of block L (the paper's layer decoupling); `input_norm=True` adds the LayerNorm the raw one needs.
+# ---------------------------------------------------------------------------------------------
+
+EQUIMOD_PARAM_DIM = 18
+
+
+def equimod_param_vector(params):
+    """(B, 18) augmentation-parameter vector from a view-parameter dict of augment.py:
+    [crop top, left, height, width, flip | jitter applied, order/3 x4, brightness, contrast,
+    saturation, hue, gray | blur applied, sigma | solarize].
+
+    Deviation from EquiMod: crop in fractions of the original image and the jitter order divided
+    by 3 instead of raw pixels/integers standardised with hard-coded ImageNet statistics; the
+    vector is already O(1) and does not depend on the dataset. As EquiMod, a view without jitter
+    has order (0, 1, 2, 3) and factors (1, 1, 1, 0).
+    """
+    missing = {"crop", "flip", "jitter", "jitter_applied", "jitter_order", "gray", "blur_sigma",
+               "solarize"} - set(params)
+    if missing:
+        raise ValueError(f"view-parameter dict lacks {sorted(missing)}")
+    crop = params["crop"]
+    dtype = crop.dtype if crop.is_floating_point() else torch.float32
+
+    def col(t):  # (B,) -> (B, 1)
+        return t.to(dtype).reshape(-1, 1)
+
+    applied = col(params["jitter_applied"])
+    order = torch.where(applied.bool(), params["jitter_order"].to(dtype),
+                        torch.arange(4, dtype=dtype, device=crop.device)) / 3
+    factors = torch.where(applied.bool(), params["jitter"].to(dtype),
+                          torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=dtype, device=crop.device))
+    sigma = col(params["blur_sigma"])
+    return torch.cat([crop.to(dtype), col(params["flip"]), applied, order, factors, col(params["gray"]),
+                      (sigma > 0).to(dtype), sigma, col(params["solarize"])], dim=1)
+
+
+class EquiModHead(nn.Module):
+    """EquiMod's equivariant branch on a (B, D) representation.
+
+    projector: MLP with BN -> out_dim, final BN affine-free (SER's ViT version: D-D-D-128, i.e.
+    hidden_dim = D by default; EquiMod's ResNet version uses 2048). param_embed: Linear(p_dim ->
+    out_dim, no bias) + BN. predictor: Linear(2*out_dim -> out_dim, no bias) + BN(affine=False),
+    from [y_original, param_embed(p)] to the augmented view's embedding.
+    """
+
+    def __init__(self, in_dim, param_dim=EQUIMOD_PARAM_DIM, hidden_dim=None, out_dim=128, num_layers=3,
+                 input_norm=False):
+        super().__init__()
+        self.input_norm = nn.LayerNorm(in_dim) if input_norm else nn.Identity()
+        self.projector = build_mlp(num_layers, in_dim, hidden_dim or in_dim, out_dim, last_bn=True)
+        self.param_embed = nn.Sequential(nn.Linear(param_dim, out_dim, bias=False), GlobalBatchNorm1d(out_dim))
+        self.predictor = nn.Sequential(nn.Linear(2 * out_dim, out_dim, bias=False),
+                                       GlobalBatchNorm1d(out_dim, affine=False))
+
+    def forward(self, h_orig, h_views, params):
+        """h_orig: (B, D) un-augmented image; h_views: (V*B, D) augmented views, view-major;
+        params: (V*B, p_dim). Returns (y_t, y_hat_t), both (V*B, out_dim)."""
+        batch = h_orig.shape[0]
+        if h_views.shape[0] % batch or params.shape[0] != h_views.shape[0]:
+            raise ValueError(f"EquiModHead: {h_views.shape[0]} view rows and {params.shape[0]} parameter "
+                             f"rows for a batch of {batch}")
+        # One projector pass over all 3B rows, as EquiMod, so BN statistics cover the original too.
+        y = self.projector(self.input_norm(torch.cat([h_orig, h_views])))  # ((1+V)B, out)
+        y_orig = y[:batch].repeat(h_views.shape[0] // batch, 1)  # (V*B, out)
+        y_hat = self.predictor(torch.cat([y_orig, self.param_embed(params)], dim=1))
+        return y[batch:], y_hat
+
+
+def equimod_loss(y_t, y_hat_t, temperature=0.2):
+    """EquiMod's L_equiv: NT-Xent over {y_t, y_hat_t} with pairs y_t,k <-> y_hat_t,k, both
+    directions, gradients through both sides, gathered over ranks; the other view of the same image
+    and its prediction are negatives. Convention: the official value (its x W cancels DDP's mean,
+    as our gradient-carrying gather does). SER's re-implementation instead uses a MoCo-style
+    0.5 * (InfoNCE(y_t, y_hat) + InfoNCE(y_hat, y_t)); we follow EquiMod."""
+    return nt_xent(y_t, y_hat_t, temperature)
+
+
+AUGSELF_TASKS = ("crop", "color")
+
+
+def augself_targets(params1, params2, jitter_strength=(0.4, 0.4, 0.2, 0.1)):
+    """AugSelf targets for the rows [h1||h2; h2||h1]: {'crop': (2B, 4), 'color': (2B, 4)}.
+
+    diff(a, b) = a - b with crop = [centre_y, centre_x, height, width] in fractions of the original
+    image, where centre_x -> 1 - centre_x *for both views* wherever view a is flipped (AugSelf's
+    code does exactly this, even when b is not flipped); colour = [(b-1), (c-1), (s-1), hue] /
+    (2 * strength), i.e. divided by the width of the jitter range as AugSelf, 0 without jitter.
+    """
+    def crop_of(p):
+        top, left, height, width = p["crop"].unbind(1)
+        return top + height / 2, left + width / 2, height, width
+
+    def color_of(p):
+        span = 2 * torch.as_tensor(jitter_strength, dtype=p["jitter"].dtype, device=p["jitter"].device)
+        centred = p["jitter"] - torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=span.dtype, device=span.device)
+        return centred / span * p["jitter_applied"].to(span.dtype)[:, None]  # (B, 4)
+
+    def diff(pa, pb):
+        cy_a, cx_a, h_a, w_a = crop_of(pa)
+        cy_b, cx_b, h_b, w_b = crop_of(pb)
+        flipped = pa["flip"].bool()
+        cx_a, cx_b = torch.where(flipped, 1 - cx_a, cx_a), torch.where(flipped, 1 - cx_b, cx_b)
+        crop = torch.stack([cy_a - cy_b, cx_a - cx_b, h_a - h_b, w_a - w_b], dim=1)
+        return crop, color_of(pa) - color_of(pb)
+
+    crop12, color12 = diff(params1, params2)
+    crop21, color21 = diff(params2, params1)
+    return {"crop": torch.cat([crop12, crop21]), "color": torch.cat([color12, color21])}
+
+
+class AugSelfHead(nn.Module):
+    """One AugSelf predictor per task on [h1||h2] and [h2||h1]:
+    Linear(2D -> 512, no bias)-BN-ReLU-Linear(512 -> 512, no bias)-BN-ReLU-Linear(512 -> 4, bias).
+    It reads the backbone representation (not the projection) without detaching, as AugSelf."""
+
+    def __init__(self, in_dim, hidden_dim=512, tasks=AUGSELF_TASKS, input_norm=False):
+        super().__init__()
+        unknown = set(tasks) - set(AUGSELF_TASKS)
+        if unknown:
+            raise ValueError(f"unknown AugSelf tasks {sorted(unknown)}; choose from {AUGSELF_TASKS}")
+        self.input_norm = nn.LayerNorm(in_dim) if input_norm else nn.Identity()
+        self.heads = nn.ModuleDict({t: build_mlp(3, 2 * in_dim, hidden_dim, 4, last_bn=False, last_bias=True)
+                                    for t in tasks})
+
+    def forward(self, h1, h2):  # (B, D) each -> {task: (2B, 4)}
+        h1, h2 = self.input_norm(h1), self.input_norm(h2)
+        pairs = torch.cat([torch.cat([h1, h2], dim=1), torch.cat([h2, h1], dim=1)])  # (2B, 2D)
+        return {t: head(pairs) for t, head in self.heads.items()}
+
+
+def augself_loss(preds, targets, weights=None):
+    """sum_task w_task * MSE(tanh(pred), target); weights default to the ImageNet-100 setting that
+    SER uses, crop 0.5 and colour 0.5. Local mean (equal per-rank batches under DDP)."""
+    weights = weights or {"crop": 0.5, "color": 0.5}
+    return sum(w * F.mse_loss(torch.tanh(_upcast(preds[t])), targets[t].to(_upcast(preds[t]).dtype))
+               for t, w in weights.items())
+
+
+class ESSLHead(nn.Module):
+    """E-SSL rotation classifier, SER's version D-D-D-256-4: [Linear -> LayerNorm -> ReLU] x 3 ->
+    Linear(256 -> 4). No BatchNorm, so nothing crosses ranks."""
+
+    def __init__(self, in_dim, hidden_dim=None, bottleneck_dim=256, num_classes=4, input_norm=False):
+        super().__init__()
+        hidden_dim = hidden_dim or in_dim
+        dims = [in_dim, hidden_dim, hidden_dim, bottleneck_dim]
+        layers = [nn.LayerNorm(in_dim)] if input_norm else []
+        for d_in, d_out in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(d_in, d_out), nn.LayerNorm(d_out), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(bottleneck_dim, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, h):  # (N, D) -> (N, 4) logits
+        return self.net(h)
+
+
+def essl_rotations(x):
+    """(B, C, H, W) small crops -> ((4B, C, H, W) rotated by 0/90/180/270 deg counter-clockwise,
+    (4B,) labels 0..3), rotation-major. H must equal W for the four copies to batch together."""
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"E-SSL crops must be square to batch the rotations, got {tuple(x.shape[-2:])}")
+    rotated = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])
+    labels = torch.arange(4, device=x.device).repeat_interleave(x.shape[0])
+    return rotated, labels
+
+
+def essl_loss(logits, labels):
+    """Cross-entropy of the rotation class; weight it by lambda (E-SSL: 0.4) in the total loss."""
+    return F.cross_entropy(_upcast(logits), labels)

@@ -1,0 +1,760 @@
+"""Self-supervised ViT pretraining: MoCo v3, DINO, Barlow Twins, VICReg, SimCLR or BYOL, with one
+add-on: SER (soft equivariance regularisation), EquiMod, AugSelf or E-SSL.
+
+    python pretrain.py --method dino --ser                   # built-in synthetic data, CPU, minutes
+    torchrun --nproc_per_node 2 pretrain.py --method dino --ser
+    torchrun --nproc_per_node 8 pretrain.py --method mocov3 --ser --data /datasets/imagenet \
+        --output-dir runs/mocov3_ser                          # ViT-S/16, 224 px, the official recipe
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 pretrain.py ...
+    python pretrain.py --method mocov3 --ser --benchmark 20  # images/s, data wait, memory, FLOPs, MFU
+
+SER (ser.md): each rank's batch is split into b1 (the method's standard views) and b2, the last
+`--ser-ratio` of it. Both b2 views come from the same crop, with independent colour jitter, and each
+gets its own group element (90-degree rotation, flip, rescale to a random token grid). Both sub-batches
+enter the invariance loss; only b2 enters L_equiv, which acts on the token map after block
+`--equiv-layer`, where the [CLS] token joins the network:  L = L_inv(b1 + b2) + lambda * L_equiv.
+
+The run resumes automatically from <output-dir>/checkpoint.pth. Outputs: config.json, log.jsonl (one
+JSON line per logging step and per epoch), checkpoint.pth (all state, every epoch and on SIGTERM/SIGINT)
+and backbone.pth (the evaluated backbone in bare timm key format, with its architecture), which
+linear_eval.py, robustness_eval.py and detect_eval.py load.
+"""
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from copy import deepcopy
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler
+
+import augment
+import group_actions
+import losses
+import vit
+
+EMA_METHODS = ("mocov3", "dino", "byol")  # methods with a momentum teacher / target network
+ADDONS = ("ser", "equimod", "augself", "essl")
+
+# Per-method defaults for ViT-S/16 at 224 px on ImageNet (methods.md, ser.md §2.8). lr is per 256
+# images (scaled by the global batch / 256); momentum is the EMA start value (cosine to 1).
+# VICReg, SimCLR and BYOL have no official ViT recipe: they reuse MoCo v3's AdamW settings.
+METHOD_DEFAULTS = {
+    "mocov3": dict(lr=1.5e-4, min_lr=0.0, weight_decay=0.1, weight_decay_end=0.1, momentum=0.99,
+                   clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=0.2, equiv_lambda=1.0, equiv_tau=0.5),
+    "dino": dict(lr=5e-4, min_lr=1e-6, weight_decay=0.04, weight_decay_end=0.4, momentum=0.996,
+                 clip_grad=3.0, drop_path=0.1, crop_min=0.4, temperature=None, equiv_lambda=0.3, equiv_tau=0.4),
+    "barlowtwins": dict(lr=1e-4, min_lr=1e-7, weight_decay=0.1, weight_decay_end=0.1, momentum=None,
+                        clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=None, equiv_lambda=1.0, equiv_tau=0.4),
+    "vicreg": dict(lr=1.5e-4, min_lr=0.0, weight_decay=0.1, weight_decay_end=0.1, momentum=None,
+                   clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=None, equiv_lambda=1.0, equiv_tau=0.4),
+    "simclr": dict(lr=1.5e-4, min_lr=0.0, weight_decay=0.1, weight_decay_end=0.1, momentum=None,
+                   clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=0.1, equiv_lambda=1.0, equiv_tau=0.4),
+    "byol": dict(lr=1.5e-4, min_lr=0.0, weight_decay=0.1, weight_decay_end=0.1, momentum=0.99,
+                 clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=None, equiv_lambda=1.0, equiv_tau=0.4),
+}
+# The real-data run: ViT-S/16 at 224 px, SER's 100-epoch schedule.
+REAL_DEFAULTS = dict(arch="vit_small", depth=None, patch_size=16, img_size=224, epochs=100, warmup_epochs=10,
+                     batch_size=1024, head_hidden=None, head_out=None, knn_train_size=20000, knn_val_size=10000)
+# The built-in dataset on a laptop CPU: a small ViT on 64 px images that finishes in minutes.
+SYNTHETIC_DEFAULTS = dict(arch="vit_tiny", depth=6, patch_size=8, img_size=64, epochs=6, warmup_epochs=1,
+                          batch_size=128, head_hidden=1024, head_out=256, knn_train_size=2000, knn_val_size=1000,
+                          lr=5e-4, min_lr=1e-6, drop_path=0.0, crop_min=0.25)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("SSL pretraining with SER", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    # Method and add-on. Unset values (None) resolve to the method's recipe, see resolve_config.
+    a("--method", default="dino", choices=list(METHOD_DEFAULTS), help="base invariance method")
+    a("--ser", action="store_true", help="add SER's L_equiv on the token map after --equiv-layer")
+    a("--equimod", action="store_true", help="add EquiMod (3 views: an un-augmented one plus the two)")
+    a("--augself", action="store_true", help="add AugSelf (predict crop and colour differences)")
+    a("--essl", action="store_true", help="add E-SSL (4-way rotation prediction on a small extra crop)")
+    a("--equiv-layer", type=int, default=None,
+      help="SER: the block after which [CLS] joins and L_equiv acts (paper: 3 of 12). EquiMod/AugSelf/E-SSL: "
+           "the block whose [CLS] the add-on reads (default: the final representation; 3 gives the paper's "
+           "layer-decoupled variants)")
+    a("--equiv-lambda", type=float, default=None, help="add-on loss weight (SER: release values per method; "
+                                                        "EquiMod 1.0, E-SSL 0.4, AugSelf 1.0)")
+    a("--equiv-tau", type=float, default=None, help="SER token NT-Xent temperature (EquiMod: 0.2)")
+    a("--ser-ratio", type=float, default=0.01,
+      help="fraction of each rank's batch that forms b2 (release: 0.01, i.e. 3 of 256 images)")
+    a("--ser-min-images", type=int, default=2,
+      help="floor on b2 images per rank; at least 2 so that every token has other images as negatives")
+    a("--ser-scale", type=float, nargs=2, default=(0.7, 1.3), help="b2 token-grid area range, relative to the crop's")
+    # Data.
+    a("--data", default="synthetic", help="'synthetic' (built in), an ImageFolder root with train/ (and val/), "
+                                          "'cifar10:<dir>' or 'stl10:<dir>'")
+    a("--synthetic-length", type=int, default=4096, help="images per epoch of the built-in dataset")
+    a("--img-size", type=int, default=None, help="global crop size in px (224 real, 64 synthetic)")
+    a("--n-local-crops", type=int, default=0,
+      help="DINO multi-crop: local crops per image (official DINO ViT-S: 8-10; SER's DINO runs: 0)")
+    a("--crop-min", type=float, default=None, help="RandomResizedCrop minimum scale of the global crops")
+    a("--num-workers", type=int, default=None, help="DataLoader workers per rank (default: CPU count / ranks)")
+    # Model.
+    a("--arch", default=None, choices=list(vit.ARCHS), help="ViT size (vit_small for real data)")
+    a("--depth", type=int, default=None, help="override the number of blocks (the synthetic default uses 6)")
+    a("--patch-size", type=int, default=None)
+    a("--drop-path", type=float, default=None, help="stochastic depth of the student (DINO: 0.1)")
+    a("--head-hidden", type=int, default=None, help="override the projector's hidden width (recipe: 4096/2048/8192)")
+    a("--head-out", type=int, default=None, help="override the projector's output width (DINO: 65536)")
+    a("--norm-last-layer", action="store_true",
+      help="DINO: weight-normalise the head's last layer with a fixed norm (ViT-B recipe; ViT-S: off)")
+    a("--grad-checkpointing", action="store_true", help="recompute block activations: large per-GPU batches")
+    a("--compile", action="store_true", help="torch.compile the backbone (checkpoints stay prefix-free)")
+    # Optimisation.
+    a("--epochs", type=int, default=None)
+    a("--warmup-epochs", type=int, default=None, help="linear lr warm-up (10 in the 100-epoch recipes)")
+    a("--batch-size", type=int, default=None, help="GLOBAL batch over all ranks (SER's runs: 2048)")
+    a("--lr", type=float, default=None, help="peak lr per 256 images; the run uses lr * batch / 256")
+    a("--min-lr", type=float, default=None, help="lr at the end of the cosine")
+    a("--weight-decay", type=float, default=None)
+    a("--weight-decay-end", type=float, default=None, help="cosine weight-decay target (DINO: 0.04 -> 0.4)")
+    a("--momentum", type=float, default=None, help="EMA start of the teacher/target (cosine to 1); "
+                                                   "DINO README: 0.9995 for batch 256")
+    a("--clip-grad", type=float, default=None, help="DINO clips each parameter's gradient norm (3.0); 0 = off")
+    a("--temperature", type=float, default=None, help="MoCo v3 / SimCLR temperature")
+    a("--teacher-temp", type=float, default=0.04, help="DINO teacher temperature after warm-up; above 0.07 is "
+                                                       "often unstable; the boosted ViT-S run uses 0.07")
+    a("--warmup-teacher-temp", type=float, default=0.04)
+    a("--warmup-teacher-temp-epochs", type=int, default=0)
+    a("--freeze-last-layer", type=int, default=1, help="DINO: epochs with the head's last layer frozen")
+    a("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast on GPU (CPU runs fp32)")
+    # Runtime.
+    a("--output-dir", default="runs/default", help="checkpoints, logs; an existing checkpoint is resumed")
+    a("--seed", type=int, default=0)
+    a("--log-every", type=float, default=10.0, help="seconds between progress lines")
+    a("--knn-every", type=int, default=1, help="epochs between k-NN monitors (0 = off)")
+    a("--knn-train-size", type=int, default=None, help="train images in the k-NN monitor's memory bank")
+    a("--knn-val-size", type=int, default=None, help="val images the k-NN monitor classifies")
+    a("--stop-at-step", type=int, default=None,
+      help="save and exit at this global step (time-limited or preemptible jobs); rerun to resume")
+    a("--benchmark", type=int, default=0, metavar="STEPS", help="measure STEPS training steps, then exit")
+    a("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (H100 SXM bf16 dense: 989)")
+    return p
+
+
+def resolve_config(args):
+    """Fill unset options from the method's recipe and the data's scale; refuse bad combinations."""
+    addons = [name for name in ADDONS if getattr(args, name)]
+    if len(addons) > 1:
+        raise SystemExit(f"error: one add-on at a time, got --{' --'.join(addons)}")
+    args.addon = addons[0] if addons else None
+    synthetic = args.data == "synthetic"
+    defaults = {**METHOD_DEFAULTS[args.method], **(SYNTHETIC_DEFAULTS if synthetic else REAL_DEFAULTS)}
+    if synthetic and args.method == "dino":
+        defaults["clip_grad"] = 3.0
+    for k, v in defaults.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    addon_lambda = {"equimod": 1.0, "augself": 1.0, "essl": 0.4, None: 0.0}
+    if args.addon != "ser" and args.equiv_lambda == METHOD_DEFAULTS[args.method]["equiv_lambda"]:
+        args.equiv_lambda = addon_lambda[args.addon]
+    if args.addon == "equimod" and args.equiv_tau == METHOD_DEFAULTS[args.method]["equiv_tau"]:
+        args.equiv_tau = 0.2
+    depth = args.depth or 12
+    if args.equiv_layer is None:
+        args.equiv_layer = 3 if args.addon == "ser" else depth
+    if not 1 <= args.equiv_layer <= depth or (args.addon == "ser" and args.equiv_layer == depth):
+        raise SystemExit(f"error: --equiv-layer must be in 1..{depth - (args.addon == 'ser')} for a depth-{depth} "
+                         f"ViT, got {args.equiv_layer}")
+    if args.n_local_crops and args.method != "dino":
+        raise SystemExit("error: --n-local-crops is implemented for --method dino only")
+    if args.addon in ("equimod", "augself", "essl") and args.method == "dino" and args.n_local_crops:
+        raise SystemExit(f"error: --{args.addon} with DINO multi-crop is not supported; use --n-local-crops 0")
+    if args.img_size % args.patch_size:
+        raise SystemExit(f"error: --img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
+    if not 0 < args.ser_ratio < 1:
+        raise SystemExit(f"error: --ser-ratio must be in (0, 1), got {args.ser_ratio}")
+    return args
+
+
+# ---------------------------------------------------------------------------- schedules
+# Pure functions of the global step, so a resumed run needs nothing but the step.
+
+def cosine_schedule(step, total_steps, peak, final, warmup_steps=0):
+    """Linear warm-up from 0 to `peak` over warmup_steps, then half-cosine to `final` at total_steps.
+    (DINO's array version repeats the peak once and stops one step short of `final`.)"""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def ema_momentum(step, total_steps, base):
+    """MoCo v3 / BYOL / DINO: 1 - (1 - base) * (cos(pi * step / total) + 1) / 2, from base to 1."""
+    return 1 - (1 - base) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+# ---------------------------------------------------------------------------- distributed
+def init_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on GPUs, gloo on CPU. Otherwise one plain process."""
+    if "RANK" not in os.environ:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, device
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
+def local_batch_size(global_batch, world):
+    if global_batch % world:
+        raise SystemExit(f"error: --batch-size {global_batch} is the global batch and must divide over the "
+                         f"{world} ranks; use a multiple of {world}")
+    return global_batch // world
+
+
+class GlobalBatchSampler(Sampler):
+    """Per-rank batches such that rank r holds the r-th slice of each global batch.
+
+    The union of the ranks' batches at a step is exactly the single-process global batch, so a run
+    on W ranks sees the same images per step as one process (and per-sample randomness drawn for the
+    global batch can be sliced by rank). One permutation per epoch from (seed, epoch); the tail that
+    does not fill a global batch is dropped (DistributedSampler with drop_last=True does the same).
+    `start_step` skips the batches an interrupted epoch already trained on.
+    """
+
+    def __init__(self, dataset_len, global_batch, rank, world, seed):
+        self.n, self.global_batch, self.rank, self.world, self.seed = dataset_len, global_batch, rank, world, seed
+        self.local_batch = global_batch // world
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self):
+        return self.n // self.global_batch - self.start_step
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+        for s in range(self.start_step, self.n // self.global_batch):
+            start = s * self.global_batch + self.rank * self.local_batch
+            yield perm[start:start + self.local_batch].tolist()
+
+
+# ---------------------------------------------------------------------------- model
+class Student(nn.Module):
+    """Backbone + the method's heads + the add-on head: everything that trains, behind one forward
+    (so DDP sees every parameter used in the step)."""
+
+    def __init__(self, backbone, projector, predictor=None, addon=None, addon_head=None, addon_layer=None):
+        super().__init__()
+        self.backbone, self.projector, self.predictor = backbone, projector, predictor
+        self.addon, self.addon_head = addon, addon_head
+        self.addon_layer = addon_layer  # None: the add-on reads the final [CLS]; l: the raw [CLS] of block l
+
+    def _represent(self, out):
+        return out["cls"] if self.addon_layer is None else out["cls_at_layer"]
+
+    def forward(self, views, b2_views=None, local_views=None, plain=None, equimod_params=None, essl=None):
+        """views: the b1 global views, each (B1, 3, H, W); b2_views: SER's (x1, x2), each (B2, 3, h_i, w_i)
+        at its own grid; local_views: (V_l * B, 3, s, s) DINO locals of all B = B1 + B2 images, view-major;
+        plain: EquiMod's un-augmented (B, 3, H, W) with equimod_params (2B, 18), the two views' parameter
+        vectors; essl: E-SSL's rotated crops (4B, 3, s, s)."""
+        n_b1 = views[0].shape[0]
+        out = self.backbone.forward_features(torch.cat(views), layer=self.addon_layer)  # one call per resolution
+        cls = list(out["cls"].split(n_b1))  # per view (B1, D)
+        res = {}
+        if b2_views is not None:
+            layer = self.backbone.cls_after_block
+            b2 = [self.backbone.forward_features(x, layer=layer) for x in b2_views]  # grids differ: one call each
+            cls = [torch.cat([c, o["cls"]]) for c, o in zip(cls, b2)]  # b2 rows last, as the release
+            res["ser_maps"] = [self.addon_head(o["token_map"]) for o in b2]  # (B2, C, h_i, w_i)
+        if local_views is not None:
+            cls += list(self.backbone(local_views).split(cls[0].shape[0]))
+        # Heads run per view, so BatchNorm statistics are per view as in MoCo v3 and BYOL.
+        res["proj"] = [self.projector(c) for c in cls]
+        if self.predictor is not None:
+            res["pred"] = [self.predictor(z) for z in res["proj"]]
+        if self.addon == "equimod":
+            h_plain = self._represent(self.backbone.forward_features(plain, layer=self.addon_layer))
+            res["equimod"] = self.addon_head(h_plain, self._represent(out), equimod_params)  # (y_t, y_hat_t)
+        elif self.addon == "augself":
+            res["augself"] = self.addon_head(*self._represent(out).split(n_b1)[:2])
+        elif self.addon == "essl":
+            res["essl"] = self.addon_head(self._represent(self.backbone.forward_features(essl, layer=self.addon_layer)))
+        return res
+
+
+class Teacher(nn.Module):
+    """EMA copy of backbone + projector (MoCo v3 momentum encoder, DINO teacher, BYOL target)."""
+
+    def __init__(self, backbone, projector):
+        super().__init__()
+        self.backbone, self.projector = backbone, projector
+
+    @torch.no_grad()
+    def forward(self, views, b2_views=None):
+        cls = list(self.backbone(torch.cat(views)).split(views[0].shape[0]))
+        if b2_views is not None:
+            cls = [torch.cat([c, self.backbone(x)]) for c, x in zip(cls, b2_views)]
+        return [self.projector(c) for c in cls]
+
+
+def build_models(args):
+    arch = dict(name=args.arch, img_size=args.img_size, patch_size=args.patch_size, drop_path_rate=args.drop_path,
+                cls_after_block=args.equiv_layer if args.addon == "ser" else 0)
+    if args.depth:
+        arch["depth"] = args.depth
+    if args.method == "mocov3":  # MoCo v3's ViT recipe: fixed sin-cos positions, frozen random patch projection
+        arch.update(pos_embed="sincos", stop_grad_conv1=True, weight_init="moco")
+    backbone = vit.build_vit(arch)
+    if args.grad_checkpointing:
+        backbone.grad_checkpointing = True
+    D = backbone.embed_dim
+    head_kw = dict(norm_last_layer=args.norm_last_layer) if args.method == "dino" else {}
+    projector, predictor = losses.build_heads(args.method, D, hidden_dim=args.head_hidden, out_dim=args.head_out,
+                                              **head_kw)
+    depth = backbone.depth
+    addon_layer = None if args.addon in (None, "ser") or args.equiv_layer == depth else args.equiv_layer
+    decoupled = addon_layer is not None
+    addon_head = {None: None, "ser": losses.SERProjector(D) if args.addon == "ser" else None,
+                  "equimod": losses.EquiModHead(D, input_norm=decoupled) if args.addon == "equimod" else None,
+                  "augself": losses.AugSelfHead(D, input_norm=decoupled) if args.addon == "augself" else None,
+                  "essl": losses.ESSLHead(D, input_norm=decoupled) if args.addon == "essl" else None}[args.addon]
+    student = Student(backbone, projector, predictor, args.addon, addon_head, addon_layer)
+    teacher = None
+    if args.method in EMA_METHODS:
+        # The teacher starts as a copy of the student, without stochastic depth (DINO). BYOL's
+        # official target starts from its own random init; a copy is the MoCo/DINO convention.
+        teacher_backbone = vit.build_vit({**backbone.arch, "drop_path_rate": 0.0})
+        teacher_backbone.load_state_dict(backbone.state_dict())
+        teacher = Teacher(teacher_backbone, deepcopy(projector))
+        teacher.requires_grad_(False)
+    return student, teacher
+
+
+def param_groups(student, method):
+    """AdamW groups. DINO's rule everywhere (no decay on biases and 1-D tensors; pos_embed and cls_token
+    are decayed), except MoCo v3, whose ViT recipe decays every parameter."""
+    decay, no_decay = [], []
+    for name, p in student.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if method != "mocov3" and (p.ndim <= 1 or name.endswith(".bias")) else decay).append(p)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False}]
+
+
+# ---------------------------------------------------------------------------- views on the device
+def ser_images_per_rank(local_batch, ratio, floor):
+    n = max(floor, round(ratio * local_batch))
+    if n >= local_batch:
+        raise SystemExit(f"error: b2 would take {n} of {local_batch} images per rank; lower --ser-ratio/--ser-min-images "
+                         "or raise --batch-size")
+    return n
+
+
+def photometric_views(batch, photometric, step, args, rank, world, device):
+    """Colour augmentation of every crop on the device. Parameters are drawn for the whole global batch
+    from (seed, step, view) and sliced by rank, so W ranks augment exactly as one process would."""
+    views, params = [], []
+    for v, (crops, aug) in enumerate(zip(batch["images"], photometric)):
+        n = crops.shape[0]
+        p = aug.sample_params(n * world, augment.device_generator(args.seed, step, 0, v))
+        p = {k: t[rank * n:(rank + 1) * n] for k, t in p.items()}  # CPU: apply() reads them without a sync
+        x = crops.to(device, non_blocking=True).float() / 255
+        views.append(augment.normalize(aug.apply(x, p)))
+        params.append({k: t.to(device, non_blocking=True) for k, t in p.items()})
+    return views, params
+
+
+def make_step_inputs(batch, photometric, step, args, rank, world, device):
+    """Everything the student and teacher see at one step, plus what the losses need."""
+    views, params = photometric_views(batch, photometric, step, args, rank, world, device)
+    n_global = 2
+    globals_, locals_ = views[:n_global], views[n_global:]
+    inputs = {"views": globals_, "b2_views": None, "local_views": None, "plain": None, "equimod_params": None,
+              "essl": None}
+    # Crop box and flip come from the workers, colour parameters from the device: the add-ons want both.
+    view_params = [{**p, "crop": batch["crop"][v].to(device, non_blocking=True),
+                    "flip": batch["flip"][v].to(device, non_blocking=True).float()} for v, p in enumerate(params)]
+    extra = {"view_params": view_params}
+    if args.addon == "ser":
+        n_b2 = ser_images_per_rank(globals_[0].shape[0], args.ser_ratio, args.ser_min_images)
+        crop0 = batch["images"][0][-n_b2:].to(device, non_blocking=True).float() / 255  # the common crop
+        g1, g2 = group_actions.sample_view_pair(
+            n_b2, augment.device_generator(args.seed, step, rank, 1000),  # per rank, as the release
+            base_grid=(args.img_size // args.patch_size,) * 2, scale=tuple(args.ser_scale))
+        b2 = []
+        for i, g in enumerate((g1, g2)):  # view i: the crop with view i's colour recipe, then g_i
+            p = photometric[i].sample_params(n_b2, augment.device_generator(args.seed, step, rank, 1001 + i))
+            x = augment.normalize(photometric[i].apply(crop0, p))
+            b2.append(group_actions.apply_to_images(x, g, args.patch_size))
+        inputs["views"] = [v[:-n_b2] for v in globals_]
+        inputs["b2_views"] = tuple(b2)
+        extra.update(g1=g1, g2=g2, base_grid=(args.img_size // args.patch_size,) * 2)
+    if locals_:
+        inputs["local_views"] = torch.cat(locals_)
+    if args.addon == "equimod":
+        inputs["plain"] = augment.normalize(batch["plain"].to(device, non_blocking=True))
+        inputs["equimod_params"] = torch.cat([losses.equimod_param_vector(p) for p in view_params[:2]])
+    if args.addon == "essl":
+        inputs["essl"], extra["essl_labels"] = losses.essl_rotations(views[-1])
+        inputs["local_views"] = None
+    return inputs, extra
+
+
+# ---------------------------------------------------------------------------- losses
+def compute_losses(args, student_out, teacher_out, extra, dino_loss, epoch):
+    """{'inv': invariance loss, 'equiv': add-on loss (unweighted)}, float32."""
+    m = args.method
+    proj = student_out["proj"]
+    if m == "mocov3":
+        q1, q2 = student_out["pred"][:2]
+        inv = losses.mocov3_loss(q1, q2, teacher_out[0], teacher_out[1], args.temperature)
+    elif m == "dino":
+        temp = losses.teacher_temp_schedule(epoch, args.warmup_teacher_temp, args.teacher_temp,
+                                            args.warmup_teacher_temp_epochs)
+        inv = dino_loss(torch.cat(proj), torch.cat(teacher_out), ncrops=len(proj), teacher_temp=temp)
+    elif m == "barlowtwins":
+        inv = losses.barlow_twins_loss(proj[0], proj[1])
+    elif m == "vicreg":
+        inv = losses.vicreg_loss(proj[0], proj[1])
+    elif m == "simclr":
+        inv = losses.simclr_loss(proj[0], proj[1], args.temperature)
+    else:  # byol
+        p1, p2 = student_out["pred"][:2]
+        inv = losses.byol_loss(p1, p2, teacher_out[0], teacher_out[1])
+    out = {"inv": inv}
+    if args.addon == "ser":
+        z1, z2 = student_out["ser_maps"]
+        out["equiv"] = losses.ser_loss(z1, z2, extra["g1"], extra["g2"], extra["base_grid"], args.equiv_tau)
+    elif args.addon == "equimod":
+        out["equiv"] = losses.equimod_loss(*student_out["equimod"], args.equiv_tau)
+    elif args.addon == "augself":
+        out["equiv"] = losses.augself_loss(student_out["augself"], losses.augself_targets(*extra["view_params"][:2]))
+    elif args.addon == "essl":
+        out["equiv"] = losses.essl_loss(student_out["essl"], extra["essl_labels"])
+    return out
+
+
+# ---------------------------------------------------------------------------- state
+def save_checkpoint(path, state):
+    """Write-then-rename: an interruption during the write never leaves a truncated checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def export_backbone(path, args, student, teacher):
+    """The backbone the evaluations use, in bare timm key format with its architecture: DINO evaluates
+    its teacher, MoCo v3 and the others their online encoder."""
+    module = teacher.backbone if (teacher is not None and args.method == "dino") else student.backbone
+    save_checkpoint(path, {"arch": module.arch, "backbone": module.state_dict(), "method": args.method,
+                           "addon": args.addon})
+
+
+def knn_monitor(backbone, args, rank, world, device):
+    """k-NN top-1 on held-out data: the built-in val split, the user's val/ folder, or a slice of train."""
+    from linear_eval import WithIndex, knn_eval  # linear_eval owns the k-NN protocol (DINO eval_knn)
+    transform = augment.eval_transform(args.img_size)
+    length = dict(length=args.synthetic_length) if args.data == "synthetic" else {}
+    train = augment.build_dataset(args.data, "train", transform, img_size=args.img_size, **length)
+    try:
+        val = augment.build_dataset(args.data, "val", transform, img_size=args.img_size, **length)
+        val_idx = range(min(args.knn_val_size, len(val)))
+        train_idx = range(min(args.knn_train_size, len(train)))
+    except (FileNotFoundError, ValueError, SystemExit):
+        # No val split on disk: hold out the tail of train (never the images the bank holds).
+        val, n_bank = train, min(args.knn_train_size, len(train) // 2)
+        train_idx, val_idx = range(n_bank), range(len(train) - min(args.knn_val_size, len(train) - n_bank), len(train))
+    loaders = []
+    for ds, idx in ((train, train_idx), (val, val_idx)):
+        subset = WithIndex(torch.utils.data.Subset(ds, list(idx)))
+        sampler = torch.utils.data.DistributedSampler(subset, world, rank, shuffle=False) if world > 1 else None
+        loaders.append(DataLoader(subset, batch_size=256, sampler=sampler, num_workers=args.num_workers,
+                                  pin_memory=device.type == "cuda"))
+    return knn_eval(backbone, loaders[0], loaders[1], train.num_classes, device)
+
+
+class Interrupt:
+    """SIGTERM/SIGINT (preemption, Ctrl-C) ask the loop to save a checkpoint and exit at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+
+def clip_grad_per_param(params, max_norm):
+    """DINO's clipping: each parameter's gradient separately scaled to norm <= max_norm (not a global
+    norm). Fused over tensors and free of host syncs."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        norms = torch._foreach_norm(grads)
+        torch._foreach_mul_(grads, [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms])
+
+
+def benchmark(args, run_step, loader, sampler, dataset, device, local_batch, world, is_main):
+    """--benchmark STEPS: time the real training step and report images/s, data wait vs compute, peak
+    memory, FLOPs per image (torch.utils.flop_counter, forward + backward of one step) and MFU."""
+    from torch.utils.flop_counter import FlopCounterMode
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    dataset.set_epoch(0)
+    sampler.set_epoch(0)
+    batches = iter(loader)
+
+    def next_batch():
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            return next(batches)
+
+    with FlopCounterMode(display=False) as counter:
+        run_step(0, next_batch())
+    flops_per_image = counter.get_total_flops() / local_batch
+    for step in (1, 2):  # warm-up: allocator, autotuning, compilation
+        run_step(step, next_batch())
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    wait = compute = 0.0
+    for step in range(3, 3 + args.benchmark):
+        t0 = time.perf_counter()
+        batch = next_batch()
+        t1 = time.perf_counter()
+        run_step(step, batch)
+        sync()  # benchmark only: the training loop itself never waits for the device
+        wait, compute = wait + t1 - t0, compute + time.perf_counter() - t1
+    step_time = (wait + compute) / args.benchmark
+    if device.type == "cuda":
+        peak_mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (GPU, allocated)"
+    else:
+        import resource
+        peak_mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
+    # The input pipeline alone, in this process: decode + crop + flip per image, i.e. one worker's rate.
+    n_pipe, t0 = 0, time.perf_counter()
+    for i, batch in enumerate(DataLoader(dataset, batch_sampler=sampler, num_workers=0)):
+        n_pipe += len(batch["index"])
+        if i == 2:
+            break
+    pipe_rate = n_pipe / (time.perf_counter() - t0)
+    result = {"method": args.method, "addon": args.addon, "arch": args.arch, "img_size": args.img_size,
+              "global_batch": args.batch_size, "world_size": world, "device": str(device),
+              "images_per_s": args.batch_size / step_time, "step_ms": 1000 * step_time,
+              "data_wait_ms": 1000 * wait / args.benchmark, "compute_ms": 1000 * compute / args.benchmark,
+              "gflops_per_image": flops_per_image / 1e9, "achieved_tflops_per_rank": flops_per_image * local_batch
+              / (compute / args.benchmark) / 1e12, "peak_memory": peak_mem,
+              "pipeline_images_per_s_per_worker": pipe_rate, "num_workers": args.num_workers}
+    if args.peak_tflops:
+        result["mfu"] = result["achieved_tflops_per_rank"] / args.peak_tflops
+    if is_main:
+        print(json.dumps(result, indent=1))
+        with open(os.path.join(args.output_dir, "benchmark.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+# ---------------------------------------------------------------------------- training
+def train(args):
+    rank, world, device = init_distributed()
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+    local_batch = local_batch_size(args.batch_size, world)
+    if args.num_workers is None:
+        args.num_workers = min(8, max(1, (os.cpu_count() or 2) // world))
+    torch.manual_seed(augment.seed_from("init", args.seed))  # same initial weights on every rank
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- data
+    # SimCLR has no entry: it uses the asymmetric BYOL recipe, as MoCo v3's ViT comparisons do.
+    recipe = augment.recipe_for(args.method if args.method != "simclr" else "byol", img_size=args.img_size,
+                                n_local=args.n_local_crops, extra=args.addon if args.addon != "ser" else None,
+                                crop_min=args.crop_min, patch_size=args.patch_size)
+    length = dict(length=args.synthetic_length) if args.data == "synthetic" else {}
+    base = augment.build_dataset(args.data, "train", None, img_size=args.img_size, **length)
+    dataset = augment.MultiViewDataset(base, recipe, seed=args.seed)
+    if len(dataset) < args.batch_size:
+        raise SystemExit(f"error: {args.data} has {len(dataset)} training images, fewer than --batch-size {args.batch_size}")
+    sampler = GlobalBatchSampler(len(dataset), args.batch_size, rank, world, args.seed)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=args.num_workers > 0)
+    photometric = recipe.photometric()
+    steps_per_epoch = len(dataset) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = args.warmup_epochs * steps_per_epoch
+
+    # ---- model, optimiser, loss state
+    student, teacher = build_models(args)
+    student.to(device)
+    if teacher is not None:
+        teacher.to(device)
+    dino_loss = losses.DINOLoss(args.head_out or 65536).to(device) if args.method == "dino" else None
+    fused = dict(fused=True) if device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(param_groups(student, args.method), lr=0.0, weight_decay=0.0, **fused)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and args.precision == "fp16")
+    peak_lr = args.lr * args.batch_size / 256
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    start_step = 0
+    if os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        saved = {k: ckpt["args"][k] for k in ("method", "addon", "arch", "depth", "patch_size", "batch_size", "data")}
+        now = {k: getattr(args, k) for k in saved}
+        if saved != now:
+            raise SystemExit(f"error: {ckpt_path} was written by a different run ({saved}); this run has {now}. "
+                             "Use another --output-dir.")
+        student.load_state_dict(ckpt["student"])
+        if teacher is not None:
+            teacher.load_state_dict(ckpt["teacher"])
+        if dino_loss is not None:
+            dino_loss.load_state_dict(ckpt["dino_loss"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_step = ckpt["step"]
+        log(f"resumed from {ckpt_path} at step {start_step}")
+
+    raw_student = student
+    if args.compile:
+        student.backbone.compile()  # in place: the state dict keeps its bare names
+        if teacher is not None:
+            teacher.backbone.compile()
+    if world > 1:
+        student = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if is_main:
+        log(f"{args.method}{' + ' + args.addon if args.addon else ''} on {args.data}: {world} rank(s) on {device}, "
+            f"global batch {args.batch_size} ({local_batch} per rank), lr {peak_lr:.3g} (= {args.lr:g} x batch / 256), "
+            f"{steps_per_epoch} steps/epoch, {total_steps} steps")
+        n_params = sum(p.numel() for p in raw_student.parameters() if p.requires_grad)
+        log(f"trainable parameters: {n_params / 1e6:.2f}M; weight decay on {len(optimizer.param_groups[0]['params'])} "
+            f"tensors, none on {len(optimizer.param_groups[1]['params'])}")
+        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+            json.dump({"argv": sys.argv, "world_size": world, **vars(args)}, f, indent=1)
+        log(json.dumps(vars(args)))
+
+    autocast = (torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.precision])
+                if device.type == "cuda" and args.precision != "fp32" else nullcontext())
+    interrupt = Interrupt()
+    trainable = [p for p in raw_student.parameters() if p.requires_grad]
+    last_layer = [p for n, p in raw_student.projector.named_parameters() if "last_layer" in n]
+    ema_pairs = None
+    if teacher is not None:
+        s_params = list(raw_student.backbone.parameters()) + list(raw_student.projector.parameters())
+        t_params = list(teacher.backbone.parameters()) + list(teacher.projector.parameters())
+        ema_pairs = (t_params, s_params)
+
+    def run_step(step, batch):
+        """One optimisation step. Returns the detached loss terms (no host sync)."""
+        epoch = step // steps_per_epoch
+        torch.manual_seed(augment.seed_from("step", args.seed, rank, step))  # drop-path: per rank, replayable
+        lr = cosine_schedule(step, total_steps, peak_lr, args.min_lr * args.batch_size / 256, warmup_steps)
+        wd = cosine_schedule(step, total_steps, args.weight_decay, args.weight_decay_end)
+        for group in optimizer.param_groups:
+            group["lr"], group["weight_decay"] = lr, wd if group["apply_wd"] else 0.0
+        inputs, extra = make_step_inputs(batch, photometric, step, args, rank, world, device)
+        with autocast:
+            student_out = student(**inputs)
+            teacher_out = teacher(inputs["views"], inputs["b2_views"]) if teacher is not None else None
+        terms = compute_losses(args, student_out, teacher_out, extra, dino_loss, epoch)
+        loss = terms["inv"] + args.equiv_lambda * terms["equiv"] if "equiv" in terms else terms["inv"]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if args.clip_grad:
+            clip_grad_per_param(trainable, args.clip_grad)
+        if args.method == "dino" and epoch < args.freeze_last_layer:
+            for p in last_layer:  # DINO: the head's last layer stays fixed during the first epoch
+                p.grad = None
+        scaler.step(optimizer)
+        scaler.update()
+        if ema_pairs is not None:
+            with torch.no_grad():
+                m = ema_momentum(step, total_steps, args.momentum)
+                torch._foreach_mul_(ema_pairs[0], m)
+                torch._foreach_add_(ema_pairs[0], ema_pairs[1], alpha=1 - m)
+        if dino_loss is not None:
+            dino_loss.update_center(torch.cat(teacher_out))
+        return {k: v.detach() for k, v in {"loss": loss, **terms}.items()}, lr, wd
+
+    if args.benchmark:
+        return benchmark(args, run_step, loader, sampler, dataset, device, local_batch, world, is_main)
+
+    log_path = os.path.join(args.output_dir, "log.jsonl")
+    step, t_last, t_start, imgs_since = start_step, time.time(), time.time(), 0
+    sums, n_sums = {}, 0
+    while step < total_steps:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch, start_step=in_epoch)
+        for batch in loader:
+            terms, lr, wd = run_step(step, batch)
+            step += 1
+            imgs_since += args.batch_size
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_sums += 1
+            now = time.time()
+            stop = interrupt.requested or step == args.stop_at_step
+            if now - t_last >= args.log_every or step % steps_per_epoch == 0 or stop:
+                values = {k: (v / n_sums).item() for k, v in sums.items()}  # the only host sync
+                if not all(math.isfinite(v) for v in values.values()):
+                    raise SystemExit(f"error: non-finite loss at step {step} ({values}); the last checkpoint in "
+                                     f"{args.output_dir} is intact. Try --precision fp32, a lower --lr or --clip-grad.")
+                rate = imgs_since / (now - t_last)
+                eta = (total_steps - step) * args.batch_size / max(rate, 1e-9)
+                log(f"epoch {epoch} step {step}/{total_steps} " + " ".join(f"{k} {v:.4f}" for k, v in values.items())
+                    + f" lr {lr:.3g} {rate:.1f} img/s ETA {eta / 60:.1f} min")
+                if is_main:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": step, "epoch": epoch, "lr": lr, "wd": wd, "img_per_s": rate,
+                                            **values}) + "\n")
+                sums, n_sums, t_last, imgs_since = {}, 0, now, 0
+            if stop:
+                break
+        if step % steps_per_epoch == 0 or interrupt.requested or step == args.stop_at_step:
+            state = {"args": vars(args), "arch": raw_student.backbone.arch, "step": step,
+                     "eval_key": "teacher" if args.method == "dino" else "student",
+                     "student": raw_student.state_dict(), "teacher": teacher.state_dict() if teacher else None,
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "dino_loss": dino_loss.state_dict() if dino_loss is not None else None}
+            if is_main:
+                save_checkpoint(ckpt_path, state)
+                export_backbone(os.path.join(args.output_dir, "backbone.pth"), args, raw_student, teacher)
+            if interrupt.requested or step == args.stop_at_step:
+                log(f"stopped at step {step}; checkpoint saved to {ckpt_path}; rerun the same command to resume")
+                break
+            if args.knn_every and (step // steps_per_epoch) % args.knn_every == 0:
+                evaluated = teacher.backbone if (teacher is not None and args.method == "dino") else raw_student.backbone
+                acc = knn_monitor(evaluated, args, rank, world, device)
+                log(f"epoch {epoch}: k-NN top-1 {acc['top1']:.2f} top-5 {acc['top5']:.2f}")
+                if is_main:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": step, "epoch": epoch, "knn_top1": acc["top1"],
+                                            "knn_top5": acc["top5"]}) + "\n")
+    log(f"done in {(time.time() - t_start) / 60:.1f} min")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    args = resolve_config(get_args_parser().parse_args(argv))
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
