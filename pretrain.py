@@ -141,6 +141,9 @@ def get_args_parser():
       help="save and exit at this global step (time-limited or preemptible jobs); rerun to resume")
     a("--benchmark", type=int, default=0, metavar="STEPS", help="measure STEPS training steps, then exit")
     a("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (H100 SXM bf16 dense: 989)")
+    a("--count-flops", action="store_true",
+      help="print the training FLOPs per image of this configuration (and of its base method without the "
+           "add-on), counted on the meta device without computing anything, then exit")
     return p
 
 
@@ -352,6 +355,13 @@ def param_groups(student, method):
 
 
 # ---------------------------------------------------------------------------- views on the device
+def build_recipe(args):
+    # SimCLR has no entry: it uses the asymmetric BYOL recipe, as MoCo v3's ViT comparisons do.
+    return augment.recipe_for(args.method if args.method != "simclr" else "byol", img_size=args.img_size,
+                              n_local=args.n_local_crops, extra=args.addon if args.addon != "ser" else None,
+                              crop_min=args.crop_min, patch_size=args.patch_size)
+
+
 def ser_images_per_rank(local_batch, ratio, floor):
     n = max(floor, round(ratio * local_batch))
     if n >= local_batch:
@@ -504,10 +514,32 @@ def clip_grad_per_param(params, max_norm):
         torch._foreach_mul_(grads, [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms])
 
 
+def count_flops_per_image(args, local_batch):
+    """FLOPs of one training step per image: student forward + backward, teacher forward and the losses,
+    as torch.utils.flop_counter counts them (matmuls, convolutions, attention). It runs on the meta
+    device, so nothing is computed and the paper's ViT-S/16 224-px setting counts in seconds on a laptop."""
+    from torch.utils.flop_counter import FlopCounterMode
+    meta = torch.device("meta")
+    with meta:
+        student, teacher = build_models(args)
+        dino_loss = losses.DINOLoss(args.head_out or 65536) if args.method == "dino" else None
+    recipe = build_recipe(args)
+    batch = {"images": [torch.zeros(local_batch, 3, v.size, v.size, dtype=torch.uint8, device=meta) for v in recipe.views],
+             "crop": [torch.zeros(local_batch, 4)] * len(recipe.views),
+             "flip": [torch.zeros(local_batch, dtype=torch.bool)] * len(recipe.views)}
+    if recipe.plain_size:
+        batch["plain"] = torch.zeros(local_batch, 3, recipe.plain_size, recipe.plain_size, dtype=torch.uint8, device=meta)
+    with FlopCounterMode(display=False) as counter:
+        inputs, extra = make_step_inputs(batch, recipe.photometric(), 0, args, 0, 1, meta)
+        teacher_out = teacher(inputs["views"], inputs["b2_views"]) if teacher is not None else None
+        terms = compute_losses(args, student(**inputs), teacher_out, extra, dino_loss, 0)
+        (terms["inv"] + terms.get("equiv", 0)).backward()
+    return counter.get_total_flops() / local_batch
+
+
 def benchmark(args, run_step, loader, sampler, dataset, device, local_batch, world, is_main):
     """--benchmark STEPS: time the real training step and report images/s, data wait vs compute, peak
-    memory, FLOPs per image (torch.utils.flop_counter, forward + backward of one step) and MFU."""
-    from torch.utils.flop_counter import FlopCounterMode
+    memory, FLOPs per image (count_flops_per_image) and MFU."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dataset.set_epoch(0)
     sampler.set_epoch(0)
@@ -521,10 +553,8 @@ def benchmark(args, run_step, loader, sampler, dataset, device, local_batch, wor
             batches = iter(loader)
             return next(batches)
 
-    with FlopCounterMode(display=False) as counter:
-        run_step(0, next_batch())
-    flops_per_image = counter.get_total_flops() / local_batch
-    for step in (1, 2):  # warm-up: allocator, autotuning, compilation
+    flops_per_image = count_flops_per_image(args, local_batch)
+    for step in (0, 1, 2):  # warm-up: allocator, autotuning, compilation
         run_step(step, next_batch())
     sync()
     if device.type == "cuda":
@@ -580,10 +610,7 @@ def train(args):
         torch.backends.cudnn.allow_tf32 = True
 
     # ---- data
-    # SimCLR has no entry: it uses the asymmetric BYOL recipe, as MoCo v3's ViT comparisons do.
-    recipe = augment.recipe_for(args.method if args.method != "simclr" else "byol", img_size=args.img_size,
-                                n_local=args.n_local_crops, extra=args.addon if args.addon != "ser" else None,
-                                crop_min=args.crop_min, patch_size=args.patch_size)
+    recipe = build_recipe(args)
     length = dict(length=args.synthetic_length) if args.data == "synthetic" else {}
     base = augment.build_dataset(args.data, "train", None, img_size=args.img_size, **length)
     dataset = augment.MultiViewDataset(base, recipe, seed=args.seed)
@@ -752,8 +779,25 @@ def train(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = resolve_config(get_args_parser().parse_args(argv))
-    train(args)
+    if args.count_flops:
+        return report_flops(args, argv)
+    return train(args)
+
+
+def report_flops(args, argv):
+    """--count-flops: FLOPs per image with and without the add-on, e.g. SER's overhead at the paper's
+    setting:  python pretrain.py --method mocov3 --ser --data imagenet --batch-size 256 --count-flops"""
+    local_batch = args.batch_size  # one rank's view of the step
+    with_addon = count_flops_per_image(args, local_batch)
+    base_argv = [a for a in argv if a not in ("--ser", "--equimod", "--augself", "--essl")]
+    base = count_flops_per_image(resolve_config(get_args_parser().parse_args(base_argv)), local_batch)
+    result = {"method": args.method, "addon": args.addon, "arch": args.arch, "img_size": args.img_size,
+              "batch_per_rank": local_batch, "gflops_per_image": with_addon / 1e9,
+              "base_gflops_per_image": base / 1e9, "ratio": with_addon / base}
+    print(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ class VisionTransformer(nn.Module):
         # gets no position, so the table covers patches only (the release's (1, 196, 384)).
         num_pos = self.grid_size[0] * self.grid_size[1] + (cls_after_block == 0)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim), requires_grad=(pos_embed == "learned"))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]  # stochastic depth grows with depth
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r) for r in rates])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         if cls_after_block:
@@ -332,7 +332,8 @@ def load_backbone(path, arch=None, key=None, map_location="cpu"):
     """A frozen-ready ViT (eval mode) from one of:
 
     - our export (pretrain.py's backbone.pth): {'arch', 'backbone'};
-    - our full checkpoint: {'arch', 'teacher', 'student', ...}; the teacher by default, else `key`;
+    - our full checkpoint: {'arch', 'eval_key', 'teacher', 'student', ...}: the backbone its method
+      evaluates (DINO: teacher; MoCo v3 and the others: the online encoder), else `key`;
     - a released DINO full checkpoint ({'teacher', 'student'}), a DINO/timm backbone state dict or a
       MoCo v3 checkpoint ({'state_dict'}); these carry no architecture, so pass `arch`,
       e.g. dict(name='vit_small', patch_size=16).
@@ -352,6 +353,8 @@ def load_backbone(path, arch=None, key=None, map_location="cpu"):
         if key not in ckpt:
             raise ValueError(f"{path}: no key {key!r}; top-level keys are {sorted(ckpt)}")
         sd = ckpt[key]
+    elif ckpt.get("eval_key") in ckpt:  # our pretrain checkpoints name the backbone their method evaluates
+        sd = ckpt[ckpt["eval_key"]]
     else:
         for k in ("backbone", "teacher", "student", "state_dict", "model"):
             if k in ckpt and isinstance(ckpt[k], dict):

@@ -1,0 +1,767 @@
+"""Frozen-backbone object detection: ViTDet simple feature pyramid + torchvision Faster R-CNN, COCO box mAP.
+
+The ViT stays frozen (eval mode, no gradients; checked unchanged at the end). Only the simple feature
+pyramid (ViTDet, evals.md §6.1) and torchvision's RPN and RoI heads train, so the score measures how
+much localisable information the pretrained patch tokens carry. Boxes are scored with a numpy
+re-implementation of pycocotools' COCOeval (evals.md §6.3): the 12 standard stats, in its order.
+
+Built-in synthetic set (offline; filled circles/triangles/squares/stars on textured backgrounds,
+rendered from (seed, index) and written as COCO JSON so the real-COCO evaluation path is used):
+
+    python detect_eval.py --random-init --arch vit_tiny                   # CPU, a few minutes
+    python detect_eval.py --pretrained runs/ser/backbone.pth --output-dir runs/det_ser
+
+Real COCO (layout: ROOT/annotations/instances_{train,val}2017.json, ROOT/{train,val}2017/*.jpg);
+train2017 holds 2 zero-height boxes, hence --allow-degenerate-boxes (ViTDet/torchvision sizes):
+
+    torchrun --nproc_per_node=8 detect_eval.py --data /datasets/coco --allow-degenerate-boxes \
+        --pretrained dino_deitsmall16_pretrain.pth --arch vit_small --patch-size 16 \
+        --min-size 640 672 704 736 768 800 --max-size 1333 --anchor-sizes 32 64 128 256 512 \
+        --out-channels 256 --box-head-dim 1024 --rpn-batch 256 --roi-batch 512 --proposals-train 2000 --proposals-test 1000 \
+        --optimizer sgd --lr 0.02 --weight-decay 1e-4 --batch-size 2 --iters 90000 --warmup-iters 1000 \
+        --eval-batch-size 4 --workers 8 --output-dir runs/det_coco
+
+    torchrun --nproc_per_node=2 detect_eval.py --random-init --arch vit_tiny   # multi-process (gloo on CPU)
+
+A run resumes automatically from OUTPUT_DIR/checkpoint.pth. Results: stdout and OUTPUT_DIR/detect_results.json.
+Tests: python -m pytest -x -q wip_tests/test_detect.py
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from collections import OrderedDict, defaultdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.transforms.functional import pil_to_tensor
+
+import vit
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------- COCO-format data
+REQUIRED_KEYS = {"images": ("id", "file_name", "width", "height"),
+                 "annotations": ("id", "image_id", "category_id", "bbox", "area"),
+                 "categories": ("id", "name")}
+
+
+def validate_coco(coco, source, allow_degenerate=False):
+    """Check a COCO instances dict and fill the optional `iscrowd` (default 0); errors name `source`.
+
+    Zero-size boxes (w or h == 0) are an error unless allow_degenerate: they are then kept for scoring,
+    as pycocotools does, and left out of training targets. Negative sizes are always an error.
+    """
+    if not isinstance(coco, dict):
+        raise ValueError(f"{source}: expected a JSON object with images/annotations/categories")
+    for section, keys in REQUIRED_KEYS.items():
+        if not isinstance(coco.get(section), list):
+            raise ValueError(f"{source}: missing top-level list {section!r}")
+        for i, entry in enumerate(coco[section]):
+            missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
+            if missing:
+                raise ValueError(f"{source}: {section}[{i}] lacks key(s) {missing}")
+    image_ids = [im["id"] for im in coco["images"]]
+    cat_ids = {c["id"] for c in coco["categories"]}
+    if len(set(image_ids)) != len(image_ids):
+        raise ValueError(f"{source}: duplicate image ids")
+    if len({a["id"] for a in coco["annotations"]}) != len(coco["annotations"]):
+        raise ValueError(f"{source}: duplicate annotation ids")
+    if not cat_ids:
+        raise ValueError(f"{source}: no categories")
+    image_ids = set(image_ids)
+    for a in coco["annotations"]:
+        if a["image_id"] not in image_ids:
+            raise ValueError(f"{source}: annotation {a['id']} refers to image id {a['image_id']}, "
+                             "which is not in 'images'")
+        if a["category_id"] not in cat_ids:
+            raise ValueError(f"{source}: annotation {a['id']} has unknown category id {a['category_id']} "
+                             f"(known: {sorted(cat_ids)})")
+        box = a["bbox"]
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            raise ValueError(f"{source}: annotation {a['id']} bbox must be [x, y, w, h], got {box!r}")
+        w, h = box[2], box[3]
+        if w < 0 or h < 0 or (min(w, h) == 0 and not allow_degenerate):
+            hint = "" if min(w, h) < 0 else " (pass --allow-degenerate-boxes to keep zero-size boxes)"
+            raise ValueError(f"{source}: annotation {a['id']} has a box of non-positive size {box}{hint}")
+        a.setdefault("iscrowd", 0)
+    return coco
+
+
+def load_coco(ann_file, image_dir=None, allow_degenerate=False):
+    """Read and validate an instances JSON; with image_dir, also check that every image file exists."""
+    try:
+        with open(ann_file) as f:
+            coco = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file not found: {ann_file}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{ann_file} is not valid JSON: {e}") from None
+    validate_coco(coco, ann_file, allow_degenerate)
+    if image_dir is not None:
+        absent = [im["file_name"] for im in coco["images"]
+                  if not os.path.isfile(os.path.join(image_dir, im["file_name"]))]
+        if absent:
+            raise ValueError(f"{ann_file}: {len(absent)} image file(s) missing from {image_dir}, "
+                             f"e.g. {absent[:3]}")
+    return coco
+
+
+class CocoDetection(Dataset):
+    """Images (uint8 (3, H, W)) and Faster R-CNN targets from a validated COCO dict.
+
+    Categories map to contiguous labels 1..K in sorted id order (0 is torchvision's background).
+    Crowd regions and zero-size boxes are left out of the targets: they only matter for scoring.
+    Pixels come from image_dir/file_name, or from render(image_id) for the synthetic set.
+    """
+
+    def __init__(self, coco, image_dir=None, render=None):
+        self.images = sorted(coco["images"], key=lambda im: im["id"])
+        self.cat_ids = sorted(c["id"] for c in coco["categories"])
+        label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        self.targets = defaultdict(list)
+        for a in coco["annotations"]:
+            x, y, w, h = a["bbox"]
+            if not a["iscrowd"] and w > 0 and h > 0:
+                self.targets[a["image_id"]].append((x, y, x + w, y + h, label[a["category_id"]]))
+        self.image_dir, self.render = image_dir, render
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        info = self.images[i]
+        if self.render is not None:
+            img = self.render(info["id"])
+        else:
+            img = Image.open(os.path.join(self.image_dir, info["file_name"])).convert("RGB")
+        rows = torch.tensor(self.targets[info["id"]], dtype=torch.float32).reshape(-1, 5)
+        target = {"boxes": rows[:, :4], "labels": rows[:, 4].long(), "image_id": info["id"]}  # (n, 4) xyxy, (n,)
+        return pil_to_tensor(img), target  # uint8 (3, H, W): a quarter of the bytes to pin and copy
+
+
+def collate(batch):
+    return tuple(zip(*batch))  # images vary in size: torchvision batches them itself
+
+
+# ----------------------------------------------------------------------------- synthetic detection set
+SHAPES = ("circle", "triangle", "square", "star")
+
+
+def _unit_polygon(shape):
+    """Vertices on the unit circle (star: alternating inner radius), (V, 2)."""
+    n, inner = {"triangle": (3, None), "square": (4, None), "star": (10, 0.45)}[shape]
+    angles = np.arange(n) * 2 * np.pi / n
+    radius = np.ones(n) if inner is None else np.where(np.arange(n) % 2, inner, 1.0)
+    return np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=1)
+
+
+class SyntheticDetection:
+    """Several filled shapes per textured image, generated deterministically from (seed, split, index).
+
+    Objects do not overlap, so every box is the full visible extent of its shape. GT 'area' is the
+    shape's own area (like COCO's segmentation area), not the box area. Sizes span COCO's small and
+    medium buckets and reach large (> 96^2 px) at 160 px images.
+    """
+
+    def __init__(self, num_images, img_size=160, seed=0, split="train"):
+        self.num_images, self.img_size, self.seed = num_images, img_size, seed
+        self.split_code = {"train": 0, "val": 1}[split]
+
+    def _rng(self, index, stream):
+        return np.random.default_rng([self.seed, self.split_code, index, stream])
+
+    def layout(self, index):
+        """Objects of image `index`: dicts with category_id, bbox [x, y, w, h], area, color and geometry."""
+        rng, S = self._rng(index, 0), self.img_size
+        objects = []
+        for _ in range(int(rng.integers(1, 6))):
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            extent = float(np.exp(rng.uniform(np.log(12), np.log(0.75 * S))))  # log-uniform box side
+            if shape == "circle":
+                geometry = np.zeros((0, 2))
+                w = h = extent
+                area = math.pi * (extent / 2) ** 2
+            else:
+                theta = rng.uniform(0, 2 * np.pi)
+                rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+                geometry = _unit_polygon(shape) @ rot.T
+                geometry = geometry - geometry.min(0)
+                geometry = geometry * extent / geometry.max()  # longer box side == extent
+                w, h = geometry.max(0)
+                x, y = geometry[:, 0], geometry[:, 1]
+                area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))  # shoelace
+            x0, y0 = rng.uniform(0, S - w), rng.uniform(0, S - h)
+            color = rng.integers(0, 256, 3)
+            # Rejected placements still consumed their random numbers, so the stream stays a pure
+            # function of the index.
+            if any(x0 < o["bbox"][0] + o["bbox"][2] + 2 and o["bbox"][0] < x0 + w + 2 and
+                   y0 < o["bbox"][1] + o["bbox"][3] + 2 and o["bbox"][1] < y0 + h + 2 for o in objects):
+                continue
+            objects.append({"category_id": SHAPES.index(shape) + 1, "bbox": [float(x0), float(y0), float(w), float(h)],
+                            "area": float(area), "color": tuple(int(c) for c in color),
+                            "polygon": [(float(px + x0), float(py + y0)) for px, py in geometry]})
+        return objects
+
+    def render(self, image_id):
+        """PIL RGB image for COCO image id (index + 1)."""
+        index, S = image_id - 1, self.img_size
+        rng = self._rng(index, 1)
+        # Texture: a smooth random colour field plus oriented stripes and pixel noise, so that edges
+        # and colours alone do not give the shapes away.
+        coarse = Image.fromarray(rng.uniform(40, 215, (4, 4, 3)).astype(np.uint8)).resize((S, S), Image.BICUBIC)
+        yy, xx = np.mgrid[0:S, 0:S]
+        angle, freq = rng.uniform(0, np.pi), rng.uniform(0.1, 0.5)
+        stripes = 20 * np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy))[..., None]
+        pixels = np.asarray(coarse, dtype=np.float32) + stripes + rng.normal(0, 8, (S, S, 3))
+        img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for o in self.layout(index):
+            if o["category_id"] == 1:  # circle
+                x, y, w, h = o["bbox"]
+                draw.ellipse([x, y, x + w, y + h], fill=o["color"])
+            else:
+                draw.polygon(o["polygon"], fill=o["color"])
+        return img
+
+    def coco(self):
+        """The whole set's annotations as a COCO instances dict (image ids are index + 1)."""
+        images, annotations = [], []
+        for index in range(self.num_images):
+            images.append({"id": index + 1, "file_name": f"{index:06d}.png", "width": self.img_size,
+                           "height": self.img_size})
+            for o in self.layout(index):
+                annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "iscrowd": 0,
+                                    **{k: o[k] for k in ("category_id", "bbox", "area")}})
+        return {"images": images, "annotations": annotations,
+                "categories": [{"id": i + 1, "name": s} for i, s in enumerate(SHAPES)]}
+
+
+# ----------------------------------------------------------------------------- model
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map (ViTDet's "LN"), without a channels-last copy."""
+
+    def forward(self, x):  # (B, C, H, W)
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) * torch.rsqrt(var + self.eps)
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet's pyramid on the frozen ViT's last token map (stride p = patch size).
+
+    Levels '0'..'3' at strides p/4, p/2, p, 2p (4, 8, 16, 32 for p = 16) and 'pool' at 4p, each with
+    out_channels, which is the OrderedDict torchvision's FPN-style RPN and MultiScaleRoIAlign expect.
+    """
+
+    def __init__(self, backbone, out_channels=256):
+        super().__init__()
+        D, p = backbone.embed_dim, backbone.patch_size
+        if p < 4 or p & (p - 1):
+            raise ValueError(f"patch size {p}: the pyramid needs a power of two >= 4 "
+                             "(RoIAlign infers power-of-two level strides)")
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.out_channels = out_channels
+        self.strides = (p // 4, p // 2, p, 2 * p, 4 * p)
+
+        def conv(cin, cout, k):  # no bias: the LN after it has one
+            return [nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), LayerNorm2d(cout, eps=1e-6)]
+
+        resample = {
+            4: [nn.ConvTranspose2d(D, D // 2, 2, stride=2), LayerNorm2d(D // 2, eps=1e-6), nn.GELU(),
+                nn.ConvTranspose2d(D // 2, D // 4, 2, stride=2)],
+            2: [nn.ConvTranspose2d(D, D // 2, 2, stride=2)],
+            1: [],
+            0.5: [nn.MaxPool2d(2, stride=2)],
+        }
+        width = {4: D // 4, 2: D // 2, 1: D, 0.5: D}
+        self.levels = nn.ModuleList(
+            nn.Sequential(*resample[s], *conv(width[s], out_channels, 1), *conv(out_channels, out_channels, 3))
+            for s in (4, 2, 1, 0.5))
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.backbone.eval()  # frozen: no drop-path, whatever the detector's mode
+        return self
+
+    def forward(self, images):  # (B, 3, H, W), normalised and padded by the detector's transform
+        # bf16 for the ViT and the pyramid only: the heads decode box coordinates, which bf16's 8-bit
+        # mantissa would round to several pixels on 800-px images.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.is_cuda):
+            with torch.no_grad():
+                out = self.backbone.forward_features(images)
+            (h, w), tokens = out["grid"], out["patch"]  # tokens (B, h*w, D)
+            x = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)  # (B, D, H/p, W/p)
+            feats = [level(x).float() for level in self.levels]  # (B, C, H*4/p, W*4/p) ... (B, C, H/2p, W/2p)
+        feats.append(F.max_pool2d(feats[-1], kernel_size=1, stride=2))  # p6: torchvision's LastLevelMaxPool
+        return OrderedDict(zip(("0", "1", "2", "3", "pool"), feats))
+
+
+def build_detector(backbone, num_classes, args):
+    """Faster R-CNN with the pyramid as backbone; num_classes excludes the background."""
+    pyramid = SimpleFeaturePyramid(backbone, args.out_channels)
+    if len(args.anchor_sizes) != 5:
+        raise ValueError(f"--anchor-sizes needs one size per pyramid level (5), got {args.anchor_sizes}")
+    anchors = AnchorGenerator(tuple((s,) for s in args.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+    return FasterRCNN(
+        pyramid, min_size=tuple(args.min_size), max_size=args.max_size,
+        image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=args.proposals_train, rpn_post_nms_top_n_train=args.proposals_train,
+        rpn_pre_nms_top_n_test=args.proposals_test, rpn_post_nms_top_n_test=args.proposals_test,
+        rpn_batch_size_per_image=args.rpn_batch, box_batch_size_per_image=args.roi_batch,
+        box_head=TwoMLPHead(args.out_channels * 7 * 7, args.box_head_dim),  # on 7x7 RoIAlign crops
+        box_predictor=FastRCNNPredictor(args.box_head_dim, num_classes + 1),
+        box_detections_per_img=100,  # COCO's maxDets
+        # Padding to 2p keeps the ViT input divisible by p and makes the stride-2p level exact.
+        size_divisible=max(32, 2 * backbone.patch_size))
+
+
+# ----------------------------------------------------------------------------- COCO evaluation (numpy)
+# pycocotools COCOeval, bbox, default Params (evals.md §6.3); the linspace calls match it bit for bit.
+IOU_THRS = np.linspace(.5, 0.95, int(np.round((0.95 - .5) / .05)) + 1, endpoint=True)
+REC_THRS = np.linspace(.0, 1.00, int(np.round((1.00 - .0) / .01)) + 1, endpoint=True)
+MAX_DETS = (1, 10, 100)
+AREA_RANGES = ((0 ** 2, 1e5 ** 2), (0 ** 2, 32 ** 2), (32 ** 2, 96 ** 2), (96 ** 2, 1e5 ** 2))  # all, s, m, l
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def box_iou_xywh(dt, gt, crowd):
+    """IoU of (D, 4) and (G, 4) xywh boxes, (D, G); for a crowd GT the union is the detection's area."""
+    dt, gt = np.asarray(dt, float).reshape(-1, 4), np.asarray(gt, float).reshape(-1, 4)
+    lo = np.maximum(dt[:, None, :2], gt[None, :, :2])  # (D, G, 2) top-left of the intersection
+    hi = np.minimum(dt[:, None, :2] + dt[:, None, 2:], gt[None, :, :2] + gt[None, :, 2:])
+    w, h = (hi - lo)[..., 0], (hi - lo)[..., 1]
+    inter = np.where((w > 0) & (h > 0), w * h, 0.0)
+    area_dt, area_gt = dt[:, 2] * dt[:, 3], gt[:, 2] * gt[:, 3]
+    union = np.where(np.asarray(crowd, bool)[None, :], area_dt[:, None], area_dt[:, None] + area_gt[None, :] - inter)
+    return np.where(inter > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def match_image(ious, dt_area, gt_area, gt_crowd, area_range):
+    """Greedy matching of one (image, category) for one area range, at every IoU threshold.
+
+    ious (D, G) with detections already sorted by score. Returns dt_matched (T, D), dt_ignore (T, D)
+    and gt_ignore (G,) in pycocotools' order (non-ignored GTs first).
+    """
+    lo, hi = area_range
+    gt_ignore = gt_crowd | (gt_area < lo) | (gt_area > hi)  # inclusive bounds
+    order = np.argsort(gt_ignore, kind="mergesort")
+    gt_ignore, gt_crowd, ious = gt_ignore[order], gt_crowd[order], ious[:, order]
+    T, (D, G) = len(IOU_THRS), ious.shape
+    dt_matched, dt_ignore = np.zeros((T, D), bool), np.zeros((T, D), bool)
+    gt_taken = np.zeros((T, G), bool)
+    thr = np.minimum(IOU_THRS, 1 - 1e-10)[:, None]  # (T, 1)
+    rows = np.arange(T)
+    # Detections in score order; all thresholds at once. Those overlapping no GT enough cannot match.
+    for d in np.flatnonzero(ious.max(1, initial=0.0) >= thr.min()):
+        ok = (~gt_taken | gt_crowd) & (ious[d] >= thr)  # (T, G); a crowd region absorbs any number
+        m = np.full(T, -1)
+        # pycocotools scans non-ignored GTs first and stops at the first ignored one once it has a
+        # non-ignored match; within a group the best IoU wins, ties going to the later GT.
+        for group in (~gt_ignore, gt_ignore):
+            cand = ok & group & (m < 0)[:, None]
+            last_best = G - 1 - np.argmax(np.where(cand, ious[d], -np.inf)[:, ::-1], axis=1)  # (T,)
+            m = np.where(cand.any(1), last_best, m)
+        hit = m >= 0
+        dt_matched[hit, d], dt_ignore[hit, d], gt_taken[rows[hit], m[hit]] = True, gt_ignore[m[hit]], True
+    dt_ignore |= ~dt_matched & ((dt_area < lo) | (dt_area > hi))[None]  # unmatched and out of range
+    return dt_matched, dt_ignore, gt_ignore
+
+
+def coco_evaluate(gt, detections):
+    """pycocotools COCOeval(iouType='bbox') stats for a GT dict and a results list.
+
+    detections: [{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}]. Returns the 12 stats
+    (STAT_NAMES order) as a list of floats; -1 where a slice has no GT.
+    """
+    img_ids = sorted({im["id"] for im in gt["images"]})
+    cat_ids = sorted({c["id"] for c in gt["categories"]})
+    unknown = {d["image_id"] for d in detections} - set(img_ids)
+    if unknown:
+        raise ValueError(f"detections refer to image ids not in the ground truth, e.g. {sorted(unknown)[:5]}")
+    gts, dts = defaultdict(list), defaultdict(list)
+    for a in gt["annotations"]:
+        gts[a["image_id"], a["category_id"]].append(a)
+    for d in detections:
+        dts[d["image_id"], d["category_id"]].append(d)
+
+    T, R, K, A, M = len(IOU_THRS), len(REC_THRS), len(cat_ids), len(AREA_RANGES), len(MAX_DETS)
+    precision, recall = -np.ones((T, R, K, A, M)), -np.ones((T, K, A, M))
+    for k, cat in enumerate(cat_ids):
+        per_area = [[] for _ in AREA_RANGES]  # per area: (scores (D,), matched (T, D), ignore (T, D), gt_ignore (G,))
+        for img in img_ids:
+            g, d = gts.get((img, cat), []), dts.get((img, cat), [])
+            if not g and not d:
+                continue
+            d = sorted(d, key=lambda x: -x["score"])[:MAX_DETS[-1]]  # stable, like mergesort
+            scores = np.array([x["score"] for x in d], float)
+            dt_box = np.array([x["bbox"] for x in d], float).reshape(-1, 4)
+            gt_box = np.array([x["bbox"] for x in g], float).reshape(-1, 4)
+            gt_crowd = np.array([bool(x.get("iscrowd", 0)) for x in g], bool)
+            gt_area = np.array([x["area"] for x in g], float)
+            dt_area = dt_box[:, 2] * dt_box[:, 3]  # loadRes: a detection's area is its box's
+            ious = box_iou_xywh(dt_box, gt_box, gt_crowd)  # (D, G)
+            for a, rng in enumerate(AREA_RANGES):
+                per_area[a].append((scores, *match_image(ious, dt_area, gt_area, gt_crowd, rng)))
+        for a, images in enumerate(per_area):
+            if not images:
+                continue
+            npig = sum(int((~gi).sum()) for *_, gi in images)
+            if npig == 0:
+                continue
+            for m, max_det in enumerate(MAX_DETS):
+                scores = np.concatenate([s[:max_det] for s, *_ in images])
+                order = np.argsort(-scores, kind="mergesort")
+                matched = np.concatenate([mt[:, :max_det] for _, mt, _, _ in images], axis=1)[:, order]  # (T, D)
+                ignore = np.concatenate([ig[:, :max_det] for _, _, ig, _ in images], axis=1)[:, order]
+                tp = np.cumsum(matched & ~ignore, axis=1).astype(float)
+                fp = np.cumsum(~matched & ~ignore, axis=1).astype(float)
+                nd = tp.shape[1]
+                for t in range(T):
+                    rc = tp[t] / npig
+                    pr = tp[t] / (fp[t] + tp[t] + np.spacing(1))
+                    recall[t, k, a, m] = rc[-1] if nd else 0
+                    pr = np.maximum.accumulate(pr[::-1])[::-1]  # precision envelope, non-increasing
+                    idx = np.searchsorted(rc, REC_THRS, side="left")
+                    q = np.zeros(R)
+                    q[idx < nd] = pr[idx[idx < nd]]
+                    precision[t, :, k, a, m] = q
+
+    def summarize(values):
+        values = values[values > -1]
+        return float(values.mean()) if values.size else -1.0
+
+    t50, t75 = np.flatnonzero(IOU_THRS == .5), np.flatnonzero(IOU_THRS == .75)
+    return [summarize(precision[:, :, :, 0, 2]), summarize(precision[t50, :, :, 0, 2]),
+            summarize(precision[t75, :, :, 0, 2]), *(summarize(precision[:, :, :, a, 2]) for a in (1, 2, 3)),
+            *(summarize(recall[:, :, 0, m]) for m in range(M)), *(summarize(recall[:, :, a, 2]) for a in (1, 2, 3))]
+
+
+def format_stats(stats):
+    rows = [("Precision", "0.50:0.95", "all", 100), ("Precision", "0.50", "all", 100),
+            ("Precision", "0.75", "all", 100), ("Precision", "0.50:0.95", "small", 100),
+            ("Precision", "0.50:0.95", "medium", 100), ("Precision", "0.50:0.95", "large", 100),
+            ("Recall", "0.50:0.95", "all", 1), ("Recall", "0.50:0.95", "all", 10),
+            ("Recall", "0.50:0.95", "all", 100), ("Recall", "0.50:0.95", "small", 100),
+            ("Recall", "0.50:0.95", "medium", 100), ("Recall", "0.50:0.95", "large", 100)]
+    return "\n".join(f" Average {kind:<9} (A{kind[0]}) @[ IoU={iou:<9} | area={area:>6} | maxDets={md:>3} ] = {s:0.3f}"
+                     for (kind, iou, area, md), s in zip(rows, stats))
+
+
+# ----------------------------------------------------------------------------- training utilities
+def learning_rate(it, args):
+    """lr at iteration `it`: linear warm-up from 0.001*lr, then step (x0.1 at each --decay-at) or cosine."""
+    if it < args.warmup_iters:
+        return args.lr * (0.001 + 0.999 * it / args.warmup_iters)
+    if args.schedule == "cosine":
+        progress = (it - args.warmup_iters) / max(1, args.iters - args.warmup_iters)
+        return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return args.lr * 0.1 ** sum(it >= f * args.iters for f in args.decay_at)
+
+
+class IterationBatches(Sampler):
+    """Batches for iterations start..total-1. Epoch e's order is the DistributedSampler's for epoch e,
+    a pure function of (seed, e), so a resumed run draws exactly the batches it would have drawn."""
+
+    def __init__(self, sampler, batch_size, start, total):
+        self.sampler, self.batch_size, self.start, self.total = sampler, batch_size, start, total
+        self.per_epoch = len(sampler) // batch_size
+        if self.per_epoch == 0:
+            raise ValueError(f"--batch-size {batch_size} exceeds the {len(sampler)} training images per process")
+
+    def __iter__(self):
+        it = self.start
+        while it < self.total:
+            epoch, first = divmod(it, self.per_epoch)
+            self.sampler.set_epoch(epoch)
+            order = list(self.sampler)
+            for b in range(first, min(self.per_epoch, first + self.total - it)):
+                yield order[b * self.batch_size:(b + 1) * self.batch_size]
+                it += 1
+
+    def __len__(self):
+        return self.total - self.start
+
+
+def hflip(images, targets, flip):
+    """Horizontal flip of the images where flip is True; boxes (n, 4) xyxy follow."""
+    out_images, out_targets = [], []
+    for img, tgt, f in zip(images, targets, flip.tolist()):
+        if f:
+            W = img.shape[-1]
+            boxes = tgt["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor([W, 0, W, 0])
+            img, tgt = img.flip(-1), {**tgt, "boxes": boxes}
+        out_images.append(img)
+        out_targets.append(tgt)
+    return out_images, out_targets
+
+
+def trainable_state(model):
+    """Pyramid + RPN + RoI heads; the frozen ViT comes from --pretrained and is not saved again."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.backbone.")}
+
+
+def save_checkpoint(path, model, optimizer, iteration, args):
+    tmp = path + ".tmp"  # write then rename: a run killed mid-save keeps the previous checkpoint
+    torch.save({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                "iteration": iteration, "args": vars(args)}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, model, optimizer):
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    frozen = {k for k in model.state_dict() if k.startswith("backbone.backbone.")}
+    if set(missing) != frozen or unexpected:
+        raise ValueError(f"{path} does not match this detector (different flags?): "
+                         f"missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]}")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt["iteration"]
+
+
+def build_data(args, is_main, distributed):
+    """Train and val datasets plus the val GT dict; the synthetic set goes through the COCO JSON path."""
+    if args.data == "synthetic":
+        sources = {}
+        for split, n in (("train", args.synthetic_train), ("val", args.synthetic_val)):
+            synth = SyntheticDetection(n, args.synthetic_size, args.data_seed, split)
+            ann_file = os.path.join(args.output_dir, f"synthetic_{split}.json")
+            if is_main:
+                with open(ann_file, "w") as f:
+                    json.dump(synth.coco(), f)
+            sources[split] = (ann_file, None, synth.render)
+        if distributed:
+            dist.barrier()  # the JSON files exist before anyone reads them
+    else:
+        sources = {s: (os.path.join(args.data, "annotations", f"instances_{name}.json"),
+                       os.path.join(args.data, name), None)
+                   for s, name in (("train", args.train_split), ("val", args.val_split))}
+    loaded = {}
+    for split, (ann_file, image_dir, render) in sources.items():
+        coco = load_coco(ann_file, image_dir, args.allow_degenerate_boxes)
+        loaded[split] = (coco, CocoDetection(coco, image_dir, render))
+    if loaded["train"][1].cat_ids != loaded["val"][1].cat_ids:
+        raise ValueError("train and val annotation files list different categories")
+    return loaded["train"][1], loaded["val"][1], loaded["val"][0]
+
+
+@torch.no_grad()
+def predict(model, dataset, args, device, rank, world_size):
+    """COCO results for the whole val set, gathered on every rank (sampler padding removed by image id)."""
+    model.eval()
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    loader = DataLoader(dataset, args.eval_batch_size, sampler=sampler, num_workers=args.workers,
+                        collate_fn=collate, pin_memory=device.type == "cuda")
+    local = {}
+    for images, targets in loader:
+        images = [img.to(device, non_blocking=True).float().div_(255) for img in images]
+        outputs = model(images)  # boxes in original image coordinates, xyxy
+        for tgt, out in zip(targets, outputs):
+            boxes = out["boxes"].cpu()
+            boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
+            local[tgt["image_id"]] = [
+                {"image_id": tgt["image_id"], "category_id": dataset.cat_ids[label - 1], "bbox": box, "score": score}
+                for box, label, score in zip(boxes.tolist(), out["labels"].tolist(), out["scores"].tolist())]
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, local)
+        local = {k: v for part in gathered for k, v in part.items()}
+    return [d for img_id in sorted(local) for d in local[img_id]]
+
+
+# ----------------------------------------------------------------------------- main
+def get_args_parser():
+    p = argparse.ArgumentParser("Frozen-ViT detection (ViTDet pyramid + Faster R-CNN)", add_help=True)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic", help="'synthetic' (built-in, offline) or a COCO root "
+                   "with annotations/instances_{split}.json and {split}/ image folders")
+    g.add_argument("--train-split", default="train2017")
+    g.add_argument("--val-split", default="val2017")
+    g.add_argument("--allow-degenerate-boxes", action="store_true",
+                   help="keep zero-size GT boxes for scoring (COCO train2017 has 2) instead of failing")
+    g.add_argument("--synthetic-train", type=int, default=512, help="synthetic training images")
+    g.add_argument("--synthetic-val", type=int, default=128, help="synthetic validation images")
+    g.add_argument("--synthetic-size", type=int, default=128, help="synthetic image side in pixels")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic images")
+    g = p.add_argument_group("backbone")
+    g.add_argument("--pretrained", default=None, help="backbone checkpoint (see vit.load_backbone)")
+    g.add_argument("--checkpoint-key", default=None, help="e.g. 'student'; default: teacher if present")
+    g.add_argument("--arch", default=None, choices=sorted(vit.ARCHS), help="required for released weights (they "
+                   "record no architecture) and for --random-init; leave unset for our own checkpoints")
+    g.add_argument("--patch-size", type=int, default=16, help="with --arch only")
+    g.add_argument("--random-init", action="store_true", help="an untrained frozen --arch: smoke runs and the floor")
+    g = p.add_argument_group("detector")
+    g.add_argument("--out-channels", type=int, default=128,
+                   help="pyramid channels; ViTDet/COCO: 256 (128 keeps the CPU default run to minutes)")
+    g.add_argument("--anchor-sizes", type=int, nargs="+", default=[16, 32, 64, 128, 256],
+                   help="one anchor size per level; COCO: 32 64 128 256 512")
+    g.add_argument("--min-size", type=int, nargs="+", default=[128],
+                   help="shorter side after resizing (several: random per image in training, the last at test); "
+                        "COCO: 640..800. Equal to the synthetic size means no resizing")
+    g.add_argument("--max-size", type=int, default=128, help="cap on the longer side; COCO: 1333")
+    g.add_argument("--rpn-batch", type=int, default=64, help="anchors sampled per image for the RPN loss; COCO: 256")
+    g.add_argument("--roi-batch", type=int, default=64, help="proposals sampled per image for the box head; COCO: 512")
+    g.add_argument("--proposals-train", type=int, default=512, help="RPN proposals kept per image; COCO: 2000")
+    g.add_argument("--proposals-test", type=int, default=256, help="COCO: 1000")
+    g.add_argument("--box-head-dim", type=int, default=256, help="TwoMLPHead width; COCO: 1024")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak lr; SGD on COCO: 0.02 at batch 16")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="on conv/linear weights only")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--batch-size", type=int, default=4, help="images per process per iteration")
+    g.add_argument("--iters", type=int, default=300, help="training iterations (COCO 1x: 90000 at batch 16)")
+    g.add_argument("--warmup-iters", type=int, default=30)
+    g.add_argument("--schedule", choices=("step", "cosine"), default="step")
+    g.add_argument("--decay-at", type=float, nargs="*", default=[0.67, 0.89],
+                   help="step schedule: fractions of --iters where lr drops x0.1 (detectron2 1x: 60k, 80k of 90k)")
+    g = p.add_argument_group("run")
+    g.add_argument("--eval-batch-size", type=int, default=8)
+    g.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--log-every", type=int, default=20)
+    g.add_argument("--ckpt-every", type=int, default=100, help="checkpoint period in iterations (also saved at the end)")
+    g.add_argument("--output-dir", default="runs/detect")
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    distributed = "RANK" in os.environ  # launched by torchrun
+    if distributed:
+        rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    # The fp32 heads (see SimpleFeaturePyramid.forward) may use TF32 tensor cores, as detectron2 does.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    torch.manual_seed(args.seed)  # not yet offset by rank: every rank must build the same networks
+    try:
+        if args.random_init:
+            if args.pretrained or not args.arch:
+                raise ValueError("--random-init needs --arch and excludes --pretrained")
+            backbone = vit.build_vit(dict(name=args.arch, patch_size=args.patch_size)).eval()
+        elif args.pretrained:
+            arch = dict(name=args.arch, patch_size=args.patch_size) if args.arch else None
+            backbone = vit.load_backbone(args.pretrained, arch, key=args.checkpoint_key)
+        else:
+            raise ValueError("pass --pretrained PATH, or --random-init --arch NAME for an untrained frozen ViT")
+        train_set, val_set, val_gt = build_data(args, is_main, distributed)
+        model = build_detector(backbone, len(train_set.cat_ids), args).to(device)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"detect_eval.py: {e}") from None
+    torch.manual_seed(args.seed + rank)
+    frozen = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}  # checked at the end
+
+    # Norm parameters and biases get no weight decay (a decayed LN gain only shrinks features).
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.ndim > 1]
+    no_decay = [p for n, p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    n_frozen = sum(p.numel() for p in backbone.parameters())
+    log(f"backbone {args.pretrained or 'random init ' + args.arch}: {n_frozen / 1e6:.2f}M frozen params; "
+        f"trainable {sum(p.numel() for p in decay) / 1e6:.2f}M decayed + {sum(p.numel() for p in no_decay) / 1e3:.1f}K not; "
+        f"global batch {args.batch_size * world_size}, {len(train_set)} train / {len(val_set)} val images")
+
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    start = 0
+    if os.path.isfile(ckpt_path):
+        try:
+            start = load_checkpoint(ckpt_path, model, optimizer)
+        except ValueError as e:
+            raise SystemExit(f"detect_eval.py: {e}") from None
+        log(f"resumed from {ckpt_path} at iteration {start}")
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
+        if distributed else model
+
+    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    try:
+        batches = IterationBatches(sampler, args.batch_size, start, args.iters)
+    except ValueError as e:
+        raise SystemExit(f"detect_eval.py: {e}") from None
+    loader = DataLoader(train_set, batch_sampler=batches, num_workers=args.workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda")
+    model.train()
+    t0 = time.time()
+    for it, (images, targets) in enumerate(loader, start=start):
+        # Reseeding from (seed, iteration, rank) makes flips, multi-scale sizes and the RPN/RoI
+        # sampling a function of the iteration, so resuming replays the uninterrupted run.
+        torch.manual_seed(args.seed + it * world_size + rank)
+        lr = learning_rate(it, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, targets = hflip(images, targets, torch.rand(len(images)) < 0.5)
+        images = [img.to(device, non_blocking=True).float().div_(255) for img in images]  # (3, H, W) in [0, 1]
+        targets = [{"boxes": t["boxes"].to(device, non_blocking=True), "labels": t["labels"].to(device, non_blocking=True)}
+                   for t in targets]
+        losses = ddp(images, targets)  # RPN objectness/box + RoI classifier/box losses (bf16 inside the pyramid on GPU)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        if (it + 1) % args.log_every == 0 or it + 1 == args.iters:
+            values = {k: v.item() for k, v in losses.items()}  # sync only at log steps
+            if not math.isfinite(loss.item()):
+                raise SystemExit(f"detect_eval.py: non-finite loss at iteration {it}: {values}")
+            log(f"it {it + 1}/{args.iters} lr {lr:.2e} loss {loss.item():.3f} "
+                + " ".join(f"{k.replace('loss_', '')} {v:.3f}" for k, v in values.items())
+                + f" ({time.time() - t0:.0f}s)")
+            if is_main:
+                with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+                    f.write(json.dumps({"iteration": it + 1, "lr": lr, **values}) + "\n")
+        if is_main and ((it + 1) % args.ckpt_every == 0 or it + 1 == args.iters):
+            save_checkpoint(ckpt_path, model, optimizer, it + 1, args)
+    train_time = time.time() - t0
+
+    t0 = time.time()
+    detections = predict(model, val_set, args, device, rank, world_size)
+    results = None
+    if is_main:
+        stats = coco_evaluate(val_gt, detections)
+        log(format_stats(stats))
+        results = {"stats": dict(zip(STAT_NAMES, stats)), "iterations": args.iters,
+                   "backbone": args.pretrained or f"random init {args.arch}", "num_val_images": len(val_set),
+                   "num_detections": len(detections), "train_time_s": train_time,
+                   "eval_time_s": time.time() - t0, "world_size": world_size, "args": vars(args)}
+        with open(os.path.join(args.output_dir, "detect_results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        with open(os.path.join(args.output_dir, "detections_val.json"), "w") as f:
+            json.dump(detections, f)  # pycocotools-loadable, for an independent check
+        log(f"AP {stats[0]:.4f} AP50 {stats[1]:.4f} -> {os.path.join(args.output_dir, 'detect_results.json')}")
+
+    # The frozen backbone must come out bit-identical (MoCo v3's sanity_check).
+    changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v.cpu(), frozen[k])]
+    if changed:
+        raise RuntimeError(f"frozen backbone weights changed during detection training: {changed[:5]}")
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,546 @@
+"""Linear probe and k-NN evaluation of a frozen ViT (DINO protocol, SER's held-out lr selection).
+
+The backbone stays frozen in eval mode (and is checked unchanged at the end). Linear features follow
+DINO's eval_linear: the [CLS] token of each of the last n blocks, each through the final norm,
+concatenated (n = 4 for ViT-S, 4 x 384 = 1536-d), optionally followed by the average-pooled patch
+tokens of the last block (--avgpool, DINO's ViT-B recipe with n = 1); n = 1 alone is MoCo v3's protocol.
+One linear head per learning rate is trained on the same features (one backbone forward for all of
+them); the head with the best top-1 on a held-out part of the train split is reported on val, like
+SER's sweep on its imagenet_eval split. k-NN (k = 20, T = 0.07, DINO's eval_knn) runs on the
+L2-normalised final [CLS], which is the last block's slice of the linear features.
+
+Commands (single process on CPU or one GPU; torchrun for several GPUs):
+
+    # a pretrain.py run on the built-in synthetic data (its export; a full checkpoint.pth also works:
+    # teacher by default, --checkpoint-key student for SER's choice); --cached is fast on CPU
+    python linear_eval.py --pretrained runs/default/backbone.pth --cached --output-dir runs/default/linear
+    # the untrained baseline at the same resolution
+    python linear_eval.py --random-init --arch vit_tiny --img-size 64 --cached --output-dir runs/random_init/linear
+    # released DINO ViT-S/16 on ImageNet, DINO's augmented protocol, 8 GPUs
+    torchrun --nproc_per_node=8 linear_eval.py --pretrained dino_deitsmall16_pretrain.pth \
+        --arch vit_small --patch-size 16 --data /datasets/imagenet --batch-size 1024 \
+        --holdout-fraction 0.01 --output-dir runs/dino_vits16/linear
+    # ViT-B: add --n-last-blocks 1 --avgpool;  MoCo v3: --n-last-blocks 1
+
+Outputs (rank 0): <output-dir>/linear_eval.json (linear and k-NN top-1/top-5, the whole lr sweep) and
+<output-dir>/linear_probe.pth (selected head + backbone; read it back with `load_probe`).
+
+As a library (pretrain.py's k-NN monitor, robustness_eval.py):
+
+    stats = knn_eval(backbone, DataLoader(WithIndex(train_set), sampler=...), DataLoader(WithIndex(val_set), ...),
+                     num_classes, device)                      # {'top1': %, 'top5': %}
+    backbone, classifier, meta = load_probe("runs/default/linear/linear_probe.pth")
+    logits = predict(backbone, classifier, images, meta["n_last_blocks"], meta["avgpool"])  # (B, C)
+
+Loaders given to the gathering functions yield (images, labels, indices), indices into loader.dataset:
+wrap the dataset in `WithIndex` last (outermost). Under DDP give them a DistributedSampler with
+shuffle=False; its padding is harmless because features are written back by dataset index.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+import augment
+import vit
+
+PROBE_KEYS = ("arch", "backbone", "classifier", "n_last_blocks", "avgpool", "num_classes", "img_size", "data")
+
+
+# ---------------------------------------------------------------------- features and heads
+def extract_features(backbone, x, n_last_blocks=4, avgpool=False):
+    """Linear-probe features (B, n*D [+ D]) of normalised images (B, 3, H, W).
+
+    DINO interleaves the [CLS] and avgpool channels for ViT-B; a linear head is indifferent to the
+    channel order, so here they are simply concatenated, [CLS] of block L-n+1 first.
+    """
+    blocks = backbone.get_intermediate_layers(x, n_last_blocks)  # n x (B, 1+N, D), final norm applied
+    feats = [tokens[:, 0] for tokens in blocks]  # n x (B, D)
+    if avgpool:
+        feats.append(blocks[-1][:, 1:].mean(dim=1))  # (B, D)
+    return torch.cat(feats, dim=-1)
+
+
+class LinearClassifier(nn.Module):
+    """Linear head on frozen features; N(0, 0.01) weights and zero bias as in DINO and MoCo v3."""
+
+    def __init__(self, in_dim, num_classes):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, num_classes)
+        nn.init.normal_(self.linear.weight, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))  # (B, F) -> (B, C)
+
+
+class LinearSweep(nn.Module):
+    """One LinearClassifier per learning rate, all fed the same features.
+
+    The heads share no parameters, so summing their losses gives each exactly its own gradient.
+    """
+
+    def __init__(self, in_dim, num_classes, num_heads):
+        super().__init__()
+        self.heads = nn.ModuleList(LinearClassifier(in_dim, num_classes) for _ in range(num_heads))
+
+    def forward(self, x):
+        return torch.stack([head(x) for head in self.heads])  # (K, B, C)
+
+
+@torch.no_grad()
+def predict(backbone, classifier, x, n_last_blocks, avgpool):
+    """Logits (B, C) of normalised images (B, 3, H, W). Inference only: for gradients (e.g. attacks)
+    call classifier(extract_features(...)) directly."""
+    return classifier(extract_features(backbone, x, n_last_blocks, avgpool))
+
+
+def save_probe(path, backbone, classifier, n_last_blocks, avgpool, num_classes, img_size, data, **extra):
+    """The selected head with the exact backbone it was trained on, so that robustness_eval.py needs one file."""
+    torch.save({"arch": backbone.arch,
+                "backbone": {k: v.cpu() for k, v in backbone.state_dict().items()},
+                "classifier": {k: v.cpu() for k, v in classifier.state_dict().items()},
+                "n_last_blocks": n_last_blocks, "avgpool": avgpool, "num_classes": num_classes,
+                "img_size": img_size, "data": data, **extra}, path)
+
+
+def load_probe(path):
+    """(backbone, classifier, meta) from a linear_probe.pth written by this script; both modules in eval mode.
+
+    meta holds every other entry: n_last_blocks, avgpool, num_classes, img_size, data, lr, top1, top5.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors and numbers only
+    except FileNotFoundError:
+        raise FileNotFoundError(f"probe checkpoint not found: {path} "
+                                "(linear_eval.py writes <output-dir>/linear_probe.pth)") from None
+    except Exception as e:  # e.g. a pretrain checkpoint, which pickles more than tensors
+        raise ValueError(f"{path} is not a linear_eval.py probe checkpoint ({e})") from None
+    missing = [k for k in PROBE_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(PROBE_KEYS)
+    if missing:
+        raise ValueError(f"{path} is not a linear_eval.py probe checkpoint: missing {missing}")
+    backbone = vit.build_vit(ckpt["arch"])
+    backbone.load_state_dict(ckpt["backbone"])
+    num_classes, in_dim = ckpt["classifier"]["linear.weight"].shape
+    classifier = LinearClassifier(in_dim, num_classes)
+    classifier.load_state_dict(ckpt["classifier"])
+    meta = {k: v for k, v in ckpt.items() if k not in ("arch", "backbone", "classifier")}
+    return backbone.eval(), classifier.eval(), meta
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_unchanged(backbone, reference):
+    """MoCo v3's sanity check: a frozen backbone must leave the probe bit-identical (eval-mode BN/LN, no grads)."""
+    changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v, reference[k])]
+    if changed:
+        raise RuntimeError(f"the frozen backbone changed during evaluation: {changed}")
+
+
+# ---------------------------------------------------------------------- distributed feature gathering
+class WithIndex(Dataset):
+    """Adds the sample's index to (image, label) so distributed features can be written back in order."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        return image, label, i
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def autocast(device):
+    # bf16 needs no loss scaling; the CPU path stays float32 (CPU autocast is slow and tests compare exactly)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def all_gather_cat(t):
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def gather_features(feature_fn, loader, device):
+    """Features (N, F) float32 and labels (N,) of all N samples of loader.dataset, on every rank.
+
+    Each rank embeds its own shard; the shards are all-gathered together with their dataset indices
+    and written with index_copy_, so the order is the dataset's and the samples a DistributedSampler
+    repeats to pad its shards only rewrite a row with the same values.
+    """
+    n = len(loader.dataset)
+    features = labels = None
+    for batch in loader:
+        if len(batch) != 3:
+            raise ValueError("the loader must yield (images, labels, indices): wrap its dataset in WithIndex")
+        images, target, index = batch
+        with autocast(device):
+            f = feature_fn(images.to(device, non_blocking=True))  # (b, F)
+        f = f.float()
+        target, index = target.to(device, non_blocking=True).long(), index.to(device, non_blocking=True)
+        if is_distributed():  # equal shard sizes (DistributedSampler pads), so equal batch sizes per step
+            f, target, index = all_gather_cat(f), all_gather_cat(target), all_gather_cat(index)
+        if features is None:
+            features = torch.zeros(n, f.shape[1], device=device)
+            labels = torch.full((n,), -1, dtype=torch.long, device=device)
+        features.index_copy_(0, index, f)
+        labels.index_copy_(0, index, target)
+    if features is None or (labels < 0).any():
+        raise ValueError("the loader did not cover its dataset (drop_last=True or a partial sampler?)")
+    return features, labels
+
+
+# ---------------------------------------------------------------------- k-NN (DINO eval_knn)
+@torch.no_grad()
+def knn_classify(train_features, train_labels, test_features, num_classes, k=20, T=0.07, chunk_size=256):
+    """Weighted k-NN (Wu et al. 2018): class rankings (M, min(5, C)), best first.
+
+    Features (N, D) and (M, D) are L2-normalised here. Each of the k most cosine-similar train
+    samples votes exp(s / T) for its label; classes are ranked by total vote, ties to the smaller
+    class index (stable sort). Column 0 is the top-1 prediction; classes without votes fill the
+    top-5 in index order, as in DINO where any 5 sorted classes count.
+    """
+    train = F.normalize(train_features.float(), dim=1)  # (N, D)
+    k = min(k, len(train))
+    ranked = []
+    for test in F.normalize(test_features.float(), dim=1).split(chunk_size):  # chunks bound the (c, N) matrix
+        sims, neighbours = (test @ train.T).topk(k, dim=1)  # (c, k)
+        votes = torch.zeros(len(test), num_classes, device=test.device)
+        votes.scatter_add_(1, train_labels[neighbours], (sims / T).exp())  # (c, C)
+        ranked.append(votes.sort(dim=1, descending=True, stable=True).indices[:, :min(5, num_classes)])
+    return torch.cat(ranked)
+
+
+def topk_accuracy(ranked, labels):
+    """Top-1 / top-5 accuracy in % from class rankings (M, >= 1), best first."""
+    hits = ranked[:, :5] == labels[:, None]  # (M, <=5)
+    n = len(labels)  # counts, not float32 means, so the JSON holds clean percentages
+    return {"top1": 100.0 * hits[:, 0].sum().item() / n, "top5": 100.0 * hits.any(dim=1).sum().item() / n}
+
+
+@torch.no_grad()
+def knn_eval(backbone, train_loader, val_loader, num_classes, device, k=20, T=0.07):
+    """k-NN top-1/top-5 (%) of backbone(x), the final-norm [CLS], as in DINO eval_knn.
+
+    Loaders yield (images, labels, indices) (see WithIndex) with deterministic eval transforms; under
+    DDP each has a DistributedSampler(shuffle=False) and every rank gets the same result. Pass the
+    bare module (not the DDP wrapper). Its train/eval mode is restored afterwards.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        train_f, train_y = gather_features(backbone, train_loader, device)  # (N, D)
+        val_f, val_y = gather_features(backbone, val_loader, device)  # (M, D)
+    finally:
+        backbone.train(was_training)
+    return topk_accuracy(knn_classify(train_f, train_y, val_f, num_classes, k, T), val_y)
+
+
+# ---------------------------------------------------------------------- linear training
+def holdout_split(n, fraction):
+    """(fit, holdout) sorted index lists over the train split.
+
+    Seeded with a constant rather than --seed: every run and every checkpoint is compared on the same split.
+    """
+    n_holdout = round(n * fraction)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    return sorted(perm[n_holdout:]), sorted(perm[:n_holdout])
+
+
+def make_loader(dataset, batch_size, rank, world, shuffle, num_workers, seed=0):
+    # A DistributedSampler with explicit rank/world also serves the single process (no padding when world=1).
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+
+
+class FeatureLoader:
+    """This rank's shuffled batches of cached features (N, F), with a DataLoader's sampler/set_epoch/len.
+
+    Slicing whole batches out of the tensors (which may stay on the GPU) avoids a DataLoader's
+    per-sample indexing and collation, which would dominate a cached probe on ImageNet.
+    """
+
+    def __init__(self, features, labels, batch_size, rank, world, seed=0):
+        self.features, self.labels, self.batch_size = features, labels, batch_size
+        self.sampler = DistributedSampler(range(len(labels)), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+
+    def __len__(self):
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self):
+        order = torch.tensor(list(self.sampler), device=self.features.device)
+        for batch in order.split(self.batch_size):
+            yield self.features[batch], self.labels[batch]
+
+
+def train_sweep(sweep, loader, lrs, epochs, device, backbone=None, n_last_blocks=4, avgpool=False, log=print):
+    """SGD (momentum 0.9, wd 0) with a per-step cosine to 0, head k at lrs[k]. Returns the last epoch's loss per head.
+
+    The loader yields (features, labels) when backbone is None (cached), else (images, labels).
+    """
+    optimizer = torch.optim.SGD([{"params": head.parameters(), "lr": lr} for head, lr in zip(sweep.heads, lrs)],
+                                momentum=0.9, weight_decay=0.0)
+    model = DistributedDataParallel(sweep) if is_distributed() else sweep  # averages grads over the global batch
+    total_steps, step = epochs * len(loader), 0
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)
+        loss_sum = torch.zeros(len(lrs), device=device)  # synced once per epoch, not per step
+        for inputs, labels in loader:
+            inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if backbone is not None:
+                with torch.no_grad(), autocast(device):
+                    inputs = extract_features(backbone, inputs, n_last_blocks, avgpool)  # (B, F)
+            scale = 0.5 * (1 + math.cos(math.pi * step / total_steps))
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr * scale
+            logits = model(inputs.float())  # (K, B, C)
+            losses = torch.stack([F.cross_entropy(head_logits, labels) for head_logits in logits])  # (K,)
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            optimizer.step()
+            loss_sum += losses.detach()
+            step += 1
+        loss_per_head = (loss_sum / len(loader)).tolist()
+        if epoch == 0 or (epoch + 1) % max(1, epochs // 10) == 0:  # ~10 lines per run
+            log(f"epoch {epoch + 1}/{epochs}  loss per lr: " + " ".join(f"{l:.3f}" for l in loss_per_head))
+    return loss_per_head
+
+
+@torch.no_grad()
+def evaluate_sweep(sweep, features, labels, chunk_size=1024):
+    """[{'top1', 'top5'}] per head on cached features (M, F)."""
+    logits = torch.cat([sweep(f) for f in features.split(chunk_size)], dim=1)  # (K, M, C)
+    return [topk_accuracy(l.topk(min(5, l.shape[-1]), dim=1).indices, labels) for l in logits]
+
+
+# ---------------------------------------------------------------------- script
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Linear probe and k-NN evaluation of a frozen ViT (see the module docstring)")
+    g = p.add_argument_group("backbone")
+    g.add_argument("--pretrained", default=None, help="pretrain.py export (backbone.pth) or full checkpoint, or "
+                   "released DINO/timm/MoCo v3 weights (then also --arch/--patch-size)")
+    g.add_argument("--checkpoint-key", default=None, help="network of a full checkpoint; default: 'teacher' if "
+                   "present, else 'student'. Use 'student' to follow SER's lincls_parallel.py")
+    g.add_argument("--arch", default=None, choices=sorted(vit.ARCHS), help="required for released weights (they "
+                   "record no architecture) and for --random-init; leave unset for our own checkpoints")
+    g.add_argument("--patch-size", type=int, default=16, help="with --arch only: 8 for DINO's /8 models")
+    g.add_argument("--random-init", action="store_true", help="evaluate an untrained --arch: the baseline at init")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic", help="'synthetic' (built in), an ImageFolder root with "
+                   "train/ and val/ (ImageNet), 'cifar10:<dir>' or 'stl10:<dir>'")
+    g.add_argument("--img-size", type=int, default=None, help="eval crop size; default: the backbone's training "
+                   "resolution (224 for released weights and --random-init). Change to probe at another size")
+    g.add_argument("--train-length", type=int, default=None, help="train images: the synthetic split's size "
+                   "(default: augment.py's 10k), or an evenly strided subset of real data for quick checks")
+    g.add_argument("--val-length", type=int, default=None, help="val images, as --train-length (synthetic default 2k)")
+    g.add_argument("--holdout-fraction", type=float, default=0.1, help="share of the train split held out to "
+                   "pick the lr (fixed split); 0.01 is plenty on ImageNet; 0 selects on val itself "
+                   "(DINO's optimistic choice)")
+    g = p.add_argument_group("features")
+    g.add_argument("--n-last-blocks", type=int, default=4, help="[CLS] of the last n blocks: 4 for ViT-S "
+                   "(DINO, SER), 1 for ViT-B (with --avgpool) and for the MoCo v3 protocol")
+    g.add_argument("--avgpool", action="store_true", help="append the mean patch token of the last block (DINO ViT-B)")
+    g = p.add_argument_group("linear training")
+    g.add_argument("--cached", action="store_true", help="train on cached center-crop features (one backbone pass, "
+                   "fast on CPU) instead of DINO's RandomResizedCrop + flip every epoch; use for quick comparisons")
+    g.add_argument("--epochs", type=int, default=100, help="DINO 100, MoCo v3 90, SER 50; fewer suffice with --cached")
+    g.add_argument("--batch-size", type=int, default=256, help="global batch, split over ranks; the lrs scale "
+                   "with it (DINO used 1024)")
+    g.add_argument("--lrs", type=float, nargs="+", default=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
+                   help="base lrs, each x batch/256, all trained at once; widen if the best is at an end")
+    g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data-loading processes per rank (default: min(4, CPUs)); raise to ~8-10 on ImageNet")
+    g.add_argument("--seed", type=int, default=0, help="change to measure seed variance")
+    g = p.add_argument_group("k-NN")
+    g.add_argument("--knn-k", type=int, default=20, help="neighbours (DINO: 20 usually works best); 0 skips k-NN")
+    g.add_argument("--knn-temperature", type=float, default=0.07, help="vote temperature T (DINO: not tuned)")
+    p.add_argument("--output-dir", default="runs/linear", help="where linear_eval.json and linear_probe.pth go; "
+                   "one per evaluated checkpoint, e.g. <pretrain output-dir>/linear")
+    return p
+
+
+def init_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a plain single process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
+def build_backbone(args):
+    if args.random_init:
+        if args.pretrained is not None:
+            raise SystemExit("--random-init and --pretrained exclude each other")
+        if args.arch is None:
+            raise SystemExit("--random-init needs --arch (one of: " + ", ".join(sorted(vit.ARCHS)) + ")")
+        torch.manual_seed(args.seed)  # before the per-rank offset: every rank must build the same network
+        return vit.build_vit(dict(name=args.arch, patch_size=args.patch_size, img_size=args.img_size or 224)).eval()
+    if args.pretrained is None:
+        raise SystemExit("pass --pretrained PATH, or --random-init --arch NAME for the baseline at initialisation")
+    arch = dict(name=args.arch, patch_size=args.patch_size) if args.arch else None
+    try:
+        return vit.load_backbone(args.pretrained, arch=arch, key=args.checkpoint_key)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--pretrained: {e}") from None
+
+
+def check_args(args, world):
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
+    if not 0 <= args.holdout_fraction < 1:
+        raise SystemExit(f"--holdout-fraction must be in [0, 1), got {args.holdout_fraction}")
+    if min(args.lrs) <= 0 or args.epochs < 1 or args.knn_k < 0:
+        raise SystemExit("--lrs must be positive, --epochs >= 1 and --knn-k >= 0")
+
+
+def run(args, rank, world, device):
+    start = time.time()
+    log = print if rank == 0 else (lambda *a, **k: None)
+    check_args(args, world)
+    backbone = build_backbone(args).requires_grad_(False).to(device)
+    reference = snapshot(backbone)
+    max_blocks = backbone.depth - backbone.cls_after_block  # SER: no [CLS] before it joins
+    if not 1 <= args.n_last_blocks <= max_blocks:
+        raise SystemExit(f"--n-last-blocks must be in 1..{max_blocks} for this backbone, got {args.n_last_blocks}")
+    torch.manual_seed(args.seed + rank)  # dataloader workers (augmentations) differ per rank
+    img_size = args.img_size or backbone.arch["img_size"]
+    per_rank_batch = args.batch_size // world
+
+    try:
+        eval_tf = augment.eval_transform(img_size)
+        train_eval_set = augment.build_dataset(args.data, "train", eval_tf, img_size, args.train_length)
+        val_set = augment.build_dataset(args.data, "val", eval_tf, img_size, args.val_length)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e) if str(e).startswith("--data") else f"--data {args.data}: {e}") from None
+    num_classes = train_eval_set.num_classes
+    fit_idx, holdout_idx = holdout_split(len(train_eval_set), args.holdout_fraction)
+    if not fit_idx or (args.holdout_fraction > 0 and not holdout_idx):
+        raise SystemExit(f"--holdout-fraction {args.holdout_fraction} leaves an empty split "
+                         f"of {len(train_eval_set)} train images")
+    log(f"backbone: {args.pretrained or 'random init ' + args.arch}  arch: {backbone.arch}"
+        + (f"  (dropped head keys: {backbone.dropped_keys})" if getattr(backbone, "dropped_keys", None) else ""))
+    log(f"data: {args.data} at {img_size} px, {num_classes} classes; fit {len(fit_idx)}, "
+        f"holdout {len(holdout_idx)}, val {len(val_set)}; world {world}, batch {args.batch_size} "
+        f"({per_rank_batch} per rank)")
+
+    # Center-crop features in one backbone pass: val, the held-out split (lr selection), and, for
+    # --cached or k-NN, the whole train split.
+    def features_of(dataset):
+        loader = make_loader(WithIndex(dataset), per_rank_batch, rank, world, False, args.num_workers)
+        return gather_features(lambda x: extract_features(backbone, x, args.n_last_blocks, args.avgpool),
+                               loader, device)
+
+    val_f, val_y = features_of(val_set)  # (M, F)
+    if args.cached or args.knn_k > 0:
+        train_f, train_y = features_of(train_eval_set)  # (N, F)
+        holdout = torch.tensor(holdout_idx, dtype=torch.long, device=device)
+        select_f, select_y = train_f[holdout], train_y[holdout]
+    elif holdout_idx:
+        select_f, select_y = features_of(Subset(train_eval_set, holdout_idx))
+    if not holdout_idx:
+        select_f, select_y = val_f, val_y
+    in_dim = val_f.shape[1]
+    log(f"features: [CLS] of the last {args.n_last_blocks} blocks" + (" + avgpool" if args.avgpool else "")
+        + f" -> {in_dim}-d ({time.time() - start:.0f}s)")
+
+    if args.cached:
+        fit = torch.tensor(fit_idx, dtype=torch.long, device=device)
+        fit_loader = FeatureLoader(train_f[fit], train_y[fit], per_rank_batch, rank, world, seed=args.seed)
+        fit_backbone = None
+    else:
+        fit_set = Subset(augment.build_dataset(args.data, "train", augment.linear_train_transform(img_size),
+                                               img_size, args.train_length), fit_idx)
+        fit_loader = make_loader(fit_set, per_rank_batch, rank, world, True, args.num_workers, seed=args.seed)
+        fit_backbone = backbone
+    torch.manual_seed(args.seed)  # identical head init on every rank (DDP would broadcast rank 0's anyway)
+    sweep = LinearSweep(in_dim, num_classes, len(args.lrs)).to(device)
+    lrs = [lr * args.batch_size / 256 for lr in args.lrs]
+    log(f"training {len(lrs)} heads for {args.epochs} epochs, lrs x {args.batch_size}/256 = "
+        + " ".join(f"{lr:g}" for lr in lrs))
+    final_loss = train_sweep(sweep, fit_loader, lrs, args.epochs, device, fit_backbone, args.n_last_blocks,
+                             args.avgpool, log)
+
+    sweep.eval()
+    select_acc, val_acc = evaluate_sweep(sweep, select_f, select_y), evaluate_sweep(sweep, val_f, val_y)
+    best = max(range(len(lrs)), key=lambda i: (select_acc[i]["top1"], -i))  # ties: the earlier of --lrs
+    if len(lrs) > 1 and args.lrs[best] in (min(args.lrs), max(args.lrs)):
+        log(f"note: the selected lr {args.lrs[best]:g} is at the edge of --lrs; widen the sweep")
+    selected_on = "holdout" if holdout_idx else "val"
+    results = {
+        "linear": {**val_acc[best], "lr": args.lrs[best], "scaled_lr": lrs[best],
+                   f"{selected_on}_top1": select_acc[best]["top1"]},
+        "sweep": [{"lr": lr, "scaled_lr": slr, "final_loss": loss, f"{selected_on}_top1": s["top1"],
+                   f"{selected_on}_top5": s["top5"], "val_top1": v["top1"], "val_top5": v["top5"]}
+                  for lr, slr, loss, s, v in zip(args.lrs, lrs, final_loss, select_acc, val_acc)],
+    }
+    for row in results["sweep"]:
+        log(f"  lr {row['lr']:<6g} {selected_on} top-1 {row[f'{selected_on}_top1']:6.2f}   "
+            f"val top-1 {row['val_top1']:6.2f}  top-5 {row['val_top5']:6.2f}")
+    log(f"linear: top-1 {val_acc[best]['top1']:.2f}  top-5 {val_acc[best]['top5']:.2f}  "
+        f"(lr {args.lrs[best]:g} selected on {selected_on})")
+
+    if args.knn_k > 0:
+        # The final-norm [CLS] of the last block is backbone(x): its slice of the linear features.
+        d = backbone.embed_dim
+        cls_slice = slice((args.n_last_blocks - 1) * d, args.n_last_blocks * d)
+        ranked = knn_classify(train_f[:, cls_slice], train_y, val_f[:, cls_slice], num_classes,
+                              args.knn_k, args.knn_temperature)
+        results["knn"] = {**topk_accuracy(ranked, val_y), "k": args.knn_k, "T": args.knn_temperature}
+        log(f"k-NN (k={args.knn_k}, T={args.knn_temperature:g}): top-1 {results['knn']['top1']:.2f}  "
+            f"top-5 {results['knn']['top5']:.2f}")
+
+    assert_unchanged(backbone, reference)
+    results.update(backbone=args.pretrained or f"random init {args.arch}", arch=backbone.arch, data=args.data,
+                   img_size=img_size, num_classes=num_classes, num_features=in_dim, num_fit=len(fit_idx),
+                   num_holdout=len(holdout_idx), num_val=len(val_set), world_size=world,
+                   time_s=round(time.time() - start, 1), args=vars(args))
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "linear_eval.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        save_probe(os.path.join(args.output_dir, "linear_probe.pth"), backbone, sweep.heads[best],
+                   args.n_last_blocks, args.avgpool, num_classes, img_size, args.data,
+                   lr=args.lrs[best], top1=val_acc[best]["top1"], top5=val_acc[best]["top5"])
+        log(f"wrote {args.output_dir}/linear_eval.json and linear_probe.pth ({results['time_s']:.0f}s)")
+    return results
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    rank, world, device = init_distributed()
+    try:
+        return run(args, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
