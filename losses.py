@@ -25,6 +25,8 @@ Typical use (pretrain.py owns the encoders, EMA copies and schedules):
 Tests: python -m pytest -x -q wip_tests/test_losses.py  (CPU; includes a 2-process gloo DDP check)
 """
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -37,8 +39,22 @@ import group_actions
 # ---------------------------------------------------------------------------------------------
 
 
+_local_only = False
+
+
 def _distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return not _local_only and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def local_only():
+    """Compute as one process even inside a process group (e.g. counting FLOPs on the meta device)."""
+    global _local_only
+    previous, _local_only = _local_only, True
+    try:
+        yield
+    finally:
+        _local_only = previous
 
 
 def world_size():
@@ -54,9 +70,21 @@ def _upcast(x):
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _gather_counts(n, device):
-    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
-    dist.all_gather(counts, torch.tensor([n], dtype=torch.long, device=device))
+_CPU_GROUPS = {}
+
+
+def cpu_group():
+    """A gloo group for host-side integers (row counts, stop flags). Exchanging them through it never
+    waits for the GPU, where a count tensor on an NCCL device would cost a host-device sync."""
+    default = dist.group.WORLD
+    if default not in _CPU_GROUPS:
+        _CPU_GROUPS[default] = default if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _CPU_GROUPS[default]
+
+
+def _gather_counts(n):
+    counts = [torch.zeros(1, dtype=torch.long) for _ in range(world_size())]
+    dist.all_gather(counts, torch.tensor([n], dtype=torch.long), group=cpu_group())
     return [int(c) for c in counts]
 
 
@@ -93,7 +121,7 @@ def all_gather_rows(x):
     """
     if not _distributed():
         return x, [x.shape[0]]
-    counts = _gather_counts(x.shape[0], x.device)
+    counts = _gather_counts(x.shape[0])
     return _GatherRows.apply(x.contiguous(), counts), counts
 
 
@@ -106,12 +134,12 @@ def all_reduce_sum(x):
     return dist_nn.all_reduce(x)
 
 
-def global_count(n, device):
-    """Rows in the global batch, given this rank's n (a plain int, no gradient)."""
+def global_count(n):
+    """Rows in the global batch, given this rank's n (a plain int, no gradient; exchanged on the host)."""
     if not _distributed():
         return n
-    t = torch.tensor([n], dtype=torch.long, device=device)
-    dist.all_reduce(t)
+    t = torch.tensor([n], dtype=torch.long)
+    dist.all_reduce(t, group=cpu_group())
     return int(t)
 
 
@@ -127,7 +155,7 @@ def global_moments(x):
     Two passes (mean, then centred squares) rather than E[x^2] - E[x]^2, which cancels badly in
     float32 for features with a large mean. Returns (mean (C,), var (C,), N_global).
     """
-    n = global_count(x.shape[0], x.device)
+    n = global_count(x.shape[0])
     mean = all_reduce_sum(x.sum(0)) / n
     var = all_reduce_sum((x - mean).pow(2).sum(0)) / n
     return mean, var, n
@@ -354,7 +382,7 @@ class DINOLoss(nn.Module):
         batch_center = teacher_out.sum(0, keepdim=True)  # (1, K)
         if _distributed():
             dist.all_reduce(batch_center)
-        batch_center = batch_center / global_count(teacher_out.shape[0], teacher_out.device)
+        batch_center = batch_center / global_count(teacher_out.shape[0])
         self.center.mul_(self.center_momentum).add_(batch_center.to(self.center.dtype),
                                                     alpha=1 - self.center_momentum)
 
@@ -392,7 +420,7 @@ def barlow_twins_loss(z1, z2, lambd=0.0051):
     1/W to reproduce the official training dynamics exactly.
     """
     z1, z2 = _upcast(z1), _upcast(z2)
-    n = global_count(z1.shape[0], z1.device)
+    n = global_count(z1.shape[0])
     c = all_reduce_sum(_global_standardize(z1).T @ _global_standardize(z2) / n)  # (D, D)
     on_diag = (torch.diagonal(c) - 1).pow(2).sum()
     off_diag = _off_diagonal(c).pow(2).sum()

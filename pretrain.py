@@ -43,29 +43,45 @@ import vit
 
 EMA_METHODS = ("mocov3", "dino", "byol")  # methods with a momentum teacher / target network
 ADDONS = ("ser", "equimod", "augself", "essl")
+# Options a resumed run may change: they do not affect what is computed.
+RUNTIME_OPTIONS = {"output_dir", "num_workers", "log_every", "knn_every", "knn_train_size", "knn_val_size",
+                   "stop_at_step", "benchmark", "peak_tflops", "count_flops", "compile", "grad_checkpointing"}
 
-# Per-method defaults for ViT-S/16 at 224 px on ImageNet (methods.md, ser.md §2.8). lr is per 256
-# images (scaled by the global batch / 256); momentum is the EMA start value (cosine to 1).
-# VICReg, SimCLR and BYOL have no official ViT recipe: they reuse MoCo v3's AdamW settings.
+# Base-method defaults: each method's official ViT-S/16 recipe at 224 px on ImageNet (methods.md).
+# lr and min_lr are per 256 images (scaled by global batch / 256); momentum is the EMA start (cosine
+# to 1). VICReg, SimCLR and BYOL have no official ViT recipe: they reuse MoCo v3's AdamW settings.
+# Barlow Twins' ViT settings are SER's (ser.md §2.8), the only ViT recipe for it.
+# SER's own ViT-S runs differ from these in places; to reproduce them pass (ser.md §2.8):
+#   DINO: --lr 1e-4 --min-lr 1e-5 --momentum 0.982 --clip-grad 0.3 --crop-min 0.25 --teacher-temp 0.07
+#         --warmup-teacher-temp-epochs 10;  MoCo v3: --lr 3e-4;  Barlow Twins: --clip-grad 0.3;  all: --batch-size 2048
 METHOD_DEFAULTS = {
     "mocov3": dict(lr=1.5e-4, min_lr=0.0, weight_decay=0.1, weight_decay_end=0.1, momentum=0.99,
-                   clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=0.2, equiv_lambda=1.0, equiv_tau=0.5),
+                   clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=0.2),
     "dino": dict(lr=5e-4, min_lr=1e-6, weight_decay=0.04, weight_decay_end=0.4, momentum=0.996,
-                 clip_grad=3.0, drop_path=0.1, crop_min=0.4, temperature=None, equiv_lambda=0.3, equiv_tau=0.4),
+                 clip_grad=3.0, drop_path=0.1, crop_min=0.4, temperature=None),
     "barlowtwins": dict(lr=1e-4, min_lr=1e-7, weight_decay=0.1, weight_decay_end=0.1, momentum=None,
-                        clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=None, equiv_lambda=1.0, equiv_tau=0.4),
+                        clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=None),
     "vicreg": dict(lr=1.5e-4, min_lr=0.0, weight_decay=0.1, weight_decay_end=0.1, momentum=None,
-                   clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=None, equiv_lambda=1.0, equiv_tau=0.4),
+                   clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=None),
     "simclr": dict(lr=1.5e-4, min_lr=0.0, weight_decay=0.1, weight_decay_end=0.1, momentum=None,
-                   clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=0.1, equiv_lambda=1.0, equiv_tau=0.4),
+                   clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=0.1),
     "byol": dict(lr=1.5e-4, min_lr=0.0, weight_decay=0.1, weight_decay_end=0.1, momentum=0.99,
-                 clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=None, equiv_lambda=1.0, equiv_tau=0.4),
+                 clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=None),
 }
-# The real-data run: ViT-S/16 at 224 px, SER's 100-epoch schedule.
+# Add-on (lambda, tau). SER: the release's launch values (ser.md §2.8; the paper's tau differ: 0.3 MoCo/BT,
+# 0.5 DINO). The release has none for VICReg, SimCLR and BYOL: we use 1.0 and 0.4. EquiMod: lambda 1,
+# tau 0.2; AugSelf: weight 1 on its 0.5 crop + 0.5 colour terms; E-SSL: lambda 0.4.
+SER_DEFAULTS = {"mocov3": (1.0, 0.5), "dino": (0.3, 0.4), "barlowtwins": (1.0, 0.4),
+                "vicreg": (1.0, 0.4), "simclr": (1.0, 0.4), "byol": (1.0, 0.4)}
+ADDON_DEFAULTS = {"equimod": (1.0, 0.2), "augself": (1.0, None), "essl": (0.4, None), None: (0.0, None)}
+# The real-data run: ViT-S/16 at 224 px, SER's 100-epoch schedule (the paper's runs use batch 2048).
 REAL_DEFAULTS = dict(arch="vit_small", depth=None, patch_size=16, img_size=224, epochs=100, warmup_epochs=10,
                      batch_size=1024, head_hidden=None, head_out=None, knn_train_size=20000, knn_val_size=10000)
-# The built-in dataset on a laptop CPU: a small ViT on 64 px images that finishes in minutes.
-SYNTHETIC_DEFAULTS = dict(arch="vit_tiny", depth=6, patch_size=8, img_size=64, epochs=6, warmup_epochs=1,
+# The built-in dataset on a 2-core CPU, where the run must finish in minutes: a 6-block ViT-Ti on
+# 64 px images with 8 px patches (an 8x8 token grid, enough for SER's rescaled grids), narrower heads,
+# and, for every method, a higher lr, no stochastic depth and a larger minimum crop, which a few
+# epochs on small images need to learn anything.
+SYNTHETIC_DEFAULTS = dict(arch="vit_tiny", depth=6, patch_size=8, img_size=64, epochs=4, warmup_epochs=1,
                           batch_size=128, head_hidden=1024, head_out=256, knn_train_size=2000, knn_val_size=1000,
                           lr=5e-4, min_lr=1e-6, drop_path=0.0, crop_min=0.25)
 
@@ -84,8 +100,8 @@ def get_args_parser():
       help="SER: the block after which [CLS] joins and L_equiv acts (paper: 3 of 12). EquiMod/AugSelf/E-SSL: "
            "the block whose [CLS] the add-on reads (default: the final representation; 3 gives the paper's "
            "layer-decoupled variants)")
-    a("--equiv-lambda", type=float, default=None, help="add-on loss weight (SER: release values per method; "
-                                                        "EquiMod 1.0, E-SSL 0.4, AugSelf 1.0)")
+    a("--equiv-lambda", type=float, default=None, help="add-on loss weight (SER: the release's value per method, "
+                                                        "see SER_DEFAULTS; EquiMod 1.0, AugSelf 1.0, E-SSL 0.4)")
     a("--equiv-tau", type=float, default=None, help="SER token NT-Xent temperature (EquiMod: 0.2)")
     a("--ser-ratio", type=float, default=0.01,
       help="fraction of each rank's batch that forms b2 (release: 0.01, i.e. 3 of 256 images)")
@@ -117,7 +133,7 @@ def get_args_parser():
     a("--warmup-epochs", type=int, default=None, help="linear lr warm-up (10 in the 100-epoch recipes)")
     a("--batch-size", type=int, default=None, help="GLOBAL batch over all ranks (SER's runs: 2048)")
     a("--lr", type=float, default=None, help="peak lr per 256 images; the run uses lr * batch / 256")
-    a("--min-lr", type=float, default=None, help="lr at the end of the cosine")
+    a("--min-lr", type=float, default=None, help="lr at the end of the cosine, per 256 images like --lr")
     a("--weight-decay", type=float, default=None)
     a("--weight-decay-end", type=float, default=None, help="cosine weight-decay target (DINO: 0.04 -> 0.4)")
     a("--momentum", type=float, default=None, help="EMA start of the teacher/target (cosine to 1); "
@@ -155,16 +171,23 @@ def resolve_config(args):
     args.addon = addons[0] if addons else None
     synthetic = args.data == "synthetic"
     defaults = {**METHOD_DEFAULTS[args.method], **(SYNTHETIC_DEFAULTS if synthetic else REAL_DEFAULTS)}
-    if synthetic and args.method == "dino":
-        defaults["clip_grad"] = 3.0
     for k, v in defaults.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    addon_lambda = {"equimod": 1.0, "augself": 1.0, "essl": 0.4, None: 0.0}
-    if args.addon != "ser" and args.equiv_lambda == METHOD_DEFAULTS[args.method]["equiv_lambda"]:
-        args.equiv_lambda = addon_lambda[args.addon]
-    if args.addon == "equimod" and args.equiv_tau == METHOD_DEFAULTS[args.method]["equiv_tau"]:
-        args.equiv_tau = 0.2
+    lam, tau = SER_DEFAULTS[args.method] if args.addon == "ser" else ADDON_DEFAULTS[args.addon]
+    args.equiv_lambda = lam if args.equiv_lambda is None else args.equiv_lambda
+    args.equiv_tau = tau if args.equiv_tau is None else args.equiv_tau
+    for flag, value in (("--batch-size", args.batch_size), ("--epochs", args.epochs), ("--img-size", args.img_size),
+                        ("--patch-size", args.patch_size)):
+        if value < 1:
+            raise SystemExit(f"error: {flag} must be positive, got {value}")
+    if not 0 <= args.warmup_epochs <= args.epochs:
+        raise SystemExit(f"error: --warmup-epochs {args.warmup_epochs} must be in 0..--epochs ({args.epochs})")
+    if args.ser_min_images < 2:
+        raise SystemExit(f"error: --ser-min-images must be at least 2 (a b2 image needs other images as "
+                         f"negatives), got {args.ser_min_images}")
+    if not 0 < args.ser_scale[0] <= args.ser_scale[1]:
+        raise SystemExit(f"error: --ser-scale needs 0 < min <= max, got {args.ser_scale}")
     depth = args.depth or 12
     if args.equiv_layer is None:
         args.equiv_layer = 3 if args.addon == "ser" else depth
@@ -476,14 +499,17 @@ def knn_monitor(backbone, args, rank, world, device):
     transform = augment.eval_transform(args.img_size)
     length = dict(length=args.synthetic_length) if args.data == "synthetic" else {}
     train = augment.build_dataset(args.data, "train", transform, img_size=args.img_size, **length)
+    # Evenly strided subsets: ImageFolder is sorted by class, so a prefix would hold a few classes only.
+    def strided(n, size, offset=0):
+        return list(range(offset, n, max(1, n // size)))[:size]
     try:
         val = augment.build_dataset(args.data, "val", transform, img_size=args.img_size, **length)
-        val_idx = range(min(args.knn_val_size, len(val)))
-        train_idx = range(min(args.knn_train_size, len(train)))
-    except (FileNotFoundError, ValueError, SystemExit):
-        # No val split on disk: hold out the tail of train (never the images the bank holds).
-        val, n_bank = train, min(args.knn_train_size, len(train) // 2)
-        train_idx, val_idx = range(n_bank), range(len(train) - min(args.knn_val_size, len(train) - n_bank), len(train))
+        train_idx, val_idx = strided(len(train), args.knn_train_size), strided(len(val), args.knn_val_size)
+    except (FileNotFoundError, ValueError):
+        # No val split on disk: the bank takes even strided positions, the queries the odd ones.
+        val, step = train, max(2, 2 * (len(train) // (args.knn_train_size + args.knn_val_size) // 2))
+        train_idx = list(range(0, len(train), step))[:args.knn_train_size]
+        val_idx = list(range(step // 2, len(train), step))[:args.knn_val_size]
     loaders = []
     for ds, idx in ((train, train_idx), (val, val_idx)):
         subset = WithIndex(torch.utils.data.Subset(ds, list(idx)))
@@ -491,6 +517,13 @@ def knn_monitor(backbone, args, rank, world, device):
         loaders.append(DataLoader(subset, batch_size=256, sampler=sampler, num_workers=args.num_workers,
                                   pin_memory=device.type == "cuda"))
     return knn_eval(backbone, loaders[0], loaders[1], train.num_classes, device)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers ignore SIGTERM/SIGINT: a scheduler signals the whole process group, and a worker
+    killed mid-step would crash the main process before it saves. Workers exit when the main process does."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Interrupt:
@@ -520,7 +553,8 @@ def count_flops_per_image(args, local_batch):
     device, so nothing is computed and the paper's ViT-S/16 224-px setting counts in seconds on a laptop."""
     from torch.utils.flop_counter import FlopCounterMode
     meta = torch.device("meta")
-    with meta:
+    args = argparse.Namespace(**{**vars(args), "grad_checkpointing": False})  # recomputation is not model FLOPs
+    with meta, losses.local_only():  # a one-rank count, even inside a torchrun job
         student, teacher = build_models(args)
         dino_loss = losses.DINOLoss(args.head_out or 65536) if args.method == "dino" else None
     recipe = build_recipe(args)
@@ -529,7 +563,7 @@ def count_flops_per_image(args, local_batch):
              "flip": [torch.zeros(local_batch, dtype=torch.bool)] * len(recipe.views)}
     if recipe.plain_size:
         batch["plain"] = torch.zeros(local_batch, 3, recipe.plain_size, recipe.plain_size, dtype=torch.uint8, device=meta)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, losses.local_only():
         inputs, extra = make_step_inputs(batch, recipe.photometric(), 0, args, 0, 1, meta)
         teacher_out = teacher(inputs["views"], inputs["b2_views"]) if teacher is not None else None
         terms = compute_losses(args, student(**inputs), teacher_out, extra, dino_loss, 0)
@@ -587,8 +621,9 @@ def benchmark(args, run_step, loader, sampler, dataset, device, local_batch, wor
               "gflops_per_image": flops_per_image / 1e9, "achieved_tflops_per_rank": flops_per_image * local_batch
               / (compute / args.benchmark) / 1e12, "peak_memory": peak_mem,
               "pipeline_images_per_s_per_worker": pipe_rate, "num_workers": args.num_workers}
-    if args.peak_tflops:
-        result["mfu"] = result["achieved_tflops_per_rank"] / args.peak_tflops
+    if args.peak_tflops:  # model FLOPs over compute time (data wait excluded), and over the whole step
+        result["mfu_compute"] = result["achieved_tflops_per_rank"] / args.peak_tflops
+        result["mfu_step"] = flops_per_image * local_batch / step_time / 1e12 / args.peak_tflops
     if is_main:
         print(json.dumps(result, indent=1))
         with open(os.path.join(args.output_dir, "benchmark.json"), "w") as f:
@@ -618,7 +653,7 @@ def train(args):
         raise SystemExit(f"error: {args.data} has {len(dataset)} training images, fewer than --batch-size {args.batch_size}")
     sampler = GlobalBatchSampler(len(dataset), args.batch_size, rank, world, args.seed)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=args.num_workers > 0)
+                        persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals)
     photometric = recipe.photometric()
     steps_per_epoch = len(dataset) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
@@ -640,11 +675,12 @@ def train(args):
     start_step = 0
     if os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        saved = {k: ckpt["args"][k] for k in ("method", "addon", "arch", "depth", "patch_size", "batch_size", "data")}
-        now = {k: getattr(args, k) for k in saved}
-        if saved != now:
-            raise SystemExit(f"error: {ckpt_path} was written by a different run ({saved}); this run has {now}. "
-                             "Use another --output-dir.")
+        changed = {k: (v, getattr(args, k, None)) for k, v in ckpt["args"].items()
+                   if k not in RUNTIME_OPTIONS and v != getattr(args, k, None)}
+        if changed:
+            raise SystemExit(f"error: {ckpt_path} was written with different settings: "
+                             + ", ".join(f"{k} {a!r} (now {b!r})" for k, (a, b) in changed.items())
+                             + ". Use another --output-dir, or rerun with the saved settings.")
         student.load_state_dict(ckpt["student"])
         if teacher is not None:
             teacher.load_state_dict(ckpt["teacher"])
@@ -654,6 +690,8 @@ def train(args):
         scaler.load_state_dict(ckpt["scaler"])
         start_step = ckpt["step"]
         log(f"resumed from {ckpt_path} at step {start_step}")
+    if args.stop_at_step is not None and args.stop_at_step <= start_step:
+        raise SystemExit(f"error: --stop-at-step {args.stop_at_step} is not after the resumed step {start_step}")
 
     raw_student = student
     if args.compile:
@@ -714,17 +752,26 @@ def train(args):
                 m = ema_momentum(step, total_steps, args.momentum)
                 torch._foreach_mul_(ema_pairs[0], m)
                 torch._foreach_add_(ema_pairs[0], ema_pairs[1], alpha=1 - m)
-        if dino_loss is not None:
-            dino_loss.update_center(torch.cat(teacher_out))
         return {k: v.detach() for k, v in {"loss": loss, **terms}.items()}, lr, wd
 
     if args.benchmark:
         return benchmark(args, run_step, loader, sampler, dataset, device, local_batch, world, is_main)
 
     log_path = os.path.join(args.output_dir, "log.jsonl")
+
+    def log_knn(step, epoch):
+        evaluated = teacher.backbone if (teacher is not None and args.method == "dino") else raw_student.backbone
+        acc = knn_monitor(evaluated, args, rank, world, device)
+        log(f"{'initialisation' if step == 0 else f'epoch {epoch}'}: k-NN top-1 {acc['top1']:.2f} top-5 {acc['top5']:.2f}")
+        if is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, "epoch": epoch, "knn_top1": acc["top1"], "knn_top5": acc["top5"]}) + "\n")
+
+    if start_step == 0 and args.knn_every:
+        log_knn(0, -1)  # the same network at initialisation: the baseline the epochs are compared with
     step, t_last, t_start, imgs_since = start_step, time.time(), time.time(), 0
-    sums, n_sums = {}, 0
-    while step < total_steps:
+    sums, n_sums, stopping, vote = {}, 0, False, None
+    while step < total_steps and not stopping:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch, start_step=in_epoch)
@@ -735,10 +782,19 @@ def train(args):
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_sums += 1
+            signalled = interrupt.requested
+            if world > 1:
+                # Ranks may see a signal at different steps but must stop at the same one: the flag is
+                # max-reduced on the host-side group without waiting, and read one step later.
+                if vote is not None:
+                    vote[1].wait()
+                    signalled = bool(vote[0].item())
+                flag = torch.tensor([int(interrupt.requested)])
+                vote = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=losses.cpu_group(), async_op=True))
+            stopping = signalled or step == args.stop_at_step
             now = time.time()
-            stop = interrupt.requested or step == args.stop_at_step
-            if now - t_last >= args.log_every or step % steps_per_epoch == 0 or stop:
-                values = {k: (v / n_sums).item() for k, v in sums.items()}  # the only host sync
+            if now - t_last >= args.log_every or step % steps_per_epoch == 0 or stopping:
+                values = {k: (v / n_sums).item() for k, v in sums.items()}  # waits for the device: log steps only
                 if not all(math.isfinite(v) for v in values.values()):
                     raise SystemExit(f"error: non-finite loss at step {step} ({values}); the last checkpoint in "
                                      f"{args.output_dir} is intact. Try --precision fp32, a lower --lr or --clip-grad.")
@@ -751,9 +807,9 @@ def train(args):
                         f.write(json.dumps({"step": step, "epoch": epoch, "lr": lr, "wd": wd, "img_per_s": rate,
                                             **values}) + "\n")
                 sums, n_sums, t_last, imgs_since = {}, 0, now, 0
-            if stop:
+            if stopping:
                 break
-        if step % steps_per_epoch == 0 or interrupt.requested or step == args.stop_at_step:
+        if step % steps_per_epoch == 0 or stopping:
             state = {"args": vars(args), "arch": raw_student.backbone.arch, "step": step,
                      "eval_key": "teacher" if args.method == "dino" else "student",
                      "student": raw_student.state_dict(), "teacher": teacher.state_dict() if teacher else None,
@@ -762,17 +818,12 @@ def train(args):
             if is_main:
                 save_checkpoint(ckpt_path, state)
                 export_backbone(os.path.join(args.output_dir, "backbone.pth"), args, raw_student, teacher)
-            if interrupt.requested or step == args.stop_at_step:
+            if stopping:
                 log(f"stopped at step {step}; checkpoint saved to {ckpt_path}; rerun the same command to resume")
-                break
-            if args.knn_every and (step // steps_per_epoch) % args.knn_every == 0:
-                evaluated = teacher.backbone if (teacher is not None and args.method == "dino") else raw_student.backbone
-                acc = knn_monitor(evaluated, args, rank, world, device)
-                log(f"epoch {epoch}: k-NN top-1 {acc['top1']:.2f} top-5 {acc['top5']:.2f}")
-                if is_main:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": step, "epoch": epoch, "knn_top1": acc["top1"],
-                                            "knn_top5": acc["top5"]}) + "\n")
+            elif args.knn_every and (step // steps_per_epoch) % args.knn_every == 0:
+                log_knn(step, epoch)
+    if vote is not None:
+        vote[1].wait()
     log(f"done in {(time.time() - t_start) / 60:.1f} min")
     if world > 1:
         dist.destroy_process_group()

@@ -1399,7 +1399,7 @@ def test_interrupt_handler_requests_a_checkpoint():
 
 def test_resume_refuses_a_different_run(tmp_path):
     run("--method byol --stop-at-step 1", tmp_path)
-    with pytest.raises(SystemExit, match="different run"):
+    with pytest.raises(SystemExit, match="different settings: method 'byol' \\(now 'simclr'\\)"):
         run("--method simclr --stop-at-step 1", tmp_path)
 
 
@@ -1416,6 +1416,14 @@ def test_bad_configurations_give_clear_errors(tmp_path):
         config("--img-size 36", tmp_path)
     with pytest.raises(SystemExit, match="fewer than --batch-size"):
         run("--synthetic-length 8", tmp_path)
+    with pytest.raises(SystemExit, match="--ser-min-images must be at least 2"):
+        config("--ser --equiv-layer 2 --ser-min-images 1", tmp_path)
+    with pytest.raises(SystemExit, match="--ser-scale"):
+        config("--ser --equiv-layer 2 --ser-scale 1.3 0.7", tmp_path)
+    with pytest.raises(SystemExit, match="--batch-size must be positive"):
+        config("--batch-size 0", tmp_path)
+    with pytest.raises(SystemExit, match="--warmup-epochs 3"):
+        config("--warmup-epochs 3", tmp_path)
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
@@ -1519,6 +1527,36 @@ def test_pretrain_checkpoint_loads_as_the_evaluated_backbone(tmp_path):
         assert torch.equal(v, from_ckpt.state_dict()[k])
     student = vit.load_backbone(tmp_path / "checkpoint.pth", key="student")
     assert not torch.equal(student.blocks[0].attn.qkv.weight, export.blocks[0].attn.qkv.weight)
+
+
+def test_explicit_addon_flags_are_kept(tmp_path):
+    assert config("--method mocov3 --essl --equiv-lambda 1.0", tmp_path).equiv_lambda == 1.0
+    assert config("--method dino --equimod --equiv-tau 0.4", tmp_path).equiv_tau == 0.4
+    assert config("--method dino --ser --equiv-layer 2", tmp_path).equiv_lambda == pretrain.SER_DEFAULTS["dino"][0]
+    assert config("--method dino --essl", tmp_path).equiv_lambda == 0.4
+
+
+def test_dino_centre_is_updated_once_per_step(tmp_path, monkeypatch):
+    calls = []
+    original = losses.DINOLoss.update_center
+    monkeypatch.setattr(losses.DINOLoss, "update_center", lambda self, t: (calls.append(1), original(self, t))[1])
+    ckpt = run("--method dino --stop-at-step 2", tmp_path)
+    assert len(calls) == 2 and ckpt["dino_loss"]["center"].abs().sum() > 0
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    run("--method byol --stop-at-step 1", tmp_path)
+    with pytest.raises(SystemExit, match="lr 0.0005 \\(now 0.001\\)"):
+        run("--method byol --lr 0.001", tmp_path)
+    with pytest.raises(SystemExit, match="--stop-at-step 1 is not after the resumed step 1"):
+        run("--method byol --stop-at-step 1", tmp_path)
+    run("--method byol --stop-at-step 2 --num-workers 1", tmp_path)  # runtime options may change
+
+
+def test_knn_monitor_reports_initialisation_and_epochs(tmp_path):
+    run("--method simclr --knn-every 1 --knn-train-size 16 --knn-val-size 16", tmp_path)
+    knn = [row for row in read_log(tmp_path) if "knn_top1" in row]
+    assert [row["step"] for row in knn] == [0, 2] and all(0 <= row["knn_top1"] <= 100 for row in knn)
 
 
 # ================================================================================================
