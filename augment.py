@@ -34,7 +34,7 @@ To shard a global batch over ranks exactly as one process would, draw the parame
 global batch (`sample_params(B * W, device_generator(seed, step, 0, v))`), slice this rank's rows
 and pass the CPU slice to `apply` (it moves them; CPU parameters also spare a device->host sync).
 
-Run the tests:     cd /work/main && python -m pytest -x -q wip_tests/test_augment.py
+Run the tests:     python -m pytest -q test_ser.py  (its augment.py section)
 Look at samples:   python augment.py --out samples.png     (a grid of synthetic images, one row per class)
 Generation speed:  python augment.py --bench
 """

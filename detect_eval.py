@@ -24,7 +24,7 @@ train2017 holds 2 zero-height boxes, hence --allow-degenerate-boxes (ViTDet/torc
     torchrun --nproc_per_node=2 detect_eval.py --random-init --arch vit_tiny   # multi-process (gloo on CPU)
 
 A run resumes automatically from OUTPUT_DIR/checkpoint.pth. Results: stdout and OUTPUT_DIR/detect_results.json.
-Tests: python -m pytest -x -q wip_tests/test_detect.py
+Tests: python -m pytest -q test_ser.py  (its detect_eval.py section)
 """
 
 import argparse
@@ -47,6 +47,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.transforms.functional import pil_to_tensor
 
 import vit
+from pretrain import init_distributed  # the one launch path: torchrun env vars, else one process
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -639,15 +640,8 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    distributed = "RANK" in os.environ  # launched by torchrun
-    if distributed:
-        rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    else:
-        rank, world_size, local_rank = 0, 1, 0
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    rank, world_size, device = init_distributed()
+    distributed = world_size > 1
     # The fp32 heads (see SimpleFeaturePyramid.forward) may use TF32 tensor cores, as detectron2 does.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     is_main = rank == 0
@@ -694,7 +688,7 @@ def main(argv=None):
         except ValueError as e:
             raise SystemExit(f"detect_eval.py: {e}") from None
         log(f"resumed from {ckpt_path} at iteration {start}")
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if distributed else model
 
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)

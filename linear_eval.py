@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 import augment
 import vit
+from pretrain import init_distributed  # the one launch path: torchrun env vars, else one process
 
 PROBE_KEYS = ("arch", "backbone", "classifier", "n_last_blocks", "avgpool", "num_classes", "img_size", "data")
 
@@ -357,8 +358,9 @@ def get_args_parser():
                    "pick the lr (fixed split); 0.01 is plenty on ImageNet; 0 selects on val itself "
                    "(DINO's optimistic choice)")
     g = p.add_argument_group("features")
-    g.add_argument("--n-last-blocks", type=int, default=4, help="[CLS] of the last n blocks: 4 for ViT-S "
-                   "(DINO, SER), 1 for ViT-B (with --avgpool) and for the MoCo v3 protocol")
+    g.add_argument("--n-last-blocks", type=int, default=None, help="[CLS] of the last n blocks: 4 for ViT-S "
+                   "(DINO, SER; the default, or fewer when the backbone has fewer blocks after SER's [CLS] "
+                   "insertion), 1 for ViT-B (with --avgpool) and for the MoCo v3 protocol")
     g.add_argument("--avgpool", action="store_true", help="append the mean patch token of the last block (DINO ViT-B)")
     g = p.add_argument_group("linear training")
     g.add_argument("--cached", action="store_true", help="train on cached center-crop features (one backbone pass, "
@@ -377,21 +379,6 @@ def get_args_parser():
     p.add_argument("--output-dir", default="runs/linear", help="where linear_eval.json and linear_probe.pth go; "
                    "one per evaluated checkpoint, e.g. <pretrain output-dir>/linear")
     return p
-
-
-def init_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a plain single process."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return rank, world, device
 
 
 def build_backbone(args):
@@ -427,6 +414,8 @@ def run(args, rank, world, device):
     backbone = build_backbone(args).requires_grad_(False).to(device)
     reference = snapshot(backbone)
     max_blocks = backbone.depth - backbone.cls_after_block  # SER: no [CLS] before it joins
+    if args.n_last_blocks is None:
+        args.n_last_blocks = min(4, max_blocks)
     if not 1 <= args.n_last_blocks <= max_blocks:
         raise SystemExit(f"--n-last-blocks must be in 1..{max_blocks} for this backbone, got {args.n_last_blocks}")
     torch.manual_seed(args.seed + rank)  # dataloader workers (augmentations) differ per rank

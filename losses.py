@@ -22,7 +22,7 @@ Typical use (pretrain.py owns the encoders, EMA copies and schedules):
     loss = mocov3_loss(predictor(projector(h1)), predictor(projector(h2)), k1, k2, temperature=0.2)
     loss = loss + lam * ser_loss(ser_proj(map1), ser_proj(map2), g1, g2, base_size, temperature=0.4)
 
-Tests: python -m pytest -x -q wip_tests/test_losses.py  (CPU; includes a 2-process gloo DDP check)
+Tests: python -m pytest -q test_ser.py  (its losses.py section)  (CPU; includes a 2-process gloo DDP check)
 """
 
 import contextlib

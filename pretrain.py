@@ -79,11 +79,11 @@ REAL_DEFAULTS = dict(arch="vit_small", depth=None, patch_size=16, img_size=224, 
                      batch_size=1024, head_hidden=None, head_out=None, knn_train_size=20000, knn_val_size=10000)
 # The built-in dataset on a 2-core CPU, where the run must finish in minutes: a 6-block ViT-Ti on
 # 64 px images with 8 px patches (an 8x8 token grid, enough for SER's rescaled grids), narrower heads,
-# and, for every method, a higher lr, no stochastic depth and a larger minimum crop, which a few
-# epochs on small images need to learn anything.
+# and, for every method, a higher lr, a faster EMA (0.99: the teacher must move within ~130 steps),
+# no stochastic depth and a larger minimum crop, which a few epochs on small images need.
 SYNTHETIC_DEFAULTS = dict(arch="vit_tiny", depth=6, patch_size=8, img_size=64, epochs=4, warmup_epochs=1,
                           batch_size=128, head_hidden=1024, head_out=256, knn_train_size=2000, knn_val_size=1000,
-                          lr=5e-4, min_lr=1e-6, drop_path=0.0, crop_min=0.25)
+                          lr=1.5e-3, min_lr=1e-6, momentum=0.99, drop_path=0.0, crop_min=0.25)
 
 
 def get_args_parser():
@@ -350,10 +350,15 @@ def build_models(args):
     depth = backbone.depth
     addon_layer = None if args.addon in (None, "ser") or args.equiv_layer == depth else args.equiv_layer
     decoupled = addon_layer is not None
-    addon_head = {None: None, "ser": losses.SERProjector(D) if args.addon == "ser" else None,
-                  "equimod": losses.EquiModHead(D, input_norm=decoupled) if args.addon == "equimod" else None,
-                  "augself": losses.AugSelfHead(D, input_norm=decoupled) if args.addon == "augself" else None,
-                  "essl": losses.ESSLHead(D, input_norm=decoupled) if args.addon == "essl" else None}[args.addon]
+    addon_head = None
+    if args.addon == "ser":
+        addon_head = losses.SERProjector(D)
+    elif args.addon == "equimod":
+        addon_head = losses.EquiModHead(D, input_norm=decoupled)
+    elif args.addon == "augself":
+        addon_head = losses.AugSelfHead(D, input_norm=decoupled)
+    elif args.addon == "essl":
+        addon_head = losses.ESSLHead(D, input_norm=decoupled)
     student = Student(backbone, projector, predictor, args.addon, addon_head, addon_layer)
     teacher = None
     if args.method in EMA_METHODS:
@@ -410,8 +415,8 @@ def photometric_views(batch, photometric, step, args, rank, world, device):
 def make_step_inputs(batch, photometric, step, args, rank, world, device):
     """Everything the student and teacher see at one step, plus what the losses need."""
     views, params = photometric_views(batch, photometric, step, args, rank, world, device)
-    n_global = 2
-    globals_, locals_ = views[:n_global], views[n_global:]
+    # Views in recipe order: the 2 globals, DINO's locals, then E-SSL's small crop (never with locals).
+    globals_, locals_ = views[:2], views[2:2 + args.n_local_crops]
     inputs = {"views": globals_, "b2_views": None, "local_views": None, "plain": None, "equimod_params": None,
               "essl": None}
     # Crop box and flip come from the workers, colour parameters from the device: the add-ons want both.
@@ -439,7 +444,6 @@ def make_step_inputs(batch, photometric, step, args, rank, world, device):
         inputs["equimod_params"] = torch.cat([losses.equimod_param_vector(p) for p in view_params[:2]])
     if args.addon == "essl":
         inputs["essl"], extra["essl_labels"] = losses.essl_rotations(views[-1])
-        inputs["local_views"] = None
     return inputs, extra
 
 
@@ -499,22 +503,23 @@ def knn_monitor(backbone, args, rank, world, device):
     transform = augment.eval_transform(args.img_size)
     length = dict(length=args.synthetic_length) if args.data == "synthetic" else {}
     train = augment.build_dataset(args.data, "train", transform, img_size=args.img_size, **length)
-    # Evenly strided subsets: ImageFolder is sorted by class, so a prefix would hold a few classes only.
-    def strided(n, size, offset=0):
-        return list(range(offset, n, max(1, n // size)))[:size]
+    # Fixed random subsets: ImageFolder is sorted by class and the synthetic labels cycle with the index,
+    # so a prefix or a stride would keep only some of the classes.
+    def subset(n, size, exclude=()):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+        return sorted([i for i in perm if i not in exclude][:size])
     try:
         val = augment.build_dataset(args.data, "val", transform, img_size=args.img_size, **length)
-        train_idx, val_idx = strided(len(train), args.knn_train_size), strided(len(val), args.knn_val_size)
+        train_idx, val_idx = subset(len(train), args.knn_train_size), subset(len(val), args.knn_val_size)
     except (FileNotFoundError, ValueError):
-        # No val split on disk: the bank takes even strided positions, the queries the odd ones.
-        val, step = train, max(2, 2 * (len(train) // (args.knn_train_size + args.knn_val_size) // 2))
-        train_idx = list(range(0, len(train), step))[:args.knn_train_size]
-        val_idx = list(range(step // 2, len(train), step))[:args.knn_val_size]
+        val = train  # no val split on disk: hold out train images the bank does not hold
+        train_idx = subset(len(train), min(args.knn_train_size, len(train) // 2))
+        val_idx = subset(len(train), args.knn_val_size, exclude=set(train_idx))
     loaders = []
     for ds, idx in ((train, train_idx), (val, val_idx)):
-        subset = WithIndex(torch.utils.data.Subset(ds, list(idx)))
-        sampler = torch.utils.data.DistributedSampler(subset, world, rank, shuffle=False) if world > 1 else None
-        loaders.append(DataLoader(subset, batch_size=256, sampler=sampler, num_workers=args.num_workers,
+        part = WithIndex(torch.utils.data.Subset(ds, idx))
+        sampler = torch.utils.data.DistributedSampler(part, world, rank, shuffle=False) if world > 1 else None
+        loaders.append(DataLoader(part, batch_size=256, sampler=sampler, num_workers=args.num_workers,
                                   pin_memory=device.type == "cuda"))
     return knn_eval(backbone, loaders[0], loaders[1], train.num_classes, device)
 
@@ -695,9 +700,11 @@ def train(args):
 
     raw_student = student
     if args.compile:
-        student.backbone.compile()  # in place: the state dict keeps its bare names
-        if teacher is not None:
-            teacher.backbone.compile()
+        # forward_features is the student's entry point (forward calls it too). Compiling the bound method,
+        # not wrapping the module, keeps the state-dict keys free of '_orig_mod.'.
+        for backbone in (raw_student.backbone, teacher.backbone if teacher is not None else None):
+            if backbone is not None:
+                backbone.forward_features = torch.compile(backbone.forward_features, dynamic=False)
     if world > 1:
         student = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
 

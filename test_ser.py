@@ -1546,7 +1546,7 @@ def test_dino_centre_is_updated_once_per_step(tmp_path, monkeypatch):
 
 def test_resume_refuses_changed_settings(tmp_path):
     run("--method byol --stop-at-step 1", tmp_path)
-    with pytest.raises(SystemExit, match="lr 0.0005 \\(now 0.001\\)"):
+    with pytest.raises(SystemExit, match="lr 0.0015 \\(now 0.001\\)"):
         run("--method byol --lr 0.001", tmp_path)
     with pytest.raises(SystemExit, match="--stop-at-step 1 is not after the resumed step 1"):
         run("--method byol --stop-at-step 1", tmp_path)
@@ -1557,6 +1557,16 @@ def test_knn_monitor_reports_initialisation_and_epochs(tmp_path):
     run("--method simclr --knn-every 1 --knn-train-size 16 --knn-val-size 16", tmp_path)
     knn = [row for row in read_log(tmp_path) if "knn_top1" in row]
     assert [row["step"] for row in knn] == [0, 2] and all(0 <= row["knn_top1"] <= 100 for row in knn)
+
+
+def test_compile_keeps_checkpoint_keys_bare(tmp_path, monkeypatch):
+    """--compile wiring: a compiled step runs and the checkpoint has no '_orig_mod.' prefixes. The eager
+    backend traces with dynamo but skips code generation, which keeps the test fast."""
+    import functools
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    ckpt = run("--method dino --ser --equiv-layer 2 --compile --stop-at-step 1", tmp_path)
+    assert not any("_orig_mod" in k for part in ("student", "teacher") for k in ckpt[part])
+    assert vit.load_backbone(tmp_path / "backbone.pth").depth == 3
 
 
 # ================================================================================================

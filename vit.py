@@ -11,7 +11,7 @@ SER splits the encoder as f = f2 . f1 (ser.md §1): with `cls_after_block=L`, bl
 tokens only, their output goes through its own LayerNorm (`norm_equiv`) and becomes the token map
 that L_equiv acts on, and the [CLS] token joins before block L+1. L = 0 is the standard ViT.
 
-Run `python -m pytest -q test_ser.py -k vit` for the checks of the state-dict contract.
+Tests: `python -m pytest -q test_ser.py` (its vit.py section checks the state-dict contract).
 """
 
 import math
