@@ -48,6 +48,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 import vit
 from pretrain import init_distributed  # the one launch path: torchrun env vars, else one process
+from pretrain import save_checkpoint as write_atomically  # write-then-rename
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -515,10 +516,8 @@ def trainable_state(model):
 
 
 def save_checkpoint(path, model, optimizer, iteration, args):
-    tmp = path + ".tmp"  # write then rename: a run killed mid-save keeps the previous checkpoint
-    torch.save({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                "iteration": iteration, "args": vars(args)}, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                            "iteration": iteration, "args": vars(args)})
 
 
 def load_checkpoint(path, model, optimizer):
