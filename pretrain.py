@@ -22,7 +22,6 @@ linear_eval.py, robustness_eval.py and detect_eval.py load.
 
 import argparse
 import ctypes
-import ctypes.util
 import json
 import math
 import os
@@ -256,8 +255,8 @@ def keep_freed_host_memory():
     reserved, so the resident set does not shrink after the peak. glibc only; returns whether it applied.
     """
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt): nothing to tune
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter is linked against
+    except (OSError, AttributeError, TypeError):  # no mallopt (macOS) or no CDLL(None) (Windows)
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
