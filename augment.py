@@ -487,11 +487,18 @@ class MultiViewDataset(Dataset):
 # ----------------------------------------------------------------------------------------------------
 # Photometric augmentation on the device, batched with per-sample parameters
 
+@lru_cache(maxsize=None)
+def _mean_std(device: torch.device):
+    """(1, 3, 1, 1) each, made once per device: a tensor built from a list per call is a host->device
+    copy that makes the step wait for the GPU."""
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) or float in [0, 1] -> float32 ImageNet-normalised."""
     x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(x.device)
     return (x - mean) / std
 
 
@@ -529,7 +536,7 @@ def adjust_hue(x, factor):
     h = (h / 6 + factor.view(-1, 1, 1)).remainder(1.0)
     # HSV -> RGB without a sector lookup: channel n in {5, 3, 1} is v - v*s*clamp(min(k, 4 - k), 0, 1)
     # with k = (n + 6h) mod 6.
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)  # [5, 3, 1], made on the device
     k = (n + 6 * h.unsqueeze(1)).remainder(6)
     ramp = torch.minimum(k, 4 - k).clamp(0, 1)
     return (maxc.unsqueeze(1) * (1 - s.unsqueeze(1) * ramp)).clamp(0, 1)
@@ -615,7 +622,10 @@ class PhotometricAugment:
         identity come back bit-exact. Call it outside autocast: the colour maths is meant in float32.
         """
         on_host = {k: v.cpu() for k, v in params.items()}  # no-op for CPU params
-        p = {k: v.to(x.device, non_blocking=True) for k, v in params.items()}
+        if x.is_cuda:  # a pageable host->device copy may wait for the GPU; a pinned one never does
+            on_host = {k: v.pin_memory() for k, v in on_host.items()}  # no-op for pinned tensors
+        p = {k: (on_host[k] if v.device.type == "cpu" else v).to(x.device, non_blocking=True)
+             for k, v in params.items()}
         applied = p["jitter_applied"] > 0
         hue_at = on_host["jitter_applied"].bool()[:, None] & (on_host["jitter_order"] == 3)  # (B, 4)
         for step in range(4):

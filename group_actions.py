@@ -120,7 +120,9 @@ def _where(mask: Tensor | None, x: Tensor, op) -> Tensor:
     if mask.all():
         return op(x)
     # torch.where keeps both branches in the graph, so every sample still gets its gradient
-    return torch.where(mask.to(x.device).view(-1, 1, 1, 1), op(x), x)
+    if x.is_cuda and not mask.is_cuda:
+        mask = mask.pin_memory()  # a pageable host->device copy may wait for the GPU
+    return torch.where(mask.to(x.device, non_blocking=True).view(-1, 1, 1, 1), op(x), x)
 
 
 def _act(x: Tensor, g: GroupElement, resize) -> Tensor:

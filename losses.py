@@ -460,7 +460,8 @@ def nt_xent(a, b, temperature):
     anchors = torch.cat([a, b])  # (2n, d)
     logits = anchors @ torch.cat([a_all, b_all]).T / temperature  # (2n, 2M)
     rows = torch.arange(2 * n, device=a.device)
-    logits = logits.index_put((rows, torch.cat([idx, idx + m])), logits.new_tensor(float("-inf")))
+    logits = logits.index_put((rows, torch.cat([idx, idx + m])),
+                              torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device))
     positives = torch.cat([idx + m, idx])
     per_anchor = F.cross_entropy(logits, positives, reduction="none")
     return _global_mean_of_sum(per_anchor.sum(), 2 * m)
@@ -591,8 +592,8 @@ def equimod_param_vector(params):
     applied = col(params["jitter_applied"])
     order = torch.where(applied.bool(), params["jitter_order"].to(dtype),
                         torch.arange(4, dtype=dtype, device=crop.device)) / 3
-    factors = torch.where(applied.bool(), params["jitter"].to(dtype),
-                          torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=dtype, device=crop.device))
+    identity = (torch.arange(4, device=crop.device) < 3).to(dtype)  # factors (1, 1, 1, 0), made on the device
+    factors = torch.where(applied.bool(), params["jitter"].to(dtype), identity)
     sigma = col(params["blur_sigma"])
     return torch.cat([crop.to(dtype), col(params["flip"]), applied, order, factors, col(params["gray"]),
                       (sigma > 0).to(dtype), sigma, col(params["solarize"])], dim=1)
@@ -655,9 +656,11 @@ def augself_targets(params1, params2, jitter_strength=(0.4, 0.4, 0.2, 0.1)):
         return top + height / 2, left + width / 2, height, width
 
     def color_of(p):
-        span = 2 * torch.as_tensor(jitter_strength, dtype=p["jitter"].dtype, device=p["jitter"].device)
-        centred = p["jitter"] - torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=span.dtype, device=span.device)
-        return centred / span * p["jitter_applied"].to(span.dtype)[:, None]  # (B, 4)
+        # Column by column with Python scalars: constants built from lists would be host->device copies.
+        j = p["jitter"]
+        centred = [j[:, i] - (1.0 if i < 3 else 0.0) for i in range(4)]
+        scaled = torch.stack([c / (2 * s) for c, s in zip(centred, jitter_strength)], dim=1)
+        return scaled * p["jitter_applied"].to(j.dtype)[:, None]  # (B, 4)
 
     def diff(pa, pb):
         cy_a, cx_a, h_a, w_a = crop_of(pa)

@@ -160,7 +160,8 @@ def get_args_parser():
     a("--knn-val-size", type=int, default=None, help="val images the k-NN monitor classifies")
     a("--stop-at-step", type=int, default=None,
       help="save and exit at this global step (time-limited or preemptible jobs); rerun to resume")
-    a("--benchmark", type=int, default=0, metavar="STEPS", help="measure STEPS training steps, then exit")
+    a("--benchmark", type=int, default=0, metavar="STEPS", help="measure STEPS training steps from initialisation, then exit "
+                                                                 "(a checkpoint in --output-dir is neither resumed nor changed)")
     a("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (H100 SXM bf16 dense: 989)")
     a("--count-flops", action="store_true",
       help="print the training FLOPs per image of this configuration (and of its base method without the "
@@ -323,7 +324,9 @@ class Student(nn.Module):
         res = {}
         if b2_views is not None:
             layer = self.backbone.cls_after_block
-            b2 = [self.backbone.forward_features(x, layer=layer) for x in b2_views]  # grids differ: one call each
+            # Grids differ: one call each, through the class's eager method even under --compile
+            # (a new grid every step would recompile every step).
+            b2 = [vit.VisionTransformer.forward_features(self.backbone, x, layer=layer) for x in b2_views]
             cls = [torch.cat([c, o["cls"]]) for c, o in zip(cls, b2)]  # b2 rows last, as the release
             res["ser_maps"] = [self.addon_head(o["token_map"]) for o in b2]  # (B2, C, h_i, w_i)
         if local_views is not None:
@@ -353,7 +356,8 @@ class Teacher(nn.Module):
     def forward(self, views, b2_views=None):
         cls = list(self.backbone(torch.cat(views)).split(views[0].shape[0]))
         if b2_views is not None:
-            cls = [torch.cat([c, self.backbone(x)]) for c, x in zip(cls, b2_views)]
+            eager = vit.VisionTransformer.forward_features  # as in Student.forward
+            cls = [torch.cat([c, eager(self.backbone, x)["cls"]]) for c, x in zip(cls, b2_views)]
         return [self.projector(c) for c in cls]
 
 
@@ -430,6 +434,8 @@ def photometric_views(batch, photometric, step, args, rank, world, device):
         n = crops.shape[0]
         p = aug.sample_params(n * world, augment.device_generator(args.seed, step, 0, v))
         p = {k: t[rank * n:(rank + 1) * n] for k, t in p.items()}  # CPU: apply() reads them without a sync
+        if device.type == "cuda":
+            p = {k: t.pin_memory() for k, t in p.items()}  # so that both copies to the device are asynchronous
         x = crops.to(device, non_blocking=True).float() / 255
         views.append(augment.normalize(aug.apply(x, p)))
         params.append({k: t.to(device, non_blocking=True) for k, t in p.items()})
@@ -635,7 +641,8 @@ def benchmark(args, run_step, loader, sampler, dataset, device, local_batch, wor
         peak_mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (GPU, allocated)"
     else:
         import resource
-        peak_mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
+        per_gib = 2**30 if sys.platform == "darwin" else 2**20  # ru_maxrss: bytes on macOS, KiB on Linux
+        peak_mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_gib:.2f} GiB (process max RSS)"
     # The input pipeline alone, in this process: decode + crop + flip per image, i.e. one worker's rate.
     n_pipe, t0 = 0, time.perf_counter()
     for i, batch in enumerate(DataLoader(dataset, batch_sampler=sampler, num_workers=0)):
@@ -660,18 +667,19 @@ def benchmark(args, run_step, loader, sampler, dataset, device, local_batch, wor
     return result
 
 
-def compile_fixed_sizes(forward_features, recipe):
-    """--compile: torch.compile for the recipe's fixed square view sizes (global, local, E-SSL crops).
-    SER's b2 views get a new token grid every step; compiled with static shapes they would recompile
-    every step, and dynamic shapes fail in inductor on them, so other sizes run eagerly."""
-    compiled = torch.compile(forward_features, dynamic=False)
-    sizes = {v.size for v in recipe.views}
+def compile_backbone(backbone):
+    """--compile: torch.compile the backbone's training calls with static shapes; they all have fixed
+    sizes (global, local and E-SSL crops). SER's b2 views, whose grid changes every step, call the
+    eager method directly (Student, Teacher), and eval mode (the k-NN monitor) stays eager, so nothing
+    recompiles during the run. Compiling the bound method, not wrapping the module, keeps the
+    state-dict keys free of '_orig_mod.'."""
+    eager = backbone.forward_features
+    compiled = torch.compile(eager, dynamic=False)
 
-    def forward(x, layer=None):
-        static = x.shape[-1] == x.shape[-2] and x.shape[-1] in sizes
-        return (compiled if static else forward_features)(x, layer=layer)
+    def forward_features(x, layer=None):
+        return (compiled if backbone.training else eager)(x, layer=layer)
 
-    return forward
+    backbone.forward_features = forward_features
 
 
 # ---------------------------------------------------------------------------- training
@@ -718,7 +726,7 @@ def train(args):
     os.makedirs(args.output_dir, exist_ok=True)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
     start_step = 0
-    if os.path.exists(ckpt_path):
+    if os.path.exists(ckpt_path) and not args.benchmark:  # a benchmark neither resumes nor touches a run
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         changed = {k: (v, getattr(args, k, None)) for k, v in ckpt["args"].items()
                    if k not in RUNTIME_OPTIONS and v != getattr(args, k, None)}
@@ -740,11 +748,9 @@ def train(args):
 
     raw_student = student
     if args.compile:
-        # forward_features is the student's entry point (forward calls it too). Compiling the bound method,
-        # not wrapping the module, keeps the state-dict keys free of '_orig_mod.'.
         for backbone in (raw_student.backbone, teacher.backbone if teacher is not None else None):
             if backbone is not None:
-                backbone.forward_features = compile_fixed_sizes(backbone.forward_features, recipe)
+                compile_backbone(backbone)
     if world > 1:
         student = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -755,13 +761,13 @@ def train(args):
         n_params = sum(p.numel() for p in raw_student.parameters() if p.requires_grad)
         log(f"trainable parameters: {n_params / 1e6:.2f}M; weight decay on {len(optimizer.param_groups[0]['params'])} "
             f"tensors, none on {len(optimizer.param_groups[1]['params'])}")
-        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-            json.dump({"argv": sys.argv, "world_size": world, **vars(args)}, f, indent=1)
+        if not args.benchmark:
+            with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+                json.dump({"argv": sys.argv, "world_size": world, **vars(args)}, f, indent=1)
         log(json.dumps(vars(args)))
 
     autocast = (torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.precision])
                 if device.type == "cuda" and args.precision != "fp32" else nullcontext())
-    interrupt = Interrupt()
     trainable = [p for p in raw_student.parameters() if p.requires_grad]
     last_layer = [p for n, p in raw_student.projector.named_parameters() if "last_layer" in n]
     ema_pairs = None
@@ -816,6 +822,7 @@ def train(args):
 
     if start_step == 0 and args.knn_every:
         log_knn(0, -1)  # the same network at initialisation: the baseline the epochs are compared with
+    interrupt = Interrupt()  # from here on, SIGTERM/SIGINT mean "checkpoint, then stop"
     step, t_last, t_start, imgs_since = start_step, time.time(), time.time(), 0
     sums, n_sums, stopping, vote = {}, 0, False, None
     while step < total_steps and not stopping:
@@ -832,7 +839,9 @@ def train(args):
             signalled = interrupt.requested
             if world > 1:
                 # Ranks may see a signal at different steps but must stop at the same one: the flag is
-                # max-reduced on the host-side group without waiting, and read one step later.
+                # max-reduced on the host-side group without waiting, and read one step later (so at the
+                # first step no rank stops on its own flag).
+                signalled = False
                 if vote is not None:
                     vote[1].wait()
                     signalled = bool(vote[0].item())

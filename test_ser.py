@@ -1597,18 +1597,33 @@ def test_keep_freed_host_memory_stops_per_step_page_faults():
     assert counts["keep"][1] < 16384  # fewer than one tensor's pages over five tensors
 
 
-def test_compile_covers_the_fixed_view_sizes_only(monkeypatch):
-    """--compile: the recipe's square view sizes run compiled; SER's b2 grids, new every step, run eagerly
-    rather than recompiling each step."""
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (lambda x, layer=None: ("compiled", fn(x, layer))))
-    recipe = pretrain.build_recipe(config("--method dino --n-local-crops 2", "unused"))
-    forward = pretrain.compile_fixed_sizes(lambda x, layer=None: tuple(x.shape[-2:]), recipe)
-    local = recipe.views[-1].size
-    assert local != 32
-    assert forward(torch.zeros(2, 3, 32, 32)) == ("compiled", (32, 32))
-    assert forward(torch.zeros(2, 3, local, local)) == ("compiled", (local, local))
-    assert forward(torch.zeros(2, 3, 24, 32)) == (24, 32)
-    assert forward(torch.zeros(2, 3, 40, 40)) == (40, 40)
+def test_compile_sees_only_fixed_training_shapes(tmp_path, monkeypatch):
+    """--compile: only the b1 calls of student and teacher (one fixed shape) reach the compiled function;
+    SER's b2 views (a new grid every step) and the k-NN monitor (eval mode) run eagerly, so nothing
+    recompiles during a run."""
+    seen = []
+
+    def recording_compile(fn, **kw):
+        def compiled(x, layer=None):
+            seen.append(tuple(x.shape))
+            return fn(x, layer=layer)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    run("--method dino --ser --equiv-layer 2 --compile --knn-every 1 --knn-train-size 16 "
+        "--knn-val-size 8", tmp_path)
+    n_b1 = 2 * (16 - 2)  # two views of the 14 b1 images per step; b2 holds 2 of the 16
+    assert seen == [(n_b1, 3, 32, 32)] * 4  # student and teacher, 2 steps (one epoch), k-NN before and after
+
+
+def test_benchmark_neither_resumes_nor_changes_a_run(tmp_path):
+    """A benchmark pointed at a training run's directory starts from initialisation (any method) and
+    leaves the run's checkpoint and config untouched."""
+    ckpt = run("--method dino --stop-at-step 1", tmp_path)
+    before = {f: (tmp_path / f).read_bytes() for f in ("checkpoint.pth", "config.json")}
+    result = pretrain.train(config("--method mocov3 --ser --equiv-layer 2 --benchmark 1", tmp_path))
+    assert result["method"] == "mocov3" and ckpt["step"] == 1
+    assert all((tmp_path / f).read_bytes() == b for f, b in before.items())
 
 
 # ================================================================================================
