@@ -154,7 +154,8 @@ def get_args_parser():
     # Runtime.
     a("--output-dir", default="runs/default", help="checkpoints, logs; an existing checkpoint is resumed")
     a("--seed", type=int, default=0)
-    a("--log-every", type=float, default=10.0, help="seconds between progress lines")
+    a("--log-every", type=int, default=10, help="steps between progress lines (and after the first step); "
+                                                 "raise it when steps are fast and the log too long")
     a("--knn-every", type=int, default=1, help="epochs between k-NN monitors (0 = off)")
     a("--knn-train-size", type=int, default=None, help="train images in the k-NN monitor's memory bank")
     a("--knn-val-size", type=int, default=None, help="val images the k-NN monitor classifies")
@@ -206,6 +207,8 @@ def resolve_config(args):
         raise SystemExit(f"error: --{args.addon} with DINO multi-crop is not supported; use --n-local-crops 0")
     if args.img_size % args.patch_size:
         raise SystemExit(f"error: --img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
+    if args.log_every < 1:
+        raise SystemExit(f"error: --log-every must be at least 1 step, got {args.log_every}")
     if not 0 < args.ser_ratio < 1:
         raise SystemExit(f"error: --ser-ratio must be in (0, 1), got {args.ser_ratio}")
     return args
@@ -853,8 +856,14 @@ def train(args):
                 vote = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=losses.cpu_group(), async_op=True))
             stopping = signalled or step == args.stop_at_step
             now = time.time()
-            if now - t_last >= args.log_every or step % steps_per_epoch == 0 or stopping:
-                values = {k: (v / n_sums).item() for k, v in sums.items()}  # waits for the device: log steps only
+            if step % args.log_every == 0 or step == start_step + 1 or step % steps_per_epoch == 0 or stopping:
+                # Log steps are step counts, never times, so they are the same on every rank: the terms are
+                # averaged over ranks, and a non-finite loss stops every rank at the same step.
+                mean = torch.stack(list(sums.values())) / n_sums
+                if world > 1:
+                    dist.all_reduce(mean)
+                    mean /= world
+                values = dict(zip(sums, mean.tolist()))  # waits for the device: log steps only
                 if not all(math.isfinite(v) for v in values.values()):
                     raise SystemExit(f"error: non-finite loss at step {step} ({values}); the last checkpoint in "
                                      f"{args.output_dir} is intact. Try --precision fp32, a lower --lr or --clip-grad.")

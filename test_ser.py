@@ -1507,6 +1507,11 @@ def test_torchrun_two_ranks_first_step_equals_one_process(tmp_path):
             if v.is_floating_point():
                 assert torch.allclose(v, two[part][k], atol=1e-5, rtol=1e-4), (part, k)
     assert json.load(open(tmp_path / "two" / "config.json"))["world_size"] == 2
+    # The logged terms are averaged over the ranks at the same steps: they equal the single-process ones.
+    logged_one, logged_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [e["step"] for e in logged_one] == [e["step"] for e in logged_two] == [1]
+    for k in ("loss", "inv"):
+        assert logged_two[0][k] == pytest.approx(logged_one[0][k], rel=1e-4), k
 
 
 @pytest.mark.parametrize("method", ["mocov3", "dino", "barlowtwins"])
