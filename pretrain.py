@@ -321,9 +321,12 @@ class Student(nn.Module):
         at its own grid; local_views: (V_l * B, 3, s, s) DINO locals of all B = B1 + B2 images, view-major;
         plain: EquiMod's un-augmented (B, 3, H, W) with equimod_params (2B, 18), the two views' parameter
         vectors; essl: E-SSL's rotated crops (4B, 3, s, s)."""
-        n_b1 = views[0].shape[0]
-        out = self.backbone.forward_features(torch.cat(views), layer=self.addon_layer)  # one call per resolution
-        cls = list(out["cls"].split(n_b1))  # per view (B1, D)
+        n_b1, n_views = views[0].shape[0], len(views) * views[0].shape[0]
+        # One call per resolution: EquiMod's un-augmented view has the global size, so it joins the views.
+        x = torch.cat(views if plain is None else [*views, plain])
+        out = self.backbone.forward_features(x, layer=self.addon_layer)
+        cls = list(out["cls"][:n_views].split(n_b1))  # per view (B1, D)
+        represent = self._represent(out)  # what EquiMod/AugSelf read, ((V [+1]) * B1, D)
         res = {}
         if b2_views is not None:
             layer = self.backbone.cls_after_block
@@ -339,10 +342,9 @@ class Student(nn.Module):
         if self.predictor is not None:
             res["pred"] = [self.predictor(z) for z in res["proj"]]
         if self.addon == "equimod":
-            h_plain = self._represent(self.backbone.forward_features(plain, layer=self.addon_layer))
-            res["equimod"] = self.addon_head(h_plain, self._represent(out), equimod_params)  # (y_t, y_hat_t)
+            res["equimod"] = self.addon_head(represent[n_views:], represent[:n_views], equimod_params)  # (y_t, y_hat_t)
         elif self.addon == "augself":
-            res["augself"] = self.addon_head(*self._represent(out).split(n_b1)[:2])
+            res["augself"] = self.addon_head(*represent.split(n_b1)[:2])
         elif self.addon == "essl":
             res["essl"] = self.addon_head(self._represent(self.backbone.forward_features(essl, layer=self.addon_layer)))
         return res

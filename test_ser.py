@@ -1631,6 +1631,26 @@ def test_benchmark_neither_resumes_nor_changes_a_run(tmp_path):
     assert all((tmp_path / f).read_bytes() == b for f, b in before.items())
 
 
+def test_equimod_plain_view_joins_the_global_call(tmp_path, monkeypatch):
+    """EquiMod's un-augmented view shares the global views' backbone call (one call per resolution), and
+    the add-on sees exactly what separate calls would give."""
+    args = config("--method simclr --equimod --equiv-layer 2", tmp_path)
+    torch.manual_seed(0)
+    student, _ = pretrain.build_models(args)
+    views, plain = [torch.randn(4, 3, 32, 32) for _ in range(2)], torch.randn(4, 3, 32, 32)
+    params = torch.randn(8, 18)
+    calls = []
+    original = student.backbone.forward_features
+    monkeypatch.setattr(student.backbone, "forward_features",
+                        lambda x, layer=None: calls.append(x.shape[0]) or original(x, layer=layer))
+    y_t, y_hat_t = student(views, plain=plain, equimod_params=params)["equimod"]
+    assert calls == [12]
+    h_views = original(torch.cat(views), layer=2)["cls_at_layer"]
+    h_plain = original(plain, layer=2)["cls_at_layer"]
+    want_t, want_hat_t = student.addon_head(h_plain, h_views, params)
+    assert torch.allclose(y_t, want_t, atol=1e-5) and torch.allclose(y_hat_t, want_hat_t, atol=1e-5)
+
+
 # ================================================================================================
 # linear_eval.py: linear probe and k-NN
 # ================================================================================================
