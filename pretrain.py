@@ -617,6 +617,14 @@ def benchmark(args, run_step, loader, sampler, dataset, device, local_batch, wor
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dataset.set_epoch(0)
     sampler.set_epoch(0)
+    # The input pipeline alone, in this process: decode + crop + flip per image, i.e. one worker's rate.
+    # Measured first, while no DataLoader worker competes for the cores.
+    n_pipe, t0 = 0, time.perf_counter()
+    for i, batch in enumerate(DataLoader(dataset, batch_sampler=sampler, num_workers=0)):
+        n_pipe += len(batch["index"])
+        if i == 2:
+            break
+    pipe_rate = n_pipe / (time.perf_counter() - t0)
     batches = iter(loader)
 
     def next_batch():
@@ -648,13 +656,6 @@ def benchmark(args, run_step, loader, sampler, dataset, device, local_batch, wor
         import resource
         per_gib = 2**30 if sys.platform == "darwin" else 2**20  # ru_maxrss: bytes on macOS, KiB on Linux
         peak_mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_gib:.2f} GiB (process max RSS)"
-    # The input pipeline alone, in this process: decode + crop + flip per image, i.e. one worker's rate.
-    n_pipe, t0 = 0, time.perf_counter()
-    for i, batch in enumerate(DataLoader(dataset, batch_sampler=sampler, num_workers=0)):
-        n_pipe += len(batch["index"])
-        if i == 2:
-            break
-    pipe_rate = n_pipe / (time.perf_counter() - t0)
     result = {"method": args.method, "addon": args.addon, "arch": args.arch, "img_size": args.img_size,
               "global_batch": args.batch_size, "world_size": world, "device": str(device),
               "images_per_s": args.batch_size / step_time, "step_ms": 1000 * step_time,
