@@ -487,6 +487,14 @@ class MultiViewDataset(Dataset):
 # ----------------------------------------------------------------------------------------------------
 # Photometric augmentation on the device, batched with per-sample parameters
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host tensor (augmentation parameters, indices) to `device` without making the host
+    wait: on CUDA it is pinned first, because a copy from pageable memory may synchronise with the GPU."""
+    if t.device.type == "cpu" and device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 @lru_cache(maxsize=None)
 def _mean_std(device: torch.device):
     """(1, 3, 1, 1) each, made once per device: a tensor built from a list per call is a host->device
@@ -622,10 +630,7 @@ class PhotometricAugment:
         identity come back bit-exact. Call it outside autocast: the colour maths is meant in float32.
         """
         on_host = {k: v.cpu() for k, v in params.items()}  # no-op for CPU params
-        if x.is_cuda:  # a pageable host->device copy may wait for the GPU; a pinned one never does
-            on_host = {k: v.pin_memory() for k, v in on_host.items()}  # no-op for pinned tensors
-        p = {k: (on_host[k] if v.device.type == "cpu" else v).to(x.device, non_blocking=True)
-             for k, v in params.items()}
+        p = {k: to_device(v, x.device) for k, v in params.items()}
         applied = p["jitter_applied"] > 0
         hue_at = on_host["jitter_applied"].bool()[:, None] & (on_host["jitter_order"] == 3)  # (B, 4)
         for step in range(4):
@@ -642,12 +647,12 @@ class PhotometricAugment:
             # Hue (the costly op) runs only on the samples that draw it at this step; the host knows which.
             idx = hue_at[:, step].nonzero().flatten()
             if len(idx):
-                idx = idx.to(x.device, non_blocking=True)
+                idx = to_device(idx, x.device)
                 x = x.index_copy(0, idx, adjust_hue(x.index_select(0, idx), p["jitter"][idx, 3]))
         x = torch.where(p["gray"].view(-1, 1, 1, 1) > 0, _gray(x).expand_as(x), x)
         idx = (on_host["blur_sigma"] > 0).nonzero().flatten()
         if len(idx):
-            idx = idx.to(x.device, non_blocking=True)
+            idx = to_device(idx, x.device)
             x = x.index_copy(0, idx, gaussian_blur(x.index_select(0, idx), p["blur_sigma"][idx], self.kernel_size))
         return torch.where(p["solarize"].view(-1, 1, 1, 1) > 0, solarize(x), x)
 
@@ -656,7 +661,7 @@ class PhotometricAugment:
         params = self.sample_params(len(x), generator)
         x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
         out = normalize(self.apply(x, params))
-        return out, {k: v.to(x.device, non_blocking=True) for k, v in params.items()}
+        return out, {k: to_device(v, x.device) for k, v in params.items()}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -439,11 +439,9 @@ def photometric_views(batch, photometric, step, args, rank, world, device):
         n = crops.shape[0]
         p = aug.sample_params(n * world, augment.device_generator(args.seed, step, 0, v))
         p = {k: t[rank * n:(rank + 1) * n] for k, t in p.items()}  # CPU: apply() reads them without a sync
-        if device.type == "cuda":
-            p = {k: t.pin_memory() for k, t in p.items()}  # so that both copies to the device are asynchronous
         x = crops.to(device, non_blocking=True).float() / 255
         views.append(augment.normalize(aug.apply(x, p)))
-        params.append({k: t.to(device, non_blocking=True) for k, t in p.items()})
+        params.append({k: augment.to_device(t, device) for k, t in p.items()})
     return views, params
 
 
