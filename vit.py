@@ -442,6 +442,10 @@ def load_backbone(path, arch=None, key=None, map_location="cpu"):
             f"{path} does not match the {model.arch['embed_dim']}-dim, depth-{model.arch['depth']} ViT "
             f"(cls_after_block={model.cls_after_block}):\n  missing: {missing}\n  unexpected: {unexpected}\n"
             f"  shape mismatch: {[(k, tuple(sd[k].shape), tuple(expected[k].shape)) for k in shape_mismatch]}")
+    bad = [k for k, t in sd.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # NaN weights would give made-up accuracies downstream
+        raise ValueError(f"{path} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[:3]}: "
+                         "the run that wrote it diverged; use an earlier checkpoint")
     model.load_state_dict(sd, strict=True)
     model.dropped_keys = dropped_head  # reported by the evaluation scripts
     return model.eval()
