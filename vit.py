@@ -332,21 +332,22 @@ def strip_prefixes(state_dict):
     return sd
 
 
-def save_atomic(path, obj):
+def save_atomic(path, obj, indent=1):
     """Write `obj` to `path` so that an interruption never leaves a partial or lost file.
 
     The data goes to a temporary file in the same folder, which then replaces `path` in one step
     (os.replace is atomic on POSIX and Windows). `.json` paths are written as JSON, everything else
-    with torch.save. On an OSError (a full disk, no permission) the temporary file is removed and
+    with torch.save (`indent=None` gives compact JSON, for large result lists). On an OSError (a full disk, no permission) the temporary file is removed and
     the error names the path and the cause; the previous `path`, if any, is untouched.
     """
+    path = os.fspath(path)
     as_json = path.endswith(".json")
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")  # one writer per process: no clash between ranks
     try:
         with open(tmp, "w" if as_json else "wb") as f:
             if as_json:
-                json.dump(obj, f, indent=1)
+                json.dump(obj, f, indent=indent)
             else:
                 torch.save(obj, f)
             f.flush()
