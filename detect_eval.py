@@ -693,14 +693,15 @@ def get_args_parser():
     g.add_argument("--proposals-test", type=int, default=256, help="COCO: 1000")
     g.add_argument("--box-head-dim", type=int, default=256, help="TwoMLPHead width; COCO: 1024")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="SGD for the COCO recipe")
     g.add_argument("--lr", type=float, default=1e-3, help="peak lr; SGD on COCO: 0.02 at batch 16")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="on conv/linear weights only")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--batch-size", type=int, default=4, help="images per process per iteration")
     g.add_argument("--iters", type=int, default=300, help="training iterations (COCO 1x: 90000 at batch 16)")
     g.add_argument("--warmup-iters", type=int, default=30, help="linear lr warm-up from 0.001 x --lr")
-    g.add_argument("--schedule", choices=("step", "cosine"), default="step")
+    g.add_argument("--schedule", choices=("step", "cosine"), default="step",
+                   help="after warm-up: x0.1 steps at --decay-at (detectron2), or a cosine to 0")
     g.add_argument("--decay-at", type=float, nargs="*", default=[0.67, 0.89],
                    help="step schedule: fractions of --iters where lr drops x0.1 (detectron2 1x: 60k, 80k of 90k)")
     g = p.add_argument_group("run")
