@@ -2420,6 +2420,9 @@ def test_driver_equivariance_only_and_errors(tiny_probe, tmp_path):
         R.main(R.get_args_parser().parse_args(["--output-dir", str(tmp_path)]))
     with pytest.raises(SystemExit, match="--corruptions"):
         R.main(R.get_args_parser().parse_args(["--probe", tiny_probe, "--corruptions", "fogg"]))
+    for flag in (["--num-images", "0"], ["--scales", "nan"], ["--batch-size", "0"]):  # 0 images meant all of them
+        with pytest.raises(SystemExit, match=f"{flag[0]} must be"):
+            R.main(R.get_args_parser().parse_args(["--probe", tiny_probe, *flag]))
 
 
 
