@@ -87,8 +87,7 @@ SYNTHETIC_DEFAULTS = dict(arch="vit_tiny", depth=6, patch_size=8, img_size=64, e
                           batch_size=128, head_hidden=1024, head_out=256, knn_train_size=2000, knn_val_size=1000,
                           lr=1.5e-3, min_lr=1e-6, momentum=0.99, drop_path=0.0, crop_min=0.25)
 
-# Exit status, for schedulers: 0 finished (or stopped at --stop-at-step), 1 an error, and 128 + the signal
-# number after a signal made the run save a checkpoint and stop (143 SIGTERM, 130 SIGINT), as a shell reports it.
+# For schedulers: after a signal the run is checkpointed but not finished, so it exits 128 + the signal number.
 EXIT_CODES = ("exit status: 0 finished or stopped at --stop-at-step; 1 an error; 143 (SIGTERM) or 130 (SIGINT) after "
               "a signal made the run save checkpoint.pth and stop: rerun the same command to resume")
 
