@@ -574,7 +574,7 @@ def backbone_digest(backbone):
     h = hashlib.blake2b(digest_size=16)
     for k, v in backbone.state_dict().items():
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes, any dtype
     return h.hexdigest()
 
 
