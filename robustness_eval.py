@@ -61,6 +61,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+import vit
+
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
                "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
                "jpeg_compression")
@@ -894,7 +896,7 @@ class Evaluator:
     def __init__(self, args, backbone, classifier, meta, device, rank, world):
         self.args, self.backbone, self.classifier, self.meta = args, backbone, classifier, meta
         self.device, self.rank, self.world = device, rank, world
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+        self.autocast = lambda: vit.autocast(device)  # bf16 where it is native, else fp32
 
     def loader(self, dataset, batch_size):
         return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), self.rank, self.world),
