@@ -515,8 +515,8 @@ def _gray(x):  # (B, 3, H, W) -> (B, 1, H, W), ITU-R 601 luma as in torchvision
 
 
 def _blend(x, other, factor):  # torchvision's _blend with a per-sample factor (B,)
-    f = factor.view(-1, 1, 1, 1)
-    return (f * x + (1 - f) * other).clamp(0, 1)
+    # lerp is f*x + (1-f)*other in one pass over x (exact x where f = 1); clamp_ on the fresh result.
+    return torch.lerp(other, x, factor.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
 def adjust_brightness(x, factor):
