@@ -581,8 +581,8 @@ def clip_grad_per_param(params, max_norm):
     norm). Fused over tensors and free of host syncs."""
     grads = [p.grad for p in params if p.grad is not None]
     if grads:
-        norms = torch._foreach_norm(grads)
-        torch._foreach_mul_(grads, [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms])
+        norms = torch.stack(torch._foreach_norm(grads))  # (P,): the scales in 2 ops, not 3 per parameter
+        torch._foreach_mul_(grads, (max_norm / (norms + 1e-6)).clamp_(max=1.0).unbind())
 
 
 def count_flops_per_image(args, local_batch):

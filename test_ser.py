@@ -1487,6 +1487,20 @@ def test_ser_loss_reaches_blocks_before_the_split_only(tmp_path):
     assert all(p.grad is not None for p in student.addon_head.parameters())
 
 
+def test_clip_grad_per_param_clips_each_gradient_on_its_own():
+    """DINO's clip_gradients: every parameter's gradient is scaled to norm <= max_norm separately."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(s)) for s in ((3, 4), (5,), (7, 7), (2,))]
+    for p, scale in zip(params, (10.0, 0.01, 1.0, 100.0)):
+        p.grad = torch.randn_like(p) * scale
+    before = [p.grad.clone() for p in params]
+    params.append(nn.Parameter(torch.randn(3)))  # no gradient (e.g. DINO's frozen last layer): skipped
+    pretrain.clip_grad_per_param(params, 3.0)
+    for p, g in zip(params, before):
+        torch.testing.assert_close(p.grad, g * min(1.0, 3.0 / (g.norm().item() + 1e-6)))
+    assert params[-1].grad is None
+
+
 def test_schedules_are_pure_functions_of_the_step():
     assert pretrain.cosine_schedule(0, 100, 1.0, 0.1, warmup_steps=10) == 0.0
     assert pretrain.cosine_schedule(5, 100, 1.0, 0.1, warmup_steps=10) == 0.5
