@@ -857,8 +857,8 @@ def train(args):
         if ema_pairs is not None:
             with torch.no_grad():
                 m = ema_momentum(step, total_steps, args.momentum)
-                torch._foreach_mul_(ema_pairs[0], m)
-                torch._foreach_add_(ema_pairs[0], ema_pairs[1], alpha=1 - m)
+                # teacher = m * teacher + (1 - m) * student, as one pass over both (mul + add took two)
+                torch._foreach_lerp_(ema_pairs[0], ema_pairs[1], 1 - m)
         return {k: v.detach() for k, v in {"loss": loss, **terms}.items()}
 
     if args.benchmark:
