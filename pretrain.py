@@ -808,8 +808,8 @@ def train(args):
 
     if is_main:
         log(f"{args.method}{' + ' + args.addon if args.addon else ''} on {args.data}: {world} rank(s) on {device}, "
-            f"{precision}, global batch {args.batch_size} ({local_batch} per rank), lr {peak_lr:.3g} (= {args.lr:g} x batch / 256), "
-            f"{steps_per_epoch} steps/epoch, {total_steps} steps")
+            f"{precision}, global batch {args.batch_size} ({local_batch} per rank), "
+            f"lr {peak_lr:.3g} (= {args.lr:g} x batch / 256), {steps_per_epoch} steps/epoch, {total_steps} steps")
         n_params = sum(p.numel() for p in raw_student.parameters() if p.requires_grad)
         log(f"trainable parameters: {n_params / 1e6:.2f}M; weight decay on {len(optimizer.param_groups[0]['params'])} "
             f"tensors, none on {len(optimizer.param_groups[1]['params'])}")
