@@ -162,7 +162,8 @@ def get_args_parser():
     a("--stop-at-step", type=int, default=None,
       help="save and exit at this global step (time-limited or preemptible jobs); rerun to resume")
     a("--benchmark", type=int, default=0, metavar="STEPS", help="measure STEPS training steps from initialisation, then exit "
-                                                                 "(a checkpoint in --output-dir is neither resumed nor changed)")
+                                                                 "(a checkpoint in --output-dir is neither resumed nor changed); "
+                                                                 "as many bare-compute steps give the floor")
     a("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (H100 SXM bf16 dense: 989)")
     a("--count-flops", action="store_true",
       help="print the training FLOPs per image of this configuration (and of its base method without the "
