@@ -564,8 +564,8 @@ def _gray(x):  # (B, 3, H, W) -> (B, 1, H, W), ITU-R 601 luma as in torchvision
 
 
 def _blend(x, other, factor):  # torchvision's _blend with a per-sample factor (B,)
-    f = factor.view(-1, 1, 1, 1)
-    return (f * x + (1 - f) * other).clamp(0, 1)
+    # lerp is f*x + (1-f)*other in one pass over x (exact x where f = 1); clamp_ on the fresh result.
+    return torch.lerp(other, x, factor.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
 def adjust_brightness(x, factor):
@@ -694,16 +694,25 @@ class PhotometricAugment:
                                 torch.where((op == 1).view(-1, 1, 1, 1), luma.mean((1, 2, 3), keepdim=True), luma))
             x = _blend(x, other, factor)
             # Hue (the costly op) runs only on the samples that draw it at this step; the host knows which.
+            # x is the blend's fresh output from here on, so the ops below write their rows in place.
             idx = hue_at[:, step].nonzero().flatten()
             if len(idx):
                 idx = to_device(idx, x.device)
-                x = x.index_copy(0, idx, adjust_hue(x.index_select(0, idx), p["jitter"][idx, 3]))
-        x = torch.where(p["gray"].view(-1, 1, 1, 1) > 0, _gray(x).expand_as(x), x)
+                x.index_copy_(0, idx, adjust_hue(x.index_select(0, idx), p["jitter"][idx, 3]))
+        # Grayscale, blur and solarize, like hue, touch only the samples that draw them.
+        idx = (on_host["gray"] > 0).nonzero().flatten()
+        if len(idx):
+            idx = to_device(idx, x.device)
+            x.index_copy_(0, idx, _gray(x.index_select(0, idx)).expand(-1, 3, -1, -1))
         idx = (on_host["blur_sigma"] > 0).nonzero().flatten()
         if len(idx):
             idx = to_device(idx, x.device)
-            x = x.index_copy(0, idx, gaussian_blur(x.index_select(0, idx), p["blur_sigma"][idx], self.kernel_size))
-        return torch.where(p["solarize"].view(-1, 1, 1, 1) > 0, solarize(x), x)
+            x.index_copy_(0, idx, gaussian_blur(x.index_select(0, idx), p["blur_sigma"][idx], self.kernel_size))
+        idx = (on_host["solarize"] > 0).nonzero().flatten()
+        if len(idx):
+            idx = to_device(idx, x.device)
+            x.index_copy_(0, idx, solarize(x.index_select(0, idx)))
+        return x
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """x uint8 (B, 3, H, W) on the device -> (float32 normalised (B, 3, H, W), params on the device)."""

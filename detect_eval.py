@@ -349,7 +349,7 @@ class SimpleFeaturePyramid(nn.Module):
     def forward(self, images):  # (B, 3, H, W), normalised and padded by the detector's transform
         # bf16 for the ViT and the pyramid only: the heads decode box coordinates, which bf16's 8-bit
         # mantissa would round to several pixels on 800-px images.
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.is_cuda):
+        with vit.autocast(images.device):  # bf16 where it is native (GPUs, AVX512_BF16/AMX CPUs), else fp32
             with torch.no_grad():
                 out = self.backbone.forward_features(images)
             (h, w), tokens = out["grid"], out["patch"]  # tokens (B, h*w, D)

@@ -41,7 +41,6 @@ import argparse
 import math
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -176,11 +175,6 @@ def is_distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def autocast(device):
-    # bf16 needs no loss scaling; the CPU path stays float32 (CPU autocast is slow and tests compare exactly)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 def all_gather_cat(t):
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t)
@@ -202,7 +196,7 @@ def gather_features(feature_fn, loader, device, label=None, log=print):
         if len(batch) != 3:
             raise ValueError("the loader must yield (images, labels, indices): wrap its dataset in WithIndex")
         images, target, index = batch
-        with autocast(device):
+        with vit.autocast(device):  # bf16 where it is native (GPUs, AVX512_BF16/AMX CPUs), else fp32
             f = feature_fn(images.to(device, non_blocking=True))  # (b, F)
         f = f.float()
         target, index = target.to(device, non_blocking=True).long(), index.to(device, non_blocking=True)
@@ -317,7 +311,7 @@ def train_sweep(sweep, loader, lrs, epochs, device, backbone=None, n_last_blocks
         for inputs, labels in loader:
             inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if backbone is not None:
-                with torch.no_grad(), autocast(device):
+                with torch.no_grad(), vit.autocast(device):
                     inputs = extract_features(backbone, inputs, n_last_blocks, avgpool)  # (B, F)
             scale = 0.5 * (1 + math.cos(math.pi * step / total_steps))
             for group, lr in zip(optimizer.param_groups, lrs):

@@ -28,7 +28,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from copy import deepcopy
 
 import torch
@@ -155,7 +154,8 @@ def get_args_parser():
     a("--warmup-teacher-temp-epochs", type=int, default=0,
       help="DINO: epochs of linear teacher-temperature warm-up to --teacher-temp (0 = none)")
     a("--freeze-last-layer", type=int, default=1, help="DINO: epochs with the head's last layer frozen")
-    a("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast on GPU (CPU runs fp32)")
+    a("--precision", default="auto", choices=vit.PRECISIONS,
+      help="autocast dtype; auto: bf16 on GPUs and on CPUs with native bf16 (AVX512_BF16 or AMX), else fp32")
     # Runtime.
     a("--output-dir", default="runs/default", help="checkpoints, logs; an existing checkpoint is resumed")
     a("--seed", type=int, default=0, help="seed of the initial weights, the data order and every augmentation")
@@ -167,7 +167,8 @@ def get_args_parser():
     a("--stop-at-step", type=int, default=None,
       help="save and exit at this global step (time-limited or preemptible jobs); rerun to resume")
     a("--benchmark", type=int, default=0, metavar="STEPS", help="measure STEPS training steps from initialisation, then exit "
-                                                                 "(a checkpoint in --output-dir is neither resumed nor changed)")
+                                                                 "(a checkpoint in --output-dir is neither resumed nor changed); "
+                                                                 "as many bare-compute steps give the floor")
     a("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (H100 SXM bf16 dense: 989)")
     a("--count-flops", action="store_true",
       help="print the training FLOPs per image of this configuration (and of its base method without the "
@@ -631,8 +632,8 @@ def clip_grad_per_param(params, max_norm):
     norm). Fused over tensors and free of host syncs."""
     grads = [p.grad for p in params if p.grad is not None]
     if grads:
-        norms = torch._foreach_norm(grads)
-        torch._foreach_mul_(grads, [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms])
+        norms = torch.stack(torch._foreach_norm(grads))  # (P,): the scales in 2 ops, not 3 per parameter
+        torch._foreach_mul_(grads, (max_norm / (norms + 1e-6)).clamp_(max=1.0).unbind())
 
 
 def count_flops_per_image(args, local_batch):
@@ -659,9 +660,31 @@ def count_flops_per_image(args, local_batch):
     return counter.get_total_flops() / local_batch
 
 
-def benchmark(args, run_step, loader, sampler, dataset, device, local_batch, world, is_main):
+def matmul_peak_tflops(device, precision):
+    """The best rate of a large square torch.mm at the run's precision, in TFLOP/s: the MFU denominator
+    when --peak-tflops is not given (on a CPU there is no spec-sheet number to trust)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # CPU: 1024 runs as fast as 2048 (oneDNN/MKL) and fits many tries into the time budget.
+    n = 8192 if device.type == "cuda" else 1024
+    if device.type == "cpu" and precision == "bf16" and not vit.cpu_has_native_bf16():
+        n = 256  # emulated bf16 runs at ~1 GFLOP/s: a 1024 matmul would take 2 s
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    best, tries, end = math.inf, 0, time.perf_counter() + 1.0
+    while tries < 5 or time.perf_counter() < end:  # the best of 1 s of tries is the least disturbed by other jobs
+        sync()
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        best, tries = min(best, time.perf_counter() - t0), tries + 1
+    return 2 * n ** 3 / best / 1e12
+
+
+def benchmark(args, run_step, compute_step, photometric, precision, loader, sampler, dataset, device, local_batch,
+              rank, world):
     """--benchmark STEPS: time the real training step and report images/s, data wait vs compute, peak
-    memory, FLOPs per image (count_flops_per_image) and MFU."""
+    memory, FLOPs per image (count_flops_per_image), MFU, and the step's distance to its compute floor:
+    the same compute_step on inputs already on the device, without data loading or augmentation."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dataset.set_epoch(0)
     sampler.set_epoch(0)
@@ -673,6 +696,21 @@ def benchmark(args, run_step, loader, sampler, dataset, device, local_batch, wor
         if i == 2:
             break
     pipe_rate = n_pipe / (time.perf_counter() - t0)
+    flops_per_image = count_flops_per_image(args, local_batch)
+    peak_tflops = args.peak_tflops or matmul_peak_tflops(device, precision)
+
+    # The floor, also before the workers start: each step's views are made from the batch above before
+    # the clock starts (the same shapes, SER's b2 grids included), then only compute_step is timed.
+    floor = 0.0
+    for step in range(3 + args.benchmark):  # 3 warm-up steps, as below
+        inputs, extra = make_step_inputs(batch, photometric, step, args, rank, world, device)
+        sync()
+        t0 = time.perf_counter()
+        compute_step(step, inputs, extra)
+        sync()
+        floor += (time.perf_counter() - t0) if step >= 3 else 0.0
+    floor_time = floor / args.benchmark
+
     batches = iter(loader)
 
     def next_batch():
@@ -683,7 +721,6 @@ def benchmark(args, run_step, loader, sampler, dataset, device, local_batch, wor
             batches = iter(loader)
             return next(batches)
 
-    flops_per_image = count_flops_per_image(args, local_batch)
     for step in (0, 1, 2):  # warm-up: allocator, autotuning, compilation
         run_step(step, next_batch())
     sync()
@@ -705,17 +742,22 @@ def benchmark(args, run_step, loader, sampler, dataset, device, local_batch, wor
         per_gib = 2**30 if sys.platform == "darwin" else 2**20  # ru_maxrss: bytes on macOS, KiB on Linux
         peak_mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_gib:.2f} GiB (process max RSS)"
     result = {"method": args.method, "addon": args.addon, "arch": args.arch, "img_size": args.img_size,
-              "global_batch": args.batch_size, "world_size": world, "device": str(device),
+              "global_batch": args.batch_size, "world_size": world, "device": str(device), "precision": precision,
               "images_per_s": args.batch_size / step_time, "step_ms": 1000 * step_time,
               "data_wait_ms": 1000 * wait / args.benchmark, "compute_ms": 1000 * compute / args.benchmark,
+              "floor_ms": 1000 * floor_time, "step_over_floor": step_time / floor_time,
               "gflops_per_image": flops_per_image / 1e9, "achieved_tflops_per_rank": flops_per_image * local_batch
               / (compute / args.benchmark) / 1e12, "peak_memory": peak_mem,
-              "pipeline_images_per_s_per_worker": pipe_rate, "num_workers": args.num_workers}
-    if args.peak_tflops:  # model FLOPs over compute time (data wait excluded), and over the whole step
-        result["mfu_compute"] = result["achieved_tflops_per_rank"] / args.peak_tflops
-        result["mfu_step"] = flops_per_image * local_batch / step_time / 1e12 / args.peak_tflops
-    if is_main:
+              "pipeline_images_per_s_per_worker": pipe_rate, "num_workers": args.num_workers,
+              "peak_tflops": peak_tflops, "peak_source": "--peak-tflops" if args.peak_tflops else
+              f"measured: the best torch.mm at {precision} in 1 s"}
+    # Model FLOPs over compute time (data wait excluded), and over the whole step.
+    result["mfu_compute"] = result["achieved_tflops_per_rank"] / peak_tflops
+    result["mfu_step"] = flops_per_image * local_batch / step_time / 1e12 / peak_tflops
+    if rank == 0:
         print(json.dumps(result, indent=1))
+        print(f"step / floor: {result['step_over_floor']:.3f} ({result['step_ms']:.1f} ms per step, "
+              f"{result['floor_ms']:.1f} ms of bare compute)")
         with open(os.path.join(args.output_dir, "benchmark.json"), "w") as f:
             json.dump(result, f, indent=1)
     return result
@@ -772,9 +814,17 @@ def train(args):
     if teacher is not None:
         teacher.to(device)
     dino_loss = losses.DINOLoss(args.head_out or 65536).to(device) if args.method == "dino" else None
-    fused = dict(fused=True) if device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(param_groups(student, args.method), lr=0.0, weight_decay=0.0, **fused)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and args.precision == "fp16")
+    # fused: one kernel per tensor on GPUs and CPUs (torch >= 2.4); on CPU the default for-loop AdamW
+    # took 5-10x longer for ViT-Ti/16 with DINO's 65536-dim head
+    optimizer = torch.optim.AdamW(param_groups(student, args.method), lr=0.0, weight_decay=0.0, fused=True)
+    try:
+        precision = vit.resolve_precision(device, args.precision)
+    except ValueError as e:
+        raise SystemExit(f"error: --precision {args.precision}: {e}")
+    if precision == "bf16" and device.type == "cpu" and not vit.cpu_has_native_bf16():
+        log("warning: --precision bf16 on a CPU without AVX512_BF16 or AMX: bf16 is emulated, matmuls run "
+            "~100x slower than in fp32; use --precision fp32")
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     peak_lr = args.lr * args.batch_size / 256
 
     os.makedirs(args.output_dir, exist_ok=True)
@@ -821,8 +871,8 @@ def train(args):
 
     if is_main:
         log(f"{args.method}{' + ' + args.addon if args.addon else ''} on {args.data}: {world} rank(s) on {device}, "
-            f"global batch {args.batch_size} ({local_batch} per rank), lr {peak_lr:.3g} (= {args.lr:g} x batch / 256), "
-            f"{steps_per_epoch} steps/epoch, {total_steps} steps")
+            f"{precision}, global batch {args.batch_size} ({local_batch} per rank), "
+            f"lr {peak_lr:.3g} (= {args.lr:g} x batch / 256), {steps_per_epoch} steps/epoch, {total_steps} steps")
         n_params = sum(p.numel() for p in raw_student.parameters() if p.requires_grad)
         log(f"trainable parameters: {n_params / 1e6:.2f}M; weight decay on {len(optimizer.param_groups[0]['params'])} "
             f"tensors, none on {len(optimizer.param_groups[1]['params'])}")
@@ -830,8 +880,6 @@ def train(args):
             vit.save_atomic(os.path.join(args.output_dir, "config.json"), {"argv": sys.argv, "world_size": world, **vars(args)})
         log(json.dumps(vars(args)))
 
-    autocast = (torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.precision])
-                if device.type == "cuda" and args.precision != "fp32" else nullcontext())
     trainable = [p for p in raw_student.parameters() if p.requires_grad]
     last_layer = [p for n, p in raw_student.projector.named_parameters() if "last_layer" in n]
     ema_pairs = None
@@ -842,14 +890,19 @@ def train(args):
 
     def run_step(step, batch):
         """One optimisation step. Returns the detached loss terms (no host sync)."""
-        epoch = step // steps_per_epoch
         torch.manual_seed(augment.seed_from("step", args.seed, rank, step))  # drop-path: per rank, replayable
         lr = cosine_schedule(step, total_steps, peak_lr, args.min_lr * args.batch_size / 256, warmup_steps)
         wd = cosine_schedule(step, total_steps, args.weight_decay, args.weight_decay_end)
         for group in optimizer.param_groups:
             group["lr"], group["weight_decay"] = lr, wd if group["apply_wd"] else 0.0
         inputs, extra = make_step_inputs(batch, photometric, step, args, rank, world, device)
-        with autocast:
+        return compute_step(step, inputs, extra), lr, wd
+
+    def compute_step(step, inputs, extra):
+        """The step's compute on inputs already on the device: student forward and backward, teacher
+        forward, losses, optimiser and EMA (what --benchmark's floor times alone)."""
+        epoch = step // steps_per_epoch
+        with vit.autocast(device, precision):
             student_out = student(**inputs)
             teacher_out = teacher(inputs["views"], inputs["b2_views"]) if teacher is not None else None
         terms = compute_losses(args, student_out, teacher_out, extra, dino_loss, epoch)
@@ -867,12 +920,13 @@ def train(args):
         if ema_pairs is not None:
             with torch.no_grad():
                 m = ema_momentum(step, total_steps, args.momentum)
-                torch._foreach_mul_(ema_pairs[0], m)
-                torch._foreach_add_(ema_pairs[0], ema_pairs[1], alpha=1 - m)
-        return {k: v.detach() for k, v in {"loss": loss, **terms}.items()}, lr, wd
+                # teacher = m * teacher + (1 - m) * student, as one pass over both (mul + add took two)
+                torch._foreach_lerp_(ema_pairs[0], ema_pairs[1], 1 - m)
+        return {k: v.detach() for k, v in {"loss": loss, **terms}.items()}
 
     if args.benchmark:
-        result = benchmark(args, run_step, loader, sampler, dataset, device, local_batch, world, is_main)
+        result = benchmark(args, run_step, compute_step, photometric, precision, loader, sampler, dataset, device,
+                           local_batch, rank, world)
         if world > 1:
             dist.barrier()  # as at the end of training
             dist.destroy_process_group()

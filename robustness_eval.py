@@ -907,7 +907,7 @@ class Evaluator:
     def __init__(self, args, backbone, classifier, meta, device, rank, world, log=print):
         self.args, self.backbone, self.classifier, self.meta = args, backbone, classifier, meta
         self.device, self.rank, self.world, self.log = device, rank, world, log
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+        self.autocast = lambda: vit.autocast(device)  # bf16 where it is native, else fp32
 
     def loader(self, dataset, batch_size, label):
         """This rank's batches, with progress and ETA (a pass over ImageNet-C takes minutes to hours)."""

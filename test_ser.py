@@ -39,6 +39,14 @@ import robustness_eval as R
 import vit
 
 torch.set_num_threads(1)  # tiny ops: threads only add synchronisation on a 2-core CI machine
+CPU_HAS_NATIVE_BF16 = vit.cpu_has_native_bf16  # the real detection, before the fixture below replaces it
+
+
+@pytest.fixture(autouse=True)
+def fp32_on_every_cpu(monkeypatch):
+    """The suite compares results to float rounding: precision 'auto' resolves to fp32 on every CPU, also
+    on one with native bf16. Tests of the bf16 paths patch the detection themselves."""
+    monkeypatch.setattr(vit, "cpu_has_native_bf16", lambda: False)
 
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -305,6 +313,38 @@ def test_save_atomic_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatc
     with pytest.raises(OSError, match=f"could not write {path}: No space left on device"):
         vit.save_atomic(path, {"step": 2})
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "results.json"]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_autocasts_to_bf16_only_where_the_cpu_has_it(native, monkeypatch):
+    monkeypatch.setattr(vit, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert vit.resolve_precision(cpu) == ("bf16" if native else "fp32")
+    with vit.autocast(cpu):
+        assert torch.is_autocast_enabled("cpu") == native
+        y = nn.Linear(8, 8)(torch.randn(2, 8))
+    assert y.dtype == (torch.bfloat16 if native else torch.float32)
+    # Explicit choices are kept; GPUs default to bf16 whatever the host CPU; fp16 needs CUDA's scaler.
+    assert vit.resolve_precision(cpu, "fp32") == "fp32" and vit.resolve_precision(cpu, "bf16") == "bf16"
+    assert vit.resolve_precision(torch.device("cuda")) == "bf16"
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        vit.resolve_precision(cpu, "fp16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        vit.resolve_precision(cpu, "bf32")
+
+
+def test_native_bf16_detection_reads_the_cpu_flags(monkeypatch):
+    detect = CPU_HAS_NATIVE_BF16.__wrapped__  # uncached
+    for avx512_bf16, amx, expected in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert detect() == expected
+    # Older torch without the queries: the flags of /proc/cpuinfo (AVX-512 alone emulates bf16).
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    for flags, expected in (("fpu avx2 avx512f", False), ("fpu avx512f avx512_bf16", True), ("amx_bf16", True)):
+        monkeypatch.setattr(vit, "open", lambda *a, **k: io.StringIO(f"flags\t: {flags}\n"), raising=False)
+        assert detect() == expected
+
 
 # ================================================================================================
 # group_actions.py: the group on pixels and token maps
@@ -1605,6 +1645,20 @@ def test_ser_loss_reaches_blocks_before_the_split_only(tmp_path):
     assert all(p.grad is not None for p in student.addon_head.parameters())
 
 
+def test_clip_grad_per_param_clips_each_gradient_on_its_own():
+    """DINO's clip_gradients: every parameter's gradient is scaled to norm <= max_norm separately."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(s)) for s in ((3, 4), (5,), (7, 7), (2,))]
+    for p, scale in zip(params, (10.0, 0.01, 1.0, 100.0)):
+        p.grad = torch.randn_like(p) * scale
+    before = [p.grad.clone() for p in params]
+    params.append(nn.Parameter(torch.randn(3)))  # no gradient (e.g. DINO's frozen last layer): skipped
+    pretrain.clip_grad_per_param(params, 3.0)
+    for p, g in zip(params, before):
+        torch.testing.assert_close(p.grad, g * min(1.0, 3.0 / (g.norm().item() + 1e-6)))
+    assert params[-1].grad is None
+
+
 def test_schedules_are_pure_functions_of_the_step():
     assert pretrain.cosine_schedule(0, 100, 1.0, 0.1, warmup_steps=10) == 0.0
     assert pretrain.cosine_schedule(5, 100, 1.0, 0.1, warmup_steps=10) == 0.5
@@ -1639,6 +1693,44 @@ def test_benchmark_mode_counts_the_ser_flops(tmp_path):
     assert json.load(open(tmp_path / "ser" / "benchmark.json"))["addon"] == "ser"
 
 
+def test_benchmark_reports_the_distance_to_the_compute_floor(tmp_path, capsys):
+    result = pretrain.train(config("--method dino --ser --equiv-layer 2 --benchmark 1", tmp_path))
+    assert result["floor_ms"] > 0
+    assert result["step_over_floor"] == pytest.approx(result["step_ms"] / result["floor_ms"])
+    assert "step / floor: " in capsys.readouterr().out
+    saved = json.load(open(tmp_path / "benchmark.json"))
+    assert saved["step_over_floor"] == result["step_over_floor"] and saved["precision"] == "fp32"
+    # No --peak-tflops: MFU against a measured matmul peak; with it: against the given number.
+    assert saved["peak_source"].startswith("measured") and saved["peak_tflops"] > 0 and saved["mfu_compute"] > 0
+    given = pretrain.train(config("--method mocov3 --benchmark 1 --peak-tflops 2", tmp_path))
+    assert given["peak_tflops"] == 2 and given["peak_source"] == "--peak-tflops"
+    assert given["mfu_compute"] == pytest.approx(given["achieved_tflops_per_rank"] / 2)
+
+
+@pytest.mark.parametrize("native, flag, expected", [(True, "", torch.bfloat16), (False, "", torch.float32),
+                                                    (True, "--precision fp32", torch.float32),
+                                                    (False, "--precision bf16", torch.bfloat16)])
+def test_pretrain_autocasts_to_bf16_only_where_the_cpu_has_it(native, flag, expected, tmp_path, monkeypatch,
+                                                               capsys):
+    """bf16 by default only on a CPU with native bf16; an explicit bf16 elsewhere runs with a warning.
+    The heads compute in the autocast dtype, the losses in float32."""
+    monkeypatch.setattr(vit, "cpu_has_native_bf16", lambda: native)
+    seen, compute_losses = [], pretrain.compute_losses
+
+    def spy(args, student_out, *rest):
+        terms = compute_losses(args, student_out, *rest)
+        seen.append((student_out["proj"][0].dtype, terms["inv"].dtype))
+        return terms
+
+    monkeypatch.setattr(pretrain, "compute_losses", spy)
+    run(f"--method dino --stop-at-step 1 {flag}", tmp_path)
+    assert seen == [(expected, torch.float32)]
+    assert ("bf16 is emulated" in capsys.readouterr().out) == (flag == "--precision bf16")
+    if not native:
+        with pytest.raises(SystemExit, match="--precision fp16: fp16 needs a CUDA device"):
+            run("--precision fp16", tmp_path / "fp16")
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1648,7 +1740,7 @@ def _free_port():
 def test_torchrun_two_ranks_first_step_equals_one_process(tmp_path):
     """The union of the ranks' batches is the single-process batch, augmentation parameters are drawn
     for the global batch, and every loss is exact under DDP: step 1 must agree to float rounding."""
-    args = f"pretrain.py --method mocov3 {TINY} --stop-at-step 1".split()
+    args = f"pretrain.py --method mocov3 {TINY} --stop-at-step 1 --precision fp32".split()  # fp32 on any CPU
     repo = os.path.dirname(os.path.abspath(pretrain.__file__))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, *args, "--output-dir", str(tmp_path / "one")], cwd=repo, env=env, check=True,
@@ -1681,7 +1773,7 @@ def test_ser_flops_overhead_at_the_paper_setting(method):
 
 
 def test_pretrain_checkpoint_loads_as_the_evaluated_backbone(tmp_path):
-    run("--method dino --stop-at-step 1", tmp_path)
+    run("--method dino --stop-at-step 2", tmp_path)  # step 0 has lr 0: the student moves from step 1 on
     from_ckpt = vit.load_backbone(tmp_path / "checkpoint.pth")  # DINO evaluates its teacher
     export = vit.load_backbone(tmp_path / "backbone.pth")
     assert from_ckpt.arch == export.arch
@@ -2041,6 +2133,7 @@ def gather_worker(rank, world, port, dataset, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
+    vit.cpu_has_native_bf16 = lambda: False  # a spawned process: fp32 as under fp32_on_every_cpu
     model = linear_tiny_vit()
     cpu = torch.device("cpu")
     # 7 samples over 2 ranks: the sampler pads rank 1's shard with sample 0 again.
@@ -2771,6 +2864,7 @@ def detect_ddp_worker(rank, world_size, port, argv):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    vit.cpu_has_native_bf16 = lambda: False  # a spawned process: fp32 as under fp32_on_every_cpu
     de.main(argv)
 
 

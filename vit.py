@@ -14,11 +14,13 @@ that L_equiv acts on, and the [CLS] token joins before block L+1. L = 0 is the s
 Tests: `python -m pytest -q test_ser.py` (its vit.py section checks the state-dict contract).
 """
 
+import functools
 import json
 import math
 import os
 import re
 import tempfile
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -300,6 +302,48 @@ def build_vit(arch):
     if name not in ARCHS:
         raise ValueError(f"unknown arch {name!r}; choose from {sorted(ARCHS)}")
     return ARCHS[name](**arch)
+
+
+# ---------------------------------------------------------------------- precision
+# The one home of every script's autocast. bf16 needs no loss scaling and keeps fp32's range; the
+# losses upcast their inputs to float32 themselves (losses.py).
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16():
+    """Whether this CPU computes bf16 matmuls in hardware: AVX512_BF16 or AMX. Elsewhere (AVX2 only,
+    AVX-512 without BF16) torch emulates bf16, and a bf16 matmul runs 100x slower than fp32 (AMD Zen 3:
+    ~1 against ~135 GFLOP/s). torch's own cpuinfo queries first, /proc/cpuinfo flags on older torch."""
+    query = getattr(torch, "cpu", None)
+    if hasattr(query, "_is_avx512_bf16_supported") and hasattr(query, "_is_amx_tile_supported"):
+        return bool(query._is_avx512_bf16_supported() or query._is_amx_tile_supported())
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:  # not Linux: no reliable query, so no bf16 by default
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(device, precision="auto"):
+    """'auto' -> bf16 on CUDA and on CPUs with native bf16 (cpu_has_native_bf16), else fp32. An explicit
+    precision is kept; fp16 needs CUDA (its loss scaler is CUDA-only in this project)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()) else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"fp16 needs a CUDA device (got {device.type}); use bf16 or fp32")
+    return precision
+
+
+def autocast(device, precision="auto"):
+    """The autocast context of a step or an evaluation batch on `device` (see resolve_precision)."""
+    precision = resolve_precision(device, precision)
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 # ---------------------------------------------------------------------- checkpoints
