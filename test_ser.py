@@ -2160,6 +2160,26 @@ def test_equivariance_scores_standin():
         assert good[e, :, 4].mean() > 0.1  # chance baseline: unrelated images disagree
 
 
+def test_equivariance_figure_panels_and_pngs(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    g = R.geometric_elements(2, (4, 4))
+    for name in ("rot90", "vflip"):  # D4 elements: the stand-in is exactly equivariant, so the panels agree
+        f_gx, rho_f_x = R.equivariance_panels(StandIn(), x, g[name], layer=2)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(f_gx, rho_f_x))
+        f_gx, rho_f_x = R.equivariance_panels(StandIn(bias=True), x, g[name], layer=2)
+        assert max((a - b).abs().max() for a, b in zip(f_gx, rho_f_x)) > 0.05  # a broken one does not
+    vits = [vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2),
+            vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, cls_after_block=1)]
+    paths, panels = R.write_figures(vits, ["base", "ser"], x, str(tmp_path), layer=1, tile=32)
+    assert [os.path.basename(p) for p in paths] == ["equivariance.png", "attention_base.png", "attention_ser.png"]
+    pad, top = 4, 14  # _grid_image's layout: 2 images x 3 elements rows; x, g x, then 2 panels per backbone
+    assert Image.open(paths[0]).size == (6 * (32 + pad) + pad, top + 6 * (32 + pad) + pad)
+    assert Image.open(paths[2]).size == (5 * (32 + pad) + pad, top + 2 * (32 + pad) + pad)  # image + 4 heads
+    attn = R.cls_attention(vits[1], x)
+    assert attn.shape == (2, 4, 4, 4) and torch.all(attn.flatten(2).sum(-1) <= 1 + 1e-5)
+
+
 # ------------------------------------------------------------------------------------------- driver
 
 @pytest.fixture(scope="module")
