@@ -73,6 +73,23 @@ def device_generator(seed: int, step: int, rank: int, view_id: int) -> torch.Gen
     return torch.Generator().manual_seed(seed_from("photometric", seed, step, rank, view_id))
 
 
+def progress(iterable, total, label, log=print, every=30.0):
+    """Yield from `iterable`, logging "label 120/900, 2.1 min, ETA 13.5 min" at most every `every`
+    seconds and once at the end: the long evaluation passes would otherwise be silent for minutes."""
+    start = last = time.time()
+    done = reported = 0
+    for item in iterable:
+        yield item
+        done += 1
+        now = time.time()
+        if now - last >= every or done == total:
+            eta = (now - start) / done * max(0, total - done)
+            log(f"{label} {done}/{total}, {(now - start) / 60:.1f} min, ETA {eta / 60:.1f} min")
+            last, reported = now, done
+    if reported != done:  # fewer items than `total` (e.g. a shorter last shard): still say where it ended
+        log(f"{label} {done}/{total}, {(time.time() - start) / 60:.1f} min, done")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Synthetic shapes: the offline default dataset
 
@@ -239,6 +256,37 @@ class _Strided(torch.utils.data.Subset):
         self.transform = getattr(base, "transform", None)
 
 
+def _refuse_symlink_loops(data: str, folder: str):
+    """Directory symlinks that lead back into the tree are refused (torchvision's ImageFolder follows
+    links): `train/a/up -> ..` would add the images again under other labels, level after level, until
+    the OS gives up. A link to a folder outside the tree (e.g. class folders on another disk) is fine."""
+    top = os.path.realpath(folder)
+    for parent, dirs, _ in os.walk(folder, followlinks=True):
+        here = os.path.realpath(parent)
+        for d in dirs:
+            link = os.path.join(parent, d)
+            if not os.path.islink(link):
+                continue
+            target = os.path.realpath(link)
+            loops = os.path.commonpath([here, target]) == target  # the target contains the link itself
+            if loops or os.path.commonpath([target, top]) == top:
+                raise ValueError(f"--data {data}: {link} is a symlink to {target}, back into the image tree; its "
+                                 "images would be counted again under other labels. Remove the link or point it outside "
+                                 f"{folder}")
+
+
+def check_same_classes(train: Dataset, val: Dataset, data: str):
+    """Refuse train/val splits with different class names: labels are positions in the class list, so
+    train {a, b} and val {b, c} would silently score val's 'b' as 'a'."""
+    a, b = list(train.classes), list(val.classes)
+    if a != b:
+        only_train, only_val = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        detail = (f"only in train: {only_train[:5]}, only in val: {only_val[:5]}" if only_train or only_val
+                  else "same names in another order")
+        raise ValueError(f"--data {data}: the train and val splits have different classes ({detail}); "
+                         "labels are class positions, so both splits need the same class folders")
+
+
 def build_dataset(data: str, split: str, transform=None, img_size=64, length=None) -> Dataset:
     """Dataset of (image, label) with `.num_classes` and `.classes`.
 
@@ -273,6 +321,7 @@ def build_dataset(data: str, split: str, transform=None, img_size=64, length=Non
         if not os.path.isdir(folder):
             raise ValueError(f"--data {data}: expected an ImageFolder root with train/ and val/, "
                              f"but folder {folder} does not exist")
+        _refuse_symlink_loops(data, folder)
         try:
             dataset = datasets.ImageFolder(folder, transform=transform, loader=_load_rgb)
         except FileNotFoundError as e:  # no class folders, or class folders without images
@@ -667,9 +716,9 @@ class PhotometricAugment:
 # ----------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Synthetic-data preview and generation benchmark")
+    parser = argparse.ArgumentParser(prog="augment.py", description="Synthetic-data preview and generation benchmark")
     parser.add_argument("--out", default="samples.png", help="where to write the sample grid")
-    parser.add_argument("--img_size", type=int, default=64)
+    parser.add_argument("--img_size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--bench", action="store_true", help="time generation instead of writing samples")
     args = parser.parse_args()
     data = SyntheticShapes("train", 10_000, args.img_size)

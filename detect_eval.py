@@ -28,6 +28,7 @@ Tests: python -m pytest -q test_ser.py  (its detect_eval.py section)
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -46,24 +47,37 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.transforms.functional import pil_to_tensor
 
+import augment
 import vit
 from pretrain import init_distributed  # the one launch path: torchrun env vars, else one process
-from pretrain import save_checkpoint as write_atomically  # write-then-rename
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 # ----------------------------------------------------------------------------- COCO-format data
+BOX_TOLERANCE = 1.0  # px a box may overshoot its image (annotation rounding); clipped in the training targets
 REQUIRED_KEYS = {"images": ("id", "file_name", "width", "height"),
                  "annotations": ("id", "image_id", "category_id", "bbox", "area"),
                  "categories": ("id", "name")}
 
 
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true/false are ints to Python
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # json parses NaN, Infinity
+
+
 def validate_coco(coco, source, allow_degenerate=False):
     """Check a COCO instances dict and fill the optional `iscrowd` (default 0); errors name `source`.
 
-    Zero-size boxes (w or h == 0) are an error unless allow_degenerate: they are then kept for scoring,
-    as pycocotools does, and left out of training targets. Negative sizes are always an error.
+    Ids are integers, image sizes positive integers, boxes four finite numbers (JSON's true, NaN and
+    Infinity are refused: an infinite box crashes torchvision's roi_align) that lie inside their image;
+    a box may overshoot the border by at most BOX_TOLERANCE px (annotation rounding) and is clipped
+    there in the training targets. Zero-size boxes (w or h == 0) are an error unless allow_degenerate:
+    they are then kept for scoring, as pycocotools does, and left out of training targets. Negative
+    sizes are always an error.
     """
     if not isinstance(coco, dict):
         raise ValueError(f"{source}: expected a JSON object with images/annotations/categories")
@@ -74,6 +88,14 @@ def validate_coco(coco, source, allow_degenerate=False):
             missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
             if missing:
                 raise ValueError(f"{source}: {section}[{i}] lacks key(s) {missing}")
+    for section, keys in (("images", ("id", "width", "height")), ("annotations", ("id", "image_id", "category_id")),
+                          ("categories", ("id",))):
+        for i, entry in enumerate(coco[section]):
+            for k in keys:
+                if not _is_int(entry[k]) or (k in ("width", "height") and entry[k] < 1):
+                    want = "a positive integer" if k in ("width", "height") else "an integer"
+                    raise ValueError(f"{source}: {section}[{i}] {k} must be {want}, got {entry[k]!r} "
+                                     f"({type(entry[k]).__name__})")
     image_ids = [im["id"] for im in coco["images"]]
     cat_ids = {c["id"] for c in coco["categories"]}
     if len(set(image_ids)) != len(image_ids):
@@ -82,27 +104,40 @@ def validate_coco(coco, source, allow_degenerate=False):
         raise ValueError(f"{source}: duplicate annotation ids")
     if not cat_ids:
         raise ValueError(f"{source}: no categories")
-    image_ids = set(image_ids)
+    sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
     for a in coco["annotations"]:
-        if a["image_id"] not in image_ids:
+        if a["image_id"] not in sizes:
             raise ValueError(f"{source}: annotation {a['id']} refers to image id {a['image_id']}, "
                              "which is not in 'images'")
         if a["category_id"] not in cat_ids:
             raise ValueError(f"{source}: annotation {a['id']} has unknown category id {a['category_id']} "
                              f"(known: {sorted(cat_ids)})")
         box = a["bbox"]
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-            raise ValueError(f"{source}: annotation {a['id']} bbox must be [x, y, w, h], got {box!r}")
-        w, h = box[2], box[3]
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+            raise ValueError(f"{source}: annotation {a['id']} bbox must be [x, y, w, h] of finite numbers, got {box!r}")
+        x, y, w, h = box
         if w < 0 or h < 0 or (min(w, h) == 0 and not allow_degenerate):
             hint = "" if min(w, h) < 0 else " (pass --allow-degenerate-boxes to keep zero-size boxes)"
             raise ValueError(f"{source}: annotation {a['id']} has a box of non-positive size {box}{hint}")
+        W, H = sizes[a["image_id"]]
+        t = BOX_TOLERANCE
+        if x < -t or y < -t or x + w > W + t or y + h > H + t:
+            raise ValueError(f"{source}: annotation {a['id']} box {box} leaves its {W}x{H} image {a['image_id']} "
+                             "(check the box and the image's width/height)")
+        if not _is_number(a["area"]) or a["area"] < 0:
+            raise ValueError(f"{source}: annotation {a['id']} area must be a finite number >= 0, got {a['area']!r}")
         a.setdefault("iscrowd", 0)
+        if a["iscrowd"] not in (0, 1) or isinstance(a["iscrowd"], float):
+            raise ValueError(f"{source}: annotation {a['id']} iscrowd must be 0 or 1, got {a['iscrowd']!r}")
+    if not any(not a["iscrowd"] and min(a["bbox"][2:]) > 0 for a in coco["annotations"]):
+        raise ValueError(f"{source}: no annotated boxes (crowd regions and zero-size boxes aside): nothing to train "
+                         "on or to score against")
     return coco
 
 
 def load_coco(ann_file, image_dir=None, allow_degenerate=False):
-    """Read and validate an instances JSON; with image_dir, also check that every image file exists."""
+    """Read and validate an instances JSON; with image_dir, also check that every image file exists and
+    has the width and height the JSON gives it (PIL reads the header only)."""
     try:
         with open(ann_file) as f:
             coco = json.load(f)
@@ -117,6 +152,16 @@ def load_coco(ann_file, image_dir=None, allow_degenerate=False):
         if absent:
             raise ValueError(f"{ann_file}: {len(absent)} image file(s) missing from {image_dir}, "
                              f"e.g. {absent[:3]}")
+        for im in coco["images"]:
+            path = os.path.join(image_dir, im["file_name"])
+            try:
+                with Image.open(path) as f:
+                    size = f.size
+            except OSError as e:
+                raise ValueError(f"cannot read image file {path}: {e}") from None
+            if size != (im["width"], im["height"]):
+                raise ValueError(f"{ann_file}: image {im['id']} is {im['width']}x{im['height']} in the JSON but "
+                                 f"{path} is {size[0]}x{size[1]}; its boxes would be misplaced")
     return coco
 
 
@@ -132,11 +177,14 @@ class CocoDetection(Dataset):
         self.images = sorted(coco["images"], key=lambda im: im["id"])
         self.cat_ids = sorted(c["id"] for c in coco["categories"])
         label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
         self.targets = defaultdict(list)
         for a in coco["annotations"]:
             x, y, w, h = a["bbox"]
-            if not a["iscrowd"] and w > 0 and h > 0:
-                self.targets[a["image_id"]].append((x, y, x + w, y + h, label[a["category_id"]]))
+            W, H = sizes[a["image_id"]]
+            if not a["iscrowd"] and w > 0 and h > 0:  # clipped: validate_coco allows BOX_TOLERANCE px outside
+                self.targets[a["image_id"]].append((max(x, 0), max(y, 0), min(x + w, W), min(y + h, H),
+                                                    label[a["category_id"]]))
         self.image_dir, self.render = image_dir, render
 
     def __len__(self):
@@ -515,13 +563,40 @@ def trainable_state(model):
     return {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.backbone.")}
 
 
-def save_checkpoint(path, model, optimizer, iteration, args):
-    write_atomically(path, {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                            "iteration": iteration, "args": vars(args)})
+# Options a resumed run may change: they do not change what the heads learn (--iters may be extended).
+RUNTIME_OPTIONS = {"output_dir", "workers", "log_every", "ckpt_every", "eval_batch_size", "iters", "val_split",
+                   "synthetic_val"}
 
 
-def load_checkpoint(path, model, optimizer):
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+def backbone_digest(backbone):
+    """A fingerprint of the frozen weights: a resume must continue on the backbone the heads were trained on,
+    even when --pretrained names a file that was overwritten since."""
+    h = hashlib.blake2b(digest_size=16)
+    for k, v in backbone.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes, any dtype
+    return h.hexdigest()
+
+
+def save_checkpoint(path, model, optimizer, iteration, args, digest):
+    vit.save_atomic(path, {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                           "iteration": iteration, "args": vars(args), "backbone_digest": digest})
+
+
+def load_checkpoint(path, model, optimizer, args, digest):
+    """Resume: refuse a checkpoint written with other settings or on another backbone, then load it."""
+    ckpt = vit.load_checkpoint(path)  # tensors and plain values only
+    if not (isinstance(ckpt, dict) and {"model", "optimizer", "iteration", "args"} <= set(ckpt)):
+        raise ValueError(f"{path} is not a detect_eval.py checkpoint; move it away or use another --output-dir")
+    changed = {k: (v, getattr(args, k, None)) for k, v in ckpt["args"].items()
+               if k not in RUNTIME_OPTIONS and v != getattr(args, k, None)}
+    if changed:
+        raise ValueError(f"{path} was written with different settings: "
+                         + ", ".join(f"--{k.replace('_', '-')} {a!r} (now {b!r})" for k, (a, b) in changed.items())
+                         + ". Use another --output-dir, or rerun with the saved settings.")
+    if ckpt.get("backbone_digest", digest) != digest:
+        raise ValueError(f"{path} holds heads trained on other backbone weights than {args.pretrained} has now "
+                         "(the file changed since). Use another --output-dir.")
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     frozen = {k for k in model.state_dict() if k.startswith("backbone.backbone.")}
     if set(missing) != frozen or unexpected:
@@ -539,8 +614,7 @@ def build_data(args, is_main, distributed):
             synth = SyntheticDetection(n, args.synthetic_size, args.data_seed, split)
             ann_file = os.path.join(args.output_dir, f"synthetic_{split}.json")
             if is_main:
-                with open(ann_file, "w") as f:
-                    json.dump(synth.coco(), f)
+                vit.save_atomic(ann_file, synth.coco(), indent=None)
             sources[split] = (ann_file, None, synth.render)
         if distributed:
             dist.barrier()  # the JSON files exist before anyone reads them
@@ -558,14 +632,14 @@ def build_data(args, is_main, distributed):
 
 
 @torch.no_grad()
-def predict(model, dataset, args, device, rank, world_size):
+def predict(model, dataset, args, device, rank, world_size, log=print):
     """COCO results for the whole val set, gathered on every rank (sampler padding removed by image id)."""
     model.eval()
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
     loader = DataLoader(dataset, args.eval_batch_size, sampler=sampler, num_workers=args.workers,
                         collate_fn=collate, pin_memory=device.type == "cuda")
     local = {}
-    for images, targets in loader:
+    for images, targets in augment.progress(loader, len(loader), "evaluation: batch", log):
         images = [img.to(device, non_blocking=True).float().div_(255) for img in images]
         outputs = model(images)  # boxes in original image coordinates, xyxy
         for tgt, out in zip(targets, outputs):
@@ -583,12 +657,14 @@ def predict(model, dataset, args, device, rank, world_size):
 
 # ----------------------------------------------------------------------------- main
 def get_args_parser():
-    p = argparse.ArgumentParser("Frozen-ViT detection (ViTDet pyramid + Faster R-CNN)", add_help=True)
+    p = argparse.ArgumentParser(prog="detect_eval.py", description="Frozen-ViT detection (ViTDet pyramid + Faster "
+                                "R-CNN), COCO box mAP; see the module docstring")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", help="'synthetic' (built-in, offline) or a COCO root "
                    "with annotations/instances_{split}.json and {split}/ image folders")
-    g.add_argument("--train-split", default="train2017")
-    g.add_argument("--val-split", default="val2017")
+    g.add_argument("--train-split", default="train2017", help="COCO: the training images' folder and annotation "
+                   "name (annotations/instances_<split>.json)")
+    g.add_argument("--val-split", default="val2017", help="COCO: the evaluated images' folder and annotation name")
     g.add_argument("--allow-degenerate-boxes", action="store_true",
                    help="keep zero-size GT boxes for scoring (COCO train2017 has 2) instead of failing")
     g.add_argument("--synthetic-train", type=int, default=512, help="synthetic training images")
@@ -617,28 +693,55 @@ def get_args_parser():
     g.add_argument("--proposals-test", type=int, default=256, help="COCO: 1000")
     g.add_argument("--box-head-dim", type=int, default=256, help="TwoMLPHead width; COCO: 1024")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="SGD for the COCO recipe")
     g.add_argument("--lr", type=float, default=1e-3, help="peak lr; SGD on COCO: 0.02 at batch 16")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="on conv/linear weights only")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--batch-size", type=int, default=4, help="images per process per iteration")
     g.add_argument("--iters", type=int, default=300, help="training iterations (COCO 1x: 90000 at batch 16)")
-    g.add_argument("--warmup-iters", type=int, default=30)
-    g.add_argument("--schedule", choices=("step", "cosine"), default="step")
+    g.add_argument("--warmup-iters", type=int, default=30, help="linear lr warm-up from 0.001 x --lr")
+    g.add_argument("--schedule", choices=("step", "cosine"), default="step",
+                   help="after warm-up: x0.1 steps at --decay-at (detectron2), or a cosine to 0")
     g.add_argument("--decay-at", type=float, nargs="*", default=[0.67, 0.89],
                    help="step schedule: fractions of --iters where lr drops x0.1 (detectron2 1x: 60k, 80k of 90k)")
     g = p.add_argument_group("run")
-    g.add_argument("--eval-batch-size", type=int, default=8)
+    g.add_argument("--eval-batch-size", type=int, default=8, help="images per process per forward in the evaluation")
     g.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--log-every", type=int, default=20)
+    g.add_argument("--seed", type=int, default=0, help="seed of the heads' init, flips, scales and RPN/RoI sampling")
+    g.add_argument("--log-every", type=int, default=20, help="iterations between loss lines")
     g.add_argument("--ckpt-every", type=int, default=100, help="checkpoint period in iterations (also saved at the end)")
-    g.add_argument("--output-dir", default="runs/detect")
+    g.add_argument("--output-dir", default="runs/detect", help="checkpoint.pth (resumed automatically), log.jsonl, "
+                   "detect_results.json and detections_val.json")
     return p
+
+
+def check_args(args):
+    """Ranges of the numeric flags; math.isfinite first, since nan fails every comparison."""
+    ranges = [("--lr", [args.lr], lambda v: v > 0, "positive"),
+              ("--weight-decay", [args.weight_decay], lambda v: v >= 0, ">= 0"),
+              ("--momentum", [args.momentum], lambda v: 0 <= v <= 1, "in [0, 1]"),
+              ("--decay-at", args.decay_at, lambda v: 0 < v < 1, "fractions in (0, 1)"),
+              ("--workers", [args.workers], lambda v: v >= 0, ">= 0"),
+              ("--warmup-iters", [args.warmup_iters], lambda v: v >= 0, ">= 0")]
+    ranges += [(flag, values if isinstance(values, list) else [values], lambda v: v >= 1, "at least 1")
+               for flag, values in (("--batch-size", args.batch_size), ("--iters", args.iters),
+                                    ("--eval-batch-size", args.eval_batch_size), ("--log-every", args.log_every),
+                                    ("--ckpt-every", args.ckpt_every), ("--synthetic-train", args.synthetic_train),
+                                    ("--synthetic-val", args.synthetic_val), ("--synthetic-size", args.synthetic_size),
+                                    ("--patch-size", args.patch_size), ("--out-channels", args.out_channels),
+                                    ("--anchor-sizes", args.anchor_sizes), ("--min-size", args.min_size),
+                                    ("--max-size", args.max_size), ("--rpn-batch", args.rpn_batch),
+                                    ("--roi-batch", args.roi_batch), ("--proposals-train", args.proposals_train),
+                                    ("--proposals-test", args.proposals_test), ("--box-head-dim", args.box_head_dim))]
+    for flag, values, ok, want in ranges:
+        for v in values:
+            if not (math.isfinite(v) and ok(v)):
+                raise SystemExit(f"detect_eval.py: {flag} must be {want}, got {v}")
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    check_args(args)
     rank, world_size, device = init_distributed()
     distributed = world_size > 1
     # The fp32 heads (see SimpleFeaturePyramid.forward) may use TF32 tensor cores, as detectron2 does.
@@ -664,6 +767,7 @@ def main(argv=None):
         raise SystemExit(f"detect_eval.py: {e}") from None
     torch.manual_seed(args.seed + rank)
     frozen = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}  # checked at the end
+    digest = backbone_digest(backbone)
 
     # Norm parameters and biases get no weight decay (a decayed LN gain only shrinks features).
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -683,7 +787,7 @@ def main(argv=None):
     start = 0
     if os.path.isfile(ckpt_path):
         try:
-            start = load_checkpoint(ckpt_path, model, optimizer)
+            start = load_checkpoint(ckpt_path, model, optimizer, args, digest)
         except ValueError as e:
             raise SystemExit(f"detect_eval.py: {e}") from None
         log(f"resumed from {ckpt_path} at iteration {start}")
@@ -727,11 +831,14 @@ def main(argv=None):
                 with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
                     f.write(json.dumps({"iteration": it + 1, "lr": lr, **values}) + "\n")
         if is_main and ((it + 1) % args.ckpt_every == 0 or it + 1 == args.iters):
-            save_checkpoint(ckpt_path, model, optimizer, it + 1, args)
+            try:
+                save_checkpoint(ckpt_path, model, optimizer, it + 1, args, digest)
+            except OSError as e:
+                raise SystemExit(f"detect_eval.py: {e}") from None
     train_time = time.time() - t0
 
     t0 = time.time()
-    detections = predict(model, val_set, args, device, rank, world_size)
+    detections = predict(model, val_set, args, device, rank, world_size, log)
     results = None
     if is_main:
         stats = coco_evaluate(val_gt, detections)
@@ -740,10 +847,11 @@ def main(argv=None):
                    "backbone": args.pretrained or f"random init {args.arch}", "num_val_images": len(val_set),
                    "num_detections": len(detections), "train_time_s": train_time,
                    "eval_time_s": time.time() - t0, "world_size": world_size, "args": vars(args)}
-        with open(os.path.join(args.output_dir, "detect_results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        with open(os.path.join(args.output_dir, "detections_val.json"), "w") as f:
-            json.dump(detections, f)  # pycocotools-loadable, for an independent check
+        try:  # each file replaced in one step, the results last
+            vit.save_atomic(os.path.join(args.output_dir, "detections_val.json"), detections, indent=None)  # pycocotools
+            vit.save_atomic(os.path.join(args.output_dir, "detect_results.json"), results)
+        except OSError as e:
+            raise SystemExit(f"detect_eval.py: {e}") from None
         log(f"AP {stats[0]:.4f} AP50 {stats[1]:.4f} -> {os.path.join(args.output_dir, 'detect_results.json')}")
 
     # The frozen backbone must come out bit-identical (MoCo v3's sanity_check).

@@ -38,7 +38,6 @@ shuffle=False; its padding is harmless because features are written back by data
 """
 
 import argparse
-import json
 import math
 import os
 import time
@@ -108,11 +107,11 @@ def predict(backbone, classifier, x, n_last_blocks, avgpool):
 
 def save_probe(path, backbone, classifier, n_last_blocks, avgpool, num_classes, img_size, data, **extra):
     """The selected head with the exact backbone it was trained on, so that robustness_eval.py needs one file."""
-    torch.save({"arch": backbone.arch,
+    vit.save_atomic(path, {"arch": backbone.arch,
                 "backbone": {k: v.cpu() for k, v in backbone.state_dict().items()},
                 "classifier": {k: v.cpu() for k, v in classifier.state_dict().items()},
                 "n_last_blocks": n_last_blocks, "avgpool": avgpool, "num_classes": num_classes,
-                "img_size": img_size, "data": data, **extra}, path)
+                "img_size": img_size, "data": data, **extra})
 
 
 def load_probe(path):
@@ -121,20 +120,28 @@ def load_probe(path):
     meta holds every other entry: n_last_blocks, avgpool, num_classes, img_size, data, lr, top1, top5.
     """
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors and numbers only
+        ckpt = vit.load_checkpoint(path)  # tensors and plain values only
     except FileNotFoundError:
         raise FileNotFoundError(f"probe checkpoint not found: {path} "
                                 "(linear_eval.py writes <output-dir>/linear_probe.pth)") from None
-    except Exception as e:  # e.g. a pretrain checkpoint, which pickles more than tensors
-        raise ValueError(f"{path} is not a linear_eval.py probe checkpoint ({e})") from None
     missing = [k for k in PROBE_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(PROBE_KEYS)
     if missing:
         raise ValueError(f"{path} is not a linear_eval.py probe checkpoint: missing {missing}")
-    backbone = vit.build_vit(ckpt["arch"])
-    backbone.load_state_dict(ckpt["backbone"])
-    num_classes, in_dim = ckpt["classifier"]["linear.weight"].shape
-    classifier = LinearClassifier(in_dim, num_classes)
-    classifier.load_state_dict(ckpt["classifier"])
+    try:
+        backbone = vit.build_vit(ckpt["arch"])
+        backbone.load_state_dict(ckpt["backbone"])
+        num_classes, in_dim = ckpt["classifier"]["linear.weight"].shape
+        classifier = LinearClassifier(in_dim, num_classes)
+        classifier.load_state_dict(ckpt["classifier"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:  # load_state_dict's multi-line report
+        raise ValueError(f"{path}: its backbone or head does not match its recorded architecture "
+                         f"({str(e).splitlines()[0]}); rerun linear_eval.py to write it again") from None
+    # The head was trained on these features: a backbone swapped in afterwards gives features of another width.
+    expected = backbone.embed_dim * (ckpt["n_last_blocks"] + bool(ckpt["avgpool"]))
+    if in_dim != expected:
+        raise ValueError(f"{path}: the head reads {in_dim} features but its backbone gives {expected} "
+                         f"({ckpt['n_last_blocks']} x {backbone.embed_dim}{' + avgpool' if ckpt['avgpool'] else ''}): "
+                         "the backbone was replaced after training; rerun linear_eval.py on the backbone you want")
     meta = {k: v for k, v in ckpt.items() if k not in ("arch", "backbone", "classifier")}
     return backbone.eval(), classifier.eval(), meta
 
@@ -181,16 +188,17 @@ def all_gather_cat(t):
 
 
 @torch.no_grad()
-def gather_features(feature_fn, loader, device):
+def gather_features(feature_fn, loader, device, label=None, log=print):
     """Features (N, F) float32 and labels (N,) of all N samples of loader.dataset, on every rank.
 
     Each rank embeds its own shard; the shards are all-gathered together with their dataset indices
     and written with index_copy_, so the order is the dataset's and the samples a DistributedSampler
-    repeats to pad its shards only rewrite a row with the same values.
+    repeats to pad its shards only rewrite a row with the same values. With `label`, the pass logs its
+    progress and ETA (augment.progress).
     """
     n = len(loader.dataset)
     features = labels = None
-    for batch in loader:
+    for batch in (augment.progress(loader, len(loader), label, log) if label else loader):
         if len(batch) != 3:
             raise ValueError("the loader must yield (images, labels, indices): wrap its dataset in WithIndex")
         images, target, index = batch
@@ -336,7 +344,8 @@ def evaluate_sweep(sweep, features, labels, chunk_size=1024):
 
 # ---------------------------------------------------------------------- script
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Linear probe and k-NN evaluation of a frozen ViT (see the module docstring)")
+    p = argparse.ArgumentParser(prog="linear_eval.py",
+                                description="Linear probe and k-NN evaluation of a frozen ViT (see the module docstring)")
     g = p.add_argument_group("backbone")
     g.add_argument("--pretrained", default=None, help="pretrain.py export (backbone.pth) or full checkpoint, or "
                    "released DINO/timm/MoCo v3 weights (then also --arch/--patch-size)")
@@ -399,12 +408,24 @@ def build_backbone(args):
 
 
 def check_args(args, world):
+    # math.isfinite first: nan fails every comparison, so `nan <= 0` would let it through.
+    ranges = [*[("--lrs", lr, lambda v: v > 0, "positive") for lr in args.lrs],
+              ("--epochs", args.epochs, lambda v: v >= 1, "at least 1"),
+              ("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1"),
+              ("--knn-k", args.knn_k, lambda v: v >= 0, ">= 0 (0 skips k-NN)"),
+              ("--knn-temperature", args.knn_temperature, lambda v: v > 0, "positive"),
+              ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
+              ("--patch-size", args.patch_size, lambda v: v >= 1, "at least 1"),
+              ("--img-size", args.img_size, lambda v: v >= 1, "at least 1"),
+              ("--train-length", args.train_length, lambda v: v >= 1, "at least 1"),
+              ("--val-length", args.val_length, lambda v: v >= 1, "at least 1"),
+              ("--n-last-blocks", args.n_last_blocks, lambda v: v >= 1, "at least 1"),
+              ("--holdout-fraction", args.holdout_fraction, lambda v: 0 <= v < 1, "in [0, 1)")]
+    for flag, value, ok, want in ranges:
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise SystemExit(f"{flag} must be {want}, got {value}")
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
-    if not 0 <= args.holdout_fraction < 1:
-        raise SystemExit(f"--holdout-fraction must be in [0, 1), got {args.holdout_fraction}")
-    if min(args.lrs) <= 0 or args.epochs < 1 or args.knn_k < 0:
-        raise SystemExit("--lrs must be positive, --epochs >= 1 and --knn-k >= 0")
 
 
 def run(args, rank, world, device):
@@ -426,6 +447,7 @@ def run(args, rank, world, device):
         eval_tf = augment.eval_transform(img_size)
         train_eval_set = augment.build_dataset(args.data, "train", eval_tf, img_size, args.train_length)
         val_set = augment.build_dataset(args.data, "val", eval_tf, img_size, args.val_length)
+        augment.check_same_classes(train_eval_set, val_set, args.data)  # labels are class positions
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e) if str(e).startswith("--data") else f"--data {args.data}: {e}") from None
     num_classes = train_eval_set.num_classes
@@ -441,18 +463,22 @@ def run(args, rank, world, device):
 
     # Center-crop features in one backbone pass: val, the held-out split (lr selection), and, for
     # --cached or k-NN, the whole train split.
-    def features_of(dataset):
+    def features_of(dataset, label):
         loader = make_loader(WithIndex(dataset), per_rank_batch, rank, world, False, args.num_workers)
-        return gather_features(lambda x: extract_features(backbone, x, args.n_last_blocks, args.avgpool),
-                               loader, device)
+        f, y = gather_features(lambda x: extract_features(backbone, x, args.n_last_blocks, args.avgpool),
+                               loader, device, label=f"features of {label}: batch", log=log)
+        if not torch.isfinite(f).all():  # finite weights can still overflow; argmax of NaN is made up
+            raise SystemExit(f"--pretrained {args.pretrained}: the backbone gives non-finite features on {label}; "
+                             "it cannot be evaluated")
+        return f, y
 
-    val_f, val_y = features_of(val_set)  # (M, F)
+    val_f, val_y = features_of(val_set, "val")  # (M, F)
     if args.cached or args.knn_k > 0:
-        train_f, train_y = features_of(train_eval_set)  # (N, F)
+        train_f, train_y = features_of(train_eval_set, "train")  # (N, F)
         holdout = torch.tensor(holdout_idx, dtype=torch.long, device=device)
         select_f, select_y = train_f[holdout], train_y[holdout]
     elif holdout_idx:
-        select_f, select_y = features_of(Subset(train_eval_set, holdout_idx))
+        select_f, select_y = features_of(Subset(train_eval_set, holdout_idx), "the held-out split")
     if not holdout_idx:
         select_f, select_y = val_f, val_y
     in_dim = val_f.shape[1]
@@ -512,11 +538,13 @@ def run(args, rank, world, device):
                    time_s=round(time.time() - start, 1), args=vars(args))
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "linear_eval.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        save_probe(os.path.join(args.output_dir, "linear_probe.pth"), backbone, sweep.heads[best],
-                   args.n_last_blocks, args.avgpool, num_classes, img_size, args.data,
-                   lr=args.lrs[best], top1=val_acc[best]["top1"], top5=val_acc[best]["top5"])
+        try:  # each file replaced in one step, the results last: they never describe a probe not on disk
+            save_probe(os.path.join(args.output_dir, "linear_probe.pth"), backbone, sweep.heads[best],
+                       args.n_last_blocks, args.avgpool, num_classes, img_size, args.data,
+                       lr=args.lrs[best], top1=val_acc[best]["top1"], top5=val_acc[best]["top5"])
+            vit.save_atomic(os.path.join(args.output_dir, "linear_eval.json"), results)
+        except OSError as e:
+            raise SystemExit(str(e)) from None
         log(f"wrote {args.output_dir}/linear_eval.json and linear_probe.pth ({results['time_s']:.0f}s)")
     return results
 

@@ -87,9 +87,13 @@ SYNTHETIC_DEFAULTS = dict(arch="vit_tiny", depth=6, patch_size=8, img_size=64, e
                           batch_size=128, head_hidden=1024, head_out=256, knn_train_size=2000, knn_val_size=1000,
                           lr=1.5e-3, min_lr=1e-6, momentum=0.99, drop_path=0.0, crop_min=0.25)
 
+# For schedulers: after a signal the run is checkpointed but not finished, so it exits 128 + the signal number.
+EXIT_CODES = ("exit status: 0 finished or stopped at --stop-at-step; 1 an error; 143 (SIGTERM) or 130 (SIGINT) after "
+              "a signal made the run save checkpoint.pth and stop: rerun the same command to resume")
+
 
 def get_args_parser():
-    p = argparse.ArgumentParser("SSL pretraining with SER", description=__doc__,
+    p = argparse.ArgumentParser(prog="pretrain.py", description=__doc__, epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     # Method and add-on. Unset values (None) resolve to the method's recipe, see resolve_config.
@@ -122,7 +126,7 @@ def get_args_parser():
     # Model.
     a("--arch", default=None, choices=list(vit.ARCHS), help="ViT size (vit_small for real data)")
     a("--depth", type=int, default=None, help="override the number of blocks (the synthetic default uses 6)")
-    a("--patch-size", type=int, default=None)
+    a("--patch-size", type=int, default=None, help="ViT patch side in px (16 real, 8 synthetic)")
     a("--drop-path", type=float, default=None, help="stochastic depth of the student (DINO: 0.1)")
     a("--head-hidden", type=int, default=None, help="override the projector's hidden width (recipe: 4096/2048/8192)")
     a("--head-out", type=int, default=None, help="override the projector's output width (DINO: 65536)")
@@ -134,12 +138,12 @@ def get_args_parser():
       help="CPU runs: leave glibc's malloc at its defaults (see keep_freed_host_memory); set it when the "
            "process must give memory back to the system during the run")
     # Optimisation.
-    a("--epochs", type=int, default=None)
+    a("--epochs", type=int, default=None, help="training epochs (100 real, 4 synthetic)")
     a("--warmup-epochs", type=int, default=None, help="linear lr warm-up (10 in the 100-epoch recipes)")
     a("--batch-size", type=int, default=None, help="GLOBAL batch over all ranks (SER's runs: 2048)")
     a("--lr", type=float, default=None, help="peak lr per 256 images; the run uses lr * batch / 256")
     a("--min-lr", type=float, default=None, help="lr at the end of the cosine, per 256 images like --lr")
-    a("--weight-decay", type=float, default=None)
+    a("--weight-decay", type=float, default=None, help="AdamW weight decay at the start (cosine to --weight-decay-end)")
     a("--weight-decay-end", type=float, default=None, help="cosine weight-decay target (DINO: 0.04 -> 0.4)")
     a("--momentum", type=float, default=None, help="EMA start of the teacher/target (cosine to 1); "
                                                    "DINO README: 0.9995 for batch 256")
@@ -147,13 +151,14 @@ def get_args_parser():
     a("--temperature", type=float, default=None, help="MoCo v3 / SimCLR temperature")
     a("--teacher-temp", type=float, default=0.04, help="DINO teacher temperature after warm-up; above 0.07 is "
                                                        "often unstable; the boosted ViT-S run uses 0.07")
-    a("--warmup-teacher-temp", type=float, default=0.04)
-    a("--warmup-teacher-temp-epochs", type=int, default=0)
+    a("--warmup-teacher-temp", type=float, default=0.04, help="DINO teacher temperature at the start of its warm-up")
+    a("--warmup-teacher-temp-epochs", type=int, default=0,
+      help="DINO: epochs of linear teacher-temperature warm-up to --teacher-temp (0 = none)")
     a("--freeze-last-layer", type=int, default=1, help="DINO: epochs with the head's last layer frozen")
     a("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast on GPU (CPU runs fp32)")
     # Runtime.
     a("--output-dir", default="runs/default", help="checkpoints, logs; an existing checkpoint is resumed")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="seed of the initial weights, the data order and every augmentation")
     a("--log-every", type=int, default=10, help="steps between progress lines (and after the first step); "
                                                  "raise it when steps are fast and the log too long")
     a("--knn-every", type=int, default=1, help="epochs between k-NN monitors (0 = off)")
@@ -188,12 +193,46 @@ def resolve_config(args):
                         ("--patch-size", args.patch_size)):
         if value < 1:
             raise SystemExit(f"error: {flag} must be positive, got {value}")
+    # Ranges of the numeric options; None means "unset" and is checked after the recipe filled it in.
+    # math.isfinite first: nan fails no comparison (nan < 0 is False) and inf would fail only later.
+    ranges = [
+        ("--lr", args.lr, lambda v: v > 0, "positive"),
+        ("--min-lr", args.min_lr, lambda v: v >= 0, ">= 0"),
+        ("--weight-decay", args.weight_decay, lambda v: v >= 0, ">= 0"),
+        ("--weight-decay-end", args.weight_decay_end, lambda v: v >= 0, ">= 0"),
+        ("--momentum", args.momentum, lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("--clip-grad", args.clip_grad, lambda v: v >= 0, ">= 0 (0 = off)"),
+        ("--drop-path", args.drop_path, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("--crop-min", args.crop_min, lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("--temperature", args.temperature, lambda v: v > 0, "positive"),
+        ("--teacher-temp", args.teacher_temp, lambda v: v > 0, "positive"),
+        ("--warmup-teacher-temp", args.warmup_teacher_temp, lambda v: v > 0, "positive"),
+        ("--equiv-lambda", args.equiv_lambda, lambda v: v >= 0, ">= 0"),
+        ("--equiv-tau", args.equiv_tau, lambda v: v > 0, "positive"),
+        ("--peak-tflops", args.peak_tflops, lambda v: v > 0, "positive"),
+        ("--synthetic-length", args.synthetic_length, lambda v: v >= 1, "at least 1"),
+        ("--depth", args.depth, lambda v: v >= 1, "at least 1 block"),
+        ("--head-hidden", args.head_hidden, lambda v: v >= 1, "at least 1"),
+        ("--head-out", args.head_out, lambda v: v >= 1, "at least 1"),
+        ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
+        ("--n-local-crops", args.n_local_crops, lambda v: v >= 0, ">= 0"),
+        ("--warmup-teacher-temp-epochs", args.warmup_teacher_temp_epochs, lambda v: v >= 0, ">= 0"),
+        ("--freeze-last-layer", args.freeze_last_layer, lambda v: v >= 0, ">= 0"),
+        ("--knn-every", args.knn_every, lambda v: v >= 0, ">= 0 (0 = off)"),
+        ("--knn-train-size", args.knn_train_size, lambda v: v >= 1, "at least 1"),
+        ("--knn-val-size", args.knn_val_size, lambda v: v >= 1, "at least 1"),
+        ("--benchmark", args.benchmark, lambda v: v >= 0, ">= 0"),
+        ("--stop-at-step", args.stop_at_step, lambda v: v >= 1, "at least 1"),
+    ]
+    for flag, value, ok, want in ranges:
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise SystemExit(f"error: {flag} must be {want}, got {value}")
     if not 0 <= args.warmup_epochs <= args.epochs:
         raise SystemExit(f"error: --warmup-epochs {args.warmup_epochs} must be in 0..--epochs ({args.epochs})")
     if args.ser_min_images < 2:
         raise SystemExit(f"error: --ser-min-images must be at least 2 (a b2 image needs other images as "
                          f"negatives), got {args.ser_min_images}")
-    if not 0 < args.ser_scale[0] <= args.ser_scale[1]:
+    if not (all(map(math.isfinite, args.ser_scale)) and 0 < args.ser_scale[0] <= args.ser_scale[1]):
         raise SystemExit(f"error: --ser-scale needs 0 < min <= max, got {args.ser_scale}")
     depth = args.depth or 12
     if args.equiv_layer is None:
@@ -515,19 +554,21 @@ def compute_losses(args, student_out, teacher_out, extra, dino_loss, epoch):
 
 
 # ---------------------------------------------------------------------------- state
-def save_checkpoint(path, state):
-    """Write-then-rename: an interruption during the write never leaves a truncated checkpoint."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def export_backbone(path, state):
+    """The backbone the evaluations use, in bare timm key format with its architecture, cut out of a
+    checkpoint's state, so that backbone.pth always holds the weights of checkpoint.pth: DINO evaluates
+    its teacher, MoCo v3 and the others their online encoder (state['eval_key'])."""
+    network = state[state["eval_key"]]
+    backbone = {k[len("backbone."):]: v for k, v in network.items() if k.startswith("backbone.")}
+    vit.save_atomic(path, {"arch": state["arch"], "backbone": backbone, "method": state["args"]["method"],
+                           "addon": state["args"]["addon"]})
 
 
-def export_backbone(path, args, student, teacher):
-    """The backbone the evaluations use, in bare timm key format with its architecture: DINO evaluates
-    its teacher, MoCo v3 and the others their online encoder."""
-    module = teacher.backbone if (teacher is not None and args.method == "dino") else student.backbone
-    save_checkpoint(path, {"arch": module.arch, "backbone": module.state_dict(), "method": args.method,
-                           "addon": args.addon})
+def weights_finite(state):
+    """Whether every floating-point weight of the student and teacher is finite: one host sync."""
+    tensors = [v for part in ("student", "teacher") if state[part] is not None
+               for v in state[part].values() if v.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def knn_monitor(backbone, args, rank, world, device):
@@ -548,6 +589,10 @@ def knn_monitor(backbone, args, rank, world, device):
         val = train  # no val split on disk: hold out train images the bank does not hold
         train_idx = subset(len(train), min(args.knn_train_size, len(train) // 2))
         val_idx = subset(len(train), args.knn_val_size, exclude=set(train_idx))
+    try:
+        augment.check_same_classes(train, val, args.data)  # labels are class positions in both splits
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     loaders = []
     for ds, idx in ((train, train_idx), (val, val_idx)):
         part = WithIndex(torch.utils.data.Subset(ds, idx))
@@ -579,15 +624,20 @@ def ignore_stop_signals(worker_id):
 
 
 class Interrupt:
-    """SIGTERM/SIGINT (preemption, Ctrl-C) ask the loop to save a checkpoint and exit at the next step."""
+    """SIGTERM/SIGINT (preemption, Ctrl-C) ask the loop to save a checkpoint and stop at the next step;
+    the process then exits with 128 + the signal number (EXIT_CODES), so a scheduler sees it did not finish."""
 
     def __init__(self):
-        self.requested = False
+        self.signum = 0  # the signal received, 0 while none
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
+    @property
+    def requested(self):
+        return self.signum != 0
+
     def _handler(self, signum, frame):
-        self.requested = True
+        self.signum = signum
 
 
 def clip_grad_per_param(params, max_norm):
@@ -743,9 +793,15 @@ def train(args):
 
     os.makedirs(args.output_dir, exist_ok=True)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    start_step = 0
+    backbone_path = os.path.join(args.output_dir, "backbone.pth")
+    start_step, saved_step = 0, None  # saved_step: the step of the checkpoint on disk, None while there is none
     if os.path.exists(ckpt_path) and not args.benchmark:  # a benchmark neither resumes nor touches a run
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        try:
+            ckpt = vit.load_checkpoint(ckpt_path, map_location=device)  # tensors and plain values only
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        if not (isinstance(ckpt, dict) and {"args", "step", "student", "optimizer"} <= set(ckpt)):
+            raise SystemExit(f"error: {ckpt_path} is not a pretrain.py checkpoint; move it away or use another --output-dir")
         changed = {k: (v, getattr(args, k, None)) for k, v in ckpt["args"].items()
                    if k not in RUNTIME_OPTIONS and v != getattr(args, k, None)}
         if changed:
@@ -759,8 +815,13 @@ def train(args):
             dino_loss.load_state_dict(ckpt["dino_loss"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_step = ckpt["step"]
+        start_step = saved_step = ckpt["step"]
         log(f"resumed from {ckpt_path} at step {start_step}")
+        if start_step >= total_steps and is_main:
+            # A finished run: a kill between the final checkpoint and backbone writes left backbone.pth
+            # stale or missing, so export it again from the checkpoint.
+            export_backbone(backbone_path, ckpt)
+            log(f"the run had finished; {backbone_path} exported again from {ckpt_path}")
     if args.stop_at_step is not None and args.stop_at_step <= start_step:
         raise SystemExit(f"error: --stop-at-step {args.stop_at_step} is not after the resumed step {start_step}")
 
@@ -780,8 +841,7 @@ def train(args):
         log(f"trainable parameters: {n_params / 1e6:.2f}M; weight decay on {len(optimizer.param_groups[0]['params'])} "
             f"tensors, none on {len(optimizer.param_groups[1]['params'])}")
         if not args.benchmark:
-            with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-                json.dump({"argv": sys.argv, "world_size": world, **vars(args)}, f, indent=1)
+            vit.save_atomic(os.path.join(args.output_dir, "config.json"), {"argv": sys.argv, "world_size": world, **vars(args)})
         log(json.dumps(vars(args)))
 
     autocast = (torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.precision])
@@ -844,9 +904,13 @@ def train(args):
 
     if start_step == 0 and args.knn_every:
         log_knn(0, -1)  # the same network at initialisation: the baseline the epochs are compared with
+    def checkpoint_note():  # what is on disk, said truthfully in every error that stops the run
+        return (f"the last checkpoint, at step {saved_step}, in {ckpt_path} is intact" if saved_step is not None
+                else f"no checkpoint was written to {args.output_dir}")
+
     interrupt = Interrupt()  # from here on, SIGTERM/SIGINT mean "checkpoint, then stop"
     step, t_last, t_start, imgs_since = start_step, time.time(), time.time(), 0
-    sums, n_sums, stopping, vote = {}, 0, False, None
+    sums, n_sums, stopping, vote, stop_signal = {}, 0, False, None, 0
     while step < total_steps and not stopping:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         dataset.set_epoch(epoch)
@@ -858,18 +922,19 @@ def train(args):
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_sums += 1
-            signalled = interrupt.requested
+            signalled = interrupt.signum
             if world > 1:
-                # Ranks may see a signal at different steps but must stop at the same one: the flag is
-                # max-reduced on the host-side group without waiting, and read one step later (so at the
+                # Ranks may see a signal at different steps but must stop at the same one: the signal number
+                # is max-reduced on the host-side group without waiting, and read one step later (so at the
                 # first step no rank stops on its own flag).
-                signalled = False
+                signalled = 0
                 if vote is not None:
                     vote[1].wait()
-                    signalled = bool(vote[0].item())
-                flag = torch.tensor([int(interrupt.requested)])
+                    signalled = int(vote[0].item())
+                flag = torch.tensor([interrupt.signum])
                 vote = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=losses.cpu_group(), async_op=True))
-            stopping = signalled or step == args.stop_at_step
+            stop_signal = stop_signal or signalled
+            stopping = bool(signalled) or step == args.stop_at_step
             now = time.time()
             if step % args.log_every == 0 or step == start_step + 1 or step % steps_per_epoch == 0 or stopping:
                 # Log steps are step counts, never times, so they are the same on every rank: the terms are
@@ -880,8 +945,8 @@ def train(args):
                     mean /= world
                 values = dict(zip(sums, mean.tolist()))  # waits for the device: log steps only
                 if not all(math.isfinite(v) for v in values.values()):
-                    raise SystemExit(f"error: non-finite loss at step {step} ({values}); the last checkpoint in "
-                                     f"{args.output_dir} is intact. Try --precision fp32, a lower --lr or --clip-grad.")
+                    raise SystemExit(f"error: non-finite loss at step {step} ({values}); {checkpoint_note()}. "
+                                     "Try --precision fp32, a lower --lr or --clip-grad.")
                 rate = imgs_since / (now - t_last)
                 eta = (total_steps - step) * args.batch_size / max(rate, 1e-9)
                 log(f"epoch {epoch} step {step}/{total_steps} " + " ".join(f"{k} {v:.4f}" for k, v in values.items())
@@ -899,11 +964,21 @@ def train(args):
                      "student": raw_student.state_dict(), "teacher": teacher.state_dict() if teacher else None,
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "dino_loss": dino_loss.state_dict() if dino_loss is not None else None}
+            # Never write non-finite weights: a loss is checked only at log steps, and the one logged is from
+            # before the last update. Every rank checks (their weights are equal), so all stop together.
+            if not weights_finite(state):
+                raise SystemExit(f"error: non-finite weights at step {step}; {checkpoint_note()}. "
+                                 "Try --precision fp32, a lower --lr or --clip-grad.")
             if is_main:
-                save_checkpoint(ckpt_path, state)
-                export_backbone(os.path.join(args.output_dir, "backbone.pth"), args, raw_student, teacher)
+                try:  # the checkpoint first: a kill before the export is repaired by a rerun (see the resume)
+                    vit.save_atomic(ckpt_path, state)
+                    export_backbone(backbone_path, state)
+                except OSError as e:
+                    raise SystemExit(f"error: {e}") from None
+            saved_step = step
             if stopping:
-                log(f"stopped at step {step}; checkpoint saved to {ckpt_path}; rerun the same command to resume")
+                why = f" on {signal.Signals(stop_signal).name}, exit status {128 + stop_signal}" if stop_signal else ""
+                log(f"stopped at step {step}{why}; checkpoint saved to {ckpt_path}; rerun the same command to resume")
             elif args.knn_every and (step // steps_per_epoch) % args.knn_every == 0:
                 log_knn(step, epoch)
     if vote is not None:
@@ -915,6 +990,8 @@ def train(args):
         # ("terminate called without an active exception", seen once in 10 two-rank test runs).
         dist.barrier()
         dist.destroy_process_group()
+    if stop_signal:
+        sys.exit(128 + stop_signal)  # checkpointed, but not finished: a scheduler must not count it as done
 
 
 def main(argv=None):

@@ -41,6 +41,16 @@ import vit
 torch.set_num_threads(1)  # tiny ops: threads only add synchronisation on a 2-core CI machine
 
 
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_script(*argv, timeout=300):
+    """One of the scripts as a user runs it: its exit status and the last line it printed on stderr."""
+    result = subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    last = (result.stderr.strip().splitlines() or [""])[-1]
+    return result.returncode, last, result.stdout
+
 # ================================================================================================
 # vit.py: the ViT-S/16 state-dict contract, SER's layer split
 # ================================================================================================
@@ -240,6 +250,61 @@ def test_input_not_divisible_raises():
     with pytest.raises(ValueError, match="not divisible by the patch size"):
         tiny()(torch.randn(1, 3, 30, 32))
 
+
+
+class _RunsCode:
+    """Unpickling this creates a marker file: what a crafted checkpoint could do instead."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_load_checkpoint_runs_no_code_and_names_broken_files(tmp_path):
+    model = tiny()
+    crafted, marker = tmp_path / "crafted.pth", tmp_path / "ran"
+    torch.save({"arch": model.arch, "backbone": model.state_dict(), "x": _RunsCode(str(marker))}, crafted)
+    with pytest.raises(ValueError, match="holds Python objects beyond tensors and plain values .*If you trust"):
+        vit.load_backbone(crafted)
+    assert not marker.exists()
+    good = tmp_path / "good.pth"
+    torch.save({"arch": model.arch, "backbone": model.state_dict()}, good)
+    data = good.read_bytes()
+    for name, content in (("truncated", data[:len(data) // 2]), ("empty", b""), ("random", os.urandom(4096))):
+        path = tmp_path / f"{name}.pth"
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=f"{path} is not a readable checkpoint .*move it away"):
+            vit.load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        vit.load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_load_backbone_refuses_non_finite_weights(tmp_path):
+    model = tiny()
+    sd = model.state_dict()
+    sd["blocks.1.mlp.fc1.weight"][0, 0] = float("nan")
+    torch.save({"arch": model.arch, "backbone": sd}, tmp_path / "nan.pth")
+    with pytest.raises(ValueError, match="non-finite weights .*blocks.1.mlp.fc1.weight"):
+        vit.load_backbone(tmp_path / "nan.pth")
+
+
+def test_save_atomic_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    vit.save_atomic(path, {"step": 1})
+    vit.save_atomic(tmp_path / "results.json", {"top1": 1.0})
+    assert json.loads((tmp_path / "results.json").read_text()) == {"top1": 1.0}
+    before = path.read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=f"could not write {path}: No space left on device"):
+        vit.save_atomic(path, {"step": 2})
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "results.json"]
 
 # ================================================================================================
 # group_actions.py: the group on pixels and token maps
@@ -1151,6 +1216,26 @@ def test_corrupt_image_names_the_file(tmp_path):
         data[index]
 
 
+
+def test_symlink_loop_is_refused(tmp_path):
+    _write_png_tree(tmp_path, "train")
+    os.symlink("..", tmp_path / "train" / "a" / "up")  # train/a/up -> train: every image again, under 'a'
+    with pytest.raises(ValueError, match="train/a/up is a symlink to .*back into the image tree"):
+        build_dataset(str(tmp_path), "train")
+    os.unlink(tmp_path / "train" / "a" / "up")
+    _write_png_tree(tmp_path / "elsewhere", "store", classes=("c",))
+    os.symlink(tmp_path / "elsewhere" / "store" / "c", tmp_path / "train" / "c")  # a class folder on another disk
+    assert build_dataset(str(tmp_path), "train").classes == ["a", "b", "c"]
+
+
+def test_progress_reports_counts_and_eta():
+    lines = []
+    assert list(augment.progress(range(4), 4, "pass", lines.append, every=0.0)) == [0, 1, 2, 3]
+    assert len(lines) == 4 and lines[1].startswith("pass 2/4, ") and "ETA" in lines[1]
+    lines.clear()
+    list(augment.progress(range(4), 4, "pass", lines.append))  # fast: only the final line
+    assert len(lines) == 1 and lines[0].startswith("pass 4/4")
+
 # ---------------------------------------------------------------------------- worker-side views
 
 def test_multicrop_shapes_and_params():
@@ -1431,6 +1516,78 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="non-finite loss at step 1"):
         run("--method simclr --stop-at-step 1", tmp_path)
 
+
+
+@pytest.mark.parametrize("flag", ["--lr -1", "--lr nan", "--lr inf", "--min-lr -0.5", "--weight-decay nan",
+                                  "--temperature 0", "--teacher-temp inf", "--momentum 1.5", "--momentum -0.1",
+                                  "--crop-min 0", "--crop-min 1.5", "--synthetic-length 0", "--synthetic-length -5",
+                                  "--depth 0", "--num-workers -1", "--drop-path 1", "--equiv-tau nan"])
+def test_out_of_range_flags_are_refused(flag, tmp_path):
+    name = flag.split()[0]
+    with pytest.raises(SystemExit, match=f"error: {name} must be "):
+        config(f"--method simclr {flag}", tmp_path)
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
+    """A finite loss whose gradient is NaN: the loss logged at the epoch's end is from before the update,
+    so only a check of the weights themselves can keep NaN out of checkpoint.pth and backbone.pth."""
+    run("--method simclr --stop-at-step 1", tmp_path)
+    saved = (tmp_path / "checkpoint.pth").read_bytes()
+    monkeypatch.setattr(losses, "simclr_loss", lambda z1, z2, t: (z1.sum() * 0).sqrt())  # 0, NaN gradient
+    with pytest.raises(SystemExit, match="non-finite weights at step 2; the last checkpoint, at step 1, .* is intact"):
+        run("--method simclr", tmp_path)
+    assert (tmp_path / "checkpoint.pth").read_bytes() == saved
+    with pytest.raises(SystemExit, match="non-finite weights at step 1; no checkpoint was written"):
+        run("--method simclr --stop-at-step 1", tmp_path / "fresh")
+    assert not (tmp_path / "fresh" / "checkpoint.pth").exists() and not (tmp_path / "fresh" / "backbone.pth").exists()
+
+
+def test_backbone_export_matches_the_checkpoint_and_a_rerun_repairs_it(tmp_path):
+    ckpt = run("--method dino", tmp_path)
+    exported = torch.load(tmp_path / "backbone.pth", weights_only=True)
+    teacher = {k[len("backbone."):]: v for k, v in ckpt["teacher"].items() if k.startswith("backbone.")}
+    assert exported["backbone"].keys() == teacher.keys()
+    assert all(torch.equal(exported["backbone"][k], v) for k, v in teacher.items())
+    (tmp_path / "backbone.pth").write_bytes(b"stale")  # a kill between the two final writes
+    run("--method dino", tmp_path)  # the run has finished: only the export is redone
+    again = torch.load(tmp_path / "backbone.pth", weights_only=True)
+    assert all(torch.equal(again["backbone"][k], v) for k, v in teacher.items())
+
+
+def test_broken_checkpoint_gives_a_one_line_error(tmp_path):
+    (tmp_path / "checkpoint.pth").write_bytes(b"PK\x03\x04 truncated")
+    code, last, _ = run_script("pretrain.py", *TINY.split(), "--output-dir", tmp_path)
+    assert code == 1 and last.startswith(f"error: {tmp_path / 'checkpoint.pth'} is not a readable checkpoint")
+    assert "move it away or use another --output-dir" in last
+
+
+def test_sigterm_checkpoints_and_exits_143(tmp_path):
+    argv = [sys.executable, "-u", "pretrain.py", *TINY.replace("--epochs 1", "--epochs 200").split(),
+            "--log-every", "1", "--output-dir", str(tmp_path)]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 0 step 1/"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, output
+    assert "on SIGTERM, exit status 143" in output
+    step = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["step"]
+    assert 1 <= step < 400
+
+
+def test_every_option_has_help_and_the_usage_names_the_script():
+    import detect_eval
+    for name, parser in (("pretrain.py", pretrain.get_args_parser()), ("linear_eval.py", le.get_args_parser()),
+                         ("robustness_eval.py", R.get_args_parser()), ("detect_eval.py", detect_eval.get_args_parser())):
+        assert parser.format_usage().startswith(f"usage: {name} ")
+        undocumented = [a.dest for a in parser._actions if not a.help]
+        assert not undocumented, (name, undocumented)
+    assert "143 (SIGTERM)" in pretrain.get_args_parser().format_help()
 
 def test_ser_loss_reaches_blocks_before_the_split_only(tmp_path):
     args = config("--method dino --ser --equiv-layer 2", tmp_path)
@@ -1814,6 +1971,65 @@ def test_bad_flags_give_clear_errors():
         le.build_backbone(parser.parse_args(["--pretrained", "/nonexistent/backbone.pth"]))
 
 
+
+def test_class_names_of_the_splits_must_match(tmp_path):
+    _write_png_tree(tmp_path, "train", classes=("a", "b"))
+    _write_png_tree(tmp_path, "val", classes=("b", "c"))  # by position, val's 'b' would be scored as 'a'
+    code, last, _ = run_script("linear_eval.py", "--random-init", "--arch", "vit_tiny", "--img-size", "32",
+                               "--data", tmp_path, "--num-workers", "0", "--output-dir", tmp_path / "out")
+    assert code == 1 and "different classes (only in train: ['a'], only in val: ['c'])" in last
+    with pytest.raises(SystemExit, match="different classes"):  # the k-NN monitor of pretrain.py too
+        pretrain.knn_monitor(linear_tiny_vit(), config(f"--data {tmp_path} --warmup-epochs 0", tmp_path / "run"), 0, 1,
+                             torch.device("cpu"))
+
+
+def test_non_finite_backbone_and_swapped_probe_backbone_are_refused(tmp_path):
+    model = linear_tiny_vit()
+    sd = model.state_dict()
+    sd["norm.weight"][3] = float("inf")
+    torch.save({"arch": model.arch, "backbone": sd}, tmp_path / "diverged.pth")
+    code, last, _ = run_script("linear_eval.py", "--pretrained", tmp_path / "diverged.pth", "--num-workers", "0",
+                               "--output-dir", tmp_path / "out")
+    assert code == 1 and "non-finite weights" in last and "diverged.pth" in last
+    probe = tmp_path / "linear_probe.pth"
+    le.save_probe(probe, model, le.LinearClassifier(64, 10), 1, False, 10, 32, "synthetic")
+    ckpt = torch.load(probe, weights_only=True)
+    wide = linear_tiny_vit(embed_dim=96, num_heads=2)  # another backbone swapped into the probe file
+    torch.save({**ckpt, "arch": wide.arch, "backbone": wide.state_dict()}, probe)
+    code, last, _ = run_script("robustness_eval.py", "--probe", probe, "--tasks", "clean", "--num-images", "2",
+                               "--num-workers", "0", "--output-dir", tmp_path / "rob")
+    assert code == 1 and "the head reads 64 features but its backbone gives 96" in last
+
+
+def test_outputs_are_replaced_atomically_results_last(tmp_path, monkeypatch):
+    model = linear_tiny_vit()
+    torch.save({"arch": model.arch, "backbone": model.state_dict()}, tmp_path / "backbone.pth")
+    out = tmp_path / "out"
+    argv = ["--pretrained", str(tmp_path / "backbone.pth"), "--train-length", "40", "--val-length", "20",
+            "--batch-size", "20", "--cached", "--epochs", "1", "--knn-k", "0", "--num-workers", "0",
+            "--output-dir", str(out)]
+    le.main(argv)
+    probe, results = (out / "linear_probe.pth").read_bytes(), (out / "linear_eval.json").read_bytes()
+    real_save = torch.save
+
+    def killed_mid_write(obj, f):  # the write of linear_probe.pth fails halfway
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with pytest.raises(SystemExit, match="could not write .*linear_probe.pth"):
+        le.main(argv + ["--seed", "1"])
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (out / "linear_probe.pth").read_bytes() == probe and (out / "linear_eval.json").read_bytes() == results
+    assert sorted(os.listdir(out)) == ["linear_eval.json", "linear_probe.pth"]
+
+
+def test_feature_pass_reports_progress(tmp_path, capsys):
+    le.main(["--random-init", "--arch", "vit_tiny", "--img-size", "32", "--train-length", "40", "--val-length", "20",
+             "--batch-size", "20", "--cached", "--epochs", "1", "--num-workers", "0", "--output-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "features of val: batch 1/1, " in out and "features of train: batch 2/2, " in out
+
 def test_holdout_split_is_deterministic_and_disjoint():
     fit, holdout = le.holdout_split(1000, 0.1)
     assert len(holdout) == 100 and not set(fit) & set(holdout) and len(fit) + len(holdout) == 1000
@@ -1998,7 +2214,8 @@ def test_filters_match_references():
     img[2, 10] = 255
     out = R.magick_motion_blur(img, 3, 2, 0)
     k = np.exp(-np.arange(7) ** 2 / 8.0)
-    assert np.allclose(out[2, 4:11, 0], np.rint(255 * k[::-1] / k.sum())) and out[2, 11:].sum() == 0
+    q16 = np.rint(255 * 257 * k[::-1] / k.sum())  # rounded to a 16-bit quantum, then truncated to 8 bits
+    assert np.allclose(out[2, 4:11, 0], np.floor(q16 / 257)) and out[2, 11:].sum() == 0
     # OpenCV disk: 17x17 for r <= 8, sums to 1, symmetric
     d = R.disk_kernel(3, 0.1)
     assert d.shape == (17, 17) and d.sum() == pytest.approx(1) and np.allclose(d, d.T)
@@ -2224,7 +2441,41 @@ def test_driver_equivariance_only_and_errors(tiny_probe, tmp_path):
         R.main(R.get_args_parser().parse_args(["--output-dir", str(tmp_path)]))
     with pytest.raises(SystemExit, match="--corruptions"):
         R.main(R.get_args_parser().parse_args(["--probe", tiny_probe, "--corruptions", "fogg"]))
+    for flag in (["--num-images", "0"], ["--scales", "nan"], ["--batch-size", "0"]):  # 0 images meant all of them
+        with pytest.raises(SystemExit, match=f"{flag[0]} must be"):
+            R.main(R.get_args_parser().parse_args(["--probe", tiny_probe, *flag]))
 
+
+
+def test_procedural_frost_is_marked_next_to_every_number(tiny_probe, tmp_path, capsys):
+    args = R.get_args_parser().parse_args([
+        "--probe", tiny_probe, "--num-images", "2", "--num-workers", "0", "--tasks", "c",
+        "--corruptions", "brightness,frost", "--mce", "on", "--output-dir", str(tmp_path)])
+    R.main(args)
+    printed = capsys.readouterr().out
+    assert "ImageNet-C (10 sets): batch 1/1, " in printed  # progress of the pass
+    frost_row = next(l for l in printed.splitlines() if l.strip().startswith("frost "))
+    mean_row = next(l for l in printed.splitlines() if "mean top-1 over" in l)
+    assert frost_row.endswith("*") and mean_row.split(":")[1].split()[0].endswith("*")
+    assert "* frost used a procedural texture" in printed and "--frost-dir" in printed
+    c = json.loads((tmp_path / "robustness.json").read_text())["imagenet_c"]
+    assert c["top1_frost"].startswith("procedural substitute") and "top1_per_corruption_frost" in c
+    R.main(R.get_args_parser().parse_args([  # without frost, nothing is marked
+        "--probe", tiny_probe, "--num-images", "2", "--num-workers", "0", "--tasks", "c",
+        "--corruptions", "brightness", "--output-dir", str(tmp_path)]))
+    assert "*" not in capsys.readouterr().out
+    assert "top1_frost" not in json.loads((tmp_path / "robustness.json").read_text())["imagenet_c"]
+
+
+def test_motion_blur_matches_imagemagick_q16_bit_for_bit():
+    """Fixture: make_imagenet_c.py's path (PNG -> Wand MagickMotionBlurImage -> make_blob PNG) with
+    ImageMagick 6.9.11 Q16 and Wand 0.6.13, radius 3, sigma 1.5, angle 20, on a grey 3x8 image."""
+    i, j = np.mgrid[0:3, 0:8]
+    image = np.repeat(((i * 97 + j * 41) % 256)[..., None], 3, -1).astype(np.float64)
+    magick = np.array([[57, 83, 80, 121, 162, 200, 145, 54], [95, 136, 177, 132, 65, 103, 134, 151],
+                       [168, 123, 57, 98, 138, 176, 207, 225]])
+    out = R.magick_motion_blur(image, 3.0, 1.5, 20.0)
+    assert np.array_equal(out[..., 0], magick) and np.array_equal(out[..., 2], magick)
 
 # ================================================================================================
 # detect_eval.py: ViTDet pyramid, Faster R-CNN, COCO mAP
@@ -2396,6 +2647,50 @@ def test_missing_invalid_degenerate_and_missing_images(tmp_path):
         de.main(["--data", str(root), "--random-init", "--arch", "vit_tiny", "--output-dir", str(tmp_path / "out")])
 
 
+
+def _edit_box(i, value):
+    def edit(c):
+        c["annotations"][0]["bbox"][i] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_edit_box(2, float("nan")), "finite numbers"),
+    (_edit_box(2, float("inf")), "finite numbers"),
+    (_edit_box(0, True), "finite numbers"),
+    (_edit_box(0, 60.0), "leaves its 64x64 image"),
+    (lambda c: c["annotations"][0].update(category_id="1"), "category_id must be an integer, got '1' \\(str\\)"),
+    (lambda c: c["images"][0].update(width=0), "width must be a positive integer"),
+    (lambda c: c["annotations"][0].update(area=float("nan")), "area must be a finite number"),
+    (lambda c: c.update(annotations=[]), "no annotated boxes"),
+])
+def test_hostile_annotations_are_refused(tmp_path, edit, message):
+    coco = de.SyntheticDetection(3, 64).coco()
+    edit(coco)
+    with pytest.raises(ValueError, match=message):
+        de.load_coco(_write(tmp_path, coco))
+
+
+def _coco_root(root, coco, size=(64, 64)):
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train2017", "val2017"):
+        (root / split).mkdir()
+        for im in coco["images"]:
+            Image.new("RGB", size).save(root / split / im["file_name"])
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+
+
+def test_image_size_must_match_the_file_and_infinite_boxes_do_not_crash(tmp_path):
+    coco = de.SyntheticDetection(2, 64).coco()
+    _coco_root(tmp_path / "wrong", coco, size=(80, 64))
+    with pytest.raises(ValueError, match="is 64x64 in the JSON but .* is 80x64"):
+        de.load_coco(str(tmp_path / "wrong/annotations/instances_val2017.json"), str(tmp_path / "wrong/val2017"))
+    coco["annotations"][0]["bbox"] = [10, 10, float("inf"), 20]  # json writes Infinity, Python reads it back
+    _coco_root(tmp_path / "inf", coco)
+    code, last, _ = run_script("detect_eval.py", "--data", tmp_path / "inf", "--random-init", "--arch", "vit_tiny",
+                               "--iters", "1", "--workers", "0", "--output-dir", tmp_path / "out")
+    assert code == 1 and "instances_train2017.json: annotation 1 bbox must be [x, y, w, h] of finite numbers" in last
+
 # ----------------------------------------------------------------------------- model
 def detect_tiny_vit(patch_size=16):
     return vit.VisionTransformer(img_size=64, patch_size=patch_size, embed_dim=64, depth=2, num_heads=2)
@@ -2475,6 +2770,22 @@ def test_resume_continues_at_the_saved_iteration(tmp_path, backbone_path, capsys
     for k in a["model"]:  # same batches, flips and samplings: the resumed run retraces the straight one
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
 
+
+
+def test_resume_refuses_another_backbone_and_reports_progress(tmp_path, backbone_path, capsys):
+    out = tmp_path / "run"
+    de.main(tiny_run_args(backbone_path, out, 1))
+    assert "evaluation: batch 3/3, " in capsys.readouterr().out
+    torch.manual_seed(1)
+    other = detect_tiny_vit()
+    torch.save({"arch": other.arch, "backbone": other.state_dict()}, tmp_path / "other.pth")
+    with pytest.raises(SystemExit, match="different settings: --pretrained .*other.pth"):
+        de.main(tiny_run_args(tmp_path / "other.pth", out, 1))
+    with pytest.raises(SystemExit, match="different settings: --out-channels 32 \\(now 16\\)"):
+        de.main(tiny_run_args(backbone_path, out, 1, ["--out-channels", "16"]))
+    torch.save({"arch": other.arch, "backbone": other.state_dict()}, backbone_path)  # the file was overwritten
+    with pytest.raises(SystemExit, match="other backbone weights"):
+        de.main(tiny_run_args(backbone_path, out, 1))
 
 def detect_ddp_worker(rank, world_size, port, argv):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),

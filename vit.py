@@ -14,7 +14,11 @@ that L_equiv acts on, and the [CLS] token joins before block L+1. L = 0 is the s
 Tests: `python -m pytest -q test_ser.py` (its vit.py section checks the state-dict contract).
 """
 
+import json
 import math
+import os
+import re
+import tempfile
 
 import torch
 import torch.nn as nn
@@ -328,6 +332,64 @@ def strip_prefixes(state_dict):
     return sd
 
 
+def save_atomic(path, obj, indent=1):
+    """Write `obj` to `path` so that an interruption never leaves a partial or lost file.
+
+    The data goes to a temporary file in the same folder, which then replaces `path` in one step
+    (os.replace is atomic on POSIX and Windows). `.json` paths are written as JSON, everything else
+    with torch.save (`indent=None` gives compact JSON, for large result lists). On an OSError (a full disk, no permission) the temporary file is removed and
+    the error names the path and the cause; the previous `path`, if any, is untouched.
+    """
+    path = os.fspath(path)
+    as_json = path.endswith(".json")
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")  # one writer per process: no clash between ranks
+    try:
+        with open(tmp, "w" if as_json else "wb") as f:
+            if as_json:
+                json.dump(obj, f, indent=indent)
+            else:
+                torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except BaseException as e:  # also a kill (KeyboardInterrupt) or an object that cannot be serialised
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OSError(f"could not write {path}: {e.strerror or e}; the previous file, if any, is intact "
+                          "(free some space or choose another --output-dir)") from None
+        raise
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load(path, weights_only=True), with every failure a one-line error naming the file.
+
+    weights_only=True unpickles tensors and plain Python values only, so a crafted file cannot run
+    code while it loads. Raises FileNotFoundError when the file is missing and ValueError when it is
+    truncated, empty or not a checkpoint, or when it needs Python objects beyond tensors and plain values.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not a checkpoint file") from None
+    except Exception as e:
+        message = str(e)
+        found = re.search(r"GLOBAL ([\w.]+)", message)
+        if found:  # the unpickler met a class or function it will not import
+            raise ValueError(
+                f"{path} holds Python objects beyond tensors and plain values ({found.group(1)}); it was not "
+                "loaded because unpickling them can run code. If you trust the file, re-save it without them, "
+                f"e.g. python -c \"import torch; c = torch.load('{path}', weights_only=False); c.pop('args', None); "
+                f"torch.save(c, 'weights.pth')\", and pass weights.pth") from None
+        first_line = (message.strip().splitlines() or [""])[0][:120]
+        reason = f"{type(e).__name__}: {first_line}" if first_line else type(e).__name__
+        raise ValueError(f"{path} is not a readable checkpoint ({reason}): it is truncated, empty or not a "
+                         "torch file; move it away or use another --output-dir") from None
+
+
 def load_backbone(path, arch=None, key=None, map_location="cpu"):
     """A frozen-ready ViT (eval mode) from one of:
 
@@ -339,12 +401,7 @@ def load_backbone(path, arch=None, key=None, map_location="cpu"):
       e.g. dict(name='vit_small', patch_size=16).
     Raises ValueError naming the missing and unexpected keys instead of loading partially.
     """
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {path}") from None
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+    ckpt = load_checkpoint(path, map_location)  # tensors and plain values only: a crafted file cannot run code
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
 
@@ -386,6 +443,10 @@ def load_backbone(path, arch=None, key=None, map_location="cpu"):
             f"{path} does not match the {model.arch['embed_dim']}-dim, depth-{model.arch['depth']} ViT "
             f"(cls_after_block={model.cls_after_block}):\n  missing: {missing}\n  unexpected: {unexpected}\n"
             f"  shape mismatch: {[(k, tuple(sd[k].shape), tuple(expected[k].shape)) for k in shape_mismatch]}")
+    bad = [k for k, t in sd.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # NaN weights would give made-up accuracies downstream
+        raise ValueError(f"{path} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[:3]}: "
+                         "the run that wrote it diverged; use an earlier checkpoint")
     model.load_state_dict(sd, strict=True)
     model.dropped_keys = dropped_head  # reported by the evaluation scripts
     return model.eval()
