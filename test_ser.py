@@ -1715,10 +1715,18 @@ def test_resume_refuses_changed_settings(tmp_path):
     run("--method byol --stop-at-step 2 --num-workers 1", tmp_path)  # runtime options may change
 
 
-def test_knn_monitor_reports_initialisation_and_epochs(tmp_path):
+def test_knn_monitor_reports_initialisation_and_epochs(tmp_path, capsys):
     run("--method simclr --knn-every 1 --knn-train-size 16 --knn-val-size 16", tmp_path)
     knn = [row for row in read_log(tmp_path) if "knn_top1" in row]
     assert [row["step"] for row in knn] == [0, 2] and all(0 <= row["knn_top1"] <= 100 for row in knn)
+    # The last lines say what happened and what to run next, from the whole log (resumes included).
+    first, last = knn[0]["knn_top1"], knn[-1]["knn_top1"]
+    out = capsys.readouterr().out
+    assert f"done: k-NN top-1 {first:.1f} -> {last:.1f} ({last - first:+.1f}) in " in out
+    assert f"backbone: {tmp_path / 'backbone.pth'}" in out and "next: python linear_eval.py --pretrained" in out
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "epoch": 1, "knn_top1": last + 10.0}) + "\n")
+    assert f"-> {last + 10:.1f} ({last + 10 - first:+.1f})" in pretrain.run_summary(str(tmp_path / "log.jsonl"), "b.pth", 60)
 
 
 def test_compile_keeps_checkpoint_keys_bare(tmp_path, monkeypatch):
