@@ -603,6 +603,20 @@ def knn_monitor(backbone, args, rank, world, device):
     return knn_eval(backbone, loaders[0], loaders[1], train.num_classes, device)
 
 
+def run_summary(log_path, backbone_path, seconds):
+    """The end of a run in two lines: what the k-NN monitor saw (first and last entry of log.jsonl, so
+    a resumed run reports its whole history) and the command to run next."""
+    knn = []
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            knn = [r["knn_top1"] for r in map(json.loads, f) if "knn_top1" in r]
+    seen = (f"k-NN top-1 {knn[0]:.1f} -> {knn[-1]:.1f} ({knn[-1] - knn[0]:+.1f})" if len(knn) > 1
+            else "k-NN monitor off")
+    out = os.path.dirname(backbone_path)
+    return (f"done: {seen} in {seconds / 60:.1f} min; backbone: {backbone_path}\n"
+            f"next: python linear_eval.py --pretrained {backbone_path} --cached --output-dir {os.path.join(out, 'linear')}")
+
+
 def ignore_stop_signals(worker_id):
     """DataLoader workers ignore SIGTERM/SIGINT: a scheduler signals the whole process group, and a worker
     killed mid-step would crash the main process before it saves. Workers exit when the main process does."""
@@ -1023,7 +1037,8 @@ def train(args):
                 log_knn(step, epoch)
     if vote is not None:
         vote[1].wait()
-    log(f"done in {(time.time() - t_start) / 60:.1f} min")
+    if step >= total_steps:
+        log(run_summary(log_path, os.path.join(args.output_dir, "backbone.pth"), time.time() - t_start))
     if world > 1:
         # Tear down together: a gloo rank that exits while rank 0 still writes the checkpoint could abort
         # ("terminate called without an active exception", seen once in 10 two-rank test runs).

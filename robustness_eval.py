@@ -66,6 +66,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 import augment
 import vit
+from augment import IMAGENET_MEAN, IMAGENET_STD
+from group_actions import apply_to_images, apply_to_token_map
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
                "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
@@ -756,6 +758,103 @@ def equivariance_scores(backbone, x, elements, autocast=nullcontext):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Figures (--figures DIR): SER's idea made visible, and DINO-style [CLS] attention maps.
+
+def pca_rgb(maps):
+    """Token maps [(D, h_i, w_i)] -> RGB pictures [(3, h_i, w_i)] in [0, 1] in ONE shared basis: the
+    three leading principal components of all their tokens together, each min-max scaled over all
+    maps. Equal maps give equal pictures, so a difference between panels is a difference of features."""
+    flat = torch.cat([m.flatten(1).T for m in maps]).double()  # (sum h*w, D)
+    mean = flat.mean(0)
+    basis = torch.linalg.svd(flat - mean, full_matrices=False).Vh[:3].T  # (D, <=3)
+    proj = [((m.flatten(1).T.double() - mean) @ basis).T.reshape(-1, *m.shape[1:]) for m in maps]
+    proj = [torch.cat([p, p.new_zeros(3 - len(p), *p.shape[1:])]) for p in proj]  # D < 3: pad channels
+    lo = torch.stack([p.amin((1, 2)) for p in proj]).amin(0).view(3, 1, 1)
+    hi = torch.stack([p.amax((1, 2)) for p in proj]).amax(0).view(3, 1, 1)
+    return [((p - lo) / (hi - lo).clamp_min(1e-12)).float() for p in proj]
+
+
+@torch.no_grad()
+def equivariance_panels(backbone, x, g, layer):
+    """The two sides of L_equiv at block `layer` as pictures: (f_L(g x), rho_g f_L(x)), each a list of
+    B RGB maps (3, h', w'), one PCA basis per image shared by its two panels."""
+    f_gx = backbone.block_token_maps(apply_to_images(x, g, backbone.patch_size))[layer - 1].float()
+    rho_f_x = apply_to_token_map(backbone.block_token_maps(x)[layer - 1].float(), g)
+    pairs = [pca_rgb([a, b]) for a, b in zip(f_gx, rho_f_x)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+@torch.no_grad()
+def cls_attention(backbone, x):
+    """The last block's [CLS] -> patch attention per head, (B, heads, h, w), each map summing to <= 1."""
+    _, maps = backbone.forward_with_attention(x)
+    h, w = x.shape[-2] // backbone.patch_size, x.shape[-1] // backbone.patch_size
+    return maps[-1][:, :, 0, 1:].reshape(x.shape[0], -1, h, w)
+
+
+def _picture(t, size):
+    """(3, h, w) or (h, w) in [0, 1] -> a PIL RGB tile of size x size (nearest: tokens stay visible)."""
+    t = t.detach().float().cpu().clamp(0, 1)
+    t = t.expand(3, -1, -1) if t.dim() == 2 else t
+    u8 = (t.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    return Image.fromarray(u8).resize((size, size), Image.NEAREST)
+
+
+def _grid_image(rows, header, tile):
+    """Rows of PIL tiles under a header of column titles -> one PIL image."""
+    pad, top = 4, 14
+    width = max(len(r) for r in rows) * (tile + pad) + pad
+    out = Image.new("RGB", (width, top + len(rows) * (tile + pad) + pad), "white")
+    draw = ImageDraw.Draw(out)
+    for c, title in enumerate(header):
+        draw.text((pad + c * (tile + pad), 2), title[: tile // 6], fill="black")
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            out.paste(im, (pad + c * (tile + pad), top + pad + r * (tile + pad)))
+    return out
+
+
+def _unnormalise(x):
+    return (x.cpu() * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)).clamp(0, 1)
+
+
+def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "vflip", "scale1.25"), tile=64):
+    """Write <out_dir>/equivariance.png and <out_dir>/attention_<name>.png; returns their paths and panels.
+
+    equivariance.png, one row per (image, group element g): x, g x, then for each backbone
+    f_L(g x) | rho_g f_L(x) as PCA->RGB token maps. Where the two panels of a backbone agree, its
+    layer-L map is equivariant to g (what SER's L_equiv asks for); an invariance-trained layer shows
+    the same content in the wrong place or in other colours.
+    attention_<name>.png, one row per image: the image, then the last block's [CLS] attention of each
+    head over the patches (DINO's visualisation), each map scaled to its own maximum.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    grid = (x.shape[-2] // backbones[0].patch_size, x.shape[-1] // backbones[0].patch_size)
+    elements = geometric_elements(len(x), grid)
+    panels = {n: {e: equivariance_panels(b, x, elements[e], layer) for e in element_names}
+              for n, b in zip(names, backbones)}
+    moved = {e: apply_to_images(x, elements[e], backbones[0].patch_size) for e in element_names}  # g x
+    rows = []
+    for i in range(len(x)):
+        for e in element_names:
+            row = [_picture(_unnormalise(x[i]), tile), _picture(_unnormalise(moved[e][i]), tile)]
+            for n in names:
+                f_gx, rho_f_x = panels[n][e]
+                row += [_picture(f_gx[i], tile), _picture(rho_f_x[i], tile)]
+            rows.append(row)
+    header = ["x", "g x"] + [f"{n}:{s}" for n in names for s in ("f(gx)", "rho f(x)")]
+    paths = [os.path.join(out_dir, "equivariance.png")]
+    _grid_image(rows, header, tile).save(paths[0])
+    for n, b in zip(names, backbones):
+        attn = cls_attention(b, x)  # (B, H, h, w)
+        attn = attn / attn.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
+        rows = [[_picture(_unnormalise(x[i]), tile)] + [_picture(a, tile) for a in attn[i]] for i in range(len(x))]
+        paths.append(os.path.join(out_dir, f"attention_{n}.png"))
+        _grid_image(rows, ["image"] + [f"head {h}" for h in range(attn.shape[1])], tile).save(paths[-1])
+    return paths, panels
+
+
+# ---------------------------------------------------------------------------------------------------
 # Data. Every item carries its dataset index, so results are written back by index under DDP.
 
 def _to_input(u8):
@@ -983,7 +1082,8 @@ def get_args_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--probe", default=None, help="linear_eval.py output <dir>/linear_probe.pth (backbone + head)")
-    g.add_argument("--backbone", default=None, help="backbone checkpoint (vit.load_backbone) for --equivariance-only")
+    g.add_argument("--backbone", nargs="+", default=None, help="backbone checkpoint(s) (vit.load_backbone) for "
+                   "--equivariance-only; several give one comparison table (and figure) over the runs")
     g.add_argument("--arch", default=None, help="with --backbone for released weights, e.g. vit_small")
     g.add_argument("--patch-size", type=int, default=16, help="with --arch only")
     g = p.add_argument_group("data")
@@ -1011,6 +1111,11 @@ def get_args_parser():
     g.add_argument("--p-normalizers", default=None, help='JSON {"fp": {pert: AlexNet FP}, "t5d": {...}} for mFR/mT5D')
     g.add_argument("--mce", default="auto", choices=("auto", "on", "off"), help="auto: when the data has 1000 classes")
     g.add_argument("--scales", type=float, nargs="+", default=[0.75, 1.25], help="input rescalings (geometry, equivariance)")
+    g.add_argument("--figures", default=None, metavar="DIR", help="also write PNG figures there: equivariance.png "
+                   "(f_L(g x) next to rho_g f_L(x) per backbone) and attention_<run>.png ([CLS] attention per head)")
+    g.add_argument("--figure-layer", type=int, default=None, help="block L of the figures and of the comparison "
+                   "table (default: the SER split block of the first backbone that has one, else 1)")
+    g.add_argument("--figure-images", type=int, default=4, help="val images shown in the figures")
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", type=int, default=64, help="images per rank per forward")
     g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -1033,13 +1138,79 @@ def load_model(args):
                          "or pass --equivariance-only with --backbone")
     if not args.backbone:
         raise SystemExit("--equivariance-only needs --backbone (or --probe)")
-    from vit import load_backbone
-    arch = dict(name=args.arch, patch_size=args.patch_size) if args.arch else None
-    try:
-        backbone = load_backbone(args.backbone, arch=arch)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise SystemExit(f"--backbone {args.backbone}: {e}") from None
+    backbone = load_backbones(args)[0]
     return backbone, None, {"img_size": backbone.arch.get("img_size", 224)}
+
+
+def load_backbones(args):
+    arch = dict(name=args.arch, patch_size=args.patch_size) if args.arch else None
+    backbones = []
+    for path in args.backbone:
+        try:
+            backbones.append(vit.load_backbone(path, arch=arch))
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            raise SystemExit(f"--backbone {path}: {e}") from None
+    return backbones
+
+
+def run_names(paths):
+    """Short names for checkpoints: their folder (runs/dino_ser/backbone.pth -> dino_ser), else the file stem."""
+    names = [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
+    if len(set(names)) < len(names):
+        names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    return names if len(set(names)) == len(names) else [f"run{i}" for i in range(len(paths))]
+
+
+def figure_layer(args, backbones):
+    layer = args.figure_layer or next((b.cls_after_block for b in backbones if b.cls_after_block), 1)
+    if not all(1 <= layer <= b.depth for b in backbones):
+        raise SystemExit(f"--figure-layer {layer} must be in 1..{min(b.depth for b in backbones)}")
+    return layer
+
+
+def compare(args, device, rank, world, log):
+    """--equivariance-only with several --backbone: per-block equivariance of each run, one table.
+
+    The table reads, per run and group element, the mean cosine between f_l(g x) and rho_g f_l(x) at
+    block L (--figure-layer: SER's split block) and at the last block, plus linear / k-NN top-1 from
+    the run's linear_eval.json when linear_eval.py wrote one next to it (<run>/linear/)."""
+    backbones, names = load_backbones(args), run_names(args.backbone)
+    img_size = args.img_size or backbones[0].arch["img_size"]
+    try:
+        base = augment.build_dataset(args.data, "val", transform=None, img_size=img_size)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    base = Subset(base, range(min(args.num_images or 200, len(base))))
+    clean_set = GeneratedCorruptions(base, [("clean", 0)], img_size)
+    layer = figure_layer(args, backbones)
+    results = {"args": vars(args), "data": args.data, "num_images": len(base), "img_size": img_size,
+               "layer": layer, "runs": {}}
+    for name, path, backbone in zip(names, args.backbone, backbones):
+        ev = Evaluator(args, backbone.to(device).eval(), None, {}, device, rank, world, log)
+        elements, _, scores = ev.clean_pass(clean_set, False, True)
+        per = scores.nanmean(-1)  # (E, L, M)
+        run = {"backbone": path, "depth": backbone.depth, "cls_after_block": backbone.cls_after_block,
+               "equivariance": {n: {m: per[e, :, k].tolist() for k, m in enumerate(EQUIV_METRICS)}
+                                for e, n in enumerate(elements)}}
+        probe = os.path.join(os.path.dirname(path), "linear", "linear_eval.json")
+        if os.path.isfile(probe):
+            with open(probe) as f:
+                lin = json.load(f)
+            run["linear_top1"], run["knn_top1"] = lin["linear"]["top1"], lin.get("knn", {}).get("top1")
+        results["runs"][name] = run
+    shown = [e for e in ("rot90", "vflip", "scale1.25") if e in results["runs"][names[0]]["equivariance"]]
+    log(f"\nequivariance cos(f_l(g x), rho_g f_l(x)) at block {layer} / at the last block; linear, k-NN top-1")
+    log(f"  {'run':24s} " + " ".join(f"{e:>13s}" for e in shown) + "   linear   k-NN")
+    for name, run in results["runs"].items():
+        cos = [run["equivariance"][e]["cos"] for e in shown]
+        acc = [run.get("linear_top1"), run.get("knn_top1")]
+        log(f"  {name:24s} " + " ".join(f"{c[layer - 1]:6.3f}/{c[-1]:6.3f}" for c in cos) + "   "
+            + " ".join(f"{a:6.2f}" if a is not None else "     -" for a in acc))
+    if args.figures:
+        x = torch.stack([clean_set[i][0] for i in range(min(args.figure_images, len(clean_set)))]).to(device)
+        paths, _ = write_figures(backbones, names, x, args.figures, layer)
+        log("figures: " + ", ".join(paths))
+    return results
 
 
 def _split(text, allowed, flag):
@@ -1068,6 +1239,10 @@ def main(args):
                 raise SystemExit(f"{flag} must be {want}, got {v}")
     rank, world, device = init_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
+    if args.backbone and (len(args.backbone) > 1 or args.figures and not args.probe):
+        if not args.equivariance_only:
+            raise SystemExit("several --backbone (or --figures without --probe) need --equivariance-only")
+        return _write_results(compare(args, device, rank, world, log), args, rank, world, log, t0)
     tasks = ["equivariance"] if args.equivariance_only else _split(args.tasks, ("clean", "c", "p", "geometry",
                                                                                  "equivariance"), "--tasks")
     corruptions = _split(args.corruptions, CORRUPTIONS, "--corruptions")
@@ -1204,6 +1379,14 @@ def main(args):
         log(f"  mean top-1 {p_res['top1']:.2f}  mean FP {p_res['mean_fp']:.2f}" +
             (f"  mFR {p_res['mfr']:.2f}  mT5D {p_res['mt5d']:.2f}" if normalizers else "  (mFR/mT5D need --p-normalizers)"))
 
+    if args.figures:
+        x = torch.stack([clean_set[i][0] for i in range(min(args.figure_images, len(clean_set)))]).to(device)
+        paths, _ = write_figures([backbone], ["probe"], x, args.figures, figure_layer(args, [backbone]))
+        log("figures: " + ", ".join(paths))
+    return _write_results(results, args, rank, world, log, t0)
+
+
+def _write_results(results, args, rank, world, log, t0):
     results["seconds"] = time.time() - t0
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)

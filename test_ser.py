@@ -1807,10 +1807,18 @@ def test_resume_refuses_changed_settings(tmp_path):
     run("--method byol --stop-at-step 2 --num-workers 1", tmp_path)  # runtime options may change
 
 
-def test_knn_monitor_reports_initialisation_and_epochs(tmp_path):
+def test_knn_monitor_reports_initialisation_and_epochs(tmp_path, capsys):
     run("--method simclr --knn-every 1 --knn-train-size 16 --knn-val-size 16", tmp_path)
     knn = [row for row in read_log(tmp_path) if "knn_top1" in row]
     assert [row["step"] for row in knn] == [0, 2] and all(0 <= row["knn_top1"] <= 100 for row in knn)
+    # The last lines say what happened and what to run next, from the whole log (resumes included).
+    first, last = knn[0]["knn_top1"], knn[-1]["knn_top1"]
+    out = capsys.readouterr().out
+    assert f"done: k-NN top-1 {first:.1f} -> {last:.1f} ({last - first:+.1f}) in " in out
+    assert f"backbone: {tmp_path / 'backbone.pth'}" in out and "next: python linear_eval.py --pretrained" in out
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "epoch": 1, "knn_top1": last + 10.0}) + "\n")
+    assert f"-> {last + 10:.1f} ({last + 10 - first:+.1f})" in pretrain.run_summary(str(tmp_path / "log.jsonl"), "b.pth", 60)
 
 
 def test_compile_keeps_checkpoint_keys_bare(tmp_path, monkeypatch):
@@ -2468,6 +2476,26 @@ def test_equivariance_scores_standin():
         assert good[e, :, 2].min() > 0.05  # but not invariant
         assert (bad[e, :, 0].mean() < 0.999) and (bad[e, :, 1].mean() > 1e-2)
         assert good[e, :, 4].mean() > 0.1  # chance baseline: unrelated images disagree
+
+
+def test_equivariance_figure_panels_and_pngs(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    g = R.geometric_elements(2, (4, 4))
+    for name in ("rot90", "vflip"):  # D4 elements: the stand-in is exactly equivariant, so the panels agree
+        f_gx, rho_f_x = R.equivariance_panels(StandIn(), x, g[name], layer=2)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(f_gx, rho_f_x))
+        f_gx, rho_f_x = R.equivariance_panels(StandIn(bias=True), x, g[name], layer=2)
+        assert max((a - b).abs().max() for a, b in zip(f_gx, rho_f_x)) > 0.05  # a broken one does not
+    vits = [vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2),
+            vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, cls_after_block=1)]
+    paths, panels = R.write_figures(vits, ["base", "ser"], x, str(tmp_path), layer=1, tile=32)
+    assert [os.path.basename(p) for p in paths] == ["equivariance.png", "attention_base.png", "attention_ser.png"]
+    pad, top = 4, 14  # _grid_image's layout: 2 images x 3 elements rows; x, g x, then 2 panels per backbone
+    assert Image.open(paths[0]).size == (6 * (32 + pad) + pad, top + 6 * (32 + pad) + pad)
+    assert Image.open(paths[2]).size == (5 * (32 + pad) + pad, top + 2 * (32 + pad) + pad)  # image + 4 heads
+    attn = R.cls_attention(vits[1], x)
+    assert attn.shape == (2, 4, 4, 4) and torch.all(attn.flatten(2).sum(-1) <= 1 + 1e-5)
 
 
 # ------------------------------------------------------------------------------------------- driver
