@@ -842,7 +842,7 @@ def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "
                 f_gx, rho_f_x = panels[n][e]
                 row += [_picture(f_gx[i], tile), _picture(rho_f_x[i], tile)]
             rows.append(row)
-    header = ["x", "g x"] + [f"{n}:{s}" for n in names for s in ("f(gx)", "rho f(x)")]
+    header = ["x", "g x"] + [t for n in names for t in (f"{n} f(gx)", "rho f(x)")]
     paths = [os.path.join(out_dir, "equivariance.png")]
     _grid_image(rows, header, tile).save(paths[0])
     for n, b in zip(names, backbones):
