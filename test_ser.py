@@ -39,6 +39,10 @@ import robustness_eval as R
 import vit
 
 torch.set_num_threads(1)  # tiny ops: threads only add synchronisation on a 2-core CI machine
+# `-m "not slow"` deselects the multi-process (torchrun) tests. The repository has no pytest configuration
+# file, so the marker is registered here, with the config pytest is running (before any test uses it).
+if getattr(pytest.mark, "_config", None) is not None:
+    pytest.mark._config.addinivalue_line("markers", "slow: multi-process tests (torchrun); deselect with -m 'not slow'")
 
 
 # ================================================================================================
@@ -234,6 +238,29 @@ def test_grad_checkpointing_same_output():
     y = m(x)
     m.grad_checkpointing = True
     assert torch.allclose(m(x), y, atol=1e-6)
+
+
+def test_drop_path_rows_give_a_sample_its_mask_whatever_the_split():
+    """With rows, a sample's keep flag depends on its row in the global call, not on the rows beside it
+    (how the batch is split over ranks), and a checkpointed block recomputes the same masks."""
+    drop = vit.DropPath(0.5).train()
+    x = torch.ones(8, 3, 4)
+    torch.manual_seed(1)
+    whole = drop(x, (torch.arange(8), 8))
+    torch.manual_seed(1)
+    part = drop(x[5:], (torch.arange(5, 8), 8))
+    assert torch.equal(part, whole[5:]) and (whole == 0).any() and (whole != 0).any()
+    torch.manual_seed(0)
+    m = tiny(drop_path_rate=0.5).train()
+    x = torch.randn(3, 3, 32, 32)
+    grads = []
+    for checkpointing in (False, True):
+        m.grad_checkpointing, m.drop_path_rows = checkpointing, (torch.tensor([4, 0, 2]), 6)
+        m.zero_grad()
+        torch.manual_seed(2)
+        m(x).sum().backward()
+        grads.append(m.blocks[0].mlp.fc1.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
 def test_input_not_divisible_raises():
@@ -612,6 +639,18 @@ def test_mocov3_against_official_and_closed_form():
     torch.testing.assert_close(L.mocov3_loss(e, e, e, e, T), torch.tensor(2 * per_dir, dtype=DT))
 
 
+def test_mocov3_multicrop_is_the_sum_over_student_and_other_momentum_views():
+    """SER's 2+4 (builder/moco.py erl_local4): each of the 6 student views against each other global
+    momentum view, 10 official ctr terms; with 2 views it is mocov3_loss."""
+    T = 0.2
+    qs, ks = [leaf(5, 4, seed=s) for s in range(6)], [randn(5, 4, seed=10 + s) for s in range(2)]
+    expected = sum(official_moco_ctr(q, k, T) for i, q in enumerate(qs) for j, k in enumerate(ks) if i != j)
+    torch.testing.assert_close(L.mocov3_multicrop_loss(qs, ks, T), expected)
+    torch.testing.assert_close(L.mocov3_multicrop_loss(qs[:2], ks, T), L.mocov3_loss(qs[0], qs[1], ks[0], ks[1], T))
+    with pytest.raises(ValueError, match="momentum views"):
+        L.mocov3_multicrop_loss(qs[:1], ks, T)
+
+
 def test_dino_loss_against_formula_and_centre():
     B, K, ncrops = 3, 7, 4
     student, teacher = leaf(ncrops * B, K, seed=1), randn(2 * B, K, seed=2) * 2
@@ -762,7 +801,7 @@ def test_ser_against_reference_with_random_group_elements():
     h1, w1 = ga.output_grid(g1, (4, 4))
     h2, w2 = ga.output_grid(g2, (4, 4))
     z1, z2 = leaf(3, 6, h1, w1, seed=1), leaf(3, 6, h2, w2, seed=2)
-    ours = L.ser_loss(z1, z2, g1, g2, (4, 4), temperature=0.4)
+    ours = L.ser_loss([L.SERGroup(z1, z2, g1, g2, (4, 4))], temperature=0.4)
     torch.testing.assert_close(ours, ser_reference([(z1, z2, g1, g2, (4, 4))], 0.4))
     ours.backward()
     for z in (z1, z2):
@@ -775,16 +814,17 @@ def test_ser_closed_forms():
     z = torch.eye(4, dtype=DT).T.reshape(4, 2, 1, 2).transpose(0, 1).contiguous()  # (2, 4, 1, 2): 4 orthonormal tokens
     # the positive at cosine 1; 2 tokens x 2 views of the other image at cosine 0; same-image tokens excluded
     expected = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + 4))
-    torch.testing.assert_close(L.ser_loss(z, z, ident, ident, (1, 2), tau), torch.tensor(expected, dtype=DT))
+    torch.testing.assert_close(L.ser_loss([L.SERGroup(z, z, ident, ident, (1, 2))], tau),
+                               torch.tensor(expected, dtype=DT))
     collapsed = torch.ones(2, 4, 1, 2, dtype=DT)  # every token identical: positive among 5 equal terms
-    torch.testing.assert_close(L.ser_loss(collapsed, collapsed, ident, ident, (1, 2), tau),
+    torch.testing.assert_close(L.ser_loss([L.SERGroup(collapsed, collapsed, ident, ident, (1, 2))], tau),
                                torch.tensor(math.log(5), dtype=DT))
     # an exactly equivariant map (rho_g of view 1 is view 2) beats a shuffled one
     g = ga.GroupElement(k=1, flip=torch.tensor([True, False]), rot180=torch.tensor([False, True]))
     z1 = randn(2, 8, 3, 3, seed=4)
     z2 = ga.apply_to_token_map(z1, g)
-    good = L.ser_loss(z1, z2, ident, g, (3, 3), tau)
-    bad = L.ser_loss(z1, z2.flip(-1), ident, g, (3, 3), tau)
+    good = L.ser_loss([L.SERGroup(z1, z2, ident, g, (3, 3))], tau)
+    bad = L.ser_loss([L.SERGroup(z1, z2.flip(-1), ident, g, (3, 3))], tau)
     assert good < bad
 
 
@@ -798,7 +838,7 @@ def test_ser_gradients_reach_projector_encoder_and_both_views():
     maps = [encoder(ga.apply_to_images(crop, g, patch)) for g in (g1, g2)]
     for m in maps:
         m.retain_grad()
-    L.ser_loss(projector(maps[0]), projector(maps[1]), g1, g2, base, temperature=0.4).backward()
+    L.ser_loss([L.SERGroup(projector(maps[0]), projector(maps[1]), g1, g2, base)], temperature=0.4).backward()
     for t in [maps[0], maps[1], encoder.weight, *projector.parameters()]:
         assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
 
@@ -920,13 +960,19 @@ def test_essl_head_rotations_and_loss():
 
 N, DIN = 8, 10  # global batch, input width of the heads
 WORLD = 2
-SER_BATCH = (2, 3)  # SER images per rank: different counts and (drawn per rank) different grids
-CASES = ("mocov3", "dino", "barlowtwins", "vicreg", "simclr", "byol", "ser", "equimod", "augself", "essl")
+SPLIT = (3, 5)  # rows per rank out of every 8: uneven, as SER's groups make them (every loss must be exact)
+# SER: (images per group, first global position of each rank's share). "ser": 3 groups with their own
+# grids, the middle one straddling the ranks; "ser_empty_rank": every b2 image on rank 1.
+SER_SPLITS = {"ser": ((2, 3, 2), (0, 3, 7)), "ser_empty_rank": ((2, 3), (0, 0, 5))}
+CASES = ("mocov3", "mocov3_multicrop", "dino", "barlowtwins", "vicreg", "simclr", "byol", "ser", "ser_empty_rank",
+         "equimod", "augself", "essl")
 
 
 def shard(x, rank, world):
-    n = len(x) // world
-    return x[rank * n:(rank + 1) * n]
+    if world == 1:
+        return x
+    bounds = [0, round(len(x) * SPLIT[0] / sum(SPLIT)), len(x)]
+    return x[bounds[rank]:bounds[rank + 1]]
 
 
 def stacked_shard(x, views, rank, world):
@@ -953,6 +999,15 @@ def run_case(name, rank, world):
             k1, k2 = target(h1), target(h2)
         loss = L.mocov3_loss(q1, q2, k1, k2) if name == "mocov3" else L.byol_loss(q1, q2, k1, k2)
         modules = {"proj": proj, "pred": pred, "target": target}
+    elif name == "mocov3_multicrop":  # 2 global + 4 local student views, 2 momentum views
+        proj, pred = L.build_heads("mocov3", DIN, hidden_dim=12, out_dim=6)
+        proj, pred = proj.double(), pred.double()
+        target = copy.deepcopy(proj)
+        hs = [part(randn(N, DIN, seed=30 + v)) for v in range(6)]
+        with torch.no_grad():
+            ks = [target(h) for h in hs[:2]]
+        loss = L.mocov3_multicrop_loss([pred(proj(h)) for h in hs], ks)
+        modules = {"proj": proj, "pred": pred, "target": target}
     elif name == "dino":
         student, _ = L.build_heads("dino", DIN, hidden_dim=12, out_dim=9, bottleneck_dim=5, use_bn=True)
         student = student.double()
@@ -972,22 +1027,31 @@ def run_case(name, rank, world):
         z1, z2 = proj(part(randn(N, DIN, seed=1))), proj(part(randn(N, DIN, seed=2)))
         loss = {"barlowtwins": L.barlow_twins_loss, "vicreg": L.vicreg_loss, "simclr": L.simclr_loss}[name](z1, z2)
         modules = {"proj": proj}
-    elif name == "ser":
+    elif name in SER_SPLITS:
         patch, base = 2, (3, 3)
         encoder = nn.Conv2d(3, 8, patch, stride=patch).double()
         projector = L.SERProjector(8, 6, 6).double()
-        groups = []
-        for r in range(WORLD) if world == 1 else [rank]:
-            batch = SER_BATCH[r]
-            g1, g2 = ga.sample_view_pair(batch, torch.Generator().manual_seed(10 + r), base_grid=base, scale=(0.5, 1.6))
-            crop = randn(batch, 3, base[0] * patch, base[1] * patch, seed=20 + r)
-            z1, z2 = (projector(encoder(ga.apply_to_images(crop, g, patch))) for g in (g1, g2))
-            groups.append((z1, z2, g1, g2, base))
-        if world == 1:  # the whole global batch: every rank's images and grids, in one process
-            loss = ser_reference(groups, 0.4)
+        sizes, starts = SER_SPLITS[name]
+        groups, first = [], 0
+        for g, n in enumerate(sizes):  # each group: its own elements (own grids) and images
+            g1, g2 = ga.sample_view_pair(n, torch.Generator().manual_seed(10 + g), base_grid=base, scale=(0.5, 1.6))
+            crop = randn(n, 3, base[0] * patch, base[1] * patch, seed=20 + g)
+            lo, hi = (first, first + n) if world == 1 else (max(first, starts[rank]), min(first + n, starts[rank + 1]))
+            ours = slice(lo - first, hi - first)  # the group's images on this rank
+            first += n
+            if lo >= hi:
+                continue
+            g1, g2 = ga.select_samples(g1, ours), ga.select_samples(g2, ours)
+            z1, z2 = (projector(encoder(ga.apply_to_images(crop[ours], g, patch))) for g in (g1, g2))
+            groups.append(L.SERGroup(z1, z2, g1, g2, base, torch.arange(lo, hi)))
+        if world == 1:  # the whole global batch: every group's images and grids, in one process
+            loss = ser_reference([grp[:5] for grp in groups], 0.4)
         else:
-            loss = L.ser_loss(*groups[0], temperature=0.4)
-            buffers["grid"] = torch.tensor([*groups[0][0].shape[-2:], *groups[0][1].shape[-2:]])
+            if not groups:  # no b2 image here: an empty group keeps the parameters and collectives in step
+                z = projector(encoder(torch.zeros(0, 3, base[0] * patch, base[1] * patch, dtype=DT)))
+                groups = [L.SERGroup(z, z, None, None, base, torch.zeros(0, dtype=torch.long))]
+            loss = L.ser_loss(groups, temperature=0.4)
+            buffers["b2_images"] = torch.tensor(sum(grp.z1.shape[0] for grp in groups))
         modules = {"encoder": encoder, "projector": projector}
     elif name == "equimod":
         head = L.EquiModHead(DIN, hidden_dim=12, out_dim=6, input_norm=True).double()
@@ -1052,8 +1116,9 @@ def test_ddp_average_gradient_equals_single_process(name, ddp_results):
         for r in ranks:
             torch.testing.assert_close(r["buffers"][key], ref, rtol=1e-9, atol=1e-12,
                                        msg=lambda m: f"{name} {key}: {m}")
-    if name == "ser":  # the point of the variable-length gather: the ranks really had different grids
-        assert not torch.equal(ranks[0]["buffers"]["grid"], ranks[1]["buffers"]["grid"])
+    if name in SER_SPLITS:  # the point of the variable-length gather: the ranks really held different groups
+        assert [int(r["buffers"]["b2_images"]) for r in ranks] == [s - r for r, s in
+                                                                   zip(SER_SPLITS[name][1], SER_SPLITS[name][1][1:])]
 
 
 # ================================================================================================
@@ -1410,8 +1475,8 @@ def test_bad_configurations_give_clear_errors(tmp_path):
         config("--ser --equiv-layer 3", tmp_path)  # depth 3: [CLS] would join after the last block
     with pytest.raises(SystemExit, match="must divide over the 2 ranks"):
         pretrain.local_batch_size(15, 2)
-    with pytest.raises(SystemExit, match="b2 would take"):
-        pretrain.ser_images_per_rank(2, 0.01, 2)
+    with pytest.raises(SystemExit, match="b2 group would take 2 of the 2 images"):
+        pretrain.ser_groups(2, 256, 0.01, 2)
     with pytest.raises(SystemExit, match="not divisible by --patch-size"):
         config("--img-size 36", tmp_path)
     with pytest.raises(SystemExit, match="fewer than --batch-size"):
@@ -1441,7 +1506,7 @@ def test_ser_loss_reaches_blocks_before_the_split_only(tmp_path):
     x = torch.randn(3, 3, 32, 32)
     maps = [student.addon_head(student.backbone.forward_features(
         pretrain.group_actions.apply_to_images(x, g, 8), layer=2)["token_map"]) for g in (g1, g2)]
-    losses.ser_loss(*maps, g1, g2, (4, 4), temperature=0.4).backward()
+    losses.ser_loss([losses.SERGroup(*maps, g1, g2, (4, 4))], temperature=0.4).backward()
     blocks = student.backbone.blocks
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for b in blocks[:2] for p in b.parameters())
     assert all(p.grad is None for p in blocks[2].parameters())
@@ -1516,10 +1581,12 @@ def test_torchrun_two_ranks_first_step_equals_one_process(tmp_path):
 
 @pytest.mark.parametrize("method", ["mocov3", "dino", "barlowtwins"])
 def test_ser_flops_overhead_at_the_paper_setting(method):
-    """ViT-S/16, 224 px, 256 images per rank, b2 = 1%: the paper reports 1.008x; counted on the meta device."""
+    """ViT-S/16, 224 px, 256 images per rank, b2 = 1%: the paper reports 1.008x; counted on the meta device.
+    Within 1% of 1 either way: the [CLS] joining after block 3 saves a little in blocks 1-3, and the b2
+    grids, drawn at random (196 x U(0.7, 1.3) tokens), add or save about as much at a given step."""
     result = pretrain.main(f"--method {method} --ser --data /datasets/imagenet --batch-size 256 --count-flops".split())
     assert result["arch"] == "vit_small" and result["img_size"] == 224
-    assert 1.0 < result["ratio"] <= 1.01
+    assert 0.99 < result["ratio"] <= 1.01
     assert 50 < result["base_gflops_per_image"] < 80  # 2 views x 3 x 9.2 GFLOPs (+ teacher forwards)
 
 
