@@ -1536,6 +1536,113 @@ def test_global_batch_sampler_slices_the_single_process_batch():
     assert list(other_epoch) != single
 
 
+def test_ser_groups_are_cut_from_the_global_batch():
+    # the paper's setting: 8 chunks of 256, the last 3 images (1%) of each form a group
+    assert pretrain.ser_groups(2048, 256, 0.01, 2) == [(256 * g + 253, 256 * (g + 1)) for g in range(8)]
+    assert pretrain.ser_groups(16, 256, 0.01, 2) == [(14, 16)]  # a small batch: one group, the floor of 2
+    assert pretrain.ser_groups(10, 4, 0.4, 2) == [(3, 5), (8, 10)]  # round(10 / 4) = 2 chunks of 5
+    assert pretrain.ser_groups(16, 5, 0.01, 2) == [(3, 5), (9, 11), (14, 16)]  # chunks of 5, 6, 5
+
+
+def fake_global_batch(recipe, batch, seed=0):
+    """What the workers would deliver for a global batch: uint8 crops, boxes and flips per view."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"images": [torch.randint(0, 256, (batch, 3, v.size, v.size), generator=gen, dtype=torch.uint8)
+                       for v in recipe.views],
+            "crop": [torch.rand(batch, 4, generator=gen) for _ in recipe.views],
+            "flip": [torch.rand(batch, generator=gen) < 0.5 for _ in recipe.views]}
+
+
+def rank_slice(batch, rank, world):
+    n = batch["images"][0].shape[0] // world
+    return {k: [t[rank * n:(rank + 1) * n] for t in v] for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("extra", ["--ser-chunk 8 --ser-ratio 0.6", "--ser-chunk 16 --ser-ratio 0.6",
+                                   "--n-local-crops 4 --ser-chunk 5"])
+def test_ser_split_ranks_share_the_single_process_step(extra, tmp_path):
+    """On 2 or 4 ranks, the b1 rows and the b2 groups' rows cover the global batch exactly once, and each
+    group's rows (images, group elements, colours) are the single process's, including groups that
+    straddle a rank boundary."""
+    args = config(f"--method mocov3 --ser --equiv-layer 2 {extra}", tmp_path)
+    recipe, cpu = pretrain.build_recipe(args), torch.device("cpu")
+    full = fake_global_batch(recipe, args.batch_size)
+    one = pretrain.make_step_inputs(full, recipe.photometric(), 5, args, 0, 1, cpu)
+    groups = pretrain.ser_groups(args.batch_size, args.ser_chunk, args.ser_ratio, args.ser_min_images)
+    assert [(int(g.positions[0]), int(g.positions[-1]) + 1) for g in one.b2] == groups
+    straddling = 0
+    for world in (2, 4):
+        shares = [pretrain.make_step_inputs(rank_slice(full, r, world), recipe.photometric(), 5, args, r, world, cpu)
+                  for r in range(world)]
+        seen = torch.cat([torch.cat([s.stream_positions[0], *[g.positions for g in s.b2]]) for s in shares])
+        assert sorted(seen.tolist()) == list(range(args.batch_size))  # every image once, in b1 or in b2
+        for v in range(len(one.streams)):  # b1 rows: the single process's, in the same order
+            assert torch.equal(torch.cat([s.stream_positions[v] for s in shares]), one.stream_positions[v])
+            assert torch.allclose(torch.cat([s.streams[v] for s in shares]), one.streams[v], atol=1e-6)
+        for whole in one.b2:
+            parts = [g for s in shares for g in s.b2 if g.index == whole.index]
+            straddling += len(parts) > 1
+            assert torch.equal(torch.cat([p.positions for p in parts]), whole.positions)
+            for k, pair in enumerate(whole.pairs):
+                for name in ("x1", "x2"):
+                    assert torch.allclose(torch.cat([getattr(p.pairs[k], name) for p in parts]), getattr(pair, name),
+                                          atol=1e-6)
+                for name in ("g1", "g2"):
+                    g, pieces = getattr(pair, name), [getattr(p.pairs[k], name) for p in parts]
+                    assert all(piece.k == g.k and piece.size == g.size for piece in pieces)
+                    assert torch.equal(torch.cat([piece.flip for piece in pieces]), g.flip)
+                    assert torch.equal(torch.cat([piece.rot180 for piece in pieces]), g.rot180)
+    assert straddling > 0
+
+
+def test_ser_multicrop_pairs_use_global_crop_0_and_every_other_local_crop(tmp_path):
+    """MoCo v3 2+4 with SER (builder/moco.py train_erl_local4): pairs from global crop 0 and local crops #0
+    and #2, each view with its own element, grids drawn relative to the crop's own token grid; the six
+    views join the six invariance streams. With identity colours, x_j = g_j(normalised crop) exactly."""
+    args = config("--method mocov3 --n-local-crops 4 --ser --equiv-layer 2 --ser-ratio 0.25", tmp_path)
+    recipe, cpu = pretrain.build_recipe(args), torch.device("cpu")
+    full = fake_global_batch(recipe, args.batch_size)
+    identity = [PhotometricAugment(p_jitter=0, p_gray=0, p_blur=0, p_solarize=0, img_size=32)] * len(recipe.views)
+    batch = pretrain.make_step_inputs(full, identity, 3, args, 0, 1, cpu)
+    assert [v.size for v in recipe.views[:6]] == [32, 32, 16, 16, 16, 16]
+    (group,) = batch.b2
+    assert group.positions.tolist() == [12, 13, 14, 15]  # round(0.25 * 16) = 4 images
+    assert [(p.base_grid, p.streams) for p in group.pairs] == [((4, 4), (0, 1)), ((2, 2), (2, 3)), ((2, 2), (4, 5))]
+    for pair, view in zip(group.pairs, (0, 2, 4)):
+        crop = augment.normalize(full["images"][view][12:16].float() / 255)
+        for x, g in ((pair.x1, pair.g1), (pair.x2, pair.g2)):
+            assert torch.allclose(x, ga.apply_to_images(crop, g, 8), atol=1e-6)
+            h, w = g.size
+            base = pair.base_grid[0] * pair.base_grid[1]
+            assert 0.7 * base - 2 * (h + w) <= h * w <= 1.3 * base + 2 * (h + w)  # area ~ U(0.7, 1.3) x base, rounded
+        assert torch.equal(pair.g2.flip, ~pair.g1.flip)  # negated flags, as sample_view_pair
+    assert [s.shape[0] for s in batch.streams] == [12] * 6  # b1 rows; the b2 views follow in Student._b2
+
+
+@pytest.mark.parametrize("addon", ["", "--ser --equiv-layer 2 --ser-ratio 0.25"])
+def test_mocov3_multicrop_losses_equal_a_hand_written_reference(addon, tmp_path):
+    """compute_losses on a real 2+4 step: the invariance term is the sum over the 6 student streams and the
+    other global momentum stream (10 official ctr terms, float64), SER's is the sum over its 3 pairs of the
+    paper's L_equiv (ser_reference); every stream holds all 16 images, b2 rows included."""
+    args = config(f"--method mocov3 --n-local-crops 4 {addon}", tmp_path)
+    torch.manual_seed(0)
+    student, teacher = pretrain.build_models(args)
+    recipe = pretrain.build_recipe(args)
+    batch = pretrain.make_step_inputs(fake_global_batch(recipe, 16), recipe.photometric(), 0, args, 0, 1,
+                                      torch.device("cpu"))
+    out, keys = student(batch), teacher(batch)
+    terms = pretrain.compute_losses(args, out, keys, batch, None, 0)
+    assert len(out["pred"]) == 6 and all(q.shape[0] == 16 for q in out["pred"] + keys)
+    expected = sum(official_moco_ctr(q.double(), k.double(), args.temperature)
+                   for i, q in enumerate(out["pred"]) for j, k in enumerate(keys) if i != j)
+    torch.testing.assert_close(terms["inv"].double(), expected, rtol=1e-5, atol=1e-6)
+    if addon:
+        assert len(out["ser"]) == 3
+        expected = sum(ser_reference([tuple(t.double() if torch.is_tensor(t) else t for t in grp[:2]) + tuple(grp[2:5])
+                                      for grp in pair], args.equiv_tau) for pair in out["ser"])
+        torch.testing.assert_close(terms["equiv"].double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_benchmark_mode_counts_the_ser_flops(tmp_path):
     base = pretrain.train(config("--method mocov3 --benchmark 1 --batch-size 32 --synthetic-length 64",
                                  tmp_path / "base"))
