@@ -8,9 +8,10 @@ add-on: SER (soft equivariance regularisation), EquiMod, AugSelf or E-SSL.
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 pretrain.py ...
     python pretrain.py --method mocov3 --ser --benchmark 20  # images/s, data wait, memory, FLOPs, MFU
 
-SER (ser.md): each rank's batch is split into b1 (the method's standard views) and b2, the last
-`--ser-ratio` of it. Both b2 views come from the same crop, with independent colour jitter, and each
-gets its own group element (90-degree rotation, flip, rescale to a random token grid). Both sub-batches
+SER: the global batch is split into b1 (the method's standard views) and b2, the last `--ser-ratio` of
+every `--ser-chunk` images, one group per chunk (the release: 3 of each GPU's 256). Both b2 views come
+from the same crop, with independent colour jitter, and each gets its own group element (90-degree
+rotation, flip, rescale to a random token grid), one per group. Both sub-batches
 enter the invariance loss; only b2 enters L_equiv, which acts on the token map after block
 `--equiv-layer`, where the [CLS] token joins the network:  L = L_inv(b1 + b2) + lambda * L_equiv.
 
@@ -494,7 +495,8 @@ def ser_groups(global_batch, chunk, ratio, min_images):
     The global batch is cut into G = max(1, round(B / chunk)) chunks, chunk g covering positions
     [round(g B / G), round((g + 1) B / G)); its b2 group is its last max(min_images, round(ratio * len))
     positions. Each group gets its own pair of group elements and colour parameters (make_step_inputs),
-    as each GPU's 3 images do in the release (ser.md 2.2: 1% of 256 per GPU), but the groups are defined
+    as each GPU's 3 images do in the release (aitrics-chris/SER main_moco.py: 1% of the per-GPU batch),
+    but the groups are defined
     on the global batch: which images form b2, and how they are transformed, does not depend on the
     number of ranks. --batch-size 2048 --ser-chunk 256 --ser-ratio 0.01: 8 groups of 3 images.
     """
