@@ -1439,6 +1439,30 @@ def test_every_method_and_addon_trains(method, addon, tmp_path):
         assert second["teacher"] is None
 
 
+@pytest.mark.parametrize("addon", ["--ser --equiv-layer 2", "--essl"])
+def test_mocov3_multicrop_trains_two_steps(addon, tmp_path):
+    """SER's 2+4 views (MoCo v3, 4 local crops) with SER's three pairs or with E-SSL, on the built-in data."""
+    ckpt = run(f"--method mocov3 --n-local-crops 4 {addon} --stop-at-step 2 --log-every 1", tmp_path)
+    logged = read_log(tmp_path)
+    assert ckpt["step"] == 2 and [row["step"] for row in logged] == [1, 2]
+    assert all(math.isfinite(row[k]) for row in logged for k in ("loss", "inv", "equiv")) and logged[-1]["equiv"] > 0
+    torch.manual_seed(augment.seed_from("init", 0))  # the run's initial weights
+    initial = pretrain.build_models(config(f"--method mocov3 --n-local-crops 4 {addon}", tmp_path))[0].state_dict()
+    moved = [k for k, v in ckpt["student"].items() if v.is_floating_point() and not torch.equal(v, initial[k])]
+    assert any(k.startswith("backbone.blocks.0.") for k in moved) and any(k.startswith("addon_head.") for k in moved)
+
+
+def test_multicrop_and_ser_chunk_errors(tmp_path):
+    with pytest.raises(SystemExit, match="multi-crop is not part of the official byol recipe"):
+        config("--method byol --n-local-crops 4", tmp_path)
+    with pytest.raises(SystemExit, match="use an even number"):
+        config("--method mocov3 --ser --equiv-layer 2 --n-local-crops 3", tmp_path)
+    with pytest.raises(SystemExit, match="--augself with MoCo v3 multi-crop"):
+        config("--method mocov3 --augself --n-local-crops 4", tmp_path)
+    with pytest.raises(SystemExit, match="--ser-chunk must be positive"):
+        config("--method mocov3 --ser --equiv-layer 2 --ser-chunk 0", tmp_path)
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     common = "--method dino --ser --equiv-layer 2 --epochs 2 --drop-path 0.1"  # drop-path: RNG must replay too
     full = run(common, tmp_path / "full")
