@@ -1886,7 +1886,9 @@ def test_equimod_plain_view_joins_the_global_call(tmp_path, monkeypatch):
     original = student.backbone.forward_features
     monkeypatch.setattr(student.backbone, "forward_features",
                         lambda x, layer=None: calls.append(x.shape[0]) or original(x, layer=layer))
-    y_t, y_hat_t = student(views, plain=plain, equimod_params=params)["equimod"]
+    batch = pretrain.StepBatch(key=(0, 0), batch_size=4, streams=views, stream_positions=[torch.arange(4)] * 2,
+                               view_params=[], plain=plain, equimod_params=params)
+    y_t, y_hat_t = student(batch)["equimod"]
     assert calls == [12]
     h_views = original(torch.cat(views), layer=2)["cls_at_layer"]
     h_plain = original(plain, layer=2)["cls_at_layer"]
