@@ -657,7 +657,10 @@ def compute_losses(args, student_out, teacher_out, batch, dino_loss, epoch):
     out = {"inv": inv}
     if args.addon == "ser":
         # One NT-Xent per pair over all its groups, summed over the pairs (one pair with two views,
-        # three in MoCo v3's 2+4: aitrics-chris/SER builder/moco.py MoCo.erl_local4).
+        # three in MoCo v3's 2+4: aitrics-chris/SER builder/moco.py MoCo.erl_local4). erl_local4 divides
+        # each pair's sum by twice the per-GPU *image* count and slices its (2T, 2T) token similarity
+        # matrix at that count where the token count T is meant; ser_loss is the intended loss, the mean
+        # over all 2T anchors of the pair.
         out["equiv"] = sum(losses.ser_loss(groups, args.equiv_tau) for groups in student_out["ser"])
     elif args.addon == "equimod":
         out["equiv"] = losses.equimod_loss(*student_out["equimod"], args.equiv_tau)
