@@ -1690,7 +1690,8 @@ TORCHRUN_BASE = ("--arch vit_tiny --depth 2 --img-size 32 --patch-size 8 --batch
                  "--num-workers 0 --knn-every 0 --stop-at-step 2 --log-every 1 --head-hidden 32 --head-out 16")
 TORCHRUN_CONFIGS = {
     "mocov3_ser": "--method mocov3 --ser --equiv-layer 1",  # one group, all on rank 1
-    "dino_ser": "--method dino --ser --equiv-layer 1 --ser-ratio 0.6 --drop-path 0.1",  # 10 images over both ranks
+    # 10 b2 images over both ranks, local crops (their b2 rows are plain local crops), stochastic depth
+    "dino_ser": "--method dino --ser --equiv-layer 1 --ser-ratio 0.6 --n-local-crops 2 --drop-path 0.1",
     "barlowtwins_ser": "--method barlowtwins --ser --equiv-layer 1 --ser-chunk 5",  # 3 groups: 1 on rank 0, 2 on rank 1
     "vicreg_ser": "--method vicreg --ser --equiv-layer 1 --ser-chunk 4 --ser-ratio 0.5",  # 4 groups, 2 per rank
     "simclr_ser": "--method simclr --ser --equiv-layer 1 --ser-chunk 16 --ser-ratio 0.4",
