@@ -144,6 +144,14 @@ def identity(batch_size: int) -> GroupElement:
     return GroupElement(k=0, flip=no, rot180=no.clone(), size=None)
 
 
+def select_samples(g: GroupElement, idx) -> GroupElement:
+    """g restricted to the samples `idx` (a slice or index tensor): the shared k and size are kept,
+    the per-sample flags indexed. An element drawn for a whole group of images, then restricted to
+    the images one process holds, acts on each of them as it would in one process."""
+    return GroupElement(k=g.k, flip=None if g.flip is None else g.flip[idx],
+                        rot180=None if g.rot180 is None else g.rot180[idx], size=g.size)
+
+
 def sample_element(batch_size: int, generator: torch.Generator, base_grid=(14, 14),
                    scale=(0.7, 1.3), ratio=(3 / 4, 4 / 3)) -> GroupElement:
     """One random element, drawn like the release's Aug_equi.get_params (same draws, same order).

@@ -9,9 +9,12 @@ sums every rank's gradient for our rows), and the local loss is scaled so that t
 ranks add up to W * (global loss). DDP's mean over ranks then cancels the W. Statistics that carry
 no gradient (DINO centre, MoCo keys) use plain no-grad collectives. All heads with BatchNorm use
 `GlobalBatchNorm1d`, whose training statistics span the global batch the same way.
-Losses with a per-anchor count known from a gather (MoCo v3, SimCLR, EquiMod, SER) are exact for any
-split of the batch over ranks; the purely local means (BYOL, DINO, VICReg's MSE, AugSelf, E-SSL)
-assume the same per-rank batch size, as DistributedSampler(drop_last=True) gives.
+Every loss is exact for any split of the batch over ranks, equal or not: SER's b2 groups sit
+unevenly on the ranks, so a rank may hold more (or no) b2 rows than another. Losses normalised by
+a count (MoCo v3, SimCLR, EquiMod, SER, Barlow Twins, VICReg's variance and covariance) read the
+global count from the gather; the means that the official code takes per rank (BYOL, DINO, VICReg's
+MSE, AugSelf, E-SSL) are global means here, local sum * W / global count (`_global_mean_of_sum`),
+which equals the official value when every rank holds the same number of rows.
 
 Conventions relative to the official code are stated at each loss (methods.md, ser.md).
 Inputs of every loss are the head outputs; half-precision inputs are upcast to float32 inside.
@@ -20,12 +23,13 @@ Typical use (pretrain.py owns the encoders, EMA copies and schedules):
 
     projector, predictor = build_heads("mocov3", embed_dim=384)
     loss = mocov3_loss(predictor(projector(h1)), predictor(projector(h2)), k1, k2, temperature=0.2)
-    loss = loss + lam * ser_loss(ser_proj(map1), ser_proj(map2), g1, g2, base_size, temperature=0.4)
+    loss = loss + lam * ser_loss([SERGroup(ser_proj(map1), ser_proj(map2), g1, g2, base_size)], temperature=0.4)
 
 Tests: python -m pytest -q test_ser.py  (its losses.py section)  (CPU; includes a 2-process gloo DDP check)
 """
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -337,6 +341,19 @@ def mocov3_loss(q1, q2, k1, k2, temperature=0.2):
     return _moco_direction(q1, k2, temperature) + _moco_direction(q2, k1, temperature)
 
 
+def mocov3_multicrop_loss(qs, ks, temperature=0.2):
+    """MoCo v3 with multi-crop, SER's "2+4 views" (aitrics-chris/SER builder/moco.py MoCo.erl_local4):
+    sum over student views i and momentum views j != i of ctr(q_i, k_j), each ctr x 2T as above.
+
+    qs: list of (N, d) predictor outputs, the 2 global views first, then the local views; ks: list of
+    (N, d) momentum-encoder projections of the global views (row n of every list is the same image).
+    With 2 + 4 views that is 6 * 2 - 2 = 10 terms; with 2 views it is mocov3_loss.
+    """
+    if not 1 <= len(ks) <= len(qs):
+        raise ValueError(f"mocov3_multicrop_loss needs 1..{len(qs)} momentum views, got {len(ks)}")
+    return sum(_moco_direction(q, k, temperature) for i, q in enumerate(qs) for j, k in enumerate(ks) if i != j)
+
+
 class DINOLoss(nn.Module):
     """DINO cross-entropy between the centred, sharpened teacher and the student, all crop pairs
     except same-view ones, averaged over the n_teacher * ncrops - n_teacher terms.
@@ -345,7 +362,8 @@ class DINOLoss(nn.Module):
     the raw teacher outputs averaged over the global batch with a no-grad all_reduce:
     C <- m C + (1 - m) mean(teacher). Convention: identical to the official DINOLoss, except that
     the teacher temperature is passed in (see teacher_temp_schedule) and the number of teacher
-    views is read from the shapes instead of being fixed at 2.
+    views is read from the shapes instead of being fixed at 2, and the mean over images is the
+    global one (ranks may hold different numbers of rows, see the module docstring).
     """
 
     def __init__(self, out_dim, center_momentum=0.9, student_temp=0.1):
@@ -372,10 +390,10 @@ class DINOLoss(nn.Module):
             for s_view, logp in enumerate(student_logp):
                 if s_view == t_view:  # the student's copy of the teacher's own view
                     continue
-                total = total + (-(p * logp).sum(-1)).mean()
+                total = total + (-(p * logp).sum(-1)).sum()
                 n_terms += 1
         self.update_center(teacher)
-        return total / n_terms
+        return _global_mean_of_sum(total, global_count(batch)) / n_terms
 
     @torch.no_grad()
     def update_center(self, teacher_out):
@@ -430,13 +448,14 @@ def barlow_twins_loss(z1, z2, lambd=0.0051):
 def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
     """VICReg: 25 * MSE + 25 * variance + 1 * covariance.
 
-    z_i: (N, D) expander outputs. Convention: identical to the official forward -- the invariance
-    MSE is on the local batch (mean over N*D), variance and covariance on the global batch gathered
+    z_i: (N, D) expander outputs. Convention: the official forward, except that the invariance MSE
+    is the global mean over N_global*D (the official one is the local mean, the same value when the
+    ranks hold equal batches); variance and covariance on the global batch gathered
     with gradients; variance hinge on sqrt(var + 1e-4), each branch halved; covariance
     sum_{i!=j} cov^2 / D per branch, not halved, cov = x^T x / (N_global - 1).
     """
     z1, z2 = _upcast(z1), _upcast(z2)
-    repr_loss = F.mse_loss(z1, z2)
+    repr_loss = _global_mean_of_sum((z1 - z2).pow(2).sum(), global_count(z1.shape[0]) * z1.shape[1])
     x, _ = all_gather_rows(z1)  # (N_global, D)
     y, _ = all_gather_rows(z2)
     x, y = x - x.mean(0), y - y.mean(0)
@@ -480,14 +499,15 @@ def byol_loss(p1, p2, z1, z2):
     """BYOL: mean_b[(2 - 2 cos(p1, z2)) + (2 - 2 cos(p2, z1))], range 0..8.
 
     p_i: (N, d) online predictions of view i; z_i: (N, d) target projections of view i (detached
-    here). Convention: identical to DeepMind's (directions summed; AugSelf's version is this - 4).
+    here). Convention: identical to DeepMind's (directions summed; AugSelf's version is this - 4),
+    the mean taken over the global batch.
     """
     def direction(p, z):
         p = F.normalize(_upcast(p), dim=-1)
         z = F.normalize(_upcast(z.detach()), dim=-1)
         return 2 - 2 * (p * z).sum(-1)  # (N,)
 
-    return (direction(p1, z2) + direction(p2, z1)).mean()
+    return _global_mean_of_sum((direction(p1, z2) + direction(p2, z1)).sum(), global_count(p1.shape[0]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,28 +529,40 @@ class SERProjector(nn.Module):
         return self.net(x)
 
 
-def _token_nt_xent(a, b, temperature):
-    """NTX(a, b) for two token maps on the same grid, (B, C, h, w) each.
+class SERGroup(NamedTuple):
+    """One b2 group's pair of views on this rank, the input of ser_loss.
 
-    Anchor a_ij has positive b_ij; anchor b_ij has positive a_ij. Negatives: every token of every
-    *other* image, in both maps, over all ranks; the other tokens of the same image are excluded.
-    The local value is W * sum_local / (2 T_global) so that DDP gives the global mean.
+    z1: (n, C, h1, w1), z2: (n, C, h2, w2): SERProjector outputs of the two views' layer-L token maps,
+    where view i = g_i(x) for the common crop x whose token grid is `base_size` (h, w). ids: (n,) the
+    images' global ids (their positions in the global batch); None numbers them here, unique over
+    ranks. A rank that holds no b2 image passes n = 0 (g1 = g2 = None): its collectives still run.
     """
-    if a.shape != b.shape:
-        raise ValueError(f"token maps are not aligned: {tuple(a.shape)} vs {tuple(b.shape)}")
-    batch, c, h, w = a.shape
-    def tokens(m):  # (B, C, h, w) -> (B*h*w, C), image-major
-        return F.normalize(_upcast(m).flatten(2).transpose(1, 2).reshape(-1, c), dim=1)
-    a_tok, b_tok = tokens(a), tokens(b)
-    # image id unique over ranks without an extra collective: local index * W + rank
-    ids = torch.arange(batch, device=a.device).repeat_interleave(h * w) * world_size() + rank()  # (T,)
-    a_all, counts = all_gather_rows(a_tok)  # (T_global, C); grids, hence counts, differ per rank
-    b_all, _ = all_gather_rows(b_tok)
+    z1: torch.Tensor
+    z2: torch.Tensor
+    g1: "group_actions.GroupElement | None"
+    g2: "group_actions.GroupElement | None"
+    base_size: tuple
+    ids: "torch.Tensor | None" = None
+
+
+def _tokens(m):  # (n, C, h, w) -> (n*h*w, C) unit vectors, image-major
+    return F.normalize(_upcast(m).flatten(2).transpose(1, 2).reshape(-1, m.shape[1]), dim=1)
+
+
+def _token_nt_xent(a, b, ids, temperature):
+    """NTX(a, b) for aligned tokens a, b: (T, C) unit vectors, ids: (T,) the image of each token.
+
+    Anchor a_t has positive b_t; anchor b_t has positive a_t. Negatives: every token of every *other*
+    image, in both sets, over all ranks; the other tokens of the same image are excluded. The local
+    value is W * sum_local / (2 T_global) so that DDP gives the global mean.
+    """
+    a_all, counts = all_gather_rows(a)  # (T_global, C); groups, hence counts, differ per rank
+    b_all, _ = all_gather_rows(b)
     with torch.no_grad():
         ids_all, _ = all_gather_rows(ids)
-    t_global, t_local = a_all.shape[0], a_tok.shape[0]
+    t_global, t_local = a_all.shape[0], a.shape[0]
     idx = sum(counts[: rank()]) + torch.arange(t_local, device=a.device)  # our tokens, gathered
-    anchors = torch.cat([a_tok, b_tok])  # (2T, C)
+    anchors = torch.cat([a, b])  # (2T, C)
     logits = anchors @ torch.cat([a_all, b_all]).T / temperature  # (2T, 2T_global)
     positives = torch.cat([idx + t_global, idx])
     rows = torch.arange(2 * t_local, device=a.device)
@@ -541,24 +573,44 @@ def _token_nt_xent(a, b, temperature):
     return _global_mean_of_sum(per_anchor.sum(), 2 * t_global)
 
 
-def ser_loss(z1, z2, g1, g2, base_size, temperature):
-    """SER's L_equiv, symmetric: 0.5 * [NTX(rho_g z1, z2) + NTX(z1, rho_{g^-1} z2)].
+def ser_loss(groups, temperature):
+    """SER's L_equiv, symmetric: 0.5 * [NTX(rho_g z1, z2) + NTX(z1, rho_{g^-1} z2)], over all groups.
 
-    z1: (B, C, h1, w1), z2: (B, C, h2, w2): SERProjector outputs of the two views' layer-L token
-    maps, where view i = g_i(x) for the common crop x whose token grid is `base_size` (h, w).
-    g = relative_action(g1, g2, base_size) carries view 1 onto view 2's grid; g^-1 the reverse.
-    Gradients flow into both views (no stop-grad on either side).
+    groups: list of SERGroup, the b2 groups of one pair on this rank; each carries its own group
+    elements. g = relative_action(g1, g2, base_size) carries view 1 onto view 2's grid; g^-1 the
+    reverse. The aligned tokens of all groups (and ranks) form one NT-Xent: a token's negatives are
+    every token of every other image, whichever group or rank holds it. Gradients flow into both
+    views (no stop-grad on either side).
 
     Conventions vs the release (ser.md 2.4, 4): ours follows the paper -- negatives are the other
     images' tokens in both views (the release: cross-view only) -- and is differentiable (the
     release gathers under no_grad, so its L_equiv has no gradient). The DDP normalisation is the
-    global mean over all anchors, the grids (token counts) may differ per rank.
+    global mean over all anchors; grids (token counts) differ per group and rank.
     """
-    g = group_actions.relative_action(g1, g2, base_size)
-    g_inv = group_actions.relative_action(g2, g1, base_size)  # g1 g2^-1 = (g2 g1^-1)^-1
-    z1_on_2 = group_actions.apply_to_token_map(z1, g)  # (B, C, h2, w2)
-    z2_on_1 = group_actions.apply_to_token_map(z2, g_inv)  # (B, C, h1, w1)
-    return 0.5 * (_token_nt_xent(z1_on_2, z2, temperature) + _token_nt_xent(z1, z2_on_1, temperature))
+    if not groups:
+        raise ValueError("ser_loss needs at least one group (an empty SERGroup on a rank without b2 images)")
+    fwd, bwd, offset = ([], [], []), ([], [], []), 0
+    for grp in groups:
+        z1, z2 = grp.z1, grp.z2
+        n = z1.shape[0]
+        if grp.ids is None:  # local numbering made unique over ranks without an extra collective
+            ids = (offset + torch.arange(n, device=z1.device)) * world_size() + rank()
+            offset += n
+        else:
+            ids = torch.as_tensor(grp.ids, device=z1.device)
+        if n:
+            z1_on_2 = group_actions.apply_to_token_map(z1, group_actions.relative_action(grp.g1, grp.g2, grp.base_size))
+            # g1 g2^-1 = (g2 g1^-1)^-1
+            z2_on_1 = group_actions.apply_to_token_map(z2, group_actions.relative_action(grp.g2, grp.g1, grp.base_size))
+        else:
+            z1_on_2, z2_on_1 = z1, z2
+        for out, (a, b) in ((fwd, (z1_on_2, z2)), (bwd, (z1, z2_on_1))):
+            if a.shape != b.shape:
+                raise ValueError(f"token maps are not aligned: {tuple(a.shape)} vs {tuple(b.shape)}")
+            out[0].append(_tokens(a))
+            out[1].append(_tokens(b))
+            out[2].append(ids.repeat_interleave(a.shape[-2] * a.shape[-1]))  # (n*h*w,)
+    return 0.5 * sum(_token_nt_xent(torch.cat(a), torch.cat(b), torch.cat(i), temperature) for a, b, i in (fwd, bwd))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -697,10 +749,14 @@ class AugSelfHead(nn.Module):
 
 def augself_loss(preds, targets, weights=None):
     """sum_task w_task * MSE(tanh(pred), target); weights default to the ImageNet-100 setting that
-    SER uses, crop 0.5 and colour 0.5. Local mean (equal per-rank batches under DDP)."""
+    SER uses, crop 0.5 and colour 0.5. MSE: the mean over the global batch's elements."""
     weights = weights or {"crop": 0.5, "color": 0.5}
-    return sum(w * F.mse_loss(torch.tanh(_upcast(preds[t])), targets[t].to(_upcast(preds[t]).dtype))
-               for t, w in weights.items())
+    total = 0.0
+    for t, w in weights.items():
+        pred = torch.tanh(_upcast(preds[t]))  # (2B, 4)
+        sq = (pred - targets[t].to(pred.dtype)).pow(2).sum()
+        total = total + w * _global_mean_of_sum(sq, global_count(pred.shape[0]) * pred.shape[1])
+    return total
 
 
 class ESSLHead(nn.Module):
@@ -732,5 +788,7 @@ def essl_rotations(x):
 
 
 def essl_loss(logits, labels):
-    """Cross-entropy of the rotation class; weight it by lambda (E-SSL: 0.4) in the total loss."""
-    return F.cross_entropy(_upcast(logits), labels)
+    """Cross-entropy of the rotation class, averaged over the global batch; weight it by lambda
+    (E-SSL: 0.4) in the total loss."""
+    ce = F.cross_entropy(_upcast(logits), labels, reduction="sum")
+    return _global_mean_of_sum(ce, global_count(logits.shape[0]))

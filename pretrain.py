@@ -8,9 +8,10 @@ add-on: SER (soft equivariance regularisation), EquiMod, AugSelf or E-SSL.
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 pretrain.py ...
     python pretrain.py --method mocov3 --ser --benchmark 20  # images/s, data wait, memory, FLOPs, MFU
 
-SER (ser.md): each rank's batch is split into b1 (the method's standard views) and b2, the last
-`--ser-ratio` of it. Both b2 views come from the same crop, with independent colour jitter, and each
-gets its own group element (90-degree rotation, flip, rescale to a random token grid). Both sub-batches
+SER: the global batch is split into b1 (the method's standard views) and b2, the last `--ser-ratio` of
+every `--ser-chunk` images, one group per chunk (the release: 3 of each GPU's 256). Both b2 views come
+from the same crop, with independent colour jitter, and each gets its own group element (90-degree
+rotation, flip, rescale to a random token grid), one per group. Both sub-batches
 enter the invariance loss; only b2 enters L_equiv, which acts on the token map after block
 `--equiv-layer`, where the [CLS] token joins the network:  L = L_inv(b1 + b2) + lambda * L_equiv.
 
@@ -29,6 +30,7 @@ import signal
 import sys
 import time
 from copy import deepcopy
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -109,9 +111,12 @@ def get_args_parser():
                                                         "see SER_DEFAULTS; EquiMod 1.0, AugSelf 1.0, E-SSL 0.4)")
     a("--equiv-tau", type=float, default=None, help="SER token NT-Xent temperature (EquiMod: 0.2)")
     a("--ser-ratio", type=float, default=0.01,
-      help="fraction of each rank's batch that forms b2 (release: 0.01, i.e. 3 of 256 images)")
+      help="fraction of each --ser-chunk that forms a b2 group (release: 0.01, i.e. 3 of 256 images)")
     a("--ser-min-images", type=int, default=2,
-      help="floor on b2 images per rank; at least 2 so that every token has other images as negatives")
+      help="floor on the images of a b2 group; at least 2 so that every token has other images as negatives")
+    a("--ser-chunk", type=int, default=256,
+      help="images of the global batch per b2 group, each group with its own group elements (the release's "
+           "per-GPU batch: --batch-size 2048 gives 8 groups of 3 on any number of ranks)")
     a("--ser-scale", type=float, nargs=2, default=(0.7, 1.3), help="b2 token-grid area range, relative to the crop's")
     # Data.
     a("--data", default="synthetic", help="'synthetic' (built in), an ImageFolder root with train/ (and val/), "
@@ -119,7 +124,8 @@ def get_args_parser():
     a("--synthetic-length", type=int, default=4096, help="images per epoch of the built-in dataset")
     a("--img-size", type=int, default=None, help="global crop size in px (224 real, 64 synthetic)")
     a("--n-local-crops", type=int, default=0,
-      help="DINO multi-crop: local crops per image (official DINO ViT-S: 8-10; SER's DINO runs: 0)")
+      help="multi-crop: local crops per image. DINO (official ViT-S: 8-10; SER's DINO runs: 0) and MoCo v3 "
+           "(SER's '2+4 views': 4)")
     a("--crop-min", type=float, default=None, help="RandomResizedCrop minimum scale of the global crops")
     a("--num-workers", type=int, default=None, help="DataLoader workers per rank (default: CPU count / ranks)")
     # Model.
@@ -241,8 +247,16 @@ def resolve_config(args):
     if not 1 <= args.equiv_layer <= depth or (args.addon == "ser" and args.equiv_layer == depth):
         raise SystemExit(f"error: --equiv-layer must be in 1..{depth - (args.addon == 'ser')} for a depth-{depth} "
                          f"ViT, got {args.equiv_layer}")
-    if args.n_local_crops and args.method != "dino":
-        raise SystemExit("error: --n-local-crops is implemented for --method dino only")
+    if args.n_local_crops and args.method not in ("dino", "mocov3"):
+        raise SystemExit(f"error: --n-local-crops: multi-crop is not part of the official {args.method} recipe "
+                         "(only DINO's and SER's MoCo v3 '2+4 views' use it)")
+    if args.n_local_crops and args.method == "mocov3" and args.addon in ("equimod", "augself"):
+        raise SystemExit(f"error: --{args.addon} with MoCo v3 multi-crop is not supported; use --n-local-crops 0")
+    if args.addon == "ser" and args.method == "mocov3" and args.n_local_crops % 2:
+        raise SystemExit(f"error: --n-local-crops {args.n_local_crops}: SER's MoCo v3 multi-crop takes its b2 pairs "
+                         "from every other local crop (#0, #2, ..), each view joining one local stream; use an even number")
+    if args.ser_chunk < 1:
+        raise SystemExit(f"error: --ser-chunk must be positive, got {args.ser_chunk}")
     if args.addon in ("equimod", "augself", "essl") and args.method == "dino" and args.n_local_crops:
         raise SystemExit(f"error: --{args.addon} with DINO multi-crop is not supported; use --n-local-crops 0")
     if args.img_size % args.patch_size:
@@ -352,58 +366,110 @@ class Student(nn.Module):
         self.backbone, self.projector, self.predictor = backbone, projector, predictor
         self.addon, self.addon_head = addon, addon_head
         self.addon_layer = addon_layer  # None: the add-on reads the final [CLS]; l: the raw [CLS] of block l
+        self.stochastic_depth = any(isinstance(m, vit.DropPath) and m.p > 0 for m in backbone.modules())
 
     def _represent(self, out):
         return out["cls"] if self.addon_layer is None else out["cls_at_layer"]
 
-    def forward(self, views, b2_views=None, local_views=None, plain=None, equimod_params=None, essl=None):
-        """views: the b1 global views, each (B1, 3, H, W); b2_views: SER's (x1, x2), each (B2, 3, h_i, w_i)
-        at its own grid; local_views: (V_l * B, 3, s, s) DINO locals of all B = B1 + B2 images, view-major;
-        plain: EquiMod's un-augmented (B, 3, H, W) with equimod_params (2B, 18), the two views' parameter
-        vectors; essl: E-SSL's rotated crops (4B, 3, s, s)."""
-        n_b1, n_views = views[0].shape[0], len(views) * views[0].shape[0]
+    def _features(self, batch, call, x, positions, n_sets=1, layer=None, eager=False):
+        """One backbone call on rows that are images `positions` of the global batch, the k-th copy of
+        each in row block k (n_sets copies). Stochastic depth draws its keep flags for every row of the
+        global call from torch's generator seeded by (seed, step, call) and keeps ours, so the masks do
+        not depend on the number of ranks. eager: the class's own method even under --compile (SER's b2
+        grids change every step and would recompile every step)."""
+        if self.stochastic_depth:
+            torch.manual_seed(augment.seed_from("drop-path", *batch.key, call))
+            n = batch.batch_size
+            ids = torch.cat([k * n + positions for k in range(n_sets)])
+            self.backbone.drop_path_rows = (ids, n_sets * n)
+        try:
+            if eager:
+                return vit.VisionTransformer.forward_features(self.backbone, x, layer=layer)
+            return self.backbone.forward_features(x, layer=layer)
+        finally:
+            self.backbone.drop_path_rows = None
+
+    def forward(self, batch):
+        """batch: a StepBatch. Returns {'proj': per stream (N_v, d), 'pred', and the add-on's outputs:
+        'ser': per b2 pair, the list of its losses.SERGroup on this rank; 'equimod': (y_t, y_hat_t);
+        'augself': predictions; 'essl': rotation logits}. Stream v's rows are its plain rows
+        (batch.streams[v]), then the [CLS] of the b2 views that join it, group by group."""
+        globals_, locals_ = batch.streams[:2], batch.streams[2:]
+        sizes = [v.shape[0] for v in globals_]
         # One call per resolution: EquiMod's un-augmented view has the global size, so it joins the views.
-        x = torch.cat(views if plain is None else [*views, plain])
-        out = self.backbone.forward_features(x, layer=self.addon_layer)
-        cls = list(out["cls"][:n_views].split(n_b1))  # per view (B1, D)
-        represent = self._represent(out)  # what EquiMod/AugSelf read, ((V [+1]) * B1, D)
+        # Every global stream holds the same rows here except with SER (b1 only in the paired streams).
+        x = torch.cat(globals_ if batch.plain is None else [*globals_, batch.plain])
+        out = self._features(batch, "global", x, batch.stream_positions[0],
+                             n_sets=len(globals_) + (batch.plain is not None), layer=self.addon_layer)
+        n_views = sum(sizes)
+        cls = list(out["cls"][:n_views].split(sizes))  # per view (N_v, D)
+        represent = self._represent(out)  # what EquiMod/AugSelf read, ((2 [+1]) * B, D)
+        if locals_:
+            out_local = self._features(batch, "local", torch.cat(locals_), batch.stream_positions[2],
+                                       n_sets=len(locals_))
+            cls += list(out_local["cls"].split([v.shape[0] for v in locals_]))
         res = {}
-        if b2_views is not None:
-            layer = self.backbone.cls_after_block
-            # Grids differ: one call each, through the class's eager method even under --compile
-            # (a new grid every step would recompile every step).
-            b2 = [vit.VisionTransformer.forward_features(self.backbone, x, layer=layer) for x in b2_views]
-            cls = [torch.cat([c, o["cls"]]) for c, o in zip(cls, b2)]  # b2 rows last, as the release
-            res["ser_maps"] = [self.addon_head(o["token_map"]) for o in b2]  # (B2, C, h_i, w_i)
-        if local_views is not None:
-            cls += list(self.backbone(local_views).split(cls[0].shape[0]))
+        if self.addon == "ser":
+            cls, res["ser"] = self._b2(batch, cls)
         # Heads run per view, so BatchNorm statistics are per view as in MoCo v3 and BYOL.
         res["proj"] = [self.projector(c) for c in cls]
         if self.predictor is not None:
             res["pred"] = [self.predictor(z) for z in res["proj"]]
         if self.addon == "equimod":
-            res["equimod"] = self.addon_head(represent[n_views:], represent[:n_views], equimod_params)  # (y_t, y_hat_t)
+            res["equimod"] = self.addon_head(represent[n_views:], represent[:n_views], batch.equimod_params)
         elif self.addon == "augself":
-            res["augself"] = self.addon_head(*represent.split(n_b1)[:2])
+            res["augself"] = self.addon_head(*represent[:n_views].split(sizes))
         elif self.addon == "essl":
-            res["essl"] = self.addon_head(self._represent(self.backbone.forward_features(essl, layer=self.addon_layer)))
+            out_essl = self._features(batch, "essl", batch.essl, batch.stream_positions[0], n_sets=4,
+                                      layer=self.addon_layer)
+            res["essl"] = self.addon_head(self._represent(out_essl))
         return res
+
+    def _b2(self, batch, cls):
+        """SER's b2 views: two backbone calls per pair of each group on this rank, each with the group's
+        own element (the grids differ). Their [CLS] join the invariance streams, their token maps after
+        block --equiv-layer go through SER's projector into losses.SERGroup, one list per pair."""
+        layer = self.backbone.cls_after_block
+        extra = [[] for _ in cls]  # per stream: the b2 [CLS] rows, group by group
+        pairs = [[] for _ in batch.ser_pairs]
+        for group in batch.b2:
+            for k, pair in enumerate(group.pairs):
+                maps = []
+                for j, (x, stream) in enumerate(zip((pair.x1, pair.x2), pair.streams)):
+                    out = self._features(batch, ("ser", group.index, k, j), x, group.positions, layer=layer, eager=True)
+                    extra[stream].append(out["cls"])
+                    maps.append(self.addon_head(out["token_map"]))  # (n, C, h_j, w_j)
+                pairs[k].append(losses.SERGroup(*maps, pair.g1, pair.g2, pair.base_grid, group.positions))
+        if not batch.b2:
+            # No b2 image on this rank: an empty call per pair keeps SER's parameters in the step (DDP
+            # expects a gradient for each, zero here) and ser_loss's collectives in step with the ranks.
+            for k, (base_grid, _) in enumerate(batch.ser_pairs):
+                side = [g * self.backbone.patch_size for g in base_grid]
+                x = batch.streams[0].new_zeros(0, 3, *side)
+                z = self.addon_head(vit.VisionTransformer.forward_features(self.backbone, x, layer=layer)["token_map"])
+                pairs[k].append(losses.SERGroup(z, z, None, None, base_grid, torch.zeros(0, dtype=torch.long)))
+        return [torch.cat([c, *e]) for c, e in zip(cls, extra)], pairs
 
 
 class Teacher(nn.Module):
-    """EMA copy of backbone + projector (MoCo v3 momentum encoder, DINO teacher, BYOL target)."""
+    """EMA copy of backbone + projector (MoCo v3 momentum encoder, DINO teacher, BYOL target): the global
+    streams, b1 rows and then the b2 views that join them, as in Student.forward."""
 
     def __init__(self, backbone, projector):
         super().__init__()
         self.backbone, self.projector = backbone, projector
 
     @torch.no_grad()
-    def forward(self, views, b2_views=None):
-        cls = list(self.backbone(torch.cat(views)).split(views[0].shape[0]))
-        if b2_views is not None:
-            eager = vit.VisionTransformer.forward_features  # as in Student.forward
-            cls = [torch.cat([c, eager(self.backbone, x)["cls"]]) for c, x in zip(cls, b2_views)]
-        return [self.projector(c) for c in cls]
+    def forward(self, batch):
+        globals_ = batch.streams[:2]
+        cls = [[c] for c in self.backbone(torch.cat(globals_)).split([v.shape[0] for v in globals_])]
+        eager = vit.VisionTransformer.forward_features  # as in Student._b2
+        for group in batch.b2:
+            for pair in group.pairs:
+                for x, stream in zip((pair.x1, pair.x2), pair.streams):
+                    if stream < len(cls):
+                        cls[stream].append(eager(self.backbone, x)["cls"])
+        return [self.projector(torch.cat(c)) for c in cls]
 
 
 def build_models(args):
@@ -463,12 +529,80 @@ def build_recipe(args):
                               crop_min=args.crop_min, patch_size=args.patch_size)
 
 
-def ser_images_per_rank(local_batch, ratio, floor):
-    n = max(floor, round(ratio * local_batch))
-    if n >= local_batch:
-        raise SystemExit(f"error: b2 would take {n} of {local_batch} images per rank; lower --ser-ratio/--ser-min-images "
-                         "or raise --batch-size")
-    return n
+def ser_groups(global_batch, chunk, ratio, min_images):
+    """SER's b2 groups: [start, stop) ranges of positions in the global batch, one per chunk.
+
+    The global batch is cut into G = max(1, round(B / chunk)) chunks, chunk g covering positions
+    [round(g B / G), round((g + 1) B / G)); its b2 group is its last max(min_images, round(ratio * len))
+    positions. Each group gets its own pair of group elements and colour parameters (make_step_inputs),
+    as each GPU's 3 images do in the release (aitrics-chris/SER main_moco.py: 1% of the per-GPU batch),
+    but the groups are defined
+    on the global batch: which images form b2, and how they are transformed, does not depend on the
+    number of ranks. --batch-size 2048 --ser-chunk 256 --ser-ratio 0.01: 8 groups of 3 images.
+    """
+    n_chunks = max(1, round(global_batch / chunk))
+    groups = []
+    for g in range(n_chunks):
+        lo, hi = round(g * global_batch / n_chunks), round((g + 1) * global_batch / n_chunks)
+        n = max(min_images, round(ratio * (hi - lo)))
+        if n >= hi - lo:
+            raise SystemExit(f"error: a b2 group would take {n} of the {hi - lo} images of its chunk; lower "
+                             "--ser-ratio/--ser-min-images or raise --batch-size/--ser-chunk")
+        groups.append((hi - n, hi))
+    return groups
+
+
+def ser_pair_sources(args, photometric):
+    """SER's b2 pairs of one image: (crop view, colour augmentation of each view, invariance streams
+    the two views join). Two views: one pair from global crop 0, view i with global view i's colour
+    recipe, joining streams 0 and 1 (aitrics-chris/SER builder/moco.py train_erl). MoCo v3 multi-crop
+    ("2+4 views", train_erl_local4): global crop 0 and local crops #0, #2, .., each duplicated with the
+    local crops' colour recipe (the release's `etc` for all six), joining streams (0, 1), (2, 3), (4, 5)."""
+    if args.method == "mocov3" and args.n_local_crops:
+        local_aug = photometric[2]
+        return [(0, (local_aug, local_aug), (0, 1))] + [(2 + i, (local_aug, local_aug), (2 + i, 3 + i))
+                                                        for i in range(0, args.n_local_crops, 2)]
+    return [(0, (photometric[0], photometric[1]), (0, 1))]
+
+
+@dataclass
+class SERPair:
+    """One pair of b2 views of a group's rows on this rank: x_j = g_j(colour_j(crop))."""
+    x1: torch.Tensor  # (n, 3, h1 * p, w1 * p)
+    x2: torch.Tensor  # (n, 3, h2 * p, w2 * p)
+    g1: group_actions.GroupElement  # restricted to the rows on this rank
+    g2: group_actions.GroupElement
+    base_grid: tuple  # the crop's token grid (h, w), relative to which the grids were drawn
+    streams: tuple  # the invariance streams the two views' [CLS] join
+
+
+@dataclass
+class SERGroupRows:
+    """The rows of one b2 group that this rank holds (all of them, or part of a group that straddles ranks)."""
+    index: int  # g, the group's index in the global batch
+    positions: torch.Tensor  # (n,) long, CPU: the images' positions in the global batch
+    pairs: list  # SERPair per pair source (ser_pair_sources)
+
+
+@dataclass
+class StepBatch:
+    """Everything the student and teacher see at one step on this rank, plus what the losses need.
+
+    Streams are the invariance views: the 2 global views, then the local ones (DINO, MoCo v3 2+N).
+    streams[v] holds its plain rows, images stream_positions[v] of the global batch; with SER, a stream
+    that a b2 pair joins holds the b1 rows only, the b2 views follow group by group (Student._b2).
+    """
+    key: tuple  # (seed, step): seeds the per-call stochastic depth (Student._features)
+    batch_size: int  # B, the global batch
+    streams: list  # per stream (N_v, 3, s, s), normalised
+    stream_positions: list  # per stream (N_v,) long, CPU
+    view_params: list  # per recipe view: crop box, flip and colour parameters of every row of this rank
+    b2: list = field(default_factory=list)  # SERGroupRows of the groups on this rank
+    ser_pairs: list = field(default_factory=list)  # per pair source: (base_grid, streams)
+    plain: torch.Tensor | None = None  # EquiMod's un-augmented view (B_r, 3, H, W)
+    equimod_params: torch.Tensor | None = None  # (2 B_r, 18): the two views' parameter vectors
+    essl: torch.Tensor | None = None  # E-SSL's rotated crops (4 B_r, 3, s, s), rotation-major
+    essl_labels: torch.Tensor | None = None  # (4 B_r,)
 
 
 def photometric_views(batch, photometric, step, args, rank, world, device):
@@ -486,48 +620,67 @@ def photometric_views(batch, photometric, step, args, rank, world, device):
 
 
 def make_step_inputs(batch, photometric, step, args, rank, world, device):
-    """Everything the student and teacher see at one step, plus what the losses need."""
+    """The StepBatch of one step on this rank. Every random choice is a function of (seed, step) and of
+    global image positions, never of the rank: nothing a step computes depends on the number of ranks
+    except float rounding (README)."""
     views, params = photometric_views(batch, photometric, step, args, rank, world, device)
-    # Views in recipe order: the 2 globals, DINO's locals, then E-SSL's small crop (never with locals).
-    globals_, locals_ = views[:2], views[2:2 + args.n_local_crops]
-    inputs = {"views": globals_, "b2_views": None, "local_views": None, "plain": None, "equimod_params": None,
-              "essl": None}
+    n_rank = views[0].shape[0]
+    start = rank * n_rank
+    positions = torch.arange(start, start + n_rank)  # this rank's slice of the global batch (GlobalBatchSampler)
+    # Views in recipe order: the 2 globals, the locals, then E-SSL's small crop.
+    n_streams = 2 + args.n_local_crops
+    streams = views[:n_streams]
     # Crop box and flip come from the workers, colour parameters from the device: the add-ons want both.
     view_params = [{**p, "crop": batch["crop"][v].to(device, non_blocking=True),
                     "flip": batch["flip"][v].to(device, non_blocking=True).float()} for v, p in enumerate(params)]
-    extra = {"view_params": view_params}
+    out = StepBatch(key=(args.seed, step), batch_size=n_rank * world, streams=streams,
+                    stream_positions=[positions] * n_streams, view_params=view_params)
     if args.addon == "ser":
-        n_b2 = ser_images_per_rank(globals_[0].shape[0], args.ser_ratio, args.ser_min_images)
-        crop0 = batch["images"][0][-n_b2:].to(device, non_blocking=True).float() / 255  # the common crop
-        g1, g2 = group_actions.sample_view_pair(
-            n_b2, augment.device_generator(args.seed, step, rank, 1000),  # per rank, as the release
-            base_grid=(args.img_size // args.patch_size,) * 2, scale=tuple(args.ser_scale))
-        b2 = []
-        for i, g in enumerate((g1, g2)):  # view i: the crop with view i's colour recipe, then g_i
-            p = photometric[i].sample_params(n_b2, augment.device_generator(args.seed, step, rank, 1001 + i))
-            x = augment.normalize(photometric[i].apply(crop0, p))
-            b2.append(group_actions.apply_to_images(x, g, args.patch_size))
-        inputs["views"] = [v[:-n_b2] for v in globals_]
-        inputs["b2_views"] = tuple(b2)
-        extra.update(g1=g1, g2=g2, base_grid=(args.img_size // args.patch_size,) * 2)
-    if locals_:
-        inputs["local_views"] = torch.cat(locals_)
+        sources = ser_pair_sources(args, photometric)
+        out.ser_pairs = [((batch["images"][v].shape[-1] // args.patch_size,) * 2, s) for v, _, s in sources]
+        is_b2 = torch.zeros(n_rank, dtype=torch.bool)
+        for g, (lo, hi) in enumerate(ser_groups(n_rank * world, args.ser_chunk, args.ser_ratio, args.ser_min_images)):
+            a, b = max(lo, start), min(hi, start + n_rank)
+            if a >= b:
+                continue  # no image of this group on this rank
+            is_b2[a - start:b - start] = True
+            # Everything of group g is drawn for all its images from (seed, step, g), then restricted to ours.
+            gen = torch.Generator().manual_seed(augment.seed_from("ser", args.seed, step, g))
+            ours, rows = slice(a - lo, b - lo), slice(a - start, b - start)
+            pairs = []
+            for (view, augs, stream_pair), (base_grid, _) in zip(sources, out.ser_pairs):
+                elements = group_actions.sample_view_pair(hi - lo, gen, base_grid=base_grid, scale=tuple(args.ser_scale))
+                colours = [aug.sample_params(hi - lo, gen) for aug in augs]
+                crop = batch["images"][view][rows].to(device, non_blocking=True).float() / 255  # the common crop
+                xs, gs = [], []
+                for g_j, aug, p in zip(elements, augs, colours):
+                    g_j = group_actions.select_samples(g_j, ours)
+                    x = augment.normalize(aug.apply(crop, {k: t[ours] for k, t in p.items()}))
+                    xs.append(group_actions.apply_to_images(x, g_j, args.patch_size))
+                    gs.append(g_j)
+                pairs.append(SERPair(*xs, *gs, base_grid, stream_pair))
+            out.b2.append(SERGroupRows(g, torch.arange(a, b), pairs))
+        b1 = (~is_b2).nonzero().flatten()
+        order = torch.cat([b1, is_b2.nonzero().flatten()])  # b1 rows, then b2 rows group by group
+        paired = {s for _, _, pair in sources for s in pair}
+        rows_of = [b1 if v in paired else order for v in range(n_streams)]
+        out.streams = [x[augment.to_device(r, device)] for x, r in zip(streams, rows_of)]
+        out.stream_positions = [positions[r] for r in rows_of]
     if args.addon == "equimod":
-        inputs["plain"] = augment.normalize(batch["plain"].to(device, non_blocking=True))
-        inputs["equimod_params"] = torch.cat([losses.equimod_param_vector(p) for p in view_params[:2]])
+        out.plain = augment.normalize(batch["plain"].to(device, non_blocking=True))
+        out.equimod_params = torch.cat([losses.equimod_param_vector(p) for p in view_params[:2]])
     if args.addon == "essl":
-        inputs["essl"], extra["essl_labels"] = losses.essl_rotations(views[-1])
-    return inputs, extra
+        out.essl, out.essl_labels = losses.essl_rotations(views[-1])
+    return out
 
 
 # ---------------------------------------------------------------------------- losses
-def compute_losses(args, student_out, teacher_out, extra, dino_loss, epoch):
+def compute_losses(args, student_out, teacher_out, batch, dino_loss, epoch):
     """{'inv': invariance loss, 'equiv': add-on loss (unweighted)}, float32."""
     m = args.method
     proj = student_out["proj"]
     if m == "mocov3":
-        q1, q2 = student_out["pred"][:2]
-        inv = losses.mocov3_loss(q1, q2, teacher_out[0], teacher_out[1], args.temperature)
+        inv = losses.mocov3_multicrop_loss(student_out["pred"], teacher_out, args.temperature)
     elif m == "dino":
         temp = losses.teacher_temp_schedule(epoch, args.warmup_teacher_temp, args.teacher_temp,
                                             args.warmup_teacher_temp_epochs)
@@ -543,14 +696,18 @@ def compute_losses(args, student_out, teacher_out, extra, dino_loss, epoch):
         inv = losses.byol_loss(p1, p2, teacher_out[0], teacher_out[1])
     out = {"inv": inv}
     if args.addon == "ser":
-        z1, z2 = student_out["ser_maps"]
-        out["equiv"] = losses.ser_loss(z1, z2, extra["g1"], extra["g2"], extra["base_grid"], args.equiv_tau)
+        # One NT-Xent per pair over all its groups, summed over the pairs (one pair with two views,
+        # three in MoCo v3's 2+4: aitrics-chris/SER builder/moco.py MoCo.erl_local4). erl_local4 divides
+        # each pair's sum by twice the per-GPU *image* count and slices its (2T, 2T) token similarity
+        # matrix at that count where the token count T is meant; ser_loss is the intended loss, the mean
+        # over all 2T anchors of the pair.
+        out["equiv"] = sum(losses.ser_loss(groups, args.equiv_tau) for groups in student_out["ser"])
     elif args.addon == "equimod":
         out["equiv"] = losses.equimod_loss(*student_out["equimod"], args.equiv_tau)
     elif args.addon == "augself":
-        out["equiv"] = losses.augself_loss(student_out["augself"], losses.augself_targets(*extra["view_params"][:2]))
+        out["equiv"] = losses.augself_loss(student_out["augself"], losses.augself_targets(*batch.view_params[:2]))
     elif args.addon == "essl":
-        out["equiv"] = losses.essl_loss(student_out["essl"], extra["essl_labels"])
+        out["equiv"] = losses.essl_loss(student_out["essl"], batch.essl_labels)
     return out
 
 
@@ -667,9 +824,9 @@ def count_flops_per_image(args, local_batch):
     if recipe.plain_size:
         batch["plain"] = torch.zeros(local_batch, 3, recipe.plain_size, recipe.plain_size, dtype=torch.uint8, device=meta)
     with FlopCounterMode(display=False) as counter, losses.local_only():
-        inputs, extra = make_step_inputs(batch, recipe.photometric(), 0, args, 0, 1, meta)
-        teacher_out = teacher(inputs["views"], inputs["b2_views"]) if teacher is not None else None
-        terms = compute_losses(args, student(**inputs), teacher_out, extra, dino_loss, 0)
+        step_batch = make_step_inputs(batch, recipe.photometric(), 0, args, 0, 1, meta)
+        teacher_out = teacher(step_batch) if teacher is not None else None
+        terms = compute_losses(args, student(step_batch), teacher_out, step_batch, dino_loss, 0)
         (terms["inv"] + terms.get("equiv", 0)).backward()
     return counter.get_total_flops() / local_batch
 
@@ -717,10 +874,10 @@ def benchmark(args, run_step, compute_step, photometric, precision, loader, samp
     # the clock starts (the same shapes, SER's b2 grids included), then only compute_step is timed.
     floor = 0.0
     for step in range(3 + args.benchmark):  # 3 warm-up steps, as below
-        inputs, extra = make_step_inputs(batch, photometric, step, args, rank, world, device)
+        step_batch = make_step_inputs(batch, photometric, step, args, rank, world, device)
         sync()
         t0 = time.perf_counter()
-        compute_step(step, inputs, extra)
+        compute_step(step, step_batch)
         sync()
         floor += (time.perf_counter() - t0) if step >= 3 else 0.0
     floor_time = floor / args.benchmark
@@ -798,6 +955,8 @@ def train(args):
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
     local_batch = local_batch_size(args.batch_size, world)
+    if args.addon == "ser":
+        ser_groups(args.batch_size, args.ser_chunk, args.ser_ratio, args.ser_min_images)  # refuse a bad split now
     if device.type == "cpu" and not args.no_keep_freed_memory:
         keep_freed_host_memory()  # before the DataLoader forks, so its workers inherit it
     if args.num_workers is None:
@@ -904,22 +1063,22 @@ def train(args):
 
     def run_step(step, batch):
         """One optimisation step. Returns the detached loss terms (no host sync)."""
-        torch.manual_seed(augment.seed_from("step", args.seed, rank, step))  # drop-path: per rank, replayable
         lr = cosine_schedule(step, total_steps, peak_lr, args.min_lr * args.batch_size / 256, warmup_steps)
         wd = cosine_schedule(step, total_steps, args.weight_decay, args.weight_decay_end)
         for group in optimizer.param_groups:
             group["lr"], group["weight_decay"] = lr, wd if group["apply_wd"] else 0.0
-        inputs, extra = make_step_inputs(batch, photometric, step, args, rank, world, device)
-        return compute_step(step, inputs, extra), lr, wd
+        # Every random choice of the step comes from (seed, step) and global positions: the views, SER's
+        # groups (make_step_inputs) and stochastic depth (Student._features); none from the rank.
+        return compute_step(step, make_step_inputs(batch, photometric, step, args, rank, world, device)), lr, wd
 
-    def compute_step(step, inputs, extra):
+    def compute_step(step, step_batch):
         """The step's compute on inputs already on the device: student forward and backward, teacher
         forward, losses, optimiser and EMA (what --benchmark's floor times alone)."""
         epoch = step // steps_per_epoch
         with vit.autocast(device, precision):
-            student_out = student(**inputs)
-            teacher_out = teacher(inputs["views"], inputs["b2_views"]) if teacher is not None else None
-        terms = compute_losses(args, student_out, teacher_out, extra, dino_loss, epoch)
+            student_out = student(step_batch)
+            teacher_out = teacher(step_batch) if teacher is not None else None
+        terms = compute_losses(args, student_out, teacher_out, step_batch, dino_loss, epoch)
         loss = terms["inv"] + args.equiv_lambda * terms["equiv"] if "equiv" in terms else terms["inv"]
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

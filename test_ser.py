@@ -40,6 +40,10 @@ import vit
 
 torch.set_num_threads(1)  # tiny ops: threads only add synchronisation on a 2-core CI machine
 CPU_HAS_NATIVE_BF16 = vit.cpu_has_native_bf16  # the real detection, before the fixture below replaces it
+# `-m "not slow"` deselects the multi-process (torchrun) tests. The repository has no pytest configuration
+# file, so the marker is registered here, with the config pytest is running (before any test uses it).
+if getattr(pytest.mark, "_config", None) is not None:
+    pytest.mark._config.addinivalue_line("markers", "slow: multi-process tests (torchrun); deselect with -m 'not slow'")
 
 
 @pytest.fixture(autouse=True)
@@ -252,6 +256,29 @@ def test_grad_checkpointing_same_output():
     y = m(x)
     m.grad_checkpointing = True
     assert torch.allclose(m(x), y, atol=1e-6)
+
+
+def test_drop_path_rows_give_a_sample_its_mask_whatever_the_split():
+    """With rows, a sample's keep flag depends on its row in the global call, not on the rows beside it
+    (how the batch is split over ranks), and a checkpointed block recomputes the same masks."""
+    drop = vit.DropPath(0.5).train()
+    x = torch.ones(8, 3, 4)
+    torch.manual_seed(1)
+    whole = drop(x, (torch.arange(8), 8))
+    torch.manual_seed(1)
+    part = drop(x[5:], (torch.arange(5, 8), 8))
+    assert torch.equal(part, whole[5:]) and (whole == 0).any() and (whole != 0).any()
+    torch.manual_seed(0)
+    m = tiny(drop_path_rate=0.5).train()
+    x, w = torch.randn(3, 3, 32, 32), torch.randn(3, 64)
+    grads = []
+    for checkpointing in (False, True):
+        m.grad_checkpointing, m.drop_path_rows = checkpointing, (torch.tensor([4, 0, 2]), 6)
+        m.zero_grad()
+        torch.manual_seed(2)
+        (m(x) * w).sum().backward()  # a random projection: the sum of a LayerNorm output has no gradient
+        grads.append(m.blocks[0].mlp.fc1.weight.grad.clone())
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
 def test_input_not_divisible_raises():
@@ -717,6 +744,18 @@ def test_mocov3_against_official_and_closed_form():
     torch.testing.assert_close(L.mocov3_loss(e, e, e, e, T), torch.tensor(2 * per_dir, dtype=DT))
 
 
+def test_mocov3_multicrop_is_the_sum_over_student_and_other_momentum_views():
+    """SER's 2+4 (builder/moco.py erl_local4): each of the 6 student views against each other global
+    momentum view, 10 official ctr terms; with 2 views it is mocov3_loss."""
+    T = 0.2
+    qs, ks = [leaf(5, 4, seed=s) for s in range(6)], [randn(5, 4, seed=10 + s) for s in range(2)]
+    expected = sum(official_moco_ctr(q, k, T) for i, q in enumerate(qs) for j, k in enumerate(ks) if i != j)
+    torch.testing.assert_close(L.mocov3_multicrop_loss(qs, ks, T), expected)
+    torch.testing.assert_close(L.mocov3_multicrop_loss(qs[:2], ks, T), L.mocov3_loss(qs[0], qs[1], ks[0], ks[1], T))
+    with pytest.raises(ValueError, match="momentum views"):
+        L.mocov3_multicrop_loss(qs[:1], ks, T)
+
+
 def test_dino_loss_against_formula_and_centre():
     B, K, ncrops = 3, 7, 4
     student, teacher = leaf(ncrops * B, K, seed=1), randn(2 * B, K, seed=2) * 2
@@ -867,7 +906,7 @@ def test_ser_against_reference_with_random_group_elements():
     h1, w1 = ga.output_grid(g1, (4, 4))
     h2, w2 = ga.output_grid(g2, (4, 4))
     z1, z2 = leaf(3, 6, h1, w1, seed=1), leaf(3, 6, h2, w2, seed=2)
-    ours = L.ser_loss(z1, z2, g1, g2, (4, 4), temperature=0.4)
+    ours = L.ser_loss([L.SERGroup(z1, z2, g1, g2, (4, 4))], temperature=0.4)
     torch.testing.assert_close(ours, ser_reference([(z1, z2, g1, g2, (4, 4))], 0.4))
     ours.backward()
     for z in (z1, z2):
@@ -880,16 +919,17 @@ def test_ser_closed_forms():
     z = torch.eye(4, dtype=DT).T.reshape(4, 2, 1, 2).transpose(0, 1).contiguous()  # (2, 4, 1, 2): 4 orthonormal tokens
     # the positive at cosine 1; 2 tokens x 2 views of the other image at cosine 0; same-image tokens excluded
     expected = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + 4))
-    torch.testing.assert_close(L.ser_loss(z, z, ident, ident, (1, 2), tau), torch.tensor(expected, dtype=DT))
+    torch.testing.assert_close(L.ser_loss([L.SERGroup(z, z, ident, ident, (1, 2))], tau),
+                               torch.tensor(expected, dtype=DT))
     collapsed = torch.ones(2, 4, 1, 2, dtype=DT)  # every token identical: positive among 5 equal terms
-    torch.testing.assert_close(L.ser_loss(collapsed, collapsed, ident, ident, (1, 2), tau),
+    torch.testing.assert_close(L.ser_loss([L.SERGroup(collapsed, collapsed, ident, ident, (1, 2))], tau),
                                torch.tensor(math.log(5), dtype=DT))
     # an exactly equivariant map (rho_g of view 1 is view 2) beats a shuffled one
     g = ga.GroupElement(k=1, flip=torch.tensor([True, False]), rot180=torch.tensor([False, True]))
     z1 = randn(2, 8, 3, 3, seed=4)
     z2 = ga.apply_to_token_map(z1, g)
-    good = L.ser_loss(z1, z2, ident, g, (3, 3), tau)
-    bad = L.ser_loss(z1, z2.flip(-1), ident, g, (3, 3), tau)
+    good = L.ser_loss([L.SERGroup(z1, z2, ident, g, (3, 3))], tau)
+    bad = L.ser_loss([L.SERGroup(z1, z2.flip(-1), ident, g, (3, 3))], tau)
     assert good < bad
 
 
@@ -903,7 +943,7 @@ def test_ser_gradients_reach_projector_encoder_and_both_views():
     maps = [encoder(ga.apply_to_images(crop, g, patch)) for g in (g1, g2)]
     for m in maps:
         m.retain_grad()
-    L.ser_loss(projector(maps[0]), projector(maps[1]), g1, g2, base, temperature=0.4).backward()
+    L.ser_loss([L.SERGroup(projector(maps[0]), projector(maps[1]), g1, g2, base)], temperature=0.4).backward()
     for t in [maps[0], maps[1], encoder.weight, *projector.parameters()]:
         assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
 
@@ -1025,13 +1065,19 @@ def test_essl_head_rotations_and_loss():
 
 N, DIN = 8, 10  # global batch, input width of the heads
 WORLD = 2
-SER_BATCH = (2, 3)  # SER images per rank: different counts and (drawn per rank) different grids
-CASES = ("mocov3", "dino", "barlowtwins", "vicreg", "simclr", "byol", "ser", "equimod", "augself", "essl")
+SPLIT = (3, 5)  # rows per rank out of every 8: uneven, as SER's groups make them (every loss must be exact)
+# SER: (images per group, first global position of each rank's share). "ser": 3 groups with their own
+# grids, the middle one straddling the ranks; "ser_empty_rank": every b2 image on rank 1.
+SER_SPLITS = {"ser": ((2, 3, 2), (0, 3, 7)), "ser_empty_rank": ((2, 3), (0, 0, 5))}
+CASES = ("mocov3", "mocov3_multicrop", "dino", "barlowtwins", "vicreg", "simclr", "byol", "ser", "ser_empty_rank",
+         "equimod", "augself", "essl")
 
 
 def shard(x, rank, world):
-    n = len(x) // world
-    return x[rank * n:(rank + 1) * n]
+    if world == 1:
+        return x
+    bounds = [0, round(len(x) * SPLIT[0] / sum(SPLIT)), len(x)]
+    return x[bounds[rank]:bounds[rank + 1]]
 
 
 def stacked_shard(x, views, rank, world):
@@ -1058,6 +1104,15 @@ def run_case(name, rank, world):
             k1, k2 = target(h1), target(h2)
         loss = L.mocov3_loss(q1, q2, k1, k2) if name == "mocov3" else L.byol_loss(q1, q2, k1, k2)
         modules = {"proj": proj, "pred": pred, "target": target}
+    elif name == "mocov3_multicrop":  # 2 global + 4 local student views, 2 momentum views
+        proj, pred = L.build_heads("mocov3", DIN, hidden_dim=12, out_dim=6)
+        proj, pred = proj.double(), pred.double()
+        target = copy.deepcopy(proj)
+        hs = [part(randn(N, DIN, seed=30 + v)) for v in range(6)]
+        with torch.no_grad():
+            ks = [target(h) for h in hs[:2]]
+        loss = L.mocov3_multicrop_loss([pred(proj(h)) for h in hs], ks)
+        modules = {"proj": proj, "pred": pred, "target": target}
     elif name == "dino":
         student, _ = L.build_heads("dino", DIN, hidden_dim=12, out_dim=9, bottleneck_dim=5, use_bn=True)
         student = student.double()
@@ -1077,22 +1132,31 @@ def run_case(name, rank, world):
         z1, z2 = proj(part(randn(N, DIN, seed=1))), proj(part(randn(N, DIN, seed=2)))
         loss = {"barlowtwins": L.barlow_twins_loss, "vicreg": L.vicreg_loss, "simclr": L.simclr_loss}[name](z1, z2)
         modules = {"proj": proj}
-    elif name == "ser":
+    elif name in SER_SPLITS:
         patch, base = 2, (3, 3)
         encoder = nn.Conv2d(3, 8, patch, stride=patch).double()
         projector = L.SERProjector(8, 6, 6).double()
-        groups = []
-        for r in range(WORLD) if world == 1 else [rank]:
-            batch = SER_BATCH[r]
-            g1, g2 = ga.sample_view_pair(batch, torch.Generator().manual_seed(10 + r), base_grid=base, scale=(0.5, 1.6))
-            crop = randn(batch, 3, base[0] * patch, base[1] * patch, seed=20 + r)
-            z1, z2 = (projector(encoder(ga.apply_to_images(crop, g, patch))) for g in (g1, g2))
-            groups.append((z1, z2, g1, g2, base))
-        if world == 1:  # the whole global batch: every rank's images and grids, in one process
-            loss = ser_reference(groups, 0.4)
+        sizes, starts = SER_SPLITS[name]
+        groups, first = [], 0
+        for g, n in enumerate(sizes):  # each group: its own elements (own grids) and images
+            g1, g2 = ga.sample_view_pair(n, torch.Generator().manual_seed(10 + g), base_grid=base, scale=(0.5, 1.6))
+            crop = randn(n, 3, base[0] * patch, base[1] * patch, seed=20 + g)
+            lo, hi = (first, first + n) if world == 1 else (max(first, starts[rank]), min(first + n, starts[rank + 1]))
+            ours = slice(lo - first, hi - first)  # the group's images on this rank
+            first += n
+            if lo >= hi:
+                continue
+            g1, g2 = ga.select_samples(g1, ours), ga.select_samples(g2, ours)
+            z1, z2 = (projector(encoder(ga.apply_to_images(crop[ours], g, patch))) for g in (g1, g2))
+            groups.append(L.SERGroup(z1, z2, g1, g2, base, torch.arange(lo, hi)))
+        if world == 1:  # the whole global batch: every group's images and grids, in one process
+            loss = ser_reference([grp[:5] for grp in groups], 0.4)
         else:
-            loss = L.ser_loss(*groups[0], temperature=0.4)
-            buffers["grid"] = torch.tensor([*groups[0][0].shape[-2:], *groups[0][1].shape[-2:]])
+            if not groups:  # no b2 image here: an empty group keeps the parameters and collectives in step
+                z = projector(encoder(torch.zeros(0, 3, base[0] * patch, base[1] * patch, dtype=DT)))
+                groups = [L.SERGroup(z, z, None, None, base, torch.zeros(0, dtype=torch.long))]
+            loss = L.ser_loss(groups, temperature=0.4)
+            buffers["b2_images"] = torch.tensor(sum(grp.z1.shape[0] for grp in groups))
         modules = {"encoder": encoder, "projector": projector}
     elif name == "equimod":
         head = L.EquiModHead(DIN, hidden_dim=12, out_dim=6, input_norm=True).double()
@@ -1157,8 +1221,9 @@ def test_ddp_average_gradient_equals_single_process(name, ddp_results):
         for r in ranks:
             torch.testing.assert_close(r["buffers"][key], ref, rtol=1e-9, atol=1e-12,
                                        msg=lambda m: f"{name} {key}: {m}")
-    if name == "ser":  # the point of the variable-length gather: the ranks really had different grids
-        assert not torch.equal(ranks[0]["buffers"]["grid"], ranks[1]["buffers"]["grid"])
+    if name in SER_SPLITS:  # the point of the variable-length gather: the ranks really held different groups
+        assert [int(r["buffers"]["b2_images"]) for r in ranks] == [s - r for r, s in
+                                                                   zip(SER_SPLITS[name][1], SER_SPLITS[name][1][1:])]
 
 
 # ================================================================================================
@@ -1499,6 +1564,30 @@ def test_every_method_and_addon_trains(method, addon, tmp_path):
         assert second["teacher"] is None
 
 
+@pytest.mark.parametrize("addon", ["--ser --equiv-layer 2", "--essl"])
+def test_mocov3_multicrop_trains_two_steps(addon, tmp_path):
+    """SER's 2+4 views (MoCo v3, 4 local crops) with SER's three pairs or with E-SSL, on the built-in data."""
+    ckpt = run(f"--method mocov3 --n-local-crops 4 {addon} --stop-at-step 2 --log-every 1", tmp_path)
+    logged = read_log(tmp_path)
+    assert ckpt["step"] == 2 and [row["step"] for row in logged] == [1, 2]
+    assert all(math.isfinite(row[k]) for row in logged for k in ("loss", "inv", "equiv")) and logged[-1]["equiv"] > 0
+    torch.manual_seed(augment.seed_from("init", 0))  # the run's initial weights
+    initial = pretrain.build_models(config(f"--method mocov3 --n-local-crops 4 {addon}", tmp_path))[0].state_dict()
+    moved = [k for k, v in ckpt["student"].items() if v.is_floating_point() and not torch.equal(v, initial[k])]
+    assert any(k.startswith("backbone.blocks.0.") for k in moved) and any(k.startswith("addon_head.") for k in moved)
+
+
+def test_multicrop_and_ser_chunk_errors(tmp_path):
+    with pytest.raises(SystemExit, match="multi-crop is not part of the official byol recipe"):
+        config("--method byol --n-local-crops 4", tmp_path)
+    with pytest.raises(SystemExit, match="use an even number"):
+        config("--method mocov3 --ser --equiv-layer 2 --n-local-crops 3", tmp_path)
+    with pytest.raises(SystemExit, match="--augself with MoCo v3 multi-crop"):
+        config("--method mocov3 --augself --n-local-crops 4", tmp_path)
+    with pytest.raises(SystemExit, match="--ser-chunk must be positive"):
+        config("--method mocov3 --ser --equiv-layer 2 --ser-chunk 0", tmp_path)
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     common = "--method dino --ser --equiv-layer 2 --epochs 2 --drop-path 0.1"  # drop-path: RNG must replay too
     full = run(common, tmp_path / "full")
@@ -1535,8 +1624,8 @@ def test_bad_configurations_give_clear_errors(tmp_path):
         config("--ser --equiv-layer 3", tmp_path)  # depth 3: [CLS] would join after the last block
     with pytest.raises(SystemExit, match="must divide over the 2 ranks"):
         pretrain.local_batch_size(15, 2)
-    with pytest.raises(SystemExit, match="b2 would take"):
-        pretrain.ser_images_per_rank(2, 0.01, 2)
+    with pytest.raises(SystemExit, match="b2 group would take 2 of the 2 images"):
+        pretrain.ser_groups(2, 256, 0.01, 2)
     with pytest.raises(SystemExit, match="not divisible by --patch-size"):
         config("--img-size 36", tmp_path)
     with pytest.raises(SystemExit, match="fewer than --batch-size"):
@@ -1638,7 +1727,7 @@ def test_ser_loss_reaches_blocks_before_the_split_only(tmp_path):
     x = torch.randn(3, 3, 32, 32)
     maps = [student.addon_head(student.backbone.forward_features(
         pretrain.group_actions.apply_to_images(x, g, 8), layer=2)["token_map"]) for g in (g1, g2)]
-    losses.ser_loss(*maps, g1, g2, (4, 4), temperature=0.4).backward()
+    losses.ser_loss([losses.SERGroup(*maps, g1, g2, (4, 4))], temperature=0.4).backward()
     blocks = student.backbone.blocks
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for b in blocks[:2] for p in b.parameters())
     assert all(p.grad is None for p in blocks[2].parameters())
@@ -1680,6 +1769,113 @@ def test_global_batch_sampler_slices_the_single_process_batch():
     other_epoch = pretrain.GlobalBatchSampler(50, 8, 0, 1, seed=3)
     other_epoch.set_epoch(1)
     assert list(other_epoch) != single
+
+
+def test_ser_groups_are_cut_from_the_global_batch():
+    # the paper's setting: 8 chunks of 256, the last 3 images (1%) of each form a group
+    assert pretrain.ser_groups(2048, 256, 0.01, 2) == [(256 * g + 253, 256 * (g + 1)) for g in range(8)]
+    assert pretrain.ser_groups(16, 256, 0.01, 2) == [(14, 16)]  # a small batch: one group, the floor of 2
+    assert pretrain.ser_groups(10, 4, 0.4, 2) == [(3, 5), (8, 10)]  # round(10 / 4) = 2 chunks of 5
+    assert pretrain.ser_groups(16, 5, 0.01, 2) == [(3, 5), (9, 11), (14, 16)]  # chunks of 5, 6, 5
+
+
+def fake_global_batch(recipe, batch, seed=0):
+    """What the workers would deliver for a global batch: uint8 crops, boxes and flips per view."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"images": [torch.randint(0, 256, (batch, 3, v.size, v.size), generator=gen, dtype=torch.uint8)
+                       for v in recipe.views],
+            "crop": [torch.rand(batch, 4, generator=gen) for _ in recipe.views],
+            "flip": [torch.rand(batch, generator=gen) < 0.5 for _ in recipe.views]}
+
+
+def rank_slice(batch, rank, world):
+    n = batch["images"][0].shape[0] // world
+    return {k: [t[rank * n:(rank + 1) * n] for t in v] for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("extra", ["--ser-chunk 8 --ser-ratio 0.6", "--ser-chunk 16 --ser-ratio 0.6",
+                                   "--n-local-crops 4 --ser-chunk 5"])
+def test_ser_split_ranks_share_the_single_process_step(extra, tmp_path):
+    """On 2 or 4 ranks, the b1 rows and the b2 groups' rows cover the global batch exactly once, and each
+    group's rows (images, group elements, colours) are the single process's, including groups that
+    straddle a rank boundary."""
+    args = config(f"--method mocov3 --ser --equiv-layer 2 {extra}", tmp_path)
+    recipe, cpu = pretrain.build_recipe(args), torch.device("cpu")
+    full = fake_global_batch(recipe, args.batch_size)
+    one = pretrain.make_step_inputs(full, recipe.photometric(), 5, args, 0, 1, cpu)
+    groups = pretrain.ser_groups(args.batch_size, args.ser_chunk, args.ser_ratio, args.ser_min_images)
+    assert [(int(g.positions[0]), int(g.positions[-1]) + 1) for g in one.b2] == groups
+    straddling = 0
+    for world in (2, 4):
+        shares = [pretrain.make_step_inputs(rank_slice(full, r, world), recipe.photometric(), 5, args, r, world, cpu)
+                  for r in range(world)]
+        seen = torch.cat([torch.cat([s.stream_positions[0], *[g.positions for g in s.b2]]) for s in shares])
+        assert sorted(seen.tolist()) == list(range(args.batch_size))  # every image once, in b1 or in b2
+        for v in range(len(one.streams)):  # b1 rows: the single process's, in the same order
+            assert torch.equal(torch.cat([s.stream_positions[v] for s in shares]), one.stream_positions[v])
+            assert torch.allclose(torch.cat([s.streams[v] for s in shares]), one.streams[v], atol=1e-6)
+        for whole in one.b2:
+            parts = [g for s in shares for g in s.b2 if g.index == whole.index]
+            straddling += len(parts) > 1
+            assert torch.equal(torch.cat([p.positions for p in parts]), whole.positions)
+            for k, pair in enumerate(whole.pairs):
+                for name in ("x1", "x2"):
+                    assert torch.allclose(torch.cat([getattr(p.pairs[k], name) for p in parts]), getattr(pair, name),
+                                          atol=1e-6)
+                for name in ("g1", "g2"):
+                    g, pieces = getattr(pair, name), [getattr(p.pairs[k], name) for p in parts]
+                    assert all(piece.k == g.k and piece.size == g.size for piece in pieces)
+                    assert torch.equal(torch.cat([piece.flip for piece in pieces]), g.flip)
+                    assert torch.equal(torch.cat([piece.rot180 for piece in pieces]), g.rot180)
+    assert straddling > 0
+
+
+def test_ser_multicrop_pairs_use_global_crop_0_and_every_other_local_crop(tmp_path):
+    """MoCo v3 2+4 with SER (builder/moco.py train_erl_local4): pairs from global crop 0 and local crops #0
+    and #2, each view with its own element, grids drawn relative to the crop's own token grid; the six
+    views join the six invariance streams. With identity colours, x_j = g_j(normalised crop) exactly."""
+    args = config("--method mocov3 --n-local-crops 4 --ser --equiv-layer 2 --ser-ratio 0.25", tmp_path)
+    recipe, cpu = pretrain.build_recipe(args), torch.device("cpu")
+    full = fake_global_batch(recipe, args.batch_size)
+    identity = [PhotometricAugment(p_jitter=0, p_gray=0, p_blur=0, p_solarize=0, img_size=32)] * len(recipe.views)
+    batch = pretrain.make_step_inputs(full, identity, 3, args, 0, 1, cpu)
+    assert [v.size for v in recipe.views[:6]] == [32, 32, 16, 16, 16, 16]
+    (group,) = batch.b2
+    assert group.positions.tolist() == [12, 13, 14, 15]  # round(0.25 * 16) = 4 images
+    assert [(p.base_grid, p.streams) for p in group.pairs] == [((4, 4), (0, 1)), ((2, 2), (2, 3)), ((2, 2), (4, 5))]
+    for pair, view in zip(group.pairs, (0, 2, 4)):
+        crop = augment.normalize(full["images"][view][12:16].float() / 255)
+        for x, g in ((pair.x1, pair.g1), (pair.x2, pair.g2)):
+            assert torch.allclose(x, ga.apply_to_images(crop, g, 8), atol=1e-6)
+            h, w = g.size
+            base = pair.base_grid[0] * pair.base_grid[1]
+            assert 0.7 * base - 2 * (h + w) <= h * w <= 1.3 * base + 2 * (h + w)  # area ~ U(0.7, 1.3) x base, rounded
+        assert torch.equal(pair.g2.flip, ~pair.g1.flip)  # negated flags, as sample_view_pair
+    assert [s.shape[0] for s in batch.streams] == [12] * 6  # b1 rows; the b2 views follow in Student._b2
+
+
+@pytest.mark.parametrize("addon", ["", "--ser --equiv-layer 2 --ser-ratio 0.25"])
+def test_mocov3_multicrop_losses_equal_a_hand_written_reference(addon, tmp_path):
+    """compute_losses on a real 2+4 step: the invariance term is the sum over the 6 student streams and the
+    other global momentum stream (10 official ctr terms, float64), SER's is the sum over its 3 pairs of the
+    paper's L_equiv (ser_reference); every stream holds all 16 images, b2 rows included."""
+    args = config(f"--method mocov3 --n-local-crops 4 {addon}", tmp_path)
+    torch.manual_seed(0)
+    student, teacher = pretrain.build_models(args)
+    recipe = pretrain.build_recipe(args)
+    batch = pretrain.make_step_inputs(fake_global_batch(recipe, 16), recipe.photometric(), 0, args, 0, 1,
+                                      torch.device("cpu"))
+    out, keys = student(batch), teacher(batch)
+    terms = pretrain.compute_losses(args, out, keys, batch, None, 0)
+    assert len(out["pred"]) == 6 and all(q.shape[0] == 16 for q in out["pred"] + keys)
+    expected = sum(official_moco_ctr(q.double(), k.double(), args.temperature)
+                   for i, q in enumerate(out["pred"]) for j, k in enumerate(keys) if i != j)
+    torch.testing.assert_close(terms["inv"].double(), expected, rtol=1e-5, atol=1e-6)
+    if addon:
+        assert len(out["ser"]) == 3
+        expected = sum(ser_reference([tuple(t.double() if torch.is_tensor(t) else t for t in grp[:2]) + tuple(grp[2:5])
+                                      for grp in pair], args.equiv_tau) for pair in out["ser"])
+        torch.testing.assert_close(terms["equiv"].double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_benchmark_mode_counts_the_ser_flops(tmp_path):
@@ -1737,38 +1933,87 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_torchrun_two_ranks_first_step_equals_one_process(tmp_path):
-    """The union of the ranks' batches is the single-process batch, augmentation parameters are drawn
-    for the global batch, and every loss is exact under DDP: step 1 must agree to float rounding."""
-    args = f"pretrain.py --method mocov3 {TINY} --stop-at-step 1 --precision fp32".split()  # fp32 on any CPU
+# One process vs torchrun: every base method with SER (groups on one rank, on both, straddling the ranks,
+# several per rank), each other add-on with one method, MoCo v3's 2+4 views; stochastic depth on in one.
+TORCHRUN_BASE = ("--arch vit_tiny --depth 2 --img-size 32 --patch-size 8 --batch-size 16 --synthetic-length 32 "
+                 "--num-workers 0 --knn-every 0 --stop-at-step 2 --log-every 1 --head-hidden 32 --head-out 16 "
+                 "--precision fp32")  # fp32 on any CPU
+TORCHRUN_CONFIGS = {
+    "mocov3_ser": "--method mocov3 --ser --equiv-layer 1",  # one group, all on rank 1
+    # 10 b2 images over both ranks, local crops (their b2 rows are plain local crops), stochastic depth
+    "dino_ser": "--method dino --ser --equiv-layer 1 --ser-ratio 0.6 --n-local-crops 2 --drop-path 0.1",
+    "barlowtwins_ser": "--method barlowtwins --ser --equiv-layer 1 --ser-chunk 5",  # 3 groups: 1 on rank 0, 2 on rank 1
+    "vicreg_ser": "--method vicreg --ser --equiv-layer 1 --ser-chunk 4 --ser-ratio 0.5",  # 4 groups, 2 per rank
+    "simclr_ser": "--method simclr --ser --equiv-layer 1 --ser-chunk 16 --ser-ratio 0.4",
+    "byol_ser": "--method byol --ser --equiv-layer 1 --ser-chunk 5",
+    "simclr_equimod": "--method simclr --equimod",
+    "byol_augself": "--method byol --augself",
+    "vicreg_essl": "--method vicreg --essl",
+    "mocov3_2+4_ser": "--method mocov3 --n-local-crops 4 --ser --equiv-layer 1 --ser-chunk 5",
+    "mocov3_2+4_essl": "--method mocov3 --n-local-crops 4 --essl",
+}
+# Launches several runs in one torchrun job: each process starts once (imports dominate a tiny run). Each
+# run rendezvouses on its own store (port): re-initialising through torchrun's store could read the
+# previous run's keys and hang.
+_TORCHRUN_DRIVER = """
+import os
+import sys
+import pretrain
+for arg in sys.argv[1:]:
+    port, argv = arg.split("|")
+    os.environ.update(TORCHELASTIC_USE_AGENT_STORE="False", MASTER_PORT=port)
+    pretrain.main(argv.split())
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_train_exactly_as_one_process(tmp_path):
+    """Nothing a step computes depends on the number of ranks except float rounding: the union of the
+    ranks' batches is the single-process batch, augmentation parameters, SER's groups and drop-path masks
+    are drawn for the global batch, and every loss is exact under DDP. The logged terms of both steps and
+    every weight and buffer after them agree to float rounding."""
     repo = os.path.dirname(os.path.abspath(pretrain.__file__))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, *args, "--output-dir", str(tmp_path / "one")], cwd=repo, env=env, check=True,
-                   capture_output=True, timeout=300)
+    runs = {name: f"{TORCHRUN_BASE} {extra}" for name, extra in TORCHRUN_CONFIGS.items()}
+    for name, argv in runs.items():
+        pretrain.main(f"{argv} --output-dir {tmp_path / 'one' / name}".split())
+    driver = tmp_path / "driver.py"
+    driver.write_text(_TORCHRUN_DRIVER)
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-              str(_free_port()), *args, "--output-dir", str(tmp_path / "two")]
-    result = subprocess.run(launch, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+              str(_free_port()), str(driver),
+              *[f"{_free_port()}|{argv} --output-dir {tmp_path / 'two' / name}" for name, argv in runs.items()]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
+    result = subprocess.run(launch, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    one = torch.load(tmp_path / "one" / "checkpoint.pth", weights_only=False)
-    two = torch.load(tmp_path / "two" / "checkpoint.pth", weights_only=False)
-    for part in ("student", "teacher"):
-        for k, v in one[part].items():
-            if v.is_floating_point():
-                assert torch.allclose(v, two[part][k], atol=1e-5, rtol=1e-4), (part, k)
-    assert json.load(open(tmp_path / "two" / "config.json"))["world_size"] == 2
-    # The logged terms are averaged over the ranks at the same steps: they equal the single-process ones.
-    logged_one, logged_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
-    assert [e["step"] for e in logged_one] == [e["step"] for e in logged_two] == [1]
-    for k in ("loss", "inv"):
-        assert logged_two[0][k] == pytest.approx(logged_one[0][k], rel=1e-4), k
+    for name in runs:
+        one = torch.load(tmp_path / "one" / name / "checkpoint.pth", weights_only=False)
+        two = torch.load(tmp_path / "two" / name / "checkpoint.pth", weights_only=False)
+        assert json.load(open(tmp_path / "two" / name / "config.json"))["world_size"] == 2
+        for part in ("student", "teacher", "dino_loss"):
+            for k, v in (one[part] or {}).items():
+                if not v.is_floating_point():
+                    continue
+                if v.dim() > 1:  # weight matrices: relative to float rounding
+                    assert (v - two[part][k]).norm() <= 1e-5 * v.norm(), (name, part, k)
+                # Everything, biases and buffers included, elementwise: Adam's first steps turn a gradient
+                # that is zero in exact arithmetic (a key bias's) but rounding noise in floats into +-lr.
+                assert torch.allclose(v, two[part][k], rtol=1e-4, atol=1e-4), (name, part, k)
+        # The logged terms are averaged over the ranks at the same steps: they equal the single-process ones.
+        logged_one, logged_two = read_log(tmp_path / "one" / name), read_log(tmp_path / "two" / name)
+        assert [e["step"] for e in logged_one] == [e["step"] for e in logged_two] == [1, 2], name
+        for a, b in zip(logged_one, logged_two):
+            for k in ("loss", "inv", "equiv"):
+                if k in a:
+                    assert b[k] == pytest.approx(a[k], rel=1e-5), (name, a["step"], k)
 
 
 @pytest.mark.parametrize("method", ["mocov3", "dino", "barlowtwins"])
 def test_ser_flops_overhead_at_the_paper_setting(method):
-    """ViT-S/16, 224 px, 256 images per rank, b2 = 1%: the paper reports 1.008x; counted on the meta device."""
+    """ViT-S/16, 224 px, 256 images per rank, b2 = 1%: the paper reports 1.008x; counted on the meta device.
+    Within 1% of 1 either way: the [CLS] joining after block 3 saves a little in blocks 1-3, and the b2
+    grids, drawn at random (196 x U(0.7, 1.3) tokens), add or save about as much at a given step."""
     result = pretrain.main(f"--method {method} --ser --data /datasets/imagenet --batch-size 256 --count-flops".split())
     assert result["arch"] == "vit_small" and result["img_size"] == 224
-    assert 1.0 < result["ratio"] <= 1.01
+    assert 0.99 < result["ratio"] <= 1.01
     assert 50 < result["base_gflops_per_image"] < 80  # 2 views x 3 x 9.2 GFLOPs (+ teacher forwards)
 
 
@@ -1900,7 +2145,9 @@ def test_equimod_plain_view_joins_the_global_call(tmp_path, monkeypatch):
     original = student.backbone.forward_features
     monkeypatch.setattr(student.backbone, "forward_features",
                         lambda x, layer=None: calls.append(x.shape[0]) or original(x, layer=layer))
-    y_t, y_hat_t = student(views, plain=plain, equimod_params=params)["equimod"]
+    batch = pretrain.StepBatch(key=(0, 0), batch_size=4, streams=views, stream_positions=[torch.arange(4)] * 2,
+                               view_params=[], plain=plain, equimod_params=params)
+    y_t, y_hat_t = student(batch)["equimod"]
     assert calls == [12]
     h_views = original(torch.cat(views), layer=2)["cls_at_layer"]
     h_plain = original(plain, layer=2)["cls_at_layer"]

@@ -29,16 +29,26 @@ from torch.utils.checkpoint import checkpoint
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample (no parameters, so no keys)."""
+    """Stochastic depth: drop the whole residual branch per sample (no parameters, so no keys).
+
+    rows: None, or (ids (B,) long on the CPU, n): the call's samples are rows `ids` of a larger set of n
+    (e.g. the global batch over all ranks). The keep flags are then drawn for all n rows from torch's
+    CPU generator and ours are taken, so a sample's mask does not depend on which rank holds it
+    (VisionTransformer.drop_path_rows).
+    """
 
     def __init__(self, p=0.0):
         super().__init__()
         self.p = p
 
-    def forward(self, x):
+    def forward(self, x, rows=None):
         if self.p == 0.0 or not self.training:
             return x
-        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
+        if rows is None:
+            keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
+        else:
+            ids, n = rows
+            keep = (torch.rand(n)[ids] < 1 - self.p).to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1)))
         return x * keep / (1 - self.p)
 
 
@@ -89,10 +99,10 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, return_attention=False):
+    def forward(self, x, return_attention=False, drop_path_rows=None):
         y, attn = self.attn(self.norm1(x), return_attention)
-        x = x + self.drop_path(y)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(y, drop_path_rows)
+        x = x + self.drop_path(self.mlp(self.norm2(x)), drop_path_rows)
         return x, attn
 
 
@@ -143,6 +153,8 @@ class VisionTransformer(nn.Module):
         self.cls_after_block = cls_after_block
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.grad_checkpointing = False  # trade compute for memory at large per-GPU batches
+        # (ids, n) for the next calls' stochastic depth (DropPath); None draws per sample on x's device
+        self.drop_path_rows = None
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -216,11 +228,12 @@ class VisionTransformer(nn.Module):
         if self.cls_after_block == 0:
             x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
         x = x + self.resampled_pos_embed(H // self.patch_size, W // self.patch_size)
+        rows = self.drop_path_rows  # passed explicitly: a checkpointed block recomputes with the same rows
         for l, blk in enumerate(self.blocks, start=1):
             if self.grad_checkpointing and self.training and not return_attention:
-                x, attn = checkpoint(blk, x, use_reentrant=False)
+                x, attn = checkpoint(blk, x, False, rows, use_reentrant=False)
             else:
-                x, attn = blk(x, return_attention)
+                x, attn = blk(x, return_attention, rows)
             yield l, x, attn
             if l == self.cls_after_block:
                 x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # f2 starts here
@@ -230,7 +243,7 @@ class VisionTransformer(nn.Module):
 
     @staticmethod
     def _to_map(tokens, h, w):
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)  # (B, N, D) -> (B, D, h, w), row-major
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)  # (B, N, D) -> (B, D, h, w), row-major
 
     # ------------------------------------------------------------------ outputs
     def forward(self, x):
