@@ -7,8 +7,9 @@ while the DataLoader workers (2 CPU cores in our runs) only decode, crop and fli
   device side   PhotometricAugment(...)(x_uint8 (B, 3, h, w), generator) -> (normalised float, params)
 
 Randomness is a pure function of (seed, epoch, sample index) on the worker side and of
-(seed, global step, rank, view id) on the device side, so a run replays exactly whatever the number
-of workers, and every rank draws its own stream (style.md §5.7).
+(seed, global step, view id) on the device side, drawn for the whole global batch and sliced by rank,
+so a run replays exactly whatever the number of workers or ranks (unlike DINO's fix_random_seeds,
+which gives every rank the same stream).
 
 Typical use in pretrain.py (one rank; B images per rank):
 
@@ -23,10 +24,10 @@ Typical use in pretrain.py (one rank; B images per rank):
             x_v, p_v = photometric[v](batch['images'][v].to(dev, non_blocking=True),
                                       device_generator(seed, step, rank, view_id=v))
 
-SER's b2 views (ser.md §2.2): take the last n_eq images of global crop 0, `x0 = batch['images'][0][-n_eq:]`,
-and run it through photometric[0] (inv1: blur 1.0) and photometric[1] (inv2: blur 0.1, solarize 0.2)
-with two fresh view ids (e.g. 100 and 101): both b2 views share the crop and differ only in colour;
-group_actions.apply_to_images then acts on the normalised tensors. Add-ons: EquiMod's un-augmented
+SER's b2 views (pretrain.make_step_inputs, as the release's `Aug_equi` in aitrics-chris/SER): a b2
+image's global crop 0 goes through photometric[0] (inv1: blur 1.0) and photometric[1] (inv2: blur 0.1,
+solarize 0.2): both b2 views share the crop and differ only in colour; group_actions.apply_to_images
+then acts on the normalised tensors. Add-ons: EquiMod's un-augmented
 image is batch['plain'] (pass through `normalize`); EquiMod and AugSelf read each view's crop, flip
 and photometric parameters (losses.equimod_param_vector, losses.augself_targets); E-SSL's small crop
 is the view named 'essl', fed to `losses.essl_rotations` after its photometric augmentation.
@@ -408,7 +409,7 @@ class ViewRecipe:
                 for v in self.views]
 
 
-_METHODS = {  # method: (crop_min, interpolation, local scale); official recipes, see methods.md
+_METHODS = {  # method: (crop_min, interpolation, local scale); facebookresearch/moco-v3, dino, barlowtwins recipes
     "mocov3": (0.08, "bilinear", (0.05, 0.25)),  # ViT config crop_min 0.08; locals from SER's 2+4 loader
     "dino": (0.4, "bicubic", (0.05, 0.4)),       # SER's DINO uses crop_min 0.25: pass crop_min=0.25
     "barlowtwins": (0.08, "bicubic", (0.05, 0.25)),

@@ -1,9 +1,9 @@
 """Frozen-backbone object detection: ViTDet simple feature pyramid + torchvision Faster R-CNN, COCO box mAP.
 
 The ViT stays frozen (eval mode, no gradients; checked unchanged at the end). Only the simple feature
-pyramid (ViTDet, evals.md §6.1) and torchvision's RPN and RoI heads train, so the score measures how
+pyramid (ViTDet: Li et al., ECCV 2022; detectron2 projects/ViTDet) and torchvision's RPN and RoI heads train, so the score measures how
 much localisable information the pretrained patch tokens carry. Boxes are scored with a numpy
-re-implementation of pycocotools' COCOeval (evals.md §6.3): the 12 standard stats, in its order.
+re-implementation of pycocotools' COCOeval (cocodataset/cocoapi cocoeval.py): the 12 standard stats, in its order.
 
 Built-in synthetic set (offline; filled circles/triangles/squares/stars on textured backgrounds,
 rendered from (seed, index) and written as COCO JSON so the real-COCO evaluation path is used):
@@ -379,7 +379,7 @@ def build_detector(backbone, num_classes, args):
 
 
 # ----------------------------------------------------------------------------- COCO evaluation (numpy)
-# pycocotools COCOeval, bbox, default Params (evals.md §6.3); the linspace calls match it bit for bit.
+# pycocotools COCOeval, bbox, default Params (cocodataset/cocoapi cocoeval.py); the linspace calls match it bit for bit.
 IOU_THRS = np.linspace(.5, 0.95, int(np.round((0.95 - .5) / .05)) + 1, endpoint=True)
 REC_THRS = np.linspace(.0, 1.00, int(np.round((1.00 - .0) / .01)) + 1, endpoint=True)
 MAX_DETS = (1, 10, 100)

@@ -6,7 +6,7 @@ An element g acts on a batch as
 
 read right to left: an optional 180-degree rotation, an optional horizontal flip, a resize to a
 target grid, then k counter-clockwise quarter turns (torch.rot90 on dims (-2, -1)). This is the
-order the official release uses to build SER's "b2" views (ser.md §2.2).
+order the official release uses to build SER's "b2" views (aitrics-chris/SER, `Aug_equi.aug_equiv`).
 
 Which parts are per sample and which are shared by the batch:
   * flip, rot180 -- (B,) bool tensors, PER SAMPLE. They keep the shape, so samples may differ.

@@ -16,7 +16,7 @@ global count from the gather; the means that the official code takes per rank (B
 MSE, AugSelf, E-SSL) are global means here, local sum * W / global count (`_global_mean_of_sum`),
 which equals the official value when every rank holds the same number of rows.
 
-Conventions relative to the official code are stated at each loss (methods.md, ser.md).
+Conventions relative to the official code are stated at each loss, naming the official file.
 Inputs of every loss are the head outputs; half-precision inputs are upcast to float32 inside.
 
 Typical use (pretrain.py owns the encoders, EMA copies and schedules):
@@ -582,7 +582,7 @@ def ser_loss(groups, temperature):
     every token of every other image, whichever group or rank holds it. Gradients flow into both
     views (no stop-grad on either side).
 
-    Conventions vs the release (ser.md 2.4, 4): ours follows the paper -- negatives are the other
+    Conventions vs the release (aitrics-chris/SER builder/moco.py `MoCo.equiv`, builder/dino.py): ours follows the paper -- negatives are the other
     images' tokens in both views (the release: cross-view only) -- and is differentiable (the
     release gathers under no_grad, so its L_equiv has no gradient). The DDP normalisation is the
     global mean over all anchors; grids (token counts) differ per group and rank.

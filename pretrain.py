@@ -50,11 +50,11 @@ RUNTIME_OPTIONS = {"output_dir", "num_workers", "log_every", "knn_every", "knn_t
                    "stop_at_step", "benchmark", "peak_tflops", "count_flops", "compile", "grad_checkpointing",
                    "no_keep_freed_memory"}
 
-# Base-method defaults: each method's official ViT-S/16 recipe at 224 px on ImageNet (methods.md).
+# Base-method defaults: each method's official ViT-S/16 recipe at 224 px on ImageNet (facebookresearch/moco-v3 CONFIG.md, facebookresearch/dino README.md).
 # lr and min_lr are per 256 images (scaled by global batch / 256); momentum is the EMA start (cosine
 # to 1). VICReg, SimCLR and BYOL have no official ViT recipe: they reuse MoCo v3's AdamW settings.
-# Barlow Twins' ViT settings are SER's (ser.md §2.8), the only ViT recipe for it.
-# SER's own ViT-S runs differ from these in places; to reproduce them pass (ser.md §2.8):
+# Barlow Twins' ViT settings are SER's (aitrics-chris/SER run_pretrain.sh), the only ViT recipe for it.
+# SER's own ViT-S runs differ from these in places; to reproduce them pass (aitrics-chris/SER run_pretrain.sh):
 #   DINO: --lr 1e-4 --min-lr 1e-5 --momentum 0.982 --clip-grad 0.3 --crop-min 0.25 --teacher-temp 0.07
 #         --warmup-teacher-temp-epochs 10;  MoCo v3: --lr 3e-4;  Barlow Twins: --clip-grad 0.3;  all: --batch-size 2048
 METHOD_DEFAULTS = {
@@ -71,7 +71,7 @@ METHOD_DEFAULTS = {
     "byol": dict(lr=1.5e-4, min_lr=0.0, weight_decay=0.1, weight_decay_end=0.1, momentum=0.99,
                  clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=None),
 }
-# Add-on (lambda, tau). SER: the release's launch values (ser.md §2.8; the paper's tau differ: 0.3 MoCo/BT,
+# Add-on (lambda, tau). SER: the release's launch values (aitrics-chris/SER run_pretrain.sh; the paper's tau differ: 0.3 MoCo/BT,
 # 0.5 DINO). The release has none for VICReg, SimCLR and BYOL: we use 1.0 and 0.4. EquiMod: lambda 1,
 # tau 0.2; AugSelf: weight 1 on its 0.5 crop + 0.5 colour terms; E-SSL: lambda 0.4.
 SER_DEFAULTS = {"mocov3": (1.0, 0.5), "dino": (0.3, 0.4), "barlowtwins": (1.0, 0.4),

@@ -1,6 +1,6 @@
 """Robustness of a frozen backbone + linear probe: ImageNet-C, ImageNet-P, geometry, layer equivariance.
 
-What it measures (evals.md §3, §4, §5, §7):
+What it measures (ImageNet-C/-P: Hendrycks & Dietterich, ICLR 2019, hendrycks/robustness):
   * ImageNet-C  15 corruptions x 5 severities, generated on the fly with the original constants of
                 hendrycks/robustness make_imagenet_c.py, or read from the released JPEGs. Per-corruption
                 and per-severity top-1 error, the mean top-1 over the 15x5 (the paper's "ImageNet-C
@@ -12,7 +12,7 @@ What it measures (evals.md §3, §4, §5, §7):
                 resamples its position embedding).
   * equivariance per block l, for the same group elements g: mean cosine between f_l(g x) and
                 rho_g f_l(x) over tokens, the relative error |f_l(gx) - rho_g f_l(x)|_F / |rho_g f_l(x)|_F,
-                and the companions of evals.md §7: invariance error |f_l(gx) - f_l(x)| / |f_l(x)| and the
+                and two companions: invariance error |f_l(gx) - f_l(x)| / |f_l(x)| and the
                 chance baseline with an unrelated image x' (f_l(g x') against rho_g f_l(x)). Needs only a
                 backbone: the layer trade-off behind SER (equivariant early, invariant late).
 
@@ -26,7 +26,7 @@ Run (the built-in synthetic val split, a probe written by linear_eval.py):
     python robustness_eval.py --equivariance-only --backbone output/pretrain/backbone.pth  # no probe
 Writes a table to stdout and <output-dir>/robustness.json. Tests: python -m pytest -q test_ser.py  (its robustness_eval.py section)
 
-Exact vs substituted (evals.md §3.3). Exact up to float error: gaussian/shot/impulse noise (impulse:
+Exact vs substituted. Exact up to float error: gaussian/shot/impulse noise (impulse:
 per-element Bernoulli, skimage's distribution), brightness (HSV), contrast, pixelate, jpeg, zoom_blur,
 fog (diamond-square with the wibble^2 amplitude quirk), defocus (OpenCV kernels re-derived), glass blur
 (including the original's tuple "swap" of numpy views, which copies instead of swapping).
@@ -95,7 +95,7 @@ ALEXNET_ERR = {
 FROST_NOTE = ("frost used a procedural texture, not the ImageNet-C frost photos; it distorts about half as much, so "
               "numbers marked * are biased toward robustness and not comparable to ImageNet-C. Pass --frost-dir "
               "(the frost/ folder of the imagecorruptions or imagenet-c pip package)")
-ALEXNET_CLEAN_ERR = 0.43478  # torchvision alexnet-owt-4df8aa71: acc@1 56.522 (evals.md §3.4)
+ALEXNET_CLEAN_ERR = 0.43478  # torchvision alexnet-owt-4df8aa71: acc@1 56.522
 
 
 # ---------------------------------------------------------------------------------------------------

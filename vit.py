@@ -7,7 +7,7 @@ ViT-S/16 weights load with strict=True and give the same outputs:
     from vit import load_backbone
     model = load_backbone("dino_deitsmall16_pretrain.pth", arch=dict(name="vit_small", patch_size=16))
 
-SER splits the encoder as f = f2 . f1 (ser.md §1): with `cls_after_block=L`, blocks 1..L see patch
+SER splits the encoder as f = f2 . f1 (aitrics-chris/SER vision_transformer.py): with `cls_after_block=L`, blocks 1..L see patch
 tokens only, their output goes through its own LayerNorm (`norm_equiv`) and becomes the token map
 that L_equiv acts on, and the [CLS] token joins before block L+1. L = 0 is the standard ViT.
 
