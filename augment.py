@@ -74,6 +74,16 @@ def device_generator(seed: int, step: int, rank: int, view_id: int) -> torch.Gen
     return torch.Generator().manual_seed(seed_from("photometric", seed, step, rank, view_id))
 
 
+def check_ranges(ranges, prefix=""):
+    """Refuse out-of-range command-line values with one line naming the flag: ranges holds
+    (flag, value or list of values, ok(v) -> bool, what is wanted); None means unset. math.isfinite
+    comes first because nan fails every comparison (`nan <= 0` is False) and inf would only fail later."""
+    for flag, values, ok, want in ranges:
+        for v in values if isinstance(values, (list, tuple)) else [values]:
+            if v is not None and not (math.isfinite(v) and ok(v)):
+                raise SystemExit(f"{prefix}{flag} must be {want}, got {v}")
+
+
 def progress(iterable, total, label, log=print, every=30.0):
     """Yield from `iterable`, logging "label 120/900, 2.1 min, ETA 13.5 min" at most every `every`
     seconds and once at the end: the long evaluation passes would otherwise be silent for minutes."""

@@ -716,7 +716,7 @@ def get_args_parser():
 
 
 def check_args(args):
-    """Ranges of the numeric flags; math.isfinite first, since nan fails every comparison."""
+    """Ranges of the numeric flags (augment.check_ranges)."""
     ranges = [("--lr", [args.lr], lambda v: v > 0, "positive"),
               ("--weight-decay", [args.weight_decay], lambda v: v >= 0, ">= 0"),
               ("--momentum", [args.momentum], lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -733,10 +733,7 @@ def check_args(args):
                                     ("--max-size", args.max_size), ("--rpn-batch", args.rpn_batch),
                                     ("--roi-batch", args.roi_batch), ("--proposals-train", args.proposals_train),
                                     ("--proposals-test", args.proposals_test), ("--box-head-dim", args.box_head_dim))]
-    for flag, values, ok, want in ranges:
-        for v in values:
-            if not (math.isfinite(v) and ok(v)):
-                raise SystemExit(f"detect_eval.py: {flag} must be {want}, got {v}")
+    augment.check_ranges(ranges, prefix="detect_eval.py: ")
 
 
 def main(argv=None):

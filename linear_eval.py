@@ -402,7 +402,7 @@ def build_backbone(args):
 
 
 def check_args(args, world):
-    # math.isfinite first: nan fails every comparison, so `nan <= 0` would let it through.
+    # (flag, value, ok, what is wanted), checked by augment.check_ranges
     ranges = [*[("--lrs", lr, lambda v: v > 0, "positive") for lr in args.lrs],
               ("--epochs", args.epochs, lambda v: v >= 1, "at least 1"),
               ("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1"),
@@ -415,9 +415,7 @@ def check_args(args, world):
               ("--val-length", args.val_length, lambda v: v >= 1, "at least 1"),
               ("--n-last-blocks", args.n_last_blocks, lambda v: v >= 1, "at least 1"),
               ("--holdout-fraction", args.holdout_fraction, lambda v: 0 <= v < 1, "in [0, 1)")]
-    for flag, value, ok, want in ranges:
-        if value is not None and not (math.isfinite(value) and ok(value)):
-            raise SystemExit(f"{flag} must be {want}, got {value}")
+    augment.check_ranges(ranges)
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
 

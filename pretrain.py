@@ -201,7 +201,6 @@ def resolve_config(args):
         if value < 1:
             raise SystemExit(f"error: {flag} must be positive, got {value}")
     # Ranges of the numeric options; None means "unset" and is checked after the recipe filled it in.
-    # math.isfinite first: nan fails no comparison (nan < 0 is False) and inf would fail only later.
     ranges = [
         ("--lr", args.lr, lambda v: v > 0, "positive"),
         ("--min-lr", args.min_lr, lambda v: v >= 0, ">= 0"),
@@ -231,9 +230,7 @@ def resolve_config(args):
         ("--benchmark", args.benchmark, lambda v: v >= 0, ">= 0"),
         ("--stop-at-step", args.stop_at_step, lambda v: v >= 1, "at least 1"),
     ]
-    for flag, value, ok, want in ranges:
-        if value is not None and not (math.isfinite(value) and ok(value)):
-            raise SystemExit(f"error: {flag} must be {want}, got {value}")
+    augment.check_ranges(ranges, prefix="error: ")
     if not 0 <= args.warmup_epochs <= args.epochs:
         raise SystemExit(f"error: --warmup-epochs {args.warmup_epochs} must be in 0..--epochs ({args.epochs})")
     if args.ser_min_images < 2:

@@ -1228,15 +1228,14 @@ def _mean(values):
 def main(args):
     t0 = time.time()
     from pretrain import init_distributed
-    for flag, values, ok, want in (("--num-images", [args.num_images], lambda v: v >= 1, "at least 1"),
-                                   ("--img-size", [args.img_size], lambda v: v >= 1, "at least 1"),
-                                   ("--batch-size", [args.batch_size], lambda v: v >= 1, "at least 1"),
-                                   ("--num-workers", [args.num_workers], lambda v: v >= 0, ">= 0"),
-                                   ("--p-frames", [args.p_frames], lambda v: v >= 2, "at least 2"),
-                                   ("--scales", args.scales, lambda v: v > 0, "positive")):
-        for v in values:  # math.isfinite first: nan fails every comparison
-            if v is not None and not (math.isfinite(v) and ok(v)):
-                raise SystemExit(f"{flag} must be {want}, got {v}")
+    augment.check_ranges([("--num-images", args.num_images, lambda v: v >= 1, "at least 1"),
+                          ("--img-size", args.img_size, lambda v: v >= 1, "at least 1"),
+                          ("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1"),
+                          ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
+                          ("--p-frames", args.p_frames, lambda v: v >= 2, "at least 2"),
+                          ("--scales", args.scales, lambda v: v > 0, "positive"),
+                          ("--figure-layer", args.figure_layer, lambda v: v >= 1, "at least 1"),
+                          ("--figure-images", args.figure_images, lambda v: v >= 1, "at least 1")])
     rank, world, device = init_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
     if args.backbone and (len(args.backbone) > 1 or args.figures and not args.probe):
