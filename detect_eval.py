@@ -48,8 +48,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.transforms.functional import pil_to_tensor
 
 import augment
+import losses
 import vit
-from pretrain import init_distributed  # the one launch path: torchrun env vars, else one process
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -739,7 +739,7 @@ def check_args(args):
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     check_args(args)
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = losses.init_distributed()
     distributed = world_size > 1
     # The fp32 heads (see SimpleFeaturePyramid.forward) may use TF32 tensor cores, as detectron2 does.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -811,14 +811,14 @@ def main(argv=None):
         images = [img.to(device, non_blocking=True).float().div_(255) for img in images]  # (3, H, W) in [0, 1]
         targets = [{"boxes": t["boxes"].to(device, non_blocking=True), "labels": t["labels"].to(device, non_blocking=True)}
                    for t in targets]
-        losses = ddp(images, targets)  # RPN objectness/box + RoI classifier/box losses (bf16 inside the pyramid on GPU)
-        loss = sum(losses.values())
+        loss_terms = ddp(images, targets)  # RPN objectness/box + RoI classifier/box losses (bf16 inside the pyramid on GPU)
+        loss = sum(loss_terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
         if (it + 1) % args.log_every == 0 or it + 1 == args.iters:
-            values = {k: v.item() for k, v in losses.items()}  # sync only at log steps
+            values = {k: v.item() for k, v in loss_terms.items()}  # sync only at log steps
             if not math.isfinite(loss.item()):
                 raise SystemExit(f"detect_eval.py: non-finite loss at iteration {it}: {values}")
             log(f"it {it + 1}/{args.iters} lr {lr:.2e} loss {loss.item():.3f} "

@@ -50,8 +50,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 import augment
+import losses
 import vit
-from pretrain import init_distributed  # the one launch path: torchrun env vars, else one process
 
 PROBE_KEYS = ("arch", "backbone", "classifier", "n_last_blocks", "avgpool", "num_classes", "img_size", "data")
 
@@ -543,7 +543,7 @@ def run(args, rank, world, device):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    rank, world, device = init_distributed()
+    rank, world, device = losses.init_distributed()
     try:
         return run(args, rank, world, device)
     finally:

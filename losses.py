@@ -29,6 +29,7 @@ Tests: python -m pytest -q test_ser.py  (its losses.py section)  (CPU; includes 
 """
 
 import contextlib
+import os
 from typing import NamedTuple
 
 import torch
@@ -41,6 +42,22 @@ import group_actions
 # ---------------------------------------------------------------------------------------------
 # Distributed helpers: all of them are the identity without a process group.
 # ---------------------------------------------------------------------------------------------
+
+
+def init_distributed():
+    """The one launch path of every script: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on GPUs, gloo on CPU. Otherwise one plain process."""
+    if "RANK" not in os.environ:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, device
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world, device
 
 
 _local_only = False

@@ -42,6 +42,7 @@ import augment
 import group_actions
 import losses
 import vit
+from linear_eval import WithIndex, knn_eval  # linear_eval owns the k-NN protocol (DINO eval_knn)
 
 EMA_METHODS = ("mocov3", "dino", "byol")  # methods with a momentum teacher / target network
 ADDONS = ("ser", "equimod", "augself", "essl")
@@ -283,20 +284,6 @@ def ema_momentum(step, total_steps, base):
 
 
 # ---------------------------------------------------------------------------- distributed
-def init_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on GPUs, gloo on CPU. Otherwise one plain process."""
-    if "RANK" not in os.environ:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return 0, 1, device
-    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return rank, world, device
 
 
 def keep_freed_host_memory():
@@ -728,7 +715,6 @@ def weights_finite(state):
 
 def knn_monitor(backbone, args, rank, world, device):
     """k-NN top-1 on held-out data: the built-in val split, the user's val/ folder, or a slice of train."""
-    from linear_eval import WithIndex, knn_eval  # linear_eval owns the k-NN protocol (DINO eval_knn)
     transform = augment.eval_transform(args.img_size)
     length = dict(length=args.synthetic_length) if args.data == "synthetic" else {}
     train = augment.build_dataset(args.data, "train", transform, img_size=args.img_size, **length)
@@ -948,7 +934,7 @@ def compile_backbone(backbone):
 
 # ---------------------------------------------------------------------------- training
 def train(args):
-    rank, world, device = init_distributed()
+    rank, world, device = losses.init_distributed()
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
     local_batch = local_batch_size(args.batch_size, world)

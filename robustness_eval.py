@@ -65,9 +65,11 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 import augment
+import losses
 import vit
 from augment import IMAGENET_MEAN, IMAGENET_STD
-from group_actions import apply_to_images, apply_to_token_map
+from group_actions import GroupElement, apply_to_images, apply_to_token_map
+from linear_eval import load_probe, predict
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
                "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
@@ -715,7 +717,6 @@ EQUIV_METRICS = ("cos", "rel_error", "inv_error", "chance_cos", "chance_rel_erro
 
 def geometric_elements(batch_size, grid, scales=(0.75, 1.25)):
     """{name: GroupElement}: quarter turns, h/v flips, rescalings of the (h, w) token grid."""
-    from group_actions import GroupElement
     yes = torch.ones(batch_size, dtype=torch.bool)
     elements = {"rot90": GroupElement(k=1), "rot180": GroupElement(k=2), "rot270": GroupElement(k=3),
                 "hflip": GroupElement(flip=yes), "vflip": GroupElement(flip=yes, rot180=yes)}
@@ -736,7 +737,6 @@ def equivariance_scores(backbone, x, elements, autocast=nullcontext):
     inv_error: |f_l(gx) - f_l(x)|_F / |f_l(x)|_F (NaN where g changes the grid: no identity map there);
     chance_*: the same with f_l(g x'), x' the next image of the batch (NaN for a batch of one).
     """
-    from group_actions import apply_to_images, apply_to_token_map
     with autocast():
         maps = [m.float() for m in backbone.block_token_maps(x)]  # L x (B, D, h, w)
     B = x.shape[0]
@@ -859,7 +859,6 @@ def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "
 
 def _to_input(u8):
     """uint8 (..., H, W, 3) -> normalised float (..., 3, H, W), the model's input."""
-    from augment import IMAGENET_MEAN, IMAGENET_STD
     x = torch.from_numpy(np.ascontiguousarray(u8)).movedim(-1, -3).float() / 255
     return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
@@ -1021,7 +1020,6 @@ class Evaluator:
 
     @torch.no_grad()
     def logits(self, x):
-        from linear_eval import predict
         with self.autocast():
             return predict(self.backbone, self.classifier, x, self.meta["n_last_blocks"], self.meta["avgpool"]).float()
 
@@ -1128,7 +1126,6 @@ def get_args_parser():
 def load_model(args):
     """(backbone, classifier or None, meta) on the CPU."""
     if args.probe:
-        from linear_eval import load_probe
         try:
             return load_probe(args.probe)
         except (FileNotFoundError, ValueError) as e:
@@ -1227,7 +1224,6 @@ def _mean(values):
 
 def main(args):
     t0 = time.time()
-    from pretrain import init_distributed
     augment.check_ranges([("--num-images", args.num_images, lambda v: v >= 1, "at least 1"),
                           ("--img-size", args.img_size, lambda v: v >= 1, "at least 1"),
                           ("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1"),
@@ -1236,7 +1232,7 @@ def main(args):
                           ("--scales", args.scales, lambda v: v > 0, "positive"),
                           ("--figure-layer", args.figure_layer, lambda v: v >= 1, "at least 1"),
                           ("--figure-images", args.figure_images, lambda v: v >= 1, "at least 1")])
-    rank, world, device = init_distributed()
+    rank, world, device = losses.init_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
     if args.backbone and (len(args.backbone) > 1 or args.figures and not args.probe):
         if not args.equivariance_only:
