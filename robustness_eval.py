@@ -1165,6 +1165,11 @@ def figure_layer(args, backbones):
     return layer
 
 
+def figure_inputs(clean_set, n, device):
+    """The first n clean val images, (n, 3, H, W) on the device: what --figures shows."""
+    return torch.stack([clean_set[i][0] for i in range(min(n, len(clean_set)))]).to(device)
+
+
 def compare(args, device, rank, world, log):
     """--equivariance-only with several --backbone: per-block equivariance of each run, one table.
 
@@ -1204,7 +1209,7 @@ def compare(args, device, rank, world, log):
         log(f"  {name:24s} " + " ".join(f"{c[layer - 1]:6.3f}/{c[-1]:6.3f}" for c in cos) + "   "
             + " ".join(f"{a:6.2f}" if a is not None else "     -" for a in acc))
     if args.figures:
-        x = torch.stack([clean_set[i][0] for i in range(min(args.figure_images, len(clean_set)))]).to(device)
+        x = figure_inputs(clean_set, args.figure_images, device)
         paths, _ = write_figures(backbones, names, x, args.figures, layer)
         log("figures: " + ", ".join(paths))
     return results
@@ -1375,7 +1380,7 @@ def main(args):
             (f"  mFR {p_res['mfr']:.2f}  mT5D {p_res['mt5d']:.2f}" if normalizers else "  (mFR/mT5D need --p-normalizers)"))
 
     if args.figures:
-        x = torch.stack([clean_set[i][0] for i in range(min(args.figure_images, len(clean_set)))]).to(device)
+        x = figure_inputs(clean_set, args.figure_images, device)
         paths, _ = write_figures([backbone], ["probe"], x, args.figures, figure_layer(args, [backbone]))
         log("figures: " + ", ".join(paths))
     return _write_results(results, args, rank, world, log, t0)
