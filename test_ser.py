@@ -1955,12 +1955,22 @@ TORCHRUN_CONFIGS = {
 # Launches several runs in one torchrun job: each process starts once (imports dominate a tiny run). Each
 # run rendezvouses on its own store (port): re-initialising through torchrun's store could read the
 # previous run's keys and hang.
+# One torchrun, several runs: each run's process group needs its own port. Rank 0 picks it just before the
+# run starts and hands it over through torchrun's own store; ports picked before the launch can be taken by
+# then (a gloo connection of an earlier run bound one once: EADDRINUSE).
 _TORCHRUN_DRIVER = """
 import os
+import socket
 import sys
+import torch.distributed as dist
 import pretrain
-for arg in sys.argv[1:]:
-    port, argv = arg.split("|")
+agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+for i, argv in enumerate(sys.argv[1:]):
+    if os.environ["RANK"] == "0":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            agent_store.set(f"run_port_{i}", str(s.getsockname()[1]))
+    port = agent_store.get(f"run_port_{i}").decode()
     os.environ.update(TORCHELASTIC_USE_AGENT_STORE="False", MASTER_PORT=port)
     pretrain.main(argv.split())
 """
@@ -1980,7 +1990,7 @@ def test_torchrun_two_ranks_train_exactly_as_one_process(tmp_path):
     driver.write_text(_TORCHRUN_DRIVER)
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
               str(_free_port()), str(driver),
-              *[f"{_free_port()}|{argv} --output-dir {tmp_path / 'two' / name}" for name, argv in runs.items()]]
+              *[f"{argv} --output-dir {tmp_path / 'two' / name}" for name, argv in runs.items()]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
     result = subprocess.run(launch, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
