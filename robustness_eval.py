@@ -1,20 +1,20 @@
-"""Robustness of a frozen backbone + linear probe: ImageNet-C, ImageNet-P, geometry, layer equivariance.
+"""Robustness of a frozen backbone + linear probe: layer equivariance, geometry, ImageNet-C, ImageNet-P.
 
 What it measures (ImageNet-C/-P: Hendrycks & Dietterich, ICLR 2019, hendrycks/robustness):
-  * ImageNet-C  15 corruptions x 5 severities, generated on the fly with the original constants of
-                hendrycks/robustness make_imagenet_c.py, or read from the released JPEGs. Per-corruption
-                and per-severity top-1 error, the mean top-1 over the 15x5 (the paper's "ImageNet-C
-                Top-1"), and on ImageNet (1000 classes) mCE and relative mCE against AlexNet.
-  * ImageNet-P  the 10 test perturbation sequences of make_imagenet_p.py generated on the fly, or read
-                from frame folders. Flip probability FP, top-5 distance T5D, top-1 over perturbed
-                frames (the paper's "ImageNet-P Top-1"); mFR / mT5D only with --p-normalizers.
-  * geometry    top-1 under 90/180/270-degree rotations, h/v flips and 0.75x / 1.25x rescaling (the ViT
-                resamples its position embedding).
-  * equivariance per block l, for the same group elements g: mean cosine between f_l(g x) and
+  * equivariance per block l, for the group elements g of geometry: mean cosine between f_l(g x) and
                 rho_g f_l(x) over tokens, the relative error |f_l(gx) - rho_g f_l(x)|_F / |rho_g f_l(x)|_F,
                 and two companions: invariance error |f_l(gx) - f_l(x)| / |f_l(x)| and the
                 chance baseline with an unrelated image x' (f_l(g x') against rho_g f_l(x)). Needs only a
                 backbone: the layer trade-off behind SER (equivariant early, invariant late).
+  * geometry    top-1 under 90/180/270-degree rotations, h/v flips and 0.75x / 1.25x rescaling (the ViT
+                resamples its position embedding).
+  * ImageNet-C  15 corruptions x 5 severities, generated on the fly with the original constants of
+                ImageNet-C/create_c/make_imagenet_c.py, or read from the released JPEGs. Per-corruption
+                and per-severity top-1 error, the mean top-1 over the 15x5 (the SER paper's
+                "ImageNet-C Top-1"), and on ImageNet (1000 classes) mCE and relative mCE against AlexNet.
+  * ImageNet-P  the 10 test perturbation sequences of ImageNet-P/create_p/make_imagenet_p.py generated on
+                the fly, or read from frame folders. Flip probability FP, top-5 distance T5D, top-1 over
+                perturbed frames (the SER paper's "ImageNet-P Top-1"); mFR / mT5D only with --p-normalizers.
 
 Run (the built-in synthetic val split, a probe written by linear_eval.py):
     python robustness_eval.py --probe output/linear/linear_probe.pth --output-dir output/robustness
@@ -24,24 +24,20 @@ Run (the built-in synthetic val split, a probe written by linear_eval.py):
     torchrun --nproc_per_node=8 robustness_eval.py --probe output/linear/linear_probe.pth \
         --data /datasets/imagenet --imagenet-c-dir /datasets/ImageNet-C --tasks clean,c  # released JPEGs
     python robustness_eval.py --equivariance-only --backbone output/pretrain/backbone.pth  # no probe
+    python robustness_eval.py --equivariance-only --backbone runs/dino/backbone.pth runs/dino_ser/backbone.pth \
+        --figures output/figures                                   # one table and figure over several runs
 Writes a table to stdout and <output-dir>/robustness.json. Tests: python -m pytest -q test_ser.py  (its robustness_eval.py section)
 
-Exact vs substituted. Exact up to float error: gaussian/shot/impulse noise (impulse:
-per-element Bernoulli, skimage's distribution), brightness (HSV), contrast, pixelate, jpeg, zoom_blur,
-fog (diamond-square with the wibble^2 amplitude quirk), defocus (OpenCV kernels re-derived), glass blur
-(including the original's tuple "swap" of numpy views, which copies instead of swapping).
-motion_blur (ImageMagick 6 Q16 MotionBlurImage re-implemented, its quantisation included: bit-exact in
-the test), snow (its motion-blurred layer likewise). Near-exact: elastic (OpenCV's warpAffine uses
-1/32-px fixed-point weights; we interpolate in float). DEVIATION: frost. The frost photos are not in
-this repository (they ship in the frost/ folder of the imagecorruptions and imagenet-c pip packages:
-pass it as --frost-dir); without them a procedural ice-crystal texture about half as strong replaces
-them, and every ImageNet-C number it enters is marked * on stdout, with a "<key>_frost" note beside it
-in the JSON. Regenerated data is never bit-identical to the released
-JPEGs (the original used the global np.random); only --imagenet-c-dir is canonical.
-Resolution: the originals assume 224x224. Pixel-unit constants (noise, blur radii, shifts) are kept as
-is; the hard-coded image sizes scale with the image: glass-blur loop bounds, pixelate target
-int(size * c), fog plasma map (next power of two >= size), the frost crop (a 224/size-scaled window,
-resized), the elastic 244 factor (244 * size / 224). At 224 px every formula is the original.
+Exactness against make_imagenet_c.py (each function says how): every corruption up to float error,
+motion blur and snow's blurred layer bit for bit (ImageMagick 6 Q16 re-implemented), elastic near-exact
+(OpenCV's warpAffine uses 1/32-px fixed-point weights, we interpolate in float). DEVIATION: frost. Its
+photos are not in this repository (they ship in the frost/ folder of the imagecorruptions and
+imagenet-c pip packages: pass it as --frost-dir); without them a procedural ice-crystal texture about
+half as strong replaces them, and every ImageNet-C number it enters is marked * on stdout, with a
+"<key>_frost" note beside it in the JSON. Regenerated data is never bit-identical to the released
+JPEGs (the original used the global np.random); only --imagenet-c-dir is canonical. The originals
+assume 224x224: pixel-unit constants (noise, blur radii, shifts) are kept, the hard-coded image sizes
+scale with the image, so at 224 px every formula is the original.
 ImageNet-P: the released files are H.264 MP4s that torch/torchvision/PIL cannot decode without PyAV or
 OpenCV; extract them to frame folders (--imagenet-p-dir) or use the generated sequences, which lack
 the H.264 artifacts. Shorter sequences (--p-frames) keep the per-frame step and take the central
@@ -55,6 +51,7 @@ import os
 import re
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
@@ -62,7 +59,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 import augment
 import losses
@@ -71,37 +68,428 @@ from augment import IMAGENET_MEAN, IMAGENET_STD
 from group_actions import GroupElement, apply_to_images, apply_to_token_map
 from linear_eval import load_probe, predict
 
-CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-               "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-               "jpeg_compression")
-PERTURBATIONS = ("gaussian_noise", "shot_noise", "motion_blur", "zoom_blur", "snow", "brightness", "translate",
-                 "rotate", "tilt", "scale")
-# Top-1 error of AlexNet per severity 1..5 (UCSC-VLAA/RobustCNN; the means are augmix ALEXNET_ERR).
-ALEXNET_ERR = {
-    "gaussian_noise": (0.69528, 0.82542, 0.93554, 0.98138, 0.99452),
-    "shot_noise": (0.71224, 0.85108, 0.93574, 0.98182, 0.99146),
-    "impulse_noise": (0.78374, 0.89808, 0.9487, 0.9872, 0.99548),
-    "defocus_blur": (0.65624, 0.73202, 0.85036, 0.91364, 0.94714),
-    "glass_blur": (0.64308, 0.75054, 0.88806, 0.91622, 0.93344),
-    "motion_blur": (0.5843, 0.70048, 0.82108, 0.8975, 0.92638),
-    "zoom_blur": (0.70008, 0.76992, 0.80784, 0.84198, 0.87198),
-    "snow": (0.71726, 0.88392, 0.86468, 0.9187, 0.94952),
-    "frost": (0.6139, 0.79734, 0.8879, 0.89942, 0.9343),
-    "fog": (0.67474, 0.7605, 0.84378, 0.8726, 0.945),
-    "brightness": (0.4514, 0.48502, 0.54048, 0.62166, 0.7244),
-    "contrast": (0.64548, 0.7615, 0.88874, 0.9776, 0.9927),
-    "elastic_transform": (0.52596, 0.70116, 0.55686, 0.64076, 0.80554),
-    "pixelate": (0.52218, 0.5462, 0.73728, 0.87092, 0.91262),
-    "jpeg_compression": (0.51002, 0.54718, 0.57294, 0.65458, 0.74778),
-}
-FROST_NOTE = ("frost used a procedural texture, not the ImageNet-C frost photos; it distorts about half as much, so "
-              "numbers marked * are biased toward robustness and not comparable to ImageNet-C. Pass --frost-dir "
-              "(the frost/ folder of the imagecorruptions or imagenet-c pip package)")
-ALEXNET_CLEAN_ERR = 0.43478  # torchvision alexnet-owt-4df8aa71: acc@1 56.522
+
+# ---------------------------------------------------------------------------------------------------
+# Geometry and equivariance: does block l map g x to rho_g f_l(x)? Elements act on a whole batch
+# (group_actions conventions).
+
+EQUIV_METRICS = ("cos", "rel_error", "inv_error", "chance_cos", "chance_rel_error")
+
+
+def geometric_elements(batch_size, grid, scales=(0.75, 1.25)):
+    """{name: GroupElement}: quarter turns, h/v flips, rescalings of the (h, w) token grid."""
+    yes = torch.ones(batch_size, dtype=torch.bool)
+    elements = {"rot90": GroupElement(k=1), "rot180": GroupElement(k=2), "rot270": GroupElement(k=3),
+                "hflip": GroupElement(flip=yes), "vflip": GroupElement(flip=yes, rot180=yes)}
+    for s in scales:
+        elements[f"scale{s:g}"] = GroupElement(size=(max(1, round(grid[0] * s)), max(1, round(grid[1] * s))))
+    return elements
+
+
+def _fro(t):
+    return t.flatten(1).norm(dim=1)  # (B,)
+
+
+@torch.no_grad()
+def equivariance_scores(backbone, x, elements, autocast=nullcontext):
+    """Per-image scores (E, L, M, B) for E elements, L blocks, M = EQUIV_METRICS, images x (B, 3, H, W).
+
+    cos: mean over tokens of cos(f_l(gx), rho_g f_l(x)); rel_error: |f_l(gx) - rho_g f_l(x)|_F / |rho_g f_l(x)|_F;
+    inv_error: |f_l(gx) - f_l(x)|_F / |f_l(x)|_F (NaN where g changes the grid: no identity map there);
+    chance_*: the same with f_l(g x'), x' the next image of the batch (NaN for a batch of one).
+    """
+    with autocast():
+        maps = [m.float() for m in backbone.block_token_maps(x)]  # L x (B, D, h, w)
+    B = x.shape[0]
+    out = torch.full((len(elements), len(maps), len(EQUIV_METRICS), B), float("nan"), device=x.device)
+    for e, g in enumerate(elements.values()):
+        with autocast():
+            maps_g = [m.float() for m in backbone.block_token_maps(apply_to_images(x, g, backbone.patch_size))]
+        for l, (m, mg) in enumerate(zip(maps, maps_g)):
+            target = apply_to_token_map(m, g)  # (B, D, h', w')
+            out[e, l, 0] = F.cosine_similarity(mg, target, dim=1).flatten(1).mean(1)
+            out[e, l, 1] = _fro(mg - target) / _fro(target)
+            if mg.shape == m.shape:
+                out[e, l, 2] = _fro(mg - m) / _fro(m)
+            if B > 1:
+                other = mg.roll(1, dims=0)  # f_l(g x') for an unrelated image x'
+                out[e, l, 3] = F.cosine_similarity(other, target, dim=1).flatten(1).mean(1)
+                out[e, l, 4] = _fro(other - target) / _fro(target)
+    return out
+
+
+def equivariance_results(names, scores):
+    """{element: {metric: [mean over the images, per block]}} from scores (E, L, M, N)."""
+    per = scores.nanmean(-1)  # (E, L, M)
+    return {n: {m: per[e, :, k].tolist() for k, m in enumerate(EQUIV_METRICS)} for e, n in enumerate(names)}
 
 
 # ---------------------------------------------------------------------------------------------------
-# Filtering and resampling primitives (the scipy / skimage / OpenCV calls of the originals)
+# Figures (--figures DIR): SER's idea made visible, and DINO-style [CLS] attention maps.
+
+def pca_rgb(maps):
+    """Token maps [(D, h_i, w_i)] -> RGB pictures [(3, h_i, w_i)] in [0, 1] in ONE shared basis: the
+    three leading principal components of all their tokens together, each min-max scaled over all
+    maps. Equal maps give equal pictures, so a difference between panels is a difference of features."""
+    flat = torch.cat([m.flatten(1).T for m in maps]).double()  # (sum h*w, D)
+    mean = flat.mean(0)
+    basis = torch.linalg.svd(flat - mean, full_matrices=False).Vh[:3].T  # (D, <=3)
+    proj = [((m.flatten(1).T.double() - mean) @ basis).T.reshape(-1, *m.shape[1:]) for m in maps]
+    proj = [torch.cat([p, p.new_zeros(3 - len(p), *p.shape[1:])]) for p in proj]  # D < 3: pad channels
+    lo = torch.stack([p.amin((1, 2)) for p in proj]).amin(0).view(3, 1, 1)
+    hi = torch.stack([p.amax((1, 2)) for p in proj]).amax(0).view(3, 1, 1)
+    return [((p - lo) / (hi - lo).clamp_min(1e-12)).float() for p in proj]
+
+
+@torch.no_grad()
+def equivariance_panels(backbone, x, g, layer):
+    """The two sides of L_equiv at block `layer` as pictures: (f_L(g x), rho_g f_L(x)), each a list of
+    B RGB maps (3, h', w'), one PCA basis per image shared by its two panels."""
+    f_gx = backbone.block_token_maps(apply_to_images(x, g, backbone.patch_size))[layer - 1].float()
+    rho_f_x = apply_to_token_map(backbone.block_token_maps(x)[layer - 1].float(), g)
+    pairs = [pca_rgb([a, b]) for a, b in zip(f_gx, rho_f_x)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+@torch.no_grad()
+def cls_attention(backbone, x):
+    """The last block's [CLS] -> patch attention per head, (B, heads, h, w), each map summing to <= 1."""
+    _, maps = backbone.forward_with_attention(x)
+    h, w = x.shape[-2] // backbone.patch_size, x.shape[-1] // backbone.patch_size
+    return maps[-1][:, :, 0, 1:].reshape(x.shape[0], -1, h, w)
+
+
+def _picture(t, size):
+    """(3, h, w) or (h, w) in [0, 1] -> a PIL RGB tile of size x size (nearest: tokens stay visible)."""
+    t = t.detach().float().cpu().clamp(0, 1)
+    t = t.expand(3, -1, -1) if t.dim() == 2 else t
+    u8 = (t.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    return Image.fromarray(u8).resize((size, size), Image.NEAREST)
+
+
+def _image_tile(x, size):
+    """A normalised model input (3, H, W) as a picture tile."""
+    std, mean = torch.tensor(IMAGENET_STD).view(3, 1, 1), torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    return _picture(x.cpu() * std + mean, size)
+
+
+def _grid_image(rows, header, tile):
+    """Rows of PIL tiles under a header of column titles -> one PIL image."""
+    pad, top = 4, 14
+    width = max(len(r) for r in rows) * (tile + pad) + pad
+    out = Image.new("RGB", (width, top + len(rows) * (tile + pad) + pad), "white")
+    draw = ImageDraw.Draw(out)
+    for c, title in enumerate(header):
+        draw.text((pad + c * (tile + pad), 2), title[: tile // 6], fill="black")
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            out.paste(im, (pad + c * (tile + pad), top + pad + r * (tile + pad)))
+    return out
+
+
+def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "vflip", "scale1.25"), tile=64):
+    """Write <out_dir>/equivariance.png and <out_dir>/attention_<name>.png; returns their paths and panels.
+
+    equivariance.png, one row per (image, group element g): x, g x, then for each backbone
+    f_L(g x) | rho_g f_L(x) as PCA->RGB token maps. Where the two panels of a backbone agree, its
+    layer-L map is equivariant to g (what SER's L_equiv asks for); an invariance-trained layer shows
+    the same content in the wrong place or in other colours.
+    attention_<name>.png, one row per image: the image, then the last block's [CLS] attention of each
+    head over the patches (DINO's visualisation), each map scaled to its own maximum.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    grid = (x.shape[-2] // backbones[0].patch_size, x.shape[-1] // backbones[0].patch_size)
+    elements = geometric_elements(len(x), grid)
+    panels = {n: {e: equivariance_panels(b, x, elements[e], layer) for e in element_names}
+              for n, b in zip(names, backbones)}
+    moved = {e: apply_to_images(x, elements[e], backbones[0].patch_size) for e in element_names}  # g x
+    rows = []
+    for i in range(len(x)):
+        for e in element_names:
+            row = [_image_tile(x[i], tile), _image_tile(moved[e][i], tile)]
+            for n in names:
+                f_gx, rho_f_x = panels[n][e]
+                row += [_picture(f_gx[i], tile), _picture(rho_f_x[i], tile)]
+            rows.append(row)
+    header = ["x", "g x"] + [t for n in names for t in (f"{n} f(gx)", "rho f(x)")]
+    paths = [os.path.join(out_dir, "equivariance.png")]
+    _grid_image(rows, header, tile).save(paths[0])
+    for n, b in zip(names, backbones):
+        attn = cls_attention(b, x)  # (B, H, h, w)
+        attn = attn / attn.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
+        rows = [[_image_tile(x[i], tile)] + [_picture(a, tile) for a in attn[i]] for i in range(len(x))]
+        paths.append(os.path.join(out_dir, f"attention_{n}.png"))
+        _grid_image(rows, ["image"] + [f"head {h}" for h in range(attn.shape[1])], tile).save(paths[-1])
+    return paths, panels
+
+
+# ---------------------------------------------------------------------------------------------------
+# ImageNet-C: the 15 corruptions of hendrycks/robustness ImageNet-C/create_c/make_imagenet_c.py. Each
+# takes x: (H, W, 3) float64 in [0, 1] and returns (H, W, 3) in [0, 255]; `corrupt` adds the original's
+# final np.uint8 truncation.
+
+def corrupt(image, name, severity, rng=0, frost_images=None, jpeg_quality=None):
+    """Apply ImageNet-C corruption `name` at `severity` (1..5).
+
+    image: uint8 (H, W, 3) numpy -> uint8 (H, W, 3); or a float tensor (..., 3, H, W) in [0, 1] -> the
+    same shape and dtype, quantised to 8 bits as the original. rng: a seed or np.random.Generator.
+    jpeg_quality: re-encode the result (the released data is JPEG q85, optimize=True); None = off.
+    """
+    if name not in CORRUPTION_FNS:
+        raise ValueError(f"unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)}")
+    if severity not in (1, 2, 3, 4, 5):
+        raise ValueError(f"severity must be 1..5, got {severity}")
+    rng = _as_rng(rng)
+    if isinstance(image, torch.Tensor):
+        if image.shape[-3] != 3:
+            raise ValueError(f"expected (..., 3, H, W) images, got {tuple(image.shape)}")
+        flat = image.detach().reshape(-1, *image.shape[-3:]).cpu()
+        u8 = (flat.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
+        out = np.stack([corrupt(u, name, severity, rng, frost_images, jpeg_quality) for u in u8])
+        out = torch.from_numpy(out).permute(0, 3, 1, 2).to(image.dtype) / 255
+        return out.reshape(image.shape).to(image.device)
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected a uint8 (H, W, 3) array, got {image.dtype} {image.shape}")
+    out = CORRUPTION_FNS[name](image / 255.0, severity, rng, frost_images=frost_images)
+    out = np.clip(out, 0, 255).astype(np.uint8)  # the original's np.uint8: truncation, not rounding
+    return _jpeg(out, jpeg_quality, optimize=True) if jpeg_quality else out
+
+
+def _as_rng(rng):
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def gaussian_noise(x, severity, rng, **_):
+    c = (0.08, 0.12, 0.18, 0.26, 0.38)[severity - 1]
+    return np.clip(x + rng.normal(size=x.shape, scale=c), 0, 1) * 255
+
+
+def shot_noise(x, severity, rng, **_):
+    c = (60, 25, 12, 5, 3)[severity - 1]
+    return np.clip(rng.poisson(x * c) / c, 0, 1) * 255
+
+
+def impulse_noise(x, severity, rng, **_):
+    c = (0.03, 0.06, 0.09, 0.17, 0.27)[severity - 1]
+    hit = rng.random(x.shape) < c  # per element, channels independently, as skimage s&p
+    salt = rng.random(x.shape) < 0.5
+    return np.where(hit, salt.astype(np.float64), x) * 255
+
+
+def defocus_blur(x, severity, rng, **_):
+    radius, alias_blur = ((3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5))[severity - 1]
+    return np.clip(_correlate2d(x, disk_kernel(radius, alias_blur)), 0, 1) * 255
+
+
+def glass_blur(x, severity, rng, **_):
+    sigma, delta, iters = ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2))[severity - 1]
+    H, W = x.shape[:2]
+    x = (gaussian_filter(x, sigma) * 255).astype(np.uint8)
+    # The original loops h in range(224 - delta, delta, -1) (likewise w); we use the image size.
+    # Its `x[h, w], x[h', w'] = x[h', w'], x[h, w]` on numpy views COPIES x[h', w'] into x[h, w]
+    # (the second assignment reads the already overwritten view), so we copy too. Sequential, so a
+    # loop; on pixel ids in a Python list, then one gather.
+    hs, ws = range(H - delta, delta, -1), range(W - delta, delta, -1)
+    ids = list(range(H * W))
+    for _ in range(iters):
+        offsets = rng.integers(-delta, delta, size=(len(hs), len(ws), 2)).tolist()  # (dx, dy), upper bound exclusive
+        for a, h in enumerate(hs):
+            for b, w in enumerate(ws):
+                dx, dy = offsets[a][b]
+                ids[h * W + w] = ids[(h + dy) * W + (w + dx)]
+    x = x.reshape(H * W, 3)[ids].reshape(H, W, 3)
+    return np.clip(gaussian_filter(x / 255.0, sigma), 0, 1) * 255
+
+
+def motion_blur(x, severity, rng, **_):
+    radius, sigma = ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15))[severity - 1]
+    # the original blurs the uint8 PNG of the image
+    return magick_motion_blur(np.round(x * 255), radius, sigma, rng.uniform(-45, 45))
+
+
+ZOOM_FACTORS = (np.arange(1, 1.11, 0.01), np.arange(1, 1.16, 0.01), np.arange(1, 1.21, 0.02),
+                np.arange(1, 1.26, 0.02), np.arange(1, 1.31, 0.03))  # float64 arange: 12, 16, 11, 13, 11 zooms
+
+
+def zoom_blur(x, severity, rng, **_):
+    zooms = ZOOM_FACTORS[severity - 1]
+    x = x.astype(np.float32)
+    out = np.zeros_like(x)
+    for z in zooms:
+        out += clipped_zoom(x, z)
+    return np.clip((x + out) / (len(zooms) + 1), 0, 1) * 255
+
+
+def snow(x, severity, rng, **_):
+    mu, std, zoom, thr, radius, sigma, blend = (
+        (0.1, 0.3, 3, 0.5, 10, 4, 0.8), (0.2, 0.3, 2, 0.5, 12, 4, 0.7), (0.55, 0.3, 4, 0.9, 12, 8, 0.7),
+        (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65), (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55))[severity - 1]
+    x = x.astype(np.float32)
+    layer = clipped_zoom(rng.normal(size=x.shape[:2], loc=mu, scale=std)[..., None], zoom)
+    layer[layer < thr] = 0
+    layer = (np.clip(layer, 0, 1) * 255).astype(np.uint8)  # the grey PNG handed to ImageMagick
+    layer = magick_motion_blur(layer.astype(np.float64), radius, sigma, rng.uniform(-135, -45)) / 255  # (H, W, 1)
+    gray = (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2])[..., None]  # cv2 RGB2GRAY
+    x = blend * x + (1 - blend) * np.maximum(x, gray * 1.5 + 0.5)
+    return np.clip(x + layer + np.rot90(layer, k=2), 0, 1) * 255
+
+
+def frost(x, severity, rng, frost_images=None, **_):
+    a, b = ((1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75))[severity - 1]
+    H, W = x.shape[:2]
+    if frost_images is None:
+        texture = procedural_frost(H, W, rng)
+    else:
+        photo = frost_images[rng.integers(5)]  # randint(5): frost6 is never drawn, as the original
+        # a 224x224 crop at 224 px; at other sizes the same field of view, resized to the image
+        s = 224 / min(H, W)
+        ch, cw = round(H * s), round(W * s)
+        if photo.shape[0] <= ch or photo.shape[1] <= cw:
+            up = max((ch + 1) / photo.shape[0], (cw + 1) / photo.shape[1])
+            photo = np.asarray(Image.fromarray(photo).resize(
+                (math.ceil(photo.shape[1] * up), math.ceil(photo.shape[0] * up)), Image.BILINEAR))
+        top, left = rng.integers(0, photo.shape[0] - ch), rng.integers(0, photo.shape[1] - cw)
+        crop = photo[top:top + ch, left:left + cw]
+        texture = np.asarray(Image.fromarray(crop).resize((W, H), Image.BILINEAR) if (ch, cw) != (H, W) else crop,
+                             np.float64)
+    return np.clip(a * x * 255 + b * texture, 0, 255)
+
+
+def fog(x, severity, rng, **_):
+    c, decay = ((1.5, 2), (2.0, 2), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4))[severity - 1]
+    H, W = x.shape[:2]
+    peak = x.max()
+    # the original's 256 map cropped to 224: the next power of two, cropped to the image
+    x = x + c * plasma_fractal(_next_pow2(max(H, W)), decay, rng)[:H, :W, None]
+    return np.clip(x * peak / (peak + c), 0, 1) * 255
+
+
+def brightness(x, severity, rng, **_):
+    c = (0.1, 0.2, 0.3, 0.4, 0.5)[severity - 1]
+    hsv = rgb2hsv(x)
+    hsv[..., 2] = np.clip(hsv[..., 2] + c, 0, 1)
+    return np.clip(hsv2rgb(hsv), 0, 1) * 255
+
+
+def contrast(x, severity, rng, **_):
+    c = (0.4, 0.3, 0.2, 0.1, 0.05)[severity - 1]
+    means = x.mean(axis=(0, 1), keepdims=True)  # per channel
+    return np.clip((x - means) * c + means, 0, 1) * 255
+
+
+def elastic_constants(severity, size):
+    """(alpha, sigma, affine) in pixels. The original multiplies by 244 (a typo for 224, kept); we
+    scale that factor with the image, so at size 224 these are exactly 244 * (...)."""
+    k = 244 * size / 224
+    a, s, f = ((2, 0.7, 0.1), (2, 0.08, 0.2), (0.05, 0.01, 0.02), (0.07, 0.01, 0.02), (0.12, 0.01, 0.02))[severity - 1]
+    return k * a, k * s, k * f
+
+
+def elastic_transform(x, severity, rng, **_):
+    H, W = x.shape[:2]
+    alpha, sigma, affine = elastic_constants(severity, min(H, W))
+    img = x.astype(np.float32)
+    center = np.float32((H, W)) // 2  # the original builds the points from shape order, kept
+    sq = min(H, W) // 3
+    pts1 = np.float32([center + sq, [center[0] + sq, center[1] - sq], center - sq])
+    pts2 = pts1 + rng.uniform(-affine, affine, size=pts1.shape).astype(np.float32)
+    # cv2.getAffineTransform(pts1, pts2): the M with M @ [pts1, 1] = pts2
+    A = np.concatenate([pts1.astype(np.float64), np.ones((3, 1))], 1)  # (3, 3)
+    M = np.vstack([np.linalg.solve(A, pts2.astype(np.float64)).T, [0, 0, 1]])
+    # cv2.warpAffine(img, M) samples the source at M^-1 (x, y), bilinear, BORDER_REFLECT_101 (in float:
+    # OpenCV's 1/32-px fixed-point weights are why elastic is only near-exact)
+    ys, xs = np.mgrid[0:H, 0:W].astype(np.float64)
+    inv = np.linalg.inv(M)
+    img = _bilinear(img, inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2], inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2],
+                    "reflect101")
+    dx = (gaussian_filter(rng.uniform(-1, 1, size=(H, W)), sigma, "symmetric", truncate=3) * alpha).astype(np.float32)
+    dy = (gaussian_filter(rng.uniform(-1, 1, size=(H, W)), sigma, "symmetric", truncate=3) * alpha).astype(np.float32)
+    # map_coordinates(order=1, mode='reflect') at (y + dy, x + dx), the same field for every channel
+    return np.clip(_bilinear(img, ys + dy, xs + dx, "symmetric"), 0, 1) * 255
+
+
+def pixelate_size(severity, width, height):
+    """PIL BOX target of the original: int(224 * c) at 224 (134, 112, 89, 67, 56), int(side * c) otherwise."""
+    c = (0.6, 0.5, 0.4, 0.3, 0.25)[severity - 1]
+    return int(width * c), int(height * c)
+
+
+def pixelate(x, severity, rng, **_):
+    H, W = x.shape[:2]
+    img = Image.fromarray((x * 255).round().astype(np.uint8))
+    img = img.resize(pixelate_size(severity, W, H), Image.BOX).resize((W, H), Image.BOX)
+    return np.asarray(img, np.float64)
+
+
+def _jpeg(u8, quality, **save_kw):
+    buf = io.BytesIO()
+    Image.fromarray(u8).save(buf, "JPEG", quality=quality, **save_kw)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def jpeg_compression(x, severity, rng, **_):
+    q = (25, 18, 15, 10, 7)[severity - 1]
+    return _jpeg((x * 255).round().astype(np.uint8), q).astype(np.float64)
+
+
+CORRUPTION_FNS = {f.__name__: f for f in (gaussian_noise, shot_noise, impulse_noise, defocus_blur, glass_blur,
+                                          motion_blur, zoom_blur, snow, frost, fog, brightness, contrast,
+                                          elastic_transform, pixelate, jpeg_compression)}
+CORRUPTIONS = tuple(CORRUPTION_FNS)
+FROST_NOTE = ("frost used a procedural texture, not the ImageNet-C frost photos; it distorts about half as much, so "
+              "numbers marked * are biased toward robustness and not comparable to ImageNet-C. Pass --frost-dir "
+              "(the frost/ folder of the imagecorruptions or imagenet-c pip package)")
+
+
+def load_frost_images(frost_dir):
+    """The original frost1..frost6 photos from a directory, as RGB uint8 (cv2 BGR->RGB equivalent)."""
+    found = {}
+    for name in sorted(os.listdir(frost_dir)):
+        m = re.fullmatch(r"frost([1-6])\.(png|jpg|jpeg)", name, re.IGNORECASE)
+        if m:
+            found[int(m.group(1))] = np.asarray(Image.open(os.path.join(frost_dir, name)).convert("RGB"))
+    missing = [i for i in range(1, 6) if i not in found]
+    if missing:
+        raise SystemExit(f"--frost-dir {frost_dir}: missing frost{missing[0]}.png/.jpg "
+                         f"(need frost1..frost5 from hendrycks/robustness ImageNet-C/create_c)")
+    return [found[i] for i in sorted(found)]
+
+
+def procedural_frost(height, width, rng):
+    """A stand-in for the frost photos: (H, W, 3) float in 0..255. DEVIATION from ImageNet-C.
+
+    Hexagonal ice dendrites (needles with +-60-degree side branches) drawn at 2x and downsampled,
+    a faint glow, over a plasma haze, tinted cold blue. Sizes scale with the image, so the overlay
+    looks the same at any resolution. It only imitates the photos' statistics.
+    """
+    size, ss = min(height, width), 2
+    canvas = Image.new("L", (width * ss, height * ss), 0)
+    draw = ImageDraw.Draw(canvas)
+    line_w = max(1, round(ss * size / 224))
+
+    def dendrite(x, y, angle, length, depth, value):
+        x1, y1 = x + length * math.cos(angle), y + length * math.sin(angle)
+        draw.line([(x, y), (x1, y1)], fill=value, width=line_w)
+        if depth:
+            for t in (0.3, 0.55, 0.8):
+                bx, by = x + t * (x1 - x), y + t * (y1 - y)
+                for side in (-1, 1):
+                    dendrite(bx, by, angle + side * math.pi / 3, 0.45 * (1 - t) * length, depth - 1,
+                             int(value * 0.85))
+
+    for _ in range(8 + int(60 * height * width / 224 ** 2)):
+        dendrite(rng.uniform(0, width * ss), rng.uniform(0, height * ss), rng.uniform(0, 2 * math.pi),
+                 rng.uniform(0.04, 0.2) * size * ss, 2, int(rng.integers(110, 256)))
+    crystals = np.asarray(canvas.resize((width, height), Image.BILINEAR), np.float64) / 255  # (H, W)
+    crystals = np.maximum(crystals, gaussian_filter(crystals, max(0.5, size / 224)) * 1.5)  # glow
+    haze = plasma_fractal(_next_pow2(max(height, width)), 2.0, rng)[:height, :width]
+    frost = np.clip(0.25 + 0.3 * haze + 0.75 * crystals, 0, 1)
+    return frost[..., None] * np.array([0.86, 0.93, 1.0]) * 255
+
+
+# ---------------------------------------------------------------------------------------------------
+# ImageNet-C: numpy versions of the scipy / skimage / OpenCV / ImageMagick calls of the originals
 
 def _fold(idx, n, mode):
     """Map out-of-range integer indices into [0, n) by a border rule, for any distance from the edge."""
@@ -271,13 +659,6 @@ def plasma_fractal(mapsize, decay, rng, normalise=True):
     return m / m.max()
 
 
-def _gaussian_kernel_cv2(ksize, sigma):
-    """cv2.getGaussianKernel for sigma > 0: exp(-x^2 / 2 sigma^2) at x = i - (ksize-1)/2, sum 1."""
-    x = np.arange(ksize) - (ksize - 1) / 2
-    k = np.exp(-(x ** 2) / (2 * sigma * sigma))
-    return k / k.sum()
-
-
 def disk_kernel(radius, alias_blur):
     """make_imagenet_c's anti-aliased disk: 1[X^2 + Y^2 <= r^2] / sum, then cv2.GaussianBlur."""
     L = np.arange(-8, 9) if radius <= 8 else np.arange(-radius, radius + 1)
@@ -285,7 +666,9 @@ def disk_kernel(radius, alias_blur):
     X, Y = np.meshgrid(L, L)
     disk = ((X ** 2 + Y ** 2) <= radius ** 2).astype(np.float32)
     disk /= disk.sum()
-    g = _gaussian_kernel_cv2(ksize, alias_blur)
+    x = np.arange(ksize) - (ksize - 1) / 2  # cv2.getGaussianKernel(ksize, alias_blur), alias_blur > 0
+    g = np.exp(-(x ** 2) / (2 * alias_blur * alias_blur))
+    g /= g.sum()
     return _correlate2d(disk[..., None], np.outer(g, g))[..., 0]
 
 
@@ -293,275 +676,80 @@ def _next_pow2(n):
     return 1 << max(1, math.ceil(math.log2(n)))
 
 
-def procedural_frost(height, width, rng):
-    """A stand-in for the frost photos: (H, W, 3) float in 0..255. DEVIATION from ImageNet-C.
-
-    Hexagonal ice dendrites (needles with +-60-degree side branches) drawn at 2x and downsampled,
-    a faint glow, over a plasma haze, tinted cold blue. Sizes scale with the image, so the overlay
-    looks the same at any resolution. It only imitates the photos' statistics.
-    """
-    size, ss = min(height, width), 2
-    canvas = Image.new("L", (width * ss, height * ss), 0)
-    draw = ImageDraw.Draw(canvas)
-    line_w = max(1, round(ss * size / 224))
-
-    def dendrite(x, y, angle, length, depth, value):
-        x1, y1 = x + length * math.cos(angle), y + length * math.sin(angle)
-        draw.line([(x, y), (x1, y1)], fill=value, width=line_w)
-        if depth:
-            for t in (0.3, 0.55, 0.8):
-                bx, by = x + t * (x1 - x), y + t * (y1 - y)
-                for side in (-1, 1):
-                    dendrite(bx, by, angle + side * math.pi / 3, 0.45 * (1 - t) * length, depth - 1,
-                             int(value * 0.85))
-
-    for _ in range(8 + int(60 * height * width / 224 ** 2)):
-        dendrite(rng.uniform(0, width * ss), rng.uniform(0, height * ss), rng.uniform(0, 2 * math.pi),
-                 rng.uniform(0.04, 0.2) * size * ss, 2, int(rng.integers(110, 256)))
-    crystals = np.asarray(canvas.resize((width, height), Image.BILINEAR), np.float64) / 255  # (H, W)
-    crystals = np.maximum(crystals, gaussian_filter(crystals, max(0.5, size / 224)) * 1.5)  # glow
-    haze = plasma_fractal(_next_pow2(max(height, width)), 2.0, rng)[:height, :width]
-    frost = np.clip(0.25 + 0.3 * haze + 0.75 * crystals, 0, 1)
-    return frost[..., None] * np.array([0.86, 0.93, 1.0]) * 255
-
-
-def load_frost_images(frost_dir):
-    """The original frost1..frost6 photos from a directory, as RGB uint8 (cv2 BGR->RGB equivalent)."""
-    found = {}
-    for name in sorted(os.listdir(frost_dir)):
-        m = re.fullmatch(r"frost([1-6])\.(png|jpg|jpeg)", name, re.IGNORECASE)
-        if m:
-            found[int(m.group(1))] = np.asarray(Image.open(os.path.join(frost_dir, name)).convert("RGB"))
-    missing = [i for i in range(1, 6) if i not in found]
-    if missing:
-        raise SystemExit(f"--frost-dir {frost_dir}: missing frost{missing[0]}.png/.jpg "
-                         f"(need frost1..frost5 from hendrycks/robustness ImageNet-C/create_c)")
-    return [found[i] for i in sorted(found)]
-
-
 # ---------------------------------------------------------------------------------------------------
-# The 15 corruptions. Each takes x: (H, W, 3) float64 in [0, 1] and returns (H, W, 3) in [0, 255];
-# `corrupt` adds the original's final np.uint8 truncation.
+# ImageNet-P sequences (hendrycks/robustness ImageNet-P/create_p/make_imagenet_p.py). Input: the uint8
+# image after the Resize(256) analogue (short side round(crop * 256 / 224)), NOT cropped: translate/
+# rotate/tilt/scale/zoom act before the crop.
 
-def gaussian_noise(x, severity, rng, **_):
-    c = (0.08, 0.12, 0.18, 0.26, 0.38)[severity - 1]
-    return np.clip(x + rng.normal(size=x.shape, scale=c), 0, 1) * 255
-
-
-def shot_noise(x, severity, rng, **_):
-    c = (60, 25, 12, 5, 3)[severity - 1]
-    return np.clip(rng.poisson(x * c) / c, 0, 1) * 255
-
-
-def impulse_noise(x, severity, rng, **_):
-    c = (0.03, 0.06, 0.09, 0.17, 0.27)[severity - 1]
-    hit = rng.random(x.shape) < c  # per element, channels independently, as skimage s&p
-    salt = rng.random(x.shape) < 0.5
-    return np.where(hit, salt.astype(np.float64), x) * 255
-
-
-def defocus_blur(x, severity, rng, **_):
-    radius, alias_blur = ((3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5))[severity - 1]
-    return np.clip(_correlate2d(x, disk_kernel(radius, alias_blur)), 0, 1) * 255
-
-
-def glass_blur(x, severity, rng, **_):
-    sigma, delta, iters = ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2))[severity - 1]
-    H, W = x.shape[:2]
-    x = (gaussian_filter(x, sigma) * 255).astype(np.uint8)
-    # The original loops h in range(224 - delta, delta, -1) (likewise w); we use the image size.
-    # Its `x[h, w], x[h', w'] = x[h', w'], x[h, w]` on numpy views COPIES x[h', w'] into x[h, w]
-    # (the second assignment reads the already overwritten view), so we copy too. Sequential, so a
-    # loop; on pixel ids in a Python list, then one gather.
-    hs, ws = range(H - delta, delta, -1), range(W - delta, delta, -1)
-    ids = list(range(H * W))
-    for _ in range(iters):
-        offsets = rng.integers(-delta, delta, size=(len(hs), len(ws), 2)).tolist()  # (dx, dy), upper bound exclusive
-        for a, h in enumerate(hs):
-            for b, w in enumerate(ws):
-                dx, dy = offsets[a][b]
-                ids[h * W + w] = ids[(h + dy) * W + (w + dx)]
-    x = x.reshape(H * W, 3)[ids].reshape(H, W, 3)
-    return np.clip(gaussian_filter(x / 255.0, sigma), 0, 1) * 255
-
-
-def motion_blur(x, severity, rng, **_):
-    radius, sigma = ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15))[severity - 1]
-    # the original blurs the uint8 PNG of the image
-    return magick_motion_blur(np.round(x * 255), radius, sigma, rng.uniform(-45, 45))
-
-
-ZOOM_FACTORS = (np.arange(1, 1.11, 0.01), np.arange(1, 1.16, 0.01), np.arange(1, 1.21, 0.02),
-                np.arange(1, 1.26, 0.02), np.arange(1, 1.31, 0.03))  # float64 arange: 12, 16, 11, 13, 11 zooms
-
-
-def zoom_blur(x, severity, rng, **_):
-    zooms = ZOOM_FACTORS[severity - 1]
-    x = x.astype(np.float32)
-    out = np.zeros_like(x)
-    for z in zooms:
-        out += clipped_zoom(x, z)
-    return np.clip((x + out) / (len(zooms) + 1), 0, 1) * 255
-
-
-def snow(x, severity, rng, **_):
-    mu, std, zoom, thr, radius, sigma, blend = (
-        (0.1, 0.3, 3, 0.5, 10, 4, 0.8), (0.2, 0.3, 2, 0.5, 12, 4, 0.7), (0.55, 0.3, 4, 0.9, 12, 8, 0.7),
-        (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65), (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55))[severity - 1]
-    x = x.astype(np.float32)
-    layer = clipped_zoom(rng.normal(size=x.shape[:2], loc=mu, scale=std)[..., None], zoom)
-    layer[layer < thr] = 0
-    layer = (np.clip(layer, 0, 1) * 255).astype(np.uint8)  # the grey PNG handed to ImageMagick
-    layer = magick_motion_blur(layer.astype(np.float64), radius, sigma, rng.uniform(-135, -45)) / 255  # (H, W, 1)
-    gray = (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2])[..., None]  # cv2 RGB2GRAY
-    x = blend * x + (1 - blend) * np.maximum(x, gray * 1.5 + 0.5)
-    return np.clip(x + layer + np.rot90(layer, k=2), 0, 1) * 255
-
-
-def frost(x, severity, rng, frost_images=None, **_):
-    a, b = ((1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75))[severity - 1]
-    H, W = x.shape[:2]
-    if frost_images is None:
-        texture = procedural_frost(H, W, rng)
-    else:
-        photo = frost_images[rng.integers(5)]  # randint(5): frost6 is never drawn, as the original
-        # a 224x224 crop at 224 px; at other sizes the same field of view, resized to the image
-        s = 224 / min(H, W)
-        ch, cw = round(H * s), round(W * s)
-        if photo.shape[0] <= ch or photo.shape[1] <= cw:
-            up = max((ch + 1) / photo.shape[0], (cw + 1) / photo.shape[1])
-            photo = np.asarray(Image.fromarray(photo).resize(
-                (math.ceil(photo.shape[1] * up), math.ceil(photo.shape[0] * up)), Image.BILINEAR))
-        top, left = rng.integers(0, photo.shape[0] - ch), rng.integers(0, photo.shape[1] - cw)
-        crop = photo[top:top + ch, left:left + cw]
-        texture = np.asarray(Image.fromarray(crop).resize((W, H), Image.BILINEAR) if (ch, cw) != (H, W) else crop,
-                             np.float64)
-    return np.clip(a * x * 255 + b * texture, 0, 255)
-
-
-def fog(x, severity, rng, **_):
-    c, decay = ((1.5, 2), (2.0, 2), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4))[severity - 1]
-    H, W = x.shape[:2]
-    peak = x.max()
-    # the original's 256 map cropped to 224: the next power of two, cropped to the image
-    x = x + c * plasma_fractal(_next_pow2(max(H, W)), decay, rng)[:H, :W, None]
-    return np.clip(x * peak / (peak + c), 0, 1) * 255
-
-
-def brightness(x, severity, rng, **_):
-    c = (0.1, 0.2, 0.3, 0.4, 0.5)[severity - 1]
-    hsv = rgb2hsv(x)
-    hsv[..., 2] = np.clip(hsv[..., 2] + c, 0, 1)
-    return np.clip(hsv2rgb(hsv), 0, 1) * 255
-
-
-def contrast(x, severity, rng, **_):
-    c = (0.4, 0.3, 0.2, 0.1, 0.05)[severity - 1]
-    means = x.mean(axis=(0, 1), keepdims=True)  # per channel
-    return np.clip((x - means) * c + means, 0, 1) * 255
-
-
-def elastic_constants(severity, size):
-    """(alpha, sigma, affine) in pixels. The original multiplies by 244 (a typo for 224, kept); we
-    scale that factor with the image, so at size 224 these are exactly 244 * (...)."""
-    k = 244 * size / 224
-    a, s, f = ((2, 0.7, 0.1), (2, 0.08, 0.2), (0.05, 0.01, 0.02), (0.07, 0.01, 0.02), (0.12, 0.01, 0.02))[severity - 1]
-    return k * a, k * s, k * f
-
-
-def _affine_from_points(src, dst):
-    """cv2.getAffineTransform: the 2x3 M with M @ [src, 1] = dst for three (x, y) points."""
-    A = np.concatenate([np.asarray(src, np.float64), np.ones((3, 1))], 1)  # (3, 3)
-    return np.linalg.solve(A, np.asarray(dst, np.float64)).T  # (2, 3)
-
-
-def elastic_transform(x, severity, rng, **_):
-    H, W = x.shape[:2]
-    alpha, sigma, affine = elastic_constants(severity, min(H, W))
-    img = x.astype(np.float32)
-    center = np.float32((H, W)) // 2  # the original builds the points from shape order, kept
-    sq = min(H, W) // 3
-    pts1 = np.float32([center + sq, [center[0] + sq, center[1] - sq], center - sq])
-    pts2 = pts1 + rng.uniform(-affine, affine, size=pts1.shape).astype(np.float32)
-    M = np.vstack([_affine_from_points(pts1, pts2), [0, 0, 1]])
-    # cv2.warpAffine(img, M) samples the source at M^-1 (x, y), bilinear, BORDER_REFLECT_101
-    ys, xs = np.mgrid[0:H, 0:W].astype(np.float64)
-    inv = np.linalg.inv(M)
-    img = _bilinear(img, inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2], inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2],
-                    "reflect101")
-    dx = (gaussian_filter(rng.uniform(-1, 1, size=(H, W)), sigma, "symmetric", truncate=3) * alpha).astype(np.float32)
-    dy = (gaussian_filter(rng.uniform(-1, 1, size=(H, W)), sigma, "symmetric", truncate=3) * alpha).astype(np.float32)
-    # map_coordinates(order=1, mode='reflect') at (y + dy, x + dx), the same field for every channel
-    return np.clip(_bilinear(img, ys + dy, xs + dx, "symmetric"), 0, 1) * 255
-
-
-def pixelate_size(severity, width, height):
-    """PIL BOX target of the original: int(224 * c) at 224 (134, 112, 89, 67, 56), int(side * c) otherwise."""
-    c = (0.6, 0.5, 0.4, 0.3, 0.25)[severity - 1]
-    return int(width * c), int(height * c)
-
-
-def pixelate(x, severity, rng, **_):
-    H, W = x.shape[:2]
-    img = Image.fromarray((x * 255).round().astype(np.uint8))
-    img = img.resize(pixelate_size(severity, W, H), Image.BOX).resize((W, H), Image.BOX)
-    return np.asarray(img, np.float64)
-
-
-def _jpeg(u8, quality, **save_kw):
-    buf = io.BytesIO()
-    Image.fromarray(u8).save(buf, "JPEG", quality=quality, **save_kw)
-    return np.asarray(Image.open(buf).convert("RGB"))
-
-
-def jpeg_compression(x, severity, rng, **_):
-    q = (25, 18, 15, 10, 7)[severity - 1]
-    return _jpeg((x * 255).round().astype(np.uint8), q).astype(np.float64)
-
-
-CORRUPTION_FNS = {f.__name__: f for f in (gaussian_noise, shot_noise, impulse_noise, defocus_blur, glass_blur,
-                                          motion_blur, zoom_blur, snow, frost, fog, brightness, contrast,
-                                          elastic_transform, pixelate, jpeg_compression)}
-
-
-def _as_rng(rng):
-    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-
-
-def corrupt(image, name, severity, rng=0, frost_images=None, jpeg_quality=None):
-    """Apply ImageNet-C corruption `name` at `severity` (1..5).
-
-    image: uint8 (H, W, 3) numpy -> uint8 (H, W, 3); or a float tensor (..., 3, H, W) in [0, 1] -> the
-    same shape and dtype, quantised to 8 bits as the original. rng: a seed or np.random.Generator.
-    jpeg_quality: re-encode the result (the released data is JPEG q85, optimize=True); None = off.
-    """
-    if name not in CORRUPTION_FNS:
-        raise ValueError(f"unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)}")
-    if severity not in (1, 2, 3, 4, 5):
-        raise ValueError(f"severity must be 1..5, got {severity}")
-    rng = _as_rng(rng)
-    if isinstance(image, torch.Tensor):
-        if image.shape[-3] != 3:
-            raise ValueError(f"expected (..., 3, H, W) images, got {tuple(image.shape)}")
-        flat = image.detach().reshape(-1, *image.shape[-3:]).cpu()
-        u8 = (flat.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
-        out = np.stack([corrupt(u, name, severity, rng, frost_images, jpeg_quality) for u in u8])
-        out = torch.from_numpy(out).permute(0, 3, 1, 2).to(image.dtype) / 255
-        return out.reshape(image.shape).to(image.device)
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected a uint8 (H, W, 3) array, got {image.dtype} {image.shape}")
-    out = CORRUPTION_FNS[name](image / 255.0, severity, rng, frost_images=frost_images)
-    out = np.clip(out, 0, 255).astype(np.uint8)  # the original's np.uint8: truncation, not rounding
-    return _jpeg(out, jpeg_quality, optimize=True) if jpeg_quality else out
-
-
-# ---------------------------------------------------------------------------------------------------
-# ImageNet-P sequences (make_imagenet_p.py). Input: the uint8 image after the Resize(256) analogue
-# (short side round(crop * 256 / 224)), NOT cropped: translate/rotate/tilt/scale/zoom act before the crop.
-
+PERTURBATIONS = ("gaussian_noise", "shot_noise", "motion_blur", "zoom_blur", "snow", "brightness", "translate",
+                 "rotate", "tilt", "scale")
 P_LENGTHS = {name: 41 if name == "translate" else 31 for name in PERTURBATIONS}
 _STARTS_CLEAN = ("gaussian_noise", "shot_noise", "zoom_blur")  # frame 0 is the clean crop
+
+
+def frame_indices(name, num_frames=None):
+    """The original frame parameters i to generate: all of them, or a shorter window with the same step."""
+    full = P_LENGTHS[name]
+    T = full if num_frames is None else num_frames
+    if not 2 <= T <= full:
+        raise ValueError(f"--p-frames must be in 2..{full} for {name}, got {T}")
+    start = 0 if name in _STARTS_CLEAN else (full - T) // 2  # keep the clean start / the centre
+    return list(range(start, start + T))
+
+
+def perturbation_sequence(image, name, crop_size, rng=0, difficulty=1, num_frames=None):
+    """ImageNet-P frames of one image: uint8 (H, W, 3) (Resize(256) analogue) -> uint8 (T, crop, crop, 3)."""
+    if name not in P_LENGTHS:
+        raise ValueError(f"unknown perturbation {name!r}; choose from {', '.join(PERTURBATIONS)}")
+    if difficulty not in (1, 2, 3):
+        raise ValueError(f"difficulty must be 1..3, got {difficulty}")
+    if min(image.shape[:2]) < crop_size:
+        raise ValueError(f"image {image.shape[:2]} is smaller than the crop {crop_size}")
+    rng = _as_rng(rng)
+    idx = frame_indices(name, num_frames)
+    bilinear = TF.InterpolationMode.BILINEAR
+    moves = {"translate": lambda i: _pil_affine(image, translate=(i - 20, 0)),  # nearest: whole pixels
+             "rotate": lambda i: _pil_affine(image, angle=float(i - 15), interpolation=bilinear),
+             "tilt": lambda i: _tilt(image, i - 15),
+             "scale": lambda i: _pil_affine(image, scale=(i * 2.5 + 40) / 100.0, interpolation=bilinear)}
+    if name in moves:
+        return np.stack([_center_crop(moves[name](i), crop_size) for i in idx])
+    crop = _center_crop(image, crop_size)
+    x = crop / 255.0
+    frames = []
+    if name == "gaussian_noise":
+        sigma = (0.03, 0.05, 0.08)[difficulty - 1]
+        # ToPILImage truncates: mul(255).byte()
+        frames = [crop if i == 0 else (np.clip(x + sigma * rng.standard_normal(x.shape), 0, 1) * 255).astype(np.uint8)
+                  for i in idx]
+    elif name == "shot_noise":
+        lam = (300, 120, 60)[difficulty - 1]
+        frames = [crop if i == 0 else (255 * np.clip(rng.poisson(x * lam) / lam, 0, 1)).astype(np.uint8) for i in idx]
+    elif name == "motion_blur":
+        frames = [magick_motion_blur(crop.astype(np.float64), 10, 3, (i - 30) * 4).astype(np.uint8) for i in idx]
+    elif name == "zoom_blur":
+        # frame i: running mean of the clean crop and the crops of bilinear zooms by 1 + 0.004 j, j <= i
+        total = x.copy()
+        for i in range(1, idx[-1] + 1):
+            total += _center_crop(_pil_affine(image, scale=1 + 0.004 * i, interpolation=bilinear), crop_size) / 255.0
+            if i in idx:
+                frames.append((total / (i + 1) * 255).astype(np.uint8))
+        frames.insert(0, crop)
+    elif name == "snow":
+        layer = clipped_zoom(rng.normal(size=x.shape[:2], loc=0.05, scale=0.3)[..., None], 3)
+        layer[layer < 0.5] = 0
+        layer = (np.clip(layer, 0, 1) * 255).astype(np.uint8).astype(np.float64)
+        gray = (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2])[..., None]
+        base = 0.85 * x + 0.15 * np.maximum(x, gray * 1.5 + 0.5)
+        for i in idx:  # one fixed snow layer, blurred along a turning direction
+            moving = magick_motion_blur(layer, 14, 4, i * 4 - 150) / 255
+            frames.append((np.clip(base + moving + np.rot90(moving, k=2), 0, 1) * 255).astype(np.uint8))
+    elif name == "brightness":
+        for i in idx:
+            hsv = rgb2hsv(x)
+            hsv[..., 2] = np.clip(hsv[..., 2] + (i - 15) * 2 / 100.0, 0, 1)
+            frames.append((hsv2rgb(hsv) * 255).astype(np.uint8))
+    return np.stack(frames)  # (T, crop, crop, 3)
 
 
 def _center_crop(u8, size):
@@ -593,77 +781,29 @@ def _tilt(u8, degrees):
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def frame_indices(name, num_frames=None):
-    """The original frame parameters i to generate: all of them, or a shorter window with the same step."""
-    full = P_LENGTHS[name]
-    T = full if num_frames is None else num_frames
-    if not 2 <= T <= full:
-        raise ValueError(f"--p-frames must be in 2..{full} for {name}, got {T}")
-    start = 0 if name in _STARTS_CLEAN else (full - T) // 2  # keep the clean start / the centre
-    return list(range(start, start + T))
-
-
-def perturbation_sequence(image, name, crop_size, rng=0, difficulty=1, num_frames=None):
-    """ImageNet-P frames of one image: uint8 (H, W, 3) (Resize(256) analogue) -> uint8 (T, crop, crop, 3)."""
-    if name not in P_LENGTHS:
-        raise ValueError(f"unknown perturbation {name!r}; choose from {', '.join(PERTURBATIONS)}")
-    if difficulty not in (1, 2, 3):
-        raise ValueError(f"difficulty must be 1..3, got {difficulty}")
-    if min(image.shape[:2]) < crop_size:
-        raise ValueError(f"image {image.shape[:2]} is smaller than the crop {crop_size}")
-    rng = _as_rng(rng)
-    idx = frame_indices(name, num_frames)
-    crop = _center_crop(image, crop_size)
-    x = crop / 255.0
-    frames = []
-    if name == "gaussian_noise":
-        sigma = (0.03, 0.05, 0.08)[difficulty - 1]
-        # ToPILImage truncates: mul(255).byte()
-        frames = [crop if i == 0 else (np.clip(x + sigma * rng.standard_normal(x.shape), 0, 1) * 255).astype(np.uint8)
-                  for i in idx]
-    elif name == "shot_noise":
-        lam = (300, 120, 60)[difficulty - 1]
-        frames = [crop if i == 0 else (255 * np.clip(rng.poisson(x * lam) / lam, 0, 1)).astype(np.uint8) for i in idx]
-    elif name == "motion_blur":
-        frames = [magick_motion_blur(crop.astype(np.float64), 10, 3, (i - 30) * 4).astype(np.uint8) for i in idx]
-    elif name == "zoom_blur":
-        # frame i: running mean of the clean crop and the crops of bilinear zooms by 1 + 0.004 j, j <= i
-        total = x.copy()
-        for i in range(1, idx[-1] + 1):
-            total += _center_crop(_pil_affine(image, scale=1 + 0.004 * i,
-                                              interpolation=TF.InterpolationMode.BILINEAR), crop_size) / 255.0
-            if i in idx:
-                frames.append((total / (i + 1) * 255).astype(np.uint8))
-        frames.insert(0, crop)
-    elif name == "snow":
-        layer = clipped_zoom(rng.normal(size=x.shape[:2], loc=0.05, scale=0.3)[..., None], 3)
-        layer[layer < 0.5] = 0
-        layer = (np.clip(layer, 0, 1) * 255).astype(np.uint8).astype(np.float64)
-        gray = (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2])[..., None]
-        base = 0.85 * x + 0.15 * np.maximum(x, gray * 1.5 + 0.5)
-        for i in idx:  # one fixed snow layer, blurred along a turning direction
-            moving = magick_motion_blur(layer, 14, 4, i * 4 - 150) / 255
-            frames.append((np.clip(base + moving + np.rot90(moving, k=2), 0, 1) * 255).astype(np.uint8))
-    elif name == "brightness":
-        for i in idx:
-            hsv = rgb2hsv(x)
-            hsv[..., 2] = np.clip(hsv[..., 2] + (i - 15) * 2 / 100.0, 0, 1)
-            frames.append((hsv2rgb(hsv) * 255).astype(np.uint8))
-    elif name == "translate":  # shifted by (i - 20) px before the crop (nearest: whole pixels)
-        frames = [_center_crop(_pil_affine(image, translate=(i - 20, 0)), crop_size) for i in idx]
-    elif name == "rotate":
-        frames = [_center_crop(_pil_affine(image, angle=float(i - 15), interpolation=TF.InterpolationMode.BILINEAR),
-                               crop_size) for i in idx]
-    elif name == "tilt":
-        frames = [_center_crop(_tilt(image, i - 15), crop_size) for i in idx]
-    elif name == "scale":
-        frames = [_center_crop(_pil_affine(image, scale=(i * 2.5 + 40) / 100.0,
-                                           interpolation=TF.InterpolationMode.BILINEAR), crop_size) for i in idx]
-    return np.stack(frames)  # (T, crop, crop, 3)
-
-
 # ---------------------------------------------------------------------------------------------------
-# Metrics
+# Metrics (hendrycks/robustness ImageNet-C/test.py, ImageNet-P/test.py)
+
+# Top-1 error of AlexNet per severity 1..5 (UCSC-VLAA/RobustCNN; the means are augmix ALEXNET_ERR).
+ALEXNET_ERR = {
+    "gaussian_noise": (0.69528, 0.82542, 0.93554, 0.98138, 0.99452),
+    "shot_noise": (0.71224, 0.85108, 0.93574, 0.98182, 0.99146),
+    "impulse_noise": (0.78374, 0.89808, 0.9487, 0.9872, 0.99548),
+    "defocus_blur": (0.65624, 0.73202, 0.85036, 0.91364, 0.94714),
+    "glass_blur": (0.64308, 0.75054, 0.88806, 0.91622, 0.93344),
+    "motion_blur": (0.5843, 0.70048, 0.82108, 0.8975, 0.92638),
+    "zoom_blur": (0.70008, 0.76992, 0.80784, 0.84198, 0.87198),
+    "snow": (0.71726, 0.88392, 0.86468, 0.9187, 0.94952),
+    "frost": (0.6139, 0.79734, 0.8879, 0.89942, 0.9343),
+    "fog": (0.67474, 0.7605, 0.84378, 0.8726, 0.945),
+    "brightness": (0.4514, 0.48502, 0.54048, 0.62166, 0.7244),
+    "contrast": (0.64548, 0.7615, 0.88874, 0.9776, 0.9927),
+    "elastic_transform": (0.52596, 0.70116, 0.55686, 0.64076, 0.80554),
+    "pixelate": (0.52218, 0.5462, 0.73728, 0.87092, 0.91262),
+    "jpeg_compression": (0.51002, 0.54718, 0.57294, 0.65458, 0.74778),
+}
+ALEXNET_CLEAN_ERR = 0.43478  # torchvision alexnet-owt-4df8aa71: acc@1 56.522
+
 
 def corruption_errors(errors, clean_error=None):
     """mCE and relative mCE (in %) from {corruption: [error at severity 1..5]} over the 15 benchmark ones.
@@ -709,157 +849,14 @@ def top5_distance(logits, noise, difficulty=1):
     return (i - sigma.clamp(max=6)).abs().sum(-1).float().mean(1)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Geometry and equivariance. Elements act on a whole batch (group_actions conventions).
-
-EQUIV_METRICS = ("cos", "rel_error", "inv_error", "chance_cos", "chance_rel_error")
-
-
-def geometric_elements(batch_size, grid, scales=(0.75, 1.25)):
-    """{name: GroupElement}: quarter turns, h/v flips, rescalings of the (h, w) token grid."""
-    yes = torch.ones(batch_size, dtype=torch.bool)
-    elements = {"rot90": GroupElement(k=1), "rot180": GroupElement(k=2), "rot270": GroupElement(k=3),
-                "hflip": GroupElement(flip=yes), "vflip": GroupElement(flip=yes, rot180=yes)}
-    for s in scales:
-        elements[f"scale{s:g}"] = GroupElement(size=(max(1, round(grid[0] * s)), max(1, round(grid[1] * s))))
-    return elements
-
-
-def _fro(t):
-    return t.flatten(1).norm(dim=1)  # (B,)
-
-
-@torch.no_grad()
-def equivariance_scores(backbone, x, elements, autocast=nullcontext):
-    """Per-image scores (E, L, M, B) for E elements, L blocks, M = EQUIV_METRICS, images x (B, 3, H, W).
-
-    cos: mean over tokens of cos(f_l(gx), rho_g f_l(x)); rel_error: |f_l(gx) - rho_g f_l(x)|_F / |rho_g f_l(x)|_F;
-    inv_error: |f_l(gx) - f_l(x)|_F / |f_l(x)|_F (NaN where g changes the grid: no identity map there);
-    chance_*: the same with f_l(g x'), x' the next image of the batch (NaN for a batch of one).
-    """
-    with autocast():
-        maps = [m.float() for m in backbone.block_token_maps(x)]  # L x (B, D, h, w)
-    B = x.shape[0]
-    out = torch.full((len(elements), len(maps), len(EQUIV_METRICS), B), float("nan"), device=x.device)
-    for e, g in enumerate(elements.values()):
-        with autocast():
-            maps_g = [m.float() for m in backbone.block_token_maps(apply_to_images(x, g, backbone.patch_size))]
-        for l, (m, mg) in enumerate(zip(maps, maps_g)):
-            target = apply_to_token_map(m, g)  # (B, D, h', w')
-            out[e, l, 0] = F.cosine_similarity(mg, target, dim=1).flatten(1).mean(1)
-            out[e, l, 1] = _fro(mg - target) / _fro(target)
-            if mg.shape == m.shape:
-                out[e, l, 2] = _fro(mg - m) / _fro(m)
-            if B > 1:
-                other = mg.roll(1, dims=0)  # f_l(g x') for an unrelated image x'
-                out[e, l, 3] = F.cosine_similarity(other, target, dim=1).flatten(1).mean(1)
-                out[e, l, 4] = _fro(other - target) / _fro(target)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------
-# Figures (--figures DIR): SER's idea made visible, and DINO-style [CLS] attention maps.
-
-def pca_rgb(maps):
-    """Token maps [(D, h_i, w_i)] -> RGB pictures [(3, h_i, w_i)] in [0, 1] in ONE shared basis: the
-    three leading principal components of all their tokens together, each min-max scaled over all
-    maps. Equal maps give equal pictures, so a difference between panels is a difference of features."""
-    flat = torch.cat([m.flatten(1).T for m in maps]).double()  # (sum h*w, D)
-    mean = flat.mean(0)
-    basis = torch.linalg.svd(flat - mean, full_matrices=False).Vh[:3].T  # (D, <=3)
-    proj = [((m.flatten(1).T.double() - mean) @ basis).T.reshape(-1, *m.shape[1:]) for m in maps]
-    proj = [torch.cat([p, p.new_zeros(3 - len(p), *p.shape[1:])]) for p in proj]  # D < 3: pad channels
-    lo = torch.stack([p.amin((1, 2)) for p in proj]).amin(0).view(3, 1, 1)
-    hi = torch.stack([p.amax((1, 2)) for p in proj]).amax(0).view(3, 1, 1)
-    return [((p - lo) / (hi - lo).clamp_min(1e-12)).float() for p in proj]
-
-
-@torch.no_grad()
-def equivariance_panels(backbone, x, g, layer):
-    """The two sides of L_equiv at block `layer` as pictures: (f_L(g x), rho_g f_L(x)), each a list of
-    B RGB maps (3, h', w'), one PCA basis per image shared by its two panels."""
-    f_gx = backbone.block_token_maps(apply_to_images(x, g, backbone.patch_size))[layer - 1].float()
-    rho_f_x = apply_to_token_map(backbone.block_token_maps(x)[layer - 1].float(), g)
-    pairs = [pca_rgb([a, b]) for a, b in zip(f_gx, rho_f_x)]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
-@torch.no_grad()
-def cls_attention(backbone, x):
-    """The last block's [CLS] -> patch attention per head, (B, heads, h, w), each map summing to <= 1."""
-    _, maps = backbone.forward_with_attention(x)
-    h, w = x.shape[-2] // backbone.patch_size, x.shape[-1] // backbone.patch_size
-    return maps[-1][:, :, 0, 1:].reshape(x.shape[0], -1, h, w)
-
-
-def _picture(t, size):
-    """(3, h, w) or (h, w) in [0, 1] -> a PIL RGB tile of size x size (nearest: tokens stay visible)."""
-    t = t.detach().float().cpu().clamp(0, 1)
-    t = t.expand(3, -1, -1) if t.dim() == 2 else t
-    u8 = (t.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-    return Image.fromarray(u8).resize((size, size), Image.NEAREST)
-
-
-def _grid_image(rows, header, tile):
-    """Rows of PIL tiles under a header of column titles -> one PIL image."""
-    pad, top = 4, 14
-    width = max(len(r) for r in rows) * (tile + pad) + pad
-    out = Image.new("RGB", (width, top + len(rows) * (tile + pad) + pad), "white")
-    draw = ImageDraw.Draw(out)
-    for c, title in enumerate(header):
-        draw.text((pad + c * (tile + pad), 2), title[: tile // 6], fill="black")
-    for r, row in enumerate(rows):
-        for c, im in enumerate(row):
-            out.paste(im, (pad + c * (tile + pad), top + pad + r * (tile + pad)))
-    return out
-
-
-def _unnormalise(x):
-    return (x.cpu() * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)).clamp(0, 1)
-
-
-def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "vflip", "scale1.25"), tile=64):
-    """Write <out_dir>/equivariance.png and <out_dir>/attention_<name>.png; returns their paths and panels.
-
-    equivariance.png, one row per (image, group element g): x, g x, then for each backbone
-    f_L(g x) | rho_g f_L(x) as PCA->RGB token maps. Where the two panels of a backbone agree, its
-    layer-L map is equivariant to g (what SER's L_equiv asks for); an invariance-trained layer shows
-    the same content in the wrong place or in other colours.
-    attention_<name>.png, one row per image: the image, then the last block's [CLS] attention of each
-    head over the patches (DINO's visualisation), each map scaled to its own maximum.
-    """
-    os.makedirs(out_dir, exist_ok=True)
-    grid = (x.shape[-2] // backbones[0].patch_size, x.shape[-1] // backbones[0].patch_size)
-    elements = geometric_elements(len(x), grid)
-    panels = {n: {e: equivariance_panels(b, x, elements[e], layer) for e in element_names}
-              for n, b in zip(names, backbones)}
-    moved = {e: apply_to_images(x, elements[e], backbones[0].patch_size) for e in element_names}  # g x
-    rows = []
-    for i in range(len(x)):
-        for e in element_names:
-            row = [_picture(_unnormalise(x[i]), tile), _picture(_unnormalise(moved[e][i]), tile)]
-            for n in names:
-                f_gx, rho_f_x = panels[n][e]
-                row += [_picture(f_gx[i], tile), _picture(rho_f_x[i], tile)]
-            rows.append(row)
-    header = ["x", "g x"] + [t for n in names for t in (f"{n} f(gx)", "rho f(x)")]
-    paths = [os.path.join(out_dir, "equivariance.png")]
-    _grid_image(rows, header, tile).save(paths[0])
-    for n, b in zip(names, backbones):
-        attn = cls_attention(b, x)  # (B, H, h, w)
-        attn = attn / attn.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
-        rows = [[_picture(_unnormalise(x[i]), tile)] + [_picture(a, tile) for a in attn[i]] for i in range(len(x))]
-        paths.append(os.path.join(out_dir, f"attention_{n}.png"))
-        _grid_image(rows, ["image"] + [f"head {h}" for h in range(attn.shape[1])], tile).save(paths[-1])
-    return paths, panels
-
-
-# ---------------------------------------------------------------------------------------------------
-# Data. Every item carries its dataset index, so results are written back by index under DDP.
+# Datasets: generated from the val images, or read from the released files
 
 def _to_input(u8):
     """uint8 (..., H, W, 3) -> normalised float (..., 3, H, W), the model's input."""
-    x = torch.from_numpy(np.ascontiguousarray(u8)).movedim(-1, -3).float() / 255
+    x = torch.from_numpy(np.array(u8)).movedim(-1, -3).float() / 255  # a copy: PIL arrays are read-only
     return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
@@ -867,6 +864,94 @@ def resize_short(pil, img_size):
     """The Resize(256) of the originals, scaled: short side round(img_size * 256 / 224), bilinear (PIL)."""
     return np.asarray(TF.resize(pil.convert("RGB"), round(img_size * 256 / 224),
                                 interpolation=TF.InterpolationMode.BILINEAR))
+
+
+class _Items(Dataset):
+    """Item i is (normalised input, label, i), from self.load(self.items[i]) -> (uint8 (..., H, W, 3), label).
+    The index lets each rank write its results back by position under DDP; self.entry[i] names the
+    corruption / severity (an index into the caller's list) that item i belongs to."""
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        u8, label = self.load(self.items[i])
+        return _to_input(u8), label, i
+
+
+class Generated(_Items):
+    """Every (job, image) pair: val image n through the Resize(256) analogue, then make(u8, rng=rng) of
+    job (key, make) with rng seeded by (seed, key, n), so the data depend on neither workers nor ranks."""
+
+    def __init__(self, base, img_size, jobs, seed=0):
+        self.base, self.img_size, self.jobs, self.seed = base, img_size, jobs, seed
+        self.items = [(j, n) for j in range(len(jobs)) for n in range(len(base))]
+        self.entry = np.repeat(np.arange(len(jobs)), len(base))
+
+    def load(self, item):
+        j, n = item
+        key, make = self.jobs[j]
+        pil, label = self.base[n]
+        return make(resize_short(pil, self.img_size), rng=np.random.default_rng((self.seed, key, n))), label
+
+
+def corrupted_crop(u8, rng, crop, name, severity, frost_images=None, jpeg_quality=None):
+    """ImageNet-C's input: the centre crop (Resize(256)+CenterCrop(224) scaled), then the corruption."""
+    u8 = _center_crop(u8, crop)
+    return u8 if name == "clean" else corrupt(u8, name, severity, rng, frost_images, jpeg_quality)
+
+
+def clean_images(base, img_size):
+    return Generated(base, img_size, [(0, partial(corrupted_crop, crop=img_size, name="clean", severity=0))])
+
+
+class Released(_Items):
+    """Released data, items (path, label): an ImageNet-C image, centre-cropped to `crop` (the official
+    eval transform: no Resize), or an ImageNet-P video extracted to a folder of frames (the crops as they are)."""
+
+    def __init__(self, items, entry, crop=None, num_classes=None):
+        self.items, self.entry, self.crop, self.num_classes = items, np.array(entry), crop, num_classes
+
+    def load(self, item):
+        path, label = item
+        if os.path.isdir(path):
+            return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in _image_files(path)]), label
+        u8 = np.asarray(Image.open(path).convert("RGB"))
+        if min(u8.shape[:2]) < self.crop:
+            raise ValueError(f"{path}: {u8.shape[1]}x{u8.shape[0]} is smaller than the crop {self.crop}")
+        return _center_crop(u8, self.crop), label
+
+
+def released_corruptions(root, entries, img_size):
+    """The released ImageNet-C JPEGs: <root>/<c>/<s>/<wnid>/* or <root>/<family>/<c>/<s>/<wnid>/*."""
+    items, entry = [], []
+    for e, (name, severity) in enumerate(entries):
+        candidates = [os.path.join(root, name, str(severity))] + [
+            os.path.join(root, fam, name, str(severity)) for fam in ("noise", "blur", "weather", "digital")]
+        folder = next((c for c in candidates if os.path.isdir(c)), None)
+        if folder is None:
+            raise SystemExit(f"--imagenet-c-dir {root}: no folder {name}/{severity} (flat or per family)")
+        classes = _class_folders(folder, "--imagenet-c-dir")
+        files = [(path, label) for label, wnid in enumerate(classes)
+                 for path in _image_files(os.path.join(folder, wnid))]
+        items += files
+        entry += [e] * len(files)
+    return Released(items, entry, img_size, len(classes))
+
+
+def released_sequences(root, name, difficulty):
+    """ImageNet-P extracted to frames: <root>/<perturbation>[_<d> for noise]/<wnid>/<video>/<frame images>."""
+    folder = os.path.join(root, name if difficulty == 1 or "noise" not in name else f"{name}_{difficulty}")
+    if not os.path.isdir(folder):
+        raise SystemExit(f"--imagenet-p-dir {root}: no folder {os.path.basename(folder)} "
+                         f"(extract the MP4s to one frame folder per video)")
+    videos = [(os.path.join(folder, wnid, v), label)
+              for label, wnid in enumerate(_class_folders(folder, "--imagenet-p-dir"))
+              for v in sorted(os.listdir(os.path.join(folder, wnid)))
+              if os.path.isdir(os.path.join(folder, wnid, v))]
+    if not videos:
+        raise SystemExit(f"--imagenet-p-dir: {folder} has no per-video frame folders")
+    return Released(videos, [0] * len(videos))
 
 
 def _natural_key(path):
@@ -885,121 +970,9 @@ def _class_folders(folder, flag):
     return classes
 
 
-class GeneratedCorruptions(Dataset):
-    """Every (entry, image) pair, entry = ('clean', 0) or (corruption, severity): (x (3, H, W), label, index).
-
-    The base PIL image goes through Resize(256)+CenterCrop(224) scaled to img_size, then the
-    corruption with its own seed (seed, entry, image), so results do not depend on workers or ranks.
-    """
-
-    def __init__(self, base, entries, img_size, seed=0, frost_images=None, jpeg_quality=None):
-        self.base, self.entries, self.img_size, self.seed = base, list(entries), img_size, seed
-        self.frost_images, self.jpeg_quality = frost_images, jpeg_quality
-        self.entry = np.repeat(np.arange(len(self.entries)), len(base))  # (len,) entry of each item
-
-    def __len__(self):
-        return len(self.entries) * len(self.base)
-
-    def __getitem__(self, i):
-        e, n = divmod(i, len(self.base))
-        pil, label = self.base[n]
-        u8 = _center_crop(resize_short(pil, self.img_size), self.img_size)
-        name, severity = self.entries[e]
-        if name != "clean":
-            u8 = corrupt(u8, name, severity, np.random.default_rng((self.seed, e, n)), self.frost_images,
-                         self.jpeg_quality)
-        return _to_input(u8), label, i
-
-
-class ReleasedCorruptions(Dataset):
-    """The released ImageNet-C JPEGs: <root>/<c>/<s>/<wnid>/* or <root>/<family>/<c>/<s>/<wnid>/*.
-    Official eval transform: CenterCrop only (no Resize), then normalise."""
-
-    def __init__(self, root, entries, img_size):
-        self.entries, self.img_size, self.samples, entry = list(entries), img_size, [], []
-        for e, (name, severity) in enumerate(self.entries):
-            candidates = [os.path.join(root, name, str(severity))] + [
-                os.path.join(root, fam, name, str(severity)) for fam in ("noise", "blur", "weather", "digital")]
-            folder = next((c for c in candidates if os.path.isdir(c)), None)
-            if folder is None:
-                raise SystemExit(f"--imagenet-c-dir {root}: no folder {name}/{severity} (flat or per family)")
-            for label, wnid in enumerate(_class_folders(folder, "--imagenet-c-dir")):
-                for path in _image_files(os.path.join(folder, wnid)):
-                    self.samples.append((path, label))
-                    entry.append(e)
-        self.entry = np.array(entry)
-        self.num_classes = len(_class_folders(folder, "--imagenet-c-dir"))
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        path, label = self.samples[i]
-        u8 = np.asarray(Image.open(path).convert("RGB"))
-        if min(u8.shape[:2]) < self.img_size:
-            raise ValueError(f"{path}: {u8.shape[1]}x{u8.shape[0]} is smaller than the crop {self.img_size}")
-        return _to_input(_center_crop(u8, self.img_size)), label, i
-
-
-class GeneratedSequences(Dataset):
-    """ImageNet-P sequences of one perturbation, generated per image: (frames (T, 3, H, W), label, index)."""
-
-    def __init__(self, base, name, img_size, difficulty=1, num_frames=None, seed=0):
-        self.base, self.name, self.img_size = base, name, img_size
-        self.difficulty, self.num_frames, self.seed = difficulty, num_frames, seed
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        pil, label = self.base[i]
-        rng = np.random.default_rng((self.seed, PERTURBATIONS.index(self.name), i))
-        frames = perturbation_sequence(resize_short(pil, self.img_size), self.name, self.img_size, rng,
-                                       self.difficulty, self.num_frames)
-        return _to_input(frames), label, i
-
-
-class ReleasedSequences(Dataset):
-    """ImageNet-P extracted to frames: <root>/<perturbation>[_<d> for noise]/<wnid>/<video>/<frame images>.
-    Official: no crop (the frames are the 224 crops), ToTensor + Normalize."""
-
-    def __init__(self, root, name, difficulty=1):
-        folder = os.path.join(root, name if difficulty == 1 or "noise" not in name else f"{name}_{difficulty}")
-        if not os.path.isdir(folder):
-            raise SystemExit(f"--imagenet-p-dir {root}: no folder {os.path.basename(folder)} "
-                             f"(extract the MP4s to one frame folder per video)")
-        self.videos = [(os.path.join(folder, wnid, v), label)
-                       for label, wnid in enumerate(_class_folders(folder, "--imagenet-p-dir"))
-                       for v in sorted(os.listdir(os.path.join(folder, wnid)))
-                       if os.path.isdir(os.path.join(folder, wnid, v))]
-        if not self.videos:
-            raise SystemExit(f"--imagenet-p-dir: {folder} has no per-video frame folders")
-
-    def __len__(self):
-        return len(self.videos)
-
-    def __getitem__(self, i):
-        path, label = self.videos[i]
-        frames = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in _image_files(path)])
-        return _to_input(frames), label, i
-
-
-class ShardSampler(Sampler):
-    """Indices rank, rank + world, ...: every item exactly once over the ranks, no padding duplicates."""
-
-    def __init__(self, length, rank, world):
-        self.indices = list(range(rank, length, world))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-
 # ---------------------------------------------------------------------------------------------------
-# Evaluation loops. Each rank writes its results into full-size buffers by dataset index; one
-# all-reduce (sum) then gives every rank the exact totals.
+# Evaluation loops. Each rank takes every world-th item and writes its results into full-size buffers
+# by dataset index; one all-reduce (sum) then gives every rank the exact totals.
 
 class Evaluator:
     def __init__(self, args, backbone, classifier, meta, device, rank, world, log=print):
@@ -1009,9 +982,11 @@ class Evaluator:
 
     def loader(self, dataset, batch_size, label):
         """This rank's batches, with progress and ETA (a pass over ImageNet-C takes minutes to hours)."""
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), self.rank, self.world),
-                            num_workers=self.args.num_workers, pin_memory=self.device.type == "cuda")
-        return augment.progress(loader, len(loader), f"{label}: batch", self.log)
+        shard = Subset(dataset, range(self.rank, len(dataset), self.world))  # every item once, no padding
+        loader = DataLoader(shard, batch_size=batch_size, num_workers=self.args.num_workers,
+                            pin_memory=self.device.type == "cuda")
+        for x, y, idx in augment.progress(loader, len(loader), f"{label}: batch", self.log):
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx.to(self.device)
 
     def reduce(self, t):
         if self.world > 1:
@@ -1023,57 +998,55 @@ class Evaluator:
         with self.autocast():
             return predict(self.backbone, self.classifier, x, self.meta["n_last_blocks"], self.meta["avgpool"]).float()
 
+    def hits(self, x, y):
+        return (self.logits(x).argmax(1) == y).float()
+
     @torch.no_grad()
     def correct(self, dataset, label):
         """(len,) 1.0 where the top-1 prediction is right."""
         out = torch.zeros(len(dataset), device=self.device)
         for x, y, idx in self.loader(dataset, self.args.batch_size, label):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            out[idx.to(self.device)] = (self.logits(x).argmax(1) == y).float()
+            out[idx] = self.hits(x, y)
         return self.reduce(out)
 
     @torch.no_grad()
-    def clean_pass(self, dataset, geometry, equivariance):
+    def clean_pass(self, dataset, img_size, geometry, equivariance):
         """Clean top-1, top-1 under each geometric element, per-block equivariance scores, in one pass."""
-        grid = (dataset.img_size // self.backbone.patch_size,) * 2
+        grid = (img_size // self.backbone.patch_size,) * 2
         names = list(geometric_elements(1, grid, self.args.scales))
-        N, L = len(dataset), self.backbone.depth
-        correct = torch.zeros(1 + len(names), N, device=self.device)  # row 0: identity
-        scores = torch.zeros(len(names), L, len(EQUIV_METRICS), N, device=self.device)
+        correct = torch.zeros(1 + len(names), len(dataset), device=self.device)  # row 0: identity
+        scores = torch.zeros(len(names), self.backbone.depth, len(EQUIV_METRICS), len(dataset), device=self.device)
         for x, y, idx in self.loader(dataset, self.args.batch_size, "clean pass"):
-            x, y, idx = x.to(self.device, non_blocking=True), y.to(self.device), idx.to(self.device)
             elements = geometric_elements(len(x), grid, self.args.scales)
             if self.classifier is not None:
-                correct[0, idx] = (self.logits(x).argmax(1) == y).float()
-                if geometry:
-                    from group_actions import apply_to_images
-                    for e, g in enumerate(elements.values(), start=1):
-                        xg = apply_to_images(x, g, self.backbone.patch_size)
-                        correct[e, idx] = (self.logits(xg).argmax(1) == y).float()
+                correct[0, idx] = self.hits(x, y)
+                for e, g in enumerate(elements.values() if geometry else (), start=1):
+                    correct[e, idx] = self.hits(apply_to_images(x, g, self.backbone.patch_size), y)
             if equivariance:
                 scores[..., idx] = equivariance_scores(self.backbone, x, elements, self.autocast)
         return names, self.reduce(correct), self.reduce(scores)
 
     @torch.no_grad()
     def sequences(self, dataset, name):
-        """Per video (3, V): flip probability, top-5 distance, top-1 over the perturbed frames."""
+        """Per video (3, V): flip probability, top-5 distance, top-1 over the perturbed frames; and T."""
         noise = "noise" in name
         first = 1 if name in _STARTS_CLEAN else 0  # the clean frame is no perturbed frame
         out = torch.zeros(3, len(dataset), device=self.device)
         T = dataset[0][0].shape[0]
         for frames, y, idx in self.loader(dataset, max(1, self.args.batch_size // T), f"ImageNet-P {name}"):
-            B, T = frames.shape[:2]
-            frames, y, idx = frames.to(self.device, non_blocking=True), y.to(self.device), idx.to(self.device)
-            logits = self.logits(frames.flatten(0, 1)).view(B, T, -1)  # (B, T, C)
+            logits = self.logits(frames.flatten(0, 1)).view(*frames.shape[:2], -1)  # (B, T, C)
             preds = logits.argmax(-1)
             out[0, idx] = flip_probability(preds, noise, self.args.p_difficulty)
             out[1, idx] = top5_distance(logits, noise, self.args.p_difficulty)
             out[2, idx] = (preds[:, first:] == y[:, None]).float().mean(1)
-        return self.reduce(out)
+        return self.reduce(out), T
 
 
 # ---------------------------------------------------------------------------------------------------
-# Driver
+# Command line: one function per task, main() dispatches
+
+TASKS = ("clean", "c", "p", "geometry", "equivariance")
+
 
 def get_args_parser():
     p = argparse.ArgumentParser(prog="robustness_eval.py", description=__doc__.split("\n\n")[0],
@@ -1096,8 +1069,7 @@ def get_args_parser():
                    "folder inside the imagecorruptions or imagenet-c pip package); without it frost uses a procedural "
                    "texture about half as strong, and every report that includes it is marked")
     g = p.add_argument_group("what to run")
-    g.add_argument("--tasks", default="clean,c,p,geometry,equivariance",
-                   help="comma list of clean, c, p, geometry, equivariance")
+    g.add_argument("--tasks", default=",".join(TASKS), help="comma list of " + ", ".join(TASKS))
     g.add_argument("--equivariance-only", action="store_true", help="only the per-block equivariance scores; "
                    "needs no probe (--backbone is enough)")
     g.add_argument("--corruptions", default=",".join(CORRUPTIONS), help="comma list (mCE needs all 15)")
@@ -1123,6 +1095,40 @@ def get_args_parser():
     return p
 
 
+def check_args(args):
+    augment.check_ranges([("--num-images", args.num_images, lambda v: v >= 1, "at least 1"),
+                          ("--img-size", args.img_size, lambda v: v >= 1, "at least 1"),
+                          ("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1"),
+                          ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
+                          ("--p-frames", args.p_frames, lambda v: v >= 2, "at least 2"),
+                          ("--scales", args.scales, lambda v: v > 0, "positive"),
+                          ("--figure-layer", args.figure_layer, lambda v: v >= 1, "at least 1"),
+                          ("--figure-images", args.figure_images, lambda v: v >= 1, "at least 1")])
+
+
+def _choices(text, allowed, flag):
+    items = [t for t in text.split(",") if t]
+    bad = [t for t in items if t not in allowed]
+    if bad:
+        raise SystemExit(f"{flag}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return items
+
+
+def _mean(values):
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def load_backbones(args):
+    arch = dict(name=args.arch, patch_size=args.patch_size) if args.arch else None
+    backbones = []
+    for path in args.backbone:
+        try:
+            backbones.append(vit.load_backbone(path, arch=arch))
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            raise SystemExit(f"--backbone {path}: {e}") from None
+    return backbones
+
+
 def load_model(args):
     """(backbone, classifier or None, meta) on the CPU."""
     if args.probe:
@@ -1139,23 +1145,22 @@ def load_model(args):
     return backbone, None, {"img_size": backbone.arch.get("img_size", 224)}
 
 
-def load_backbones(args):
-    arch = dict(name=args.arch, patch_size=args.patch_size) if args.arch else None
-    backbones = []
-    for path in args.backbone:
-        try:
-            backbones.append(vit.load_backbone(path, arch=arch))
-        except (FileNotFoundError, ValueError, KeyError) as e:
-            raise SystemExit(f"--backbone {path}: {e}") from None
-    return backbones
-
-
 def run_names(paths):
     """Short names for checkpoints: their folder (runs/dino_ser/backbone.pth -> dino_ser), else the file stem."""
     names = [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
     if len(set(names)) < len(names):
         names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     return names if len(set(names)) == len(names) else [f"run{i}" for i in range(len(paths))]
+
+
+def val_images(args, img_size, default=None):
+    """(the first --num-images val images of --data (else `default`, else all), its number of classes)."""
+    try:
+        base = augment.build_dataset(args.data, "val", transform=None, img_size=img_size)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    n = args.num_images or default
+    return (Subset(base, range(min(n, len(base)))) if n else base), base.num_classes
 
 
 def figure_layer(args, backbones):
@@ -1165,12 +1170,164 @@ def figure_layer(args, backbones):
     return layer
 
 
-def figure_inputs(clean_set, n, device):
-    """The first n clean val images, (n, 3, H, W) on the device: what --figures shows."""
-    return torch.stack([clean_set[i][0] for i in range(min(n, len(clean_set)))]).to(device)
+def figures(args, backbones, names, clean_set, layer, device, log):
+    """--figures: the first --figure-images clean val images through write_figures."""
+    x = torch.stack([clean_set[i][0] for i in range(min(args.figure_images, len(clean_set)))]).to(device)
+    paths, _ = write_figures(backbones, names, x, args.figures, layer)
+    log("figures: " + ", ".join(paths))
 
 
-def compare(args, device, rank, world, log):
+def clean_tasks(ev, clean_set, img_size, tasks):
+    """Clean and geometry top-1 and the per-block equivariance: one pass. Returns (results, clean error or None)."""
+    names, correct, scores = ev.clean_pass(clean_set, img_size, "geometry" in tasks, "equivariance" in tasks)
+    results, clean_error = {}, None
+    if ev.classifier is not None:
+        clean_error = 1 - correct[0].mean().item()
+        results["clean"] = {"top1": 100 * (1 - clean_error)}
+        ev.log(f"\nclean top-1 {100 * (1 - clean_error):.2f}")
+    if "geometry" in tasks:
+        results["geometry"] = {n: 100 * correct[e + 1].mean().item() for e, n in enumerate(names)}
+        ev.log("\ngeometry top-1  " + "  ".join(f"{n} {v:.2f}" for n, v in results["geometry"].items()))
+    if "equivariance" in tasks:
+        results["equivariance"] = equivariance_results(names, scores)
+        ev.log("\nequivariance per block l = 1..%d: cos(f(gx), rho_g f(x)) / relative error [chance rel. error]"
+               % ev.backbone.depth)
+        for n, v in results["equivariance"].items():
+            ev.log(f"  {n:9s} " + "  ".join(f"{c:.3f}/{r:.3f} [{x:.2f}]" for c, r, x in
+                                            zip(v["cos"], v["rel_error"], v["chance_rel_error"])))
+    return results, clean_error
+
+
+def corruption_task(ev, base, img_size, num_classes, corruptions, clean_error, frost_images):
+    """ImageNet-C top-1 error per corruption and severity, its means and, on ImageNet, mCE."""
+    args = ev.args
+    entries = [(c, s) for c in corruptions for s in range(1, 6)]
+    if args.imagenet_c_dir:
+        c_set = released_corruptions(args.imagenet_c_dir, entries, img_size)
+        if c_set.num_classes != num_classes:
+            raise SystemExit(f"--imagenet-c-dir has {c_set.num_classes} classes, the probe {num_classes}")
+    else:
+        jpeg_quality = 85 if args.c_jpeg else None
+        c_set = Generated(base, img_size, [(e, partial(corrupted_crop, crop=img_size, name=c, severity=s,
+                                                       frost_images=frost_images, jpeg_quality=jpeg_quality))
+                                           for e, (c, s) in enumerate(entries)], args.seed)
+    correct = ev.correct(c_set, f"ImageNet-C ({len(entries)} sets)")
+    errors = {c: [1 - correct[c_set.entry == entries.index((c, s))].mean().item() for s in range(1, 6)]
+              for c in corruptions}
+    mean_error = _mean([e for v in errors.values() for e in v])
+    res = {"source": "released" if args.imagenet_c_dir else "generated", "top1": 100 * (1 - mean_error),
+           "mean_error": 100 * mean_error,
+           "errors": {c: [100 * e for e in v] for c, v in errors.items()},
+           "top1_per_corruption": {c: 100 * (1 - _mean(v)) for c, v in errors.items()},
+           "error_per_severity": {s: 100 * _mean([errors[c][s - 1] for c in corruptions]) for s in range(1, 6)}}
+    if args.mce == "on" or (args.mce == "auto" and num_classes == 1000):
+        if len(corruptions) == 15:
+            res.update(corruption_errors(errors, clean_error))
+        else:
+            ev.log("mCE skipped: it needs all 15 corruptions")
+    # The procedural frost is about half as far from the clean image as the photos (1 - correlation,
+    # against make_imagenet_c.py with the photos: 0.52-0.66 over the severities), so every number it
+    # enters is biased toward robustness: each carries a mark next to it, on stdout and in the JSON.
+    substitute = not args.imagenet_c_dir and "frost" in corruptions and frost_images is None
+    mark = "*" if substitute else ""
+    if substitute:
+        res["deviation"] = FROST_NOTE
+        for key in ("top1", "mean_error", "mce", "relative_mce", "top1_per_corruption"):
+            if key in res:
+                res[f"{key}_frost"] = "procedural substitute (see 'deviation')"
+    ev.log(f"\nImageNet-C ({res['source']}): top-1 error per severity 1..5, %")
+    for c in corruptions:
+        ev.log(f"  {c:18s} " + " ".join(f"{100 * e:6.2f}" for e in errors[c])
+               + f"   top-1 {res['top1_per_corruption'][c]:.2f}{mark if c == 'frost' else ''}")
+    mce = f"   mCE {res['mce']:.2f}{mark}" if "mce" in res else ""
+    if "relative_mce" in res:
+        mce += f"  relative mCE {res['relative_mce']:.2f}{mark}"
+    ev.log(f"  mean top-1 over {len(corruptions)}x5: {res['top1']:.2f}{mark}" + mce)
+    if substitute:
+        ev.log(f"  * {FROST_NOTE}")
+    return res
+
+
+def perturbation_task(ev, base, img_size, perturbations):
+    """ImageNet-P flip probability, top-5 distance and top-1 per perturbation; mFR / mT5D with --p-normalizers."""
+    args = ev.args
+    normalizers = None
+    if args.p_normalizers:
+        try:
+            with open(args.p_normalizers) as f:
+                normalizers = json.load(f)
+            normalizers = {k: {p: float(normalizers[k][p]) for p in perturbations} for k in ("fp", "t5d")}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--p-normalizers {args.p_normalizers}: need {{'fp': {{pert: value}}, "
+                             f"'t5d': {{...}}}} for every perturbation run ({e!r})") from None
+    res = {"source": "frames" if args.imagenet_p_dir else "generated (no H.264 artifacts)",
+           "difficulty": args.p_difficulty, "per_perturbation": {}}
+    for name in perturbations:
+        if args.imagenet_p_dir:
+            seq = released_sequences(args.imagenet_p_dir, name, args.p_difficulty)
+        else:
+            make = partial(perturbation_sequence, name=name, crop_size=img_size, difficulty=args.p_difficulty,
+                           num_frames=args.p_frames)
+            seq = Generated(base, img_size, [(PERTURBATIONS.index(name), make)], args.seed)
+        scores, frames = ev.sequences(seq, name)
+        fp, t5d, top1 = scores.mean(1).tolist()
+        res["per_perturbation"][name] = {"fp": 100 * fp, "t5d": t5d, "top1": 100 * top1, "frames": int(frames)}
+    per = res["per_perturbation"]
+    res["top1"] = _mean([v["top1"] for v in per.values()])
+    res["mean_fp"] = _mean([v["fp"] for v in per.values()])
+    res["mean_t5d"] = _mean([v["t5d"] for v in per.values()])
+    if normalizers:
+        res["mfr"] = 100 * _mean([per[p]["fp"] / 100 / normalizers["fp"][p] for p in perturbations])
+        res["mt5d"] = 100 * _mean([per[p]["t5d"] / normalizers["t5d"][p] for p in perturbations])
+    ev.log(f"\nImageNet-P ({res['source']}, difficulty {args.p_difficulty}): FP %, T5D, top-1 % over perturbed frames")
+    for name, v in per.items():
+        ev.log(f"  {name:15s} FP {v['fp']:6.2f}  T5D {v['t5d']:6.3f}  top-1 {v['top1']:6.2f}  ({v['frames']} frames)")
+    ev.log(f"  mean top-1 {res['top1']:.2f}  mean FP {res['mean_fp']:.2f}" +
+           (f"  mFR {res['mfr']:.2f}  mT5D {res['mt5d']:.2f}" if normalizers else "  (mFR/mT5D need --p-normalizers)"))
+    return res
+
+
+def evaluate(args, device, rank, world, log):
+    """--tasks for one probe (or, with --equivariance-only, one backbone)."""
+    tasks = ["equivariance"] if args.equivariance_only else _choices(args.tasks, TASKS, "--tasks")
+    corruptions = _choices(args.corruptions, CORRUPTIONS, "--corruptions")
+    perturbations = _choices(args.perturbations, PERTURBATIONS, "--perturbations")
+    backbone, classifier, meta = load_model(args)
+    if args.equivariance_only:
+        classifier = None  # a probe's backbone is welcome, its head is not needed
+    if classifier is None and set(tasks) - {"equivariance"}:
+        raise SystemExit(f"--tasks {','.join(tasks)} need a classifier: pass --probe")
+    backbone.to(device).eval()
+    if classifier is not None:
+        classifier.to(device).eval()
+    img_size = args.img_size or meta["img_size"]
+    if img_size % backbone.patch_size:
+        raise SystemExit(f"--img-size {img_size} is not a multiple of the patch size {backbone.patch_size}")
+    if args.num_images is None and args.data == "synthetic":
+        args.num_images = 200  # the whole val split x (75 corruptions + 10 sequences) takes hours on a CPU
+    base, num_classes = val_images(args, img_size)
+    if classifier is not None and meta["num_classes"] != num_classes:
+        raise SystemExit(f"--data {args.data} has {num_classes} classes but the probe predicts {meta['num_classes']}")
+    frost_images = load_frost_images(args.frost_dir) if args.frost_dir else None
+    ev = Evaluator(args, backbone, classifier, meta, device, rank, world, log)
+    results = {"args": vars(args), "data": args.data, "num_images": len(base), "img_size": img_size,
+               "num_classes": num_classes, "world_size": world}
+    log(f"robustness_eval: {len(base)} images of {args.data} at {img_size}px, tasks {','.join(tasks)}, "
+        f"{world} process(es) on {device}")
+    clean_set, clean_error = clean_images(base, img_size), None
+    if set(tasks) & {"clean", "c", "geometry", "equivariance"}:
+        clean_results, clean_error = clean_tasks(ev, clean_set, img_size, tasks)
+        results.update(clean_results)
+    if "c" in tasks:
+        results["imagenet_c"] = corruption_task(ev, base, img_size, num_classes, corruptions, clean_error, frost_images)
+    if "p" in tasks:
+        results["imagenet_p"] = perturbation_task(ev, base, img_size, perturbations)
+    if args.figures:
+        figures(args, [backbone], ["probe"], clean_set, figure_layer(args, [backbone]), device, log)
+    return results
+
+
+def compare_backbones(args, device, rank, world, log):
     """--equivariance-only with several --backbone: per-block equivariance of each run, one table.
 
     The table reads, per run and group element, the mean cosine between f_l(g x) and rho_g f_l(x) at
@@ -1178,22 +1335,16 @@ def compare(args, device, rank, world, log):
     the run's linear_eval.json when linear_eval.py wrote one next to it (<run>/linear/)."""
     backbones, names = load_backbones(args), run_names(args.backbone)
     img_size = args.img_size or backbones[0].arch["img_size"]
-    try:
-        base = augment.build_dataset(args.data, "val", transform=None, img_size=img_size)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    base = Subset(base, range(min(args.num_images or 200, len(base))))
-    clean_set = GeneratedCorruptions(base, [("clean", 0)], img_size)
+    base, _ = val_images(args, img_size, default=200)
+    clean_set = clean_images(base, img_size)
     layer = figure_layer(args, backbones)
     results = {"args": vars(args), "data": args.data, "num_images": len(base), "img_size": img_size,
                "layer": layer, "runs": {}}
     for name, path, backbone in zip(names, args.backbone, backbones):
         ev = Evaluator(args, backbone.to(device).eval(), None, {}, device, rank, world, log)
-        elements, _, scores = ev.clean_pass(clean_set, False, True)
-        per = scores.nanmean(-1)  # (E, L, M)
+        elements, _, scores = ev.clean_pass(clean_set, img_size, False, True)
         run = {"backbone": path, "depth": backbone.depth, "cls_after_block": backbone.cls_after_block,
-               "equivariance": {n: {m: per[e, :, k].tolist() for k, m in enumerate(EQUIV_METRICS)}
-                                for e, n in enumerate(elements)}}
+               "equivariance": equivariance_results(elements, scores)}
         probe = os.path.join(os.path.dirname(path), "linear", "linear_eval.json")
         if os.path.isfile(probe):
             with open(probe) as f:
@@ -1209,184 +1360,19 @@ def compare(args, device, rank, world, log):
         log(f"  {name:24s} " + " ".join(f"{c[layer - 1]:6.3f}/{c[-1]:6.3f}" for c in cos) + "   "
             + " ".join(f"{a:6.2f}" if a is not None else "     -" for a in acc))
     if args.figures:
-        x = figure_inputs(clean_set, args.figure_images, device)
-        paths, _ = write_figures(backbones, names, x, args.figures, layer)
-        log("figures: " + ", ".join(paths))
+        figures(args, backbones, names, clean_set, layer, device, log)
     return results
-
-
-def _split(text, allowed, flag):
-    items = [t for t in text.split(",") if t]
-    bad = [t for t in items if t not in allowed]
-    if bad:
-        raise SystemExit(f"{flag}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
-    return items
-
-
-def _mean(values):
-    return float(np.mean(values)) if len(values) else float("nan")
 
 
 def main(args):
     t0 = time.time()
-    augment.check_ranges([("--num-images", args.num_images, lambda v: v >= 1, "at least 1"),
-                          ("--img-size", args.img_size, lambda v: v >= 1, "at least 1"),
-                          ("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1"),
-                          ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
-                          ("--p-frames", args.p_frames, lambda v: v >= 2, "at least 2"),
-                          ("--scales", args.scales, lambda v: v > 0, "positive"),
-                          ("--figure-layer", args.figure_layer, lambda v: v >= 1, "at least 1"),
-                          ("--figure-images", args.figure_images, lambda v: v >= 1, "at least 1")])
+    check_args(args)
     rank, world, device = losses.init_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
-    if args.backbone and (len(args.backbone) > 1 or args.figures and not args.probe):
-        if not args.equivariance_only:
-            raise SystemExit("several --backbone (or --figures without --probe) need --equivariance-only")
-        return _write_results(compare(args, device, rank, world, log), args, rank, world, log, t0)
-    tasks = ["equivariance"] if args.equivariance_only else _split(args.tasks, ("clean", "c", "p", "geometry",
-                                                                                 "equivariance"), "--tasks")
-    corruptions = _split(args.corruptions, CORRUPTIONS, "--corruptions")
-    perturbations = _split(args.perturbations, PERTURBATIONS, "--perturbations")
-    backbone, classifier, meta = load_model(args)
-    if args.equivariance_only:
-        classifier = None  # a probe's backbone is welcome, its head is not needed
-    if classifier is None and set(tasks) - {"equivariance"}:
-        raise SystemExit(f"--tasks {','.join(tasks)} need a classifier: pass --probe")
-    backbone.to(device).eval()
-    if classifier is not None:
-        classifier.to(device).eval()
-    img_size = args.img_size or meta["img_size"]
-    if img_size % backbone.patch_size:
-        raise SystemExit(f"--img-size {img_size} is not a multiple of the patch size {backbone.patch_size}")
-    try:
-        base = augment.build_dataset(args.data, "val", transform=None, img_size=img_size)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    num_classes = base.num_classes
-    if classifier is not None and meta["num_classes"] != num_classes:
-        raise SystemExit(f"--data {args.data} has {num_classes} classes but the probe predicts {meta['num_classes']}")
-    if args.num_images is None and args.data == "synthetic":
-        args.num_images = 200  # the whole val split x (75 corruptions + 10 sequences) takes hours on a CPU
-    if args.num_images:
-        base = Subset(base, range(min(args.num_images, len(base))))
-    frost_images = load_frost_images(args.frost_dir) if args.frost_dir else None
-    ev = Evaluator(args, backbone, classifier, meta, device, rank, world, log)
-    results = {"args": vars(args), "data": args.data, "num_images": len(base), "img_size": img_size,
-               "num_classes": num_classes, "world_size": world}
-    log(f"robustness_eval: {len(base)} images of {args.data} at {img_size}px, tasks {','.join(tasks)}, "
-        f"{world} process(es) on {device}")
-
-    # clean / geometry / equivariance share one pass over the clean images
-    clean_set = GeneratedCorruptions(base, [("clean", 0)], img_size)
-    if set(tasks) & {"clean", "c", "geometry", "equivariance"}:
-        names, correct, scores = ev.clean_pass(clean_set, "geometry" in tasks, "equivariance" in tasks)
-        clean_error = None
-        if classifier is not None:
-            clean_error = 1 - correct[0].mean().item()
-            results["clean"] = {"top1": 100 * (1 - clean_error)}
-            log(f"\nclean top-1 {100 * (1 - clean_error):.2f}")
-        if "geometry" in tasks:
-            results["geometry"] = {n: 100 * correct[e + 1].mean().item() for e, n in enumerate(names)}
-            log("\ngeometry top-1  " + "  ".join(f"{n} {v:.2f}" for n, v in results["geometry"].items()))
-        if "equivariance" in tasks:
-            per = scores.nanmean(-1)  # (E, L, M)
-            results["equivariance"] = {n: {m: per[e, :, k].tolist() for k, m in enumerate(EQUIV_METRICS)}
-                                       for e, n in enumerate(names)}
-            log("\nequivariance per block l = 1..%d: cos(f(gx), rho_g f(x)) / relative error [chance rel. error]"
-                % backbone.depth)
-            for e, n in enumerate(names):
-                log(f"  {n:9s} " + "  ".join(f"{per[e, l, 0]:.3f}/{per[e, l, 1]:.3f} [{per[e, l, 4]:.2f}]"
-                                             for l in range(backbone.depth)))
-
-    if "c" in tasks:
-        entries = [(c, s) for c in corruptions for s in range(1, 6)]
-        if args.imagenet_c_dir:
-            c_set = ReleasedCorruptions(args.imagenet_c_dir, entries, img_size)
-            if c_set.num_classes != num_classes:
-                raise SystemExit(f"--imagenet-c-dir has {c_set.num_classes} classes, the probe {num_classes}")
-        else:
-            c_set = GeneratedCorruptions(base, entries, img_size, args.seed, frost_images, 85 if args.c_jpeg else None)
-        correct = ev.correct(c_set, f"ImageNet-C ({len(entries)} sets)")
-        errors = {c: [1 - correct[c_set.entry == entries.index((c, s))].mean().item() for s in range(1, 6)]
-                  for c in corruptions}
-        mean_error = _mean([e for v in errors.values() for e in v])
-        c_res = {"source": "released" if args.imagenet_c_dir else "generated", "top1": 100 * (1 - mean_error),
-                 "mean_error": 100 * mean_error,
-                 "errors": {c: [100 * e for e in v] for c, v in errors.items()},
-                 "top1_per_corruption": {c: 100 * (1 - _mean(v)) for c, v in errors.items()},
-                 "error_per_severity": {s: 100 * _mean([errors[c][s - 1] for c in corruptions]) for s in range(1, 6)}}
-        # The procedural frost is about half as far from the clean image as the photos (1 - correlation,
-        # against make_imagenet_c.py with the photos: 0.52-0.66 over the severities), so every number it
-        # enters is biased toward robustness: each carries a mark next to it, on stdout and in the JSON.
-        substitute = not args.imagenet_c_dir and "frost" in corruptions and frost_images is None
-        mark = "*" if substitute else ""
-        if substitute:
-            c_res["deviation"] = FROST_NOTE
-        if args.mce == "on" or (args.mce == "auto" and num_classes == 1000):
-            if len(corruptions) == 15:
-                c_res.update(corruption_errors(errors, clean_error))
-            else:
-                log("mCE skipped: it needs all 15 corruptions")
-        if substitute:  # a "<key>_frost" entry beside each number that includes the procedural frost
-            for key in ("top1", "mean_error", "mce", "relative_mce"):
-                if key in c_res:
-                    c_res[f"{key}_frost"] = "procedural substitute (see 'deviation')"
-            c_res["top1_per_corruption_frost"] = "procedural substitute (see 'deviation')"
-        results["imagenet_c"] = c_res
-        log(f"\nImageNet-C ({c_res['source']}): top-1 error per severity 1..5, %")
-        for c in corruptions:
-            row_mark = mark if c == "frost" else ""
-            log(f"  {c:18s} " + " ".join(f"{100 * e:6.2f}" for e in errors[c])
-                + f"   top-1 {c_res['top1_per_corruption'][c]:.2f}{row_mark}")
-        log(f"  mean top-1 over {len(corruptions)}x5: {c_res['top1']:.2f}{mark}" + (
-            f"   mCE {c_res['mce']:.2f}{mark}"
-            + (f"  relative mCE {c_res['relative_mce']:.2f}{mark}" if "relative_mce" in c_res else "")
-            if "mce" in c_res else ""))
-        if substitute:
-            log(f"  * {FROST_NOTE}")
-
-    if "p" in tasks:
-        normalizers = None
-        if args.p_normalizers:
-            try:
-                with open(args.p_normalizers) as f:
-                    normalizers = json.load(f)
-                normalizers = {k: {p: float(normalizers[k][p]) for p in perturbations} for k in ("fp", "t5d")}
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise SystemExit(f"--p-normalizers {args.p_normalizers}: need {{'fp': {{pert: value}}, "
-                                 f"'t5d': {{...}}}} for every perturbation run ({e!r})") from None
-        p_res = {"source": "frames" if args.imagenet_p_dir else "generated (no H.264 artifacts)",
-                 "difficulty": args.p_difficulty, "per_perturbation": {}}
-        for name in perturbations:
-            if args.imagenet_p_dir:
-                seq = ReleasedSequences(args.imagenet_p_dir, name, args.p_difficulty)
-            else:
-                seq = GeneratedSequences(base, name, img_size, args.p_difficulty, args.p_frames, args.seed)
-            fp, t5d, top1 = ev.sequences(seq, name).mean(1).tolist()
-            p_res["per_perturbation"][name] = {"fp": 100 * fp, "t5d": t5d, "top1": 100 * top1,
-                                               "frames": int(seq[0][0].shape[0])}
-        per = p_res["per_perturbation"]
-        p_res["top1"] = _mean([v["top1"] for v in per.values()])
-        p_res["mean_fp"] = _mean([v["fp"] for v in per.values()])
-        p_res["mean_t5d"] = _mean([v["t5d"] for v in per.values()])
-        if normalizers:
-            p_res["mfr"] = 100 * _mean([per[p]["fp"] / 100 / normalizers["fp"][p] for p in perturbations])
-            p_res["mt5d"] = 100 * _mean([per[p]["t5d"] / normalizers["t5d"][p] for p in perturbations])
-        results["imagenet_p"] = p_res
-        log(f"\nImageNet-P ({p_res['source']}, difficulty {args.p_difficulty}): FP %, T5D, top-1 % over perturbed frames")
-        for name, v in per.items():
-            log(f"  {name:15s} FP {v['fp']:6.2f}  T5D {v['t5d']:6.3f}  top-1 {v['top1']:6.2f}  ({v['frames']} frames)")
-        log(f"  mean top-1 {p_res['top1']:.2f}  mean FP {p_res['mean_fp']:.2f}" +
-            (f"  mFR {p_res['mfr']:.2f}  mT5D {p_res['mt5d']:.2f}" if normalizers else "  (mFR/mT5D need --p-normalizers)"))
-
-    if args.figures:
-        x = figure_inputs(clean_set, args.figure_images, device)
-        paths, _ = write_figures([backbone], ["probe"], x, args.figures, figure_layer(args, [backbone]))
-        log("figures: " + ", ".join(paths))
-    return _write_results(results, args, rank, world, log, t0)
-
-
-def _write_results(results, args, rank, world, log, t0):
+    several = args.backbone and (len(args.backbone) > 1 or args.figures and not args.probe)
+    if several and not args.equivariance_only:
+        raise SystemExit("several --backbone (or --figures without --probe) need --equivariance-only")
+    results = (compare_backbones if several else evaluate)(args, device, rank, world, log)
     results["seconds"] = time.time() - t0
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
