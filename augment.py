@@ -121,22 +121,16 @@ def _poly(*xy):
 # Each class is a list of (polygon in unit coordinates, y pointing down, fill): fill 0 cuts a hole.
 # Classes differ by geometry only; colour and texture are random and shared by all classes. Polygons are
 # re-centred on the area centroid of their outer polygon, so that the placement does not depend on the class.
+# Six shapes that stay distinct at 32 px; the triangle and the star also show a rot90 by their geometry.
 _SHAPES = {
     "circle": [(_regular(40), 1)],
-    "ellipse": [(_regular(40) * [1.0, 0.5], 1)],
     "triangle": [(_regular(3) * 1.1, 1)],
     "square": [(_regular(4, phase=math.pi / 4) * 0.95, 1)],
-    "pentagon": [(_regular(5), 1)],
-    "hexagon": [(_regular(6), 1)],
     "star": [(_star(), 1)],
     "cross": [(_poly((-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1), (-.3, 1),
                      (-.3, .3), (-1, .3), (-1, -.3), (-.3, -.3)), 1)],
     "ring": [(_regular(40), 1), (_regular(40, 0.55), 0)],
-    "crescent": [(_regular(40), 1), (_regular(40, 0.85) + [0.45, -0.15], 0)],
-    "arrow": [(_poly((0, -1), (.75, -.1), (.28, -.1), (.28, 1), (-.28, 1), (-.28, -.1), (-.75, -.1)), 1)],
-    "L-shape": [(_poly((-.6, -1), (-.05, -1), (-.05, .45), (.75, .45), (.75, 1), (-.6, 1)), 1)],
 }
-
 
 
 def _centroid(p):
@@ -177,16 +171,23 @@ def _texture(rng, size):
 class SyntheticShapes(Dataset):
     """Procedural images of one object on a textured background, generated from (seed, split, index).
 
-    The class is the object's geometry (`classes`). Colours, textures, position, scale and the in-plane
-    rotation are random, so colour carries no label information (colour invariance pays off) while
-    the class stays recognisable under rotation. Rotations are drawn around an upright pose within
-    +-`max_rotation` degrees and objects are lit from above, so that, as in photographs, orientation
-    is informative (a rot90 is detectable: E-SSL's task is learnable and SER's rot90 action is not a
-    symmetry of the data). Set max_rotation=180 for a rotation-invariant distribution.
+    The class is the object's geometry (`classes`). Colours, the background texture, position, scale and
+    the in-plane rotation are random and carry no label information; the class stays recognisable
+    under rotation. Rotations are drawn around an upright pose within +-`max_rotation` degrees and
+    objects are lit from above, so that, as in photographs, orientation is informative (a rot90 is
+    detectable: E-SSL's task is learnable and SER's rot90 action is not a symmetry of the data). Set
+    max_rotation=180 for a rotation-invariant distribution.
     Labels cycle through the classes (label = index % num_classes), so every class has the same count.
+
+    Why the nuisances are muted (colours at 30% saturation, a background pattern at 30% contrast):
+    two views of one image share every per-image property that the augmentations keep, and a
+    self-supervised loss learns the most distinctive one first. With fully saturated random colours
+    that was colour, and a 4-block ViT's k-NN on the shapes stayed near chance for 300 steps of every
+    method; in grey, SimCLR's went from 24.6 to 56.1% in the same 300 steps (README, built-in data).
     """
 
     SPLITS = {"train": 0, "val": 1}
+    SATURATION, BACKGROUND_CONTRAST = 0.0, 0.3
 
     def __init__(self, split="train", length=10_000, img_size=64, seed=0, transform=None, max_rotation=30.0):
         if split not in self.SPLITS:
@@ -201,6 +202,10 @@ class SyntheticShapes(Dataset):
     def __len__(self):
         return self.length
 
+    def _muted(self, rgb):  # (..., 3) in [0, 1] -> the same colours at SATURATION of their distance to grey
+        grey = rgb.mean(-1, keepdims=True)
+        return grey + self.SATURATION * (rgb - grey)
+
     @property
     def targets(self):
         return [i % self.num_classes for i in range(self.length)]
@@ -214,19 +219,18 @@ class SyntheticShapes(Dataset):
         s = self.img_size
         x, y = _grid(s)
 
-        # Background: two random colours mixed by a random pattern.
-        bg_a, bg_b = rng.random(3, dtype=np.float32), rng.random(3, dtype=np.float32)
-        image = bg_a + (bg_b - bg_a) * _texture(rng, s)[..., None]  # (s, s, 3)
-        # Object colour: the farthest of 4 random colours from the background, so the object is visible.
-        candidates = rng.random((4, 3), dtype=np.float32)
-        fg_a = candidates[np.argmax(((candidates - (bg_a + bg_b) / 2) ** 2).sum(1))]
-        fg_b = np.clip(fg_a + rng.normal(0, 0.15, 3), 0, 1).astype(np.float32)
-        fg = fg_a + (fg_b - fg_a) * _texture(rng, s)[..., None]
+        # Background: two muted colours mixed by a faint random pattern.
+        bg_a, bg_b = self._muted(rng.random((2, 3), dtype=np.float32))
+        image = bg_a + self.BACKGROUND_CONTRAST * (bg_b - bg_a) * _texture(rng, s)[..., None]  # (s, s, 3)
+        # Object colour: the farthest of 4 muted colours from the background, so the object is visible.
+        candidates = self._muted(rng.random((4, 3), dtype=np.float32))
+        fg = candidates[np.argmax(((candidates - bg_a) ** 2).sum(1))]
         fg = fg * (1.0 - 0.2 * y[..., None])  # light from above: a weak cue for the upright direction
 
         # Object mask: polygons drawn at 2x and box-filtered for anti-aliased edges.
-        radius = rng.uniform(0.18, 0.36) * s
-        centre = rng.uniform(radius * 0.8, s - radius * 0.8, 2)
+        # Large and near the centre, so that crops down to a quarter of the image still show most of it.
+        radius = rng.uniform(0.28, 0.42) * s
+        centre = s / 2 + rng.uniform(-0.5, 0.5, 2) * (s - 1.6 * radius)
         angle = math.radians(rng.uniform(-self.max_rotation, self.max_rotation))
         rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
         canvas = Image.new("L", (2 * s, 2 * s), 0)

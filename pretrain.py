@@ -80,14 +80,21 @@ SER_DEFAULTS = {"mocov3": (1.0, 0.5), "dino": (0.3, 0.4), "barlowtwins": (1.0, 0
 ADDON_DEFAULTS = {"equimod": (1.0, 0.2), "augself": (1.0, None), "essl": (0.4, None), None: (0.0, None)}
 # The real-data run: ViT-S/16 at 224 px, SER's 100-epoch schedule (the paper's runs use batch 2048).
 REAL_DEFAULTS = dict(arch="vit_small", depth=None, patch_size=16, img_size=224, epochs=100, warmup_epochs=10,
-                     batch_size=1024, head_hidden=None, head_out=None, knn_train_size=20000, knn_val_size=10000)
-# The built-in dataset on a 2-core CPU, where the run must finish in minutes: a 6-block ViT-Ti on
-# 64 px images with 8 px patches (an 8x8 token grid, enough for SER's rescaled grids), narrower heads,
-# and, for every method, a higher lr, a faster EMA (0.99: the teacher must move within ~130 steps),
-# no stochastic depth and a larger minimum crop, which a few epochs on small images need.
-SYNTHETIC_DEFAULTS = dict(arch="vit_tiny", depth=6, patch_size=8, img_size=64, epochs=4, warmup_epochs=1,
-                          batch_size=128, head_hidden=1024, head_out=256, knn_train_size=2000, knn_val_size=1000,
-                          lr=1.5e-3, min_lr=1e-6, momentum=0.99, drop_path=0.0, crop_min=0.25)
+                     batch_size=1024, head_hidden=None, head_out=None, knn_train_size=20000, knn_val_size=10000,
+                     weight_init=None, use_bn_in_head=False, freeze_last_layer=1)
+# The built-in dataset on a 2-core CPU, where the run must finish in minutes: a 4-block ViT-Ti on 32 px
+# images with 8 px patches (a 4x4 token grid, enough for SER's rescaled 3x3..5x5 grids), MoCo v3's
+# initialisation for every method (Xavier weights, fixed sin-cos positions: with timm's trunc-normal(0.02)
+# a ViT this small does not leave chance within a few hundred steps even when trained supervised,
+# README), narrower heads, and for every method a higher lr, a faster EMA (the teacher must move within
+# a few hundred steps), no stochastic depth and a larger minimum crop.
+SYNTHETIC_DEFAULTS = dict(arch="vit_tiny", depth=4, patch_size=8, img_size=32, epochs=10, warmup_epochs=1,
+                          batch_size=64, head_hidden=1024, head_out=256, knn_train_size=2000, knn_val_size=1000,
+                          lr=1.5e-3, min_lr=1e-6, momentum=0.99, drop_path=0.0, crop_min=0.25, weight_init="moco",
+                          use_bn_in_head=False, freeze_last_layer=1, synthetic_length=3200)
+# DINO at this scale: its teacher starts out uniform and needs a sharper start (BatchNorm in the head,
+# the official --use_bn_in_head; the last layer trained from step 0; an EMA of 0.96; lr 5e-3 per 256).
+SYNTHETIC_METHOD_DEFAULTS = {"dino": dict(lr=5e-3, momentum=0.96, use_bn_in_head=True, freeze_last_layer=0)}
 
 # For schedulers: after a signal the run is checkpointed but not finished, so it exits 128 + the signal number.
 EXIT_CODES = ("exit status: 0 finished or stopped at --stop-at-step; 1 an error; 143 (SIGTERM) or 130 (SIGINT) after "
@@ -122,7 +129,7 @@ def get_args_parser():
     # Data.
     a("--data", default="synthetic", help="'synthetic' (built in), an ImageFolder root with train/ (and val/), "
                                           "'cifar10:<dir>' or 'stl10:<dir>'")
-    a("--synthetic-length", type=int, default=4096, help="images per epoch of the built-in dataset")
+    a("--synthetic-length", type=int, default=None, help="images per epoch of the built-in dataset (3200)")
     a("--img-size", type=int, default=None, help="global crop size in px (224 real, 64 synthetic)")
     a("--n-local-crops", type=int, default=0,
       help="multi-crop: local crops per image. DINO (official ViT-S: 8-10; SER's DINO runs: 0) and MoCo v3 "
@@ -136,6 +143,11 @@ def get_args_parser():
     a("--drop-path", type=float, default=None, help="stochastic depth of the student (DINO: 0.1)")
     a("--head-hidden", type=int, default=None, help="override the projector's hidden width (recipe: 4096/2048/8192)")
     a("--head-out", type=int, default=None, help="override the projector's output width (DINO: 65536)")
+    a("--weight-init", default=None, choices=["trunc_normal", "moco"],
+      help="ViT initialisation: each method's own on real data (MoCo v3: moco = Xavier + sin-cos positions; "
+           "others: timm's trunc_normal), moco on the built-in data")
+    a("--use-bn-in-head", action=argparse.BooleanOptionalAction, default=None,
+      help="DINO: BatchNorm in the projection head (official flag; off on real data, on for the built-in data)")
     a("--norm-last-layer", action="store_true",
       help="DINO: weight-normalise the head's last layer with a fixed norm (ViT-B recipe; ViT-S: off)")
     a("--grad-checkpointing", action="store_true", help="recompute block activations: large per-GPU batches")
@@ -160,7 +172,8 @@ def get_args_parser():
     a("--warmup-teacher-temp", type=float, default=0.04, help="DINO teacher temperature at the start of its warm-up")
     a("--warmup-teacher-temp-epochs", type=int, default=0,
       help="DINO: epochs of linear teacher-temperature warm-up to --teacher-temp (0 = none)")
-    a("--freeze-last-layer", type=int, default=1, help="DINO: epochs with the head's last layer frozen")
+    a("--freeze-last-layer", type=int, default=None, help="DINO: epochs with the head's last layer frozen (1; "
+                                                          "0 on the built-in data)")
     a("--precision", default="auto", choices=vit.PRECISIONS,
       help="autocast dtype; auto: bf16 on GPUs and on CPUs with native bf16 (AVX512_BF16 or AMX), else fp32")
     # Runtime.
@@ -190,7 +203,8 @@ def resolve_config(args):
         raise SystemExit(f"error: one add-on at a time, got --{' --'.join(addons)}")
     args.addon = addons[0] if addons else None
     synthetic = args.data == "synthetic"
-    defaults = {**METHOD_DEFAULTS[args.method], **(SYNTHETIC_DEFAULTS if synthetic else REAL_DEFAULTS)}
+    defaults = {**METHOD_DEFAULTS[args.method], **(SYNTHETIC_DEFAULTS if synthetic else REAL_DEFAULTS),
+                **(SYNTHETIC_METHOD_DEFAULTS.get(args.method, {}) if synthetic else {})}
     for k, v in defaults.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -463,11 +477,15 @@ def build_models(args):
         arch["depth"] = args.depth
     if args.method == "mocov3":  # MoCo v3's ViT recipe: fixed sin-cos positions, frozen random patch projection
         arch.update(pos_embed="sincos", stop_grad_conv1=True, weight_init="moco")
+    if args.weight_init == "moco":
+        arch.update(pos_embed="sincos", weight_init="moco")
+    elif args.weight_init == "trunc_normal":
+        arch.update(pos_embed="learned", weight_init="trunc_normal")
     backbone = vit.build_vit(arch)
     if args.grad_checkpointing:
         backbone.grad_checkpointing = True
     D = backbone.embed_dim
-    head_kw = dict(norm_last_layer=args.norm_last_layer) if args.method == "dino" else {}
+    head_kw = dict(norm_last_layer=args.norm_last_layer, use_bn=args.use_bn_in_head) if args.method == "dino" else {}
     projector, predictor = losses.build_heads(args.method, D, hidden_dim=args.head_hidden, out_dim=args.head_out,
                                               **head_kw)
     depth = backbone.depth

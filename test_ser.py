@@ -1258,13 +1258,19 @@ def test_synthetic_deterministic_and_split_streams():
 
 def test_synthetic_classes_and_colours():
     data = SyntheticShapes("train", 240, img_size=32)
-    assert data.num_classes >= 10 and len(data.classes) == data.num_classes
+    assert data.num_classes == 6 and len(data.classes) == data.num_classes
     labels = [data[i][1] for i in range(len(data))]
     assert sorted(set(labels)) == list(range(data.num_classes))
     assert labels == data.targets
-    # Colour varies within a class: mean colours of same-class images differ a lot.
+    # Colour varies within a class: mean colours of same-class images differ a lot; at the default
+    # saturation 0 they are grey levels, and a saturation above 0 gives colours.
     means = np.stack([data.render(i * data.num_classes)[0].reshape(-1, 3).mean(0) for i in range(20)])
     assert means.std(0).min() > 20
+    image = data.render(5)[0].astype(int)
+    assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
+    data.SATURATION = 0.5
+    image = data.render(5)[0].astype(int)
+    assert np.abs(image[..., 0] - image[..., 1]).mean() > 2
     # The object is drawn: images are not flat.
     assert all(data.render(i)[0].std() > 5 for i in range(12))
 
@@ -1272,7 +1278,7 @@ def test_synthetic_classes_and_colours():
 def test_build_dataset_synthetic_and_transforms():
     data = build_dataset("synthetic", "val", transform=eval_transform(32), img_size=32, length=24)
     x, y = data[3]
-    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and len(data) == 24 and data.num_classes >= 10
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and len(data) == 24 and data.num_classes == 6
     x, _ = build_dataset("synthetic", "train", linear_train_transform(32), img_size=40, length=4)[0]
     assert x.shape == (3, 32, 32)
 
