@@ -298,11 +298,11 @@ def train_sweep(sweep, loader, lrs, epochs, device, backbone=None, n_last_blocks
             for group, lr in zip(optimizer.param_groups, lrs):
                 group["lr"] = lr * scale
             logits = model(inputs.float())  # (K, B, C)
-            losses = torch.stack([F.cross_entropy(head_logits, labels) for head_logits in logits])  # (K,)
+            per_head = torch.stack([F.cross_entropy(head_logits, labels) for head_logits in logits])  # (K,)
             optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
+            per_head.sum().backward()
             optimizer.step()
-            loss_sum += losses.detach()
+            loss_sum += per_head.detach()
             step += 1
         loss_per_head = (loss_sum / len(loader)).tolist()
         if epoch == 0 or (epoch + 1) % max(1, epochs // 10) == 0:  # ~10 lines per run
@@ -358,19 +358,15 @@ def get_args_parser():
 
 
 def check_args(args, world):
-    # (flag, value, ok, what is wanted), checked by augment.check_ranges
-    ranges = [*[("--lrs", lr, lambda v: v > 0, "positive") for lr in args.lrs],
-              ("--epochs", args.epochs, lambda v: v >= 1, "at least 1"),
-              ("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1"),
-              ("--knn-k", args.knn_k, lambda v: v >= 0, ">= 0 (0 skips k-NN)"),
-              ("--knn-temperature", args.knn_temperature, lambda v: v > 0, "positive"),
-              ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
-              ("--patch-size", args.patch_size, lambda v: v >= 1, "at least 1"),
-              ("--img-size", args.img_size, lambda v: v >= 1, "at least 1"),
-              ("--train-length", args.train_length, lambda v: v >= 1, "at least 1"),
-              ("--val-length", args.val_length, lambda v: v >= 1, "at least 1"),
-              ("--n-last-blocks", args.n_last_blocks, lambda v: v >= 1, "at least 1"),
-              ("--holdout-fraction", args.holdout_fraction, lambda v: 0 <= v < 1, "in [0, 1)")]
+    at_least_1 = [("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--patch-size", args.patch_size),
+                  ("--img-size", args.img_size), ("--train-length", args.train_length),
+                  ("--val-length", args.val_length), ("--n-last-blocks", args.n_last_blocks)]
+    ranges = [(flag, v, lambda v: v >= 1, "at least 1") for flag, v in at_least_1]
+    ranges += [("--lrs", args.lrs, lambda v: v > 0, "positive"),
+               ("--knn-k", args.knn_k, lambda v: v >= 0, ">= 0 (0 skips k-NN)"),
+               ("--knn-temperature", args.knn_temperature, lambda v: v > 0, "positive"),
+               ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
+               ("--holdout-fraction", args.holdout_fraction, lambda v: 0 <= v < 1, "in [0, 1)")]
     augment.check_ranges(ranges)
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the world size {world}")

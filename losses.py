@@ -361,8 +361,8 @@ class DINOLoss(nn.Module):
         n_teacher = teacher_out.shape[0] // max(batch, 1)
         whole = batch * ncrops == student_out.shape[0] and n_teacher * batch == teacher_out.shape[0]
         if not whole or not 1 <= n_teacher <= ncrops:
-            raise ValueError(f"DINOLoss: {student_out.shape[0]} student rows for {ncrops} crops and "
-                             f"{teacher_out.shape[0]} teacher rows are not whole views of one batch")
+            raise ValueError(f"DINOLoss: {student_out.shape[0]} student and {teacher_out.shape[0]} teacher rows are "
+                             f"not ncrops={ncrops} views and 1..ncrops views of one batch")
         student_logp = F.log_softmax(_upcast(student_out) / self.student_temp, dim=-1).chunk(ncrops)
         teacher = _upcast(teacher_out.detach())
         teacher_p = F.softmax((teacher - self.center) / teacher_temp, dim=-1).chunk(n_teacher)

@@ -29,6 +29,7 @@ linear_eval.py, robustness_eval.py and detect_eval.py load.
 import argparse
 import ctypes
 import functools
+import itertools
 import json
 import math
 import os
@@ -214,44 +215,31 @@ def resolve_config(args):
     if args.num_workers is None:  # the CPU cores of this rank's share of the machine
         args.num_workers = min(8, max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", 1))))
     # Ranges of the numeric options; None means "unset" and is checked after the recipe filled it in.
-    ranges = [
-        ("--batch-size", args.batch_size, lambda v: v > 0, "positive"),
-        ("--epochs", args.epochs, lambda v: v > 0, "positive"),
-        ("--img-size", args.img_size, lambda v: v > 0, "positive"),
-        ("--patch-size", args.patch_size, lambda v: v > 0, "positive"),
-        ("--lr", args.lr, lambda v: v > 0, "positive"),
-        ("--min-lr", args.min_lr, lambda v: v >= 0, ">= 0"),
-        ("--weight-decay", args.weight_decay, lambda v: v >= 0, ">= 0"),
-        ("--weight-decay-end", args.weight_decay_end, lambda v: v >= 0, ">= 0"),
-        ("--momentum", args.momentum, lambda v: 0 <= v <= 1, "in [0, 1]"),
-        ("--clip-grad", args.clip_grad, lambda v: v >= 0, ">= 0 (0 = off)"),
-        ("--drop-path", args.drop_path, lambda v: 0 <= v < 1, "in [0, 1)"),
-        ("--crop-min", args.crop_min, lambda v: 0 < v <= 1, "in (0, 1]"),
-        ("--temperature", args.temperature, lambda v: v > 0, "positive"),
-        ("--teacher-temp", args.teacher_temp, lambda v: v > 0, "positive"),
-        ("--warmup-teacher-temp", args.warmup_teacher_temp, lambda v: v > 0, "positive"),
-        ("--equiv-lambda", args.equiv_lambda, lambda v: v >= 0, ">= 0"),
-        ("--equiv-tau", args.equiv_tau, lambda v: v > 0, "positive"),
-        ("--ser-ratio", args.ser_ratio, lambda v: 0 < v < 1, "in (0, 1)"),
-        ("--ser-min-images", args.ser_min_images, lambda v: v >= 2,
-         "at least 2 (a b2 image needs other images as negatives)"),
-        ("--ser-chunk", args.ser_chunk, lambda v: v > 0, "positive"),
-        ("--peak-tflops", args.peak_tflops, lambda v: v > 0, "positive"),
-        ("--synthetic-length", args.synthetic_length, lambda v: v >= 1, "at least 1"),
-        ("--depth", args.depth, lambda v: v >= 1, "at least 1 block"),
-        ("--head-hidden", args.head_hidden, lambda v: v >= 1, "at least 1"),
-        ("--head-out", args.head_out, lambda v: v >= 1, "at least 1"),
-        ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
-        ("--n-local-crops", args.n_local_crops, lambda v: v >= 0, ">= 0"),
-        ("--warmup-teacher-temp-epochs", args.warmup_teacher_temp_epochs, lambda v: v >= 0, ">= 0"),
-        ("--freeze-last-layer", args.freeze_last_layer, lambda v: v >= 0, ">= 0"),
-        ("--log-every", args.log_every, lambda v: v >= 1, "at least 1 step"),
-        ("--knn-every", args.knn_every, lambda v: v >= 0, ">= 0 (0 = off)"),
-        ("--knn-train-size", args.knn_train_size, lambda v: v >= 1, "at least 1"),
-        ("--knn-val-size", args.knn_val_size, lambda v: v >= 1, "at least 1"),
-        ("--benchmark", args.benchmark, lambda v: v >= 0, ">= 0"),
-        ("--stop-at-step", args.stop_at_step, lambda v: v >= 1, "at least 1"),
-    ]
+    positive = [("--batch-size", args.batch_size), ("--epochs", args.epochs), ("--img-size", args.img_size),
+                ("--patch-size", args.patch_size), ("--lr", args.lr), ("--temperature", args.temperature),
+                ("--teacher-temp", args.teacher_temp), ("--warmup-teacher-temp", args.warmup_teacher_temp),
+                ("--equiv-tau", args.equiv_tau), ("--ser-chunk", args.ser_chunk), ("--peak-tflops", args.peak_tflops)]
+    non_negative = [("--min-lr", args.min_lr), ("--weight-decay", args.weight_decay),
+                    ("--weight-decay-end", args.weight_decay_end), ("--equiv-lambda", args.equiv_lambda),
+                    ("--num-workers", args.num_workers), ("--n-local-crops", args.n_local_crops),
+                    ("--warmup-teacher-temp-epochs", args.warmup_teacher_temp_epochs),
+                    ("--freeze-last-layer", args.freeze_last_layer), ("--benchmark", args.benchmark)]
+    at_least_1 = [("--synthetic-length", args.synthetic_length), ("--head-hidden", args.head_hidden),
+                  ("--head-out", args.head_out), ("--knn-train-size", args.knn_train_size),
+                  ("--knn-val-size", args.knn_val_size), ("--stop-at-step", args.stop_at_step)]
+    ranges = [(flag, v, lambda v: v > 0, "positive") for flag, v in positive]
+    ranges += [(flag, v, lambda v: v >= 0, ">= 0") for flag, v in non_negative]
+    ranges += [(flag, v, lambda v: v >= 1, "at least 1") for flag, v in at_least_1]
+    ranges += [("--momentum", args.momentum, lambda v: 0 <= v <= 1, "in [0, 1]"),
+               ("--clip-grad", args.clip_grad, lambda v: v >= 0, ">= 0 (0 = off)"),
+               ("--drop-path", args.drop_path, lambda v: 0 <= v < 1, "in [0, 1)"),
+               ("--crop-min", args.crop_min, lambda v: 0 < v <= 1, "in (0, 1]"),
+               ("--ser-ratio", args.ser_ratio, lambda v: 0 < v < 1, "in (0, 1)"),
+               ("--ser-min-images", args.ser_min_images, lambda v: v >= 2,
+                "at least 2 (a b2 image needs other images as negatives)"),
+               ("--depth", args.depth, lambda v: v >= 1, "at least 1 block"),
+               ("--log-every", args.log_every, lambda v: v >= 1, "at least 1 step"),
+               ("--knn-every", args.knn_every, lambda v: v >= 0, ">= 0 (0 = off)")]
     augment.check_ranges(ranges, prefix="error: ")
     if not 0 <= args.warmup_epochs <= args.epochs:
         raise SystemExit(f"error: --warmup-epochs {args.warmup_epochs} must be in 0..--epochs ({args.epochs})")
