@@ -1140,14 +1140,7 @@ def load_model(args):
 
 
 def load_backbones(args):
-    arch = dict(name=args.arch, patch_size=args.patch_size) if args.arch else None
-    backbones = []
-    for path in args.backbone:
-        try:
-            backbones.append(vit.load_backbone(path, arch=arch))
-        except (FileNotFoundError, ValueError, KeyError) as e:
-            raise SystemExit(f"--backbone {path}: {e}") from None
-    return backbones
+    return [vit.backbone_from_flags(path, args.arch, args.patch_size, flag=f"--backbone {path}") for path in args.backbone]
 
 
 def run_names(paths):
