@@ -421,7 +421,6 @@ def make_step_inputs(batch, photometric, step, args, rank, world, device):
 
 
 
-# ---------------------------------------------------------------------------- model
 class Student(nn.Module):
     """Backbone + the method's heads + the add-on head: everything that trains, behind one forward
     (so DDP sees every parameter used in the step)."""
@@ -436,20 +435,17 @@ class Student(nn.Module):
     def _represent(self, out):
         return out["cls"] if self.addon_layer is None else out["cls_at_layer"]
 
-    def _features(self, batch, call, x, positions, n_sets=1, layer=None, eager=False):
+    def _features(self, batch, call, x, positions, n_sets=1, layer=None):
         """One backbone call on rows that are images `positions` of the global batch, the k-th copy of
         each in row block k (n_sets copies). Stochastic depth draws its keep flags for every row of the
         global call from torch's generator seeded by (seed, step, call) and keeps ours, so the masks do
-        not depend on the number of ranks. eager: the class's own method even under --compile (SER's b2
-        grids change every step and would recompile every step)."""
+        not depend on the number of ranks."""
         if self.stochastic_depth:
             torch.manual_seed(augment.seed_from("drop-path", *batch.key, call))
             n = batch.batch_size
             ids = torch.cat([k * n + positions for k in range(n_sets)])
             self.backbone.drop_path_rows = (ids, n_sets * n)
         try:
-            if eager:
-                return vit.VisionTransformer.forward_features(self.backbone, x, layer=layer)
             return self.backbone.forward_features(x, layer=layer)
         finally:
             self.backbone.drop_path_rows = None
@@ -501,7 +497,7 @@ class Student(nn.Module):
             for k, pair in enumerate(group.pairs):
                 maps = []
                 for j, (x, stream) in enumerate(zip((pair.x1, pair.x2), pair.streams)):
-                    out = self._features(batch, ("ser", group.index, k, j), x, group.positions, layer=layer, eager=True)
+                    out = self._features(batch, ("ser", group.index, k, j), x, group.positions, layer=layer)
                     extra[stream].append(out["cls"])
                     maps.append(self.addon_head(out["token_map"]))  # (n, C, h_j, w_j)
                 pairs[k].append(losses.SERGroup(*maps, pair.g1, pair.g2, pair.base_grid, group.positions))
@@ -511,7 +507,7 @@ class Student(nn.Module):
             for k, (base_grid, _) in enumerate(batch.ser_pairs):
                 side = [g * self.backbone.patch_size for g in base_grid]
                 x = batch.streams[0].new_zeros(0, 3, *side)
-                z = self.addon_head(vit.VisionTransformer.forward_features(self.backbone, x, layer=layer)["token_map"])
+                z = self.addon_head(self.backbone.forward_features(x, layer=layer)["token_map"])
                 pairs[k].append(losses.SERGroup(z, z, None, None, base_grid, torch.zeros(0, dtype=torch.long)))
         return [torch.cat([c, *e]) for c, e in zip(cls, extra)], pairs
 
@@ -528,12 +524,12 @@ class Teacher(nn.Module):
     def forward(self, batch):
         globals_ = batch.streams[:2]
         cls = [[c] for c in self.backbone(torch.cat(globals_)).split([v.shape[0] for v in globals_])]
-        eager = vit.VisionTransformer.forward_features  # as in Student._b2
+        layer = self.backbone.cls_after_block  # b2 calls ask for SER's token map, as Student._b2 (compile_backbones)
         for group in batch.b2:
             for pair in group.pairs:
                 for x, stream in zip((pair.x1, pair.x2), pair.streams):
                     if stream < len(cls):
-                        cls[stream].append(eager(self.backbone, x)["cls"])
+                        cls[stream].append(self.backbone.forward_features(x, layer=layer)["cls"])
         return [self.projector(torch.cat(c)) for c in cls]
 
 
@@ -895,15 +891,16 @@ class Interrupt:
 
 def compile_backbones(student, teacher):
     """--compile: torch.compile the training calls of the student's and teacher's backbones with static
-    shapes; they all have fixed sizes (global, local and E-SSL crops). SER's b2 views, whose grid
-    changes every step, call the eager method directly (Student._features(eager=True), Teacher), and
-    eval mode (the k-NN monitor) stays eager, so nothing recompiles during the run. Compiling the bound
-    method, not wrapping the module, keeps the state-dict keys free of '_orig_mod.'."""
+    shapes; they all have fixed sizes (global, local and E-SSL crops). SER's b2 views, whose grid changes
+    every step, are the only calls that ask for the token map at SER's split (Student._b2, Teacher): they
+    run eagerly, as eval mode (the k-NN monitor) does, so nothing recompiles during the run. Compiling
+    the bound method, not wrapping the module, keeps the state-dict keys free of '_orig_mod.'."""
     for backbone in [student.backbone] + ([teacher.backbone] if teacher is not None else []):
         eager, compiled = backbone.forward_features, torch.compile(backbone.forward_features, dynamic=False)
 
         def forward_features(x, layer=None, backbone=backbone, eager=eager, compiled=compiled):
-            return (compiled if backbone.training else eager)(x, layer=layer)
+            b2 = backbone.cls_after_block and layer == backbone.cls_after_block
+            return (compiled if backbone.training and not b2 else eager)(x, layer=layer)
 
         backbone.forward_features = forward_features
 
