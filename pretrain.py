@@ -420,7 +420,6 @@ def make_step_inputs(batch, photometric, step, args, rank, world, device):
     return out
 
 
-
 class Student(nn.Module):
     """Backbone + the method's heads + the add-on head: everything that trains, behind one forward
     (so DDP sees every parameter used in the step)."""
@@ -582,7 +581,6 @@ def param_groups(student, method):
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False}]
 
 
-
 def compute_losses(args, student_out, teacher_out, batch, dino_loss, epoch):
     """{'inv': invariance loss, 'equiv': add-on loss (unweighted)}, float32."""
     m = args.method
@@ -619,7 +617,6 @@ def compute_losses(args, student_out, teacher_out, batch, dino_loss, epoch):
     return out
 
 
-
 def cosine_schedule(step, total_steps, peak, final, warmup_steps=0):
     """Linear warm-up from 0 to `peak` over warmup_steps, then half-cosine to `final` at total_steps.
     (DINO's array version repeats the peak once and stops one step short of `final`.)"""
@@ -632,7 +629,6 @@ def cosine_schedule(step, total_steps, peak, final, warmup_steps=0):
 def ema_momentum(step, total_steps, base):
     """MoCo v3 / BYOL / DINO: 1 - (1 - base) * (cos(pi * step / total) + 1) / 2, from base to 1."""
     return 1 - (1 - base) * (math.cos(math.pi * step / total_steps) + 1) / 2
-
 
 
 def clip_grad_per_param(params, max_norm):
