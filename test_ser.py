@@ -1982,12 +1982,10 @@ TORCHRUN_CONFIGS = {
     "mocov3_2+4_ser": "--method mocov3 --n-local-crops 4 --ser --equiv-layer 1 --ser-chunk 5",
     "mocov3_2+4_essl": "--method mocov3 --n-local-crops 4 --essl",
 }
-# Launches several runs in one torchrun job: each process starts once (imports dominate a tiny run). Each
-# run rendezvouses on its own store (port): re-initialising through torchrun's store could read the
-# previous run's keys and hang.
-# One torchrun, several runs: each run's process group needs its own port. Rank 0 picks it just before the
-# run starts and hands it over through torchrun's own store; ports picked before the launch can be taken by
-# then (a gloo connection of an earlier run bound one once: EADDRINUSE).
+# Several runs in one torchrun job: each process starts once (imports dominate a tiny run). Each run
+# rendezvouses on its own store (port): re-initialising through torchrun's store could read the previous
+# run's keys and hang. Rank 0 picks each port just before its run starts and hands it over through
+# torchrun's store, since a port picked before the launch can be taken by then (EADDRINUSE).
 _TORCHRUN_DRIVER = """
 import os
 import socket
