@@ -27,14 +27,10 @@ Outputs (rank 0): <output-dir>/linear_eval.json (linear and k-NN top-1/top-5, th
 
 As a library (pretrain.py's k-NN monitor, robustness_eval.py):
 
-    stats = knn_eval(backbone, DataLoader(WithIndex(train_set), sampler=...), DataLoader(WithIndex(val_set), ...),
-                     num_classes, device)                      # {'top1': %, 'top5': %}
+    train_loader = augment.make_loader(WithIndex(train_set), 256, rank, world, num_workers)  # WithIndex outermost
+    stats = knn_eval(backbone, train_loader, val_loader, num_classes, device)  # {'top1': %, 'top5': %}
     backbone, classifier, meta = load_probe("runs/default/linear/linear_probe.pth")
     logits = predict(backbone, classifier, images, meta["n_last_blocks"], meta["avgpool"])  # (B, C)
-
-Loaders given to the gathering functions yield (images, labels, indices), indices into loader.dataset:
-wrap the dataset in `WithIndex` last (outermost). Under DDP give them a DistributedSampler with
-shuffle=False; its padding is harmless because features are written back by dataset index.
 """
 
 import argparse
@@ -232,9 +228,9 @@ def topk_accuracy(ranked, labels):
 def knn_eval(backbone, train_loader, val_loader, num_classes, device, k=20, T=0.07):
     """k-NN top-1/top-5 (%) of backbone(x), the final-norm [CLS], as in DINO eval_knn.
 
-    Loaders yield (images, labels, indices) (see WithIndex) with deterministic eval transforms; under
-    DDP each has a DistributedSampler(shuffle=False) and every rank gets the same result. Pass the
-    bare module (not the DDP wrapper). Its train/eval mode is restored afterwards.
+    Loaders yield (images, labels, indices) (see WithIndex) with deterministic eval transforms, one
+    shard per rank (augment.make_loader); every rank gets the same result. Pass the bare module (not
+    the DDP wrapper). Its train/eval mode is restored afterwards.
     """
     was_training = backbone.training
     backbone.eval()

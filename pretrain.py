@@ -752,7 +752,9 @@ def save_checkpoint(args, step, saved, note):
     state = {"args": vars(args), "arch": saved["student"].backbone.arch, "step": step,
              "eval_key": "teacher" if args.method == "dino" else "student",
              **{name: obj.state_dict() if obj is not None else None for name, obj in saved.items()}}
-    if not weights_finite(state):
+    weights = [v for part in ("student", "teacher") if state[part] is not None
+               for v in state[part].values() if v.is_floating_point()]
+    if not bool(torch.stack([torch.isfinite(t).all() for t in weights]).all()):  # one host sync
         raise SystemExit(f"error: non-finite weights at step {step}; {note}. {DIVERGED}")
     if losses.rank() == 0:
         try:
@@ -770,13 +772,6 @@ def export_backbone(path, state):
     backbone = {k[len("backbone."):]: v for k, v in network.items() if k.startswith("backbone.")}
     vit.save_atomic(path, {"arch": state["arch"], "backbone": backbone, "method": state["args"]["method"],
                            "addon": state["args"]["addon"]})
-
-
-def weights_finite(state):
-    """Whether every floating-point weight of the student and teacher is finite: one host sync."""
-    tensors = [v for part in ("student", "teacher") if state[part] is not None
-               for v in state[part].values() if v.is_floating_point()]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def append_jsonl(path, record):
@@ -970,6 +965,8 @@ def train(args, measure=None):
     os.makedirs(args.output_dir, exist_ok=True)
     saved = dict(student=student, teacher=teacher, dino_loss=dino_loss, optimizer=optimizer, scaler=scaler)
     start_step = resume(args, saved, total_steps, device)
+
+    # ============ compiling, describing the run, wrapping the student for DDP ============
     if args.compile:
         compile_backbones(student, teacher)
     losses.log(f"{args.method}{' + ' + args.addon if args.addon else ''} on {args.data}: {world} rank(s) on {device}, "

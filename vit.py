@@ -264,10 +264,8 @@ class VisionTransformer(nn.Module):
 
     def forward_with_attention(self, x):
         """[CLS] (B, D) through the readable attention path, plus every block's attention (B, H, T, T)."""
-        maps = []
-        for _, tokens, attn in self._iter_blocks(x, return_attention=True):
-            maps.append(attn)
-        return self.norm(tokens)[:, 0], maps
+        blocks = list(self._iter_blocks(x, return_attention=True))
+        return self.norm(blocks[-1][1])[:, 0], [attn for _, _, attn in blocks]
 
 
 # The sizes of timm's and DINO's vit_tiny/small/base; every other option keeps VisionTransformer's default.
@@ -442,13 +440,9 @@ def load_backbone(path, arch=None, key=None, map_location="cpu"):
         sd = ckpt[key]
     elif ckpt.get("eval_key") in ckpt:  # our pretrain checkpoints name the backbone their method evaluates
         sd = ckpt[ckpt["eval_key"]]
-    else:
-        for k in ("backbone", "teacher", "student", "state_dict", "model"):
-            if k in ckpt and isinstance(ckpt[k], dict):
-                sd = ckpt[k]
-                break
-        else:
-            sd = ckpt  # a bare state dict
+    else:  # the first network entry of the known layouts, else a bare state dict
+        sd = next((ckpt[k] for k in ("backbone", "teacher", "student", "state_dict", "model")
+                   if isinstance(ckpt.get(k), dict)), ckpt)
     sd = strip_prefixes(sd)
     dropped_head = sorted(k for k in sd if k.startswith("head."))  # timm classifier / MoCo projector
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
