@@ -27,7 +27,6 @@ Exactness. D4 parts (k, flip, rot180) compose and invert exactly, bit for bit. R
 two of them compose exactly into the last one, so compose keeps the last target. The *discrete*
 result differs slightly: resampling twice is not resampling once. Output shapes are always exact.
 
-Run the tests:   python -m pytest -q test_ser.py  (its group_actions.py section)
 Run the demo:    python group_actions.py
 """
 from __future__ import annotations

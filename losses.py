@@ -16,14 +16,8 @@ global count from the gather; the means that the official code takes per rank (B
 MSE, AugSelf, E-SSL) are global means here, local sum * W / global count (`_global_mean_of_sum`),
 which equals the official value when every rank holds the same number of rows.
 
-Conventions relative to the official code are stated at each loss, naming the official file.
-Inputs of every loss are the head outputs; half-precision inputs are upcast to float32 inside.
-
-Typical use (pretrain.py owns the encoders, EMA copies and schedules):
-
-    projector, predictor = build_heads("mocov3", embed_dim=384)
-    loss = mocov3_loss([predictor(projector(h1)), predictor(projector(h2))], [k1, k2], temperature=0.2)
-    loss = loss + lam * ser_loss([SERGroup(ser_proj(map1), ser_proj(map2), g1, g2, base_size)], temperature=0.4)
+Conventions relative to the official code are stated at each loss, naming the official file. Inputs
+are the head outputs (pretrain.compute_losses); half-precision inputs are upcast to float32 inside.
 """
 
 import os
@@ -272,8 +266,7 @@ class DINOHead(nn.Module):
         self.last_layer.weight_g.requires_grad = not norm_last_layer
 
     def forward(self, x):  # (N, in_dim) -> (N, out_dim)
-        x = F.normalize(self.mlp(x), dim=-1)
-        return self.last_layer(x)
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
 
 def build_heads(method, embed_dim, hidden_dim=None, out_dim=None, **kw):
@@ -386,7 +379,6 @@ class DINOLoss(nn.Module):
 def teacher_temp_schedule(epoch, warmup_teacher_temp, teacher_temp, warmup_epochs):
     """DINO's teacher temperature at an (integer) epoch: linspace(warmup, final, warmup_epochs),
     endpoint included, then constant. ViT-S recipe: (e, 0.04, 0.07, 30); SER's DINO: 10 epochs."""
-    epoch = int(epoch)
     if epoch >= warmup_epochs:
         return teacher_temp
     if warmup_epochs == 1:
