@@ -24,7 +24,6 @@ train2017 holds 2 zero-height boxes, hence --allow-degenerate-boxes (ViTDet/torc
     torchrun --nproc_per_node=2 detect_eval.py --random-init --arch vit_tiny   # multi-process (gloo on CPU)
 
 A run resumes automatically from OUTPUT_DIR/checkpoint.pth. Results: stdout and OUTPUT_DIR/detect_results.json.
-Tests: python -m pytest -q test_ser.py  (its detect_eval.py section)
 """
 
 import argparse
@@ -498,14 +497,13 @@ def coco_evaluate(gt, detections):
 
 
 def format_stats(stats):
-    rows = [("Precision", "0.50:0.95", "all", 100), ("Precision", "0.50", "all", 100),
-            ("Precision", "0.75", "all", 100), ("Precision", "0.50:0.95", "small", 100),
-            ("Precision", "0.50:0.95", "medium", 100), ("Precision", "0.50:0.95", "large", 100),
-            ("Recall", "0.50:0.95", "all", 1), ("Recall", "0.50:0.95", "all", 10),
-            ("Recall", "0.50:0.95", "all", 100), ("Recall", "0.50:0.95", "small", 100),
-            ("Recall", "0.50:0.95", "medium", 100), ("Recall", "0.50:0.95", "large", 100)]
+    """The 12 stats as pycocotools' COCOeval.summarize prints them."""
+    kinds = ["Precision"] * 6 + ["Recall"] * 6
+    ious = ["0.50:0.95", "0.50", "0.75"] + ["0.50:0.95"] * 9
+    areas = ["all"] * 3 + ["small", "medium", "large"] + ["all"] * 3 + ["small", "medium", "large"]
+    max_dets = [100] * 6 + [1, 10, 100] + [100] * 3
     return "\n".join(f" Average {kind:<9} (A{kind[0]}) @[ IoU={iou:<9} | area={area:>6} | maxDets={md:>3} ] = {s:0.3f}"
-                     for (kind, iou, area, md), s in zip(rows, stats))
+                     for kind, iou, area, md, s in zip(kinds, ious, areas, max_dets, stats))
 
 
 # ----------------------------------------------------------------------------- training utilities
