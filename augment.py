@@ -4,25 +4,24 @@ The work is split in two, so that the expensive per-pixel colour work runs batch
 while the DataLoader workers (2 CPU cores in our runs) only decode, crop and flip:
 
   worker side   MultiViewDataset(base, recipe, seed)[i] -> dict of uint8 crops (3, h, w) + crop box + flip
-  device side   PhotometricAugment(...)(x_uint8 (B, 3, h, w), generator) -> (normalised float, params)
+  device side   PhotometricAugment.apply(x (B, 3, h, w) in [0, 1], params) -> augmented x, then `normalize`
 
 Randomness is a pure function of (seed, epoch, sample index) on the worker side and of
 (seed, global step, view id) on the device side, drawn for the whole global batch and sliced by rank,
 so a run replays exactly whatever the number of workers or ranks (unlike DINO's fix_random_seeds,
 which gives every rank the same stream).
 
-Typical use in pretrain.py (one rank; B images per rank):
+As pretrain.py uses it (its flags in brackets; B the global batch, W ranks, n = B / W per rank):
 
-    recipe = recipe_for('mocov3', img_size=64, n_local=0, extra=None, patch_size=16)
-    train = MultiViewDataset(build_dataset('synthetic', 'train', img_size=64), recipe, seed=0)
-    loader = DataLoader(train, batch_size=B, sampler=..., num_workers=2, pin_memory=True, drop_last=True)
+    recipe = recipe_for(method, img_size=64, crop_min=0.25, n_local=0, extra=None, patch_size=8)
+    # [--method, --img-size, --crop-min, --n-local-crops, the add-on, --patch-size]
+    dataset = MultiViewDataset(build_dataset("synthetic", "train", img_size=64, length=4096), recipe, seed=0)
+    # [--data, --img-size, --synthetic-length, --seed]; pretrain.GlobalBatchSampler gives each rank its n images
     photometric = recipe.photometric()                    # one PhotometricAugment per view
-    for epoch in ...:
-        train.set_epoch(epoch)                            # also works with persistent_workers=True
-        for batch in loader:                              # default_collate
-            # batch['images'][v]: (B, 3, h_v, w_v) uint8; batch['crop'][v]: (B, 4); batch['flip'][v]: (B,) bool
-            x_v, p_v = photometric[v](batch['images'][v].to(dev, non_blocking=True),
-                                      device_generator(seed, step, rank, view_id=v))
+    for batch in loader:  # batch['images'][v]: (n, 3, h_v, w_v) uint8; batch['crop'][v]: (n, 4); batch['flip'][v]: (n,)
+        p = photometric[v].sample_params(B, device_generator(seed, step, 0, v))  # the global batch's parameters
+        p = {k: t[rank * n:(rank + 1) * n] for k, t in p.items()}                 # this rank's rows, on the CPU
+        x_v = normalize(photometric[v].apply(batch["images"][v].to(device).float() / 255, p))
 
 SER's b2 views (pretrain.make_step_inputs, as the release's `Aug_equi` in aitrics-chris/SER): a b2
 image's global crop 0 goes through photometric[0] (inv1: blur 1.0) and photometric[1] (inv2: blur 0.1,
@@ -31,11 +30,8 @@ then acts on the normalised tensors. Add-ons: EquiMod's un-augmented
 image is batch['plain'] (pass through `normalize`); EquiMod and AugSelf read each view's crop, flip
 and photometric parameters (losses.equimod_param_vector, losses.augself_targets); E-SSL's small crop
 is the view named 'essl', fed to `losses.essl_rotations` after its photometric augmentation.
-To shard a global batch over ranks exactly as one process would, draw the parameters for the whole
-global batch (`sample_params(B * W, device_generator(seed, step, 0, v))`), slice this rank's rows
-and pass the CPU slice to `apply` (it moves them; CPU parameters also spare a device->host sync).
+`apply` takes the parameters on the CPU: it moves them itself, and reading them spares a device->host sync.
 
-Run the tests:     python -m pytest -q test_ser.py  (its augment.py section)
 Look at samples:   python augment.py --out samples.png     (a grid of synthetic images, one row per class)
 Generation speed:  python augment.py --bench
 """
@@ -46,14 +42,14 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets
 from torchvision.transforms import v2
 
@@ -347,23 +343,30 @@ def build_dataset(data: str, split: str, transform=None, img_size=64, length=Non
     return dataset
 
 
+def _normalised(*ops):  # PIL image -> ops -> float tensor, ImageNet-normalised
+    return v2.Compose([*ops, v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
 def eval_transform(img_size: int):
     """Resize the short side to img_size*256/224 (bicubic), centre-crop img_size, normalise: DINO/MoCo eval."""
-    return v2.Compose([
-        v2.Resize(round(img_size * 256 / 224), interpolation=v2.InterpolationMode.BICUBIC),
-        v2.CenterCrop(img_size),
-        v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return _normalised(v2.Resize(round(img_size * 256 / 224), interpolation=v2.InterpolationMode.BICUBIC),
+                       v2.CenterCrop(img_size))
 
 
 def linear_train_transform(img_size: int):
     """RandomResizedCrop (scale 0.08-1, bilinear as in DINO/MoCo v3 linear probes) + h-flip + normalise."""
-    return v2.Compose([
-        v2.RandomResizedCrop(img_size), v2.RandomHorizontalFlip(),
-        v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return _normalised(v2.RandomResizedCrop(img_size), v2.RandomHorizontalFlip())
+
+
+def make_loader(dataset, batch_size, rank, world, num_workers, shuffle=False, seed=0, **kw):
+    """One rank's loader over its shard of `dataset`, for every script but pretrain.py's training
+    (pretrain.GlobalBatchSampler). A DistributedSampler with explicit rank and world also serves one
+    process, without padding; under several ranks it pads the shards to equal lengths, which the
+    evaluations' gathers undo by sample index (linear_eval.gather_features, detect_eval.predict)."""
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), **kw)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -406,31 +409,16 @@ class ViewRecipe:
     views: list[ViewSpec]
     img_size: int
     plain_size: int | None = None
-    names: list[str] = field(init=False)
-
-    def __post_init__(self):
-        self.names = [v.name for v in self.views]
-
-    def index(self, name: str) -> int:
-        return self.names.index(name)
-
-    @property
-    def n_global(self) -> int:
-        return sum(n.startswith("global") for n in self.names)
 
     def photometric(self) -> list["PhotometricAugment"]:
         return [PhotometricAugment(v.jitter, v.p_jitter, v.p_gray, v.p_blur, v.p_solarize, self.img_size)
                 for v in self.views]
 
 
-_METHODS = {  # method: (crop_min, interpolation, local scale); facebookresearch/moco-v3, dino, barlowtwins recipes
-    "mocov3": (0.08, "bilinear", (0.05, 0.25)),  # ViT config crop_min 0.08; locals from SER's 2+4 loader
-    "dino": (0.4, "bicubic", (0.05, 0.4)),       # SER's DINO uses crop_min 0.25: pass crop_min=0.25
-    "barlowtwins": (0.08, "bicubic", (0.05, 0.25)),
-    "vicreg": (0.08, "bicubic", (0.05, 0.25)),
-    "byol": (0.08, "bicubic", (0.05, 0.25)),
-}
-_ALIASES = {"moco": "mocov3", "bt": "barlowtwins"}
+# method: (interpolation, local crops' scale); facebookresearch/moco-v3, dino, barlowtwins recipes. MoCo v3's
+# locals come from SER's 2+4 loader. The global crops' minimum scale is pretrain.py's --crop-min (METHOD_DEFAULTS).
+_METHODS = {"mocov3": ("bilinear", (0.05, 0.25)), "dino": ("bicubic", (0.05, 0.4)), "barlowtwins": ("bicubic", (0.05, 0.25)),
+            "vicreg": ("bicubic", (0.05, 0.25)), "byol": ("bicubic", (0.05, 0.25))}
 
 
 def _side(img_size, fraction, patch_size):
@@ -440,10 +428,9 @@ def _side(img_size, fraction, patch_size):
     return patch_size * max(1, round(img_size * fraction / patch_size))
 
 
-def recipe_for(method: str, img_size: int = 64, n_local: int = 0, extra: str | None = None,
-               crop_min: float | None = None, local_scale: tuple[float, float] | None = None,
+def recipe_for(method: str, img_size: int, crop_min: float, n_local: int = 0, extra: str | None = None,
                patch_size: int | None = None) -> ViewRecipe:
-    """The official view recipe of `method` (mocov3 | dino | barlowtwins | vicreg | byol; moco, bt).
+    """The official view recipe of `method` (mocov3 | dino | barlowtwins | vicreg | byol).
 
     Two global views in the asymmetric BYOL recipe (view 0: blur 1.0; view 1: blur 0.1 + solarize 0.2;
     both jitter(0.4, 0.4, 0.2, 0.1) p 0.8, gray 0.2, flip 0.5), then n_local local crops at 96/224 of
@@ -452,17 +439,14 @@ def recipe_for(method: str, img_size: int = 64, n_local: int = 0, extra: str | N
     records its crop, flip and colour parameters) | 'essl' (adds E-SSL's small crop, named 'essl').
     patch_size: round the local/E-SSL crop sides to whole patches (64 px, patch 16: locals 32 px).
     """
-    method = _ALIASES.get(method, method)
     if method not in _METHODS:
         raise ValueError(f"unknown method {method!r} for recipe_for; choose from {sorted(_METHODS)}")
     if extra not in (None, "equimod", "augself", "essl"):
         raise ValueError(f"unknown extra {extra!r}; choose from None, 'equimod', 'augself', 'essl'")
-    default_min, interp, default_local = _METHODS[method]
-    scale = (crop_min if crop_min is not None else default_min, 1.0)
-    g0 = ViewSpec(img_size, scale, interpolation=interp, p_blur=1.0, name="global0")
+    interp, local_scale = _METHODS[method]
+    g0 = ViewSpec(img_size, (crop_min, 1.0), interpolation=interp, p_blur=1.0, name="global0")
     views = [g0, replace(g0, p_blur=0.1, p_solarize=0.2, name="global1")]
-    local = ViewSpec(_side(img_size, 96 / 224, patch_size), local_scale or default_local,
-                     interpolation=interp, p_blur=0.5)
+    local = ViewSpec(_side(img_size, 96 / 224, patch_size), local_scale, interpolation=interp, p_blur=0.5)
     views += [replace(local, name=f"local{i}") for i in range(n_local)]
     if extra == "essl":  # E-SSL's own photometric: no solarize, blur 0.1
         views.append(ViewSpec(_side(img_size, 96 / 224, patch_size), (0.05, 0.14), interpolation=interp,
@@ -583,18 +567,6 @@ def _blend(x, other, factor):  # torchvision's _blend with a per-sample factor (
     return torch.lerp(other, x, factor.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
-def adjust_brightness(x, factor):
-    return _blend(x, torch.zeros_like(x), factor)
-
-
-def adjust_contrast(x, factor):
-    return _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), factor)
-
-
-def adjust_saturation(x, factor):
-    return _blend(x, _gray(x), factor)
-
-
 def adjust_hue(x, factor):
     """Rotate the hue by factor (B,) in [-0.5, 0.5] turns through HSV, as torchvision's adjust_hue."""
     r, g, b = x.unbind(1)  # each (B, H, W)
@@ -646,7 +618,7 @@ class PhotometricAugment:
 
     In order: colour jitter (p_jitter; brightness, contrast, saturation, hue in a random per-sample
     order, factors U[max(0, 1-j), 1+j] and hue U[-j, j], torchvision's ColorJitter), grayscale (p_gray),
-    Gaussian blur (p_blur), solarize (p_solarize), then ImageNet normalisation.
+    Gaussian blur (p_blur), solarize (p_solarize); `normalize` follows.
 
     Blur: sigma ~ U[0.1, 2.0] * img_size/224 px and kernel blur_kernel_size(img_size), i.e. the
     224-px recipe (SER's kornia GaussianBlur, k 9) scaled to the run's resolution so that a 64-px run
@@ -708,33 +680,21 @@ class PhotometricAugment:
             other = torch.where((op == 0).view(-1, 1, 1, 1), 0.0,
                                 torch.where((op == 1).view(-1, 1, 1, 1), luma.mean((1, 2, 3), keepdim=True), luma))
             x = _blend(x, other, factor)
-            # Hue (the costly op) runs only on the samples that draw it at this step; the host knows which.
             # x is the blend's fresh output from here on, so the ops below write their rows in place.
-            idx = hue_at[:, step].nonzero().flatten()
-            if len(idx):
-                idx = to_device(idx, x.device)
-                x.index_copy_(0, idx, adjust_hue(x.index_select(0, idx), p["jitter"][idx, 3]))
-        # Grayscale, blur and solarize, like hue, touch only the samples that draw them.
-        idx = (on_host["gray"] > 0).nonzero().flatten()
-        if len(idx):
-            idx = to_device(idx, x.device)
-            x.index_copy_(0, idx, _gray(x.index_select(0, idx)).expand(-1, 3, -1, -1))
-        idx = (on_host["blur_sigma"] > 0).nonzero().flatten()
-        if len(idx):
-            idx = to_device(idx, x.device)
-            x.index_copy_(0, idx, gaussian_blur(x.index_select(0, idx), p["blur_sigma"][idx], self.kernel_size))
-        idx = (on_host["solarize"] > 0).nonzero().flatten()
-        if len(idx):
-            idx = to_device(idx, x.device)
-            x.index_copy_(0, idx, solarize(x.index_select(0, idx)))
-        return x
+            _on_rows(x, hue_at[:, step], lambda xs, i: adjust_hue(xs, p["jitter"][i, 3]))
+        _on_rows(x, on_host["gray"] > 0, lambda xs, i: _gray(xs).expand(-1, 3, -1, -1))
+        _on_rows(x, on_host["blur_sigma"] > 0, lambda xs, i: gaussian_blur(xs, p["blur_sigma"][i], self.kernel_size))
+        return _on_rows(x, on_host["solarize"] > 0, lambda xs, i: solarize(xs))
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """x uint8 (B, 3, H, W) on the device -> (float32 normalised (B, 3, H, W), params on the device)."""
-        params = self.sample_params(len(x), generator)
-        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-        out = normalize(self.apply(x, params))
-        return out, {k: to_device(v, x.device) for k, v in params.items()}
+
+def _on_rows(x, rows, op):
+    """op(x[i], i) written into x at the samples i where the CPU mask `rows` is set: hue, grayscale, blur
+    and solarize (hue the costliest) run only on the samples that draw them, and the host knows which."""
+    idx = rows.nonzero().flatten()
+    if len(idx):
+        idx = to_device(idx, x.device)
+        x.index_copy_(0, idx, op(x.index_select(0, idx), idx))
+    return x
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -742,7 +702,7 @@ class PhotometricAugment:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="augment.py", description="Synthetic-data preview and generation benchmark")
     parser.add_argument("--out", default="samples.png", help="where to write the sample grid")
-    parser.add_argument("--img_size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--img-size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--bench", action="store_true", help="time generation instead of writing samples")
     args = parser.parse_args()
     data = SyntheticShapes("train", 10_000, args.img_size)

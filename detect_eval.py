@@ -19,12 +19,11 @@ train2017 holds 2 zero-height boxes, hence --allow-degenerate-boxes (ViTDet/torc
         --min-size 640 672 704 736 768 800 --max-size 1333 --anchor-sizes 32 64 128 256 512 \
         --out-channels 256 --box-head-dim 1024 --rpn-batch 256 --roi-batch 512 --proposals-train 2000 --proposals-test 1000 \
         --optimizer sgd --lr 0.02 --weight-decay 1e-4 --batch-size 2 --iters 90000 --warmup-iters 1000 \
-        --eval-batch-size 4 --workers 8 --output-dir runs/det_coco
+        --eval-batch-size 4 --num-workers 8 --output-dir runs/det_coco
 
     torchrun --nproc_per_node=2 detect_eval.py --random-init --arch vit_tiny   # multi-process (gloo on CPU)
 
 A run resumes automatically from OUTPUT_DIR/checkpoint.pth. Results: stdout and OUTPUT_DIR/detect_results.json.
-Tests: python -m pytest -q test_ser.py  (its detect_eval.py section)
 """
 
 import argparse
@@ -48,11 +47,9 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.transforms.functional import pil_to_tensor
 
 import augment
+import linear_eval
 import losses
 import vit
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
 
 # ----------------------------------------------------------------------------- COCO-format data
 BOX_TOLERANCE = 1.0  # px a box may overshoot its image (annotation rounding); clipped in the training targets
@@ -367,7 +364,7 @@ def build_detector(backbone, num_classes, args):
     anchors = AnchorGenerator(tuple((s,) for s in args.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
     return FasterRCNN(
         pyramid, min_size=tuple(args.min_size), max_size=args.max_size,
-        image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, rpn_anchor_generator=anchors,
+        image_mean=augment.IMAGENET_MEAN, image_std=augment.IMAGENET_STD, rpn_anchor_generator=anchors,
         rpn_pre_nms_top_n_train=args.proposals_train, rpn_post_nms_top_n_train=args.proposals_train,
         rpn_pre_nms_top_n_test=args.proposals_test, rpn_post_nms_top_n_test=args.proposals_test,
         rpn_batch_size_per_image=args.rpn_batch, box_batch_size_per_image=args.roi_batch,
@@ -500,14 +497,13 @@ def coco_evaluate(gt, detections):
 
 
 def format_stats(stats):
-    rows = [("Precision", "0.50:0.95", "all", 100), ("Precision", "0.50", "all", 100),
-            ("Precision", "0.75", "all", 100), ("Precision", "0.50:0.95", "small", 100),
-            ("Precision", "0.50:0.95", "medium", 100), ("Precision", "0.50:0.95", "large", 100),
-            ("Recall", "0.50:0.95", "all", 1), ("Recall", "0.50:0.95", "all", 10),
-            ("Recall", "0.50:0.95", "all", 100), ("Recall", "0.50:0.95", "small", 100),
-            ("Recall", "0.50:0.95", "medium", 100), ("Recall", "0.50:0.95", "large", 100)]
+    """The 12 stats as pycocotools' COCOeval.summarize prints them."""
+    kinds = ["Precision"] * 6 + ["Recall"] * 6
+    ious = ["0.50:0.95", "0.50", "0.75"] + ["0.50:0.95"] * 9
+    areas = ["all"] * 3 + ["small", "medium", "large"] + ["all"] * 3 + ["small", "medium", "large"]
+    max_dets = [100] * 6 + [1, 10, 100] + [100] * 3
     return "\n".join(f" Average {kind:<9} (A{kind[0]}) @[ IoU={iou:<9} | area={area:>6} | maxDets={md:>3} ] = {s:0.3f}"
-                     for (kind, iou, area, md), s in zip(rows, stats))
+                     for kind, iou, area, md, s in zip(kinds, ious, areas, max_dets, stats))
 
 
 # ----------------------------------------------------------------------------- training utilities
@@ -564,7 +560,7 @@ def trainable_state(model):
 
 
 # Options a resumed run may change: they do not change what the heads learn (--iters may be extended).
-RUNTIME_OPTIONS = {"output_dir", "workers", "log_every", "ckpt_every", "eval_batch_size", "iters", "val_split",
+RUNTIME_OPTIONS = {"output_dir", "num_workers", "log_every", "ckpt_every", "eval_batch_size", "iters", "val_split",
                    "synthetic_val"}
 
 
@@ -585,15 +581,7 @@ def save_checkpoint(path, model, optimizer, iteration, args, digest):
 
 def load_checkpoint(path, model, optimizer, args, digest):
     """Resume: refuse a checkpoint written with other settings or on another backbone, then load it."""
-    ckpt = vit.load_checkpoint(path)  # tensors and plain values only
-    if not (isinstance(ckpt, dict) and {"model", "optimizer", "iteration", "args"} <= set(ckpt)):
-        raise ValueError(f"{path} is not a detect_eval.py checkpoint; move it away or use another --output-dir")
-    changed = {k: (v, getattr(args, k, None)) for k, v in ckpt["args"].items()
-               if k not in RUNTIME_OPTIONS and v != getattr(args, k, None)}
-    if changed:
-        raise ValueError(f"{path} was written with different settings: "
-                         + ", ".join(f"--{k.replace('_', '-')} {a!r} (now {b!r})" for k, (a, b) in changed.items())
-                         + ". Use another --output-dir, or rerun with the saved settings.")
+    ckpt = vit.load_resumable(path, args, ("model", "optimizer", "iteration"), "detect_eval.py", RUNTIME_OPTIONS)
     if ckpt.get("backbone_digest", digest) != digest:
         raise ValueError(f"{path} holds heads trained on other backbone weights than {args.pretrained} has now "
                          "(the file changed since). Use another --output-dir.")
@@ -632,14 +620,12 @@ def build_data(args, is_main, distributed):
 
 
 @torch.no_grad()
-def predict(model, dataset, args, device, rank, world_size, log=print):
+def predict(model, dataset, args, device, rank, world_size):
     """COCO results for the whole val set, gathered on every rank (sampler padding removed by image id)."""
     model.eval()
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-    loader = DataLoader(dataset, args.eval_batch_size, sampler=sampler, num_workers=args.workers,
-                        collate_fn=collate, pin_memory=device.type == "cuda")
+    loader = augment.make_loader(dataset, args.eval_batch_size, rank, world_size, args.num_workers, collate_fn=collate)
     local = {}
-    for images, targets in augment.progress(loader, len(loader), "evaluation: batch", log):
+    for images, targets in augment.progress(loader, len(loader), "evaluation: batch", losses.log):
         images = [img.to(device, non_blocking=True).float().div_(255) for img in images]
         outputs = model(images)  # boxes in original image coordinates, xyxy
         for tgt, out in zip(targets, outputs):
@@ -671,13 +657,7 @@ def get_args_parser():
     g.add_argument("--synthetic-val", type=int, default=128, help="synthetic validation images")
     g.add_argument("--synthetic-size", type=int, default=128, help="synthetic image side in pixels")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic images")
-    g = p.add_argument_group("backbone")
-    g.add_argument("--pretrained", default=None, help="backbone checkpoint (see vit.load_backbone)")
-    g.add_argument("--checkpoint-key", default=None, help="e.g. 'student'; default: teacher if present")
-    g.add_argument("--arch", default=None, choices=sorted(vit.ARCHS), help="required for released weights (they "
-                   "record no architecture) and for --random-init; leave unset for our own checkpoints")
-    g.add_argument("--patch-size", type=int, default=16, help="with --arch only")
-    g.add_argument("--random-init", action="store_true", help="an untrained frozen --arch: smoke runs and the floor")
+    vit.add_backbone_flags(p)
     g = p.add_argument_group("detector")
     g.add_argument("--out-channels", type=int, default=128,
                    help="pyramid channels; ViTDet/COCO: 256 (128 keeps the CPU default run to minutes)")
@@ -706,7 +686,7 @@ def get_args_parser():
                    help="step schedule: fractions of --iters where lr drops x0.1 (detectron2 1x: 60k, 80k of 90k)")
     g = p.add_argument_group("run")
     g.add_argument("--eval-batch-size", type=int, default=8, help="images per process per forward in the evaluation")
-    g.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
+    g.add_argument("--num-workers", type=int, default=2, help="data-loading processes per training process")
     g.add_argument("--seed", type=int, default=0, help="seed of the heads' init, flips, scales and RPN/RoI sampling")
     g.add_argument("--log-every", type=int, default=20, help="iterations between loss lines")
     g.add_argument("--ckpt-every", type=int, default=100, help="checkpoint period in iterations (also saved at the end)")
@@ -721,7 +701,7 @@ def check_args(args):
               ("--weight-decay", [args.weight_decay], lambda v: v >= 0, ">= 0"),
               ("--momentum", [args.momentum], lambda v: 0 <= v <= 1, "in [0, 1]"),
               ("--decay-at", args.decay_at, lambda v: 0 < v < 1, "fractions in (0, 1)"),
-              ("--workers", [args.workers], lambda v: v >= 0, ">= 0"),
+              ("--num-workers", [args.num_workers], lambda v: v >= 0, ">= 0"),
               ("--warmup-iters", [args.warmup_iters], lambda v: v >= 0, ">= 0")]
     ranges += [(flag, values if isinstance(values, list) else [values], lambda v: v >= 1, "at least 1")
                for flag, values in (("--batch-size", args.batch_size), ("--iters", args.iters),
@@ -740,46 +720,37 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     check_args(args)
     rank, world_size, device = losses.init_distributed()
-    distributed = world_size > 1
     # The fp32 heads (see SimpleFeaturePyramid.forward) may use TF32 tensor cores, as detectron2 does.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    is_main = rank == 0
-    log = print if is_main else (lambda *a, **k: None)
     os.makedirs(args.output_dir, exist_ok=True)
 
+    # ============ building the frozen backbone, the detector and the data ============
     torch.manual_seed(args.seed)  # not yet offset by rank: every rank must build the same networks
+    backbone = vit.backbone_from_flags(args.pretrained, args.arch, args.patch_size, args.checkpoint_key,
+                                       args.random_init)
     try:
-        if args.random_init:
-            if args.pretrained or not args.arch:
-                raise ValueError("--random-init needs --arch and excludes --pretrained")
-            backbone = vit.build_vit(dict(name=args.arch, patch_size=args.patch_size)).eval()
-        elif args.pretrained:
-            arch = dict(name=args.arch, patch_size=args.patch_size) if args.arch else None
-            backbone = vit.load_backbone(args.pretrained, arch, key=args.checkpoint_key)
-        else:
-            raise ValueError("pass --pretrained PATH, or --random-init --arch NAME for an untrained frozen ViT")
-        train_set, val_set, val_gt = build_data(args, is_main, distributed)
+        train_set, val_set, val_gt = build_data(args, rank == 0, world_size > 1)
         model = build_detector(backbone, len(train_set.cat_ids), args).to(device)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"detect_eval.py: {e}") from None
     torch.manual_seed(args.seed + rank)
-    frozen = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}  # checked at the end
-    digest = backbone_digest(backbone)
+    reference, digest = linear_eval.snapshot(backbone), backbone_digest(backbone)
 
+    # ============ preparing the optimizer ============
     # Norm parameters and biases get no weight decay (a decayed LN gain only shrinks features).
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if p.ndim > 1]
-    no_decay = [p for n, p in params if p.ndim <= 1]
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
     else:
         optimizer = torch.optim.AdamW(groups, lr=args.lr)
     n_frozen = sum(p.numel() for p in backbone.parameters())
-    log(f"backbone {args.pretrained or 'random init ' + args.arch}: {n_frozen / 1e6:.2f}M frozen params; "
+    losses.log(f"backbone {args.pretrained or 'random init ' + args.arch}: {n_frozen / 1e6:.2f}M frozen params; "
         f"trainable {sum(p.numel() for p in decay) / 1e6:.2f}M decayed + {sum(p.numel() for p in no_decay) / 1e3:.1f}K not; "
         f"global batch {args.batch_size * world_size}, {len(train_set)} train / {len(val_set)} val images")
 
+    # ============ optionally resuming ============
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
     start = 0
     if os.path.isfile(ckpt_path):
@@ -787,16 +758,17 @@ def main(argv=None):
             start = load_checkpoint(ckpt_path, model, optimizer, args, digest)
         except ValueError as e:
             raise SystemExit(f"detect_eval.py: {e}") from None
-        log(f"resumed from {ckpt_path} at iteration {start}")
+        losses.log(f"resumed from {ckpt_path} at iteration {start}")
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if distributed else model
+        if world_size > 1 else model
 
+    # ============ training the pyramid and the heads ============
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     try:
         batches = IterationBatches(sampler, args.batch_size, start, args.iters)
     except ValueError as e:
         raise SystemExit(f"detect_eval.py: {e}") from None
-    loader = DataLoader(train_set, batch_sampler=batches, num_workers=args.workers, collate_fn=collate,
+    loader = DataLoader(train_set, batch_sampler=batches, num_workers=args.num_workers, collate_fn=collate,
                         pin_memory=device.type == "cuda")
     model.train()
     t0 = time.time()
@@ -821,25 +793,26 @@ def main(argv=None):
             values = {k: v.item() for k, v in loss_terms.items()}  # sync only at log steps
             if not math.isfinite(loss.item()):
                 raise SystemExit(f"detect_eval.py: non-finite loss at iteration {it}: {values}")
-            log(f"it {it + 1}/{args.iters} lr {lr:.2e} loss {loss.item():.3f} "
+            losses.log(f"it {it + 1}/{args.iters} lr {lr:.2e} loss {loss.item():.3f} "
                 + " ".join(f"{k.replace('loss_', '')} {v:.3f}" for k, v in values.items())
                 + f" ({time.time() - t0:.0f}s)")
-            if is_main:
+            if rank == 0:
                 with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
                     f.write(json.dumps({"iteration": it + 1, "lr": lr, **values}) + "\n")
-        if is_main and ((it + 1) % args.ckpt_every == 0 or it + 1 == args.iters):
+        if rank == 0 and ((it + 1) % args.ckpt_every == 0 or it + 1 == args.iters):
             try:
                 save_checkpoint(ckpt_path, model, optimizer, it + 1, args, digest)
             except OSError as e:
                 raise SystemExit(f"detect_eval.py: {e}") from None
     train_time = time.time() - t0
 
+    # ============ evaluating on the val split ============
     t0 = time.time()
-    detections = predict(model, val_set, args, device, rank, world_size, log)
+    detections = predict(model, val_set, args, device, rank, world_size)
     results = None
-    if is_main:
+    if rank == 0:
         stats = coco_evaluate(val_gt, detections)
-        log(format_stats(stats))
+        losses.log(format_stats(stats))
         results = {"stats": dict(zip(STAT_NAMES, stats)), "iterations": args.iters,
                    "backbone": args.pretrained or f"random init {args.arch}", "num_val_images": len(val_set),
                    "num_detections": len(detections), "train_time_s": train_time,
@@ -849,15 +822,9 @@ def main(argv=None):
             vit.save_atomic(os.path.join(args.output_dir, "detect_results.json"), results)
         except OSError as e:
             raise SystemExit(f"detect_eval.py: {e}") from None
-        log(f"AP {stats[0]:.4f} AP50 {stats[1]:.4f} -> {os.path.join(args.output_dir, 'detect_results.json')}")
-
-    # The frozen backbone must come out bit-identical (MoCo v3's sanity_check).
-    changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v.cpu(), frozen[k])]
-    if changed:
-        raise RuntimeError(f"frozen backbone weights changed during detection training: {changed[:5]}")
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+        losses.log(f"AP {stats[0]:.4f} AP50 {stats[1]:.4f} -> {os.path.join(args.output_dir, 'detect_results.json')}")
+    linear_eval.assert_unchanged(backbone, reference)  # MoCo v3's sanity check: the backbone stayed frozen
+    losses.finish_distributed()
     return results
 
 

@@ -14,7 +14,7 @@ Which parts are per sample and which are shared by the batch:
                     the tensor's shape, and one batch tensor has one shape.
 
 `size` is in token-grid units (h, w) and is the grid *before* the final rotation, so the output
-grid is `size` for even k and `size` transposed for odd k (see `output_grid`).
+grid is `size` for even k and `size` transposed for odd k.
 
 Two representations of the same element:
   * apply_to_images(x, g, patch)   pixel space: the image is resized to (h*patch, w*patch).
@@ -22,17 +22,11 @@ Two representations of the same element:
                                    exact token permutations; the resize is bicubic resampling of
                                    the token grid (align_corners=False, no antialias, as released).
 
-Algebra (what SER needs to carry view 1's token map onto view 2's grid):
-  compose(g2, g1)                 g2 after g1, in normal form
-  inverse(g, input_size)          g^-1; needs the grid g was applied to, to undo the resize
-  relative_action(g1, g2, base)   g2 g1^-1: view 1's map -> view 2's grid (swap args for back)
-
 Exactness. D4 parts (k, flip, rot180) compose and invert exactly, bit for bit. Resizes are
 "resize to a target grid"; as continuous maps (align_corners=False keeps pixel centres aligned)
 two of them compose exactly into the last one, so compose keeps the last target. The *discrete*
 result differs slightly: resampling twice is not resampling once. Output shapes are always exact.
 
-Run the tests:   python -m pytest -q test_ser.py  (its group_actions.py section)
 Run the demo:    python group_actions.py
 """
 from __future__ import annotations
@@ -77,9 +71,7 @@ class GroupElement:
 
 
 def _describe(v) -> str:
-    if isinstance(v, Tensor):
-        return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
-    return repr(v)
+    return f"a {v.dtype} tensor of shape {tuple(v.shape)}" if isinstance(v, Tensor) else repr(v)
 
 
 def _check_positive_int(v, name: str) -> int:
@@ -131,17 +123,6 @@ def _act(x: Tensor, g: GroupElement, resize) -> Tensor:
     x = _where(g.flip, x, lambda t: t.flip(-1))          # F = flip the width axis
     x = resize(x)
     return torch.rot90(x, g.k, dims=(-2, -1)) if g.k else x
-
-
-def output_grid(g: GroupElement, input_grid: tuple[int, int]) -> tuple[int, int]:
-    """Token grid (h, w) that g produces from a map on input_grid."""
-    h, w = g.size if g.size is not None else _check_grid(input_grid, "input_grid")
-    return (w, h) if g.k % 2 else (h, w)
-
-
-def identity(batch_size: int) -> GroupElement:
-    no = torch.zeros(_check_positive_int(batch_size, "batch_size"), dtype=torch.bool)
-    return GroupElement(k=0, flip=no, rot180=no.clone(), size=None)
 
 
 def select_samples(g: GroupElement, idx) -> GroupElement:

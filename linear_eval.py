@@ -27,14 +27,10 @@ Outputs (rank 0): <output-dir>/linear_eval.json (linear and k-NN top-1/top-5, th
 
 As a library (pretrain.py's k-NN monitor, robustness_eval.py):
 
-    stats = knn_eval(backbone, DataLoader(WithIndex(train_set), sampler=...), DataLoader(WithIndex(val_set), ...),
-                     num_classes, device)                      # {'top1': %, 'top5': %}
+    train_loader = augment.make_loader(WithIndex(train_set), 256, rank, world, num_workers)  # WithIndex outermost
+    stats = knn_eval(backbone, train_loader, val_loader, num_classes, device)  # {'top1': %, 'top5': %}
     backbone, classifier, meta = load_probe("runs/default/linear/linear_probe.pth")
     logits = predict(backbone, classifier, images, meta["n_last_blocks"], meta["avgpool"])  # (B, C)
-
-Loaders given to the gathering functions yield (images, labels, indices), indices into loader.dataset:
-wrap the dataset in `WithIndex` last (outermost). Under DDP give them a DistributedSampler with
-shuffle=False; its padding is harmless because features are written back by dataset index.
 """
 
 import argparse
@@ -43,11 +39,10 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import Dataset, DistributedSampler, Subset
 
 import augment
 import losses
@@ -171,16 +166,6 @@ class WithIndex(Dataset):
         return image, label, i
 
 
-def is_distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_gather_cat(t):
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t)
-    return torch.cat(parts)
-
-
 @torch.no_grad()
 def gather_features(feature_fn, loader, device, label=None, log=print):
     """Features (N, F) float32 and labels (N,) of all N samples of loader.dataset, on every rank.
@@ -200,8 +185,7 @@ def gather_features(feature_fn, loader, device, label=None, log=print):
             f = feature_fn(images.to(device, non_blocking=True))  # (b, F)
         f = f.float()
         target, index = target.to(device, non_blocking=True).long(), index.to(device, non_blocking=True)
-        if is_distributed():  # equal shard sizes (DistributedSampler pads), so equal batch sizes per step
-            f, target, index = all_gather_cat(f), all_gather_cat(target), all_gather_cat(index)
+        f, target, index = (losses.all_gather_rows(t)[0] for t in (f, target, index))  # every rank's shard
         if features is None:
             features = torch.zeros(n, f.shape[1], device=device)
             labels = torch.full((n,), -1, dtype=torch.long, device=device)
@@ -244,9 +228,9 @@ def topk_accuracy(ranked, labels):
 def knn_eval(backbone, train_loader, val_loader, num_classes, device, k=20, T=0.07):
     """k-NN top-1/top-5 (%) of backbone(x), the final-norm [CLS], as in DINO eval_knn.
 
-    Loaders yield (images, labels, indices) (see WithIndex) with deterministic eval transforms; under
-    DDP each has a DistributedSampler(shuffle=False) and every rank gets the same result. Pass the
-    bare module (not the DDP wrapper). Its train/eval mode is restored afterwards.
+    Loaders yield (images, labels, indices) (see WithIndex) with deterministic eval transforms, one
+    shard per rank (augment.make_loader); every rank gets the same result. Pass the bare module (not
+    the DDP wrapper). Its train/eval mode is restored afterwards.
     """
     was_training = backbone.training
     backbone.eval()
@@ -267,13 +251,6 @@ def holdout_split(n, fraction):
     n_holdout = round(n * fraction)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
     return sorted(perm[n_holdout:]), sorted(perm[:n_holdout])
-
-
-def make_loader(dataset, batch_size, rank, world, shuffle, num_workers, seed=0):
-    # A DistributedSampler with explicit rank/world also serves the single process (no padding when world=1).
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
 
 
 class FeatureLoader:
@@ -303,7 +280,7 @@ def train_sweep(sweep, loader, lrs, epochs, device, backbone=None, n_last_blocks
     """
     optimizer = torch.optim.SGD([{"params": head.parameters(), "lr": lr} for head, lr in zip(sweep.heads, lrs)],
                                 momentum=0.9, weight_decay=0.0)
-    model = DistributedDataParallel(sweep) if is_distributed() else sweep  # averages grads over the global batch
+    model = DistributedDataParallel(sweep) if losses.world_size() > 1 else sweep  # averages grads over the global batch
     total_steps, step = epochs * len(loader), 0
     for epoch in range(epochs):
         loader.sampler.set_epoch(epoch)
@@ -317,11 +294,11 @@ def train_sweep(sweep, loader, lrs, epochs, device, backbone=None, n_last_blocks
             for group, lr in zip(optimizer.param_groups, lrs):
                 group["lr"] = lr * scale
             logits = model(inputs.float())  # (K, B, C)
-            losses = torch.stack([F.cross_entropy(head_logits, labels) for head_logits in logits])  # (K,)
+            per_head = torch.stack([F.cross_entropy(head_logits, labels) for head_logits in logits])  # (K,)
             optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
+            per_head.sum().backward()
             optimizer.step()
-            loss_sum += losses.detach()
+            loss_sum += per_head.detach()
             step += 1
         loss_per_head = (loss_sum / len(loader)).tolist()
         if epoch == 0 or (epoch + 1) % max(1, epochs // 10) == 0:  # ~10 lines per run
@@ -340,15 +317,7 @@ def evaluate_sweep(sweep, features, labels, chunk_size=1024):
 def get_args_parser():
     p = argparse.ArgumentParser(prog="linear_eval.py",
                                 description="Linear probe and k-NN evaluation of a frozen ViT (see the module docstring)")
-    g = p.add_argument_group("backbone")
-    g.add_argument("--pretrained", default=None, help="pretrain.py export (backbone.pth) or full checkpoint, or "
-                   "released DINO/timm/MoCo v3 weights (then also --arch/--patch-size)")
-    g.add_argument("--checkpoint-key", default=None, help="network of a full checkpoint; default: 'teacher' if "
-                   "present, else 'student'. Use 'student' to follow SER's lincls_parallel.py")
-    g.add_argument("--arch", default=None, choices=sorted(vit.ARCHS), help="required for released weights (they "
-                   "record no architecture) and for --random-init; leave unset for our own checkpoints")
-    g.add_argument("--patch-size", type=int, default=16, help="with --arch only: 8 for DINO's /8 models")
-    g.add_argument("--random-init", action="store_true", help="evaluate an untrained --arch: the baseline at init")
+    vit.add_backbone_flags(p)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", help="'synthetic' (built in), an ImageFolder root with "
                    "train/ and val/ (ImageNet), 'cifar10:<dir>' or 'stl10:<dir>'")
@@ -384,47 +353,27 @@ def get_args_parser():
     return p
 
 
-def build_backbone(args):
-    if args.random_init:
-        if args.pretrained is not None:
-            raise SystemExit("--random-init and --pretrained exclude each other")
-        if args.arch is None:
-            raise SystemExit("--random-init needs --arch (one of: " + ", ".join(sorted(vit.ARCHS)) + ")")
-        torch.manual_seed(args.seed)  # before the per-rank offset: every rank must build the same network
-        return vit.build_vit(dict(name=args.arch, patch_size=args.patch_size, img_size=args.img_size or 224)).eval()
-    if args.pretrained is None:
-        raise SystemExit("pass --pretrained PATH, or --random-init --arch NAME for the baseline at initialisation")
-    arch = dict(name=args.arch, patch_size=args.patch_size) if args.arch else None
-    try:
-        return vit.load_backbone(args.pretrained, arch=arch, key=args.checkpoint_key)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--pretrained: {e}") from None
-
-
 def check_args(args, world):
-    # (flag, value, ok, what is wanted), checked by augment.check_ranges
-    ranges = [*[("--lrs", lr, lambda v: v > 0, "positive") for lr in args.lrs],
-              ("--epochs", args.epochs, lambda v: v >= 1, "at least 1"),
-              ("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1"),
-              ("--knn-k", args.knn_k, lambda v: v >= 0, ">= 0 (0 skips k-NN)"),
-              ("--knn-temperature", args.knn_temperature, lambda v: v > 0, "positive"),
-              ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
-              ("--patch-size", args.patch_size, lambda v: v >= 1, "at least 1"),
-              ("--img-size", args.img_size, lambda v: v >= 1, "at least 1"),
-              ("--train-length", args.train_length, lambda v: v >= 1, "at least 1"),
-              ("--val-length", args.val_length, lambda v: v >= 1, "at least 1"),
-              ("--n-last-blocks", args.n_last_blocks, lambda v: v >= 1, "at least 1"),
-              ("--holdout-fraction", args.holdout_fraction, lambda v: 0 <= v < 1, "in [0, 1)")]
+    at_least_1 = [("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--patch-size", args.patch_size),
+                  ("--img-size", args.img_size), ("--train-length", args.train_length),
+                  ("--val-length", args.val_length), ("--n-last-blocks", args.n_last_blocks)]
+    ranges = [(flag, v, lambda v: v >= 1, "at least 1") for flag, v in at_least_1]
+    ranges += [("--lrs", args.lrs, lambda v: v > 0, "positive"),
+               ("--knn-k", args.knn_k, lambda v: v >= 0, ">= 0 (0 skips k-NN)"),
+               ("--knn-temperature", args.knn_temperature, lambda v: v > 0, "positive"),
+               ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
+               ("--holdout-fraction", args.holdout_fraction, lambda v: 0 <= v < 1, "in [0, 1)")]
     augment.check_ranges(ranges)
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
 
 
 def run(args, rank, world, device):
-    start = time.time()
-    log = print if rank == 0 else (lambda *a, **k: None)
+    start, log = time.time(), losses.log
     check_args(args, world)
-    backbone = build_backbone(args).requires_grad_(False).to(device)
+    torch.manual_seed(args.seed)  # before the per-rank offset: every rank must build the same network
+    backbone = vit.backbone_from_flags(args.pretrained, args.arch, args.patch_size, args.checkpoint_key,
+                                       args.random_init, args.img_size or 224).requires_grad_(False).to(device)
     reference = snapshot(backbone)
     max_blocks = backbone.depth - backbone.cls_after_block  # SER: no [CLS] before it joins
     if args.n_last_blocks is None:
@@ -456,7 +405,7 @@ def run(args, rank, world, device):
     # Center-crop features in one backbone pass: val, the held-out split (lr selection), and, for
     # --cached or k-NN, the whole train split.
     def features_of(dataset, label):
-        loader = make_loader(WithIndex(dataset), per_rank_batch, rank, world, False, args.num_workers)
+        loader = augment.make_loader(WithIndex(dataset), per_rank_batch, rank, world, args.num_workers)
         f, y = gather_features(lambda x: extract_features(backbone, x, args.n_last_blocks, args.avgpool),
                                loader, device, label=f"features of {label}: batch", log=log)
         if not torch.isfinite(f).all():  # finite weights can still overflow; argmax of NaN is made up
@@ -484,7 +433,8 @@ def run(args, rank, world, device):
     else:
         fit_set = Subset(augment.build_dataset(args.data, "train", augment.linear_train_transform(img_size),
                                                img_size, args.train_length), fit_idx)
-        fit_loader = make_loader(fit_set, per_rank_batch, rank, world, True, args.num_workers, seed=args.seed)
+        fit_loader = augment.make_loader(fit_set, per_rank_batch, rank, world, args.num_workers, shuffle=True,
+                                         seed=args.seed, persistent_workers=args.num_workers > 0)
         fit_backbone = backbone
     torch.manual_seed(args.seed)  # identical head init on every rank (DDP would broadcast rank 0's anyway)
     sweep = LinearSweep(in_dim, num_classes, len(args.lrs)).to(device)
@@ -544,11 +494,9 @@ def run(args, rank, world, device):
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     rank, world, device = losses.init_distributed()
-    try:
-        return run(args, rank, world, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    results = run(args, rank, world, device)
+    losses.finish_distributed()
+    return results
 
 
 if __name__ == "__main__":

@@ -16,24 +16,16 @@ global count from the gather; the means that the official code takes per rank (B
 MSE, AugSelf, E-SSL) are global means here, local sum * W / global count (`_global_mean_of_sum`),
 which equals the official value when every rank holds the same number of rows.
 
-Conventions relative to the official code are stated at each loss, naming the official file.
-Inputs of every loss are the head outputs; half-precision inputs are upcast to float32 inside.
-
-Typical use (pretrain.py owns the encoders, EMA copies and schedules):
-
-    projector, predictor = build_heads("mocov3", embed_dim=384)
-    loss = mocov3_loss(predictor(projector(h1)), predictor(projector(h2)), k1, k2, temperature=0.2)
-    loss = loss + lam * ser_loss([SERGroup(ser_proj(map1), ser_proj(map2), g1, g2, base_size)], temperature=0.4)
-
-Tests: python -m pytest -q test_ser.py  (its losses.py section)  (CPU; includes a 2-process gloo DDP check)
+Conventions relative to the official code are stated at each loss, naming the official file. Inputs
+are the head outputs (pretrain.compute_losses); half-precision inputs are upcast to float32 inside.
 """
 
-import contextlib
 import os
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -47,8 +39,7 @@ import group_actions
 def init_distributed():
     """The one launch path of every script: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on GPUs, gloo on CPU. Otherwise one plain process."""
     if "RANK" not in os.environ:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return 0, 1, device
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -60,22 +51,16 @@ def init_distributed():
     return rank, world, device
 
 
-_local_only = False
+def finish_distributed():
+    """Every script's end: the ranks leave the process group together (a gloo rank that exits while rank 0
+    still writes a checkpoint could abort it: "terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _distributed():
-    return not _local_only and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@contextlib.contextmanager
-def local_only():
-    """Compute as one process even inside a process group (e.g. counting FLOPs on the meta device)."""
-    global _local_only
-    previous, _local_only = _local_only, True
-    try:
-        yield
-    finally:
-        _local_only = previous
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def world_size():
@@ -84,6 +69,12 @@ def world_size():
 
 def rank():
     return dist.get_rank() if _distributed() else 0
+
+
+def log(*args, **kwargs):
+    """Every script's progress lines: printed by rank 0 only, since every rank runs the same script."""
+    if rank() == 0:
+        print(*args, **kwargs)
 
 
 def _upcast(x):
@@ -148,20 +139,12 @@ def all_gather_rows(x):
 
 def all_reduce_sum(x):
     """Autograd-aware SUM all-reduce (its backward is again a SUM all-reduce)."""
-    if not _distributed():
-        return x
-    import torch.distributed.nn.functional as dist_nn  # lazy: absent on builds without distributed
-
-    return dist_nn.all_reduce(x)
+    return dist_nn.all_reduce(x) if _distributed() else x
 
 
 def global_count(n):
     """Rows in the global batch, given this rank's n (a plain int, no gradient; exchanged on the host)."""
-    if not _distributed():
-        return n
-    t = torch.tensor([n], dtype=torch.long)
-    dist.all_reduce(t, group=cpu_group())
-    return int(t)
+    return sum(_gather_counts(n)) if _distributed() else n
 
 
 def _global_mean_of_sum(local_sum, global_count_):
@@ -198,9 +181,6 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     Do not pass models holding it to SyncBatchNorm.convert_sync_batchnorm (it would replace it).
     Every rank must call it in train mode together (it runs collectives), like SyncBatchNorm.
     """
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True):
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine)
 
     def _check_input_dim(self, x):
         if x.dim() != 2:
@@ -267,23 +247,17 @@ class DINOHead(nn.Module):
     """DINO head: MLP (GELU) -> L2 normalise -> weight-normalised Linear to out_dim logits.
 
     Same layout and parameter names as the official head ('mlp.0', 'mlp.2', 'mlp.4',
-    'last_layer.weight_g', 'last_layer.weight_v' without BN). With norm_last_layer the norm g is
-    frozen at 1 (official default; the ViT-S recipe sets it False). pretrain.py freezes
-    'last_layer' during the first epoch (freeze_last_layer = 1).
+    'last_layer.weight_g', 'last_layer.weight_v' without BN), with the official 3 layers. With
+    norm_last_layer the norm g is frozen at 1 (official default; the ViT-S recipe sets it False).
+    pretrain.py freezes 'last_layer' during the first epoch (freeze_last_layer = 1).
     """
 
-    def __init__(self, in_dim, out_dim=65536, use_bn=False, norm_last_layer=True, nlayers=3,
-                 hidden_dim=2048, bottleneck_dim=256):
+    def __init__(self, in_dim, out_dim=65536, use_bn=False, norm_last_layer=True, hidden_dim=2048, bottleneck_dim=256):
         super().__init__()
-        if nlayers < 1:
-            raise ValueError(f"DINOHead needs nlayers >= 1, got {nlayers}")
-        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
         layers = []
-        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-            layers.append(nn.Linear(d_in, d_out))
-            if i < nlayers - 1:
-                layers += ([GlobalBatchNorm1d(d_out)] if use_bn else []) + [nn.GELU()]
-        self.mlp = nn.Sequential(*layers) if nlayers > 1 else layers[0]
+        for d_in, d_out in ((in_dim, hidden_dim), (hidden_dim, hidden_dim)):
+            layers += [nn.Linear(d_in, d_out), *([GlobalBatchNorm1d(d_out)] if use_bn else []), nn.GELU()]
+        self.mlp = nn.Sequential(*layers, nn.Linear(hidden_dim, bottleneck_dim))
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -292,34 +266,24 @@ class DINOHead(nn.Module):
         self.last_layer.weight_g.requires_grad = not norm_last_layer
 
     def forward(self, x):  # (N, in_dim) -> (N, out_dim)
-        x = F.normalize(self.mlp(x), dim=-1)
-        return self.last_layer(x)
-
-
-METHODS = ("mocov3", "dino", "barlowtwins", "vicreg", "simclr", "byol")
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
 
 def build_heads(method, embed_dim, hidden_dim=None, out_dim=None, **kw):
     """(projector, predictor) for a base method, official ViT-recipe sizes unless overridden.
 
     The projector is part of the encoder (EMA-copied for the MoCo/BYOL target and the DINO
-    teacher); the predictor is online only, or None. Extra keywords: DINO's bottleneck_dim,
-    norm_last_layer (default False, the ViT-S recipe), use_bn, nlayers.
+    teacher); the predictor is online only, or None. Extra keywords go to DINOHead (bottleneck_dim,
+    use_bn, norm_last_layer: default False, the ViT-S recipe).
     """
-    dino_keys = {"bottleneck_dim", "norm_last_layer", "use_bn", "nlayers"}
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if kw and (method != "dino" or not set(kw) <= dino_keys):
+    if kw and method != "dino":
         raise ValueError(f"build_heads({method!r}) got unexpected options {sorted(kw)}")
     h, o = hidden_dim, out_dim
     if method == "mocov3":  # D -> 4096 -> 4096 -> 256 (last BN), predictor 256 -> 4096 -> 256 (last BN)
         o = o or 256
         return build_mlp(3, embed_dim, h or 4096, o), build_mlp(2, o, h or 4096, o)
     if method == "dino":
-        head = DINOHead(embed_dim, o or 65536, hidden_dim=h or 2048, use_bn=kw.get("use_bn", False),
-                        norm_last_layer=kw.get("norm_last_layer", False), nlayers=kw.get("nlayers", 3),
-                        bottleneck_dim=kw.get("bottleneck_dim", 256))
-        return head, None
+        return DINOHead(embed_dim, o or 65536, hidden_dim=h or 2048, **{"norm_last_layer": False, **kw}), None
     if method == "barlowtwins":  # 8192-8192-8192, the loss brings its own affine-free BN
         return build_mlp(3, embed_dim, h or 8192, o or 8192, last_bn=False), None
     if method == "vicreg":  # 8192-8192-8192, biases on the hidden Linears
@@ -328,10 +292,11 @@ def build_heads(method, embed_dim, hidden_dim=None, out_dim=None, **kw):
         # SimCLR v2 head: hidden width = input width, out 128, BN on every layer. Deviation: the last
         # BN is affine-free here (SimCLR keeps its scale, drops its centre).
         return build_mlp(3, embed_dim, h or embed_dim, o or 128), None
-    # byol: Linear(4096, bias) -> BN -> ReLU -> Linear(256, no bias), for projector and predictor
-    o = o or 256
-    return (build_mlp(2, embed_dim, h or 4096, o, last_bn=False, bias=True),
-            build_mlp(2, o, h or 4096, o, last_bn=False, bias=True))
+    if method == "byol":  # Linear(4096, bias) -> BN -> ReLU -> Linear(256, no bias), for projector and predictor
+        o = o or 256
+        return (build_mlp(2, embed_dim, h or 4096, o, last_bn=False, bias=True),
+                build_mlp(2, o, h or 4096, o, last_bn=False, bias=True))
+    raise ValueError(f"unknown method {method!r}; choose one of mocov3, dino, barlowtwins, vicreg, simclr, byol")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,25 +314,18 @@ def _moco_direction(q, k, temperature):
     return _global_mean_of_sum(per_query.sum(), sum(counts)) * (2 * temperature)
 
 
-def mocov3_loss(q1, q2, k1, k2, temperature=0.2):
-    """MoCo v3: ctr(q1, k2) + ctr(q2, k1), ctr = InfoNCE against the keys of all ranks, x 2T.
+def mocov3_loss(qs, ks, temperature=0.2):
+    """MoCo v3: sum over student views i and momentum views j != i of ctr(q_i, k_j), ctr = InfoNCE
+    against the keys of all ranks, x 2T.
 
-    q_i: (N, d) predictor outputs (online), k_i: (N, d) momentum-encoder projections (detached here).
-    Convention: identical to the official `contrastive_loss` (the 2T factor, directions summed).
-    """
-    return _moco_direction(q1, k2, temperature) + _moco_direction(q2, k1, temperature)
-
-
-def mocov3_multicrop_loss(qs, ks, temperature=0.2):
-    """MoCo v3 with multi-crop, SER's "2+4 views" (aitrics-chris/SER builder/moco.py MoCo.erl_local4):
-    sum over student views i and momentum views j != i of ctr(q_i, k_j), each ctr x 2T as above.
-
-    qs: list of (N, d) predictor outputs, the 2 global views first, then the local views; ks: list of
-    (N, d) momentum-encoder projections of the global views (row n of every list is the same image).
-    With 2 + 4 views that is 6 * 2 - 2 = 10 terms; with 2 views it is mocov3_loss.
+    qs: list of (N, d) predictor outputs (online), the 2 global views first, then the local views;
+    ks: list of (N, d) momentum-encoder projections (detached here) of the global views; row n of
+    every list is the same image. Two views: ctr(q1, k2) + ctr(q2, k1), identical to the official
+    `contrastive_loss` (the 2T factor, directions summed). 2 + 4 views, SER's multi-crop
+    (aitrics-chris/SER builder/moco.py MoCo.erl_local4): 6 * 2 - 2 = 10 terms.
     """
     if not 1 <= len(ks) <= len(qs):
-        raise ValueError(f"mocov3_multicrop_loss needs 1..{len(qs)} momentum views, got {len(ks)}")
+        raise ValueError(f"mocov3_loss needs 1..{len(qs)} momentum views, got {len(ks)}")
     return sum(_moco_direction(q, k, temperature) for i, q in enumerate(qs) for j, k in enumerate(ks) if i != j)
 
 
@@ -392,13 +350,12 @@ class DINOLoss(nn.Module):
     def forward(self, student_out, teacher_out, ncrops, teacher_temp):
         """student_out: (ncrops*B, K) crop-major; teacher_out: (n_teacher*B, K), the first
         n_teacher crops (the global views), which are the student's crops 0..n_teacher-1."""
-        if student_out.shape[0] % ncrops:
-            raise ValueError(f"student_out has {student_out.shape[0]} rows, not a multiple of ncrops={ncrops}")
         batch = student_out.shape[0] // ncrops
-        n_teacher = teacher_out.shape[0] // batch
-        if teacher_out.shape[0] != n_teacher * batch or not 1 <= n_teacher <= ncrops:
-            raise ValueError(f"teacher_out has {teacher_out.shape[0]} rows; expected a multiple of the "
-                             f"batch {batch} with at most ncrops={ncrops} views")
+        n_teacher = teacher_out.shape[0] // max(batch, 1)
+        whole = batch * ncrops == student_out.shape[0] and n_teacher * batch == teacher_out.shape[0]
+        if not whole or not 1 <= n_teacher <= ncrops:
+            raise ValueError(f"DINOLoss: {student_out.shape[0]} student and {teacher_out.shape[0]} teacher rows are "
+                             f"not ncrops={ncrops} views and 1..ncrops views of one batch")
         student_logp = F.log_softmax(_upcast(student_out) / self.student_temp, dim=-1).chunk(ncrops)
         teacher = _upcast(teacher_out.detach())
         teacher_p = F.softmax((teacher - self.center) / teacher_temp, dim=-1).chunk(n_teacher)
@@ -414,10 +371,7 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_out):
-        batch_center = teacher_out.sum(0, keepdim=True)  # (1, K)
-        if _distributed():
-            dist.all_reduce(batch_center)
-        batch_center = batch_center / global_count(teacher_out.shape[0])
+        batch_center = all_reduce_sum(teacher_out.sum(0, keepdim=True)) / global_count(teacher_out.shape[0])  # (1, K)
         self.center.mul_(self.center_momentum).add_(batch_center.to(self.center.dtype),
                                                     alpha=1 - self.center_momentum)
 
@@ -425,7 +379,6 @@ class DINOLoss(nn.Module):
 def teacher_temp_schedule(epoch, warmup_teacher_temp, teacher_temp, warmup_epochs):
     """DINO's teacher temperature at an (integer) epoch: linspace(warmup, final, warmup_epochs),
     endpoint included, then constant. ViT-S recipe: (e, 0.04, 0.07, 30); SER's DINO: 10 epochs."""
-    epoch = int(epoch)
     if epoch >= warmup_epochs:
         return teacher_temp
     if warmup_epochs == 1:
@@ -484,22 +437,28 @@ def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
     return sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
 
 
-def nt_xent(a, b, temperature):
+def nt_xent(a, b, temperature, ids=None):
     """NT-Xent over the pairs a_k <-> b_k: every row of a and b is an anchor, its partner is the
-    positive, all other rows of the global {a, b} (both sets, gathered with gradients) are the
-    negatives. Averaged over the 2 N_global anchors. a, b: (N, d), not necessarily normalised."""
+    positive, the rows of every other image in the global {a, b} (both sets, gathered with gradients)
+    are the negatives. Averaged over the 2 N_global anchors. a, b: (N, d), not necessarily normalised.
+    ids: (N,) the image of each row, when an image has several rows (SER's tokens: the other tokens
+    of the anchor's image are no negatives); None: every row is its own image.
+    """
     a, b = F.normalize(_upcast(a), dim=1), F.normalize(_upcast(b), dim=1)
-    a_all, counts = all_gather_rows(a)  # (M, d)
+    a_all, counts = all_gather_rows(a)  # (M, d); the counts differ per rank with SER's groups
     b_all, _ = all_gather_rows(b)
     m, n = a_all.shape[0], a.shape[0]
     idx = sum(counts[: rank()]) + torch.arange(n, device=a.device)  # our rows in the gathered set
-    anchors = torch.cat([a, b])  # (2n, d)
-    logits = anchors @ torch.cat([a_all, b_all]).T / temperature  # (2n, 2M)
-    rows = torch.arange(2 * n, device=a.device)
-    logits = logits.index_put((rows, torch.cat([idx, idx + m])),
-                              torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device))
+    if ids is None:
+        ids, ids_all = idx, torch.arange(m, device=a.device)
+    else:
+        with torch.no_grad():
+            ids_all, _ = all_gather_rows(ids)
+    logits = torch.cat([a, b]) @ torch.cat([a_all, b_all]).T / temperature  # (2n, 2M)
     positives = torch.cat([idx + m, idx])
-    per_anchor = F.cross_entropy(logits, positives, reduction="none")
+    same_image = ids.repeat(2)[:, None] == ids_all.repeat(2)[None, :]  # (2n, 2M): the anchor itself among them
+    same_image[torch.arange(2 * n, device=a.device), positives] = False
+    per_anchor = F.cross_entropy(logits.masked_fill(same_image, float("-inf")), positives, reduction="none")
     return _global_mean_of_sum(per_anchor.sum(), 2 * m)
 
 
@@ -562,32 +521,8 @@ class SERGroup(NamedTuple):
     ids: "torch.Tensor | None" = None
 
 
-def _tokens(m):  # (n, C, h, w) -> (n*h*w, C) unit vectors, image-major
-    return F.normalize(_upcast(m).flatten(2).transpose(1, 2).reshape(-1, m.shape[1]), dim=1)
-
-
-def _token_nt_xent(a, b, ids, temperature):
-    """NTX(a, b) for aligned tokens a, b: (T, C) unit vectors, ids: (T,) the image of each token.
-
-    Anchor a_t has positive b_t; anchor b_t has positive a_t. Negatives: every token of every *other*
-    image, in both sets, over all ranks; the other tokens of the same image are excluded. The local
-    value is W * sum_local / (2 T_global) so that DDP gives the global mean.
-    """
-    a_all, counts = all_gather_rows(a)  # (T_global, C); groups, hence counts, differ per rank
-    b_all, _ = all_gather_rows(b)
-    with torch.no_grad():
-        ids_all, _ = all_gather_rows(ids)
-    t_global, t_local = a_all.shape[0], a.shape[0]
-    idx = sum(counts[: rank()]) + torch.arange(t_local, device=a.device)  # our tokens, gathered
-    anchors = torch.cat([a, b])  # (2T, C)
-    logits = anchors @ torch.cat([a_all, b_all]).T / temperature  # (2T, 2T_global)
-    positives = torch.cat([idx + t_global, idx])
-    rows = torch.arange(2 * t_local, device=a.device)
-    same_image = ids.repeat(2)[:, None] == ids_all.repeat(2)[None, :]  # (2T, 2T_global)
-    same_image[rows, positives] = False
-    logits = logits.masked_fill(same_image, float("-inf"))
-    per_anchor = F.cross_entropy(logits, positives, reduction="none")
-    return _global_mean_of_sum(per_anchor.sum(), 2 * t_global)
+def _tokens(m):  # (n, C, h, w) -> (n*h*w, C), image-major
+    return m.flatten(2).transpose(1, 2).reshape(-1, m.shape[1])
 
 
 def ser_loss(groups, temperature):
@@ -596,8 +531,8 @@ def ser_loss(groups, temperature):
     groups: list of SERGroup, the b2 groups of one pair on this rank; each carries its own group
     elements. g = relative_action(g1, g2, base_size) carries view 1 onto view 2's grid; g^-1 the
     reverse. The aligned tokens of all groups (and ranks) form one NT-Xent: a token's negatives are
-    every token of every other image, whichever group or rank holds it. Gradients flow into both
-    views (no stop-grad on either side).
+    every token of every other image, whichever group or rank holds it (nt_xent with the tokens'
+    image ids). Gradients flow into both views (no stop-grad on either side).
 
     Conventions vs the release (aitrics-chris/SER builder/moco.py `MoCo.equiv`, builder/dino.py): ours follows the paper -- negatives are the other
     images' tokens in both views (the release: cross-view only) -- and is differentiable (the
@@ -627,7 +562,7 @@ def ser_loss(groups, temperature):
             out[0].append(_tokens(a))
             out[1].append(_tokens(b))
             out[2].append(ids.repeat_interleave(a.shape[-2] * a.shape[-1]))  # (n*h*w,)
-    return 0.5 * sum(_token_nt_xent(torch.cat(a), torch.cat(b), torch.cat(i), temperature) for a, b, i in (fwd, bwd))
+    return 0.5 * sum(nt_xent(torch.cat(a), torch.cat(b), temperature, torch.cat(i)) for a, b, i in (fwd, bwd))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -709,9 +644,6 @@ def equimod_loss(y_t, y_hat_t, temperature=0.2):
     return nt_xent(y_t, y_hat_t, temperature)
 
 
-AUGSELF_TASKS = ("crop", "color")
-
-
 def augself_targets(params1, params2, jitter_strength=(0.4, 0.4, 0.2, 0.1)):
     """AugSelf targets for the rows [h1||h2; h2||h1]: {'crop': (2B, 4), 'color': (2B, 4)}.
 
@@ -749,14 +681,11 @@ class AugSelfHead(nn.Module):
     Linear(2D -> 512, no bias)-BN-ReLU-Linear(512 -> 512, no bias)-BN-ReLU-Linear(512 -> 4, bias).
     It reads the backbone representation (not the projection) without detaching, as AugSelf."""
 
-    def __init__(self, in_dim, hidden_dim=512, tasks=AUGSELF_TASKS, input_norm=False):
+    def __init__(self, in_dim, hidden_dim=512, input_norm=False):
         super().__init__()
-        unknown = set(tasks) - set(AUGSELF_TASKS)
-        if unknown:
-            raise ValueError(f"unknown AugSelf tasks {sorted(unknown)}; choose from {AUGSELF_TASKS}")
         self.input_norm = nn.LayerNorm(in_dim) if input_norm else nn.Identity()
         self.heads = nn.ModuleDict({t: build_mlp(3, 2 * in_dim, hidden_dim, 4, last_bn=False, last_bias=True)
-                                    for t in tasks})
+                                    for t in ("crop", "color")})
 
     def forward(self, h1, h2):  # (B, D) each -> {task: (2B, 4)}
         h1, h2 = self.input_norm(h1), self.input_norm(h2)

@@ -15,6 +15,11 @@ rotation, flip, rescale to a random token grid), one per group. Both sub-batches
 enter the invariance loss; only b2 enters L_equiv, which acts on the token map after block
 `--equiv-layer`, where the [CLS] token joins the network:  L = L_inv(b1 + b2) + lambda * L_equiv.
 
+Reading order: train() builds the run in phases and calls train_step() once per step; train_step takes
+a StepBatch (make_step_inputs: the views, augment.py, and SER's b2 groups), runs Student and Teacher
+(vit.py, the SER split), compute_losses (losses.py; SER's ser_loss aligns token maps with
+group_actions.py), the update and the EMA. Measurement (--benchmark, --count-flops) is the last section.
+
 The run resumes automatically from <output-dir>/checkpoint.pth. Outputs: config.json, log.jsonl (one
 JSON line per logging step and per epoch), checkpoint.pth (all state, every epoch and on SIGTERM/SIGINT)
 and backbone.pth (the evaluated backbone in bare timm key format, with its architecture), which
@@ -23,6 +28,8 @@ linear_eval.py, robustness_eval.py and detect_eval.py load.
 
 import argparse
 import ctypes
+import functools
+import itertools
 import json
 import math
 import os
@@ -36,13 +43,19 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, Subset
+from torch.utils.flop_counter import FlopCounterMode
 
 import augment
 import group_actions
 import losses
 import vit
 from linear_eval import WithIndex, knn_eval  # linear_eval owns the k-NN protocol (DINO eval_knn)
+
+try:
+    import resource  # --benchmark's peak memory on CPU; Unix only
+except ImportError:
+    resource = None
 
 EMA_METHODS = ("mocov3", "dino", "byol")  # methods with a momentum teacher / target network
 ADDONS = ("ser", "equimod", "augself", "essl")
@@ -99,6 +112,8 @@ SYNTHETIC_METHOD_DEFAULTS = {"dino": dict(lr=5e-3, momentum=0.96, use_bn_in_head
 # For schedulers: after a signal the run is checkpointed but not finished, so it exits 128 + the signal number.
 EXIT_CODES = ("exit status: 0 finished or stopped at --stop-at-step; 1 an error; 143 (SIGTERM) or 130 (SIGINT) after "
               "a signal made the run save checkpoint.pth and stop: rerun the same command to resume")
+
+DIVERGED = "Try --precision fp32, a lower --lr or --clip-grad."  # the advice of every non-finite stop
 
 
 def get_args_parser():
@@ -211,46 +226,37 @@ def resolve_config(args):
     lam, tau = SER_DEFAULTS[args.method] if args.addon == "ser" else ADDON_DEFAULTS[args.addon]
     args.equiv_lambda = lam if args.equiv_lambda is None else args.equiv_lambda
     args.equiv_tau = tau if args.equiv_tau is None else args.equiv_tau
-    for flag, value in (("--batch-size", args.batch_size), ("--epochs", args.epochs), ("--img-size", args.img_size),
-                        ("--patch-size", args.patch_size)):
-        if value < 1:
-            raise SystemExit(f"error: {flag} must be positive, got {value}")
+    if args.num_workers is None:  # the CPU cores of this rank's share of the machine
+        args.num_workers = min(8, max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", 1))))
     # Ranges of the numeric options; None means "unset" and is checked after the recipe filled it in.
-    ranges = [
-        ("--lr", args.lr, lambda v: v > 0, "positive"),
-        ("--min-lr", args.min_lr, lambda v: v >= 0, ">= 0"),
-        ("--weight-decay", args.weight_decay, lambda v: v >= 0, ">= 0"),
-        ("--weight-decay-end", args.weight_decay_end, lambda v: v >= 0, ">= 0"),
-        ("--momentum", args.momentum, lambda v: 0 <= v <= 1, "in [0, 1]"),
-        ("--clip-grad", args.clip_grad, lambda v: v >= 0, ">= 0 (0 = off)"),
-        ("--drop-path", args.drop_path, lambda v: 0 <= v < 1, "in [0, 1)"),
-        ("--crop-min", args.crop_min, lambda v: 0 < v <= 1, "in (0, 1]"),
-        ("--temperature", args.temperature, lambda v: v > 0, "positive"),
-        ("--teacher-temp", args.teacher_temp, lambda v: v > 0, "positive"),
-        ("--warmup-teacher-temp", args.warmup_teacher_temp, lambda v: v > 0, "positive"),
-        ("--equiv-lambda", args.equiv_lambda, lambda v: v >= 0, ">= 0"),
-        ("--equiv-tau", args.equiv_tau, lambda v: v > 0, "positive"),
-        ("--peak-tflops", args.peak_tflops, lambda v: v > 0, "positive"),
-        ("--synthetic-length", args.synthetic_length, lambda v: v >= 1, "at least 1"),
-        ("--depth", args.depth, lambda v: v >= 1, "at least 1 block"),
-        ("--head-hidden", args.head_hidden, lambda v: v >= 1, "at least 1"),
-        ("--head-out", args.head_out, lambda v: v >= 1, "at least 1"),
-        ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
-        ("--n-local-crops", args.n_local_crops, lambda v: v >= 0, ">= 0"),
-        ("--warmup-teacher-temp-epochs", args.warmup_teacher_temp_epochs, lambda v: v >= 0, ">= 0"),
-        ("--freeze-last-layer", args.freeze_last_layer, lambda v: v >= 0, ">= 0"),
-        ("--knn-every", args.knn_every, lambda v: v >= 0, ">= 0 (0 = off)"),
-        ("--knn-train-size", args.knn_train_size, lambda v: v >= 1, "at least 1"),
-        ("--knn-val-size", args.knn_val_size, lambda v: v >= 1, "at least 1"),
-        ("--benchmark", args.benchmark, lambda v: v >= 0, ">= 0"),
-        ("--stop-at-step", args.stop_at_step, lambda v: v >= 1, "at least 1"),
-    ]
+    positive = [("--batch-size", args.batch_size), ("--epochs", args.epochs), ("--img-size", args.img_size),
+                ("--patch-size", args.patch_size), ("--lr", args.lr), ("--temperature", args.temperature),
+                ("--teacher-temp", args.teacher_temp), ("--warmup-teacher-temp", args.warmup_teacher_temp),
+                ("--equiv-tau", args.equiv_tau), ("--ser-chunk", args.ser_chunk), ("--peak-tflops", args.peak_tflops)]
+    non_negative = [("--min-lr", args.min_lr), ("--weight-decay", args.weight_decay),
+                    ("--weight-decay-end", args.weight_decay_end), ("--equiv-lambda", args.equiv_lambda),
+                    ("--num-workers", args.num_workers), ("--n-local-crops", args.n_local_crops),
+                    ("--warmup-teacher-temp-epochs", args.warmup_teacher_temp_epochs),
+                    ("--freeze-last-layer", args.freeze_last_layer), ("--benchmark", args.benchmark)]
+    at_least_1 = [("--synthetic-length", args.synthetic_length), ("--head-hidden", args.head_hidden),
+                  ("--head-out", args.head_out), ("--knn-train-size", args.knn_train_size),
+                  ("--knn-val-size", args.knn_val_size), ("--stop-at-step", args.stop_at_step)]
+    ranges = [(flag, v, lambda v: v > 0, "positive") for flag, v in positive]
+    ranges += [(flag, v, lambda v: v >= 0, ">= 0") for flag, v in non_negative]
+    ranges += [(flag, v, lambda v: v >= 1, "at least 1") for flag, v in at_least_1]
+    ranges += [("--momentum", args.momentum, lambda v: 0 <= v <= 1, "in [0, 1]"),
+               ("--clip-grad", args.clip_grad, lambda v: v >= 0, ">= 0 (0 = off)"),
+               ("--drop-path", args.drop_path, lambda v: 0 <= v < 1, "in [0, 1)"),
+               ("--crop-min", args.crop_min, lambda v: 0 < v <= 1, "in (0, 1]"),
+               ("--ser-ratio", args.ser_ratio, lambda v: 0 < v < 1, "in (0, 1)"),
+               ("--ser-min-images", args.ser_min_images, lambda v: v >= 2,
+                "at least 2 (a b2 image needs other images as negatives)"),
+               ("--depth", args.depth, lambda v: v >= 1, "at least 1 block"),
+               ("--log-every", args.log_every, lambda v: v >= 1, "at least 1 step"),
+               ("--knn-every", args.knn_every, lambda v: v >= 0, ">= 0 (0 = off)")]
     augment.check_ranges(ranges, prefix="error: ")
     if not 0 <= args.warmup_epochs <= args.epochs:
         raise SystemExit(f"error: --warmup-epochs {args.warmup_epochs} must be in 0..--epochs ({args.epochs})")
-    if args.ser_min_images < 2:
-        raise SystemExit(f"error: --ser-min-images must be at least 2 (a b2 image needs other images as "
-                         f"negatives), got {args.ser_min_images}")
     if not (all(map(math.isfinite, args.ser_scale)) and 0 < args.ser_scale[0] <= args.ser_scale[1]):
         raise SystemExit(f"error: --ser-scale needs 0 < min <= max, got {args.ser_scale}")
     depth = args.depth or 12
@@ -264,266 +270,18 @@ def resolve_config(args):
                          "(only DINO's and SER's MoCo v3 '2+4 views' use it)")
     if args.n_local_crops and args.method == "mocov3" and args.addon in ("equimod", "augself"):
         raise SystemExit(f"error: --{args.addon} with MoCo v3 multi-crop is not supported; use --n-local-crops 0")
+    if args.n_local_crops and args.method == "dino" and args.addon in ("equimod", "augself", "essl"):
+        raise SystemExit(f"error: --{args.addon} with DINO multi-crop is not supported; use --n-local-crops 0")
     if args.addon == "ser" and args.method == "mocov3" and args.n_local_crops % 2:
         raise SystemExit(f"error: --n-local-crops {args.n_local_crops}: SER's MoCo v3 multi-crop takes its b2 pairs "
                          "from every other local crop (#0, #2, ..), each view joining one local stream; use an even number")
-    if args.ser_chunk < 1:
-        raise SystemExit(f"error: --ser-chunk must be positive, got {args.ser_chunk}")
-    if args.addon in ("equimod", "augself", "essl") and args.method == "dino" and args.n_local_crops:
-        raise SystemExit(f"error: --{args.addon} with DINO multi-crop is not supported; use --n-local-crops 0")
     if args.img_size % args.patch_size:
         raise SystemExit(f"error: --img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
-    if args.log_every < 1:
-        raise SystemExit(f"error: --log-every must be at least 1 step, got {args.log_every}")
-    if not 0 < args.ser_ratio < 1:
-        raise SystemExit(f"error: --ser-ratio must be in (0, 1), got {args.ser_ratio}")
     return args
 
 
-# ---------------------------------------------------------------------------- schedules
-# Pure functions of the global step, so a resumed run needs nothing but the step.
+# ============ the step: a StepBatch of views -> student and teacher -> losses -> update ============
 
-def cosine_schedule(step, total_steps, peak, final, warmup_steps=0):
-    """Linear warm-up from 0 to `peak` over warmup_steps, then half-cosine to `final` at total_steps.
-    (DINO's array version repeats the peak once and stops one step short of `final`.)"""
-    if step < warmup_steps:
-        return peak * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def ema_momentum(step, total_steps, base):
-    """MoCo v3 / BYOL / DINO: 1 - (1 - base) * (cos(pi * step / total) + 1) / 2, from base to 1."""
-    return 1 - (1 - base) * (math.cos(math.pi * step / total_steps) + 1) / 2
-
-
-# ---------------------------------------------------------------------------- distributed
-
-
-def keep_freed_host_memory():
-    """CPU training: make glibc keep freed memory in the process instead of returning it to the kernel.
-
-    glibc serves large blocks with mmap and unmaps them on free, so every step faults its activations
-    back in, page by page, zero-filled: about 300k minor faults per step at the synthetic default, and
-    more with SER, whose b2 grids change shape every step and defeat glibc's adaptive threshold. With
-    mmap off and the heap never trimmed, a step's buffers are reused by the next one: no faults, and
-    the step is 7-17% faster (README, "Fast paths on CPU"). The price is resident memory: the peak is
-    unchanged, but freed memory stays reserved (2.6 instead of 2.0 GiB at the synthetic default).
-    glibc only; returns whether it applied.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter is linked against
-    except (OSError, AttributeError, TypeError):  # no mallopt (macOS) or no CDLL(None) (Windows)
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def local_batch_size(global_batch, world):
-    if global_batch % world:
-        raise SystemExit(f"error: --batch-size {global_batch} is the global batch and must divide over the "
-                         f"{world} ranks; use a multiple of {world}")
-    return global_batch // world
-
-
-class GlobalBatchSampler(Sampler):
-    """Per-rank batches such that rank r holds the r-th slice of each global batch.
-
-    The union of the ranks' batches at a step is exactly the single-process global batch, so a run
-    on W ranks sees the same images per step as one process (and per-sample randomness drawn for the
-    global batch can be sliced by rank). One permutation per epoch from (seed, epoch); the tail that
-    does not fill a global batch is dropped (DistributedSampler with drop_last=True does the same).
-    `start_step` skips the batches an interrupted epoch already trained on.
-    """
-
-    def __init__(self, dataset_len, global_batch, rank, world, seed):
-        self.n, self.global_batch, self.rank, self.world, self.seed = dataset_len, global_batch, rank, world, seed
-        self.local_batch = global_batch // world
-        self.epoch, self.start_step = 0, 0
-
-    def set_epoch(self, epoch, start_step=0):
-        self.epoch, self.start_step = epoch, start_step
-
-    def __len__(self):
-        return self.n // self.global_batch - self.start_step
-
-    def __iter__(self):
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
-        for s in range(self.start_step, self.n // self.global_batch):
-            start = s * self.global_batch + self.rank * self.local_batch
-            yield perm[start:start + self.local_batch].tolist()
-
-
-# ---------------------------------------------------------------------------- model
-class Student(nn.Module):
-    """Backbone + the method's heads + the add-on head: everything that trains, behind one forward
-    (so DDP sees every parameter used in the step)."""
-
-    def __init__(self, backbone, projector, predictor=None, addon=None, addon_head=None, addon_layer=None):
-        super().__init__()
-        self.backbone, self.projector, self.predictor = backbone, projector, predictor
-        self.addon, self.addon_head = addon, addon_head
-        self.addon_layer = addon_layer  # None: the add-on reads the final [CLS]; l: the raw [CLS] of block l
-        self.stochastic_depth = any(isinstance(m, vit.DropPath) and m.p > 0 for m in backbone.modules())
-
-    def _represent(self, out):
-        return out["cls"] if self.addon_layer is None else out["cls_at_layer"]
-
-    def _features(self, batch, call, x, positions, n_sets=1, layer=None, eager=False):
-        """One backbone call on rows that are images `positions` of the global batch, the k-th copy of
-        each in row block k (n_sets copies). Stochastic depth draws its keep flags for every row of the
-        global call from torch's generator seeded by (seed, step, call) and keeps ours, so the masks do
-        not depend on the number of ranks. eager: the class's own method even under --compile (SER's b2
-        grids change every step and would recompile every step)."""
-        if self.stochastic_depth:
-            torch.manual_seed(augment.seed_from("drop-path", *batch.key, call))
-            n = batch.batch_size
-            ids = torch.cat([k * n + positions for k in range(n_sets)])
-            self.backbone.drop_path_rows = (ids, n_sets * n)
-        try:
-            if eager:
-                return vit.VisionTransformer.forward_features(self.backbone, x, layer=layer)
-            return self.backbone.forward_features(x, layer=layer)
-        finally:
-            self.backbone.drop_path_rows = None
-
-    def forward(self, batch):
-        """batch: a StepBatch. Returns {'proj': per stream (N_v, d), 'pred', and the add-on's outputs:
-        'ser': per b2 pair, the list of its losses.SERGroup on this rank; 'equimod': (y_t, y_hat_t);
-        'augself': predictions; 'essl': rotation logits}. Stream v's rows are its plain rows
-        (batch.streams[v]), then the [CLS] of the b2 views that join it, group by group."""
-        globals_, locals_ = batch.streams[:2], batch.streams[2:]
-        sizes = [v.shape[0] for v in globals_]
-        # One call per resolution: EquiMod's un-augmented view has the global size, so it joins the views.
-        # Every global stream holds the same rows here except with SER (b1 only in the paired streams).
-        x = torch.cat(globals_ if batch.plain is None else [*globals_, batch.plain])
-        out = self._features(batch, "global", x, batch.stream_positions[0],
-                             n_sets=len(globals_) + (batch.plain is not None), layer=self.addon_layer)
-        n_views = sum(sizes)
-        cls = list(out["cls"][:n_views].split(sizes))  # per view (N_v, D)
-        represent = self._represent(out)  # what EquiMod/AugSelf read, ((2 [+1]) * B, D)
-        if locals_:
-            out_local = self._features(batch, "local", torch.cat(locals_), batch.stream_positions[2],
-                                       n_sets=len(locals_))
-            cls += list(out_local["cls"].split([v.shape[0] for v in locals_]))
-        res = {}
-        if self.addon == "ser":
-            cls, res["ser"] = self._b2(batch, cls)
-        # Heads run per view, so BatchNorm statistics are per view as in MoCo v3 and BYOL.
-        res["proj"] = [self.projector(c) for c in cls]
-        if self.predictor is not None:
-            res["pred"] = [self.predictor(z) for z in res["proj"]]
-        if self.addon == "equimod":
-            res["equimod"] = self.addon_head(represent[n_views:], represent[:n_views], batch.equimod_params)
-        elif self.addon == "augself":
-            res["augself"] = self.addon_head(*represent[:n_views].split(sizes))
-        elif self.addon == "essl":
-            out_essl = self._features(batch, "essl", batch.essl, batch.stream_positions[0], n_sets=4,
-                                      layer=self.addon_layer)
-            res["essl"] = self.addon_head(self._represent(out_essl))
-        return res
-
-    def _b2(self, batch, cls):
-        """SER's b2 views: two backbone calls per pair of each group on this rank, each with the group's
-        own element (the grids differ). Their [CLS] join the invariance streams, their token maps after
-        block --equiv-layer go through SER's projector into losses.SERGroup, one list per pair."""
-        layer = self.backbone.cls_after_block
-        extra = [[] for _ in cls]  # per stream: the b2 [CLS] rows, group by group
-        pairs = [[] for _ in batch.ser_pairs]
-        for group in batch.b2:
-            for k, pair in enumerate(group.pairs):
-                maps = []
-                for j, (x, stream) in enumerate(zip((pair.x1, pair.x2), pair.streams)):
-                    out = self._features(batch, ("ser", group.index, k, j), x, group.positions, layer=layer, eager=True)
-                    extra[stream].append(out["cls"])
-                    maps.append(self.addon_head(out["token_map"]))  # (n, C, h_j, w_j)
-                pairs[k].append(losses.SERGroup(*maps, pair.g1, pair.g2, pair.base_grid, group.positions))
-        if not batch.b2:
-            # No b2 image on this rank: an empty call per pair keeps SER's parameters in the step (DDP
-            # expects a gradient for each, zero here) and ser_loss's collectives in step with the ranks.
-            for k, (base_grid, _) in enumerate(batch.ser_pairs):
-                side = [g * self.backbone.patch_size for g in base_grid]
-                x = batch.streams[0].new_zeros(0, 3, *side)
-                z = self.addon_head(vit.VisionTransformer.forward_features(self.backbone, x, layer=layer)["token_map"])
-                pairs[k].append(losses.SERGroup(z, z, None, None, base_grid, torch.zeros(0, dtype=torch.long)))
-        return [torch.cat([c, *e]) for c, e in zip(cls, extra)], pairs
-
-
-class Teacher(nn.Module):
-    """EMA copy of backbone + projector (MoCo v3 momentum encoder, DINO teacher, BYOL target): the global
-    streams, b1 rows and then the b2 views that join them, as in Student.forward."""
-
-    def __init__(self, backbone, projector):
-        super().__init__()
-        self.backbone, self.projector = backbone, projector
-
-    @torch.no_grad()
-    def forward(self, batch):
-        globals_ = batch.streams[:2]
-        cls = [[c] for c in self.backbone(torch.cat(globals_)).split([v.shape[0] for v in globals_])]
-        eager = vit.VisionTransformer.forward_features  # as in Student._b2
-        for group in batch.b2:
-            for pair in group.pairs:
-                for x, stream in zip((pair.x1, pair.x2), pair.streams):
-                    if stream < len(cls):
-                        cls[stream].append(eager(self.backbone, x)["cls"])
-        return [self.projector(torch.cat(c)) for c in cls]
-
-
-def build_models(args):
-    arch = dict(name=args.arch, img_size=args.img_size, patch_size=args.patch_size, drop_path_rate=args.drop_path,
-                cls_after_block=args.equiv_layer if args.addon == "ser" else 0)
-    if args.depth:
-        arch["depth"] = args.depth
-    if args.method == "mocov3":  # MoCo v3's ViT recipe: fixed sin-cos positions, frozen random patch projection
-        arch.update(pos_embed="sincos", stop_grad_conv1=True, weight_init="moco")
-    if args.weight_init == "moco":
-        arch.update(pos_embed="sincos", weight_init="moco")
-    elif args.weight_init == "trunc_normal":
-        arch.update(pos_embed="learned", weight_init="trunc_normal")
-    backbone = vit.build_vit(arch)
-    if args.grad_checkpointing:
-        backbone.grad_checkpointing = True
-    D = backbone.embed_dim
-    head_kw = dict(norm_last_layer=args.norm_last_layer, use_bn=args.use_bn_in_head) if args.method == "dino" else {}
-    projector, predictor = losses.build_heads(args.method, D, hidden_dim=args.head_hidden, out_dim=args.head_out,
-                                              **head_kw)
-    depth = backbone.depth
-    addon_layer = None if args.addon in (None, "ser") or args.equiv_layer == depth else args.equiv_layer
-    decoupled = addon_layer is not None
-    addon_head = None
-    if args.addon == "ser":
-        addon_head = losses.SERProjector(D)
-    elif args.addon == "equimod":
-        addon_head = losses.EquiModHead(D, input_norm=decoupled)
-    elif args.addon == "augself":
-        addon_head = losses.AugSelfHead(D, input_norm=decoupled)
-    elif args.addon == "essl":
-        addon_head = losses.ESSLHead(D, input_norm=decoupled)
-    student = Student(backbone, projector, predictor, args.addon, addon_head, addon_layer)
-    teacher = None
-    if args.method in EMA_METHODS:
-        # The teacher starts as a copy of the student, without stochastic depth (DINO). BYOL's
-        # official target starts from its own random init; a copy is the MoCo/DINO convention.
-        teacher_backbone = vit.build_vit({**backbone.arch, "drop_path_rate": 0.0})
-        teacher_backbone.load_state_dict(backbone.state_dict())
-        teacher = Teacher(teacher_backbone, deepcopy(projector))
-        teacher.requires_grad_(False)
-    return student, teacher
-
-
-def param_groups(student, method):
-    """AdamW groups. DINO's rule everywhere (no decay on biases and 1-D tensors; pos_embed and cls_token
-    are decayed), except MoCo v3, whose ViT recipe decays every parameter."""
-    decay, no_decay = [], []
-    for name, p in student.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if method != "mocov3" and (p.ndim <= 1 or name.endswith(".bias")) else decay).append(p)
-    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False}]
-
-
-# ---------------------------------------------------------------------------- views on the device
 def build_recipe(args):
     # SimCLR has no entry: it uses the asymmetric BYOL recipe, as MoCo v3's ViT comparisons do.
     return augment.recipe_for(args.method if args.method != "simclr" else "byol", img_size=args.img_size,
@@ -676,13 +434,177 @@ def make_step_inputs(batch, photometric, step, args, rank, world, device):
     return out
 
 
-# ---------------------------------------------------------------------------- losses
+class Student(nn.Module):
+    """Backbone + the method's heads + the add-on head: everything that trains, behind one forward
+    (so DDP sees every parameter used in the step)."""
+
+    def __init__(self, backbone, projector, predictor=None, addon=None, addon_head=None, addon_layer=None):
+        super().__init__()
+        self.backbone, self.projector, self.predictor = backbone, projector, predictor
+        self.addon, self.addon_head = addon, addon_head
+        self.addon_layer = addon_layer  # None: the add-on reads the final [CLS]; l: the raw [CLS] of block l
+        self.stochastic_depth = any(isinstance(m, vit.DropPath) and m.p > 0 for m in backbone.modules())
+
+    def _represent(self, out):
+        return out["cls"] if self.addon_layer is None else out["cls_at_layer"]
+
+    def _features(self, batch, call, x, positions, n_sets=1, layer=None):
+        """One backbone call on rows that are images `positions` of the global batch, the k-th copy of
+        each in row block k (n_sets copies). Stochastic depth draws its keep flags for every row of the
+        global call from torch's generator seeded by (seed, step, call) and keeps ours, so the masks do
+        not depend on the number of ranks."""
+        if self.stochastic_depth:
+            torch.manual_seed(augment.seed_from("drop-path", *batch.key, call))
+            n = batch.batch_size
+            ids = torch.cat([k * n + positions for k in range(n_sets)])
+            self.backbone.drop_path_rows = (ids, n_sets * n)
+        try:
+            return self.backbone.forward_features(x, layer=layer)
+        finally:
+            self.backbone.drop_path_rows = None
+
+    def forward(self, batch):
+        """batch: a StepBatch. Returns {'proj': per stream (N_v, d), 'pred', and the add-on's outputs:
+        'ser': per b2 pair, the list of its losses.SERGroup on this rank; 'equimod': (y_t, y_hat_t);
+        'augself': predictions; 'essl': rotation logits}. Stream v's rows are its plain rows
+        (batch.streams[v]), then the [CLS] of the b2 views that join it, group by group."""
+        globals_, locals_ = batch.streams[:2], batch.streams[2:]
+        sizes = [v.shape[0] for v in globals_]
+        # One call per resolution: EquiMod's un-augmented view has the global size, so it joins the views.
+        # Every global stream holds the same rows here except with SER (b1 only in the paired streams).
+        x = torch.cat(globals_ if batch.plain is None else [*globals_, batch.plain])
+        out = self._features(batch, "global", x, batch.stream_positions[0],
+                             n_sets=len(globals_) + (batch.plain is not None), layer=self.addon_layer)
+        n_views = sum(sizes)
+        cls = list(out["cls"][:n_views].split(sizes))  # per view (N_v, D)
+        represent = self._represent(out)  # what EquiMod/AugSelf read, ((2 [+1]) * B, D)
+        if locals_:
+            out_local = self._features(batch, "local", torch.cat(locals_), batch.stream_positions[2],
+                                       n_sets=len(locals_))
+            cls += list(out_local["cls"].split([v.shape[0] for v in locals_]))
+        res = {}
+        if self.addon == "ser":
+            cls, res["ser"] = self._b2(batch, cls)
+        # Heads run per view, so BatchNorm statistics are per view as in MoCo v3 and BYOL.
+        res["proj"] = [self.projector(c) for c in cls]
+        if self.predictor is not None:
+            res["pred"] = [self.predictor(z) for z in res["proj"]]
+        if self.addon == "equimod":
+            res["equimod"] = self.addon_head(represent[n_views:], represent[:n_views], batch.equimod_params)
+        elif self.addon == "augself":
+            res["augself"] = self.addon_head(*represent[:n_views].split(sizes))
+        elif self.addon == "essl":
+            out_essl = self._features(batch, "essl", batch.essl, batch.stream_positions[0], n_sets=4,
+                                      layer=self.addon_layer)
+            res["essl"] = self.addon_head(self._represent(out_essl))
+        return res
+
+    def _b2(self, batch, cls):
+        """SER's b2 views: two backbone calls per pair of each group on this rank, each with the group's
+        own element (the grids differ). Their [CLS] join the invariance streams, their token maps after
+        block --equiv-layer go through SER's projector into losses.SERGroup, one list per pair."""
+        layer = self.backbone.cls_after_block
+        extra = [[] for _ in cls]  # per stream: the b2 [CLS] rows, group by group
+        pairs = [[] for _ in batch.ser_pairs]
+        for group in batch.b2:
+            for k, pair in enumerate(group.pairs):
+                maps = []
+                for j, (x, stream) in enumerate(zip((pair.x1, pair.x2), pair.streams)):
+                    out = self._features(batch, ("ser", group.index, k, j), x, group.positions, layer=layer)
+                    extra[stream].append(out["cls"])
+                    maps.append(self.addon_head(out["token_map"]))  # (n, C, h_j, w_j)
+                pairs[k].append(losses.SERGroup(*maps, pair.g1, pair.g2, pair.base_grid, group.positions))
+        if not batch.b2:
+            # No b2 image on this rank: an empty call per pair keeps SER's parameters in the step (DDP
+            # expects a gradient for each, zero here) and ser_loss's collectives in step with the ranks.
+            for k, (base_grid, _) in enumerate(batch.ser_pairs):
+                side = [g * self.backbone.patch_size for g in base_grid]
+                x = batch.streams[0].new_zeros(0, 3, *side)
+                z = self.addon_head(self.backbone.forward_features(x, layer=layer)["token_map"])
+                pairs[k].append(losses.SERGroup(z, z, None, None, base_grid, torch.zeros(0, dtype=torch.long)))
+        return [torch.cat([c, *e]) for c, e in zip(cls, extra)], pairs
+
+
+class Teacher(nn.Module):
+    """EMA copy of backbone + projector (MoCo v3 momentum encoder, DINO teacher, BYOL target): the global
+    streams, b1 rows and then the b2 views that join them, as in Student.forward."""
+
+    def __init__(self, backbone, projector):
+        super().__init__()
+        self.backbone, self.projector = backbone, projector
+
+    @torch.no_grad()
+    def forward(self, batch):
+        globals_ = batch.streams[:2]
+        cls = [[c] for c in self.backbone(torch.cat(globals_)).split([v.shape[0] for v in globals_])]
+        layer = self.backbone.cls_after_block  # b2 calls ask for SER's token map, as Student._b2 (compile_backbones)
+        for group in batch.b2:
+            for pair in group.pairs:
+                for x, stream in zip((pair.x1, pair.x2), pair.streams):
+                    if stream < len(cls):
+                        cls[stream].append(self.backbone.forward_features(x, layer=layer)["cls"])
+        return [self.projector(torch.cat(c)) for c in cls]
+
+
+def build_models(args):
+    arch = dict(name=args.arch, img_size=args.img_size, patch_size=args.patch_size, drop_path_rate=args.drop_path,
+                cls_after_block=args.equiv_layer if args.addon == "ser" else 0)
+    if args.depth:
+        arch["depth"] = args.depth
+    if args.method == "mocov3":  # MoCo v3's ViT recipe: fixed sin-cos positions, frozen random patch projection
+        arch.update(pos_embed="sincos", stop_grad_conv1=True, weight_init="moco")
+    if args.weight_init == "moco":
+        arch.update(pos_embed="sincos", weight_init="moco")
+    elif args.weight_init == "trunc_normal":
+        arch.update(pos_embed="learned", weight_init="trunc_normal")
+    backbone = vit.build_vit(arch)
+    if args.grad_checkpointing:
+        backbone.grad_checkpointing = True
+    D = backbone.embed_dim
+    head_kw = dict(norm_last_layer=args.norm_last_layer, use_bn=args.use_bn_in_head) if args.method == "dino" else {}
+    projector, predictor = losses.build_heads(args.method, D, hidden_dim=args.head_hidden, out_dim=args.head_out,
+                                              **head_kw)
+    depth = backbone.depth
+    addon_layer = None if args.addon in (None, "ser") or args.equiv_layer == depth else args.equiv_layer
+    decoupled = addon_layer is not None
+    addon_head = None
+    if args.addon == "ser":
+        addon_head = losses.SERProjector(D)
+    elif args.addon == "equimod":
+        addon_head = losses.EquiModHead(D, input_norm=decoupled)
+    elif args.addon == "augself":
+        addon_head = losses.AugSelfHead(D, input_norm=decoupled)
+    elif args.addon == "essl":
+        addon_head = losses.ESSLHead(D, input_norm=decoupled)
+    student = Student(backbone, projector, predictor, args.addon, addon_head, addon_layer)
+    teacher = None
+    if args.method in EMA_METHODS:
+        # The teacher starts as a copy of the student, without stochastic depth (DINO). BYOL's
+        # official target starts from its own random init; a copy is the MoCo/DINO convention.
+        teacher_backbone = vit.build_vit({**backbone.arch, "drop_path_rate": 0.0})
+        teacher_backbone.load_state_dict(backbone.state_dict())
+        teacher = Teacher(teacher_backbone, deepcopy(projector))
+        teacher.requires_grad_(False)
+    return student, teacher
+
+
+def param_groups(student, method):
+    """AdamW groups. DINO's rule everywhere (no decay on biases and 1-D tensors; pos_embed and cls_token
+    are decayed), except MoCo v3, whose ViT recipe decays every parameter."""
+    decay, no_decay = [], []
+    for name, p in student.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if method != "mocov3" and (p.ndim <= 1 or name.endswith(".bias")) else decay).append(p)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False}]
+
+
 def compute_losses(args, student_out, teacher_out, batch, dino_loss, epoch):
     """{'inv': invariance loss, 'equiv': add-on loss (unweighted)}, float32."""
     m = args.method
     proj = student_out["proj"]
     if m == "mocov3":
-        inv = losses.mocov3_multicrop_loss(student_out["pred"], teacher_out, args.temperature)
+        inv = losses.mocov3_loss(student_out["pred"], teacher_out, args.temperature)
     elif m == "dino":
         temp = losses.teacher_temp_schedule(epoch, args.warmup_teacher_temp, args.teacher_temp,
                                             args.warmup_teacher_temp_epochs)
@@ -713,7 +635,153 @@ def compute_losses(args, student_out, teacher_out, batch, dino_loss, epoch):
     return out
 
 
-# ---------------------------------------------------------------------------- state
+def cosine_schedule(step, total_steps, peak, final, warmup_steps=0):
+    """Linear warm-up from 0 to `peak` over warmup_steps, then half-cosine to `final` at total_steps.
+    (DINO's array version repeats the peak once and stops one step short of `final`.)"""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def ema_momentum(step, total_steps, base):
+    """MoCo v3 / BYOL / DINO: 1 - (1 - base) * (cos(pi * step / total) + 1) / 2, from base to 1."""
+    return 1 - (1 - base) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+def clip_grad_per_param(params, max_norm):
+    """DINO's clipping: each parameter's gradient separately scaled to norm <= max_norm (not a global
+    norm). Fused over tensors and free of host syncs."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        norms = torch.stack(torch._foreach_norm(grads))  # (P,): the scales in 2 ops, not 3 per parameter
+        torch._foreach_mul_(grads, (max_norm / (norms + 1e-6)).clamp_(max=1.0).unbind())
+
+
+def train_step(batch, step, steps_per_epoch, student, teacher, dino_loss, optimizer, scaler, args, precision):
+    """One optimisation step on a StepBatch: the schedules at this step, the student's forward (SER's b2
+    token maps included, Student._b2) and the teacher's, the losses (L_inv + lambda * L_equiv), backward,
+    DINO's per-parameter clipping and frozen last layer, AdamW, and the EMA of the teacher. `student`
+    may be wrapped in DDP. Returns the detached loss terms without waiting for the device."""
+    epoch = step // steps_per_epoch
+    total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    # lr and min_lr are per 256 images; pure functions of the step, so a resumed run needs nothing but the step
+    lr = cosine_schedule(step, total, args.lr * args.batch_size / 256, args.min_lr * args.batch_size / 256, warmup)
+    wd = cosine_schedule(step, total, args.weight_decay, args.weight_decay_end)
+    for group in optimizer.param_groups:
+        group["lr"], group["weight_decay"] = lr, wd if group["apply_wd"] else 0.0
+    with vit.autocast(batch.streams[0].device, precision):
+        student_out = student(batch)
+        teacher_out = teacher(batch) if teacher is not None else None
+    terms = compute_losses(args, student_out, teacher_out, batch, dino_loss, epoch)
+    loss = terms["inv"] + args.equiv_lambda * terms["equiv"] if "equiv" in terms else terms["inv"]
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if args.clip_grad:
+        clip_grad_per_param([p for group in optimizer.param_groups for p in group["params"]], args.clip_grad)
+    raw = getattr(student, "module", student)  # the Student inside DDP
+    if args.method == "dino" and epoch < args.freeze_last_layer:
+        for p in raw.projector.last_layer.parameters():  # DINO: the head's last layer stays fixed at first
+            p.grad = None
+    scaler.step(optimizer)
+    scaler.update()
+    if teacher is not None:
+        with torch.no_grad():  # teacher = m * teacher + (1 - m) * student, as one pass over both (mul + add took two)
+            m = ema_momentum(step, total, args.momentum)
+            torch._foreach_lerp_(list(teacher.parameters()), [*raw.backbone.parameters(), *raw.projector.parameters()],
+                                 1 - m)
+    return {k: v.detach() for k, v in {"loss": loss, **terms}.items()}
+
+
+# ============ the run around the step: data order, checkpoints, logs, signals ============
+
+def local_batch_size(global_batch, world):
+    if global_batch % world:
+        raise SystemExit(f"error: --batch-size {global_batch} is the global batch and must divide over the "
+                         f"{world} ranks; use a multiple of {world}")
+    return global_batch // world
+
+
+class GlobalBatchSampler(Sampler):
+    """Per-rank batches such that rank r holds the r-th slice of each global batch.
+
+    The union of the ranks' batches at a step is exactly the single-process global batch, so a run
+    on W ranks sees the same images per step as one process (and per-sample randomness drawn for the
+    global batch can be sliced by rank). One permutation per epoch from (seed, epoch); the tail that
+    does not fill a global batch is dropped (DistributedSampler with drop_last=True does the same).
+    `start_step` skips the batches an interrupted epoch already trained on.
+    """
+
+    def __init__(self, dataset_len, global_batch, rank, world, seed):
+        self.n, self.global_batch, self.rank, self.world, self.seed = dataset_len, global_batch, rank, world, seed
+        self.local_batch = global_batch // world
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self):
+        return self.n // self.global_batch - self.start_step
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+        for s in range(self.start_step, self.n // self.global_batch):
+            start = s * self.global_batch + self.rank * self.local_batch
+            yield perm[start:start + self.local_batch].tolist()
+
+
+def resume(args, saved, total_steps, device):
+    """The step to start from: that of <output-dir>/checkpoint.pth, with its state loaded into `saved`
+    (name -> object with a state dict, as DINO's restart_from_checkpoint), or 0 without one. A benchmark
+    starts from initialisation and leaves a run's checkpoint alone."""
+    path = os.path.join(args.output_dir, "checkpoint.pth")
+    if args.benchmark or not os.path.exists(path):
+        return 0
+    try:
+        ckpt = vit.load_resumable(path, args, ("step", *saved), "pretrain.py", RUNTIME_OPTIONS, map_location=device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    for name, obj in saved.items():
+        if obj is not None:
+            obj.load_state_dict(ckpt[name])
+    losses.log(f"resumed from {path} at step {ckpt['step']}")
+    if ckpt["step"] >= total_steps and losses.rank() == 0:
+        # A finished run: a kill between the final checkpoint and backbone writes left backbone.pth
+        # stale or missing, so export it again from the checkpoint.
+        export_backbone(os.path.join(args.output_dir, "backbone.pth"), ckpt)
+        losses.log(f"the run had finished; backbone.pth exported again from {path}")
+    if args.stop_at_step is not None and args.stop_at_step <= ckpt["step"]:
+        raise SystemExit(f"error: --stop-at-step {args.stop_at_step} is not after the resumed step {ckpt['step']}")
+    return ckpt["step"]
+
+
+def checkpoint_note(args, saved_step):
+    """What is on disk, said truthfully in every error that stops the run."""
+    return (f"the last checkpoint, at step {saved_step}, in {args.output_dir}/checkpoint.pth is intact"
+            if saved_step is not None else f"no checkpoint was written to {args.output_dir}")
+
+
+def save_checkpoint(args, step, saved, note):
+    """checkpoint.pth with every object of `saved`, then backbone.pth cut out of it (a kill between the two
+    is repaired by the rerun's resume). Non-finite weights are never written: a loss is checked only at
+    log steps, and the one logged is from before the last update. Every rank checks (their weights are
+    equal), so all stop together."""
+    state = {"args": vars(args), "arch": saved["student"].backbone.arch, "step": step,
+             "eval_key": "teacher" if args.method == "dino" else "student",
+             **{name: obj.state_dict() if obj is not None else None for name, obj in saved.items()}}
+    weights = [v for part in ("student", "teacher") if state[part] is not None
+               for v in state[part].values() if v.is_floating_point()]
+    if not bool(torch.stack([torch.isfinite(t).all() for t in weights]).all()):  # one host sync
+        raise SystemExit(f"error: non-finite weights at step {step}; {note}. {DIVERGED}")
+    if losses.rank() == 0:
+        try:
+            vit.save_atomic(os.path.join(args.output_dir, "checkpoint.pth"), state)
+            export_backbone(os.path.join(args.output_dir, "backbone.pth"), state)
+        except OSError as e:
+            raise SystemExit(f"error: {e}") from None
+
+
 def export_backbone(path, state):
     """The backbone the evaluations use, in bare timm key format with its architecture, cut out of a
     checkpoint's state, so that backbone.pth always holds the weights of checkpoint.pth: DINO evaluates
@@ -724,11 +792,38 @@ def export_backbone(path, state):
                            "addon": state["args"]["addon"]})
 
 
-def weights_finite(state):
-    """Whether every floating-point weight of the student and teacher is finite: one host sync."""
-    tensors = [v for part in ("student", "teacher") if state[part] is not None
-               for v in state[part].values() if v.is_floating_point()]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+def append_jsonl(path, record):
+    if losses.rank() == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class Meter:
+    """The loss terms of the steps between two log steps, logged as one line and one log.jsonl record. Log
+    steps are step counts, never times, so they are the same on every rank: the terms are averaged over
+    ranks, and a non-finite loss stops every rank at the same step."""
+
+    def __init__(self, path, batch_size):
+        self.path, self.batch_size, self.sums, self.steps, self.since = path, batch_size, {}, 0, time.time()
+
+    def add(self, terms):
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+
+    def write(self, step, epoch, total_steps, optimizer, note):
+        mean = losses.all_reduce_sum(torch.stack(list(self.sums.values())) / self.steps) / losses.world_size()
+        values = dict(zip(self.sums, mean.tolist()))  # waits for the device: log steps only
+        if not all(math.isfinite(v) for v in values.values()):
+            raise SystemExit(f"error: non-finite loss at step {step} ({values}); {note}. {DIVERGED}")
+        now = time.time()
+        rate = self.steps * self.batch_size / (now - self.since)
+        lr, wd = optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["weight_decay"]  # the decayed group
+        eta = (total_steps - step) * self.batch_size / max(rate, 1e-9)
+        losses.log(f"epoch {epoch} step {step}/{total_steps} " + " ".join(f"{k} {v:.4f}" for k, v in values.items())
+                   + f" lr {lr:.3g} {rate:.1f} img/s ETA {eta / 60:.1f} min")
+        append_jsonl(self.path, {"step": step, "epoch": epoch, "lr": lr, "wd": wd, "img_per_s": rate, **values})
+        self.sums, self.steps, self.since = {}, 0, now
 
 
 def knn_monitor(backbone, args, rank, world, device):
@@ -752,13 +847,83 @@ def knn_monitor(backbone, args, rank, world, device):
         augment.check_same_classes(train, val, args.data)  # labels are class positions in both splits
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    loaders = []
-    for ds, idx in ((train, train_idx), (val, val_idx)):
-        part = WithIndex(torch.utils.data.Subset(ds, idx))
-        sampler = torch.utils.data.DistributedSampler(part, world, rank, shuffle=False) if world > 1 else None
-        loaders.append(DataLoader(part, batch_size=256, sampler=sampler, num_workers=args.num_workers,
-                                  pin_memory=device.type == "cuda"))
-    return knn_eval(backbone, loaders[0], loaders[1], train.num_classes, device)
+    train_loader, val_loader = (augment.make_loader(WithIndex(Subset(ds, idx)), 256, rank, world, args.num_workers)
+                                for ds, idx in ((train, train_idx), (val, val_idx)))
+    return knn_eval(backbone, train_loader, val_loader, train.num_classes, device)
+
+
+def log_knn(args, backbone, step, epoch, rank, world, device):
+    acc = knn_monitor(backbone, args, rank, world, device)
+    losses.log(f"{'initialisation' if step == 0 else f'epoch {epoch}'}: k-NN top-1 {acc['top1']:.2f} "
+               f"top-5 {acc['top5']:.2f}")
+    append_jsonl(os.path.join(args.output_dir, "log.jsonl"),
+                 {"step": step, "epoch": epoch, "knn_top1": acc["top1"], "knn_top5": acc["top5"]})
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers ignore SIGTERM/SIGINT: a scheduler signals the whole process group, and a worker
+    killed mid-step would crash the main process before it saves. Workers exit when the main process does."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class Interrupt:
+    """SIGTERM/SIGINT (preemption, Ctrl-C) ask the loop to save a checkpoint and stop; the process then
+    exits with 128 + the signal number (EXIT_CODES), so a scheduler sees it did not finish."""
+
+    def __init__(self, world=1):
+        self.signum, self.world, self.vote = 0, world, None  # signum: the signal received, 0 while none
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+    def poll(self):
+        """The signal every rank stops on after this step (0: go on). Ranks may see a signal at different
+        steps but must stop at the same one: the signal number is max-reduced on the host-side group
+        without waiting, and read one step later (so at the first step no rank stops on its own flag)."""
+        if self.world == 1:
+            return self.signum
+        agreed = 0
+        if self.vote is not None:
+            self.vote[1].wait()
+            agreed = int(self.vote[0].item())
+        flag = torch.tensor([self.signum])
+        self.vote = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=losses.cpu_group(), async_op=True))
+        return agreed
+
+    def close(self):
+        if self.vote is not None:  # the last vote is still in flight
+            self.vote[1].wait()
+
+
+def compile_backbones(student, teacher):
+    """--compile: torch.compile the training calls of the student's and teacher's backbones with static
+    shapes; they all have fixed sizes (global, local and E-SSL crops). SER's b2 views, whose grid changes
+    every step, are the only calls that ask for the token map at SER's split (Student._b2, Teacher): they
+    run eagerly, as eval mode (the k-NN monitor) does, so nothing recompiles during the run. Compiling
+    the bound method, not wrapping the module, keeps the state-dict keys free of '_orig_mod.'."""
+    for backbone in [student.backbone] + ([teacher.backbone] if teacher is not None else []):
+        eager, compiled = backbone.forward_features, torch.compile(backbone.forward_features, dynamic=False)
+
+        def forward_features(x, layer=None, backbone=backbone, eager=eager, compiled=compiled):
+            b2 = backbone.cls_after_block and layer == backbone.cls_after_block
+            return (compiled if backbone.training and not b2 else eager)(x, layer=layer)
+
+        backbone.forward_features = forward_features
+
+
+def resolve_precision(requested, device):
+    """--precision: 'auto' resolved (vit.resolve_precision); emulated bf16 on a CPU runs with a warning."""
+    try:
+        precision = vit.resolve_precision(device, requested)
+    except ValueError as e:
+        raise SystemExit(f"error: --precision {requested}: {e}") from None
+    if precision == "bf16" and device.type == "cpu" and not vit.cpu_has_native_bf16():
+        losses.log("warning: --precision bf16 on a CPU without AVX512_BF16 or AMX: bf16 is emulated, matmuls run "
+                   "~100x slower than in fp32; use --precision fp32")
+    return precision
 
 
 def run_summary(log_path, backbone_path, seconds):
@@ -775,47 +940,226 @@ def run_summary(log_path, backbone_path, seconds):
             f"next: python linear_eval.py --pretrained {backbone_path} --cached --output-dir {os.path.join(out, 'linear')}")
 
 
-def ignore_stop_signals(worker_id):
-    """DataLoader workers ignore SIGTERM/SIGINT: a scheduler signals the whole process group, and a worker
-    killed mid-step would crash the main process before it saves. Workers exit when the main process does."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+# ============ training ============
+
+def train(args, measure=None):
+    """Pretrain as configured. measure: --benchmark's timing of this run's step instead of the training
+    loop (the measurement section); None trains."""
+    # ============ preparing the run ============
+    rank, world, device = losses.init_distributed()
+    local_batch = local_batch_size(args.batch_size, world)
+    if args.addon == "ser":
+        ser_groups(args.batch_size, args.ser_chunk, args.ser_ratio, args.ser_min_images)  # refuse a bad split now
+    torch.manual_seed(augment.seed_from("init", args.seed))  # same initial weights on every rank
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # ============ preparing data ============
+    recipe = build_recipe(args)
+    length = dict(length=args.synthetic_length) if args.data == "synthetic" else {}
+    base = augment.build_dataset(args.data, "train", None, img_size=args.img_size, **length)
+    dataset = augment.MultiViewDataset(base, recipe, seed=args.seed)
+    if len(dataset) < args.batch_size:
+        raise SystemExit(f"error: {args.data} has {len(dataset)} training images, fewer than --batch-size {args.batch_size}")
+    sampler = GlobalBatchSampler(len(dataset), args.batch_size, rank, world, args.seed)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals)
+    photometric = recipe.photometric()
+    steps_per_epoch = len(dataset) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch
+
+    # ============ building student and teacher networks ============
+    student, teacher = build_models(args)
+    student, teacher = student.to(device), teacher.to(device) if teacher is not None else None
+    dino_loss = losses.DINOLoss(args.head_out or 65536).to(device) if args.method == "dino" else None
+
+    # ============ preparing the optimizer and the precision ============
+    # fused: one kernel per tensor on GPUs and CPUs (torch >= 2.4); on CPU the default for-loop AdamW
+    # took 5-10x longer for ViT-Ti/16 with DINO's 65536-dim head
+    optimizer = torch.optim.AdamW(param_groups(student, args.method), lr=0.0, weight_decay=0.0, fused=True)
+    precision = resolve_precision(args.precision, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+
+    # ============ optionally resuming training ============
+    os.makedirs(args.output_dir, exist_ok=True)
+    saved = dict(student=student, teacher=teacher, dino_loss=dino_loss, optimizer=optimizer, scaler=scaler)
+    start_step = resume(args, saved, total_steps, device)
+
+    # ============ compiling, describing the run, wrapping the student for DDP ============
+    if args.compile:
+        compile_backbones(student, teacher)
+    losses.log(f"{args.method}{' + ' + args.addon if args.addon else ''} on {args.data}: {world} rank(s) on {device}, "
+               f"{precision}, global batch {args.batch_size} ({local_batch} per rank), lr "
+               f"{args.lr * args.batch_size / 256:.3g} (= {args.lr:g} x batch / 256), {steps_per_epoch} steps/epoch, "
+               f"{total_steps} steps")
+    losses.log(f"trainable parameters: {sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6:.2f}M; "
+               f"weight decay on {len(optimizer.param_groups[0]['params'])} tensors, "
+               f"none on {len(optimizer.param_groups[1]['params'])}")
+    if rank == 0 and not args.benchmark:
+        vit.save_atomic(os.path.join(args.output_dir, "config.json"), {"argv": sys.argv, "world_size": world, **vars(args)})
+    losses.log(json.dumps(vars(args)))
+    ddp_student = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else student
+    step_fn = functools.partial(train_step, steps_per_epoch=steps_per_epoch, student=ddp_student, teacher=teacher,
+                                dino_loss=dino_loss, optimizer=optimizer, scaler=scaler, args=args, precision=precision)
+    if measure is not None:
+        return measure(args, step_fn, photometric, loader, sampler, dataset, device, precision, rank, world)
+
+    # ============ training loop ============
+    evaluated = (teacher if args.method == "dino" else student).backbone  # what backbone.pth holds
+    if start_step == 0 and args.knn_every:
+        log_knn(args, evaluated, 0, -1, rank, world, device)  # the network at initialisation: the baseline
+    interrupt, meter = Interrupt(world), Meter(os.path.join(args.output_dir, "log.jsonl"), args.batch_size)
+    step, saved_step, signum, stop, t_start = start_step, start_step or None, 0, False, time.time()
+    while step < total_steps and not stop:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch, start_step=in_epoch)
+        for batch in loader:
+            # Every random choice of the step comes from (seed, step) and global positions: the views, SER's
+            # groups (make_step_inputs) and stochastic depth (Student._features); none from the rank.
+            meter.add(step_fn(make_step_inputs(batch, photometric, step, args, rank, world, device), step))
+            step += 1
+            signum = interrupt.poll()
+            stop = bool(signum) or step == args.stop_at_step
+            if step % args.log_every == 0 or step == start_step + 1 or step % steps_per_epoch == 0 or stop:
+                meter.write(step, epoch, total_steps, optimizer, checkpoint_note(args, saved_step))
+            if stop:
+                break
+        if step % steps_per_epoch == 0 or stop:
+            save_checkpoint(args, step, saved, checkpoint_note(args, saved_step))
+            saved_step = step
+            if stop:
+                why = f" on {signal.Signals(signum).name}, exit status {128 + signum}" if signum else ""
+                losses.log(f"stopped at step {step}{why}; checkpoint saved to {args.output_dir}/checkpoint.pth; "
+                           "rerun the same command to resume")
+            elif args.knn_every and (step // steps_per_epoch) % args.knn_every == 0:
+                log_knn(args, evaluated, step, epoch, rank, world, device)
+    interrupt.close()
+    if step >= total_steps:
+        losses.log(run_summary(os.path.join(args.output_dir, "log.jsonl"), os.path.join(args.output_dir, "backbone.pth"),
+                               time.time() - t_start))
+    losses.finish_distributed()
+    if signum:
+        sys.exit(128 + signum)  # checkpointed, but not finished: a scheduler must not count it as done
 
 
-class Interrupt:
-    """SIGTERM/SIGINT (preemption, Ctrl-C) ask the loop to save a checkpoint and stop at the next step;
-    the process then exits with 128 + the signal number (EXIT_CODES), so a scheduler sees it did not finish."""
-
-    def __init__(self):
-        self.signum = 0  # the signal received, 0 while none
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handler)
-
-    @property
-    def requested(self):
-        return self.signum != 0
-
-    def _handler(self, signum, frame):
-        self.signum = signum
+def keep_freed_host_memory():
+    """CPU runs (unless --no-keep-freed-memory): glibc keeps freed memory in the process, mmap off and the
+    heap never trimmed, so each step reuses the last one's buffers instead of faulting them back in page
+    by page (~300k minor faults per step at the synthetic default; SER's b2 grids change shape every step
+    and defeat glibc's adaptive threshold): 7-17% faster steps, for a resident set that keeps what it
+    freed (2.6 instead of 2.0 GiB; README, "Fast paths on CPU"). glibc only; returns whether it applied."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter is linked against
+    except (OSError, AttributeError, TypeError):  # no mallopt (macOS) or no CDLL(None) (Windows)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def clip_grad_per_param(params, max_norm):
-    """DINO's clipping: each parameter's gradient separately scaled to norm <= max_norm (not a global
-    norm). Fused over tensors and free of host syncs."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        norms = torch.stack(torch._foreach_norm(grads))  # (P,): the scales in 2 ops, not 3 per parameter
-        torch._foreach_mul_(grads, (max_norm / (norms + 1e-6)).clamp_(max=1.0).unbind())
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = resolve_config(get_args_parser().parse_args(argv))
+    if not torch.cuda.is_available() and not args.no_keep_freed_memory:
+        keep_freed_host_memory()  # before the DataLoader forks, so its workers inherit it
+    if args.count_flops:
+        return report_flops(args, argv)
+    return benchmark(args) if args.benchmark else train(args)
+
+
+# =====================================================================================================
+# Measurement: --benchmark and --count-flops. Nothing above depends on this section.
+# =====================================================================================================
+
+def benchmark(args):
+    """--benchmark STEPS: time the real training step and report images/s, data wait vs compute, peak
+    memory, FLOPs per image (count_flops_per_image), MFU, and the step's distance to its compute floor:
+    the same train_step on inputs already on the device, without data loading or augmentation."""
+    local_batch = args.batch_size // int(os.environ.get("WORLD_SIZE", 1))
+    flops = count_flops_per_image(args, local_batch)  # before train() starts the process group: one rank's count
+    return train(args, measure=functools.partial(measure_steps, flops_per_image=flops))
+
+
+def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, precision, rank, world, flops_per_image):
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    local_batch = args.batch_size // world
+    dataset.set_epoch(0)
+    sampler.set_epoch(0)
+    # The input pipeline alone, in this process: decode + crop + flip per image, i.e. one worker's rate.
+    # Measured first, while no DataLoader worker competes for the cores.
+    n_pipe, t0 = 0, time.perf_counter()
+    for i, batch in enumerate(DataLoader(dataset, batch_sampler=sampler, num_workers=0)):
+        n_pipe += len(batch["index"])
+        if i == 2:
+            break
+    pipe_rate = n_pipe / (time.perf_counter() - t0)
+    peak_tflops = args.peak_tflops or matmul_peak_tflops(device, precision)
+
+    # The floor, also before the workers start: each step's views are made from the batch above before
+    # the clock starts (the same shapes, SER's b2 grids included), then only train_step is timed.
+    floor = 0.0
+    for step in range(3 + args.benchmark):  # 3 warm-up steps, as below
+        step_batch = make_step_inputs(batch, photometric, step, args, rank, world, device)
+        sync()
+        t0 = time.perf_counter()
+        step_fn(step_batch, step)
+        sync()
+        floor += (time.perf_counter() - t0) if step >= 3 else 0.0
+    floor_time = floor / args.benchmark
+
+    batches = (batch for _ in itertools.count() for batch in loader)  # the loader, epoch after epoch
+    for step in (0, 1, 2):  # warm-up: allocator, autotuning, compilation
+        step_fn(make_step_inputs(next(batches), photometric, step, args, rank, world, device), step)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    wait = compute = 0.0
+    for step in range(3, 3 + args.benchmark):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        t1 = time.perf_counter()
+        step_fn(make_step_inputs(batch, photometric, step, args, rank, world, device), step)
+        sync()  # benchmark only: the training loop itself never waits for the device
+        wait, compute = wait + t1 - t0, compute + time.perf_counter() - t1
+    step_time = (wait + compute) / args.benchmark
+    if device.type == "cuda":
+        peak_mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (GPU, allocated)"
+    elif resource is not None:
+        per_gib = 2**30 if sys.platform == "darwin" else 2**20  # ru_maxrss: bytes on macOS, KiB on Linux
+        peak_mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_gib:.2f} GiB (process max RSS)"
+    else:
+        peak_mem = "unknown (no resource module)"
+    result = {"method": args.method, "addon": args.addon, "arch": args.arch, "img_size": args.img_size,
+              "global_batch": args.batch_size, "world_size": world, "device": str(device), "precision": precision,
+              "images_per_s": args.batch_size / step_time, "step_ms": 1000 * step_time,
+              "data_wait_ms": 1000 * wait / args.benchmark, "compute_ms": 1000 * compute / args.benchmark,
+              "floor_ms": 1000 * floor_time, "step_over_floor": step_time / floor_time,
+              "gflops_per_image": flops_per_image / 1e9, "achieved_tflops_per_rank": flops_per_image * local_batch
+              / (compute / args.benchmark) / 1e12, "peak_memory": peak_mem,
+              "pipeline_images_per_s_per_worker": pipe_rate, "num_workers": args.num_workers,
+              "peak_tflops": peak_tflops, "peak_source": "--peak-tflops" if args.peak_tflops else
+              f"measured: the best torch.mm at {precision} in 1 s"}
+    # Model FLOPs over compute time (data wait excluded), and over the whole step.
+    result["mfu_compute"] = result["achieved_tflops_per_rank"] / peak_tflops
+    result["mfu_step"] = flops_per_image * local_batch / step_time / 1e12 / peak_tflops
+    if rank == 0:
+        print(json.dumps(result, indent=1))
+        print(f"step / floor: {result['step_over_floor']:.3f} ({result['step_ms']:.1f} ms per step, "
+              f"{result['floor_ms']:.1f} ms of bare compute)")
+        with open(os.path.join(args.output_dir, "benchmark.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    losses.finish_distributed()
+    return result
 
 
 def count_flops_per_image(args, local_batch):
     """FLOPs of one training step per image: student forward + backward, teacher forward and the losses,
     as torch.utils.flop_counter counts them (matmuls, convolutions, attention). It runs on the meta
-    device, so nothing is computed and the paper's ViT-S/16 224-px setting counts in seconds on a laptop."""
-    from torch.utils.flop_counter import FlopCounterMode
+    device, so nothing is computed and the paper's ViT-S/16 224-px setting counts in seconds on a laptop.
+    One rank's count: call it outside any process group (the losses' collectives are the identity there)."""
     meta = torch.device("meta")
     args = argparse.Namespace(**{**vars(args), "grad_checkpointing": False})  # recomputation is not model FLOPs
-    with meta, losses.local_only():  # a one-rank count, even inside a torchrun job
+    with meta:
         student, teacher = build_models(args)
         dino_loss = losses.DINOLoss(args.head_out or 65536) if args.method == "dino" else None
     recipe = build_recipe(args)
@@ -824,7 +1168,7 @@ def count_flops_per_image(args, local_batch):
              "flip": [torch.zeros(local_batch, dtype=torch.bool)] * len(recipe.views)}
     if recipe.plain_size:
         batch["plain"] = torch.zeros(local_batch, 3, recipe.plain_size, recipe.plain_size, dtype=torch.uint8, device=meta)
-    with FlopCounterMode(display=False) as counter, losses.local_only():
+    with FlopCounterMode(display=False) as counter:
         step_batch = make_step_inputs(batch, recipe.photometric(), 0, args, 0, 1, meta)
         teacher_out = teacher(step_batch) if teacher is not None else None
         terms = compute_losses(args, student(step_batch), teacher_out, step_batch, dino_loss, 0)
@@ -850,370 +1194,6 @@ def matmul_peak_tflops(device, precision):
         sync()
         best, tries = min(best, time.perf_counter() - t0), tries + 1
     return 2 * n ** 3 / best / 1e12
-
-
-def benchmark(args, run_step, compute_step, photometric, precision, loader, sampler, dataset, device, local_batch,
-              rank, world):
-    """--benchmark STEPS: time the real training step and report images/s, data wait vs compute, peak
-    memory, FLOPs per image (count_flops_per_image), MFU, and the step's distance to its compute floor:
-    the same compute_step on inputs already on the device, without data loading or augmentation."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    dataset.set_epoch(0)
-    sampler.set_epoch(0)
-    # The input pipeline alone, in this process: decode + crop + flip per image, i.e. one worker's rate.
-    # Measured first, while no DataLoader worker competes for the cores.
-    n_pipe, t0 = 0, time.perf_counter()
-    for i, batch in enumerate(DataLoader(dataset, batch_sampler=sampler, num_workers=0)):
-        n_pipe += len(batch["index"])
-        if i == 2:
-            break
-    pipe_rate = n_pipe / (time.perf_counter() - t0)
-    flops_per_image = count_flops_per_image(args, local_batch)
-    peak_tflops = args.peak_tflops or matmul_peak_tflops(device, precision)
-
-    # The floor, also before the workers start: each step's views are made from the batch above before
-    # the clock starts (the same shapes, SER's b2 grids included), then only compute_step is timed.
-    floor = 0.0
-    for step in range(3 + args.benchmark):  # 3 warm-up steps, as below
-        step_batch = make_step_inputs(batch, photometric, step, args, rank, world, device)
-        sync()
-        t0 = time.perf_counter()
-        compute_step(step, step_batch)
-        sync()
-        floor += (time.perf_counter() - t0) if step >= 3 else 0.0
-    floor_time = floor / args.benchmark
-
-    batches = iter(loader)
-
-    def next_batch():
-        nonlocal batches
-        try:
-            return next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            return next(batches)
-
-    for step in (0, 1, 2):  # warm-up: allocator, autotuning, compilation
-        run_step(step, next_batch())
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    wait = compute = 0.0
-    for step in range(3, 3 + args.benchmark):
-        t0 = time.perf_counter()
-        batch = next_batch()
-        t1 = time.perf_counter()
-        run_step(step, batch)
-        sync()  # benchmark only: the training loop itself never waits for the device
-        wait, compute = wait + t1 - t0, compute + time.perf_counter() - t1
-    step_time = (wait + compute) / args.benchmark
-    if device.type == "cuda":
-        peak_mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (GPU, allocated)"
-    else:
-        import resource
-        per_gib = 2**30 if sys.platform == "darwin" else 2**20  # ru_maxrss: bytes on macOS, KiB on Linux
-        peak_mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_gib:.2f} GiB (process max RSS)"
-    result = {"method": args.method, "addon": args.addon, "arch": args.arch, "img_size": args.img_size,
-              "global_batch": args.batch_size, "world_size": world, "device": str(device), "precision": precision,
-              "images_per_s": args.batch_size / step_time, "step_ms": 1000 * step_time,
-              "data_wait_ms": 1000 * wait / args.benchmark, "compute_ms": 1000 * compute / args.benchmark,
-              "floor_ms": 1000 * floor_time, "step_over_floor": step_time / floor_time,
-              "gflops_per_image": flops_per_image / 1e9, "achieved_tflops_per_rank": flops_per_image * local_batch
-              / (compute / args.benchmark) / 1e12, "peak_memory": peak_mem,
-              "pipeline_images_per_s_per_worker": pipe_rate, "num_workers": args.num_workers,
-              "peak_tflops": peak_tflops, "peak_source": "--peak-tflops" if args.peak_tflops else
-              f"measured: the best torch.mm at {precision} in 1 s"}
-    # Model FLOPs over compute time (data wait excluded), and over the whole step.
-    result["mfu_compute"] = result["achieved_tflops_per_rank"] / peak_tflops
-    result["mfu_step"] = flops_per_image * local_batch / step_time / 1e12 / peak_tflops
-    if rank == 0:
-        print(json.dumps(result, indent=1))
-        print(f"step / floor: {result['step_over_floor']:.3f} ({result['step_ms']:.1f} ms per step, "
-              f"{result['floor_ms']:.1f} ms of bare compute)")
-        with open(os.path.join(args.output_dir, "benchmark.json"), "w") as f:
-            json.dump(result, f, indent=1)
-    return result
-
-
-def compile_backbone(backbone):
-    """--compile: torch.compile the backbone's training calls with static shapes; they all have fixed
-    sizes (global, local and E-SSL crops). SER's b2 views, whose grid changes every step, call the
-    eager method directly (Student, Teacher), and eval mode (the k-NN monitor) stays eager, so nothing
-    recompiles during the run. Compiling the bound method, not wrapping the module, keeps the
-    state-dict keys free of '_orig_mod.'."""
-    eager = backbone.forward_features
-    compiled = torch.compile(eager, dynamic=False)
-
-    def forward_features(x, layer=None):
-        return (compiled if backbone.training else eager)(x, layer=layer)
-
-    backbone.forward_features = forward_features
-
-
-# ---------------------------------------------------------------------------- training
-def train(args):
-    rank, world, device = losses.init_distributed()
-    is_main = rank == 0
-    log = print if is_main else (lambda *a, **k: None)
-    local_batch = local_batch_size(args.batch_size, world)
-    if args.addon == "ser":
-        ser_groups(args.batch_size, args.ser_chunk, args.ser_ratio, args.ser_min_images)  # refuse a bad split now
-    if device.type == "cpu" and not args.no_keep_freed_memory:
-        keep_freed_host_memory()  # before the DataLoader forks, so its workers inherit it
-    if args.num_workers is None:
-        args.num_workers = min(8, max(1, (os.cpu_count() or 2) // world))
-    torch.manual_seed(augment.seed_from("init", args.seed))  # same initial weights on every rank
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    # ---- data
-    recipe = build_recipe(args)
-    length = dict(length=args.synthetic_length) if args.data == "synthetic" else {}
-    base = augment.build_dataset(args.data, "train", None, img_size=args.img_size, **length)
-    dataset = augment.MultiViewDataset(base, recipe, seed=args.seed)
-    if len(dataset) < args.batch_size:
-        raise SystemExit(f"error: {args.data} has {len(dataset)} training images, fewer than --batch-size {args.batch_size}")
-    sampler = GlobalBatchSampler(len(dataset), args.batch_size, rank, world, args.seed)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals)
-    photometric = recipe.photometric()
-    steps_per_epoch = len(dataset) // args.batch_size
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = args.warmup_epochs * steps_per_epoch
-
-    # ---- model, optimiser, loss state
-    student, teacher = build_models(args)
-    student.to(device)
-    if teacher is not None:
-        teacher.to(device)
-    dino_loss = losses.DINOLoss(args.head_out or 65536).to(device) if args.method == "dino" else None
-    # fused: one kernel per tensor on GPUs and CPUs (torch >= 2.4); on CPU the default for-loop AdamW
-    # took 5-10x longer for ViT-Ti/16 with DINO's 65536-dim head
-    optimizer = torch.optim.AdamW(param_groups(student, args.method), lr=0.0, weight_decay=0.0, fused=True)
-    try:
-        precision = vit.resolve_precision(device, args.precision)
-    except ValueError as e:
-        raise SystemExit(f"error: --precision {args.precision}: {e}")
-    if precision == "bf16" and device.type == "cpu" and not vit.cpu_has_native_bf16():
-        log("warning: --precision bf16 on a CPU without AVX512_BF16 or AMX: bf16 is emulated, matmuls run "
-            "~100x slower than in fp32; use --precision fp32")
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    peak_lr = args.lr * args.batch_size / 256
-
-    os.makedirs(args.output_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    backbone_path = os.path.join(args.output_dir, "backbone.pth")
-    start_step, saved_step = 0, None  # saved_step: the step of the checkpoint on disk, None while there is none
-    if os.path.exists(ckpt_path) and not args.benchmark:  # a benchmark neither resumes nor touches a run
-        try:
-            ckpt = vit.load_checkpoint(ckpt_path, map_location=device)  # tensors and plain values only
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-        if not (isinstance(ckpt, dict) and {"args", "step", "student", "optimizer"} <= set(ckpt)):
-            raise SystemExit(f"error: {ckpt_path} is not a pretrain.py checkpoint; move it away or use another --output-dir")
-        changed = {k: (v, getattr(args, k, None)) for k, v in ckpt["args"].items()
-                   if k not in RUNTIME_OPTIONS and v != getattr(args, k, None)}
-        if changed:
-            raise SystemExit(f"error: {ckpt_path} was written with different settings: "
-                             + ", ".join(f"{k} {a!r} (now {b!r})" for k, (a, b) in changed.items())
-                             + ". Use another --output-dir, or rerun with the saved settings.")
-        student.load_state_dict(ckpt["student"])
-        if teacher is not None:
-            teacher.load_state_dict(ckpt["teacher"])
-        if dino_loss is not None:
-            dino_loss.load_state_dict(ckpt["dino_loss"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_step = saved_step = ckpt["step"]
-        log(f"resumed from {ckpt_path} at step {start_step}")
-        if start_step >= total_steps and is_main:
-            # A finished run: a kill between the final checkpoint and backbone writes left backbone.pth
-            # stale or missing, so export it again from the checkpoint.
-            export_backbone(backbone_path, ckpt)
-            log(f"the run had finished; {backbone_path} exported again from {ckpt_path}")
-    if args.stop_at_step is not None and args.stop_at_step <= start_step:
-        raise SystemExit(f"error: --stop-at-step {args.stop_at_step} is not after the resumed step {start_step}")
-
-    raw_student = student
-    if args.compile:
-        for backbone in (raw_student.backbone, teacher.backbone if teacher is not None else None):
-            if backbone is not None:
-                compile_backbone(backbone)
-    if world > 1:
-        student = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-
-    if is_main:
-        log(f"{args.method}{' + ' + args.addon if args.addon else ''} on {args.data}: {world} rank(s) on {device}, "
-            f"{precision}, global batch {args.batch_size} ({local_batch} per rank), "
-            f"lr {peak_lr:.3g} (= {args.lr:g} x batch / 256), {steps_per_epoch} steps/epoch, {total_steps} steps")
-        n_params = sum(p.numel() for p in raw_student.parameters() if p.requires_grad)
-        log(f"trainable parameters: {n_params / 1e6:.2f}M; weight decay on {len(optimizer.param_groups[0]['params'])} "
-            f"tensors, none on {len(optimizer.param_groups[1]['params'])}")
-        if not args.benchmark:
-            vit.save_atomic(os.path.join(args.output_dir, "config.json"), {"argv": sys.argv, "world_size": world, **vars(args)})
-        log(json.dumps(vars(args)))
-
-    trainable = [p for p in raw_student.parameters() if p.requires_grad]
-    last_layer = [p for n, p in raw_student.projector.named_parameters() if "last_layer" in n]
-    ema_pairs = None
-    if teacher is not None:
-        s_params = list(raw_student.backbone.parameters()) + list(raw_student.projector.parameters())
-        t_params = list(teacher.backbone.parameters()) + list(teacher.projector.parameters())
-        ema_pairs = (t_params, s_params)
-
-    def run_step(step, batch):
-        """One optimisation step. Returns the detached loss terms (no host sync)."""
-        lr = cosine_schedule(step, total_steps, peak_lr, args.min_lr * args.batch_size / 256, warmup_steps)
-        wd = cosine_schedule(step, total_steps, args.weight_decay, args.weight_decay_end)
-        for group in optimizer.param_groups:
-            group["lr"], group["weight_decay"] = lr, wd if group["apply_wd"] else 0.0
-        # Every random choice of the step comes from (seed, step) and global positions: the views, SER's
-        # groups (make_step_inputs) and stochastic depth (Student._features); none from the rank.
-        return compute_step(step, make_step_inputs(batch, photometric, step, args, rank, world, device)), lr, wd
-
-    def compute_step(step, step_batch):
-        """The step's compute on inputs already on the device: student forward and backward, teacher
-        forward, losses, optimiser and EMA (what --benchmark's floor times alone)."""
-        epoch = step // steps_per_epoch
-        with vit.autocast(device, precision):
-            student_out = student(step_batch)
-            teacher_out = teacher(step_batch) if teacher is not None else None
-        terms = compute_losses(args, student_out, teacher_out, step_batch, dino_loss, epoch)
-        loss = terms["inv"] + args.equiv_lambda * terms["equiv"] if "equiv" in terms else terms["inv"]
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        if args.clip_grad:
-            clip_grad_per_param(trainable, args.clip_grad)
-        if args.method == "dino" and epoch < args.freeze_last_layer:
-            for p in last_layer:  # DINO: the head's last layer stays fixed during the first epoch
-                p.grad = None
-        scaler.step(optimizer)
-        scaler.update()
-        if ema_pairs is not None:
-            with torch.no_grad():
-                m = ema_momentum(step, total_steps, args.momentum)
-                # teacher = m * teacher + (1 - m) * student, as one pass over both (mul + add took two)
-                torch._foreach_lerp_(ema_pairs[0], ema_pairs[1], 1 - m)
-        return {k: v.detach() for k, v in {"loss": loss, **terms}.items()}
-
-    if args.benchmark:
-        result = benchmark(args, run_step, compute_step, photometric, precision, loader, sampler, dataset, device,
-                           local_batch, rank, world)
-        if world > 1:
-            dist.barrier()  # as at the end of training
-            dist.destroy_process_group()
-        return result
-
-    log_path = os.path.join(args.output_dir, "log.jsonl")
-
-    def log_knn(step, epoch):
-        evaluated = teacher.backbone if (teacher is not None and args.method == "dino") else raw_student.backbone
-        acc = knn_monitor(evaluated, args, rank, world, device)
-        log(f"{'initialisation' if step == 0 else f'epoch {epoch}'}: k-NN top-1 {acc['top1']:.2f} top-5 {acc['top5']:.2f}")
-        if is_main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step, "epoch": epoch, "knn_top1": acc["top1"], "knn_top5": acc["top5"]}) + "\n")
-
-    if start_step == 0 and args.knn_every:
-        log_knn(0, -1)  # the same network at initialisation: the baseline the epochs are compared with
-    def checkpoint_note():  # what is on disk, said truthfully in every error that stops the run
-        return (f"the last checkpoint, at step {saved_step}, in {ckpt_path} is intact" if saved_step is not None
-                else f"no checkpoint was written to {args.output_dir}")
-
-    interrupt = Interrupt()  # from here on, SIGTERM/SIGINT mean "checkpoint, then stop"
-    step, t_last, t_start, imgs_since = start_step, time.time(), time.time(), 0
-    sums, n_sums, stopping, vote, stop_signal = {}, 0, False, None, 0
-    while step < total_steps and not stopping:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch, start_step=in_epoch)
-        for batch in loader:
-            terms, lr, wd = run_step(step, batch)
-            step += 1
-            imgs_since += args.batch_size
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n_sums += 1
-            signalled = interrupt.signum
-            if world > 1:
-                # Ranks may see a signal at different steps but must stop at the same one: the signal number
-                # is max-reduced on the host-side group without waiting, and read one step later (so at the
-                # first step no rank stops on its own flag).
-                signalled = 0
-                if vote is not None:
-                    vote[1].wait()
-                    signalled = int(vote[0].item())
-                flag = torch.tensor([interrupt.signum])
-                vote = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=losses.cpu_group(), async_op=True))
-            stop_signal = stop_signal or signalled
-            stopping = bool(signalled) or step == args.stop_at_step
-            now = time.time()
-            if step % args.log_every == 0 or step == start_step + 1 or step % steps_per_epoch == 0 or stopping:
-                # Log steps are step counts, never times, so they are the same on every rank: the terms are
-                # averaged over ranks, and a non-finite loss stops every rank at the same step.
-                mean = torch.stack(list(sums.values())) / n_sums
-                if world > 1:
-                    dist.all_reduce(mean)
-                    mean /= world
-                values = dict(zip(sums, mean.tolist()))  # waits for the device: log steps only
-                if not all(math.isfinite(v) for v in values.values()):
-                    raise SystemExit(f"error: non-finite loss at step {step} ({values}); {checkpoint_note()}. "
-                                     "Try --precision fp32, a lower --lr or --clip-grad.")
-                rate = imgs_since / (now - t_last)
-                eta = (total_steps - step) * args.batch_size / max(rate, 1e-9)
-                log(f"epoch {epoch} step {step}/{total_steps} " + " ".join(f"{k} {v:.4f}" for k, v in values.items())
-                    + f" lr {lr:.3g} {rate:.1f} img/s ETA {eta / 60:.1f} min")
-                if is_main:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": step, "epoch": epoch, "lr": lr, "wd": wd, "img_per_s": rate,
-                                            **values}) + "\n")
-                sums, n_sums, t_last, imgs_since = {}, 0, now, 0
-            if stopping:
-                break
-        if step % steps_per_epoch == 0 or stopping:
-            state = {"args": vars(args), "arch": raw_student.backbone.arch, "step": step,
-                     "eval_key": "teacher" if args.method == "dino" else "student",
-                     "student": raw_student.state_dict(), "teacher": teacher.state_dict() if teacher else None,
-                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "dino_loss": dino_loss.state_dict() if dino_loss is not None else None}
-            # Never write non-finite weights: a loss is checked only at log steps, and the one logged is from
-            # before the last update. Every rank checks (their weights are equal), so all stop together.
-            if not weights_finite(state):
-                raise SystemExit(f"error: non-finite weights at step {step}; {checkpoint_note()}. "
-                                 "Try --precision fp32, a lower --lr or --clip-grad.")
-            if is_main:
-                try:  # the checkpoint first: a kill before the export is repaired by a rerun (see the resume)
-                    vit.save_atomic(ckpt_path, state)
-                    export_backbone(backbone_path, state)
-                except OSError as e:
-                    raise SystemExit(f"error: {e}") from None
-            saved_step = step
-            if stopping:
-                why = f" on {signal.Signals(stop_signal).name}, exit status {128 + stop_signal}" if stop_signal else ""
-                log(f"stopped at step {step}{why}; checkpoint saved to {ckpt_path}; rerun the same command to resume")
-            elif args.knn_every and (step // steps_per_epoch) % args.knn_every == 0:
-                log_knn(step, epoch)
-    if vote is not None:
-        vote[1].wait()
-    if step >= total_steps:
-        log(run_summary(log_path, os.path.join(args.output_dir, "backbone.pth"), time.time() - t_start))
-    if world > 1:
-        # Tear down together: a gloo rank that exits while rank 0 still writes the checkpoint could abort
-        # ("terminate called without an active exception", seen once in 10 two-rank test runs).
-        dist.barrier()
-        dist.destroy_process_group()
-    if stop_signal:
-        sys.exit(128 + stop_signal)  # checkpointed, but not finished: a scheduler must not count it as done
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args = resolve_config(get_args_parser().parse_args(argv))
-    if args.count_flops:
-        return report_flops(args, argv)
-    return train(args)
 
 
 def report_flops(args, argv):

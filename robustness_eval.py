@@ -17,15 +17,15 @@ What it measures (ImageNet-C/-P: Hendrycks & Dietterich, ICLR 2019, hendrycks/ro
                 perturbed frames (the SER paper's "ImageNet-P Top-1"); mFR / mT5D only with --p-normalizers.
 
 Run (the built-in synthetic val split, a probe written by linear_eval.py):
-    python robustness_eval.py --probe output/linear/linear_probe.pth --output-dir output/robustness
-    python robustness_eval.py --probe output/linear/linear_probe.pth --num-images 64 --p-frames 7   # quick CPU
-    torchrun --nproc_per_node=8 robustness_eval.py --probe output/linear/linear_probe.pth \
-        --data /datasets/imagenet --output-dir output/robustness_in1k            # generated C/P, mCE on
-    torchrun --nproc_per_node=8 robustness_eval.py --probe output/linear/linear_probe.pth \
+    python robustness_eval.py --probe runs/default/linear/linear_probe.pth --output-dir runs/robustness
+    python robustness_eval.py --probe runs/default/linear/linear_probe.pth --num-images 64 --p-frames 7   # quick CPU
+    torchrun --nproc_per_node=8 robustness_eval.py --probe runs/default/linear/linear_probe.pth \
+        --data /datasets/imagenet --output-dir runs/robustness_in1k            # generated C/P, mCE on
+    torchrun --nproc_per_node=8 robustness_eval.py --probe runs/default/linear/linear_probe.pth \
         --data /datasets/imagenet --imagenet-c-dir /datasets/ImageNet-C --tasks clean,c  # released JPEGs
-    python robustness_eval.py --equivariance-only --backbone output/pretrain/backbone.pth  # no probe
+    python robustness_eval.py --equivariance-only --backbone runs/default/backbone.pth  # no probe
     python robustness_eval.py --equivariance-only --backbone runs/dino/backbone.pth runs/dino_ser/backbone.pth \
-        --figures output/figures                                   # one table and figure over several runs
+        --figures runs/figures                                   # one table and figure over several runs
 Writes a table to stdout and <output-dir>/robustness.json. Tests: python -m pytest -q test_ser.py  (its robustness_eval.py section)
 
 Exactness against make_imagenet_c.py (each function says how): every corruption up to float error,
@@ -1091,7 +1091,7 @@ def get_args_parser():
     g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="loader processes per rank (generation runs there)")
     g.add_argument("--seed", type=int, default=0, help="corruption / perturbation randomness")
-    g.add_argument("--output-dir", default="output/robustness", help="robustness.json goes here")
+    g.add_argument("--output-dir", default="runs/robustness", help="robustness.json goes here")
     return p
 
 
@@ -1119,14 +1119,7 @@ def _mean(values):
 
 
 def load_backbones(args):
-    arch = dict(name=args.arch, patch_size=args.patch_size) if args.arch else None
-    backbones = []
-    for path in args.backbone:
-        try:
-            backbones.append(vit.load_backbone(path, arch=arch))
-        except (FileNotFoundError, ValueError, KeyError) as e:
-            raise SystemExit(f"--backbone {path}: {e}") from None
-    return backbones
+    return [vit.backbone_from_flags(path, args.arch, args.patch_size, flag=f"--backbone {path}") for path in args.backbone]
 
 
 def load_model(args):

@@ -4,6 +4,7 @@ One section per component. DDP checks spawn 2 CPU processes with the gloo backen
 """
 import colorsys
 import copy
+import functools
 import io
 import json
 import math
@@ -13,10 +14,6 @@ import socket
 import subprocess
 import sys
 
-from PIL import Image
-from torch.utils.data import DataLoader
-from torch.utils.data import TensorDataset
-from torchvision.transforms.v2 import functional as TF
 import numpy as np
 import pytest
 import torch
@@ -24,18 +21,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.transforms.v2 import functional as TF
 
-from augment import (MultiViewDataset, PhotometricAugment, SyntheticShapes, build_dataset, device_generator,
-                     eval_transform, linear_train_transform, recipe_for)
-from group_actions import GroupElement
 import augment
-import detect_eval as de
-import group_actions as ga
-import linear_eval as le
+import detect_eval
+import group_actions
+import linear_eval
 import losses
-import losses as L
 import pretrain
-import robustness_eval as R
+import robustness_eval
 import vit
 
 torch.set_num_threads(1)  # tiny ops: threads only add synchronisation on a 2-core CI machine
@@ -63,17 +59,41 @@ def run_script(*argv, timeout=300):
     last = (result.stderr.strip().splitlines() or [""])[-1]
     return result.returncode, last, result.stdout
 
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(rank, world, port, fn, args):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    vit.cpu_has_native_bf16 = lambda: False  # a spawned process: fp32 as under fp32_on_every_cpu
+    fn(rank, world, *args)
+
+
+def spawn(fn, *args, world=2):
+    """The multi-process harness: fn(rank, world, *args) in `world` CPU processes, each started as torchrun
+    starts a rank (RANK, WORLD_SIZE, MASTER_*), so fn joins the group with init_process_group("gloo") or
+    a script's losses.init_distributed."""
+    mp.spawn(_spawned, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+
+
+def tiny_vit(seed=None, **kw):
+    """The suite's small ViT: 64-dim, 4 blocks of 4 heads, 32 px in 8 px patches unless overridden."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return vit.VisionTransformer(**{**dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4), **kw})
+
 # ================================================================================================
 # vit.py: the ViT-S/16 state-dict contract, SER's layer split
 # ================================================================================================
 
-def tiny(**kw):
-    return vit.VisionTransformer(**{**dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4), **kw})
-
-
 def test_vit_small_state_dict_contract():
     """The 150 keys, shapes and order of timm vit_small_patch16_224(num_classes=0) / DINO vit_small."""
-    sd = vit.vit_small(patch_size=16).state_dict()
+    sd = vit.build_vit(dict(name="vit_small", patch_size=16)).state_dict()
     expected = [("cls_token", (1, 1, 384)), ("pos_embed", (1, 197, 384)),
                 ("patch_embed.proj.weight", (384, 3, 16, 16)), ("patch_embed.proj.bias", (384,))]
     for i in range(12):
@@ -88,13 +108,13 @@ def test_vit_small_state_dict_contract():
     assert [(k, tuple(v.shape)) for k, v in sd.items()] == expected
     assert len(sd) == 150
     assert sum(v.numel() for v in sd.values()) == 21_665_664
-    m = vit.vit_small(patch_size=16)
+    m = vit.build_vit(dict(name="vit_small", patch_size=16))
     assert m.num_heads == 6 and m.blocks[0].attn.head_dim == 64
     assert m.blocks[0].norm1.eps == 1e-6
 
 
 def test_ser_mode_keys_and_shapes():
-    m = vit.vit_small(patch_size=16, cls_after_block=3)
+    m = vit.build_vit(dict(name="vit_small", patch_size=16, cls_after_block=3))
     sd = m.state_dict()
     assert tuple(sd["pos_embed"].shape) == (1, 196, 384)  # no [CLS] slot, as the release
     assert "norm_equiv.weight" in sd and len(sd) == 152
@@ -102,9 +122,9 @@ def test_ser_mode_keys_and_shapes():
 
 def test_state_dict_roundtrip_and_export_loading(tmp_path):
     torch.manual_seed(0)
-    m = tiny().eval()
+    m = tiny_vit().eval()
     x = torch.randn(2, 3, 32, 32)
-    fresh = tiny()
+    fresh = tiny_vit()
     fresh.load_state_dict(m.state_dict(), strict=True)
     assert torch.equal(fresh.eval()(x), m(x))
     torch.save({"arch": m.arch, "backbone": m.state_dict()}, tmp_path / "export.pth")
@@ -115,7 +135,7 @@ def test_state_dict_roundtrip_and_export_loading(tmp_path):
 
 def test_prefix_stripping_released_formats(tmp_path):
     torch.manual_seed(0)
-    m = tiny().eval()
+    m = tiny_vit().eval()
     x = torch.randn(1, 3, 32, 32)
     sd = m.state_dict()
     arch = dict(m.arch)
@@ -140,7 +160,7 @@ def test_prefix_stripping_released_formats(tmp_path):
 
 
 def test_mismatched_checkpoints_raise(tmp_path):
-    m = tiny()
+    m = tiny_vit()
     torch.save(m.state_dict(), tmp_path / "bare.pth")
     with pytest.raises(ValueError, match="records no architecture"):
         vit.load_backbone(tmp_path / "bare.pth")
@@ -163,7 +183,7 @@ def test_mismatched_checkpoints_raise(tmp_path):
 def test_sdpa_equals_attention_map_path():
     torch.manual_seed(0)
     for kw in (dict(), dict(cls_after_block=2)):
-        m = tiny(**kw).eval()
+        m = tiny_vit(**kw).eval()
         x = torch.randn(2, 3, 32, 48)
         with torch.no_grad():
             cls, maps = m.forward_with_attention(x)
@@ -174,7 +194,7 @@ def test_sdpa_equals_attention_map_path():
 
 
 def test_pos_embed_resampling():
-    m = tiny()
+    m = tiny_vit()
     assert m.resampled_pos_embed(4, 4) is m.pos_embed  # identity at the native grid
     table = m.resampled_pos_embed(3, 7)
     assert table.shape == (1, 1 + 21, 64) and torch.equal(table[:, 0], m.pos_embed[:, 0])
@@ -195,7 +215,7 @@ def test_sincos_pos_embed_moco_convention():
                            torch.sin(torch.tensor(4.0)), torch.sin(torch.tensor(0.04)),
                            torch.cos(torch.tensor(4.0)), torch.cos(torch.tensor(0.04))])
     assert torch.allclose(v, expect, atol=1e-6)
-    m = tiny(pos_embed="sincos", weight_init="moco", stop_grad_conv1=True)
+    m = tiny_vit(pos_embed="sincos", weight_init="moco", stop_grad_conv1=True)
     assert not m.pos_embed.requires_grad and torch.equal(m.pos_embed[0, 0], torch.zeros(64))
     assert not m.patch_embed.proj.weight.requires_grad and not m.patch_embed.proj.bias.requires_grad
     assert m.cls_token.std() < 1e-4  # MoCo v3: normal(std=1e-6)
@@ -203,7 +223,7 @@ def test_sincos_pos_embed_moco_convention():
 
 def test_ser_split_token_map_and_late_cls():
     torch.manual_seed(0)
-    m = tiny(cls_after_block=2)
+    m = tiny_vit(cls_after_block=2)
     x = torch.randn(2, 3, 32, 40)
     out = m.forward_features(x, layer=2)
     assert out["token_map"].shape == (2, 64, 4, 5) and out["cls_at_layer"] is None
@@ -222,11 +242,11 @@ def test_ser_split_token_map_and_late_cls():
     with pytest.raises(ValueError, match="n must be in"):
         m.get_intermediate_layers(x, n=3)
     with pytest.raises(ValueError, match="cls_after_block"):
-        tiny(cls_after_block=4)
+        tiny_vit(cls_after_block=4)
 
 
 def test_token_map_layout_is_row_major():
-    m = tiny()
+    m = tiny_vit()
     m.patch_embed.proj.weight.data.zero_()
     m.patch_embed.proj.bias.data.zero_()
     m.pos_embed.data.zero_()
@@ -240,10 +260,10 @@ def test_token_map_layout_is_row_major():
 
 def test_backward_reaches_every_parameter_and_blocks_before_split():
     torch.manual_seed(0)
-    m = tiny(drop_path_rate=0.1)
+    m = tiny_vit(drop_path_rate=0.1)
     m(torch.randn(2, 3, 32, 32)).square().sum().backward()  # not .sum(): LayerNorm outputs sum to a constant
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters() if p.requires_grad)
-    s = tiny(cls_after_block=2)
+    s = tiny_vit(cls_after_block=2)
     s.forward_features(torch.randn(2, 3, 32, 32), layer=2)["token_map"].square().mean().backward()
     assert s.blocks[0].mlp.fc1.weight.grad.abs().sum() > 0 and s.norm_equiv.weight.grad is not None
     assert s.blocks[2].mlp.fc1.weight.grad is None  # f2 is not on the token map's path
@@ -251,7 +271,7 @@ def test_backward_reaches_every_parameter_and_blocks_before_split():
 
 def test_grad_checkpointing_same_output():
     torch.manual_seed(0)
-    m = tiny()
+    m = tiny_vit()
     x = torch.randn(2, 3, 32, 32)
     y = m(x)
     m.grad_checkpointing = True
@@ -269,7 +289,7 @@ def test_drop_path_rows_give_a_sample_its_mask_whatever_the_split():
     part = drop(x[5:], (torch.arange(5, 8), 8))
     assert torch.equal(part, whole[5:]) and (whole == 0).any() and (whole != 0).any()
     torch.manual_seed(0)
-    m = tiny(drop_path_rate=0.5).train()
+    m = tiny_vit(drop_path_rate=0.5).train()
     x, w = torch.randn(3, 3, 32, 32), torch.randn(3, 64)
     grads = []
     for checkpointing in (False, True):
@@ -283,7 +303,7 @@ def test_drop_path_rows_give_a_sample_its_mask_whatever_the_split():
 
 def test_input_not_divisible_raises():
     with pytest.raises(ValueError, match="not divisible by the patch size"):
-        tiny()(torch.randn(1, 3, 30, 32))
+        tiny_vit()(torch.randn(1, 3, 30, 32))
 
 
 
@@ -298,7 +318,7 @@ class _RunsCode:
 
 
 def test_load_checkpoint_runs_no_code_and_names_broken_files(tmp_path):
-    model = tiny()
+    model = tiny_vit()
     crafted, marker = tmp_path / "crafted.pth", tmp_path / "ran"
     torch.save({"arch": model.arch, "backbone": model.state_dict(), "x": _RunsCode(str(marker))}, crafted)
     with pytest.raises(ValueError, match="holds Python objects beyond tensors and plain values .*If you trust"):
@@ -317,7 +337,7 @@ def test_load_checkpoint_runs_no_code_and_names_broken_files(tmp_path):
 
 
 def test_load_backbone_refuses_non_finite_weights(tmp_path):
-    model = tiny()
+    model = tiny_vit()
     sd = model.state_dict()
     sd["blocks.1.mlp.fc1.weight"][0, 0] = float("nan")
     torch.save({"arch": model.arch, "backbone": sd}, tmp_path / "nan.pth")
@@ -404,7 +424,7 @@ def d4(k, seed):
     """A D4 element with mixed per-sample flags (both values of each flag present)."""
     flip, rot180 = flags(seed)
     flip[:2], rot180[:2] = torch.tensor([True, False]), torch.tensor([False, True])
-    return GroupElement(k=k, flip=flip, rot180=rot180)
+    return group_actions.GroupElement(k=k, flip=flip, rot180=rot180)
 
 
 def int_images(H, W, C=3, seed=0):
@@ -434,35 +454,45 @@ def max_err(a, b):
     return (a - b).abs().max().item()
 
 
+def identity(n):  # the identity element, with per-sample flags for n samples
+    return group_actions.GroupElement(flip=torch.zeros(n, dtype=torch.bool), rot180=torch.zeros(n, dtype=torch.bool))
+
+
+def output_grid(g, input_grid):  # the token grid g makes of one on input_grid: g.size, transposed by odd turns
+    h, w = g.size if g.size is not None else input_grid
+    return (w, h) if g.k % 2 else (h, w)
+
+
 def test_identity_acts_as_identity():
     x, t = int_images(32, 48), torch.randn(B, 5, 4, 6)
-    for g in (ga.identity(B), GroupElement()):
-        assert torch.equal(ga.apply_to_images(x, g, 8), x)
-        assert torch.equal(ga.apply_to_token_map(t, g), t)
+    for g in (identity(B), group_actions.GroupElement()):
+        assert torch.equal(group_actions.apply_to_images(x, g, 8), x)
+        assert torch.equal(group_actions.apply_to_token_map(t, g), t)
     # a resize to the grid the map already has is the identity too
-    assert torch.equal(ga.apply_to_token_map(t, GroupElement(size=(4, 6))), t)
+    assert torch.equal(group_actions.apply_to_token_map(t, group_actions.GroupElement(size=(4, 6))), t)
 
 
 @pytest.mark.parametrize("k", range(4))
 def test_inverse_undoes_d4_exactly(k):
     x, t = int_images(32, 48), torch.randn(B, 5, 4, 6)  # non-square, so odd k transposes
     g = d4(k, seed=k)
-    for data, act in ((x, lambda u, e: ga.apply_to_images(u, e, 8)), (t, ga.apply_to_token_map)):
+    for data, act in ((x, lambda u, e: group_actions.apply_to_images(u, e, 8)), (t, group_actions.apply_to_token_map)):
         y = act(data, g)
         assert not torch.equal(y, data)  # mixed flags: g really moved something
-        assert torch.equal(act(y, ga.inverse(g, None)), data)
-        assert torch.equal(act(y, ga.inverse(g, (4, 6))), data)
+        assert torch.equal(act(y, group_actions.inverse(g, None)), data)
+        assert torch.equal(act(y, group_actions.inverse(g, (4, 6))), data)
     # and algebraically: both products are the identity element
-    for e in (ga.compose(ga.inverse(g, (4, 6)), g), ga.compose(g, ga.inverse(g, (4, 6)))):
+    inv = group_actions.inverse(g, (4, 6))
+    for e in (group_actions.compose(inv, g), group_actions.compose(g, inv)):
         assert e.k == 0 and not e.flip.any() and not e.rot180.any() and e.size is None
 
 
 def test_inverse_undoes_resize_up_to_resampling():
     x = smooth(16, 24, C=5)  # a token map
-    g = GroupElement(k=1, flip=flags(3)[0], rot180=flags(3)[1], size=(14, 28))
-    y = ga.apply_to_token_map(x, g)
+    g = group_actions.GroupElement(k=1, flip=flags(3)[0], rot180=flags(3)[1], size=(14, 28))
+    y = group_actions.apply_to_token_map(x, g)
     assert y.shape[-2:] == (28, 14)
-    back = ga.apply_to_token_map(y, ga.inverse(g, (16, 24)))
+    back = group_actions.apply_to_token_map(y, group_actions.inverse(g, (16, 24)))
     assert max_err(back, x) < SMOOTH_TOL  # there and back: two resamplings of a smooth map
 
 
@@ -471,11 +501,11 @@ def test_compose_matches_sequential_d4_exactly(k1):
     x, t = int_images(32, 48), torch.randn(B, 5, 4, 6)
     for k2 in range(4):
         g1, g2 = d4(k1, seed=10 + k1), d4(k2, seed=20 + k2)
-        g = ga.compose(g2, g1)
-        assert torch.equal(ga.apply_to_token_map(t, g),
-                           ga.apply_to_token_map(ga.apply_to_token_map(t, g1), g2))
-        assert torch.equal(ga.apply_to_images(x, g, 8),
-                           ga.apply_to_images(ga.apply_to_images(x, g1, 8), g2, 8))
+        g = group_actions.compose(g2, g1)
+        assert torch.equal(group_actions.apply_to_token_map(t, g),
+                           group_actions.apply_to_token_map(group_actions.apply_to_token_map(t, g1), g2))
+        assert torch.equal(group_actions.apply_to_images(x, g, 8),
+                           group_actions.apply_to_images(group_actions.apply_to_images(x, g1, 8), g2, 8))
 
 
 @pytest.mark.parametrize("k1", range(4))
@@ -485,18 +515,18 @@ def test_compose_with_resizes(k1):
         f1, r1 = flags(k1)
         f2, r2 = flags(10 + k2)
         # one resize: the rewrite rules are exact identities, so only float rounding remains
-        g1 = GroupElement(k1, f1, r1, size=(14, 27))
-        g2 = GroupElement(k2, f2, r2)
-        seq = ga.apply_to_token_map(ga.apply_to_token_map(t, g1), g2)
-        assert max_err(ga.apply_to_token_map(t, ga.compose(g2, g1)), seq) < 1e-5
+        g1 = group_actions.GroupElement(k1, f1, r1, size=(14, 27))
+        g2 = group_actions.GroupElement(k2, f2, r2)
+        seq = group_actions.apply_to_token_map(group_actions.apply_to_token_map(t, g1), g2)
+        assert max_err(group_actions.apply_to_token_map(t, group_actions.compose(g2, g1)), seq) < 1e-5
         # resize in the second element: its target is transposed when g1 turns by an odd k
-        g1, g2 = GroupElement(k1, f1, r1), GroupElement(k2, f2, r2, size=(18, 21))
-        seq = ga.apply_to_token_map(ga.apply_to_token_map(t, g1), g2)
-        assert max_err(ga.apply_to_token_map(t, ga.compose(g2, g1)), seq) < 1e-5
+        g1, g2 = group_actions.GroupElement(k1, f1, r1), group_actions.GroupElement(k2, f2, r2, size=(18, 21))
+        seq = group_actions.apply_to_token_map(group_actions.apply_to_token_map(t, g1), g2)
+        assert max_err(group_actions.apply_to_token_map(t, group_actions.compose(g2, g1)), seq) < 1e-5
         # two resizes: exact shape, values agree up to resampling once vs twice
-        g1 = GroupElement(k1, f1, r1, size=(19, 20))
-        seq = ga.apply_to_token_map(ga.apply_to_token_map(t, g1), g2)
-        assert max_err(ga.apply_to_token_map(t, ga.compose(g2, g1)), seq) < SMOOTH_TOL
+        g1 = group_actions.GroupElement(k1, f1, r1, size=(19, 20))
+        seq = group_actions.apply_to_token_map(group_actions.apply_to_token_map(t, g1), g2)
+        assert max_err(group_actions.apply_to_token_map(t, group_actions.compose(g2, g1)), seq) < SMOOTH_TOL
 
 
 @pytest.mark.parametrize("k", range(4))
@@ -504,7 +534,7 @@ def test_token_action_commutes_with_patch_averaging_d4(k):
     p = 4
     x = int_images(32, 48)
     g = d4(k, seed=30 + k)
-    assert torch.equal(tokens(ga.apply_to_images(x, g, p), p), ga.apply_to_token_map(tokens(x, p), g))
+    assert torch.equal(tokens(group_actions.apply_to_images(x, g, p), p), group_actions.apply_to_token_map(tokens(x, p), g))
 
 
 @pytest.mark.parametrize("size", [(13, 27), (19, 20), (14, 29), (18, 28)])
@@ -513,13 +543,13 @@ def test_token_action_tracks_pixel_resize_on_smooth_images(size):
     x = smooth(64, 96)  # token grid (16, 24)
     f, r = flags(sum(size))
     for k in range(4):
-        g = GroupElement(k, f, r, size)
-        pix = tokens(ga.apply_to_images(x, g, p), p)
-        assert pix.shape[-2:] == ga.output_grid(g, (16, 24))
-        assert max_err(pix, ga.apply_to_token_map(tokens(x, p), g)) < SMOOTH_TOL
+        g = group_actions.GroupElement(k, f, r, size)
+        pix = tokens(group_actions.apply_to_images(x, g, p), p)
+        assert pix.shape[-2:] == output_grid(g, (16, 24))
+        assert max_err(pix, group_actions.apply_to_token_map(tokens(x, p), g)) < SMOOTH_TOL
         # the tolerance discriminates: the same element with every flip toggled is far off
-        wrong = GroupElement(k, ~f, r, size)
-        assert max_err(pix, ga.apply_to_token_map(tokens(x, p), wrong)) > 4 * SMOOTH_TOL
+        wrong = group_actions.GroupElement(k, ~f, r, size)
+        assert max_err(pix, group_actions.apply_to_token_map(tokens(x, p), wrong)) > 4 * SMOOTH_TOL
 
 
 def test_relative_action_d4_exact_both_ways():
@@ -528,21 +558,21 @@ def test_relative_action_d4_exact_both_ways():
     for k1 in range(4):
         for k2 in range(4):
             g1, g2 = d4(k1, seed=40 + k1), d4(k2, seed=50 + k2)
-            t1 = tokens(ga.apply_to_images(crop, g1, p), p)
-            t2 = tokens(ga.apply_to_images(crop, g2, p), p)
-            assert torch.equal(ga.apply_to_token_map(t1, ga.relative_action(g1, g2, (8, 12))), t2)
-            assert torch.equal(ga.apply_to_token_map(t2, ga.relative_action(g2, g1, (8, 12))), t1)
+            t1 = tokens(group_actions.apply_to_images(crop, g1, p), p)
+            t2 = tokens(group_actions.apply_to_images(crop, g2, p), p)
+            assert torch.equal(group_actions.apply_to_token_map(t1, group_actions.relative_action(g1, g2, (8, 12))), t2)
+            assert torch.equal(group_actions.apply_to_token_map(t2, group_actions.relative_action(g2, g1, (8, 12))), t1)
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_relative_action_with_resizes_matches_views_and_release(seed):
     p, base = 4, (16, 24)
     crop = smooth(64, 96, seed=seed)
-    g1, g2 = ga.sample_view_pair(B, torch.Generator().manual_seed(seed), base_grid=base)
-    t1 = tokens(ga.apply_to_images(crop, g1, p), p)
-    t2 = tokens(ga.apply_to_images(crop, g2, p), p)
-    t12 = ga.apply_to_token_map(t1, ga.relative_action(g1, g2, base))
-    t21 = ga.apply_to_token_map(t2, ga.relative_action(g2, g1, base))
+    g1, g2 = group_actions.sample_view_pair(B, torch.Generator().manual_seed(seed), base_grid=base)
+    t1 = tokens(group_actions.apply_to_images(crop, g1, p), p)
+    t2 = tokens(group_actions.apply_to_images(crop, g2, p), p)
+    t12 = group_actions.apply_to_token_map(t1, group_actions.relative_action(g1, g2, base))
+    t21 = group_actions.apply_to_token_map(t2, group_actions.relative_action(g2, g1, base))
     assert t12.shape == t2.shape and t21.shape == t1.shape
     assert max_err(t12, t2) < RELATIVE_TOL and max_err(t21, t1) < RELATIVE_TOL
     # the release's aug_equiv_feat(t1, size2, -k1, k2): rot90(2 - k1), h-flip, resize, rot90(k2)
@@ -553,22 +583,22 @@ def test_relative_action_with_resizes_matches_views_and_release(seed):
 
 def test_sample_view_pair_negates_flags_and_gives_a_uniform_relative_d4():
     for seed in range(8):
-        g1, g2 = ga.sample_view_pair(16, torch.Generator().manual_seed(seed))
+        g1, g2 = group_actions.sample_view_pair(16, torch.Generator().manual_seed(seed))
         assert torch.equal(g2.flip, ~g1.flip) and torch.equal(g2.rot180, ~g1.rot180)
-        rel = ga.relative_action(g1, g2, (14, 14))
+        rel = group_actions.relative_action(g1, g2, (14, 14))
         # F . R180 . R90^-k1 in normal form: flip everywhere, R180 iff k1 is even
         assert rel.flip.all() and bool((rel.rot180 == (g1.k % 2 == 0)).all())
-        assert rel.k == (g2.k - g1.k) % 4 and ga.output_grid(rel, ga.output_grid(g1, (14, 14))) == \
-            ga.output_grid(g2, (14, 14))
+        assert rel.k == (g2.k - g1.k) % 4 and output_grid(rel, output_grid(g1, (14, 14))) == \
+            output_grid(g2, (14, 14))
 
 
 def test_sample_element_reproducible_and_in_range():
-    a = ga.sample_element(B, torch.Generator().manual_seed(7))
-    b = ga.sample_element(B, torch.Generator().manual_seed(7))
+    a = group_actions.sample_element(B, torch.Generator().manual_seed(7))
+    b = group_actions.sample_element(B, torch.Generator().manual_seed(7))
     assert (a.k, a.size) == (b.k, b.size) and torch.equal(a.flip, b.flip) and torch.equal(a.rot180, b.rot180)
     gen, ks, flips = torch.Generator().manual_seed(0), set(), []
     for _ in range(200):
-        g = ga.sample_element(64, gen)
+        g = group_actions.sample_element(64, gen)
         h, w = g.size
         ks.add(g.k)
         flips.append(torch.stack([g.flip, g.rot180]).float().mean())
@@ -579,24 +609,24 @@ def test_sample_element_reproducible_and_in_range():
         assert h - 0.5 <= 4 / 3 * (w + 0.5) and w - 0.5 <= 4 / 3 * (h + 0.5)
     assert ks == {0, 1, 2, 3}
     assert abs(torch.stack(flips).mean().item() - 0.5) < 0.02
-    c = ga.sample_element(B, torch.Generator().manual_seed(8))
+    c = group_actions.sample_element(B, torch.Generator().manual_seed(8))
     assert (c.k, c.size) != (a.k, a.size) or not torch.equal(c.flip, a.flip)
 
 
 def test_token_action_keeps_gradients():
     t = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
-    g = GroupElement(k=3, flip=torch.tensor([True, False]), rot180=torch.tensor([True, True]), size=(6, 3))
-    assert torch.autograd.gradcheck(lambda u: ga.apply_to_token_map(u, g), (t,))
-    ga.apply_to_token_map(t, g).square().sum().backward()
+    g = group_actions.GroupElement(k=3, flip=torch.tensor([True, False]), rot180=torch.tensor([True, True]), size=(6, 3))
+    assert torch.autograd.gradcheck(lambda u: group_actions.apply_to_token_map(u, g), (t,))
+    group_actions.apply_to_token_map(t, g).square().sum().backward()
     assert t.grad is not None and (t.grad.abs().flatten(1).sum(1) > 0).all()  # every sample gets a gradient
 
 
 def test_dtypes_are_kept():
-    g = GroupElement(k=1, flip=torch.tensor([True, False]), size=(3, 5))
+    g = group_actions.GroupElement(k=1, flip=torch.tensor([True, False]), size=(3, 5))
     for dtype in (torch.float64, torch.bfloat16):
         t = torch.randn(2, 3, 4, 4, dtype=dtype)
-        assert ga.apply_to_token_map(t, g).dtype == dtype
-        assert ga.apply_to_images(t.repeat_interleave(4, -1).repeat_interleave(4, -2), g, 4).dtype == dtype
+        assert group_actions.apply_to_token_map(t, g).dtype == dtype
+        assert group_actions.apply_to_images(t.repeat_interleave(4, -1).repeat_interleave(4, -2), g, 4).dtype == dtype
 
 
 def test_input_validation():
@@ -607,30 +637,31 @@ def test_input_validation():
                     dict(size=(0, 4)), dict(size=(4,)), dict(size=(2.5, 3)), dict(size=(True, 3))]
     for kw in bad_elements:
         with pytest.raises(ValueError, match="GroupElement"):
-            GroupElement(**kw)
+            group_actions.GroupElement(**kw)
     with pytest.raises(ValueError, match="batch size 2"):
-        ga.apply_to_token_map(t, GroupElement(flip=torch.ones(3, dtype=torch.bool)))
+        group_actions.apply_to_token_map(t, group_actions.GroupElement(flip=torch.ones(3, dtype=torch.bool)))
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
-        ga.apply_to_token_map(t[0], GroupElement(k=1))
+        group_actions.apply_to_token_map(t[0], group_actions.GroupElement(k=1))
     with pytest.raises(ValueError, match="not divisible by patch_size 8"):
-        ga.apply_to_images(torch.randn(2, 3, 30, 32), GroupElement(size=(3, 3)), 8)
-    ga.apply_to_images(torch.randn(2, 3, 30, 32), GroupElement(k=1), 8)  # fine without a resize
+        group_actions.apply_to_images(torch.randn(2, 3, 30, 32), group_actions.GroupElement(size=(3, 3)), 8)
+    group_actions.apply_to_images(torch.randn(2, 3, 30, 32), group_actions.GroupElement(k=1), 8)  # fine without a resize
     with pytest.raises(ValueError, match="patch_size"):
-        ga.apply_to_images(torch.randn(2, 3, 32, 32), GroupElement(), 0)
+        group_actions.apply_to_images(torch.randn(2, 3, 32, 32), group_actions.GroupElement(), 0)
     with pytest.raises(ValueError, match="floating point"):
-        ga.apply_to_images(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), GroupElement(size=(3, 3)), 8)
+        group_actions.apply_to_images(torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+                                      group_actions.GroupElement(size=(3, 3)), 8)
     with pytest.raises(ValueError, match="input_size"):
-        ga.inverse(GroupElement(size=(3, 3)), None)
+        group_actions.inverse(group_actions.GroupElement(size=(3, 3)), None)
     with pytest.raises(ValueError, match="batch sizes"):
-        ga.compose(ga.identity(2), ga.identity(3))
+        group_actions.compose(identity(2), identity(3))
     with pytest.raises(ValueError, match="batch_size"):
-        ga.identity(0)
+        group_actions.sample_element(0, torch.Generator())
     with pytest.raises(ValueError, match="generator"):
-        ga.sample_element(2, 0)
+        group_actions.sample_element(2, 0)
     with pytest.raises(ValueError, match="scale"):
-        ga.sample_element(2, torch.Generator(), scale=(1.3, 0.7))
+        group_actions.sample_element(2, torch.Generator(), scale=(1.3, 0.7))
     with pytest.raises(ValueError, match="base_grid"):
-        ga.sample_element(2, torch.Generator(), base_grid=(14, 0))
+        group_actions.sample_element(2, torch.Generator(), base_grid=(14, 0))
 
 
 # ================================================================================================
@@ -659,7 +690,7 @@ def mask_offdiag(m):
 
 def test_global_bn_single_process_is_batchnorm():
     x = randn(16, 5) * 3 + 1
-    ours, ref = L.GlobalBatchNorm1d(5).double(), nn.BatchNorm1d(5).double()
+    ours, ref = losses.GlobalBatchNorm1d(5).double(), nn.BatchNorm1d(5).double()
     assert ours.state_dict().keys() == ref.state_dict().keys()
     for _ in range(2):
         torch.testing.assert_close(ours(x), ref(x))
@@ -671,11 +702,11 @@ def test_global_bn_single_process_is_batchnorm():
 
 
 def test_build_mlp_layout():
-    mlp = L.build_mlp(3, 8, 16, 4, last_bn=True, bias=True)
+    mlp = losses.build_mlp(3, 8, 16, 4, last_bn=True, bias=True)
     kinds = [type(m).__name__ for m in mlp]
     assert kinds == ["Linear", "GlobalBatchNorm1d", "ReLU"] * 2 + ["Linear", "GlobalBatchNorm1d"]
     assert mlp[0].bias is not None and mlp[6].bias is None and not mlp[7].affine
-    no_bn = L.build_mlp(2, 8, 16, 4, last_bn=False)
+    no_bn = losses.build_mlp(2, 8, 16, 4, last_bn=False)
     assert len(no_bn) == 4 and no_bn[0].bias is None
 
 
@@ -684,29 +715,29 @@ def test_build_heads_official_sizes():
         return [tuple(x.weight.shape) for x in m.modules() if isinstance(x, nn.Linear)]
 
     with torch.device("meta"):  # the official sizes without allocating 8192x8192 matrices
-        proj, pred = L.build_heads("mocov3", 384)
+        proj, pred = losses.build_heads("mocov3", 384)
         assert linear_shapes(proj) == [(4096, 384), (4096, 4096), (256, 4096)]
-        assert linear_shapes(pred) == [(4096, 256), (256, 4096)] and isinstance(pred[-1], L.GlobalBatchNorm1d)
-        head, none = L.build_heads("dino", 384)
+        assert linear_shapes(pred) == [(4096, 256), (256, 4096)] and isinstance(pred[-1], losses.GlobalBatchNorm1d)
+        head, none = losses.build_heads("dino", 384)
         assert none is None and tuple(head.last_layer.weight_v.shape) == (65536, 256)
         assert linear_shapes(head) == [(2048, 384), (2048, 2048), (256, 2048)]
         assert head.last_layer.weight_g.requires_grad  # norm_last_layer=False for ViT-S
-        assert linear_shapes(L.build_heads("barlowtwins", 384)[0]) == [(8192, 384), (8192, 8192), (8192, 8192)]
-        vic = L.build_heads("vicreg", 384)[0]
+        assert linear_shapes(losses.build_heads("barlowtwins", 384)[0]) == [(8192, 384), (8192, 8192), (8192, 8192)]
+        vic = losses.build_heads("vicreg", 384)[0]
         assert [m.bias is not None for m in vic if isinstance(m, nn.Linear)] == [True, True, False]
-        assert linear_shapes(L.build_heads("simclr", 384)[0]) == [(384, 384), (384, 384), (128, 384)]
-        proj, pred = L.build_heads("byol", 384)
+        assert linear_shapes(losses.build_heads("simclr", 384)[0]) == [(384, 384), (384, 384), (128, 384)]
+        proj, pred = losses.build_heads("byol", 384)
         assert linear_shapes(proj) == [(4096, 384), (256, 4096)] and linear_shapes(pred) == [(4096, 256), (256, 4096)]
-    proj, pred = L.build_heads("mocov3", 32, hidden_dim=16, out_dim=8)
+    proj, pred = losses.build_heads("mocov3", 32, hidden_dim=16, out_dim=8)
     assert proj(randn(4, 32).float()).shape == (4, 8) and pred(torch.randn(4, 8)).shape == (4, 8)
     with pytest.raises(ValueError, match="unknown method"):
-        L.build_heads("swav", 32)
+        losses.build_heads("swav", 32)
     with pytest.raises(ValueError, match="unexpected options"):
-        L.build_heads("mocov3", 32, bottleneck_dim=8)
+        losses.build_heads("mocov3", 32, bottleneck_dim=8)
 
 
 def test_dino_head_matches_weight_norm_layout():
-    head = L.DINOHead(32, 64, hidden_dim=16, bottleneck_dim=8, norm_last_layer=True).double()
+    head = losses.DINOHead(32, 64, hidden_dim=16, bottleneck_dim=8, norm_last_layer=True).double()
     keys = set(head.state_dict())
     assert {"mlp.0.weight", "mlp.2.weight", "mlp.4.weight", "last_layer.weight_g", "last_layer.weight_v"} <= keys
     assert not head.last_layer.weight_g.requires_grad
@@ -731,7 +762,7 @@ def official_moco_ctr(q, k, T):
 
 def test_mocov3_against_official_and_closed_form():
     q1, q2, k1, k2 = leaf(6, 8, seed=1), leaf(6, 8, seed=2), leaf(6, 8, seed=3), leaf(6, 8, seed=4)
-    ours = L.mocov3_loss(q1, q2, k1, k2, temperature=0.2)
+    ours = losses.mocov3_loss([q1, q2], [k1, k2], temperature=0.2)
     ref = official_moco_ctr(q1, k2, 0.2) + official_moco_ctr(q2, k1, 0.2)
     torch.testing.assert_close(ours, ref)
     ours.backward()
@@ -741,25 +772,26 @@ def test_mocov3_against_official_and_closed_form():
     e = torch.eye(6, 8, dtype=DT)
     T, n = 0.2, 6
     per_dir = -math.log(math.exp(1 / T) / (math.exp(1 / T) + n - 1)) * 2 * T
-    torch.testing.assert_close(L.mocov3_loss(e, e, e, e, T), torch.tensor(2 * per_dir, dtype=DT))
+    torch.testing.assert_close(losses.mocov3_loss([e, e], [e, e], T), torch.tensor(2 * per_dir, dtype=DT))
 
 
 def test_mocov3_multicrop_is_the_sum_over_student_and_other_momentum_views():
     """SER's 2+4 (builder/moco.py erl_local4): each of the 6 student views against each other global
-    momentum view, 10 official ctr terms; with 2 views it is mocov3_loss."""
+    momentum view, 10 official ctr terms; with 2 views it is the two-view loss."""
     T = 0.2
     qs, ks = [leaf(5, 4, seed=s) for s in range(6)], [randn(5, 4, seed=10 + s) for s in range(2)]
     expected = sum(official_moco_ctr(q, k, T) for i, q in enumerate(qs) for j, k in enumerate(ks) if i != j)
-    torch.testing.assert_close(L.mocov3_multicrop_loss(qs, ks, T), expected)
-    torch.testing.assert_close(L.mocov3_multicrop_loss(qs[:2], ks, T), L.mocov3_loss(qs[0], qs[1], ks[0], ks[1], T))
+    torch.testing.assert_close(losses.mocov3_loss(qs, ks, T), expected)
+    two_view = official_moco_ctr(qs[0], ks[1], T) + official_moco_ctr(qs[1], ks[0], T)
+    torch.testing.assert_close(losses.mocov3_loss(qs[:2], ks, T), two_view)
     with pytest.raises(ValueError, match="momentum views"):
-        L.mocov3_multicrop_loss(qs[:1], ks, T)
+        losses.mocov3_loss(qs[:1], ks, T)
 
 
 def test_dino_loss_against_formula_and_centre():
     B, K, ncrops = 3, 7, 4
     student, teacher = leaf(ncrops * B, K, seed=1), randn(2 * B, K, seed=2) * 2
-    loss_fn = L.DINOLoss(K).double()
+    loss_fn = losses.DINOLoss(K).double()
     ours = loss_fn(student, teacher, ncrops, teacher_temp=0.05)
     # every (teacher view t, student crop s) term at once, then drop s == t and average the rest
     log_p_s = F.log_softmax(student.detach().view(ncrops, B, K) / 0.1, -1)
@@ -783,10 +815,10 @@ def test_dino_loss_against_formula_and_centre():
 
 def test_teacher_temp_schedule_is_dino_linspace():
     official = np.concatenate((np.linspace(0.04, 0.07, 30), np.ones(70) * 0.07))
-    ours = [L.teacher_temp_schedule(e, 0.04, 0.07, 30) for e in range(100)]
+    ours = [losses.teacher_temp_schedule(e, 0.04, 0.07, 30) for e in range(100)]
     np.testing.assert_allclose(ours, official, rtol=0, atol=1e-15)
-    assert L.teacher_temp_schedule(0, 0.04, 0.07, 0) == 0.07
-    assert L.teacher_temp_schedule(0, 0.04, 0.07, 1) == 0.04
+    assert losses.teacher_temp_schedule(0, 0.04, 0.07, 0) == 0.07
+    assert losses.teacher_temp_schedule(0, 0.04, 0.07, 1) == 0.04
 
 
 def test_barlow_twins_against_official_and_identical_views():
@@ -794,15 +826,15 @@ def test_barlow_twins_against_official_and_identical_views():
     bn = nn.BatchNorm1d(6, affine=False).double()
     c = bn(z1).T @ bn(z2) / 32
     ref = (torch.diagonal(c) - 1).pow(2).sum() + 0.0051 * mask_offdiag(c).pow(2).sum()
-    ours = L.barlow_twins_loss(z1, z2)
+    ours = losses.barlow_twins_loss(z1, z2)
     torch.testing.assert_close(ours, ref)
     # identical (standardised) views: the diagonal is 1, only the correlations off it remain
     z = randn(64, 5, seed=3) * 10
     corr = torch.corrcoef(z.T)
     off_diag = 0.0051 * mask_offdiag(corr).pow(2).sum()
-    torch.testing.assert_close(L.barlow_twins_loss(z, z), off_diag, rtol=1e-5, atol=1e-6)  # BN's eps
+    torch.testing.assert_close(losses.barlow_twins_loss(z, z), off_diag, rtol=1e-5, atol=1e-6)  # BN's eps
     # invariant to a per-feature affine map, up to BN's eps
-    torch.testing.assert_close(L.barlow_twins_loss(z1, z2), L.barlow_twins_loss(2 * z1 + 4, z2), rtol=1e-5, atol=0)
+    torch.testing.assert_close(losses.barlow_twins_loss(z1, z2), losses.barlow_twins_loss(2 * z1 + 4, z2), rtol=1e-5, atol=0)
     ours.backward()
     assert torch.isfinite(z1.grad).all() and z2.grad.abs().sum() > 0
 
@@ -821,11 +853,11 @@ def test_vicreg_against_official_and_collapse():
 
     std_loss = F.relu(1 - std(xc)).mean() / 2 + F.relu(1 - std(yc)).mean() / 2
     ref = 25 * repr_loss + 25 * std_loss + cov(xc) + cov(yc)
-    ours = L.vicreg_loss(z1, z2)
+    ours = losses.vicreg_loss(z1, z2)
     torch.testing.assert_close(ours, ref)
     # full collapse: no invariance or covariance penalty, the variance hinge at 1 - sqrt(1e-4) per branch
     const = torch.ones(10, 4, dtype=DT)
-    torch.testing.assert_close(L.vicreg_loss(const, const), torch.tensor(25 * (1 - 0.01), dtype=DT))
+    torch.testing.assert_close(losses.vicreg_loss(const, const), torch.tensor(25 * (1 - 0.01), dtype=DT))
     ours.backward()
     assert torch.isfinite(z1.grad).all() and z2.grad.abs().sum() > 0
 
@@ -845,14 +877,14 @@ def tf_simclr_loss(z1, z2, tau):
 
 def test_simclr_is_half_the_tf_loss_and_closed_forms():
     z1, z2 = leaf(8, 5, seed=1), leaf(8, 5, seed=2)
-    ours = L.simclr_loss(z1, z2, temperature=0.1)
+    ours = losses.simclr_loss(z1, z2, temperature=0.1)
     torch.testing.assert_close(2 * ours, tf_simclr_loss(z1, z2, 0.1))
     n, tau = 6, 0.1
     same = torch.ones(n, 4, dtype=DT)  # perfectly correlated, all equal: every logit ties
-    torch.testing.assert_close(L.simclr_loss(same, same, tau), torch.tensor(math.log(2 * n - 1), dtype=DT))
+    torch.testing.assert_close(losses.simclr_loss(same, same, tau), torch.tensor(math.log(2 * n - 1), dtype=DT))
     e = torch.eye(n, 8, dtype=DT)  # pairs equal, all others orthogonal
     expected = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + 2 * n - 2))
-    torch.testing.assert_close(L.simclr_loss(e, e, tau), torch.tensor(expected, dtype=DT))
+    torch.testing.assert_close(losses.simclr_loss(e, e, tau), torch.tensor(expected, dtype=DT))
     ours.backward()
     assert torch.isfinite(z1.grad).all() and z2.grad.abs().sum() > 0
 
@@ -860,11 +892,11 @@ def test_simclr_is_half_the_tf_loss_and_closed_forms():
 def test_byol_closed_forms_and_stop_grad():
     p = randn(5, 4, seed=1)
     q = torch.stack([p[:, 1], -p[:, 0], p[:, 3], -p[:, 2]], 1)  # orthogonal to p row by row
-    torch.testing.assert_close(L.byol_loss(p, p, 3 * p, p), torch.tensor(0.0, dtype=DT))
-    torch.testing.assert_close(L.byol_loss(p, p, q, q), torch.tensor(4.0, dtype=DT))
-    torch.testing.assert_close(L.byol_loss(p, p, -p, -p), torch.tensor(8.0, dtype=DT))
+    torch.testing.assert_close(losses.byol_loss(p, p, 3 * p, p), torch.tensor(0.0, dtype=DT))
+    torch.testing.assert_close(losses.byol_loss(p, p, q, q), torch.tensor(4.0, dtype=DT))
+    torch.testing.assert_close(losses.byol_loss(p, p, -p, -p), torch.tensor(8.0, dtype=DT))
     p1, p2, z1, z2 = leaf(5, 4, seed=2), leaf(5, 4, seed=3), leaf(5, 4, seed=4), leaf(5, 4, seed=5)
-    L.byol_loss(p1, p2, z1, z2).backward()
+    losses.byol_loss(p1, p2, z1, z2).backward()
     assert z1.grad is None and z2.grad is None
     assert torch.isfinite(p1.grad).all() and p2.grad.abs().sum() > 0
 
@@ -894,19 +926,20 @@ def ser_reference(groups, tau):
             losses.append(denom.log() - pos)
         return torch.cat(losses).mean()
 
-    forward = [(ga.apply_to_token_map(z1, ga.relative_action(g1, g2, base)), z2) for z1, z2, g1, g2, base in groups]
-    backward = [(z1, ga.apply_to_token_map(z2, ga.inverse(ga.relative_action(g1, g2, base), z1.shape[-2:])))
+    act, relative = group_actions.apply_to_token_map, group_actions.relative_action
+    forward = [(act(z1, relative(g1, g2, base)), z2) for z1, z2, g1, g2, base in groups]
+    backward = [(z1, act(z2, group_actions.inverse(relative(g1, g2, base), z1.shape[-2:])))
                 for z1, z2, g1, g2, base in groups]
     return 0.5 * (ntx(forward) + ntx(backward))
 
 
 def test_ser_against_reference_with_random_group_elements():
     gen = torch.Generator().manual_seed(3)
-    g1, g2 = ga.sample_view_pair(3, gen, base_grid=(4, 4))
-    h1, w1 = ga.output_grid(g1, (4, 4))
-    h2, w2 = ga.output_grid(g2, (4, 4))
+    g1, g2 = group_actions.sample_view_pair(3, gen, base_grid=(4, 4))
+    h1, w1 = output_grid(g1, (4, 4))
+    h2, w2 = output_grid(g2, (4, 4))
     z1, z2 = leaf(3, 6, h1, w1, seed=1), leaf(3, 6, h2, w2, seed=2)
-    ours = L.ser_loss([L.SERGroup(z1, z2, g1, g2, (4, 4))], temperature=0.4)
+    ours = losses.ser_loss([losses.SERGroup(z1, z2, g1, g2, (4, 4))], temperature=0.4)
     torch.testing.assert_close(ours, ser_reference([(z1, z2, g1, g2, (4, 4))], 0.4))
     ours.backward()
     for z in (z1, z2):
@@ -915,21 +948,21 @@ def test_ser_against_reference_with_random_group_elements():
 
 def test_ser_closed_forms():
     tau = 0.5
-    ident = ga.identity(2)
+    ident = identity(2)
     z = torch.eye(4, dtype=DT).T.reshape(4, 2, 1, 2).transpose(0, 1).contiguous()  # (2, 4, 1, 2): 4 orthonormal tokens
     # the positive at cosine 1; 2 tokens x 2 views of the other image at cosine 0; same-image tokens excluded
     expected = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + 4))
-    torch.testing.assert_close(L.ser_loss([L.SERGroup(z, z, ident, ident, (1, 2))], tau),
+    torch.testing.assert_close(losses.ser_loss([losses.SERGroup(z, z, ident, ident, (1, 2))], tau),
                                torch.tensor(expected, dtype=DT))
     collapsed = torch.ones(2, 4, 1, 2, dtype=DT)  # every token identical: positive among 5 equal terms
-    torch.testing.assert_close(L.ser_loss([L.SERGroup(collapsed, collapsed, ident, ident, (1, 2))], tau),
+    torch.testing.assert_close(losses.ser_loss([losses.SERGroup(collapsed, collapsed, ident, ident, (1, 2))], tau),
                                torch.tensor(math.log(5), dtype=DT))
     # an exactly equivariant map (rho_g of view 1 is view 2) beats a shuffled one
-    g = ga.GroupElement(k=1, flip=torch.tensor([True, False]), rot180=torch.tensor([False, True]))
+    g = group_actions.GroupElement(k=1, flip=torch.tensor([True, False]), rot180=torch.tensor([False, True]))
     z1 = randn(2, 8, 3, 3, seed=4)
-    z2 = ga.apply_to_token_map(z1, g)
-    good = L.ser_loss([L.SERGroup(z1, z2, ident, g, (3, 3))], tau)
-    bad = L.ser_loss([L.SERGroup(z1, z2.flip(-1), ident, g, (3, 3))], tau)
+    z2 = group_actions.apply_to_token_map(z1, g)
+    good = losses.ser_loss([losses.SERGroup(z1, z2, ident, g, (3, 3))], tau)
+    bad = losses.ser_loss([losses.SERGroup(z1, z2.flip(-1), ident, g, (3, 3))], tau)
     assert good < bad
 
 
@@ -937,13 +970,13 @@ def test_ser_gradients_reach_projector_encoder_and_both_views():
     torch.manual_seed(0)
     patch, base = 4, (4, 4)
     encoder = nn.Conv2d(3, 16, patch, stride=patch).double()  # stand-in for blocks 1..L
-    projector = L.SERProjector(16, 12, 12).double()
+    projector = losses.SERProjector(16, 12, 12).double()
     crop = randn(3, 3, base[0] * patch, base[1] * patch, seed=5)
-    g1, g2 = ga.sample_view_pair(3, torch.Generator().manual_seed(1), base_grid=base)
-    maps = [encoder(ga.apply_to_images(crop, g, patch)) for g in (g1, g2)]
+    g1, g2 = group_actions.sample_view_pair(3, torch.Generator().manual_seed(1), base_grid=base)
+    maps = [encoder(group_actions.apply_to_images(crop, g, patch)) for g in (g1, g2)]
     for m in maps:
         m.retain_grad()
-    L.ser_loss([L.SERGroup(projector(maps[0]), projector(maps[1]), g1, g2, base)], temperature=0.4).backward()
+    losses.ser_loss([losses.SERGroup(projector(maps[0]), projector(maps[1]), g1, g2, base)], temperature=0.4).backward()
     for t in [maps[0], maps[1], encoder.weight, *projector.parameters()]:
         assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
 
@@ -978,19 +1011,19 @@ def test_equimod_param_vector_layout():
         [0.1, 0.2, 0.5, 0.6, 1, 1, 1, 1 / 3, 0, 2 / 3, 1.1, 0.9, 1.2, 0.05, 0, 0, 0.0, 1],
         [0.0, 0.0, 1.0, 1.0, 0, 0, 0, 1 / 3, 2 / 3, 1, 1.0, 1.0, 1.0, 0.0, 1, 1, 1.5, 0],  # no jitter: order 0..3
     ])
-    torch.testing.assert_close(L.equimod_param_vector(p), expected)
+    torch.testing.assert_close(losses.equimod_param_vector(p), expected)
     with pytest.raises(ValueError, match="solarize"):
-        L.equimod_param_vector({k: v for k, v in p.items() if k != "solarize"})
+        losses.equimod_param_vector({k: v for k, v in p.items() if k != "solarize"})
 
 
 def test_equimod_head_and_loss_against_official_ntxent():
     torch.manual_seed(0)
-    head = L.EquiModHead(16, hidden_dim=12, out_dim=6, input_norm=True).double()
+    head = losses.EquiModHead(16, hidden_dim=12, out_dim=6, input_norm=True).double()
     h0, hv = leaf(4, 16, seed=1), leaf(8, 16, seed=2)
-    p = torch.cat([L.equimod_param_vector(view_params(4, s)) for s in (1, 2)])
+    p = torch.cat([losses.equimod_param_vector(view_params(4, s)) for s in (1, 2)])
     y_t, y_hat = head(h0, hv, p)
     assert y_t.shape == y_hat.shape == (8, 6)
-    ours = L.equimod_loss(y_t, y_hat, temperature=0.2)
+    ours = losses.equimod_loss(y_t, y_hat, temperature=0.2)
     # EquiMod's NTXentLoss(zeta=1e8): rows [y_t; y_hat], partner at +-M, diagonal pushed to -1e8
     z = F.normalize(torch.cat([y_t, y_hat]), dim=1)
     m = len(y_t)
@@ -1009,7 +1042,7 @@ def test_augself_targets_by_hand():
     p2 = {"crop": torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0]]), "flip": torch.tensor([0.0, 1.0]),
           "jitter": torch.tensor([[1.0, 1.0, 1.2, -0.1], [0.8, 1.2, 0.9, 0.05]]),
           "jitter_applied": torch.tensor([1.0, 1.0])}
-    t = L.augself_targets(p1, p2)
+    t = losses.augself_targets(p1, p2)
     # sample 0, (1,2): view 1 flipped, so both x-centres mirror: 1-0.25 vs 1-0.75
     # sample 0, (2,1): view 2 not flipped, no mirroring: 0.75 vs 0.25
     # sample 1, (1,2): no mirror: centres (0.4, 0.5) vs (0.5, 0.5); (2,1): view 2 flipped, mirror both
@@ -1024,12 +1057,12 @@ def test_augself_targets_by_hand():
 
 def test_augself_head_and_loss():
     torch.manual_seed(0)
-    head = L.AugSelfHead(16, hidden_dim=12, input_norm=True).double()
+    head = losses.AugSelfHead(16, hidden_dim=12, input_norm=True).double()
     h1, h2 = leaf(5, 16, seed=1), leaf(5, 16, seed=2)
     preds = head(h1, h2)
     assert preds["crop"].shape == preds["color"].shape == (10, 4)
-    targets = L.augself_targets(view_params(5, 1), view_params(5, 2))
-    ours = L.augself_loss(preds, targets)
+    targets = losses.augself_targets(view_params(5, 1), view_params(5, 2))
+    ours = losses.augself_loss(preds, targets)
     ref = sum(0.5 * ((torch.tanh(preds[k]) - targets[k]) ** 2).mean() for k in ("crop", "color"))
     torch.testing.assert_close(ours, ref)
     # both orders see the same pair: swapping the views swaps the two halves of the rows
@@ -1042,21 +1075,21 @@ def test_augself_head_and_loss():
 
 def test_essl_head_rotations_and_loss():
     torch.manual_seed(0)
-    head = L.ESSLHead(16, bottleneck_dim=8, input_norm=True).double()
+    head = losses.ESSLHead(16, bottleneck_dim=8, input_norm=True).double()
     shapes = [tuple(m.weight.shape) for m in head.net if isinstance(m, nn.Linear)]
     assert shapes == [(16, 16), (16, 16), (8, 16), (4, 8)]  # D-D-D-256-4 with a small bottleneck
     x = randn(2, 3, 4, 4, seed=1)
-    rotated, labels = L.essl_rotations(x)
+    rotated, labels = losses.essl_rotations(x)
     assert labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     assert torch.equal(rotated[2], torch.rot90(x[0], 1, (-2, -1)))
     h = leaf(8, 16, seed=2)
     logits = head(h)
-    loss = L.essl_loss(logits, labels)
+    loss = losses.essl_loss(logits, labels)
     torch.testing.assert_close(loss, -F.log_softmax(logits, 1)[torch.arange(8), labels].mean())
     loss.backward()
     assert torch.isfinite(h.grad).all() and all(p.grad.abs().sum() > 0 for p in head.parameters())
     with pytest.raises(ValueError, match="square"):
-        L.essl_rotations(randn(1, 3, 4, 6))
+        losses.essl_rotations(randn(1, 3, 4, 6))
 
 
 # ------------------------------------------------------------------------------------------
@@ -1095,30 +1128,30 @@ def run_case(name, rank, world):
 
     buffers = {}
     if name in ("mocov3", "byol"):
-        proj, pred = L.build_heads(name, DIN, hidden_dim=12, out_dim=6)
+        proj, pred = losses.build_heads(name, DIN, hidden_dim=12, out_dim=6)
         proj, pred = proj.double(), pred.double()
         target = copy.deepcopy(proj)  # momentum encoder, train-mode BN, no grad
         h1, h2 = part(randn(N, DIN, seed=1)), part(randn(N, DIN, seed=2))
         q1, q2 = pred(proj(h1)), pred(proj(h2))
         with torch.no_grad():
             k1, k2 = target(h1), target(h2)
-        loss = L.mocov3_loss(q1, q2, k1, k2) if name == "mocov3" else L.byol_loss(q1, q2, k1, k2)
+        loss = losses.mocov3_loss([q1, q2], [k1, k2]) if name == "mocov3" else losses.byol_loss(q1, q2, k1, k2)
         modules = {"proj": proj, "pred": pred, "target": target}
     elif name == "mocov3_multicrop":  # 2 global + 4 local student views, 2 momentum views
-        proj, pred = L.build_heads("mocov3", DIN, hidden_dim=12, out_dim=6)
+        proj, pred = losses.build_heads("mocov3", DIN, hidden_dim=12, out_dim=6)
         proj, pred = proj.double(), pred.double()
         target = copy.deepcopy(proj)
         hs = [part(randn(N, DIN, seed=30 + v)) for v in range(6)]
         with torch.no_grad():
             ks = [target(h) for h in hs[:2]]
-        loss = L.mocov3_multicrop_loss([pred(proj(h)) for h in hs], ks)
+        loss = losses.mocov3_loss([pred(proj(h)) for h in hs], ks)
         modules = {"proj": proj, "pred": pred, "target": target}
     elif name == "dino":
-        student, _ = L.build_heads("dino", DIN, hidden_dim=12, out_dim=9, bottleneck_dim=5, use_bn=True)
+        student, _ = losses.build_heads("dino", DIN, hidden_dim=12, out_dim=9, bottleneck_dim=5, use_bn=True)
         student = student.double()
         teacher = copy.deepcopy(student)
         crops = randn(4 * N, DIN, seed=3)  # 2 global + 2 local crops, crop-major
-        loss_fn = L.DINOLoss(9).double()
+        loss_fn = losses.DINOLoss(9).double()
         loss_fn.center.copy_(randn(1, 9, seed=4))  # a non-zero centre from earlier steps
         with torch.no_grad():
             t_out = teacher(stacked_shard(crops[: 2 * N], 2, rank, world))
@@ -1127,53 +1160,56 @@ def run_case(name, rank, world):
         modules = {"student": student, "teacher": teacher}
         buffers["center"] = loss_fn.center.clone()
     elif name in ("barlowtwins", "vicreg", "simclr"):
-        proj, _ = L.build_heads(name, DIN, hidden_dim=12, out_dim=6)
+        proj, _ = losses.build_heads(name, DIN, hidden_dim=12, out_dim=6)
         proj = proj.double()
         z1, z2 = proj(part(randn(N, DIN, seed=1))), proj(part(randn(N, DIN, seed=2)))
-        loss = {"barlowtwins": L.barlow_twins_loss, "vicreg": L.vicreg_loss, "simclr": L.simclr_loss}[name](z1, z2)
+        loss_fn = {"barlowtwins": losses.barlow_twins_loss, "vicreg": losses.vicreg_loss, "simclr": losses.simclr_loss}
+        loss = loss_fn[name](z1, z2)
         modules = {"proj": proj}
     elif name in SER_SPLITS:
         patch, base = 2, (3, 3)
         encoder = nn.Conv2d(3, 8, patch, stride=patch).double()
-        projector = L.SERProjector(8, 6, 6).double()
+        projector = losses.SERProjector(8, 6, 6).double()
         sizes, starts = SER_SPLITS[name]
         groups, first = [], 0
         for g, n in enumerate(sizes):  # each group: its own elements (own grids) and images
-            g1, g2 = ga.sample_view_pair(n, torch.Generator().manual_seed(10 + g), base_grid=base, scale=(0.5, 1.6))
+            gen = torch.Generator().manual_seed(10 + g)
+            g1, g2 = group_actions.sample_view_pair(n, gen, base_grid=base, scale=(0.5, 1.6))
             crop = randn(n, 3, base[0] * patch, base[1] * patch, seed=20 + g)
             lo, hi = (first, first + n) if world == 1 else (max(first, starts[rank]), min(first + n, starts[rank + 1]))
             ours = slice(lo - first, hi - first)  # the group's images on this rank
             first += n
             if lo >= hi:
                 continue
-            g1, g2 = ga.select_samples(g1, ours), ga.select_samples(g2, ours)
-            z1, z2 = (projector(encoder(ga.apply_to_images(crop[ours], g, patch))) for g in (g1, g2))
-            groups.append(L.SERGroup(z1, z2, g1, g2, base, torch.arange(lo, hi)))
+            g1, g2 = group_actions.select_samples(g1, ours), group_actions.select_samples(g2, ours)
+            z1, z2 = (projector(encoder(group_actions.apply_to_images(crop[ours], g, patch))) for g in (g1, g2))
+            groups.append(losses.SERGroup(z1, z2, g1, g2, base, torch.arange(lo, hi)))
         if world == 1:  # the whole global batch: every group's images and grids, in one process
             loss = ser_reference([grp[:5] for grp in groups], 0.4)
         else:
             if not groups:  # no b2 image here: an empty group keeps the parameters and collectives in step
                 z = projector(encoder(torch.zeros(0, 3, base[0] * patch, base[1] * patch, dtype=DT)))
-                groups = [L.SERGroup(z, z, None, None, base, torch.zeros(0, dtype=torch.long))]
-            loss = L.ser_loss(groups, temperature=0.4)
+                groups = [losses.SERGroup(z, z, None, None, base, torch.zeros(0, dtype=torch.long))]
+            loss = losses.ser_loss(groups, temperature=0.4)
             buffers["b2_images"] = torch.tensor(sum(grp.z1.shape[0] for grp in groups))
         modules = {"encoder": encoder, "projector": projector}
     elif name == "equimod":
-        head = L.EquiModHead(DIN, hidden_dim=12, out_dim=6, input_norm=True).double()
-        params = torch.cat([L.equimod_param_vector(view_params(N, s)) for s in (1, 2)])
+        head = losses.EquiModHead(DIN, hidden_dim=12, out_dim=6, input_norm=True).double()
+        params = torch.cat([losses.equimod_param_vector(view_params(N, s)) for s in (1, 2)])
         y_t, y_hat = head(part(randn(N, DIN, seed=1)), stacked_shard(randn(2 * N, DIN, seed=2), 2, rank, world),
                           stacked_shard(params, 2, rank, world))
-        loss = L.equimod_loss(y_t, y_hat)
+        loss = losses.equimod_loss(y_t, y_hat)
         modules = {"head": head}
     elif name == "augself":
-        head = L.AugSelfHead(DIN, hidden_dim=12).double()
+        head = losses.AugSelfHead(DIN, hidden_dim=12).double()
         p1, p2 = ({k: part(v) for k, v in view_params(N, s).items()} for s in (1, 2))
-        loss = L.augself_loss(head(part(randn(N, DIN, seed=1)), part(randn(N, DIN, seed=2))), L.augself_targets(p1, p2))
+        preds = head(part(randn(N, DIN, seed=1)), part(randn(N, DIN, seed=2)))
+        loss = losses.augself_loss(preds, losses.augself_targets(p1, p2))
         modules = {"head": head}
     else:  # essl
-        head = L.ESSLHead(DIN, bottleneck_dim=6, input_norm=True).double()
+        head = losses.ESSLHead(DIN, bottleneck_dim=6, input_norm=True).double()
         labels = torch.arange(4).repeat_interleave(N // 4).repeat(4)
-        loss = L.essl_loss(head(part(randn(4 * N, DIN, seed=1))), part(labels))
+        loss = losses.essl_loss(head(part(randn(4 * N, DIN, seed=1))), part(labels))
         modules = {"head": head}
     loss.backward()
     grads = {f"{m}.{n}": p.grad.clone() for m, mod in modules.items() for n, p in mod.named_parameters()
@@ -1182,30 +1218,23 @@ def run_case(name, rank, world):
     return {"loss": loss.detach(), "grads": grads, "buffers": buffers}
 
 
-def losses_ddp_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def losses_ddp_worker(rank, world, out_dir):
+    dist.init_process_group("gloo")
     try:
         results = {name: run_case(name, rank, world) for name in CASES}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        torch.distributed.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("ddp"))
-    mp.spawn(losses_ddp_worker, args=(WORLD, free_port(), out_dir), nprocs=WORLD, join=True)
+    spawn(losses_ddp_worker, out_dir, world=WORLD)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_ddp_average_gradient_equals_single_process(name, ddp_results):
     single = run_case(name, 0, 1)
@@ -1243,10 +1272,10 @@ def _batch_equal(a, b):
 # ---------------------------------------------------------------------------- synthetic data
 
 def test_synthetic_deterministic_and_split_streams():
-    train = SyntheticShapes("train", 50, img_size=32, seed=0)
-    again = SyntheticShapes("train", 50, img_size=32, seed=0)
-    val = SyntheticShapes("val", 50, img_size=32, seed=0)
-    other_seed = SyntheticShapes("train", 50, img_size=32, seed=1)
+    train = augment.SyntheticShapes("train", 50, img_size=32, seed=0)
+    again = augment.SyntheticShapes("train", 50, img_size=32, seed=0)
+    val = augment.SyntheticShapes("val", 50, img_size=32, seed=0)
+    other_seed = augment.SyntheticShapes("train", 50, img_size=32, seed=1)
     a, label = train.render(7)
     assert a.shape == (32, 32, 3) and a.dtype == np.uint8
     assert np.array_equal(a, again.render(7)[0]) and label == again.render(7)[1]
@@ -1257,7 +1286,7 @@ def test_synthetic_deterministic_and_split_streams():
 
 
 def test_synthetic_classes_and_colours():
-    data = SyntheticShapes("train", 240, img_size=32)
+    data = augment.SyntheticShapes("train", 240, img_size=32)
     assert data.num_classes == 6 and len(data.classes) == data.num_classes
     labels = [data[i][1] for i in range(len(data))]
     assert sorted(set(labels)) == list(range(data.num_classes))
@@ -1276,10 +1305,10 @@ def test_synthetic_classes_and_colours():
 
 
 def test_build_dataset_synthetic_and_transforms():
-    data = build_dataset("synthetic", "val", transform=eval_transform(32), img_size=32, length=24)
+    data = augment.build_dataset("synthetic", "val", transform=augment.eval_transform(32), img_size=32, length=24)
     x, y = data[3]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and len(data) == 24 and data.num_classes == 6
-    x, _ = build_dataset("synthetic", "train", linear_train_transform(32), img_size=40, length=4)[0]
+    x, _ = augment.build_dataset("synthetic", "train", augment.linear_train_transform(32), img_size=40, length=4)[0]
     assert x.shape == (3, 32, 32)
 
 
@@ -1294,34 +1323,34 @@ def _write_png_tree(root, split, classes=("a", "b"), n=3):
 
 def test_imagefolder_works(tmp_path):
     _write_png_tree(tmp_path, "train")
-    data = build_dataset(str(tmp_path), "train")
+    data = augment.build_dataset(str(tmp_path), "train")
     assert len(data) == 6 and data.num_classes == 2 and data.classes == ["a", "b"]
     image, label = data[4]
     assert isinstance(image, Image.Image) and image.size == (12, 10) and label == 1
-    short = build_dataset(str(tmp_path), "train", length=2)
+    short = augment.build_dataset(str(tmp_path), "train", length=2)
     assert len(short) == 2 and {short[i][1] for i in range(2)} == {0, 1} and short.num_classes == 2
 
 
 def test_missing_and_empty_folders(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        build_dataset(str(tmp_path / "nowhere"), "train")
+        augment.build_dataset(str(tmp_path / "nowhere"), "train")
     (tmp_path / "val").mkdir()
     with pytest.raises(ValueError, match=str(tmp_path / "val")):
-        build_dataset(str(tmp_path), "val")
+        augment.build_dataset(str(tmp_path), "val")
     (tmp_path / "val" / "cls").mkdir()  # a class folder without images
     with pytest.raises(ValueError, match="no images"):
-        build_dataset(str(tmp_path), "val")
+        augment.build_dataset(str(tmp_path), "val")
     with pytest.raises(ValueError, match="cifar10"):
-        build_dataset(f"cifar10:{tmp_path}", "train")
+        augment.build_dataset(f"cifar10:{tmp_path}", "train")
     with pytest.raises(ValueError, match="does not exist"):
-        build_dataset(f"stl10:{tmp_path / 'nowhere'}", "train")
+        augment.build_dataset(f"stl10:{tmp_path / 'nowhere'}", "train")
 
 
 def test_corrupt_image_names_the_file(tmp_path):
     _write_png_tree(tmp_path, "train", classes=("a",), n=1)
     bad = tmp_path / "train" / "a" / "broken.jpg"
     bad.write_bytes(b"this is not a jpeg" * 10)
-    data = build_dataset(str(tmp_path), "train")
+    data = augment.build_dataset(str(tmp_path), "train")
     index = [p for p, _ in data.samples].index(str(bad))
     with pytest.raises(ValueError, match="broken.jpg"):
         data[index]
@@ -1332,11 +1361,11 @@ def test_symlink_loop_is_refused(tmp_path):
     _write_png_tree(tmp_path, "train")
     os.symlink("..", tmp_path / "train" / "a" / "up")  # train/a/up -> train: every image again, under 'a'
     with pytest.raises(ValueError, match="train/a/up is a symlink to .*back into the image tree"):
-        build_dataset(str(tmp_path), "train")
+        augment.build_dataset(str(tmp_path), "train")
     os.unlink(tmp_path / "train" / "a" / "up")
     _write_png_tree(tmp_path / "elsewhere", "store", classes=("c",))
     os.symlink(tmp_path / "elsewhere" / "store" / "c", tmp_path / "train" / "c")  # a class folder on another disk
-    assert build_dataset(str(tmp_path), "train").classes == ["a", "b", "c"]
+    assert augment.build_dataset(str(tmp_path), "train").classes == ["a", "b", "c"]
 
 
 def test_progress_reports_counts_and_eta():
@@ -1350,9 +1379,9 @@ def test_progress_reports_counts_and_eta():
 # ---------------------------------------------------------------------------- worker-side views
 
 def test_multicrop_shapes_and_params():
-    recipe = recipe_for("dino", img_size=32, n_local=3, extra="essl", patch_size=8)
-    assert recipe.names == ["global0", "global1", "local0", "local1", "local2", "essl"] and recipe.n_global == 2
-    data = MultiViewDataset(build_dataset("synthetic", "train", img_size=40, length=8), recipe, seed=0)
+    recipe = augment.recipe_for("dino", img_size=32, crop_min=0.4, n_local=3, extra="essl", patch_size=8)
+    assert [v.name for v in recipe.views] == ["global0", "global1", "local0", "local1", "local2", "essl"]
+    data = augment.MultiViewDataset(augment.build_dataset("synthetic", "train", img_size=40, length=8), recipe, seed=0)
     batch = next(iter(DataLoader(data, batch_size=4)))
     sizes = [tuple(x.shape) for x in batch["images"]]
     assert sizes == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 4  # 32*96/224 = 13.7 -> 2 patches of 8
@@ -1367,22 +1396,22 @@ def test_multicrop_shapes_and_params():
 
 
 def test_equimod_plain_view_and_recipes():
-    recipe = recipe_for("mocov3", img_size=32, extra="equimod")
+    recipe = augment.recipe_for("mocov3", img_size=32, crop_min=0.08, extra="equimod")
     assert [v.interpolation for v in recipe.views] == ["bilinear"] * 2 and recipe.views[0].scale == (0.08, 1.0)
     assert (recipe.views[0].p_blur, recipe.views[1].p_blur, recipe.views[1].p_solarize) == (1.0, 0.1, 0.2)
-    assert recipe_for("dino", 32, crop_min=0.25).views[1].scale == (0.25, 1.0)
-    assert recipe_for("bt", 32).views[0].interpolation == "bicubic"
+    assert augment.recipe_for("dino", 32, crop_min=0.25).views[1].scale == (0.25, 1.0)
+    assert augment.recipe_for("barlowtwins", 32, crop_min=0.08).views[0].interpolation == "bicubic"
     with pytest.raises(ValueError, match="unknown method"):
-        recipe_for("simsiam")
-    base = build_dataset("synthetic", "train", img_size=40, length=4)
-    sample = MultiViewDataset(base, recipe)[1]
+        augment.recipe_for("simsiam", 32, crop_min=0.08)
+    base = augment.build_dataset("synthetic", "train", img_size=40, length=4)
+    sample = augment.MultiViewDataset(base, recipe)[1]
     expected = TF.center_crop(TF.resize(base[1][0], 37, interpolation=TF.InterpolationMode.BICUBIC), 32)
     assert torch.equal(sample["plain"], TF.pil_to_tensor(expected))
 
 
 def test_worker_determinism_and_epoch():
-    recipe = recipe_for("mocov3", img_size=32, n_local=2)
-    data = MultiViewDataset(build_dataset("synthetic", "train", img_size=32, length=16), recipe, seed=3)
+    recipe = augment.recipe_for("mocov3", img_size=32, crop_min=0.08, n_local=2)
+    data = augment.MultiViewDataset(augment.build_dataset("synthetic", "train", img_size=32, length=16), recipe, seed=3)
     data.set_epoch(1)
     serial = list(DataLoader(data, batch_size=4, num_workers=0))
     parallel = list(DataLoader(data, batch_size=4, num_workers=2))
@@ -1401,9 +1430,9 @@ def test_worker_determinism_and_epoch():
 
 def test_crop_flip_match_pixels():
     """The recorded box and flip reproduce the crop from the original image."""
-    base = build_dataset("synthetic", "train", img_size=48, length=2)
-    recipe = recipe_for("dino", img_size=24)
-    sample = MultiViewDataset(base, recipe, seed=0)[0]
+    base = augment.build_dataset("synthetic", "train", img_size=48, length=2)
+    recipe = augment.recipe_for("dino", img_size=24, crop_min=0.4)
+    sample = augment.MultiViewDataset(base, recipe, seed=0)[0]
     image = base[0][0]
     for v in range(2):
         top, left, h, w = (sample["crop"][v] * torch.tensor([48, 48, 48, 48])).round().int().tolist()
@@ -1426,20 +1455,27 @@ def images():
     return x
 
 
-@pytest.mark.parametrize("name,tv_op,values", [
-    ("adjust_brightness", TF.adjust_brightness, [0.6, 1.0, 1.4, 0.0, 0.9, 1.3]),
-    ("adjust_contrast", TF.adjust_contrast, [0.6, 1.0, 1.4, 0.0, 0.9, 1.3]),
-    ("adjust_saturation", TF.adjust_saturation, [0.8, 1.0, 1.2, 0.0, 0.9, 2.0]),
-    ("adjust_hue", TF.adjust_hue, [-0.1, 0.0, 0.1, 0.5, -0.5, 0.03]),
+@pytest.mark.parametrize("op,tv_op,values", [
+    (0, TF.adjust_brightness, [0.6, 1.0, 1.4, 0.0, 0.9, 1.3]),
+    (1, TF.adjust_contrast, [0.6, 1.0, 1.4, 0.0, 0.9, 1.3]),
+    (2, TF.adjust_saturation, [0.8, 1.0, 1.2, 0.0, 0.9, 2.0]),
+    (3, TF.adjust_hue, [-0.1, 0.0, 0.1, 0.5, -0.5, 0.03]),
 ])
-def test_colour_ops_match_torchvision(images, name, tv_op, values):
-    ours = getattr(augment, name)(images, torch.tensor(values))
+def test_colour_ops_match_torchvision(images, op, tv_op, values):
+    """Each jitter op first, the others at their identity factors, also beyond the ranges the recipes draw."""
+    aug = augment.PhotometricAugment(img_size=24)
+    params = {k: torch.zeros_like(v) for k, v in aug.sample_params(6, torch.Generator()).items()}
+    params["jitter_applied"][:] = 1
+    params["jitter_order"][:] = torch.tensor([op] + [k for k in range(4) if k != op])
+    params["jitter"][:] = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    params["jitter"][:, op] = torch.tensor(values)
+    ours = aug.apply(images, params)
     for i, value in enumerate(values):
         torch.testing.assert_close(ours[i], tv_op(images[i], value), atol=1e-5, rtol=0)
 
 
 def test_gray_solarize_blur_match_torchvision(images):
-    aug = PhotometricAugment(img_size=224)
+    aug = augment.PhotometricAugment(img_size=224)
     params = {k: torch.zeros_like(v) for k, v in aug.sample_params(6, torch.Generator()).items()}
     params["jitter"][:] = torch.tensor([1.0, 1.0, 1.0, 0.0])
     params["jitter_order"][:] = torch.arange(4)
@@ -1469,7 +1505,7 @@ def test_blur_properties(images):
 
 
 def test_jitter_in_random_order_matches_torchvision(images):
-    aug = PhotometricAugment(p_jitter=1.0, p_gray=0.0, p_blur=0.0, img_size=24)
+    aug = augment.PhotometricAugment(p_jitter=1.0, p_gray=0.0, p_blur=0.0, img_size=24)
     params = aug.sample_params(6, torch.Generator().manual_seed(5))
     out = aug.apply(images, params)
     tv_ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
@@ -1481,9 +1517,10 @@ def test_jitter_in_random_order_matches_torchvision(images):
 
 
 def test_param_dict_shapes_and_ranges():
-    aug = PhotometricAugment(p_blur=0.5, p_solarize=0.2, img_size=64)
+    aug = augment.PhotometricAugment(p_blur=0.5, p_solarize=0.2, img_size=64)
     x = torch.randint(0, 256, (512, 3, 8, 8), dtype=torch.uint8)
-    out, p = aug(x, device_generator(0, step=10, rank=0, view_id=1))
+    p = aug.sample_params(512, augment.device_generator(0, step=10, rank=0, view_id=1))
+    out = augment.normalize(aug.apply(x.float() / 255, p))
     assert out.shape == (512, 3, 8, 8) and out.dtype == torch.float32
     assert p["jitter"].shape == (512, 4) and p["jitter_order"].shape == (512, 4)
     assert p["jitter_order"].dtype == torch.long
@@ -1500,17 +1537,17 @@ def test_param_dict_shapes_and_ranges():
     assert 0.4 < len(sigma) / 512 < 0.6
     assert sigma.min() >= 0.1 * 64 / 224 and sigma.max() <= 2.0 * 64 / 224
     # Same (seed, step, rank, view) -> same parameters; another view -> others.
-    _, again = aug(x, device_generator(0, step=10, rank=0, view_id=1))
-    _, other = aug(x, device_generator(0, step=10, rank=0, view_id=2))
+    again = aug.sample_params(512, augment.device_generator(0, step=10, rank=0, view_id=1))
+    other = aug.sample_params(512, augment.device_generator(0, step=10, rank=0, view_id=2))
     assert all(torch.equal(p[k], again[k]) for k in p) and not torch.equal(p["jitter"], other["jitter"])
 
 
 def test_identity_params_leave_images_unchanged():
-    aug = PhotometricAugment(p_jitter=0.0, p_gray=0.0, p_blur=0.0, p_solarize=0.0, img_size=32)
+    aug = augment.PhotometricAugment(p_jitter=0.0, p_gray=0.0, p_blur=0.0, p_solarize=0.0, img_size=32)
     x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
     params = aug.sample_params(4, torch.Generator().manual_seed(0))
     assert torch.equal(aug.apply(x.float() / 255, params), x.float() / 255)
-    out, _ = aug(x, torch.Generator().manual_seed(0))
+    out = augment.normalize(aug.apply(x.float() / 255, params))
     torch.testing.assert_close(out, augment.normalize(x))
     mean = torch.tensor(augment.IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(augment.IMAGENET_STD).view(1, 3, 1, 1)
@@ -1611,7 +1648,7 @@ def test_interrupt_handler_requests_a_checkpoint():
     try:
         interrupt = pretrain.Interrupt()
         os.kill(os.getpid(), signal.SIGTERM)
-        assert interrupt.requested
+        assert interrupt.poll() == signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])
@@ -1619,7 +1656,7 @@ def test_interrupt_handler_requests_a_checkpoint():
 
 def test_resume_refuses_a_different_run(tmp_path):
     run("--method byol --stop-at-step 1", tmp_path)
-    with pytest.raises(SystemExit, match="different settings: method 'byol' \\(now 'simclr'\\)"):
+    with pytest.raises(SystemExit, match="different settings: --method 'byol' \\(now 'simclr'\\)"):
         run("--method simclr --stop-at-step 1", tmp_path)
 
 
@@ -1716,9 +1753,8 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path):
 
 
 def test_every_option_has_help_and_the_usage_names_the_script():
-    import detect_eval
-    for name, parser in (("pretrain.py", pretrain.get_args_parser()), ("linear_eval.py", le.get_args_parser()),
-                         ("robustness_eval.py", R.get_args_parser()), ("detect_eval.py", detect_eval.get_args_parser())):
+    for module in (pretrain, linear_eval, robustness_eval, detect_eval):
+        name, parser = f"{module.__name__}.py", module.get_args_parser()
         assert parser.format_usage().startswith(f"usage: {name} ")
         undocumented = [a.dest for a in parser._actions if not a.help]
         assert not undocumented, (name, undocumented)
@@ -1729,10 +1765,10 @@ def test_ser_loss_reaches_blocks_before_the_split_only(tmp_path):
     student, _ = pretrain.build_models(args)
     assert student.backbone.cls_after_block == 2
     torch.manual_seed(0)
-    g1, g2 = pretrain.group_actions.sample_view_pair(3, torch.Generator().manual_seed(0), base_grid=(4, 4))
+    g1, g2 = group_actions.sample_view_pair(3, torch.Generator().manual_seed(0), base_grid=(4, 4))
     x = torch.randn(3, 3, 32, 32)
     maps = [student.addon_head(student.backbone.forward_features(
-        pretrain.group_actions.apply_to_images(x, g, 8), layer=2)["token_map"]) for g in (g1, g2)]
+        group_actions.apply_to_images(x, g, 8), layer=2)["token_map"]) for g in (g1, g2)]
     losses.ser_loss([losses.SERGroup(*maps, g1, g2, (4, 4))], temperature=0.4).backward()
     blocks = student.backbone.blocks
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for b in blocks[:2] for p in b.parameters())
@@ -1843,7 +1879,7 @@ def test_ser_multicrop_pairs_use_global_crop_0_and_every_other_local_crop(tmp_pa
     args = config("--method mocov3 --n-local-crops 4 --ser --equiv-layer 2 --ser-ratio 0.25", tmp_path)
     recipe, cpu = pretrain.build_recipe(args), torch.device("cpu")
     full = fake_global_batch(recipe, args.batch_size)
-    identity = [PhotometricAugment(p_jitter=0, p_gray=0, p_blur=0, p_solarize=0, img_size=32)] * len(recipe.views)
+    identity = [augment.PhotometricAugment(p_jitter=0, p_gray=0, p_blur=0, p_solarize=0, img_size=32)] * len(recipe.views)
     batch = pretrain.make_step_inputs(full, identity, 3, args, 0, 1, cpu)
     assert [v.size for v in recipe.views[:6]] == [32, 32, 16, 16, 16, 16]
     (group,) = batch.b2
@@ -1852,7 +1888,7 @@ def test_ser_multicrop_pairs_use_global_crop_0_and_every_other_local_crop(tmp_pa
     for pair, view in zip(group.pairs, (0, 2, 4)):
         crop = augment.normalize(full["images"][view][12:16].float() / 255)
         for x, g in ((pair.x1, pair.g1), (pair.x2, pair.g2)):
-            assert torch.allclose(x, ga.apply_to_images(crop, g, 8), atol=1e-6)
+            assert torch.allclose(x, group_actions.apply_to_images(crop, g, 8), atol=1e-6)
             h, w = g.size
             base = pair.base_grid[0] * pair.base_grid[1]
             assert 0.7 * base - 2 * (h + w) <= h * w <= 1.3 * base + 2 * (h + w)  # area ~ U(0.7, 1.3) x base, rounded
@@ -1885,9 +1921,9 @@ def test_mocov3_multicrop_losses_equal_a_hand_written_reference(addon, tmp_path)
 
 
 def test_benchmark_mode_counts_the_ser_flops(tmp_path):
-    base = pretrain.train(config("--method mocov3 --benchmark 1 --batch-size 32 --synthetic-length 64",
+    base = pretrain.benchmark(config("--method mocov3 --benchmark 1 --batch-size 32 --synthetic-length 64",
                                  tmp_path / "base"))
-    ser = pretrain.train(config("--method mocov3 --ser --ser-ratio 0.5 --equiv-layer 2 --benchmark 1 --batch-size 32 "
+    ser = pretrain.benchmark(config("--method mocov3 --ser --ser-ratio 0.5 --equiv-layer 2 --benchmark 1 --batch-size 32 "
                                 "--synthetic-length 64", tmp_path / "ser"))
     assert base["images_per_s"] > 0 and base["pipeline_images_per_s_per_worker"] > 0
     assert base["data_wait_ms"] >= 0 and base["compute_ms"] > 0
@@ -1896,7 +1932,7 @@ def test_benchmark_mode_counts_the_ser_flops(tmp_path):
 
 
 def test_benchmark_reports_the_distance_to_the_compute_floor(tmp_path, capsys):
-    result = pretrain.train(config("--method dino --ser --equiv-layer 2 --benchmark 1", tmp_path))
+    result = pretrain.benchmark(config("--method dino --ser --equiv-layer 2 --benchmark 1", tmp_path))
     assert result["floor_ms"] > 0
     assert result["step_over_floor"] == pytest.approx(result["step_ms"] / result["floor_ms"])
     assert "step / floor: " in capsys.readouterr().out
@@ -1904,7 +1940,7 @@ def test_benchmark_reports_the_distance_to_the_compute_floor(tmp_path, capsys):
     assert saved["step_over_floor"] == result["step_over_floor"] and saved["precision"] == "fp32"
     # No --peak-tflops: MFU against a measured matmul peak; with it: against the given number.
     assert saved["peak_source"].startswith("measured") and saved["peak_tflops"] > 0 and saved["mfu_compute"] > 0
-    given = pretrain.train(config("--method mocov3 --benchmark 1 --peak-tflops 2", tmp_path))
+    given = pretrain.benchmark(config("--method mocov3 --benchmark 1 --peak-tflops 2", tmp_path))
     assert given["peak_tflops"] == 2 and given["peak_source"] == "--peak-tflops"
     assert given["mfu_compute"] == pytest.approx(given["achieved_tflops_per_rank"] / 2)
 
@@ -1933,12 +1969,6 @@ def test_pretrain_autocasts_to_bf16_only_where_the_cpu_has_it(native, flag, expe
             run("--precision fp16", tmp_path / "fp16")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # One process vs torchrun: every base method with SER (groups on one rank, on both, straddling the ranks,
 # several per rank), each other add-on with one method, MoCo v3's 2+4 views; stochastic depth on in one.
 TORCHRUN_BASE = ("--arch vit_tiny --depth 2 --img-size 32 --patch-size 8 --batch-size 16 --synthetic-length 32 "
@@ -1958,12 +1988,10 @@ TORCHRUN_CONFIGS = {
     "mocov3_2+4_ser": "--method mocov3 --n-local-crops 4 --ser --equiv-layer 1 --ser-chunk 5",
     "mocov3_2+4_essl": "--method mocov3 --n-local-crops 4 --essl",
 }
-# Launches several runs in one torchrun job: each process starts once (imports dominate a tiny run). Each
-# run rendezvouses on its own store (port): re-initialising through torchrun's store could read the
-# previous run's keys and hang.
-# One torchrun, several runs: each run's process group needs its own port. Rank 0 picks it just before the
-# run starts and hands it over through torchrun's own store; ports picked before the launch can be taken by
-# then (a gloo connection of an earlier run bound one once: EADDRINUSE).
+# Several runs in one torchrun job: each process starts once (imports dominate a tiny run). Each run
+# rendezvouses on its own store (port): re-initialising through torchrun's store could read the previous
+# run's keys and hang. Rank 0 picks each port just before its run starts and hands it over through
+# torchrun's store, since a port picked before the launch can be taken by then (EADDRINUSE).
 _TORCHRUN_DRIVER = """
 import os
 import socket
@@ -2085,7 +2113,6 @@ def test_knn_monitor_reports_initialisation_and_epochs(tmp_path, capsys):
 def test_compile_keeps_checkpoint_keys_bare(tmp_path, monkeypatch):
     """--compile wiring: a compiled step runs and the checkpoint has no '_orig_mod.' prefixes. The eager
     backend traces with dynamo but skips code generation, which keeps the test fast."""
-    import functools
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     ckpt = run("--method dino --ser --equiv-layer 2 --compile --stop-at-step 1", tmp_path)
     assert not any("_orig_mod" in k for part in ("student", "teacher") for k in ckpt[part])
@@ -2144,7 +2171,7 @@ def test_benchmark_neither_resumes_nor_changes_a_run(tmp_path):
     leaves the run's checkpoint and config untouched."""
     ckpt = run("--method dino --stop-at-step 1", tmp_path)
     before = {f: (tmp_path / f).read_bytes() for f in ("checkpoint.pth", "config.json")}
-    result = pretrain.train(config("--method mocov3 --ser --equiv-layer 2 --benchmark 1", tmp_path))
+    result = pretrain.benchmark(config("--method mocov3 --ser --equiv-layer 2 --benchmark 1", tmp_path))
     assert result["method"] == "mocov3" and ckpt["step"] == 1
     assert all((tmp_path / f).read_bytes() == b for f, b in before.items())
 
@@ -2175,29 +2202,24 @@ def test_equimod_plain_view_joins_the_global_call(tmp_path, monkeypatch):
 # linear_eval.py: linear probe and k-NN
 # ================================================================================================
 
-def linear_tiny_vit(**kw):
-    torch.manual_seed(0)
-    return vit.VisionTransformer(**{**dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2), **kw}).eval()
-
-
 def test_linear_probe_separates_separable_features():
     g = torch.Generator().manual_seed(0)
     num_classes, dim = 5, 32
     means = 3 * torch.randn(num_classes, dim, generator=g)
     labels = torch.arange(600) % num_classes
     features = means[labels] + 0.3 * torch.randn(600, dim, generator=g)  # (600, 32)
-    loader = le.FeatureLoader(features[:500], labels[:500], batch_size=50, rank=0, world=1)
+    loader = linear_eval.FeatureLoader(features[:500], labels[:500], batch_size=50, rank=0, world=1)
     torch.manual_seed(0)
-    sweep = le.LinearSweep(dim, num_classes, 2)
-    le.train_sweep(sweep, loader, [0.1, 1.0], epochs=10, device=torch.device("cpu"), log=lambda *a: None)
-    accuracies = le.evaluate_sweep(sweep, features[500:], labels[500:])
+    sweep = linear_eval.LinearSweep(dim, num_classes, 2)
+    linear_eval.train_sweep(sweep, loader, [0.1, 1.0], epochs=10, device=torch.device("cpu"), log=lambda *a: None)
+    accuracies = linear_eval.evaluate_sweep(sweep, features[500:], labels[500:])
     assert max(a["top1"] for a in accuracies) == 100.0
     assert all(a["top5"] == 100.0 for a in accuracies)
 
 
 def test_feature_loader_shards_cover_the_set():
     features, labels = torch.arange(10.0)[:, None], torch.arange(10)
-    shards = [le.FeatureLoader(features, labels, batch_size=2, rank=r, world=2, seed=3) for r in range(2)]
+    shards = [linear_eval.FeatureLoader(features, labels, batch_size=2, rank=r, world=2, seed=3) for r in range(2)]
     seen = [torch.cat([y for _, y in shard]) for shard in shards]
     assert [len(shard) for shard in shards] == [3, 3] and sorted(torch.cat(seen).tolist()) == list(range(10))
     shards[0].sampler.set_epoch(1)
@@ -2206,7 +2228,7 @@ def test_feature_loader_shards_cover_the_set():
 
 def test_linear_classifier_init():
     torch.manual_seed(0)
-    head = le.LinearClassifier(2000, 100)
+    head = linear_eval.LinearClassifier(2000, 100)
     assert abs(head.linear.weight.std().item() - 0.01) < 5e-4 and not head.linear.bias.any()
 
 
@@ -2228,7 +2250,7 @@ def test_knn_matches_hand_computation():
     queries = [(1.0, 0.0), (-1.0, 0.2), (0.9, 0.1)]
     query_labels = torch.tensor([3, 4, 5])  # top-5 hit, top-1 hit, miss (class 5 gets no vote)
     num_classes, k, T = 6, 3, 0.5
-    ranked = le.knn_classify(torch.tensor(train), torch.tensor(train_labels), torch.tensor(queries),
+    ranked = linear_eval.knn_classify(torch.tensor(train), torch.tensor(train_labels), torch.tensor(queries),
                              num_classes, k=k, T=T, chunk_size=2)  # chunking must not matter
     assert ranked.shape == (3, 5)
     for row, q in zip(ranked.tolist(), queries):
@@ -2236,7 +2258,7 @@ def test_knn_matches_hand_computation():
     # Query 1: classes 2 and 3 receive exactly equal votes (45 and -45 degrees): the smaller index ranks first,
     # and the vote-less classes 1, 4 complete the top-5 in index order.
     assert ranked[0].tolist() == [0, 2, 3, 1, 4]
-    acc = le.topk_accuracy(ranked, query_labels)
+    acc = linear_eval.topk_accuracy(ranked, query_labels)
     assert acc["top1"] == pytest.approx(100 / 3) and acc["top5"] == pytest.approx(200 / 3)
 
 
@@ -2246,16 +2268,16 @@ def test_knn_vote_weights():
     labels = torch.tensor([0, 0, 1])
     query = torch.tensor([[1.0, 0.0]])
     for T, winner in [(0.07, 1), (1.0, 0)]:  # exp(0.2/0.07) = 17.4 > 2, exp(0.2) = 1.22 < 2
-        assert le.knn_classify(train, labels, query, 2, k=3, T=T)[0, 0].item() == winner
+        assert linear_eval.knn_classify(train, labels, query, 2, k=3, T=T)[0, 0].item() == winner
 
 
 def test_extract_features_matches_intermediate_layers():
-    model = linear_tiny_vit()
+    model = tiny_vit(seed=0, depth=2, num_heads=2).eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         blocks = model.get_intermediate_layers(x, 2)
-        plain = le.extract_features(model, x, n_last_blocks=2)
-        pooled = le.extract_features(model, x, n_last_blocks=2, avgpool=True)
+        plain = linear_eval.extract_features(model, x, n_last_blocks=2)
+        pooled = linear_eval.extract_features(model, x, n_last_blocks=2, avgpool=True)
         final_cls = model(x)
     assert plain.shape == (3, 2 * 64) and pooled.shape == (3, 3 * 64)
     torch.testing.assert_close(plain, torch.cat([blocks[0][:, 0], blocks[1][:, 0]], dim=1), rtol=0, atol=0)
@@ -2264,42 +2286,42 @@ def test_extract_features_matches_intermediate_layers():
 
 
 def test_extract_features_late_cls():
-    model = linear_tiny_vit(depth=3, cls_after_block=1)
+    model = tiny_vit(seed=0, depth=3, num_heads=2, cls_after_block=1).eval()
     with torch.no_grad():
-        assert le.extract_features(model, torch.randn(2, 3, 32, 32), n_last_blocks=2).shape == (2, 128)
+        assert linear_eval.extract_features(model, torch.randn(2, 3, 32, 32), n_last_blocks=2).shape == (2, 128)
 
 
 def test_frozen_check_catches_a_modified_backbone():
-    model = linear_tiny_vit()
-    reference = le.snapshot(model)
-    le.assert_unchanged(model, reference)
+    model = tiny_vit(seed=0, depth=2, num_heads=2).eval()
+    reference = linear_eval.snapshot(model)
+    linear_eval.assert_unchanged(model, reference)
     with torch.no_grad():
         model.blocks[1].mlp.fc1.weight[0, 0] += 1e-6
     with pytest.raises(RuntimeError, match="blocks.1.mlp.fc1.weight"):
-        le.assert_unchanged(model, reference)
+        linear_eval.assert_unchanged(model, reference)
 
 
 def test_probe_round_trip(tmp_path):
-    model = linear_tiny_vit()
+    model = tiny_vit(seed=0, depth=2, num_heads=2).eval()
     torch.manual_seed(1)
-    head = le.LinearClassifier(3 * 64, 7)
+    head = linear_eval.LinearClassifier(3 * 64, 7)
     path = tmp_path / "linear_probe.pth"
-    le.save_probe(path, model, head, 2, True, 7, 32, "synthetic", lr=0.1)
-    backbone, classifier, meta = le.load_probe(path)
+    linear_eval.save_probe(path, model, head, 2, True, 7, 32, "synthetic", lr=0.1)
+    backbone, classifier, meta = linear_eval.load_probe(path)
     assert not backbone.training and not classifier.training
     assert meta == dict(n_last_blocks=2, avgpool=True, num_classes=7, img_size=32, data="synthetic", lr=0.1)
     x = torch.randn(4, 3, 32, 32)
-    expected = le.predict(model, head, x, 2, True)
+    expected = linear_eval.predict(model, head, x, 2, True)
     assert expected.shape == (4, 7)
-    assert torch.equal(le.predict(backbone, classifier, x, meta["n_last_blocks"], meta["avgpool"]), expected)
+    assert torch.equal(linear_eval.predict(backbone, classifier, x, meta["n_last_blocks"], meta["avgpool"]), expected)
 
 
 def test_load_probe_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="linear_probe.pth"):
-        le.load_probe(tmp_path / "missing.pth")
+        linear_eval.load_probe(tmp_path / "missing.pth")
     torch.save({"backbone": {}}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="missing"):
-        le.load_probe(tmp_path / "bad.pth")
+        linear_eval.load_probe(tmp_path / "bad.pth")
 
 
 @pytest.mark.parametrize("extra", [
@@ -2307,11 +2329,11 @@ def test_load_probe_errors(tmp_path):
     ["--epochs", "1", "--n-last-blocks", "1", "--avgpool"],  # augmented path; [CLS] + avgpool, 128-d too
 ])
 def test_end_to_end(tmp_path, extra):
-    model = linear_tiny_vit()
+    model = tiny_vit(seed=0, depth=2, num_heads=2).eval()
     export = tmp_path / "backbone.pth"
     torch.save({"arch": model.arch, "backbone": model.state_dict()}, export)
     out = tmp_path / "out"
-    results = le.main(["--pretrained", str(export), "--data", "synthetic", "--img-size", "32",
+    results = linear_eval.main(["--pretrained", str(export), "--data", "synthetic", "--img-size", "32",
                        "--train-length", "300", "--val-length", "100", "--batch-size", "64", "--lrs", "0.03", "0.3",
                        "--num-workers", "0", "--output-dir", str(out), *extra])
     written = json.loads((out / "linear_eval.json").read_text())
@@ -2319,19 +2341,19 @@ def test_end_to_end(tmp_path, extra):
     assert written["num_fit"] == 270 and written["num_holdout"] == 30 and written["num_val"] == 100
     assert 0 <= written["linear"]["top1"] <= written["linear"]["top5"] <= 100
     assert 0 <= written["knn"]["top1"] <= written["knn"]["top5"] <= 100
-    backbone, classifier, meta = le.load_probe(out / "linear_probe.pth")
+    backbone, classifier, meta = linear_eval.load_probe(out / "linear_probe.pth")
     assert classifier.linear.in_features == written["num_features"] == 128
     assert meta["top1"] == written["linear"]["top1"]
 
 
 def test_bad_flags_give_clear_errors():
-    parser = le.get_args_parser()
+    parser = linear_eval.get_args_parser()
     with pytest.raises(SystemExit, match="must be divisible by the world size 3"):
-        le.check_args(parser.parse_args(["--batch-size", "256"]), world=3)
+        linear_eval.check_args(parser.parse_args(["--batch-size", "256"]), world=3)
     with pytest.raises(SystemExit, match="--random-init needs --arch"):
-        le.build_backbone(parser.parse_args(["--random-init"]))
+        linear_eval.main(["--random-init"])
     with pytest.raises(SystemExit, match="--pretrained"):
-        le.build_backbone(parser.parse_args(["--pretrained", "/nonexistent/backbone.pth"]))
+        linear_eval.main(["--pretrained", "/nonexistent/backbone.pth"])
 
 
 
@@ -2342,12 +2364,13 @@ def test_class_names_of_the_splits_must_match(tmp_path):
                                "--data", tmp_path, "--num-workers", "0", "--output-dir", tmp_path / "out")
     assert code == 1 and "different classes (only in train: ['a'], only in val: ['c'])" in last
     with pytest.raises(SystemExit, match="different classes"):  # the k-NN monitor of pretrain.py too
-        pretrain.knn_monitor(linear_tiny_vit(), config(f"--data {tmp_path} --warmup-epochs 0", tmp_path / "run"), 0, 1,
+        args = config(f"--data {tmp_path} --warmup-epochs 0", tmp_path / "run")
+        pretrain.knn_monitor(tiny_vit(seed=0, depth=2, num_heads=2).eval(), args, 0, 1,
                              torch.device("cpu"))
 
 
 def test_non_finite_backbone_and_swapped_probe_backbone_are_refused(tmp_path):
-    model = linear_tiny_vit()
+    model = tiny_vit(seed=0, depth=2, num_heads=2).eval()
     sd = model.state_dict()
     sd["norm.weight"][3] = float("inf")
     torch.save({"arch": model.arch, "backbone": sd}, tmp_path / "diverged.pth")
@@ -2355,9 +2378,9 @@ def test_non_finite_backbone_and_swapped_probe_backbone_are_refused(tmp_path):
                                "--output-dir", tmp_path / "out")
     assert code == 1 and "non-finite weights" in last and "diverged.pth" in last
     probe = tmp_path / "linear_probe.pth"
-    le.save_probe(probe, model, le.LinearClassifier(64, 10), 1, False, 10, 32, "synthetic")
+    linear_eval.save_probe(probe, model, linear_eval.LinearClassifier(64, 10), 1, False, 10, 32, "synthetic")
     ckpt = torch.load(probe, weights_only=True)
-    wide = linear_tiny_vit(embed_dim=96, num_heads=2)  # another backbone swapped into the probe file
+    wide = tiny_vit(seed=0, depth=2, embed_dim=96, num_heads=2).eval()  # another backbone swapped into the probe file
     torch.save({**ckpt, "arch": wide.arch, "backbone": wide.state_dict()}, probe)
     code, last, _ = run_script("robustness_eval.py", "--probe", probe, "--tasks", "clean", "--num-images", "2",
                                "--num-workers", "0", "--output-dir", tmp_path / "rob")
@@ -2365,13 +2388,13 @@ def test_non_finite_backbone_and_swapped_probe_backbone_are_refused(tmp_path):
 
 
 def test_outputs_are_replaced_atomically_results_last(tmp_path, monkeypatch):
-    model = linear_tiny_vit()
+    model = tiny_vit(seed=0, depth=2, num_heads=2).eval()
     torch.save({"arch": model.arch, "backbone": model.state_dict()}, tmp_path / "backbone.pth")
     out = tmp_path / "out"
     argv = ["--pretrained", str(tmp_path / "backbone.pth"), "--train-length", "40", "--val-length", "20",
             "--batch-size", "20", "--cached", "--epochs", "1", "--knn-k", "0", "--num-workers", "0",
             "--output-dir", str(out)]
-    le.main(argv)
+    linear_eval.main(argv)
     probe, results = (out / "linear_probe.pth").read_bytes(), (out / "linear_eval.json").read_bytes()
     real_save = torch.save
 
@@ -2381,52 +2404,48 @@ def test_outputs_are_replaced_atomically_results_last(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", killed_mid_write)
     with pytest.raises(SystemExit, match="could not write .*linear_probe.pth"):
-        le.main(argv + ["--seed", "1"])
+        linear_eval.main(argv + ["--seed", "1"])
     monkeypatch.setattr(torch, "save", real_save)
     assert (out / "linear_probe.pth").read_bytes() == probe and (out / "linear_eval.json").read_bytes() == results
     assert sorted(os.listdir(out)) == ["linear_eval.json", "linear_probe.pth"]
 
 
 def test_feature_pass_reports_progress(tmp_path, capsys):
-    le.main(["--random-init", "--arch", "vit_tiny", "--img-size", "32", "--train-length", "40", "--val-length", "20",
+    linear_eval.main(["--random-init", "--arch", "vit_tiny", "--img-size", "32", "--train-length", "40",
+                      "--val-length", "20",
              "--batch-size", "20", "--cached", "--epochs", "1", "--num-workers", "0", "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "features of val: batch 1/1, " in out and "features of train: batch 2/2, " in out
 
 def test_holdout_split_is_deterministic_and_disjoint():
-    fit, holdout = le.holdout_split(1000, 0.1)
+    fit, holdout = linear_eval.holdout_split(1000, 0.1)
     assert len(holdout) == 100 and not set(fit) & set(holdout) and len(fit) + len(holdout) == 1000
-    assert (fit, holdout) == le.holdout_split(1000, 0.1)
+    assert (fit, holdout) == linear_eval.holdout_split(1000, 0.1)
 
 
 # ---------------------------------------------------------------------- 2-process gloo gather
-def gather_worker(rank, world, port, dataset, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    vit.cpu_has_native_bf16 = lambda: False  # a spawned process: fp32 as under fp32_on_every_cpu
-    model = linear_tiny_vit()
+def gather_worker(rank, world, dataset, out_dir):
+    dist.init_process_group("gloo")
+    model = tiny_vit(seed=0, depth=2, num_heads=2).eval()
     cpu = torch.device("cpu")
     # 7 samples over 2 ranks: the sampler pads rank 1's shard with sample 0 again.
-    loader = le.make_loader(le.WithIndex(dataset), 2, rank, world, False, 0)
-    features, labels = le.gather_features(model, loader, cpu)
-    knn = le.knn_eval(model, loader, loader, 3, cpu, k=3)
+    loader = augment.make_loader(linear_eval.WithIndex(dataset), 2, rank, world, 0)
+    features, labels = linear_eval.gather_features(model, loader, cpu)
+    knn = linear_eval.knn_eval(model, loader, loader, 3, cpu, k=3)
     torch.save((features, labels, knn), os.path.join(out_dir, f"rank{rank}.pth"))
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_gather_equals_single_process(tmp_path):
     torch.manual_seed(0)
     dataset = TensorDataset(torch.randn(7, 3, 32, 32), torch.arange(7) % 3)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(gather_worker, args=(2, port, dataset, str(tmp_path)), nprocs=2)
+    spawn(gather_worker, dataset, str(tmp_path))
 
-    model = linear_tiny_vit()
-    loader = le.make_loader(le.WithIndex(dataset), 4, 0, 1, False, 0)
-    features, labels = le.gather_features(model, loader, torch.device("cpu"))
-    knn = le.knn_eval(model, loader, loader, 3, torch.device("cpu"), k=3)
+    model = tiny_vit(seed=0, depth=2, num_heads=2).eval()
+    loader = augment.make_loader(linear_eval.WithIndex(dataset), 4, 0, 1, 0)
+    features, labels = linear_eval.gather_features(model, loader, torch.device("cpu"))
+    knn = linear_eval.knn_eval(model, loader, loader, 3, torch.device("cpu"), k=3)
     with torch.no_grad():
         direct = model(dataset.tensors[0])
     torch.testing.assert_close(features, direct)  # dataset order, one row per sample
@@ -2465,15 +2484,15 @@ def corr_distance(a, b):
 
 # ------------------------------------------------------------------------------------------- corruptions
 
-@pytest.mark.parametrize("name", R.CORRUPTIONS)
+@pytest.mark.parametrize("name", robustness_eval.CORRUPTIONS)
 def test_corruption_shape_dtype_range_determinism(name):
-    out = R.corrupt(IMG, name, 3, rng=7)
+    out = robustness_eval.corrupt(IMG, name, 3, rng=7)
     assert out.shape == IMG.shape and out.dtype == np.uint8
-    assert np.array_equal(out, R.corrupt(IMG, name, 3, rng=7))
+    assert np.array_equal(out, robustness_eval.corrupt(IMG, name, 3, rng=7))
     assert not np.array_equal(out, IMG)
     # float tensors (..., 3, H, W) in [0, 1], any resolution, non-square included
     x = torch.from_numpy(natural_image(48)[:40]).permute(2, 0, 1).float()[None] / 255  # (1, 3, 40, 48)
-    y = R.corrupt(x, name, 2, rng=0)
+    y = robustness_eval.corrupt(x, name, 2, rng=0)
     assert y.shape == x.shape and y.dtype == x.dtype and 0 <= y.min() and y.max() <= 1
 
 
@@ -2487,10 +2506,10 @@ MONOTONE_CHAINS = {"elastic_transform": [(1, 2), (3, 4, 5)], "snow": [(1, 2), (3
                    "glass_blur": [(1, 3, 5), (2, 4, 5)]}
 
 
-@pytest.mark.parametrize("name", R.CORRUPTIONS)
+@pytest.mark.parametrize("name", robustness_eval.CORRUPTIONS)
 def test_severity_increases_distance(name):
     dist = corr_distance if name in ("frost", "fog") else l1
-    d = {s: np.mean([dist(R.corrupt(IMG, name, s, rng=seed), IMG) for seed in range(3)]) for s in range(1, 6)}
+    d = {s: np.mean([dist(robustness_eval.corrupt(IMG, name, s, rng=seed), IMG) for seed in range(3)]) for s in range(1, 6)}
     for chain in MONOTONE_CHAINS.get(name, [(1, 2, 3, 4, 5)]):
         values = [d[s] for s in chain]
         assert all(a < b for a, b in zip(values, values[1:])), (name, chain, values)
@@ -2500,23 +2519,23 @@ def test_noise_formulas_match_originals():
     x = IMG / 255.0
     for s, c in enumerate((0.08, 0.12, 0.18, 0.26, 0.38), start=1):
         ref = (np.clip(x + np.random.default_rng(3).normal(size=x.shape, scale=c), 0, 1) * 255).astype(np.uint8)
-        assert np.array_equal(R.corrupt(IMG, "gaussian_noise", s, rng=3), ref)
+        assert np.array_equal(robustness_eval.corrupt(IMG, "gaussian_noise", s, rng=3), ref)
     for s, c in enumerate((60, 25, 12, 5, 3), start=1):
         ref = (np.clip(np.random.default_rng(3).poisson(x * c) / c, 0, 1) * 255).astype(np.uint8)
-        assert np.array_equal(R.corrupt(IMG, "shot_noise", s, rng=3), ref)
+        assert np.array_equal(robustness_eval.corrupt(IMG, "shot_noise", s, rng=3), ref)
     # gaussian noise std on a mid-grey image (no clipping at severity 1-3)
     grey = np.full((96, 96, 3), 128, np.uint8)
     for s, c in enumerate((0.08, 0.12, 0.18), start=1):
-        assert abs((R.corrupt(grey, "gaussian_noise", s, rng=0) / 255.0).std() - c) < 0.05 * c
+        assert abs((robustness_eval.corrupt(grey, "gaussian_noise", s, rng=0) / 255.0).std() - c) < 0.05 * c
     # impulse: the flipped fraction is the amount, half salt, half pepper
-    out = R.corrupt(grey, "impulse_noise", 5, rng=0)
+    out = robustness_eval.corrupt(grey, "impulse_noise", 5, rng=0)
     assert abs((out != 128).mean() - 0.27) < 0.01 and abs((out == 255).mean() - 0.135) < 0.01
 
 
 def test_brightness_is_hsv_value_shift():
     small = natural_image(16)
     for s, c in enumerate((0.1, 0.2, 0.3, 0.4, 0.5), start=1):
-        out = R.corrupt(small, "brightness", s, rng=0).astype(int)
+        out = robustness_eval.corrupt(small, "brightness", s, rng=0).astype(int)
         for p, q in zip(small.reshape(-1, 3)[::7], out.reshape(-1, 3)[::7]):
             h, sat, v = colorsys.rgb_to_hsv(*(p / 255.0))  # an independent HSV implementation
             ref = np.array(colorsys.hsv_to_rgb(h, sat, min(v + c, 1.0))) * 255
@@ -2527,42 +2546,44 @@ def test_contrast_pixelate_jpeg_match_originals():
     x = IMG / 255.0
     for s, c in enumerate((0.4, 0.3, 0.2, 0.1, 0.05), start=1):
         m = x.mean((0, 1), keepdims=True)
-        assert np.array_equal(R.corrupt(IMG, "contrast", s), (np.clip((x - m) * c + m, 0, 1) * 255).astype(np.uint8))
-    assert [R.pixelate_size(s, 224, 224) for s in range(1, 6)] == [(134, 134), (112, 112), (89, 89), (67, 67), (56, 56)]
+        assert np.array_equal(robustness_eval.corrupt(IMG, "contrast", s),
+                              (np.clip((x - m) * c + m, 0, 1) * 255).astype(np.uint8))
+    assert [robustness_eval.pixelate_size(s, 224, 224) for s in range(1, 6)] == \
+        [(134, 134), (112, 112), (89, 89), (67, 67), (56, 56)]
     big = natural_image(224)
-    out = R.corrupt(big, "pixelate", 3)
+    out = robustness_eval.corrupt(big, "pixelate", 3)
     ref = Image.fromarray(big).resize((89, 89), Image.BOX).resize((224, 224), Image.BOX)
     assert np.array_equal(out, np.asarray(ref))
     for s, q in enumerate((25, 18, 15, 10, 7), start=1):
         buf = io.BytesIO()
         Image.fromarray(IMG).save(buf, "JPEG", quality=q)
-        assert np.array_equal(R.corrupt(IMG, "jpeg_compression", s), np.asarray(Image.open(buf)))
+        assert np.array_equal(robustness_eval.corrupt(IMG, "jpeg_compression", s), np.asarray(Image.open(buf)))
 
 
 def test_zoom_factor_counts_and_clipped_zoom():
-    assert [len(z) for z in R.ZOOM_FACTORS] == [12, 16, 11, 13, 11]
-    assert R.ZOOM_FACTORS[1][-1] == pytest.approx(1.15)
+    assert [len(z) for z in robustness_eval.ZOOM_FACTORS] == [12, 16, 11, 13, 11]
+    assert robustness_eval.ZOOM_FACTORS[1][-1] == pytest.approx(1.15)
     x = IMG.astype(np.float64)
-    assert np.allclose(R.clipped_zoom(x, 1.0), x)
+    assert np.allclose(robustness_eval.clipped_zoom(x, 1.0), x)
     # zoom 2 of a 96 image: the central 48x48 upsampled (align_corners) to 96
-    out = R.clipped_zoom(x, 2.0)
+    out = robustness_eval.clipped_zoom(x, 2.0)
     assert out.shape == x.shape and np.allclose(out[0, 0], x[24, 24]) and np.allclose(out[-1, -1], x[71, 71])
 
 
 def test_fog_plasma_amplitude_quirk():
-    raw = R.plasma_fractal(256, 2.0, np.random.default_rng(5), normalise=False)
+    raw = robustness_eval.plasma_fractal(256, 2.0, np.random.default_rng(5), normalise=False)
     # the first point is mean(0)/4 + wibble * U(-wibble, wibble), wibble = 100: amplitude 1e4, not 100
     assert raw[128, 128] == pytest.approx(100 * np.random.default_rng(5).uniform(-100, 100))
     assert np.abs(raw).max() > 1000
-    m = R.plasma_fractal(256, 2.0, np.random.default_rng(5))
+    m = robustness_eval.plasma_fractal(256, 2.0, np.random.default_rng(5))
     assert m.min() == 0 and m.max() == 1
 
 
 def test_elastic_244_constants():
     originals = [(244 * 2, 244 * 0.7, 244 * 0.1), (244 * 2, 244 * 0.08, 244 * 0.2), (244 * 0.05, 244 * 0.01, 244 * 0.02),
                  (244 * 0.07, 244 * 0.01, 244 * 0.02), (244 * 0.12, 244 * 0.01, 244 * 0.02)]
-    assert [R.elastic_constants(s, 224) for s in range(1, 6)] == originals
-    assert R.elastic_constants(1, 112)[0] == pytest.approx(244)
+    assert [robustness_eval.elastic_constants(s, 224) for s in range(1, 6)] == originals
+    assert robustness_eval.elastic_constants(1, 112)[0] == pytest.approx(244)
 
 
 def test_filters_match_references():
@@ -2572,31 +2593,31 @@ def test_filters_match_references():
     w = np.exp(-0.5 * (np.arange(-15, 16) / 5.0) ** 2)
     w /= w.sum()
     ref = np.correlate(np.pad(sig[:, 0], 15, mode="symmetric"), w, mode="valid")  # numpy reflects repeatedly
-    assert np.allclose(R.gaussian_filter(np.hstack([sig] * 31), 5.0, "symmetric", truncate=3)[:, 15], ref)
+    assert np.allclose(robustness_eval.gaussian_filter(np.hstack([sig] * 31), 5.0, "symmetric", truncate=3)[:, 15], ref)
     # ImageMagick motion blur at angle 0: one-sided, an impulse smears to the left
     img = np.zeros((5, 20, 1))
     img[2, 10] = 255
-    out = R.magick_motion_blur(img, 3, 2, 0)
+    out = robustness_eval.magick_motion_blur(img, 3, 2, 0)
     k = np.exp(-np.arange(7) ** 2 / 8.0)
     q16 = np.rint(255 * 257 * k[::-1] / k.sum())  # rounded to a 16-bit quantum, then truncated to 8 bits
     assert np.allclose(out[2, 4:11, 0], np.floor(q16 / 257)) and out[2, 11:].sum() == 0
     # OpenCV disk: 17x17 for r <= 8, sums to 1, symmetric
-    d = R.disk_kernel(3, 0.1)
+    d = robustness_eval.disk_kernel(3, 0.1)
     assert d.shape == (17, 17) and d.sum() == pytest.approx(1) and np.allclose(d, d.T)
-    assert R.disk_kernel(10, 0.5).shape == (21, 21)
+    assert robustness_eval.disk_kernel(10, 0.5).shape == (21, 21)
 
 
 def test_frost_dir_and_procedural(tmp_path):
     for i in range(1, 7):
         Image.fromarray(np.full((300, 260, 3), 40 * i, np.uint8)).save(tmp_path / f"frost{i}.png")
-    photos = R.load_frost_images(str(tmp_path))
-    out = R.corrupt(IMG, "frost", 1, rng=0, frost_images=photos)
+    photos = robustness_eval.load_frost_images(str(tmp_path))
+    out = robustness_eval.corrupt(IMG, "frost", 1, rng=0, frost_images=photos)
     # a = 1, b = 0.4 of a constant photo: the shift is 0.4 * value of one of frost1..5 (never frost6)
     shift = (out.astype(int) - IMG).mean()
     assert any(abs(shift - 0.4 * 40 * i) < 8 for i in range(1, 6))
     (tmp_path / "frost3.png").unlink()
     with pytest.raises(SystemExit, match="frost3"):
-        R.load_frost_images(str(tmp_path))
+        robustness_eval.load_frost_images(str(tmp_path))
 
 
 def test_alexnet_table_reproduces_means():
@@ -2604,26 +2625,27 @@ def test_alexnet_table_reproduces_means():
              "glass_blur": 0.826268, "motion_blur": 0.785948, "zoom_blur": 0.798360, "snow": 0.866816,
              "frost": 0.826572, "fog": 0.819324, "brightness": 0.564592, "contrast": 0.853204,
              "elastic_transform": 0.646056, "pixelate": 0.717840, "jpeg_compression": 0.606500}
-    assert set(R.ALEXNET_ERR) == set(R.CORRUPTIONS) == set(means)
+    assert set(robustness_eval.ALEXNET_ERR) == set(robustness_eval.CORRUPTIONS) == set(means)
     for c, m in means.items():
-        assert np.mean(R.ALEXNET_ERR[c]) == pytest.approx(m, abs=1e-6)
+        assert np.mean(robustness_eval.ALEXNET_ERR[c]) == pytest.approx(m, abs=1e-6)
 
 
 def test_mce_by_hand():
-    errors = {c: [0.1 * s for s in range(1, 6)] for c in R.CORRUPTIONS}  # sum 1.5, mean 0.3
+    errors = {c: [0.1 * s for s in range(1, 6)] for c in robustness_eval.CORRUPTIONS}  # sum 1.5, mean 0.3
     errors["fog"] = [0.5] * 5
-    out = R.corruption_errors(errors, clean_error=0.2)
-    ce_fog = 2.5 / sum(R.ALEXNET_ERR["fog"])
-    ce_gauss = 1.5 / sum(R.ALEXNET_ERR["gaussian_noise"])
+    out = robustness_eval.corruption_errors(errors, clean_error=0.2)
+    ce_fog = 2.5 / sum(robustness_eval.ALEXNET_ERR["fog"])
+    ce_gauss = 1.5 / sum(robustness_eval.ALEXNET_ERR["gaussian_noise"])
     assert out["ce"]["fog"] == pytest.approx(100 * ce_fog) and out["ce"]["gaussian_noise"] == pytest.approx(100 * ce_gauss)
-    expected = np.mean([(2.5 if c == "fog" else 1.5) / sum(R.ALEXNET_ERR[c]) for c in R.CORRUPTIONS])
+    alexnet = robustness_eval.ALEXNET_ERR
+    expected = np.mean([(2.5 if c == "fog" else 1.5) / sum(alexnet[c]) for c in robustness_eval.CORRUPTIONS])
     assert out["mce"] == pytest.approx(100 * expected)
-    rel_fog = (0.5 - 0.2) / (np.mean(R.ALEXNET_ERR["fog"]) - 0.43478)
+    rel_fog = (0.5 - 0.2) / (np.mean(robustness_eval.ALEXNET_ERR["fog"]) - 0.43478)
     assert out["relative_ce"]["fog"] == pytest.approx(100 * rel_fog)
-    rel = [((0.5 if c == "fog" else 0.3) - 0.2) / (np.mean(R.ALEXNET_ERR[c]) - 0.43478) for c in R.CORRUPTIONS]
+    rel = [((0.5 if c == "fog" else 0.3) - 0.2) / (np.mean(alexnet[c]) - 0.43478) for c in robustness_eval.CORRUPTIONS]
     assert out["relative_mce"] == pytest.approx(100 * np.mean(rel))
     with pytest.raises(ValueError, match="fog"):
-        R.corruption_errors({c: v for c, v in errors.items() if c != "fog"})
+        robustness_eval.corruption_errors({c: v for c, v in errors.items() if c != "fog"})
 
 
 # ------------------------------------------------------------------------------------------- ImageNet-P
@@ -2631,14 +2653,14 @@ def test_mce_by_hand():
 def test_flip_probability_noise_vs_consecutive():
     preds = torch.tensor([[0, 1, 1, 0, 0], [2, 2, 2, 2, 2]])
     # consecutive: 0->1 flip, 1->1, 1->0 flip, 0->0: 2/4; second video never flips
-    assert torch.allclose(R.flip_probability(preds, noise=False), torch.tensor([0.5, 0.0]))
+    assert torch.allclose(robustness_eval.flip_probability(preds, noise=False), torch.tensor([0.5, 0.0]))
     # noise: against frame 0: 1, 1, 0, 0 differ in 2 of 4
-    assert torch.allclose(R.flip_probability(preds, noise=True), torch.tensor([0.5, 0.0]))
+    assert torch.allclose(robustness_eval.flip_probability(preds, noise=True), torch.tensor([0.5, 0.0]))
     preds = torch.tensor([[0, 1, 1, 1, 1]])
-    assert R.flip_probability(preds, noise=False).item() == pytest.approx(0.25)
-    assert R.flip_probability(preds, noise=True).item() == pytest.approx(1.0)
+    assert robustness_eval.flip_probability(preds, noise=False).item() == pytest.approx(0.25)
+    assert robustness_eval.flip_probability(preds, noise=True).item() == pytest.approx(1.0)
     # difficulty 2: walks 0,2,4 (0,1,1: one flip) and 1,3 (1,1: none) -> 1/3
-    assert R.flip_probability(preds, noise=False, difficulty=2).item() == pytest.approx(1 / 3)
+    assert robustness_eval.flip_probability(preds, noise=False, difficulty=2).item() == pytest.approx(1 / 3)
 
 
 def _logits_from_order(order, num_classes=8):
@@ -2657,10 +2679,10 @@ def test_top5_distance_by_hand():
     out_of_top = _logits_from_order([5, 6, 7, 1, 2])  # class 0 now rank 6, 3 -> 7, 4 -> 8; 1 -> 4, 2 -> 5
     # sigma = (6, 4, 5, 7, 8) -> |1-6| + |2-4| + |3-5| + |4-6| + |5-6| = 5 + 2 + 2 + 2 + 1 = 12
     seq = torch.stack([ref, same, swap, out_of_top])[None]  # (1, 4, C)
-    assert R.top5_distance(seq, noise=True).item() == pytest.approx((0 + 2 + 12) / 3)
+    assert robustness_eval.top5_distance(seq, noise=True).item() == pytest.approx((0 + 2 + 12) / 3)
     # consecutive: ref->same 0; same->swap 2; swap->out_of_top: ref order 1,0,2,3,4 -> ranks 4,6,5,7,8
     d = abs(1 - 4) + abs(2 - 6) + abs(3 - 5) + abs(4 - 6) + abs(5 - 6)
-    assert R.top5_distance(seq, noise=False).item() == pytest.approx((0 + 2 + d) / 3)
+    assert robustness_eval.top5_distance(seq, noise=False).item() == pytest.approx((0 + 2 + d) / 3)
 
 
 def _full(n=96):
@@ -2668,32 +2690,32 @@ def _full(n=96):
     return np.asarray(Image.fromarray(natural_image(n)).resize((round(n * 256 / 224),) * 2, Image.BILINEAR))
 
 
-@pytest.mark.parametrize("name", R.PERTURBATIONS)
+@pytest.mark.parametrize("name", robustness_eval.PERTURBATIONS)
 def test_perturbation_sequence_shape_determinism(name):
     full = _full(64)
-    seq = R.perturbation_sequence(full, name, 64, rng=1, num_frames=5)
+    seq = robustness_eval.perturbation_sequence(full, name, 64, rng=1, num_frames=5)
     assert seq.shape == (5, 64, 64, 3) and seq.dtype == np.uint8
-    assert np.array_equal(seq, R.perturbation_sequence(full, name, 64, rng=1, num_frames=5))
-    assert len(R.frame_indices(name)) == (41 if name == "translate" else 31)
+    assert np.array_equal(seq, robustness_eval.perturbation_sequence(full, name, 64, rng=1, num_frames=5))
+    assert len(robustness_eval.frame_indices(name)) == (41 if name == "translate" else 31)
 
 
 def test_perturbation_strength_grows():
     full = _full(64)
-    crop = R._center_crop(full, 64)
+    crop = robustness_eval._center_crop(full, 64)
     for name in ("gaussian_noise", "shot_noise"):  # difficulty 1 -> 3
-        d = [l1(R.perturbation_sequence(full, name, 64, 0, diff, 4)[1:], crop) for diff in (1, 2, 3)]
+        d = [l1(robustness_eval.perturbation_sequence(full, name, 64, 0, diff, 4)[1:], crop) for diff in (1, 2, 3)]
         assert d[0] < d[1] < d[2], (name, d)
     # parametric ones: the distance to the identity frame grows with the parameter offset
     for name, identity in (("brightness", 15), ("rotate", 15), ("tilt", 15), ("translate", 20), ("scale", 24)):
-        seq = R.perturbation_sequence(full, name, 64, 0)
-        base = seq[R.frame_indices(name).index(identity)]
+        seq = robustness_eval.perturbation_sequence(full, name, 64, 0)
+        base = seq[robustness_eval.frame_indices(name).index(identity)]
         d = [l1(seq[identity - k], base) for k in (1, 4, 12)]
         assert d[0] < d[1] < d[2], (name, d)
         # identity frames are the clean crop, up to the original's uint8 truncation after HSV (brightness);
         # the original tilt matrix at 0 degrees is not the identity (it scales by f / (f + 1))
         if name != "tilt":
             assert np.abs(base.astype(int) - crop).max() <= (name == "brightness"), name
-    seq = R.perturbation_sequence(full, "zoom_blur", 64, 0)
+    seq = robustness_eval.perturbation_sequence(full, "zoom_blur", 64, 0)
     d = [l1(seq[i], crop) for i in (1, 10, 30)]
     assert np.array_equal(seq[0], crop) and d[0] < d[1] < d[2]
 
@@ -2724,11 +2746,11 @@ class StandIn(nn.Module):
 def test_equivariance_scores_standin():
     torch.manual_seed(0)
     x = torch.randn(3, 3, 32, 32)
-    elements = R.geometric_elements(3, (4, 4))
-    good = R.equivariance_scores(StandIn(), x, elements)  # (E, L, M, B)
-    bad = R.equivariance_scores(StandIn(bias=True), x, elements)
+    elements = robustness_eval.geometric_elements(3, (4, 4))
+    good = robustness_eval.equivariance_scores(StandIn(), x, elements)  # (E, L, M, B)
+    bad = robustness_eval.equivariance_scores(StandIn(bias=True), x, elements)
     names = list(elements)
-    assert good.shape == (len(names), 3, len(R.EQUIV_METRICS), 3)
+    assert good.shape == (len(names), 3, len(robustness_eval.EQUIV_METRICS), 3)
     for e, n in enumerate(names):
         if n.startswith("scale"):  # pixel resize then pooling ~ pooling then token resize: close, not exact
             assert good[e, :, 0].min() > 0.9
@@ -2744,20 +2766,19 @@ def test_equivariance_scores_standin():
 def test_equivariance_figure_panels_and_pngs(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
-    g = R.geometric_elements(2, (4, 4))
+    g = robustness_eval.geometric_elements(2, (4, 4))
     for name in ("rot90", "vflip"):  # D4 elements: the stand-in is exactly equivariant, so the panels agree
-        f_gx, rho_f_x = R.equivariance_panels(StandIn(), x, g[name], layer=2)
+        f_gx, rho_f_x = robustness_eval.equivariance_panels(StandIn(), x, g[name], layer=2)
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(f_gx, rho_f_x))
-        f_gx, rho_f_x = R.equivariance_panels(StandIn(bias=True), x, g[name], layer=2)
+        f_gx, rho_f_x = robustness_eval.equivariance_panels(StandIn(bias=True), x, g[name], layer=2)
         assert max((a - b).abs().max() for a, b in zip(f_gx, rho_f_x)) > 0.05  # a broken one does not
-    vits = [vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2),
-            vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, cls_after_block=1)]
-    paths, panels = R.write_figures(vits, ["base", "ser"], x, str(tmp_path), layer=1, tile=32)
+    vits = [tiny_vit(depth=2, num_heads=2), tiny_vit(depth=2, num_heads=4, cls_after_block=1)]
+    paths, panels = robustness_eval.write_figures(vits, ["base", "ser"], x, str(tmp_path), layer=1, tile=32)
     assert [os.path.basename(p) for p in paths] == ["equivariance.png", "attention_base.png", "attention_ser.png"]
     pad, top = 4, 14  # _grid_image's layout: 2 images x 3 elements rows; x, g x, then 2 panels per backbone
     assert Image.open(paths[0]).size == (6 * (32 + pad) + pad, top + 6 * (32 + pad) + pad)
     assert Image.open(paths[2]).size == (5 * (32 + pad) + pad, top + 2 * (32 + pad) + pad)  # image + 4 heads
-    attn = R.cls_attention(vits[1], x)
+    attn = robustness_eval.cls_attention(vits[1], x)
     assert attn.shape == (2, 4, 4, 4) and torch.all(attn.flatten(2).sum(-1) <= 1 + 1e-5)
 
 
@@ -2765,25 +2786,21 @@ def test_equivariance_figure_panels_and_pngs(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_probe(tmp_path_factory):
-    import augment
-    import vit
-    from linear_eval import LinearClassifier, save_probe
-    torch.manual_seed(0)
-    backbone = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+    backbone = tiny_vit(seed=0, depth=2, num_heads=2)
     num_classes = augment.build_dataset("synthetic", "val", img_size=32).num_classes
-    classifier = LinearClassifier(64, num_classes)
+    classifier = linear_eval.LinearClassifier(64, num_classes)
     path = tmp_path_factory.mktemp("probe") / "linear_probe.pth"
-    save_probe(str(path), backbone, classifier, n_last_blocks=1, avgpool=False, num_classes=num_classes,
-               img_size=32, data="synthetic")
+    linear_eval.save_probe(str(path), backbone, classifier, n_last_blocks=1, avgpool=False, num_classes=num_classes,
+                           img_size=32, data="synthetic")
     return str(path)
 
 
 def test_driver_smoke(tiny_probe, tmp_path):
-    args = R.get_args_parser().parse_args([
+    args = robustness_eval.get_args_parser().parse_args([
         "--probe", tiny_probe, "--num-images", "3", "--p-frames", "3", "--num-workers", "0", "--batch-size", "16",
         "--corruptions", "gaussian_noise,frost,pixelate", "--perturbations", "gaussian_noise,rotate",
         "--output-dir", str(tmp_path)])
-    R.main(args)
+    robustness_eval.main(args)
     out = json.loads((tmp_path / "robustness.json").read_text())
     assert out["num_images"] == 3 and 0 <= out["clean"]["top1"] <= 100
     c = out["imagenet_c"]
@@ -2797,25 +2814,25 @@ def test_driver_smoke(tiny_probe, tmp_path):
 
 
 def test_driver_equivariance_only_and_errors(tiny_probe, tmp_path):
-    args = R.get_args_parser().parse_args(["--equivariance-only", "--probe", tiny_probe, "--num-images", "2",
+    args = robustness_eval.get_args_parser().parse_args(["--equivariance-only", "--probe", tiny_probe, "--num-images", "2",
                                            "--num-workers", "0", "--output-dir", str(tmp_path)])
-    out = R.main(args)
+    out = robustness_eval.main(args)
     assert set(out) >= {"equivariance"} and "clean" not in out
     with pytest.raises(SystemExit, match="--probe"):
-        R.main(R.get_args_parser().parse_args(["--output-dir", str(tmp_path)]))
+        robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--output-dir", str(tmp_path)]))
     with pytest.raises(SystemExit, match="--corruptions"):
-        R.main(R.get_args_parser().parse_args(["--probe", tiny_probe, "--corruptions", "fogg"]))
+        robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--probe", tiny_probe, "--corruptions", "fogg"]))
     for flag in (["--num-images", "0"], ["--scales", "nan"], ["--batch-size", "0"]):  # 0 images meant all of them
         with pytest.raises(SystemExit, match=f"{flag[0]} must be"):
-            R.main(R.get_args_parser().parse_args(["--probe", tiny_probe, *flag]))
+            robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--probe", tiny_probe, *flag]))
 
 
 
 def test_procedural_frost_is_marked_next_to_every_number(tiny_probe, tmp_path, capsys):
-    args = R.get_args_parser().parse_args([
+    args = robustness_eval.get_args_parser().parse_args([
         "--probe", tiny_probe, "--num-images", "2", "--num-workers", "0", "--tasks", "c",
         "--corruptions", "brightness,frost", "--mce", "on", "--output-dir", str(tmp_path)])
-    R.main(args)
+    robustness_eval.main(args)
     printed = capsys.readouterr().out
     assert "ImageNet-C (10 sets): batch 1/1, " in printed  # progress of the pass
     frost_row = next(l for l in printed.splitlines() if l.strip().startswith("frost "))
@@ -2824,7 +2841,7 @@ def test_procedural_frost_is_marked_next_to_every_number(tiny_probe, tmp_path, c
     assert "* frost used a procedural texture" in printed and "--frost-dir" in printed
     c = json.loads((tmp_path / "robustness.json").read_text())["imagenet_c"]
     assert c["top1_frost"].startswith("procedural substitute") and "top1_per_corruption_frost" in c
-    R.main(R.get_args_parser().parse_args([  # without frost, nothing is marked
+    robustness_eval.main(robustness_eval.get_args_parser().parse_args([  # without frost, nothing is marked
         "--probe", tiny_probe, "--num-images", "2", "--num-workers", "0", "--tasks", "c",
         "--corruptions", "brightness", "--output-dir", str(tmp_path)]))
     assert "*" not in capsys.readouterr().out
@@ -2838,7 +2855,7 @@ def test_motion_blur_matches_imagemagick_q16_bit_for_bit():
     image = np.repeat(((i * 97 + j * 41) % 256)[..., None], 3, -1).astype(np.float64)
     magick = np.array([[57, 83, 80, 121, 162, 200, 145, 54], [95, 136, 177, 132, 65, 103, 134, 151],
                        [168, 123, 57, 98, 138, 176, 207, 225]])
-    out = R.magick_motion_blur(image, 3.0, 1.5, 20.0)
+    out = robustness_eval.magick_motion_blur(image, 3.0, 1.5, 20.0)
     assert np.array_equal(out[..., 0], magick) and np.array_equal(out[..., 2], magick)
 
 # ================================================================================================
@@ -2861,7 +2878,7 @@ def det(image_id, box, score, category_id=1):
 
 
 def stats(gt, dets):
-    return dict(zip(de.STAT_NAMES, de.coco_evaluate(gt, dets)))
+    return dict(zip(detect_eval.STAT_NAMES, detect_eval.coco_evaluate(gt, dets)))
 
 
 def test_perfect_detections_score_one():
@@ -2870,7 +2887,7 @@ def test_perfect_detections_score_one():
     gt = make_gt(boxes, cats=(1, 2))
     dets = [det(img, box, 0.9, c) for img, c, box, _, _ in boxes]
     # Not bit-exact 1: pycocotools' precision is tp / (tp + fp + eps), 1 - 2e-16 for a single TP.
-    assert de.coco_evaluate(gt, dets) == pytest.approx([1.0] * 12, abs=1e-12)
+    assert detect_eval.coco_evaluate(gt, dets) == pytest.approx([1.0] * 12, abs=1e-12)
 
 
 def test_shifted_box_iou_06_counts_at_three_thresholds():
@@ -2919,9 +2936,9 @@ def test_empty_images_and_missing_ground_truth():
     assert s["AP"] == pytest.approx(0.5, abs=1e-12) and s["AR100"] == 1.0 and s["AR1"] == 1.0
     no_gt = make_gt([(1, 1, [0, 0, 20, 20], None, 0)], num_images=3)
     no_gt["annotations"] = []
-    assert de.coco_evaluate(no_gt, dets[:1]) == [-1.0] * 12
+    assert detect_eval.coco_evaluate(no_gt, dets[:1]) == [-1.0] * 12
     with pytest.raises(ValueError, match="not in the ground truth"):
-        de.coco_evaluate(gt, [det(9, [0, 0, 1, 1], 0.5)])
+        detect_eval.coco_evaluate(gt, [det(9, [0, 0, 1, 1], 0.5)])
 
 
 def test_area_buckets_use_the_gt_area_field_with_inclusive_bounds():
@@ -2948,19 +2965,19 @@ def test_max_dets_cut():
 
 # ----------------------------------------------------------------------------- data
 def test_synthetic_json_round_trips_and_boxes_lie_inside(tmp_path):
-    synth = de.SyntheticDetection(12, img_size=64, seed=3, split="val")
+    synth = detect_eval.SyntheticDetection(12, img_size=64, seed=3, split="val")
     coco = synth.coco()
     path = tmp_path / "synthetic_val.json"
     path.write_text(json.dumps(coco))
-    loaded = de.load_coco(str(path))
+    loaded = detect_eval.load_coco(str(path))
     assert loaded == coco and len(coco["annotations"]) >= 12
     for a in coco["annotations"]:
         x, y, w, h = a["bbox"]
         assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64 and w > 0 and h > 0 and 0 < a["area"] <= w * h + 1e-6
-    assert de.SyntheticDetection(12, 64, seed=3, split="val").coco() == coco  # a function of (seed, index)
-    assert de.SyntheticDetection(12, 64, seed=3, split="train").coco() != coco
+    assert detect_eval.SyntheticDetection(12, 64, seed=3, split="val").coco() == coco  # a function of (seed, index)
+    assert detect_eval.SyntheticDetection(12, 64, seed=3, split="train").coco() != coco
     assert np.array_equal(np.asarray(synth.render(5)), np.asarray(synth.render(5)))
-    ds = de.CocoDetection(loaded, render=synth.render)
+    ds = detect_eval.CocoDetection(loaded, render=synth.render)
     img, target = ds[4]
     assert img.shape == (3, 64, 64) and img.dtype == torch.uint8 and target["image_id"] == 5
     n = sum(a["image_id"] == 5 for a in coco["annotations"])
@@ -2982,33 +2999,33 @@ def _write(tmp_path, coco):
     (lambda c: c["annotations"][0].update(category_id=77), "unknown category id 77"),
 ])
 def test_bad_annotation_files_raise_clear_errors(tmp_path, edit, message):
-    coco = de.SyntheticDetection(3, 64).coco()
+    coco = detect_eval.SyntheticDetection(3, 64).coco()
     edit(coco)
     with pytest.raises(ValueError, match=message):
-        de.load_coco(_write(tmp_path, coco))
+        detect_eval.load_coco(_write(tmp_path, coco))
 
 
 def test_missing_invalid_degenerate_and_missing_images(tmp_path):
     with pytest.raises(FileNotFoundError, match="annotation file not found"):
-        de.load_coco(str(tmp_path / "nope.json"))
+        detect_eval.load_coco(str(tmp_path / "nope.json"))
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        de.load_coco(str(tmp_path / "broken.json"))
-    coco = de.SyntheticDetection(3, 64).coco()
+        detect_eval.load_coco(str(tmp_path / "broken.json"))
+    coco = detect_eval.SyntheticDetection(3, 64).coco()
     coco["annotations"][0]["bbox"][3] = 0
-    kept = de.load_coco(_write(tmp_path, coco), allow_degenerate=True)  # kept for scoring, not for training
+    kept = detect_eval.load_coco(_write(tmp_path, coco), allow_degenerate=True)  # kept for scoring, not for training
     assert kept["annotations"][0]["bbox"][3] == 0
-    assert len(de.CocoDetection(kept, render=lambda i: None).targets[1]) == \
+    assert len(detect_eval.CocoDetection(kept, render=lambda i: None).targets[1]) == \
         sum(a["image_id"] == 1 for a in coco["annotations"]) - 1
     (tmp_path / "images").mkdir()
     with pytest.raises(ValueError, match="image file"):
-        de.load_coco(_write(tmp_path, de.SyntheticDetection(3, 64).coco()), str(tmp_path / "images"))
+        detect_eval.load_coco(_write(tmp_path, detect_eval.SyntheticDetection(3, 64).coco()), str(tmp_path / "images"))
     # The script turns bad data into a one-line exit naming the file.
     root = tmp_path / "coco"
     (root / "annotations").mkdir(parents=True)
     (root / "annotations" / "instances_train2017.json").write_text("[]")
     with pytest.raises(SystemExit, match="instances_train2017.json"):
-        de.main(["--data", str(root), "--random-init", "--arch", "vit_tiny", "--output-dir", str(tmp_path / "out")])
+        detect_eval.main(["--data", str(root), "--random-init", "--arch", "vit_tiny", "--output-dir", str(tmp_path / "out")])
 
 
 
@@ -3029,10 +3046,10 @@ def _edit_box(i, value):
     (lambda c: c.update(annotations=[]), "no annotated boxes"),
 ])
 def test_hostile_annotations_are_refused(tmp_path, edit, message):
-    coco = de.SyntheticDetection(3, 64).coco()
+    coco = detect_eval.SyntheticDetection(3, 64).coco()
     edit(coco)
     with pytest.raises(ValueError, match=message):
-        de.load_coco(_write(tmp_path, coco))
+        detect_eval.load_coco(_write(tmp_path, coco))
 
 
 def _coco_root(root, coco, size=(64, 64)):
@@ -3045,25 +3062,21 @@ def _coco_root(root, coco, size=(64, 64)):
 
 
 def test_image_size_must_match_the_file_and_infinite_boxes_do_not_crash(tmp_path):
-    coco = de.SyntheticDetection(2, 64).coco()
+    coco = detect_eval.SyntheticDetection(2, 64).coco()
     _coco_root(tmp_path / "wrong", coco, size=(80, 64))
     with pytest.raises(ValueError, match="is 64x64 in the JSON but .* is 80x64"):
-        de.load_coco(str(tmp_path / "wrong/annotations/instances_val2017.json"), str(tmp_path / "wrong/val2017"))
+        detect_eval.load_coco(str(tmp_path / "wrong/annotations/instances_val2017.json"), str(tmp_path / "wrong/val2017"))
     coco["annotations"][0]["bbox"] = [10, 10, float("inf"), 20]  # json writes Infinity, Python reads it back
     _coco_root(tmp_path / "inf", coco)
     code, last, _ = run_script("detect_eval.py", "--data", tmp_path / "inf", "--random-init", "--arch", "vit_tiny",
-                               "--iters", "1", "--workers", "0", "--output-dir", tmp_path / "out")
+                               "--iters", "1", "--num-workers", "0", "--output-dir", tmp_path / "out")
     assert code == 1 and "instances_train2017.json: annotation 1 bbox must be [x, y, w, h] of finite numbers" in last
 
 # ----------------------------------------------------------------------------- model
-def detect_tiny_vit(patch_size=16):
-    return vit.VisionTransformer(img_size=64, patch_size=patch_size, embed_dim=64, depth=2, num_heads=2)
-
-
 @pytest.mark.parametrize("patch_size", [16, 8])
 def test_pyramid_strides_shapes_and_frozen_backbone(patch_size):
-    backbone = detect_tiny_vit(patch_size)
-    pyramid = de.SimpleFeaturePyramid(backbone, out_channels=32).train()
+    backbone = tiny_vit(img_size=64, patch_size=patch_size, depth=2, num_heads=2)
+    pyramid = detect_eval.SimpleFeaturePyramid(backbone, out_channels=32).train()
     assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())
     x = torch.randn(2, 3, 64, 96)
     feats = pyramid(x)
@@ -3077,23 +3090,24 @@ def test_pyramid_strides_shapes_and_frozen_backbone(patch_size):
     assert all(p.grad is not None for p in pyramid.levels.parameters())
     assert all(p.grad is None for p in backbone.parameters())
     with pytest.raises(ValueError, match="power of two"):
-        de.SimpleFeaturePyramid(vit.VisionTransformer(img_size=60, patch_size=12, embed_dim=64, depth=1, num_heads=2))
+        detect_eval.SimpleFeaturePyramid(tiny_vit(img_size=60, patch_size=12, depth=1, num_heads=2))
 
 
 def test_learning_rate_schedule():
-    args = de.get_args_parser().parse_args(["--lr", "1.0", "--iters", "100", "--warmup-iters", "10"])
-    assert de.learning_rate(0, args) == pytest.approx(0.001)
-    assert de.learning_rate(10, args) == 1.0 and de.learning_rate(67, args) == pytest.approx(0.1)
-    assert de.learning_rate(89, args) == pytest.approx(0.01)
+    args = detect_eval.get_args_parser().parse_args(["--lr", "1.0", "--iters", "100", "--warmup-iters", "10"])
+    assert detect_eval.learning_rate(0, args) == pytest.approx(0.001)
+    assert detect_eval.learning_rate(10, args) == 1.0 and detect_eval.learning_rate(67, args) == pytest.approx(0.1)
+    assert detect_eval.learning_rate(89, args) == pytest.approx(0.01)
     args.schedule = "cosine"
-    assert de.learning_rate(55, args) == pytest.approx(0.5) and de.learning_rate(100, args) == pytest.approx(0.0)
+    assert detect_eval.learning_rate(55, args) == pytest.approx(0.5)
+    assert detect_eval.learning_rate(100, args) == pytest.approx(0.0)
 
 
 # ----------------------------------------------------------------------------- end to end
 def tiny_run_args(backbone_path, output_dir, iters, extra=()):
     return ["--pretrained", str(backbone_path), "--output-dir", str(output_dir), "--iters", str(iters),
             "--synthetic-train", "8", "--synthetic-val", "5", "--synthetic-size", "64", "--min-size", "64",
-            "--max-size", "64", "--batch-size", "2", "--eval-batch-size", "2", "--workers", "0",
+            "--max-size", "64", "--batch-size", "2", "--eval-batch-size", "2", "--num-workers", "0",
             "--out-channels", "32", "--box-head-dim", "64", "--rpn-batch", "32", "--roi-batch", "32",
             "--proposals-train", "64", "--proposals-test", "32", "--warmup-iters", "1", "--decay-at",
             "--log-every", "1", *extra]
@@ -3102,7 +3116,7 @@ def tiny_run_args(backbone_path, output_dir, iters, extra=()):
 @pytest.fixture
 def backbone_path(tmp_path):
     torch.manual_seed(0)
-    model = detect_tiny_vit()
+    model = tiny_vit(img_size=64, patch_size=16, depth=2, num_heads=2)
     path = tmp_path / "backbone.pth"
     torch.save({"arch": model.arch, "backbone": model.state_dict()}, path)
     return path
@@ -3110,9 +3124,9 @@ def backbone_path(tmp_path):
 
 def test_tiny_end_to_end_run(tmp_path, backbone_path):
     out = tmp_path / "run"
-    results = de.main(tiny_run_args(backbone_path, out, 3))  # raises if the frozen backbone changed
+    results = detect_eval.main(tiny_run_args(backbone_path, out, 3))  # raises if the frozen backbone changed
     saved = json.loads((out / "detect_results.json").read_text())
-    assert list(saved["stats"]) == list(de.STAT_NAMES) and saved["stats"] == results["stats"]
+    assert list(saved["stats"]) == list(detect_eval.STAT_NAMES) and saved["stats"] == results["stats"]
     assert all(-1 <= v <= 1 for v in saved["stats"].values())
     ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
     assert ckpt["iteration"] == 3 and not any(k.startswith("backbone.backbone.") for k in ckpt["model"])
@@ -3122,10 +3136,10 @@ def test_tiny_end_to_end_run(tmp_path, backbone_path):
 
 def test_resume_continues_at_the_saved_iteration(tmp_path, backbone_path, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    de.main(tiny_run_args(backbone_path, straight, 4))
-    de.main(tiny_run_args(backbone_path, resumed, 2))  # an "interrupted" run...
+    detect_eval.main(tiny_run_args(backbone_path, straight, 4))
+    detect_eval.main(tiny_run_args(backbone_path, resumed, 2))  # an "interrupted" run...
     capsys.readouterr()
-    de.main(tiny_run_args(backbone_path, resumed, 4))  # ...picked up from its output dir
+    detect_eval.main(tiny_run_args(backbone_path, resumed, 4))  # ...picked up from its output dir
     log = capsys.readouterr().out
     assert "resumed from" in log and "at iteration 2" in log and "it 3/4" in log and "it 1/4" not in log
     a = torch.load(straight / "checkpoint.pth", weights_only=False)
@@ -3138,38 +3152,32 @@ def test_resume_continues_at_the_saved_iteration(tmp_path, backbone_path, capsys
 
 def test_resume_refuses_another_backbone_and_reports_progress(tmp_path, backbone_path, capsys):
     out = tmp_path / "run"
-    de.main(tiny_run_args(backbone_path, out, 1))
+    detect_eval.main(tiny_run_args(backbone_path, out, 1))
     assert "evaluation: batch 3/3, " in capsys.readouterr().out
     torch.manual_seed(1)
-    other = detect_tiny_vit()
+    other = tiny_vit(img_size=64, patch_size=16, depth=2, num_heads=2)
     torch.save({"arch": other.arch, "backbone": other.state_dict()}, tmp_path / "other.pth")
     with pytest.raises(SystemExit, match="different settings: --pretrained .*other.pth"):
-        de.main(tiny_run_args(tmp_path / "other.pth", out, 1))
+        detect_eval.main(tiny_run_args(tmp_path / "other.pth", out, 1))
     with pytest.raises(SystemExit, match="different settings: --out-channels 32 \\(now 16\\)"):
-        de.main(tiny_run_args(backbone_path, out, 1, ["--out-channels", "16"]))
+        detect_eval.main(tiny_run_args(backbone_path, out, 1, ["--out-channels", "16"]))
     torch.save({"arch": other.arch, "backbone": other.state_dict()}, backbone_path)  # the file was overwritten
     with pytest.raises(SystemExit, match="other backbone weights"):
-        de.main(tiny_run_args(backbone_path, out, 1))
+        detect_eval.main(tiny_run_args(backbone_path, out, 1))
 
-def detect_ddp_worker(rank, world_size, port, argv):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    vit.cpu_has_native_bf16 = lambda: False  # a spawned process: fp32 as under fp32_on_every_cpu
-    de.main(argv)
+def detect_ddp_worker(rank, world, argv):
+    detect_eval.main(argv)
 
 
+@pytest.mark.slow
 def test_two_process_run_gathers_every_prediction(tmp_path, backbone_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "ddp"
     argv = tiny_run_args(backbone_path, out, 2, ["--batch-size", "1"])
-    mp.spawn(detect_ddp_worker, args=(2, port, argv), nprocs=2, join=True)
+    spawn(detect_ddp_worker, argv)
     ddp_stats = json.loads((out / "detect_results.json").read_text())
     assert ddp_stats["world_size"] == 2
     # A single process resuming the finished run only evaluates: 5 val images over 2 ranks (one padded
     # duplicate) must give the same detections and stats.
-    single = de.main(argv)
+    single = detect_eval.main(argv)
     assert single["num_detections"] == ddp_stats["num_detections"]
     assert single["stats"] == pytest.approx(ddp_stats["stats"], abs=1e-6)

@@ -1,6 +1,6 @@
 """Vision Transformer with SER's layer split, in timm/DINO parameter names.
 
-`vit_small(patch_size=16)` has exactly the 150 keys and shapes of timm's
+`build_vit(dict(name="vit_small", patch_size=16))` has exactly the 150 keys and shapes of timm's
 `vit_small_patch16_224(num_classes=0)` and DINO's `vit_small`, so released DINO and timm
 ViT-S/16 weights load with strict=True and give the same outputs:
 
@@ -10,8 +10,6 @@ ViT-S/16 weights load with strict=True and give the same outputs:
 SER splits the encoder as f = f2 . f1 (aitrics-chris/SER vision_transformer.py): with `cls_after_block=L`, blocks 1..L see patch
 tokens only, their output goes through its own LayerNorm (`norm_equiv`) and becomes the token map
 that L_equiv acts on, and the [CLS] token joins before block L+1. L = 0 is the standard ViT.
-
-Tests: `python -m pytest -q test_ser.py` (its vit.py section checks the state-dict contract).
 """
 
 import functools
@@ -19,7 +17,7 @@ import json
 import math
 import os
 import re
-import tempfile
+from collections import OrderedDict
 from contextlib import nullcontext
 
 import torch
@@ -77,17 +75,6 @@ class Attention(nn.Module):
         return self.proj(out), attn
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden_dim):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()  # exact erf GELU, as timm and DINO
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
@@ -96,7 +83,8 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        hidden = int(dim * mlp_ratio)  # exact erf GELU, as timm and DINO; named layers give timm's keys
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x, return_attention=False, drop_path_rows=None):
@@ -104,15 +92,6 @@ class Block(nn.Module):
         x = x + self.drop_path(y, drop_path_rows)
         x = x + self.drop_path(self.mlp(self.norm2(x)), drop_path_rows)
         return x, attn
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size, in_chans, dim):
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):
-        return self.proj(x)  # (B, D, h, w)
 
 
 def sincos_pos_embed(dim, h, w):
@@ -156,7 +135,8 @@ class VisionTransformer(nn.Module):
         # (ids, n) for the next calls' stochastic depth (DropPath); None draws per sample on x's device
         self.drop_path_rows = None
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        # timm's key patch_embed.proj: (B, 3, H, W) -> (B, D, H/p, W/p)
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # Standard ViT: a [CLS] slot first (timm no_embed_class=False). SER: the [CLS] joins late and
         # gets no position, so the table covers patches only (the release's (1, 196, 384)).
@@ -199,12 +179,11 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(self.cls_token, std=1e-6)
             bound = math.sqrt(6.0 / (3 * self.patch_size ** 2 + self.embed_dim))
             nn.init.uniform_(self.patch_embed.proj.weight, -bound, bound)
-            nn.init.zeros_(self.patch_embed.proj.bias)
         else:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
             w = self.patch_embed.proj.weight
             nn.init.trunc_normal_(w.view(w.shape[0], -1), std=0.02)  # as a Linear over the flattened patch
-            nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.zeros_(self.patch_embed.proj.bias)
 
     # ------------------------------------------------------------------ tokens
     def resampled_pos_embed(self, h, w):
@@ -224,7 +203,7 @@ class VisionTransformer(nn.Module):
         B, _, H, W = x.shape
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"input {H}x{W} is not divisible by the patch size {self.patch_size}")
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
         if self.cls_after_block == 0:
             x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
         x = x + self.resampled_pos_embed(H // self.patch_size, W // self.patch_size)
@@ -285,36 +264,22 @@ class VisionTransformer(nn.Module):
 
     def forward_with_attention(self, x):
         """[CLS] (B, D) through the readable attention path, plus every block's attention (B, H, T, T)."""
-        maps = []
-        for _, tokens, attn in self._iter_blocks(x, return_attention=True):
-            maps.append(attn)
-        return self.norm(tokens)[:, 0], maps
+        blocks = list(self._iter_blocks(x, return_attention=True))
+        return self.norm(blocks[-1][1])[:, 0], [attn for _, _, attn in blocks]
 
 
-def vit_tiny(**kw):
-    return VisionTransformer(**{**dict(embed_dim=192, depth=12, num_heads=3), **kw})
-
-
-def vit_small(**kw):
-    return VisionTransformer(**{**dict(embed_dim=384, depth=12, num_heads=6), **kw})
-
-
-def vit_base(**kw):
-    return VisionTransformer(**{**dict(embed_dim=768, depth=12, num_heads=12), **kw})
-
-
-ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
+# The sizes of timm's and DINO's vit_tiny/small/base; every other option keeps VisionTransformer's default.
+ARCHS = {"vit_tiny": dict(embed_dim=192, depth=12, num_heads=3), "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+         "vit_base": dict(embed_dim=768, depth=12, num_heads=12)}
 
 
 def build_vit(arch):
     """Rebuild a ViT from a saved `arch` dict, or from {'name': 'vit_small', **overrides} for released weights."""
     arch = dict(arch)
     name = arch.pop("name", None)
-    if name is None:
-        return VisionTransformer(**arch)
-    if name not in ARCHS:
+    if name is not None and name not in ARCHS:
         raise ValueError(f"unknown arch {name!r}; choose from {sorted(ARCHS)}")
-    return ARCHS[name](**arch)
+    return VisionTransformer(**{**ARCHS.get(name, {}), **arch})
 
 
 # ---------------------------------------------------------------------- precision
@@ -328,9 +293,8 @@ def cpu_has_native_bf16():
     """Whether this CPU computes bf16 matmuls in hardware: AVX512_BF16 or AMX. Elsewhere (AVX2 only,
     AVX-512 without BF16) torch emulates bf16, and a bf16 matmul runs 100x slower than fp32 (AMD Zen 3:
     ~1 against ~135 GFLOP/s). torch's own cpuinfo queries first, /proc/cpuinfo flags on older torch."""
-    query = getattr(torch, "cpu", None)
-    if hasattr(query, "_is_avx512_bf16_supported") and hasattr(query, "_is_amx_tile_supported"):
-        return bool(query._is_avx512_bf16_supported() or query._is_amx_tile_supported())
+    if hasattr(torch.cpu, "_is_avx512_bf16_supported") and hasattr(torch.cpu, "_is_amx_tile_supported"):
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(f.read().split())
@@ -360,9 +324,9 @@ def autocast(device, precision="auto"):
 
 
 # ---------------------------------------------------------------------- checkpoints
-# Wrappers add these in front of the backbone's own names. They are removed only where a key
-# starts with them (never str.replace inside a key).
-WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DDP
+# Wrappers (torch.compile, DDP) add these in front of the backbone's own names. They are removed only
+# where a key starts with them (never str.replace inside a key).
+WRAPPER_PREFIXES = re.compile(r"^(_orig_mod\.|module\.)+")
 COMPONENT_PREFIXES = ("backbone.", "base_encoder.", "encoder.")  # DINO MultiCropWrapper / ours, MoCo v3, generic
 
 
@@ -372,19 +336,10 @@ def strip_prefixes(state_dict):
     A checkpoint with a component prefix (e.g. DINO's 'backbone.' next to 'head.') keeps only that
     component's keys; other components are heads and are dropped on purpose.
     """
-    def strip_wrappers(k):
-        changed = True
-        while changed:
-            changed = False
-            for p in WRAPPER_PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-        return k
-
-    sd = {strip_wrappers(k): v for k, v in state_dict.items()}
+    sd = {WRAPPER_PREFIXES.sub("", k): v for k, v in state_dict.items()}
     for p in COMPONENT_PREFIXES:
         if any(k.startswith(p) for k in sd):
-            sd = {strip_wrappers(k[len(p):]): v for k, v in sd.items() if k.startswith(p)}
+            sd = {WRAPPER_PREFIXES.sub("", k[len(p):]): v for k, v in sd.items() if k.startswith(p)}
             break
     return sd
 
@@ -447,6 +402,22 @@ def load_checkpoint(path, map_location="cpu"):
                          "torch file; move it away or use another --output-dir") from None
 
 
+def load_resumable(path, args, keys, script, runtime_options, map_location="cpu"):
+    """A run's own checkpoint to resume from (load_checkpoint), refused when another script wrote it
+    (it lacks `keys`) or when it was written with other settings than `args`: only runtime_options,
+    which do not change what is computed, may differ. Errors are one-line ValueErrors."""
+    ckpt = load_checkpoint(path, map_location)
+    if not (isinstance(ckpt, dict) and {"args", *keys} <= set(ckpt)):
+        raise ValueError(f"{path} is not a {script} checkpoint; move it away or use another --output-dir")
+    changed = [(k, v, getattr(args, k, None)) for k, v in ckpt["args"].items()
+               if k not in runtime_options and v != getattr(args, k, None)]
+    if changed:
+        raise ValueError(f"{path} was written with different settings: "
+                         + ", ".join(f"--{k.replace('_', '-')} {a!r} (now {b!r})" for k, a, b in changed)
+                         + ". Use another --output-dir, or rerun with the saved settings.")
+    return ckpt
+
+
 def load_backbone(path, arch=None, key=None, map_location="cpu"):
     """A frozen-ready ViT (eval mode) from one of:
 
@@ -469,13 +440,9 @@ def load_backbone(path, arch=None, key=None, map_location="cpu"):
         sd = ckpt[key]
     elif ckpt.get("eval_key") in ckpt:  # our pretrain checkpoints name the backbone their method evaluates
         sd = ckpt[ckpt["eval_key"]]
-    else:
-        for k in ("backbone", "teacher", "student", "state_dict", "model"):
-            if k in ckpt and isinstance(ckpt[k], dict):
-                sd = ckpt[k]
-                break
-        else:
-            sd = ckpt  # a bare state dict
+    else:  # the first network entry of the known layouts, else a bare state dict
+        sd = next((ckpt[k] for k in ("backbone", "teacher", "student", "state_dict", "model")
+                   if isinstance(ckpt.get(k), dict)), ckpt)
     sd = strip_prefixes(sd)
     dropped_head = sorted(k for k in sd if k.startswith("head."))  # timm classifier / MoCo projector
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
@@ -507,3 +474,35 @@ def load_backbone(path, arch=None, key=None, map_location="cpu"):
     model.load_state_dict(sd, strict=True)
     model.dropped_keys = dropped_head  # reported by the evaluation scripts
     return model.eval()
+
+
+def add_backbone_flags(parser):
+    """The backbone flags of linear_eval.py and detect_eval.py, read by backbone_from_flags."""
+    g = parser.add_argument_group("backbone")
+    g.add_argument("--pretrained", default=None, help="pretrain.py export (backbone.pth) or full checkpoint, or "
+                   "released DINO/timm/MoCo v3 weights (then also --arch/--patch-size)")
+    g.add_argument("--checkpoint-key", default=None, help="network of a full checkpoint; default: the one its "
+                   "method evaluates (DINO: 'teacher'). Use 'student' to follow SER's lincls_parallel.py")
+    g.add_argument("--arch", default=None, choices=sorted(ARCHS), help="required for released weights (they "
+                   "record no architecture) and for --random-init; leave unset for our own checkpoints")
+    g.add_argument("--patch-size", type=int, default=16, help="with --arch only: 8 for DINO's /8 models")
+    g.add_argument("--random-init", action="store_true", help="an untrained --arch: the baseline at initialisation")
+
+
+def backbone_from_flags(path, arch=None, patch_size=16, key=None, random_init=False, img_size=224,
+                        flag="--pretrained"):
+    """The frozen ViT (eval mode) that a script's backbone flags name (add_backbone_flags, or
+    robustness_eval.py's --backbone), every error a one-line SystemExit naming `flag`. --random-init
+    draws from torch's generator: seed it alike on every rank first."""
+    if random_init:
+        if path is not None:
+            raise SystemExit("--random-init and --pretrained exclude each other")
+        if arch is None:
+            raise SystemExit(f"--random-init needs --arch (one of: {', '.join(sorted(ARCHS))})")
+        return build_vit(dict(name=arch, patch_size=patch_size, img_size=img_size)).eval()
+    if path is None:
+        raise SystemExit(f"pass {flag} PATH, or --random-init --arch NAME for the baseline at initialisation")
+    try:
+        return load_backbone(path, dict(name=arch, patch_size=patch_size) if arch else None, key)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise SystemExit(f"{flag}: {e}") from None
