@@ -1977,7 +1977,9 @@ TORCHRUN_BASE = ("--arch vit_tiny --depth 2 --img-size 32 --patch-size 8 --batch
 TORCHRUN_CONFIGS = {
     "mocov3_ser": "--method mocov3 --ser --equiv-layer 1",  # one group, all on rank 1
     # 10 b2 images over both ranks, local crops (their b2 rows are plain local crops), stochastic depth
-    "dino_ser": "--method dino --ser --equiv-layer 1 --ser-ratio 0.6 --n-local-crops 2 --drop-path 0.1",
+    # Without the head's BatchNorm: the bias of the Linear before it has an exactly zero gradient, whose
+    # rounding noise Adam turns into +-lr, differently on 1 and 2 ranks (GlobalBatchNorm1d is checked above).
+    "dino_ser": "--method dino --ser --equiv-layer 1 --ser-ratio 0.6 --n-local-crops 2 --drop-path 0.1 --no-use-bn-in-head",
     "barlowtwins_ser": "--method barlowtwins --ser --equiv-layer 1 --ser-chunk 5",  # 3 groups: 1 on rank 0, 2 on rank 1
     "vicreg_ser": "--method vicreg --ser --equiv-layer 1 --ser-chunk 4 --ser-ratio 0.5",  # 4 groups, 2 per rank
     "simclr_ser": "--method simclr --ser --equiv-layer 1 --ser-chunk 16 --ser-ratio 0.4",
@@ -3181,3 +3183,20 @@ def test_two_process_run_gathers_every_prediction(tmp_path, backbone_path):
     single = detect_eval.main(argv)
     assert single["num_detections"] == ddp_stats["num_detections"]
     assert single["stats"] == pytest.approx(ddp_stats["stats"], abs=1e-6)
+
+
+def test_small_scale_defaults_and_the_real_data_recipe(tmp_path):
+    """The built-in data gets MoCo v3's initialisation for every method and DINO's BatchNorm head with its
+    last layer trained from step 0; --data keeps each method's official choice; explicit flags win."""
+    small = config("--method dino", tmp_path)
+    assert (small.weight_init, small.use_bn_in_head, small.freeze_last_layer, small.momentum) == ("moco", True, 0, 0.96)
+    student, _ = pretrain.build_models(small)
+    assert student.backbone.arch["weight_init"] == "moco" and student.backbone.arch["pos_embed"] == "sincos"
+    assert any(isinstance(m, losses.GlobalBatchNorm1d) for m in student.projector.modules())
+    plain = config("--method dino --no-use-bn-in-head --weight-init trunc_normal", tmp_path)
+    student, _ = pretrain.build_models(plain)
+    assert student.backbone.arch["weight_init"] == "trunc_normal" and student.backbone.arch["pos_embed"] == "learned"
+    assert not any(isinstance(m, losses.GlobalBatchNorm1d) for m in student.projector.modules())
+    assert config("--method simclr", tmp_path).use_bn_in_head is False  # DINO's head only
+    real = pretrain.resolve_config(pretrain.get_args_parser().parse_args("--method dino --data /datasets/imagenet".split()))
+    assert (real.weight_init, real.use_bn_in_head, real.freeze_last_layer, real.momentum) == (None, False, 1, 0.996)
