@@ -1,39 +1,31 @@
 """Data and augmentation for SSL pretraining and evaluation: datasets, view recipes, photometric ops.
 
-The work is split in two, so that the expensive per-pixel colour work runs batched on the accelerator
-while the DataLoader workers (2 CPU cores in our runs) only decode, crop and flip:
+The DataLoader workers only decode, crop and flip; the per-pixel colour work runs batched on the device:
 
   worker side   MultiViewDataset(base, recipe, seed)[i] -> dict of uint8 crops (3, h, w) + crop box + flip
   device side   PhotometricAugment.apply(x (B, 3, h, w) in [0, 1], params) -> augmented x, then `normalize`
 
-Randomness is a pure function of (seed, epoch, sample index) on the worker side and of
-(seed, global step, view id) on the device side, drawn for the whole global batch and sliced by rank,
-so a run replays exactly whatever the number of workers or ranks (unlike DINO's fix_random_seeds,
-which gives every rank the same stream).
+Randomness is a pure function of (seed, epoch, sample index) on the worker side and of (seed, global step,
+view id) on the device side, drawn for the whole global batch and sliced by rank, so a run replays exactly
+whatever the number of workers or ranks (unlike DINO's fix_random_seeds, which gives every rank the same stream).
 
-As pretrain.py uses it (its flags in brackets; B the global batch, W ranks, n = B / W per rank):
+As pretrain.py uses it (args: its flags; extra: the add-on unless --ser; B the global batch, n = B / world per rank):
 
-    recipe = recipe_for(method, img_size=64, crop_min=0.25, n_local=0, extra=None, patch_size=8)
-    # [--method, --img-size, --crop-min, --n-local-crops, the add-on, --patch-size]
-    dataset = MultiViewDataset(build_dataset("synthetic", "train", img_size=64, length=4096), recipe, seed=0)
-    # [--data, --img-size, --synthetic-length, --seed]; pretrain.GlobalBatchSampler gives each rank its n images
-    photometric = recipe.photometric()                    # one PhotometricAugment per view
+    recipe = recipe_for(args.method, args.img_size, args.crop_min, args.n_local_crops, extra, args.patch_size)
+    base = build_dataset(args.data, "train", img_size=args.img_size, length=args.synthetic_length)
+    dataset = MultiViewDataset(base, recipe, seed=args.seed)  # pretrain.GlobalBatchSampler gives each rank n images
+    photometric = recipe.photometric()                        # one PhotometricAugment per view
     for batch in loader:  # batch['images'][v]: (n, 3, h_v, w_v) uint8; batch['crop'][v]: (n, 4); batch['flip'][v]: (n,)
-        p = photometric[v].sample_params(B, device_generator(seed, step, 0, v))  # the global batch's parameters
-        p = {k: t[rank * n:(rank + 1) * n] for k, t in p.items()}                 # this rank's rows, on the CPU
+        p = photometric[v].sample_params(B, device_generator(args.seed, step, 0, v))  # the global batch's
+        p = {k: t[rank * n:(rank + 1) * n] for k, t in p.items()}                      # this rank's rows, on the CPU
         x_v = normalize(photometric[v].apply(batch["images"][v].to(device).float() / 255, p))
 
-SER's b2 views (pretrain.make_step_inputs, as the release's `Aug_equi` in aitrics-chris/SER): a b2
-image's global crop 0 goes through photometric[0] (inv1: blur 1.0) and photometric[1] (inv2: blur 0.1,
-solarize 0.2): both b2 views share the crop and differ only in colour; group_actions.apply_to_images
-then acts on the normalised tensors. Add-ons: EquiMod's un-augmented
-image is batch['plain'] (pass through `normalize`); EquiMod and AugSelf read each view's crop, flip
-and photometric parameters (losses.equimod_param_vector, losses.augself_targets); E-SSL's small crop
-is the view named 'essl', fed to `losses.essl_rotations` after its photometric augmentation.
-`apply` takes the parameters on the CPU: it moves them itself, and reading them spares a device->host sync.
+SER's b2 views re-colour one worker crop with two of these PhotometricAugments (pretrain.ser_pair_sources).
+EquiMod's un-augmented image is batch['plain']; EquiMod and AugSelf read each view's crop, flip and colour
+parameters; E-SSL's small crop is the view named 'essl'.
 
-Look at samples:   python augment.py --out samples.png     (a grid of synthetic images, one row per class)
-Generation speed:  python augment.py --bench
+    python augment.py --out samples.png     # a grid of synthetic images, one row per class
+    python augment.py --bench               # generation speed
 """
 from __future__ import annotations
 
@@ -110,21 +102,16 @@ def _star(points=5, inner=0.45):
     return np.stack([outer, inner_], 1).reshape(-1, 2)
 
 
-def _poly(*xy):
-    return np.array(xy, dtype=np.float64)
-
-
-# Each class is a list of (polygon in unit coordinates, y pointing down, fill): fill 0 cuts a hole.
-# Classes differ by geometry only; colour and texture are random and shared by all classes. Polygons are
-# re-centred on the area centroid of their outer polygon, so that the placement does not depend on the class.
+# Each class is a list of (polygon in unit coordinates, y pointing down, fill): fill 0 cuts a hole. Polygons
+# are re-centred on the area centroid of their outer polygon, so that the placement does not depend on the class.
 # Six shapes that stay distinct at 32 px; the triangle and the star also show a rot90 by their geometry.
 _SHAPES = {
     "circle": [(_regular(40), 1)],
     "triangle": [(_regular(3) * 1.1, 1)],
     "square": [(_regular(4, phase=math.pi / 4) * 0.95, 1)],
     "star": [(_star(), 1)],
-    "cross": [(_poly((-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1), (-.3, 1),
-                     (-.3, .3), (-1, .3), (-1, -.3), (-.3, -.3)), 1)],
+    "cross": [(np.array([(-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1), (-.3, 1),
+                         (-.3, .3), (-1, .3), (-1, -.3), (-.3, -.3)]), 1)],
     "ring": [(_regular(40), 1), (_regular(40, 0.55), 0)],
 }
 
@@ -167,32 +154,26 @@ def _texture(rng, size):
 class SyntheticShapes(Dataset):
     """Procedural images of one object on a textured background, generated from (seed, split, index).
 
-    The class is the object's geometry (`classes`). Colours, the background texture, position, scale and
-    the in-plane rotation are random and carry no label information; the class stays recognisable
-    under rotation. Rotations are drawn around an upright pose within +-`max_rotation` degrees and
-    objects are lit from above, so that, as in photographs, orientation is informative (a rot90 is
-    detectable: E-SSL's task is learnable and SER's rot90 action is not a symmetry of the data). Set
-    max_rotation=180 for a rotation-invariant distribution.
-    Labels cycle through the classes (label = index % num_classes), so every class has the same count.
+    The class is the object's geometry (`classes`); label = index % num_classes, so classes are balanced.
+    Colours, background texture, position, scale and rotation are random and carry no label. Objects stay
+    within MAX_ROTATION degrees of upright and are lit from above, so that, as in photographs, a rot90 is
+    detectable (E-SSL's task is learnable; SER's rot90 is not a symmetry of the data).
 
-    Why the nuisances are muted (grey levels by default, a background pattern at 30% contrast): two
-    views of one image share every per-image property that the augmentations keep, and a
-    self-supervised loss learns the most distinctive one first. With fully saturated random colours
-    that was colour, and a 4-block ViT's k-NN on the shapes stayed within a few points of chance for
-    300 steps; SATURATION 0.3 / 0.1 / 0 gave SimCLR 27.1 / 32.8 / 46.2% after 75 steps (README, the
-    built-in run). Raise SATURATION to make colour invariance part of the task.
+    Nuisances are muted (grey levels, a background pattern at 30% contrast) because a self-supervised loss
+    learns first the most distinctive property two views of an image share: SATURATION 0.3 / 0.1 / 0 gave
+    SimCLR 27.1 / 32.8 / 46.2% k-NN after 75 steps (README, the built-in run).
     """
 
     SPLITS = {"train": 0, "val": 1}
-    SATURATION, BACKGROUND_CONTRAST = 0.0, 0.3
+    SATURATION, BACKGROUND_CONTRAST, MAX_ROTATION = 0.0, 0.3, 30.0
 
-    def __init__(self, split="train", length=10_000, img_size=64, seed=0, transform=None, max_rotation=30.0):
+    def __init__(self, split="train", length=10_000, img_size=64, seed=0, transform=None):
         if split not in self.SPLITS:
             raise ValueError(f"SyntheticShapes split must be one of {list(self.SPLITS)}, got {split!r}")
         if img_size < 8:
             raise ValueError(f"SyntheticShapes img_size must be >= 8, got {img_size}")
         self.split, self.length, self.img_size, self.seed = split, int(length), int(img_size), seed
-        self.transform, self.max_rotation = transform, max_rotation
+        self.transform = transform
         self.classes = list(_SHAPES)
         self.num_classes = len(self.classes)
 
@@ -228,7 +209,7 @@ class SyntheticShapes(Dataset):
         # Large and near the centre, so that crops down to a quarter of the image still show most of it.
         radius = rng.uniform(0.28, 0.42) * s
         centre = s / 2 + rng.uniform(-0.5, 0.5, 2) * (s - 1.6 * radius)
-        angle = math.radians(rng.uniform(-self.max_rotation, self.max_rotation))
+        angle = math.radians(rng.uniform(-self.MAX_ROTATION, self.MAX_ROTATION))
         rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
         canvas = Image.new("L", (2 * s, 2 * s), 0)
         draw = ImageDraw.Draw(canvas)
@@ -258,16 +239,6 @@ def _load_rgb(path: str) -> Image.Image:
         raise ValueError(f"cannot read image file {path}: {e}") from None
 
 
-class _Strided(torch.utils.data.Subset):
-    """Every k-th item, so that a shortened class-sorted dataset (ImageFolder) keeps all classes."""
-
-    def __init__(self, base, length):
-        step = len(base) / length
-        super().__init__(base, [int(i * step) for i in range(length)])
-        self.classes, self.num_classes = base.classes, base.num_classes
-        self.transform = getattr(base, "transform", None)
-
-
 def _refuse_symlink_loops(data: str, folder: str):
     """Directory symlinks that lead back into the tree are refused (torchvision's ImageFolder follows
     links): `train/a/up -> ..` would add the images again under other labels, level after level, until
@@ -282,9 +253,9 @@ def _refuse_symlink_loops(data: str, folder: str):
             target = os.path.realpath(link)
             loops = os.path.commonpath([here, target]) == target  # the target contains the link itself
             if loops or os.path.commonpath([target, top]) == top:
-                raise ValueError(f"--data {data}: {link} is a symlink to {target}, back into the image tree; its "
-                                 "images would be counted again under other labels. Remove the link or point it outside "
-                                 f"{folder}")
+                raise ValueError(f"--data {data}: {link} is a symlink to {target}, back into the image tree; "
+                                 "its images would be counted again under other labels. Remove the link or point it "
+                                 f"outside {folder}")
 
 
 def check_same_classes(train: Dataset, val: Dataset, data: str):
@@ -302,10 +273,9 @@ def check_same_classes(train: Dataset, val: Dataset, data: str):
 def build_dataset(data: str, split: str, transform=None, img_size=64, length=None) -> Dataset:
     """Dataset of (image, label) with `.num_classes` and `.classes`.
 
-    data:   'synthetic' (generated, no files; img_size sets its resolution, default length 10k train,
-            2k val) | an ImageFolder root with train/ and val/ | 'cifar10:<dir>' | 'stl10:<dir>'
-            (torchvision files already on disk, never downloaded; STL-10 'train' is the 5k labelled set).
-    split:  'train' | 'val'.
+    data:   'synthetic' (generated; img_size sets its resolution, default length 10k train, 2k val) | an
+            ImageFolder root with train/ and val/ | 'cifar10:<dir>' | 'stl10:<dir>' (torchvision files
+            already on disk, never downloaded; STL-10 'train' is the 5k labelled set).
     transform: applied to the PIL image; None returns the PIL image (what MultiViewDataset wants).
     length: truncate (evenly strided) or, for synthetic, set the length.
     """
@@ -339,8 +309,11 @@ def build_dataset(data: str, split: str, transform=None, img_size=64, length=Non
         except FileNotFoundError as e:  # no class folders, or class folders without images
             raise ValueError(f"--data {data}: folder {folder} holds no images in class sub-folders ({e})") from None
     dataset.num_classes = len(dataset.classes)
-    if length is not None and length < len(dataset):
-        dataset = _Strided(dataset, length)
+    if length is not None and length < len(dataset):  # every k-th item: a class-sorted folder keeps all classes
+        step = len(dataset) / length
+        short = torch.utils.data.Subset(dataset, [int(i * step) for i in range(length)])
+        short.classes, short.num_classes = dataset.classes, dataset.num_classes
+        dataset = short
     return dataset
 
 
@@ -362,9 +335,8 @@ def linear_train_transform(img_size: int):
 
 def make_loader(dataset, batch_size, rank, world, num_workers, shuffle=False, seed=0, **kw):
     """One rank's loader over its shard of `dataset`, for every script but pretrain.py's training
-    (pretrain.GlobalBatchSampler). A DistributedSampler with explicit rank and world also serves one
-    process, without padding; under several ranks it pads the shards to equal lengths, which the
-    evaluations' gathers undo by sample index (linear_eval.gather_features, detect_eval.predict)."""
+    (pretrain.GlobalBatchSampler). Under several ranks DistributedSampler pads the shards to equal lengths,
+    which the evaluations' gathers undo by sample index (linear_eval.gather_features, detect_eval.predict)."""
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), **kw)
@@ -376,50 +348,37 @@ def make_loader(dataset, batch_size, rank, world, num_workers, shuffle=False, se
 @dataclass
 class ViewSpec:
     """One view: its crop (applied in the workers) and its photometric recipe (applied on the device).
-
-    size:          output side in px. Globals use the run's img_size; locals 96/224 of it (DINO, SER 2+4).
-    scale, ratio:  RandomResizedCrop area fraction and aspect range. Raise scale[0] (crop_min) when
-                   training is short or images small: tiny crops of 64 px images are mostly background.
-    interpolation: 'bicubic' (DINO, BT, VICReg, BYOL) or 'bilinear' (MoCo v3).
-    p_flip:        horizontal flip probability (0.5 everywhere in the official recipes).
-    jitter, p_jitter, p_gray, p_blur, p_solarize: see PhotometricAugment. Per-view blur/solarize
-                   probabilities are what make the BYOL/MoCo/BT/DINO recipes asymmetric.
-    name:          'global0', 'global1', 'local0'.., 'essl'.
-    """
-    size: int
+    Per-view blur and solarize probabilities make the BYOL/MoCo/BT/DINO recipes asymmetric; colour jitter
+    and grayscale are PhotometricAugment's defaults on every view."""
+    size: int  # output side in px: globals the run's img_size, locals 96/224 of it (DINO, SER 2+4)
+    # RandomResizedCrop area fraction and aspect range. Raise scale[0] (crop_min) when training is short
+    # or images small: tiny crops of 64 px images are mostly background.
     scale: tuple[float, float]
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    interpolation: str = "bicubic"
-    p_flip: float = 0.5
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
-    p_jitter: float = 0.8
-    p_gray: float = 0.2
+    interpolation: str = "bicubic"  # DINO, BT, VICReg, BYOL; MoCo v3 'bilinear'
+    p_flip: float = 0.5  # horizontal flip, 0.5 in every official recipe
     p_blur: float = 1.0
     p_solarize: float = 0.0
-    name: str = "global0"
+    name: str = "global0"  # 'global0', 'global1', 'local0'.., 'essl'
 
 
 @dataclass
 class ViewRecipe:
-    """The views of one sample, globals first (the order of batch['images']).
-
-    img_size:   the global crop size; it also sets the pixel scale of the blur on every view.
-    plain_size: if set, the sample also carries EquiMod's un-augmented view batch['plain'] (resize to
-                plain_size*256/224 + centre crop plain_size).
-    """
+    """The views of one sample, globals first (the order of batch['images'])."""
     views: list[ViewSpec]
-    img_size: int
-    plain_size: int | None = None
+    img_size: int  # the global crop size; it also sets the pixel scale of the blur on every view
+    plain_size: int | None = None  # EquiMod's un-augmented batch['plain']: resize to S*256/224, centre-crop S
 
     def photometric(self) -> list["PhotometricAugment"]:
-        return [PhotometricAugment(v.jitter, v.p_jitter, v.p_gray, v.p_blur, v.p_solarize, self.img_size)
+        return [PhotometricAugment(p_blur=v.p_blur, p_solarize=v.p_solarize, img_size=self.img_size)
                 for v in self.views]
 
 
 # method: (interpolation, local crops' scale); facebookresearch/moco-v3, dino, barlowtwins recipes. MoCo v3's
 # locals come from SER's 2+4 loader. The global crops' minimum scale is pretrain.py's --crop-min (METHOD_DEFAULTS).
-_METHODS = {"mocov3": ("bilinear", (0.05, 0.25)), "dino": ("bicubic", (0.05, 0.4)), "barlowtwins": ("bicubic", (0.05, 0.25)),
-            "vicreg": ("bicubic", (0.05, 0.25)), "byol": ("bicubic", (0.05, 0.25))}
+_METHODS = {"mocov3": ("bilinear", (0.05, 0.25)), "dino": ("bicubic", (0.05, 0.4)),
+            "barlowtwins": ("bicubic", (0.05, 0.25)), "vicreg": ("bicubic", (0.05, 0.25)),
+            "byol": ("bicubic", (0.05, 0.25))}
 
 
 def _side(img_size, fraction, patch_size):
@@ -449,9 +408,8 @@ def recipe_for(method: str, img_size: int, crop_min: float, n_local: int = 0, ex
     views = [g0, replace(g0, p_blur=0.1, p_solarize=0.2, name="global1")]
     local = ViewSpec(_side(img_size, 96 / 224, patch_size), local_scale, interpolation=interp, p_blur=0.5)
     views += [replace(local, name=f"local{i}") for i in range(n_local)]
-    if extra == "essl":  # E-SSL's own photometric: no solarize, blur 0.1
-        views.append(ViewSpec(_side(img_size, 96 / 224, patch_size), (0.05, 0.14), interpolation=interp,
-                              p_blur=0.1, name="essl"))
+    if extra == "essl":  # E-SSL's own small crop and photometric: no solarize, blur 0.1
+        views.append(replace(local, scale=(0.05, 0.14), p_blur=0.1, name="essl"))
     return ViewRecipe(views, img_size, plain_size=img_size if extra == "equimod" else None)
 
 
@@ -476,9 +434,6 @@ def _crop_box(height, width, scale, ratio, g):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
-
-
 def _to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()  # (3, H, W)
 
@@ -491,14 +446,11 @@ class MultiViewDataset(Dataset):
       'flip':   list over views of () bool (flip applied after the crop)
       'plain':  uint8 (3, S, S) un-augmented view (only with recipe.plain_size, EquiMod)
       'label':  int (for monitoring only), 'index': int
-
-    Randomness: one torch.Generator per item seeded from (seed, epoch, index), so results do not depend
-    on num_workers or worker scheduling. The epoch sits in shared memory so set_epoch reaches workers
-    that are already running (persistent_workers=True).
     """
 
     def __init__(self, base: Dataset, recipe: ViewRecipe, seed: int = 0):
         self.base, self.recipe, self.seed = base, recipe, seed
+        # In shared memory, so that set_epoch reaches workers already running (persistent_workers=True).
         self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
 
     def set_epoch(self, epoch: int):
@@ -519,7 +471,7 @@ class MultiViewDataset(Dataset):
             top, left, h, w = _crop_box(height, width, view.scale, view.ratio, g)
             flip = bool(torch.rand((), generator=g) < view.p_flip)
             # PIL's resize with a box crops and resamples in one antialiased pass.
-            crop = image.resize((view.size, view.size), _RESAMPLE[view.interpolation],
+            crop = image.resize((view.size, view.size), Image.Resampling[view.interpolation.upper()],
                                 box=(left, top, left + w, top + h))
             if flip:
                 crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
@@ -545,9 +497,7 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @lru_cache(maxsize=None)
-def _mean_std(device: torch.device):
-    """(1, 3, 1, 1) each, made once per device: a tensor built from a list per call is a host->device
-    copy that makes the step wait for the GPU."""
+def _mean_std(device: torch.device):  # (1, 3, 1, 1) each, once per device: a per-call copy would wait for the GPU
     return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
             torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
 
@@ -561,11 +511,6 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 def _gray(x):  # (B, 3, H, W) -> (B, 1, H, W), ITU-R 601 luma as in torchvision
     return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-
-
-def _blend(x, other, factor):  # torchvision's _blend with a per-sample factor (B,)
-    # lerp is f*x + (1-f)*other in one pass over x (exact x where f = 1); clamp_ on the fresh result.
-    return torch.lerp(other, x, factor.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
 def adjust_hue(x, factor):
@@ -621,15 +566,11 @@ class PhotometricAugment:
     order, factors U[max(0, 1-j), 1+j] and hue U[-j, j], torchvision's ColorJitter), grayscale (p_gray),
     Gaussian blur (p_blur), solarize (p_solarize); `normalize` follows.
 
-    Blur: sigma ~ U[0.1, 2.0] * img_size/224 px and kernel blur_kernel_size(img_size), i.e. the
-    224-px recipe (SER's kornia GaussianBlur, k 9) scaled to the run's resolution so that a 64-px run
-    blurs the same fraction of the image. img_size is the global crop size even for local crops, as in
-    DINO, whose blur radius is in pixels whatever the crop size.
-    Solarize: threshold 0.5 on [0, 1] images (BYOL, MoCo v3, DINO). The SER release draws the threshold
-    at random in (0, 1) with kornia (flagged in its own comment as a departure); we keep the standard 0.5.
-
-    When to change: jitter strengths/probabilities only to reproduce another paper's recipe (AugSelf
-    uses saturation 0.4); p_blur/p_solarize are set per view by recipe_for.
+    Blur: sigma ~ U[0.1, 2.0] * img_size/224 px and kernel blur_kernel_size(img_size): the 224-px recipe
+    (SER's kornia GaussianBlur, k 9) scaled so that a 64-px run blurs the same fraction of the image.
+    img_size is the global crop size even for local crops, as in DINO, whose blur radius is in pixels.
+    Solarize: threshold 0.5 (BYOL, MoCo v3, DINO); the SER release draws it in (0, 1) with kornia,
+    flagged in its own comment as a departure.
     """
 
     def __init__(self, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=1.0, p_solarize=0.0,
@@ -661,27 +602,25 @@ class PhotometricAugment:
     def apply(self, x: torch.Tensor, params: dict) -> torch.Tensor:
         """x float (B, 3, H, W) in [0, 1] on any device -> augmented float in [0, 1] (not normalised).
 
-        params: a dict from sample_params, on the CPU (preferred: the tensors are moved here and the
-        host reads which samples need hue and blur, so nothing waits on the device) or on x's device
-        (then finding those samples costs a device->host sync). Samples whose parameters are the
-        identity come back bit-exact. Call it outside autocast: the colour maths is meant in float32.
+        params from sample_params, best left on the CPU: the host then reads which samples need hue and
+        blur without a device->host sync. Identity parameters give x back bit-exact. Call it outside
+        autocast: the colour maths is meant in float32.
         """
         on_host = {k: v.cpu() for k, v in params.items()}  # no-op for CPU params
         p = {k: to_device(v, x.device) for k, v in params.items()}
         applied = p["jitter_applied"] > 0
         hue_at = on_host["jitter_applied"].bool()[:, None] & (on_host["jitter_order"] == 3)  # (B, 4)
         for step in range(4):
-            # Brightness, contrast and saturation are all blends f*x + (1-f)*other, with other = black,
-            # the image's mean luma, or its luma: one pass per step serves whichever op each sample
-            # draws at this step. f = 1 (exact identity) for samples drawing hue or no jitter.
+            # Brightness, contrast and saturation are all torchvision's _blend f*x + (1-f)*other, with other =
+            # black, the mean luma or the luma: one lerp per step serves whichever op each sample draws at this
+            # step, with f = 1 (exact x) for samples drawing hue or no jitter.
             op = p["jitter_order"][:, step]  # (B,)
             factor = p["jitter"].gather(1, op[:, None]).squeeze(1)
             factor = torch.where(applied & (op < 3), factor, torch.ones_like(factor))
             luma = _gray(x)  # (B, 1, H, W)
             other = torch.where((op == 0).view(-1, 1, 1, 1), 0.0,
                                 torch.where((op == 1).view(-1, 1, 1, 1), luma.mean((1, 2, 3), keepdim=True), luma))
-            x = _blend(x, other, factor)
-            # x is the blend's fresh output from here on, so the ops below write their rows in place.
+            x = torch.lerp(other, x, factor.view(-1, 1, 1, 1)).clamp_(0, 1)  # fresh: the ops below write in place
             _on_rows(x, hue_at[:, step], lambda xs, i: adjust_hue(xs, p["jitter"][i, 3]))
         _on_rows(x, on_host["gray"] > 0, lambda xs, i: _gray(xs).expand(-1, 3, -1, -1))
         _on_rows(x, on_host["blur_sigma"] > 0, lambda xs, i: gaussian_blur(xs, p["blur_sigma"][i], self.kernel_size))
@@ -713,11 +652,7 @@ if __name__ == "__main__":
             data.render(i)
         print(f"{2000 / (time.perf_counter() - start):.0f} images/s at {args.img_size} px on one core")
     else:
-        per_row = 8
-        grid = np.zeros((data.num_classes * args.img_size, per_row * args.img_size, 3), np.uint8)
-        for c in range(data.num_classes):
-            for j in range(per_row):
-                grid[c * args.img_size:(c + 1) * args.img_size, j * args.img_size:(j + 1) * args.img_size] = \
-                    data.render(c + j * data.num_classes)[0]
-        Image.fromarray(grid).save(args.out)
+        rows = [np.concatenate([data.render(c + j * data.num_classes)[0] for j in range(8)], 1)
+                for c in range(data.num_classes)]  # 8 images of class c in row c
+        Image.fromarray(np.concatenate(rows, 0)).save(args.out)
         print(f"wrote {args.out}: rows are {data.classes}")
