@@ -383,9 +383,8 @@ _METHODS = {"mocov3": ("bilinear", (0.05, 0.25)), "dino": ("bicubic", (0.05, 0.4
 
 def _side(img_size, fraction, patch_size):
     """img_size*fraction, rounded to whole patches (at least one) when the ViT patch size is given."""
-    if patch_size is None:
-        return max(1, round(img_size * fraction))
-    return patch_size * max(1, round(img_size * fraction / patch_size))
+    unit = patch_size or 1
+    return unit * max(1, round(img_size * fraction / unit))
 
 
 def recipe_for(method: str, img_size: int, crop_min: float, n_local: int = 0, extra: str | None = None,
