@@ -663,7 +663,7 @@ def get_args_parser():
     g.add_argument("--num-workers", type=int, default=2, help="data-loading processes per training process")
     g.add_argument("--seed", type=int, default=0, help="seed of the heads' init, flips, scales and RPN/RoI sampling")
     g.add_argument("--log-every", type=int, default=20, help="iterations between loss lines")
-    g.add_argument("--ckpt-every", type=int, default=100, help="checkpoint period in iterations (also saved at the end)")
+    g.add_argument("--ckpt-every", type=int, default=100, help="iterations between checkpoints (also saved at the end)")
     g.add_argument("--output-dir", default="runs/detect", help="checkpoint.pth (resumed automatically), log.jsonl, "
                    "detect_results.json and detections_val.json")
     return p
