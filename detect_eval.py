@@ -1,27 +1,23 @@
 """Frozen-backbone object detection: ViTDet simple feature pyramid + torchvision Faster R-CNN, COCO box mAP.
 
-The ViT stays frozen (eval mode, no gradients; checked unchanged at the end). Only the simple feature
-pyramid (ViTDet: Li et al., ECCV 2022; detectron2 projects/ViTDet) and torchvision's RPN and RoI heads train, so the score measures how
-much localisable information the pretrained patch tokens carry. Boxes are scored with a numpy
-re-implementation of pycocotools' COCOeval (cocodataset/cocoapi cocoeval.py): the 12 standard stats, in its order.
+Only the pyramid (ViTDet: Li et al., ECCV 2022; detectron2 projects/ViTDet) and torchvision's RPN and RoI heads
+train; the ViT stays frozen (eval mode, no gradients, checked unchanged at the end), so the score measures how
+much localisable information its patch tokens carry. Boxes are scored by a numpy re-implementation of
+pycocotools' COCOeval (cocodataset/cocoapi cocoeval.py): the 12 standard stats, in its order.
 
-Built-in synthetic set (offline; filled circles/triangles/squares/stars on textured backgrounds,
-rendered from (seed, index) and written as COCO JSON so the real-COCO evaluation path is used):
-
-    python detect_eval.py --random-init --arch vit_tiny                   # CPU, a few minutes
+    python detect_eval.py --random-init --arch vit_tiny     # built-in synthetic set, offline; CPU, a few minutes
     python detect_eval.py --pretrained runs/ser/backbone.pth --output-dir runs/det_ser
+    torchrun --nproc_per_node=2 detect_eval.py --random-init --arch vit_tiny   # multi-process (gloo on CPU)
 
-Real COCO (layout: ROOT/annotations/instances_{train,val}2017.json, ROOT/{train,val}2017/*.jpg);
-train2017 holds 2 zero-height boxes, hence --allow-degenerate-boxes (ViTDet/torchvision sizes):
+Real COCO (ROOT/annotations/instances_{train,val}2017.json, ROOT/{train,val}2017/*.jpg) at ViTDet/torchvision
+sizes; train2017 holds 2 zero-height boxes, hence --allow-degenerate-boxes:
 
     torchrun --nproc_per_node=8 detect_eval.py --data /datasets/coco --allow-degenerate-boxes \
         --pretrained dino_deitsmall16_pretrain.pth --arch vit_small --patch-size 16 \
         --min-size 640 672 704 736 768 800 --max-size 1333 --anchor-sizes 32 64 128 256 512 \
-        --out-channels 256 --box-head-dim 1024 --rpn-batch 256 --roi-batch 512 --proposals-train 2000 --proposals-test 1000 \
-        --optimizer sgd --lr 0.02 --weight-decay 1e-4 --batch-size 2 --iters 90000 --warmup-iters 1000 \
-        --eval-batch-size 4 --num-workers 8 --output-dir runs/det_coco
-
-    torchrun --nproc_per_node=2 detect_eval.py --random-init --arch vit_tiny   # multi-process (gloo on CPU)
+        --out-channels 256 --box-head-dim 1024 --rpn-batch 256 --roi-batch 512 --proposals-train 2000 \
+        --proposals-test 1000 --optimizer sgd --lr 0.02 --weight-decay 1e-4 --batch-size 2 --iters 90000 \
+        --warmup-iters 1000 --eval-batch-size 4 --num-workers 8 --output-dir runs/det_coco
 
 A run resumes automatically from OUTPUT_DIR/checkpoint.pth. Results: stdout and OUTPUT_DIR/detect_results.json.
 """
@@ -53,9 +49,10 @@ import vit
 
 # ----------------------------------------------------------------------------- COCO-format data
 BOX_TOLERANCE = 1.0  # px a box may overshoot its image (annotation rounding); clipped in the training targets
-REQUIRED_KEYS = {"images": ("id", "file_name", "width", "height"),
-                 "annotations": ("id", "image_id", "category_id", "bbox", "area"),
-                 "categories": ("id", "name")}
+# Per section: the required keys, then those of them that must be integers.
+COCO_KEYS = {"images": (("id", "file_name", "width", "height"), ("id", "width", "height")),
+             "annotations": (("id", "image_id", "category_id", "bbox", "area"), ("id", "image_id", "category_id")),
+             "categories": (("id", "name"), ("id",))}
 
 
 def _is_int(v):
@@ -69,36 +66,29 @@ def _is_number(v):
 def validate_coco(coco, source, allow_degenerate=False):
     """Check a COCO instances dict and fill the optional `iscrowd` (default 0); errors name `source`.
 
-    Ids are integers, image sizes positive integers, boxes four finite numbers (JSON's true, NaN and
-    Infinity are refused: an infinite box crashes torchvision's roi_align) that lie inside their image;
-    a box may overshoot the border by at most BOX_TOLERANCE px (annotation rounding) and is clipped
-    there in the training targets. Zero-size boxes (w or h == 0) are an error unless allow_degenerate:
-    they are then kept for scoring, as pycocotools does, and left out of training targets. Negative
-    sizes are always an error.
+    Boxes must be finite (an infinite box crashes torchvision's roi_align) and inside their image up to
+    BOX_TOLERANCE px. Zero-size boxes are an error unless allow_degenerate: they are then kept for scoring,
+    as pycocotools does, and left out of the training targets.
     """
     if not isinstance(coco, dict):
         raise ValueError(f"{source}: expected a JSON object with images/annotations/categories")
-    for section, keys in REQUIRED_KEYS.items():
+    for section, (keys, int_keys) in COCO_KEYS.items():
         if not isinstance(coco.get(section), list):
             raise ValueError(f"{source}: missing top-level list {section!r}")
         for i, entry in enumerate(coco[section]):
             missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
             if missing:
                 raise ValueError(f"{source}: {section}[{i}] lacks key(s) {missing}")
-    for section, keys in (("images", ("id", "width", "height")), ("annotations", ("id", "image_id", "category_id")),
-                          ("categories", ("id",))):
-        for i, entry in enumerate(coco[section]):
-            for k in keys:
+            for k in int_keys:
                 if not _is_int(entry[k]) or (k in ("width", "height") and entry[k] < 1):
                     want = "a positive integer" if k in ("width", "height") else "an integer"
                     raise ValueError(f"{source}: {section}[{i}] {k} must be {want}, got {entry[k]!r} "
                                      f"({type(entry[k]).__name__})")
-    image_ids = [im["id"] for im in coco["images"]]
+    for section in ("images", "annotations"):
+        ids = [entry["id"] for entry in coco[section]]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{source}: duplicate {section[:-1]} ids")
     cat_ids = {c["id"] for c in coco["categories"]}
-    if len(set(image_ids)) != len(image_ids):
-        raise ValueError(f"{source}: duplicate image ids")
-    if len({a["id"] for a in coco["annotations"]}) != len(coco["annotations"]):
-        raise ValueError(f"{source}: duplicate annotation ids")
     if not cat_ids:
         raise ValueError(f"{source}: no categories")
     sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
@@ -133,8 +123,8 @@ def validate_coco(coco, source, allow_degenerate=False):
 
 
 def load_coco(ann_file, image_dir=None, allow_degenerate=False):
-    """Read and validate an instances JSON; with image_dir, also check that every image file exists and
-    has the width and height the JSON gives it (PIL reads the header only)."""
+    """Read and validate an instances JSON; with image_dir, also check that every image file exists and has the
+    width and height the JSON gives it (PIL reads the header only)."""
     try:
         with open(ann_file) as f:
             coco = json.load(f)
@@ -147,8 +137,7 @@ def load_coco(ann_file, image_dir=None, allow_degenerate=False):
         absent = [im["file_name"] for im in coco["images"]
                   if not os.path.isfile(os.path.join(image_dir, im["file_name"]))]
         if absent:
-            raise ValueError(f"{ann_file}: {len(absent)} image file(s) missing from {image_dir}, "
-                             f"e.g. {absent[:3]}")
+            raise ValueError(f"{ann_file}: {len(absent)} image file(s) missing from {image_dir}, e.g. {absent[:3]}")
         for im in coco["images"]:
             path = os.path.join(image_dir, im["file_name"])
             try:
@@ -165,9 +154,9 @@ def load_coco(ann_file, image_dir=None, allow_degenerate=False):
 class CocoDetection(Dataset):
     """Images (uint8 (3, H, W)) and Faster R-CNN targets from a validated COCO dict.
 
-    Categories map to contiguous labels 1..K in sorted id order (0 is torchvision's background).
-    Crowd regions and zero-size boxes are left out of the targets: they only matter for scoring.
-    Pixels come from image_dir/file_name, or from render(image_id) for the synthetic set.
+    Categories map to contiguous labels 1..K in sorted id order (0 is torchvision's background). Crowd regions
+    and zero-size boxes only matter for scoring: they are left out of the targets. Pixels come from
+    image_dir/file_name, or from render(image_id) for the synthetic set.
     """
 
     def __init__(self, coco, image_dir=None, render=None):
@@ -215,11 +204,11 @@ def _unit_polygon(shape):
 
 
 class SyntheticDetection:
-    """Several filled shapes per textured image, generated deterministically from (seed, split, index).
+    """Filled circles, triangles, squares and stars on textured images, generated from (seed, split, index).
 
-    Objects do not overlap, so every box is the full visible extent of its shape. GT 'area' is the
-    shape's own area (like COCO's segmentation area), not the box area. Sizes span COCO's small and
-    medium buckets and reach large (> 96^2 px) at 160 px images.
+    Objects do not overlap, so every box is the full visible extent of its shape. GT 'area' is the shape's own
+    area (like COCO's segmentation area), not the box area. Sizes span COCO's small and medium buckets and reach
+    large (> 96^2 px) at 160 px images.
     """
 
     def __init__(self, num_images, img_size=160, seed=0, split="train"):
@@ -251,8 +240,7 @@ class SyntheticDetection:
                 area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))  # shoelace
             x0, y0 = rng.uniform(0, S - w), rng.uniform(0, S - h)
             color = rng.integers(0, 256, 3)
-            # Rejected placements still consumed their random numbers, so the stream stays a pure
-            # function of the index.
+            # A rejected placement has still drawn its numbers: the stream stays a function of the index.
             if any(x0 < o["bbox"][0] + o["bbox"][2] + 2 and o["bbox"][0] < x0 + w + 2 and
                    y0 < o["bbox"][1] + o["bbox"][3] + 2 and o["bbox"][1] < y0 + h + 2 for o in objects):
                 continue
@@ -265,8 +253,7 @@ class SyntheticDetection:
         """PIL RGB image for COCO image id (index + 1)."""
         index, S = image_id - 1, self.img_size
         rng = self._rng(index, 1)
-        # Texture: a smooth random colour field plus oriented stripes and pixel noise, so that edges
-        # and colours alone do not give the shapes away.
+        # A smooth colour field, oriented stripes and pixel noise: edges and colours alone do not give the shapes away.
         coarse = Image.fromarray(rng.uniform(40, 215, (4, 4, 3)).astype(np.uint8)).resize((S, S), Image.BICUBIC)
         yy, xx = np.mgrid[0:S, 0:S]
         angle, freq = rng.uniform(0, np.pi), rng.uniform(0.1, 0.5)
@@ -326,17 +313,16 @@ class SimpleFeaturePyramid(nn.Module):
         def conv(cin, cout, k):  # no bias: the LN after it has one
             return [nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), LayerNorm2d(cout, eps=1e-6)]
 
-        resample = {
-            4: [nn.ConvTranspose2d(D, D // 2, 2, stride=2), LayerNorm2d(D // 2, eps=1e-6), nn.GELU(),
-                nn.ConvTranspose2d(D // 2, D // 4, 2, stride=2)],
-            2: [nn.ConvTranspose2d(D, D // 2, 2, stride=2)],
-            1: [],
-            0.5: [nn.MaxPool2d(2, stride=2)],
-        }
-        width = {4: D // 4, 2: D // 2, 1: D, 0.5: D}
+        resample = [  # per level: from stride p to p/4, p/2, p, 2p, and the width it leaves
+            ([nn.ConvTranspose2d(D, D // 2, 2, stride=2), LayerNorm2d(D // 2, eps=1e-6), nn.GELU(),
+              nn.ConvTranspose2d(D // 2, D // 4, 2, stride=2)], D // 4),
+            ([nn.ConvTranspose2d(D, D // 2, 2, stride=2)], D // 2),
+            ([], D),
+            ([nn.MaxPool2d(2, stride=2)], D),
+        ]
         self.levels = nn.ModuleList(
-            nn.Sequential(*resample[s], *conv(width[s], out_channels, 1), *conv(out_channels, out_channels, 3))
-            for s in (4, 2, 1, 0.5))
+            nn.Sequential(*layers, *conv(width, out_channels, 1), *conv(out_channels, out_channels, 3))
+            for layers, width in resample)
 
     def train(self, mode=True):
         super().train(mode)
@@ -463,10 +449,8 @@ def coco_evaluate(gt, detections):
             for a, rng in enumerate(AREA_RANGES):
                 per_area[a].append((scores, *match_image(ious, dt_area, gt_area, gt_crowd, rng)))
         for a, images in enumerate(per_area):
-            if not images:
-                continue
             npig = sum(int((~gi).sum()) for *_, gi in images)
-            if npig == 0:
+            if npig == 0:  # no image, or only ignored GTs: the slice stays -1
                 continue
             for m, max_det in enumerate(MAX_DETS):
                 scores = np.concatenate([s[:max_det] for s, *_ in images])
@@ -475,16 +459,13 @@ def coco_evaluate(gt, detections):
                 ignore = np.concatenate([ig[:, :max_det] for _, _, ig, _ in images], axis=1)[:, order]
                 tp = np.cumsum(matched & ~ignore, axis=1).astype(float)
                 fp = np.cumsum(~matched & ~ignore, axis=1).astype(float)
-                nd = tp.shape[1]
+                rc, pr, nd = tp / npig, tp / (fp + tp + np.spacing(1)), tp.shape[1]
+                recall[:, k, a, m] = rc[:, -1] if nd else 0
+                pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # precision envelope, non-increasing
+                precision[:, :, k, a, m] = 0  # at recall thresholds never reached
                 for t in range(T):
-                    rc = tp[t] / npig
-                    pr = tp[t] / (fp[t] + tp[t] + np.spacing(1))
-                    recall[t, k, a, m] = rc[-1] if nd else 0
-                    pr = np.maximum.accumulate(pr[::-1])[::-1]  # precision envelope, non-increasing
-                    idx = np.searchsorted(rc, REC_THRS, side="left")
-                    q = np.zeros(R)
-                    q[idx < nd] = pr[idx[idx < nd]]
-                    precision[t, :, k, a, m] = q
+                    idx = np.searchsorted(rc[t], REC_THRS, side="left")
+                    precision[t, idx < nd, k, a, m] = pr[t, idx[idx < nd]]
 
     def summarize(values):
         values = values[values > -1]
@@ -537,28 +518,20 @@ class IterationBatches(Sampler):
                 yield order[b * self.batch_size:(b + 1) * self.batch_size]
                 it += 1
 
-    def __len__(self):
-        return self.total - self.start
-
 
 def hflip(images, targets, flip):
     """Horizontal flip of the images where flip is True; boxes (n, 4) xyxy follow."""
-    out_images, out_targets = [], []
+    pairs = []
     for img, tgt, f in zip(images, targets, flip.tolist()):
         if f:
             W = img.shape[-1]
             boxes = tgt["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor([W, 0, W, 0])
             img, tgt = img.flip(-1), {**tgt, "boxes": boxes}
-        out_images.append(img)
-        out_targets.append(tgt)
-    return out_images, out_targets
+        pairs.append((img, tgt))
+    return tuple(zip(*pairs))
 
 
-def trainable_state(model):
-    """Pyramid + RPN + RoI heads; the frozen ViT comes from --pretrained and is not saved again."""
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.backbone.")}
-
-
+FROZEN = "backbone.backbone."  # the ViT inside the detector: it comes from --pretrained, checkpoints leave it out
 # Options a resumed run may change: they do not change what the heads learn (--iters may be extended).
 RUNTIME_OPTIONS = {"output_dir", "num_workers", "log_every", "ckpt_every", "eval_batch_size", "iters", "val_split",
                    "synthetic_val"}
@@ -575,8 +548,9 @@ def backbone_digest(backbone):
 
 
 def save_checkpoint(path, model, optimizer, iteration, args, digest):
-    vit.save_atomic(path, {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                           "iteration": iteration, "args": vars(args), "backbone_digest": digest})
+    heads = {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN)}  # pyramid, RPN, RoI heads
+    vit.save_atomic(path, {"model": heads, "optimizer": optimizer.state_dict(), "iteration": iteration,
+                           "args": vars(args), "backbone_digest": digest})
 
 
 def load_checkpoint(path, model, optimizer, args, digest):
@@ -586,7 +560,7 @@ def load_checkpoint(path, model, optimizer, args, digest):
         raise ValueError(f"{path} holds heads trained on other backbone weights than {args.pretrained} has now "
                          "(the file changed since). Use another --output-dir.")
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    frozen = {k for k in model.state_dict() if k.startswith("backbone.backbone.")}
+    frozen = {k for k in model.state_dict() if k.startswith(FROZEN)}
     if set(missing) != frozen or unexpected:
         raise ValueError(f"{path} does not match this detector (different flags?): "
                          f"missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]}")
@@ -689,7 +663,7 @@ def get_args_parser():
     g.add_argument("--num-workers", type=int, default=2, help="data-loading processes per training process")
     g.add_argument("--seed", type=int, default=0, help="seed of the heads' init, flips, scales and RPN/RoI sampling")
     g.add_argument("--log-every", type=int, default=20, help="iterations between loss lines")
-    g.add_argument("--ckpt-every", type=int, default=100, help="checkpoint period in iterations (also saved at the end)")
+    g.add_argument("--ckpt-every", type=int, default=100, help="iterations between checkpoints (also saved at the end)")
     g.add_argument("--output-dir", default="runs/detect", help="checkpoint.pth (resumed automatically), log.jsonl, "
                    "detect_results.json and detections_val.json")
     return p
@@ -697,22 +671,16 @@ def get_args_parser():
 
 def check_args(args):
     """Ranges of the numeric flags (augment.check_ranges)."""
-    ranges = [("--lr", [args.lr], lambda v: v > 0, "positive"),
-              ("--weight-decay", [args.weight_decay], lambda v: v >= 0, ">= 0"),
-              ("--momentum", [args.momentum], lambda v: 0 <= v <= 1, "in [0, 1]"),
+    at_least_1 = ("batch_size", "iters", "eval_batch_size", "log_every", "ckpt_every", "synthetic_train",
+                  "synthetic_val", "synthetic_size", "patch_size", "out_channels", "anchor_sizes", "min_size",
+                  "max_size", "rpn_batch", "roi_batch", "proposals_train", "proposals_test", "box_head_dim")
+    ranges = [("--lr", args.lr, lambda v: v > 0, "positive"),
+              ("--weight-decay", args.weight_decay, lambda v: v >= 0, ">= 0"),
+              ("--momentum", args.momentum, lambda v: 0 <= v <= 1, "in [0, 1]"),
               ("--decay-at", args.decay_at, lambda v: 0 < v < 1, "fractions in (0, 1)"),
-              ("--num-workers", [args.num_workers], lambda v: v >= 0, ">= 0"),
-              ("--warmup-iters", [args.warmup_iters], lambda v: v >= 0, ">= 0")]
-    ranges += [(flag, values if isinstance(values, list) else [values], lambda v: v >= 1, "at least 1")
-               for flag, values in (("--batch-size", args.batch_size), ("--iters", args.iters),
-                                    ("--eval-batch-size", args.eval_batch_size), ("--log-every", args.log_every),
-                                    ("--ckpt-every", args.ckpt_every), ("--synthetic-train", args.synthetic_train),
-                                    ("--synthetic-val", args.synthetic_val), ("--synthetic-size", args.synthetic_size),
-                                    ("--patch-size", args.patch_size), ("--out-channels", args.out_channels),
-                                    ("--anchor-sizes", args.anchor_sizes), ("--min-size", args.min_size),
-                                    ("--max-size", args.max_size), ("--rpn-batch", args.rpn_batch),
-                                    ("--roi-batch", args.roi_batch), ("--proposals-train", args.proposals_train),
-                                    ("--proposals-test", args.proposals_test), ("--box-head-dim", args.box_head_dim))]
+              ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
+              ("--warmup-iters", args.warmup_iters, lambda v: v >= 0, ">= 0")]
+    ranges += [("--" + k.replace("_", "-"), getattr(args, k), lambda v: v >= 1, "at least 1") for k in at_least_1]
     augment.check_ranges(ranges, prefix="detect_eval.py: ")
 
 
@@ -741,33 +709,29 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    optimizer = (torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum) if args.optimizer == "sgd"
+                 else torch.optim.AdamW(groups, lr=args.lr))
     n_frozen = sum(p.numel() for p in backbone.parameters())
     losses.log(f"backbone {args.pretrained or 'random init ' + args.arch}: {n_frozen / 1e6:.2f}M frozen params; "
-        f"trainable {sum(p.numel() for p in decay) / 1e6:.2f}M decayed + {sum(p.numel() for p in no_decay) / 1e3:.1f}K not; "
-        f"global batch {args.batch_size * world_size}, {len(train_set)} train / {len(val_set)} val images")
+               f"trainable {sum(p.numel() for p in decay) / 1e6:.2f}M decayed + "
+               f"{sum(p.numel() for p in no_decay) / 1e3:.1f}K not; global batch {args.batch_size * world_size}, "
+               f"{len(train_set)} train / {len(val_set)} val images")
 
-    # ============ optionally resuming ============
+    # ============ optionally resuming, then the batches from there on ============
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
     start = 0
-    if os.path.isfile(ckpt_path):
-        try:
-            start = load_checkpoint(ckpt_path, model, optimizer, args, digest)
-        except ValueError as e:
-            raise SystemExit(f"detect_eval.py: {e}") from None
-        losses.log(f"resumed from {ckpt_path} at iteration {start}")
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world_size > 1 else model
-
-    # ============ training the pyramid and the heads ============
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     try:
+        if os.path.isfile(ckpt_path):
+            start = load_checkpoint(ckpt_path, model, optimizer, args, digest)
+            losses.log(f"resumed from {ckpt_path} at iteration {start}")
         batches = IterationBatches(sampler, args.batch_size, start, args.iters)
     except ValueError as e:
         raise SystemExit(f"detect_eval.py: {e}") from None
+
+    # ============ training the pyramid and the heads ============
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world_size > 1 else model
     loader = DataLoader(train_set, batch_sampler=batches, num_workers=args.num_workers, collate_fn=collate,
                         pin_memory=device.type == "cuda")
     model.train()
@@ -781,9 +745,8 @@ def main(argv=None):
             group["lr"] = lr
         images, targets = hflip(images, targets, torch.rand(len(images)) < 0.5)
         images = [img.to(device, non_blocking=True).float().div_(255) for img in images]  # (3, H, W) in [0, 1]
-        targets = [{"boxes": t["boxes"].to(device, non_blocking=True), "labels": t["labels"].to(device, non_blocking=True)}
-                   for t in targets]
-        loss_terms = ddp(images, targets)  # RPN objectness/box + RoI classifier/box losses (bf16 inside the pyramid on GPU)
+        targets = [{k: t[k].to(device, non_blocking=True) for k in ("boxes", "labels")} for t in targets]
+        loss_terms = ddp(images, targets)  # RPN objectness/box + RoI classifier/box losses
         loss = sum(loss_terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
