@@ -5,7 +5,8 @@ What it measures (ImageNet-C/-P: Hendrycks & Dietterich, ICLR 2019, hendrycks/ro
                 rho_g f_l(x), relative error |f_l(gx) - rho_g f_l(x)|_F / |rho_g f_l(x)|_F, invariance error
                 |f_l(gx) - f_l(x)| / |f_l(x)|, and the chance baseline f_l(g x') of an unrelated image x'. Needs
                 only a backbone: the layer trade-off behind SER (equivariant early, invariant late).
-  * geometry    top-1 under 90/180/270-degree rotations, h/v flips and 0.75x / 1.25x rescaling.
+  * geometry    top-1 under 90/180/270-degree rotations, h/v flips and 0.75x / 1.25x rescaling (the ViT
+                resamples its position embedding).
   * ImageNet-C  15 corruptions x 5 severities of ImageNet-C/create_c/make_imagenet_c.py, generated on the fly or
                 read from the released JPEGs: top-1 error per corruption and severity, the mean top-1 over the
                 15x5 (the SER paper's "ImageNet-C Top-1"), and on ImageNet mCE and relative mCE against AlexNet.
@@ -27,11 +28,11 @@ uses 1/32-px fixed-point weights). DEVIATION: frost. Its photos are not in this 
 frost/ folder of the imagecorruptions and imagenet-c pip packages: pass it as --frost-dir); without them a
 procedural ice-crystal texture about half as strong replaces them, and every ImageNet-C number it enters is
 marked * on stdout, with a "<key>_frost" note beside it in the JSON. Regenerated data is never bit-identical to
-the released JPEGs (the original used the global np.random). The originals assume 224x224: pixel-unit constants
-are kept, hard-coded image sizes scale with the image. ImageNet-P ships as H.264 MP4s that need PyAV or OpenCV:
-extract them to frame folders (--imagenet-p-dir) or use the generated sequences (no H.264 artifacts). Shorter
-sequences (--p-frames) keep the per-frame step and take the central window (the prefix for sequences that start
-at the clean image).
+the released JPEGs (the original used the global np.random): only --imagenet-c-dir is canonical. The originals
+assume 224x224: pixel-unit constants are kept, hard-coded image sizes scale with the image. ImageNet-P ships as
+H.264 MP4s that need PyAV or OpenCV: extract them to frame folders (--imagenet-p-dir) or use the generated
+sequences (no H.264 artifacts). Shorter sequences (--p-frames) keep the per-frame step and take the central
+window (the prefix for sequences that start at the clean image).
 """
 import argparse
 import io
