@@ -1,47 +1,38 @@
 """Robustness of a frozen backbone + linear probe: layer equivariance, geometry, ImageNet-C, ImageNet-P.
 
 What it measures (ImageNet-C/-P: Hendrycks & Dietterich, ICLR 2019, hendrycks/robustness):
-  * equivariance per block l, for the group elements g of geometry: mean cosine between f_l(g x) and
-                rho_g f_l(x) over tokens, the relative error |f_l(gx) - rho_g f_l(x)|_F / |rho_g f_l(x)|_F,
-                and two companions: invariance error |f_l(gx) - f_l(x)| / |f_l(x)| and the
-                chance baseline with an unrelated image x' (f_l(g x') against rho_g f_l(x)). Needs only a
-                backbone: the layer trade-off behind SER (equivariant early, invariant late).
+  * equivariance per block l, for the group elements g of geometry: mean cosine over tokens between f_l(g x) and
+                rho_g f_l(x), relative error |f_l(gx) - rho_g f_l(x)|_F / |rho_g f_l(x)|_F, invariance error
+                |f_l(gx) - f_l(x)| / |f_l(x)|, and the chance baseline f_l(g x') of an unrelated image x'. Needs
+                only a backbone: the layer trade-off behind SER (equivariant early, invariant late).
   * geometry    top-1 under 90/180/270-degree rotations, h/v flips and 0.75x / 1.25x rescaling (the ViT
                 resamples its position embedding).
-  * ImageNet-C  15 corruptions x 5 severities, generated on the fly with the original constants of
-                ImageNet-C/create_c/make_imagenet_c.py, or read from the released JPEGs. Per-corruption
-                and per-severity top-1 error, the mean top-1 over the 15x5 (the SER paper's
-                "ImageNet-C Top-1"), and on ImageNet (1000 classes) mCE and relative mCE against AlexNet.
-  * ImageNet-P  the 10 test perturbation sequences of ImageNet-P/create_p/make_imagenet_p.py generated on
-                the fly, or read from frame folders. Flip probability FP, top-5 distance T5D, top-1 over
-                perturbed frames (the SER paper's "ImageNet-P Top-1"); mFR / mT5D only with --p-normalizers.
+  * ImageNet-C  15 corruptions x 5 severities of ImageNet-C/create_c/make_imagenet_c.py, generated on the fly or
+                read from the released JPEGs: top-1 error per corruption and severity, the mean top-1 over the
+                15x5 (the SER paper's "ImageNet-C Top-1"), and on ImageNet mCE and relative mCE against AlexNet.
+  * ImageNet-P  the 10 test sequences of ImageNet-P/create_p/make_imagenet_p.py, generated or read from frame
+                folders: flip probability FP, top-5 distance T5D, top-1 over perturbed frames (the SER paper's
+                "ImageNet-P Top-1"); mFR / mT5D only with --p-normalizers.
 
 Run (the built-in synthetic val split, a probe written by linear_eval.py):
-    python robustness_eval.py --probe runs/default/linear/linear_probe.pth --output-dir runs/robustness
-    python robustness_eval.py --probe runs/default/linear/linear_probe.pth --num-images 64 --p-frames 7   # quick CPU
+    python robustness_eval.py --probe runs/default/linear/linear_probe.pth --num-images 64 --p-frames 7  # quick CPU
     torchrun --nproc_per_node=8 robustness_eval.py --probe runs/default/linear/linear_probe.pth \
-        --data /datasets/imagenet --output-dir runs/robustness_in1k            # generated C/P, mCE on
-    torchrun --nproc_per_node=8 robustness_eval.py --probe runs/default/linear/linear_probe.pth \
-        --data /datasets/imagenet --imagenet-c-dir /datasets/ImageNet-C --tasks clean,c  # released JPEGs
-    python robustness_eval.py --equivariance-only --backbone runs/default/backbone.pth  # no probe
+        --data /datasets/imagenet --imagenet-c-dir /datasets/ImageNet-C --output-dir runs/robustness_in1k
     python robustness_eval.py --equivariance-only --backbone runs/dino/backbone.pth runs/dino_ser/backbone.pth \
-        --figures runs/figures                                   # one table and figure over several runs
-Writes a table to stdout and <output-dir>/robustness.json. Tests: python -m pytest -q test_ser.py  (its robustness_eval.py section)
+        --figures runs/figures                # no probe: one table and figure over several runs
+Writes a table to stdout and <output-dir>/robustness.json.
 
-Exactness against make_imagenet_c.py (each function says how): every corruption up to float error,
-motion blur and snow's blurred layer bit for bit (ImageMagick 6 Q16 re-implemented), elastic near-exact
-(OpenCV's warpAffine uses 1/32-px fixed-point weights, we interpolate in float). DEVIATION: frost. Its
-photos are not in this repository (they ship in the frost/ folder of the imagecorruptions and
-imagenet-c pip packages: pass it as --frost-dir); without them a procedural ice-crystal texture about
-half as strong replaces them, and every ImageNet-C number it enters is marked * on stdout, with a
-"<key>_frost" note beside it in the JSON. Regenerated data is never bit-identical to the released
-JPEGs (the original used the global np.random); only --imagenet-c-dir is canonical. The originals
-assume 224x224: pixel-unit constants (noise, blur radii, shifts) are kept, the hard-coded image sizes
-scale with the image, so at 224 px every formula is the original.
-ImageNet-P: the released files are H.264 MP4s that torch/torchvision/PIL cannot decode without PyAV or
-OpenCV; extract them to frame folders (--imagenet-p-dir) or use the generated sequences, which lack
-the H.264 artifacts. Shorter sequences (--p-frames) keep the per-frame step and take the central
-window (the prefix for sequences that start at the clean image: noise, zoom_blur).
+Exactness against make_imagenet_c.py (each function says how): every corruption up to float error, motion blur
+and snow's blurred layer bit for bit (ImageMagick 6 Q16 re-implemented), elastic near-exact (OpenCV's warpAffine
+uses 1/32-px fixed-point weights). DEVIATION: frost. Its photos are not in this repository (they ship in the
+frost/ folder of the imagecorruptions and imagenet-c pip packages: pass it as --frost-dir); without them a
+procedural ice-crystal texture about half as strong replaces them, and every ImageNet-C number it enters is
+marked * on stdout, with a "<key>_frost" note beside it in the JSON. Regenerated data is never bit-identical to
+the released JPEGs (the original used the global np.random): only --imagenet-c-dir is canonical. The originals
+assume 224x224: pixel-unit constants are kept, hard-coded image sizes scale with the image. ImageNet-P ships as
+H.264 MP4s that need PyAV or OpenCV: extract them to frame folders (--imagenet-p-dir) or use the generated
+sequences (no H.264 artifacts). Shorter sequences (--p-frames) keep the per-frame step and take the central
+window (the prefix for sequences that start at the clean image).
 """
 import argparse
 import io
@@ -92,12 +83,9 @@ def _fro(t):
 
 @torch.no_grad()
 def equivariance_scores(backbone, x, elements, autocast=nullcontext):
-    """Per-image scores (E, L, M, B) for E elements, L blocks, M = EQUIV_METRICS, images x (B, 3, H, W).
-
-    cos: mean over tokens of cos(f_l(gx), rho_g f_l(x)); rel_error: |f_l(gx) - rho_g f_l(x)|_F / |rho_g f_l(x)|_F;
-    inv_error: |f_l(gx) - f_l(x)|_F / |f_l(x)|_F (NaN where g changes the grid: no identity map there);
-    chance_*: the same with f_l(g x'), x' the next image of the batch (NaN for a batch of one).
-    """
+    """Per-image scores (E, L, M, B) for E elements, L blocks, M = EQUIV_METRICS (as in the module docstring),
+    images x (B, 3, H, W). inv_error is NaN where g changes the grid (no identity map there); chance_* compares
+    f_l(g x') for x' the next image of the batch (NaN for a batch of one)."""
     with autocast():
         maps = [m.float() for m in backbone.block_token_maps(x)]  # L x (B, D, h, w)
     B = x.shape[0]
@@ -143,8 +131,8 @@ def pca_rgb(maps):
 
 @torch.no_grad()
 def equivariance_panels(backbone, x, g, layer):
-    """The two sides of L_equiv at block `layer` as pictures: (f_L(g x), rho_g f_L(x)), each a list of
-    B RGB maps (3, h', w'), one PCA basis per image shared by its two panels."""
+    """The two sides of L_equiv at block `layer` as pictures: (f_L(g x), rho_g f_L(x)), each a list of B RGB maps
+    (3, h', w'), one PCA basis per image shared by its two panels."""
     f_gx = backbone.block_token_maps(apply_to_images(x, g, backbone.patch_size))[layer - 1].float()
     rho_f_x = apply_to_token_map(backbone.block_token_maps(x)[layer - 1].float(), g)
     pairs = [pca_rgb([a, b]) for a, b in zip(f_gx, rho_f_x)]
@@ -188,14 +176,12 @@ def _grid_image(rows, header, tile):
 
 
 def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "vflip", "scale1.25"), tile=64):
-    """Write <out_dir>/equivariance.png and <out_dir>/attention_<name>.png; returns their paths and panels.
+    """Write <out_dir>/equivariance.png and <out_dir>/attention_<name>.png; returns their paths and the panels.
 
-    equivariance.png, one row per (image, group element g): x, g x, then for each backbone
-    f_L(g x) | rho_g f_L(x) as PCA->RGB token maps. Where the two panels of a backbone agree, its
-    layer-L map is equivariant to g (what SER's L_equiv asks for); an invariance-trained layer shows
-    the same content in the wrong place or in other colours.
-    attention_<name>.png, one row per image: the image, then the last block's [CLS] attention of each
-    head over the patches (DINO's visualisation), each map scaled to its own maximum.
+    equivariance.png, one row per (image, g): x, g x, then per backbone f_L(g x) | rho_g f_L(x) as PCA->RGB token
+    maps. Where a backbone's two panels agree, its block L is equivariant to g (what SER's L_equiv asks for); an
+    invariance-trained layer shows the content in the wrong place or in other colours. attention_<name>.png, one
+    row per image: the image, then the last block's [CLS] attention per head (DINO's), each scaled to its maximum.
     """
     os.makedirs(out_dir, exist_ok=True)
     grid = (x.shape[-2] // backbones[0].patch_size, x.shape[-1] // backbones[0].patch_size)
@@ -203,14 +189,9 @@ def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "
     panels = {n: {e: equivariance_panels(b, x, elements[e], layer) for e in element_names}
               for n, b in zip(names, backbones)}
     moved = {e: apply_to_images(x, elements[e], backbones[0].patch_size) for e in element_names}  # g x
-    rows = []
-    for i in range(len(x)):
-        for e in element_names:
-            row = [_image_tile(x[i], tile), _image_tile(moved[e][i], tile)]
-            for n in names:
-                f_gx, rho_f_x = panels[n][e]
-                row += [_picture(f_gx[i], tile), _picture(rho_f_x[i], tile)]
-            rows.append(row)
+    rows = [[_image_tile(x[i], tile), _image_tile(moved[e][i], tile)]  # then f_L(g x), rho_g f_L(x) per backbone
+            + [_picture(side[i], tile) for n in names for side in panels[n][e]]
+            for i in range(len(x)) for e in element_names]
     header = ["x", "g x"] + [t for n in names for t in (f"{n} f(gx)", "rho f(x)")]
     paths = [os.path.join(out_dir, "equivariance.png")]
     _grid_image(rows, header, tile).save(paths[0])
@@ -229,17 +210,14 @@ def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "
 # final np.uint8 truncation.
 
 def corrupt(image, name, severity, rng=0, frost_images=None, jpeg_quality=None):
-    """Apply ImageNet-C corruption `name` at `severity` (1..5).
-
-    image: uint8 (H, W, 3) numpy -> uint8 (H, W, 3); or a float tensor (..., 3, H, W) in [0, 1] -> the
-    same shape and dtype, quantised to 8 bits as the original. rng: a seed or np.random.Generator.
-    jpeg_quality: re-encode the result (the released data is JPEG q85, optimize=True); None = off.
-    """
+    """Apply ImageNet-C corruption `name` at `severity` (1..5) to a uint8 (H, W, 3) array, or to a float tensor
+    (..., 3, H, W) in [0, 1] (quantised to 8 bits as the original; same shape and dtype back). rng: a seed or a
+    np.random.Generator. jpeg_quality: re-encode the result (the released data is JPEG q85, optimize=True)."""
     if name not in CORRUPTION_FNS:
         raise ValueError(f"unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)}")
     if severity not in (1, 2, 3, 4, 5):
         raise ValueError(f"severity must be 1..5, got {severity}")
-    rng = _as_rng(rng)
+    rng = np.random.default_rng(rng)  # a Generator passes through unchanged
     if isinstance(image, torch.Tensor):
         if image.shape[-3] != 3:
             raise ValueError(f"expected (..., 3, H, W) images, got {tuple(image.shape)}")
@@ -254,10 +232,6 @@ def corrupt(image, name, severity, rng=0, frost_images=None, jpeg_quality=None):
     out = CORRUPTION_FNS[name](image / 255.0, severity, rng, frost_images=frost_images)
     out = np.clip(out, 0, 255).astype(np.uint8)  # the original's np.uint8: truncation, not rounding
     return _jpeg(out, jpeg_quality, optimize=True) if jpeg_quality else out
-
-
-def _as_rng(rng):
-    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
 def gaussian_noise(x, severity, rng, **_):
@@ -286,10 +260,9 @@ def glass_blur(x, severity, rng, **_):
     sigma, delta, iters = ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2))[severity - 1]
     H, W = x.shape[:2]
     x = (gaussian_filter(x, sigma) * 255).astype(np.uint8)
-    # The original loops h in range(224 - delta, delta, -1) (likewise w); we use the image size.
-    # Its `x[h, w], x[h', w'] = x[h', w'], x[h, w]` on numpy views COPIES x[h', w'] into x[h, w]
-    # (the second assignment reads the already overwritten view), so we copy too. Sequential, so a
-    # loop; on pixel ids in a Python list, then one gather.
+    # The original loops h over range(224 - delta, delta, -1) (likewise w): here the image size. Its swap
+    # `x[h, w], x[h', w'] = x[h', w'], x[h, w]` of numpy views COPIES x[h', w'] into x[h, w], so we copy
+    # too: sequentially, on pixel ids in a Python list, then one gather.
     hs, ws = range(H - delta, delta, -1), range(W - delta, delta, -1)
     ids = list(range(H * W))
     for _ in range(iters):
@@ -326,13 +299,24 @@ def snow(x, severity, rng, **_):
         (0.1, 0.3, 3, 0.5, 10, 4, 0.8), (0.2, 0.3, 2, 0.5, 12, 4, 0.7), (0.55, 0.3, 4, 0.9, 12, 8, 0.7),
         (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65), (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55))[severity - 1]
     x = x.astype(np.float32)
+    layer, white = _snow_layer(x, rng, mu, std, zoom, thr)
+    return _snowfall(blend * x + (1 - blend) * white, layer, radius, sigma, rng.uniform(-135, -45))
+
+
+def _snow_layer(x, rng, mu, std, zoom, thr):
+    """Snow before its motion blur: the grey layer (H, W, 1) in 0..255 (the PNG handed to ImageMagick), and
+    x whitened, max(x, 1.5 gray + 0.5) with gray as cv2 RGB2GRAY."""
     layer = clipped_zoom(rng.normal(size=x.shape[:2], loc=mu, scale=std)[..., None], zoom)
     layer[layer < thr] = 0
-    layer = (np.clip(layer, 0, 1) * 255).astype(np.uint8)  # the grey PNG handed to ImageMagick
-    layer = magick_motion_blur(layer.astype(np.float64), radius, sigma, rng.uniform(-135, -45)) / 255  # (H, W, 1)
-    gray = (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2])[..., None]  # cv2 RGB2GRAY
-    x = blend * x + (1 - blend) * np.maximum(x, gray * 1.5 + 0.5)
-    return np.clip(x + layer + np.rot90(layer, k=2), 0, 1) * 255
+    layer = (np.clip(layer, 0, 1) * 255).astype(np.uint8).astype(np.float64)
+    gray = (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2])[..., None]
+    return layer, np.maximum(x, gray * 1.5 + 0.5)
+
+
+def _snowfall(base, layer, radius, sigma, angle):
+    """The layer motion-blurred along `angle`, added with its 180-degree turn: (H, W, 3) in 0..255."""
+    moving = magick_motion_blur(layer, radius, sigma, angle) / 255
+    return np.clip(base + moving + np.rot90(moving, k=2), 0, 1) * 255
 
 
 def frost(x, severity, rng, frost_images=None, **_):
@@ -366,7 +350,11 @@ def fog(x, severity, rng, **_):
 
 
 def brightness(x, severity, rng, **_):
-    c = (0.1, 0.2, 0.3, 0.4, 0.5)[severity - 1]
+    return _value_shift(x, (0.1, 0.2, 0.3, 0.4, 0.5)[severity - 1])
+
+
+def _value_shift(x, c):
+    """skimage HSV value + c, clipped: (H, W, 3) in [0, 1] -> in [0, 255]."""
     hsv = rgb2hsv(x)
     hsv[..., 2] = np.clip(hsv[..., 2] + c, 0, 1)
     return np.clip(hsv2rgb(hsv), 0, 1) * 255
@@ -457,12 +445,9 @@ def load_frost_images(frost_dir):
 
 
 def procedural_frost(height, width, rng):
-    """A stand-in for the frost photos: (H, W, 3) float in 0..255. DEVIATION from ImageNet-C.
-
-    Hexagonal ice dendrites (needles with +-60-degree side branches) drawn at 2x and downsampled,
-    a faint glow, over a plasma haze, tinted cold blue. Sizes scale with the image, so the overlay
-    looks the same at any resolution. It only imitates the photos' statistics.
-    """
+    """A stand-in for the frost photos, (H, W, 3) float in 0..255: a DEVIATION from ImageNet-C that only imitates
+    their statistics. Hexagonal ice dendrites (needles with +-60-degree side branches) drawn at 2x and downsampled,
+    a faint glow, over a plasma haze, tinted cold blue; sizes scale with the image."""
     size, ss = min(height, width), 2
     canvas = Image.new("L", (width * ss, height * ss), 0)
     draw = ImageDraw.Draw(canvas)
@@ -506,31 +491,28 @@ def _fold(idx, n, mode):
     raise ValueError(f"unknown border mode {mode!r}")
 
 
-def _correlate1d(x, weights, axis, mode):
-    """scipy.ndimage.correlate1d along `axis` of a float array, centred odd-length weights."""
-    r = len(weights) // 2
-    n = x.shape[axis]
-    padded = np.moveaxis(np.take(x, _fold(np.arange(-r, n + r), n, mode), axis=axis), axis, 0)  # (n + 2r, ...)
-    out = np.zeros((n,) + padded.shape[1:])
-    for i, w in enumerate(weights):  # a sum of shifted copies: float64 and fast (torch's fp64 conv is not)
-        out += w * padded[i:i + n]
-    return np.moveaxis(out, 0, axis)
-
-
 def gaussian_filter(x, sigma, mode="nearest", truncate=4.0):
     """skimage.filters.gaussian on the two spatial axes of (H, W) or (H, W, C): radius int(truncate*sigma + .5)."""
     r = int(truncate * sigma + 0.5)
-    w = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    w /= w.sum()
-    return _correlate1d(_correlate1d(np.asarray(x, np.float64), w, 0, mode), w, 1, mode)
+    weights = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    weights /= weights.sum()
+    x = np.asarray(x, np.float64)
+    for axis in (0, 1):  # scipy.ndimage.correlate1d along each axis
+        n = x.shape[axis]
+        padded = np.moveaxis(np.take(x, _fold(np.arange(-r, n + r), n, mode), axis=axis), axis, 0)  # (n + 2r, ...)
+        out = np.zeros((n,) + padded.shape[1:])
+        for i, w in enumerate(weights):  # a sum of shifted copies: float64 and fast (torch's fp64 conv is not)
+            out += w * padded[i:i + n]
+        x = np.moveaxis(out, 0, axis)
+    return x
 
 
-def _correlate2d(x, kernel, mode="reflect101"):
+def _correlate2d(x, kernel):
     """cv2.filter2D per channel of (H, W, C): correlation with the kernel centred, OpenCV borders."""
     kh, kw = kernel.shape
     H, W = x.shape[:2]
-    rows = _fold(np.arange(-(kh // 2), H + kh // 2), H, mode)
-    cols = _fold(np.arange(-(kw // 2), W + kw // 2), W, mode)
+    rows = _fold(np.arange(-(kh // 2), H + kh // 2), H, "reflect101")
+    cols = _fold(np.arange(-(kw // 2), W + kw // 2), W, "reflect101")
     padded = np.moveaxis(x[rows][:, cols], -1, 0)  # (C, H', W')
     # float64 FFT convolution with the flipped kernel on a zero-padded, FFT-friendly grid; the
     # circular wrap only reaches the border we discard
@@ -541,11 +523,9 @@ def _correlate2d(x, kernel, mode="reflect101"):
 
 
 def _bilinear(img, ys, xs, mode):
-    """Bilinear gather from (H, W, C) at float coordinates (any shape S) -> (*S, C).
-
-    mode 'constant' reads zeros outside (cv2 BORDER_CONSTANT); other modes fold the integer taps
-    (scipy map_coordinates(order=1, mode='reflect') is 'symmetric', cv2 default is 'reflect101').
-    """
+    """Bilinear gather from (H, W, C) at float coordinates (any shape S) -> (*S, C). mode 'constant' reads zeros
+    outside (cv2 BORDER_CONSTANT); other modes fold the integer taps (scipy map_coordinates(order=1,
+    mode='reflect') is 'symmetric', cv2's default 'reflect101')."""
     H, W = img.shape[:2]
     y0, x0 = np.floor(ys).astype(np.int64), np.floor(xs).astype(np.int64)
     fy, fx = (ys - y0)[..., None], (xs - x0)[..., None]
@@ -561,11 +541,9 @@ def _bilinear(img, ys, xs, mode):
 
 
 def clipped_zoom(img, zoom):
-    """Zoom (H, W, C) about its centre by `zoom` >= 1 and crop back to (H, W), as make_imagenet_c.
-
-    scipy.ndimage.zoom(order=1) of the centre crop to round(side * zoom) is bilinear with corners
-    aligned (scipy's grid_mode=False). The original assumes a square; we apply its rule per axis.
-    """
+    """Zoom (H, W, C) about its centre by `zoom` >= 1 and crop back to (H, W), as make_imagenet_c: its
+    scipy.ndimage.zoom(order=1) of the centre crop to round(side * zoom) is bilinear with corners aligned
+    (grid_mode=False). The original assumes a square; we apply its rule per axis."""
     H, W = img.shape[:2]
     ch, cw = math.ceil(H / zoom), math.ceil(W / zoom)
     top, left = (H - ch) // 2, (W - cw) // 2
@@ -603,12 +581,10 @@ def hsv2rgb(hsv):
 def magick_motion_blur(img, radius, sigma, angle):
     """ImageMagick MotionBlurImage on (H, W, C) in 0..255, re-quantised to 8 bits as the PNG round trip.
 
-    One-sided Gaussian kernel of width 2*ceil(radius) + 1 starting at the pixel, taps at
-    (ceil(i cos a - .5), ceil(i sin a - .5)) with y down, edge pixels replicated outside.
-    Quantisation as the Q16 build that make_imagenet_c.py's Wand calls: the sum is rounded to a
-    16-bit quantum (8-bit v is 257 v), and the 8-bit PNG written by make_blob truncates that
-    (floor(q / 257)). Checked bit-exact against ImageMagick 6.9.11 Q16 through Wand 0.6.13 (the test's
-    fixture); rounding to 8 bits directly would sit +0.5 grey level above it on average.
+    One-sided Gaussian kernel of width 2*ceil(radius) + 1 starting at the pixel, taps at (ceil(i cos a - .5),
+    ceil(i sin a - .5)) with y down, edge pixels replicated. As the Q16 build make_imagenet_c.py's Wand calls, the
+    sum is rounded to a 16-bit quantum (8-bit v is 257 v) that the 8-bit PNG of make_blob truncates (floor(q / 257)):
+    bit-exact against ImageMagick 6.9.11 Q16 / Wand 0.6.13 (the test's fixture).
     """
     width = 2 * math.ceil(radius) + 1
     i = np.arange(width)
@@ -626,11 +602,9 @@ def magick_motion_blur(img, radius, sigma, angle):
 
 
 def plasma_fractal(mapsize, decay, rng, normalise=True):
-    """Diamond-square height map (mapsize, mapsize), mapsize a power of two, as make_imagenet_c's fog.
-
-    Each new point is mean/4 + wibble * U(-wibble, wibble): the noise amplitude is wibble^2 = 1e4 at
-    the first level, not wibble (a quirk of the original we keep, it sets the fog's spectrum).
-    """
+    """Diamond-square height map (mapsize, mapsize), mapsize a power of two, as make_imagenet_c's fog. Each new
+    point is mean/4 + wibble * U(-wibble, wibble): the noise amplitude is wibble^2 = 1e4 at the first level, not
+    wibble (a quirk of the original we keep, it sets the fog's spectrum)."""
     if mapsize < 2 or mapsize & (mapsize - 1):
         raise ValueError(f"plasma mapsize must be a power of two >= 2, got {mapsize}")
     m = np.zeros((mapsize, mapsize))
@@ -705,51 +679,35 @@ def perturbation_sequence(image, name, crop_size, rng=0, difficulty=1, num_frame
         raise ValueError(f"difficulty must be 1..3, got {difficulty}")
     if min(image.shape[:2]) < crop_size:
         raise ValueError(f"image {image.shape[:2]} is smaller than the crop {crop_size}")
-    rng = _as_rng(rng)
+    rng = np.random.default_rng(rng)
     idx = frame_indices(name, num_frames)
-    bilinear = TF.InterpolationMode.BILINEAR
-    moves = {"translate": lambda i: _pil_affine(image, translate=(i - 20, 0)),  # nearest: whole pixels
-             "rotate": lambda i: _pil_affine(image, angle=float(i - 15), interpolation=bilinear),
-             "tilt": lambda i: _tilt(image, i - 15),
-             "scale": lambda i: _pil_affine(image, scale=(i * 2.5 + 40) / 100.0, interpolation=bilinear)}
-    if name in moves:
-        return np.stack([_center_crop(moves[name](i), crop_size) for i in idx])
     crop = _center_crop(image, crop_size)
     x = crop / 255.0
-    frames = []
-    if name == "gaussian_noise":
-        sigma = (0.03, 0.05, 0.08)[difficulty - 1]
-        # ToPILImage truncates: mul(255).byte()
-        frames = [crop if i == 0 else (np.clip(x + sigma * rng.standard_normal(x.shape), 0, 1) * 255).astype(np.uint8)
-                  for i in idx]
-    elif name == "shot_noise":
-        lam = (300, 120, 60)[difficulty - 1]
-        frames = [crop if i == 0 else (255 * np.clip(rng.poisson(x * lam) / lam, 0, 1)).astype(np.uint8) for i in idx]
-    elif name == "motion_blur":
-        frames = [magick_motion_blur(crop.astype(np.float64), 10, 3, (i - 30) * 4).astype(np.uint8) for i in idx]
-    elif name == "zoom_blur":
+    bilinear = TF.InterpolationMode.BILINEAR
+    if name == "zoom_blur":
         # frame i: running mean of the clean crop and the crops of bilinear zooms by 1 + 0.004 j, j <= i
-        total = x.copy()
+        frames, total = [crop], x.copy()
         for i in range(1, idx[-1] + 1):
             total += _center_crop(_pil_affine(image, scale=1 + 0.004 * i, interpolation=bilinear), crop_size) / 255.0
             if i in idx:
                 frames.append((total / (i + 1) * 255).astype(np.uint8))
-        frames.insert(0, crop)
-    elif name == "snow":
-        layer = clipped_zoom(rng.normal(size=x.shape[:2], loc=0.05, scale=0.3)[..., None], 3)
-        layer[layer < 0.5] = 0
-        layer = (np.clip(layer, 0, 1) * 255).astype(np.uint8).astype(np.float64)
-        gray = (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2])[..., None]
-        base = 0.85 * x + 0.15 * np.maximum(x, gray * 1.5 + 0.5)
-        for i in idx:  # one fixed snow layer, blurred along a turning direction
-            moving = magick_motion_blur(layer, 14, 4, i * 4 - 150) / 255
-            frames.append((np.clip(base + moving + np.rot90(moving, k=2), 0, 1) * 255).astype(np.uint8))
-    elif name == "brightness":
-        for i in idx:
-            hsv = rgb2hsv(x)
-            hsv[..., 2] = np.clip(hsv[..., 2] + (i - 15) * 2 / 100.0, 0, 1)
-            frames.append((hsv2rgb(hsv) * 255).astype(np.uint8))
-    return np.stack(frames)  # (T, crop, crop, 3)
+        return np.stack(frames)
+    if name == "snow":  # one fixed snow layer, blurred along a turning direction
+        layer, white = _snow_layer(x, rng, 0.05, 0.3, 3, 0.5)
+    sigma, lam = (0.03, 0.05, 0.08)[difficulty - 1], (300, 120, 60)[difficulty - 1]
+    frame = {  # parameter i -> a frame in 0..255, truncated to uint8 as ToPILImage's mul(255).byte()
+        "gaussian_noise": lambda i: np.clip(x + sigma * rng.standard_normal(x.shape), 0, 1) * 255,
+        "shot_noise": lambda i: 255 * np.clip(rng.poisson(x * lam) / lam, 0, 1),
+        "motion_blur": lambda i: magick_motion_blur(crop.astype(np.float64), 10, 3, (i - 30) * 4),
+        "snow": lambda i: _snowfall(0.85 * x + 0.15 * white, layer, 14, 4, i * 4 - 150),
+        "brightness": lambda i: _value_shift(x, (i - 15) * 2 / 100.0),
+        # the moves act on the uncropped image
+        "translate": lambda i: _pil_affine(image, translate=(i - 20, 0)),  # nearest: whole pixels
+        "rotate": lambda i: _pil_affine(image, angle=float(i - 15), interpolation=bilinear),
+        "tilt": lambda i: _tilt(image, i - 15),
+        "scale": lambda i: _pil_affine(image, scale=(i * 2.5 + 40) / 100.0, interpolation=bilinear)}[name]
+    frames = [crop if i == 0 and name in _STARTS_CLEAN else frame(i) for i in idx]
+    return np.stack([_center_crop(f, crop_size).astype(np.uint8) for f in frames])  # (T, crop, crop, 3)
 
 
 def _center_crop(u8, size):
@@ -806,10 +764,8 @@ ALEXNET_CLEAN_ERR = 0.43478  # torchvision alexnet-owt-4df8aa71: acc@1 56.522
 
 
 def corruption_errors(errors, clean_error=None):
-    """mCE and relative mCE (in %) from {corruption: [error at severity 1..5]} over the 15 benchmark ones.
-
-    CE_c = sum_s E_sc / sum_s E^AlexNet_sc; relative CE_c = sum_s (E_sc - E_clean) / sum_s (E^A_sc - E^A_clean).
-    """
+    """mCE and relative mCE (in %) from {corruption: [error at severity 1..5]} over the 15 benchmark ones:
+    CE_c = sum_s E_sc / sum_s E^AlexNet_sc; relative CE_c = sum_s (E_sc - E_clean) / sum_s (E^A_sc - E^A_clean)."""
     missing = [c for c in CORRUPTIONS if c not in errors]
     if missing:
         raise ValueError(f"mCE needs all 15 corruptions; missing {', '.join(missing)}")
@@ -849,26 +805,12 @@ def top5_distance(logits, noise, difficulty=1):
     return (i - sigma.clamp(max=6)).abs().sum(-1).float().mean(1)
 
 
-
-
 # ---------------------------------------------------------------------------------------------------
 # Datasets: generated from the val images, or read from the released files
 
-def _to_input(u8):
-    """uint8 (..., H, W, 3) -> normalised float (..., 3, H, W), the model's input."""
-    x = torch.from_numpy(np.array(u8)).movedim(-1, -3).float() / 255  # a copy: PIL arrays are read-only
-    return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
-
-
-def resize_short(pil, img_size):
-    """The Resize(256) of the originals, scaled: short side round(img_size * 256 / 224), bilinear (PIL)."""
-    return np.asarray(TF.resize(pil.convert("RGB"), round(img_size * 256 / 224),
-                                interpolation=TF.InterpolationMode.BILINEAR))
-
-
 class _Items(Dataset):
-    """Item i is (normalised input, label, i), from self.load(self.items[i]) -> (uint8 (..., H, W, 3), label).
-    The index lets each rank write its results back by position under DDP; self.entry[i] names the
+    """Item i is (normalised input (..., 3, H, W), label, i), from self.load(self.items[i]) -> (uint8 (..., H, W, 3),
+    label). The index lets each rank write its results back by position under DDP; self.entry[i] names the
     corruption / severity (an index into the caller's list) that item i belongs to."""
 
     def __len__(self):
@@ -876,12 +818,14 @@ class _Items(Dataset):
 
     def __getitem__(self, i):
         u8, label = self.load(self.items[i])
-        return _to_input(u8), label, i
+        x = torch.from_numpy(np.array(u8)).movedim(-1, -3).float() / 255  # a copy: PIL arrays are read-only
+        return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1), label, i
 
 
 class Generated(_Items):
-    """Every (job, image) pair: val image n through the Resize(256) analogue, then make(u8, rng=rng) of
-    job (key, make) with rng seeded by (seed, key, n), so the data depend on neither workers nor ranks."""
+    """Every (job, image) pair: val image n through the Resize(256) of the originals (scaled: short side
+    round(img_size * 256 / 224), bilinear), then make(u8, rng=rng) of job (key, make) with rng seeded by
+    (seed, key, n), so the data depend on neither workers nor ranks."""
 
     def __init__(self, base, img_size, jobs, seed=0):
         self.base, self.img_size, self.jobs, self.seed = base, img_size, jobs, seed
@@ -892,7 +836,9 @@ class Generated(_Items):
         j, n = item
         key, make = self.jobs[j]
         pil, label = self.base[n]
-        return make(resize_short(pil, self.img_size), rng=np.random.default_rng((self.seed, key, n))), label
+        u8 = np.asarray(TF.resize(pil.convert("RGB"), round(self.img_size * 256 / 224),
+                                  interpolation=TF.InterpolationMode.BILINEAR))
+        return make(u8, rng=np.random.default_rng((self.seed, key, n))), label
 
 
 def corrupted_crop(u8, rng, crop, name, severity, frost_images=None, jpeg_quality=None):
@@ -926,8 +872,7 @@ def released_corruptions(root, entries, img_size):
     """The released ImageNet-C JPEGs: <root>/<c>/<s>/<wnid>/* or <root>/<family>/<c>/<s>/<wnid>/*."""
     items, entry = [], []
     for e, (name, severity) in enumerate(entries):
-        candidates = [os.path.join(root, name, str(severity))] + [
-            os.path.join(root, fam, name, str(severity)) for fam in ("noise", "blur", "weather", "digital")]
+        candidates = [os.path.join(root, fam, name, str(severity)) for fam in ("", "noise", "blur", "weather", "digital")]
         folder = next((c for c in candidates if os.path.isdir(c)), None)
         if folder is None:
             raise SystemExit(f"--imagenet-c-dir {root}: no folder {name}/{severity} (flat or per family)")
@@ -954,13 +899,9 @@ def released_sequences(root, name, difficulty):
     return Released(videos, [0] * len(videos))
 
 
-def _natural_key(path):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
-
-
 def _image_files(folder):
-    return sorted((os.path.join(folder, f) for f in os.listdir(folder)
-                   if f.lower().endswith((".jpeg", ".jpg", ".png"))), key=_natural_key)
+    files = [os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith((".jpeg", ".jpg", ".png"))]
+    return sorted(files, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p)])  # 10 after 9
 
 
 def _class_folders(folder, flag):
@@ -1002,14 +943,6 @@ class Evaluator:
         return (self.logits(x).argmax(1) == y).float()
 
     @torch.no_grad()
-    def correct(self, dataset, label):
-        """(len,) 1.0 where the top-1 prediction is right."""
-        out = torch.zeros(len(dataset), device=self.device)
-        for x, y, idx in self.loader(dataset, self.args.batch_size, label):
-            out[idx] = self.hits(x, y)
-        return self.reduce(out)
-
-    @torch.no_grad()
     def clean_pass(self, dataset, img_size, geometry, equivariance):
         """Clean top-1, top-1 under each geometric element, per-block equivariance scores, in one pass."""
         grid = (img_size // self.backbone.patch_size,) * 2
@@ -1026,21 +959,6 @@ class Evaluator:
                 scores[..., idx] = equivariance_scores(self.backbone, x, elements, self.autocast)
         return names, self.reduce(correct), self.reduce(scores)
 
-    @torch.no_grad()
-    def sequences(self, dataset, name):
-        """Per video (3, V): flip probability, top-5 distance, top-1 over the perturbed frames; and T."""
-        noise = "noise" in name
-        first = 1 if name in _STARTS_CLEAN else 0  # the clean frame is no perturbed frame
-        out = torch.zeros(3, len(dataset), device=self.device)
-        T = dataset[0][0].shape[0]
-        for frames, y, idx in self.loader(dataset, max(1, self.args.batch_size // T), f"ImageNet-P {name}"):
-            logits = self.logits(frames.flatten(0, 1)).view(*frames.shape[:2], -1)  # (B, T, C)
-            preds = logits.argmax(-1)
-            out[0, idx] = flip_probability(preds, noise, self.args.p_difficulty)
-            out[1, idx] = top5_distance(logits, noise, self.args.p_difficulty)
-            out[2, idx] = (preds[:, first:] == y[:, None]).float().mean(1)
-        return self.reduce(out), T
-
 
 # ---------------------------------------------------------------------------------------------------
 # Command line: one function per task, main() dispatches
@@ -1053,34 +971,31 @@ def get_args_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--probe", default=None, help="linear_eval.py output <dir>/linear_probe.pth (backbone + head)")
-    g.add_argument("--backbone", nargs="+", default=None, help="backbone checkpoint(s) (vit.load_backbone) for "
-                   "--equivariance-only; several give one comparison table (and figure) over the runs")
+    g.add_argument("--backbone", nargs="+", default=None, help="backbone checkpoint(s) for --equivariance-only; "
+                   "several give one comparison table (and figure) over the runs")
     g.add_argument("--arch", default=None, help="with --backbone for released weights, e.g. vit_small")
     g.add_argument("--patch-size", type=int, default=16, help="with --arch only")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", help="val split of 'synthetic' (built in) or an ImageFolder root "
                    "(ImageNet: enables mCE); clean images and the source of generated C/P")
-    g.add_argument("--num-images", type=int, default=None,
-                   help="use the first N val images; default all, except 200 on the built-in data (CPU minutes)")
+    g.add_argument("--num-images", type=int, default=None, help="first N val images (all; 200 of 'synthetic')")
     g.add_argument("--img-size", type=int, default=None, help="default: the probe's img_size (or the backbone's)")
     g.add_argument("--imagenet-c-dir", default=None, help="read the released ImageNet-C instead of generating it")
     g.add_argument("--imagenet-p-dir", default=None, help="read ImageNet-P frame folders instead of generating them")
-    g.add_argument("--frost-dir", default=None, help="folder with the original frost1..frost6 photos (the frost/ "
-                   "folder inside the imagecorruptions or imagenet-c pip package); without it frost uses a procedural "
-                   "texture about half as strong, and every report that includes it is marked")
+    g.add_argument("--frost-dir", default=None, help="the original frost1..frost6 photos (the frost/ folder of the "
+                   "imagecorruptions or imagenet-c pip package); without it a weaker procedural texture, marked *")
     g = p.add_argument_group("what to run")
     g.add_argument("--tasks", default=",".join(TASKS), help="comma list of " + ", ".join(TASKS))
-    g.add_argument("--equivariance-only", action="store_true", help="only the per-block equivariance scores; "
-                   "needs no probe (--backbone is enough)")
+    g.add_argument("--equivariance-only", action="store_true", help="per-block equivariance only: --backbone will do")
     g.add_argument("--corruptions", default=",".join(CORRUPTIONS), help="comma list (mCE needs all 15)")
     g.add_argument("--perturbations", default=",".join(PERTURBATIONS), help="comma list (mFR needs all 10)")
     g.add_argument("--c-jpeg", action="store_true", help="re-encode generated images as JPEG q85 like the release")
-    g.add_argument("--p-frames", type=int, default=None, help="frames per sequence (default 31, translate 41); "
-                   "fewer for CPU speed, same per-frame step")
+    g.add_argument("--p-frames", type=int, default=None, help="frames per sequence (31, translate 41)")
     g.add_argument("--p-difficulty", type=int, default=1, choices=(1, 2, 3), help="noise strength / frame step d")
     g.add_argument("--p-normalizers", default=None, help='JSON {"fp": {pert: AlexNet FP}, "t5d": {...}} for mFR/mT5D')
     g.add_argument("--mce", default="auto", choices=("auto", "on", "off"), help="auto: when the data has 1000 classes")
-    g.add_argument("--scales", type=float, nargs="+", default=[0.75, 1.25], help="input rescalings (geometry, equivariance)")
+    g.add_argument("--scales", type=float, nargs="+", default=[0.75, 1.25],
+                   help="input rescalings (geometry, equivariance)")
     g.add_argument("--figures", default=None, metavar="DIR", help="also write PNG figures there: equivariance.png "
                    "(f_L(g x) next to rho_g f_L(x) per backbone) and attention_<run>.png ([CLS] attention per head)")
     g.add_argument("--figure-layer", type=int, default=None, help="block L of the figures and of the comparison "
@@ -1088,8 +1003,7 @@ def get_args_parser():
     g.add_argument("--figure-images", type=int, default=4, help="val images shown in the figures")
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", type=int, default=64, help="images per rank per forward")
-    g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="loader processes per rank (generation runs there)")
+    g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="loader processes per rank")
     g.add_argument("--seed", type=int, default=0, help="corruption / perturbation randomness")
     g.add_argument("--output-dir", default="runs/robustness", help="robustness.json goes here")
     return p
@@ -1119,7 +1033,7 @@ def _mean(values):
 
 
 def load_backbones(args):
-    return [vit.backbone_from_flags(path, args.arch, args.patch_size, flag=f"--backbone {path}") for path in args.backbone]
+    return [vit.backbone_from_flags(p, args.arch, args.patch_size, flag=f"--backbone {p}") for p in args.backbone]
 
 
 def load_model(args):
@@ -1204,7 +1118,10 @@ def corruption_task(ev, base, img_size, num_classes, corruptions, clean_error, f
         c_set = Generated(base, img_size, [(e, partial(corrupted_crop, crop=img_size, name=c, severity=s,
                                                        frost_images=frost_images, jpeg_quality=jpeg_quality))
                                            for e, (c, s) in enumerate(entries)], args.seed)
-    correct = ev.correct(c_set, f"ImageNet-C ({len(entries)} sets)")
+    correct = torch.zeros(len(c_set), device=ev.device)
+    for x, y, idx in ev.loader(c_set, args.batch_size, f"ImageNet-C ({len(entries)} sets)"):
+        correct[idx] = ev.hits(x, y)
+    correct = ev.reduce(correct)
     errors = {c: [1 - correct[c_set.entry == entries.index((c, s))].mean().item() for s in range(1, 6)]
               for c in corruptions}
     mean_error = _mean([e for v in errors.values() for e in v])
@@ -1221,29 +1138,25 @@ def corruption_task(ev, base, img_size, num_classes, corruptions, clean_error, f
     # The procedural frost is about half as far from the clean image as the photos (1 - correlation,
     # against make_imagenet_c.py with the photos: 0.52-0.66 over the severities), so every number it
     # enters is biased toward robustness: each carries a mark next to it, on stdout and in the JSON.
-    substitute = not args.imagenet_c_dir and "frost" in corruptions and frost_images is None
-    mark = "*" if substitute else ""
-    if substitute:
+    mark = "*" if not args.imagenet_c_dir and "frost" in corruptions and frost_images is None else ""
+    if mark:
         res["deviation"] = FROST_NOTE
-        for key in ("top1", "mean_error", "mce", "relative_mce", "top1_per_corruption"):
-            if key in res:
-                res[f"{key}_frost"] = "procedural substitute (see 'deviation')"
+        res.update({f"{key}_frost": "procedural substitute (see 'deviation')"
+                    for key in ("top1", "mean_error", "mce", "relative_mce", "top1_per_corruption") if key in res})
     ev.log(f"\nImageNet-C ({res['source']}): top-1 error per severity 1..5, %")
     for c in corruptions:
         ev.log(f"  {c:18s} " + " ".join(f"{100 * e:6.2f}" for e in errors[c])
                + f"   top-1 {res['top1_per_corruption'][c]:.2f}{mark if c == 'frost' else ''}")
-    mce = f"   mCE {res['mce']:.2f}{mark}" if "mce" in res else ""
-    if "relative_mce" in res:
-        mce += f"  relative mCE {res['relative_mce']:.2f}{mark}"
+    mce = f"   mCE {res['mce']:.2f}{mark}  relative mCE {res['relative_mce']:.2f}{mark}" if "mce" in res else ""
     ev.log(f"  mean top-1 over {len(corruptions)}x5: {res['top1']:.2f}{mark}" + mce)
-    if substitute:
+    if mark:
         ev.log(f"  * {FROST_NOTE}")
     return res
 
 
 def perturbation_task(ev, base, img_size, perturbations):
     """ImageNet-P flip probability, top-5 distance and top-1 per perturbation; mFR / mT5D with --p-normalizers."""
-    args = ev.args
+    args, d = ev.args, ev.args.p_difficulty
     normalizers = None
     if args.p_normalizers:
         try:
@@ -1254,17 +1167,24 @@ def perturbation_task(ev, base, img_size, perturbations):
             raise SystemExit(f"--p-normalizers {args.p_normalizers}: need {{'fp': {{pert: value}}, "
                              f"'t5d': {{...}}}} for every perturbation run ({e!r})") from None
     res = {"source": "frames" if args.imagenet_p_dir else "generated (no H.264 artifacts)",
-           "difficulty": args.p_difficulty, "per_perturbation": {}}
+           "difficulty": d, "per_perturbation": {}}
     for name in perturbations:
         if args.imagenet_p_dir:
-            seq = released_sequences(args.imagenet_p_dir, name, args.p_difficulty)
+            seq = released_sequences(args.imagenet_p_dir, name, d)
         else:
-            make = partial(perturbation_sequence, name=name, crop_size=img_size, difficulty=args.p_difficulty,
-                           num_frames=args.p_frames)
+            make = partial(perturbation_sequence, name=name, crop_size=img_size, difficulty=d, num_frames=args.p_frames)
             seq = Generated(base, img_size, [(PERTURBATIONS.index(name), make)], args.seed)
-        scores, frames = ev.sequences(seq, name)
-        fp, t5d, top1 = scores.mean(1).tolist()
-        res["per_perturbation"][name] = {"fp": 100 * fp, "t5d": t5d, "top1": 100 * top1, "frames": int(frames)}
+        noise, first = "noise" in name, 1 if name in _STARTS_CLEAN else 0  # a clean frame 0 is no perturbed frame
+        T = seq[0][0].shape[0]
+        scores = torch.zeros(3, len(seq), device=ev.device)  # per video: FP, T5D, top-1 over the perturbed frames
+        for frames, y, idx in ev.loader(seq, max(1, args.batch_size // T), f"ImageNet-P {name}"):
+            logits = ev.logits(frames.flatten(0, 1)).view(*frames.shape[:2], -1)  # (B, T, C)
+            preds = logits.argmax(-1)
+            scores[0, idx] = flip_probability(preds, noise, d)
+            scores[1, idx] = top5_distance(logits, noise, d)
+            scores[2, idx] = (preds[:, first:] == y[:, None]).float().mean(1)
+        fp, t5d, top1 = ev.reduce(scores).mean(1).tolist()
+        res["per_perturbation"][name] = {"fp": 100 * fp, "t5d": t5d, "top1": 100 * top1, "frames": T}
     per = res["per_perturbation"]
     res["top1"] = _mean([v["top1"] for v in per.values()])
     res["mean_fp"] = _mean([v["fp"] for v in per.values()])
@@ -1272,7 +1192,7 @@ def perturbation_task(ev, base, img_size, perturbations):
     if normalizers:
         res["mfr"] = 100 * _mean([per[p]["fp"] / 100 / normalizers["fp"][p] for p in perturbations])
         res["mt5d"] = 100 * _mean([per[p]["t5d"] / normalizers["t5d"][p] for p in perturbations])
-    ev.log(f"\nImageNet-P ({res['source']}, difficulty {args.p_difficulty}): FP %, T5D, top-1 % over perturbed frames")
+    ev.log(f"\nImageNet-P ({res['source']}, difficulty {d}): FP %, T5D, top-1 % over perturbed frames")
     for name, v in per.items():
         ev.log(f"  {name:15s} FP {v['fp']:6.2f}  T5D {v['t5d']:6.3f}  top-1 {v['top1']:6.2f}  ({v['frames']} frames)")
     ev.log(f"  mean top-1 {res['top1']:.2f}  mean FP {res['mean_fp']:.2f}" +
@@ -1321,11 +1241,9 @@ def evaluate(args, device, rank, world, log):
 
 
 def compare_backbones(args, device, rank, world, log):
-    """--equivariance-only with several --backbone: per-block equivariance of each run, one table.
-
-    The table reads, per run and group element, the mean cosine between f_l(g x) and rho_g f_l(x) at
-    block L (--figure-layer: SER's split block) and at the last block, plus linear / k-NN top-1 from
-    the run's linear_eval.json when linear_eval.py wrote one next to it (<run>/linear/)."""
+    """--equivariance-only with several --backbone: one table of, per run and group element, the mean cosine between
+    f_l(g x) and rho_g f_l(x) at block L (--figure-layer: SER's split block) and at the last block, plus linear /
+    k-NN top-1 from the run's <run>/linear/linear_eval.json when linear_eval.py wrote one."""
     backbones, names = load_backbones(args), run_names(args.backbone)
     img_size = args.img_size or backbones[0].arch["img_size"]
     base, _ = val_images(args, img_size, default=200)
@@ -1375,8 +1293,7 @@ def main(args):
         except OSError as e:
             raise SystemExit(str(e)) from None
         log(f"\nwrote {path} in {results['seconds']:.0f}s")
-    if world > 1:
-        dist.destroy_process_group()
+    losses.finish_distributed()
     return results
 
 
