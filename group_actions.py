@@ -1,31 +1,20 @@
-"""The SER transformation group, acting on pixels and on ViT token maps.
-
-An element g acts on a batch as
+"""The SER transformation group, acting on pixels and on ViT token maps. An element g acts on a batch as
 
     g(x) = R90^k( Resize_size( F^flip( R180^rot180(x) ) ) )
 
-read right to left: an optional 180-degree rotation, an optional horizontal flip, a resize to a
-target grid, then k counter-clockwise quarter turns (torch.rot90 on dims (-2, -1)). This is the
-order the official release uses to build SER's "b2" views (aitrics-chris/SER, `Aug_equi.aug_equiv`).
+read right to left, the order in which the release builds SER's "b2" views (aitrics-chris/SER,
+`Aug_equi.aug_equiv`); R90 is a counter-clockwise torch.rot90 on dims (-2, -1). flip and rot180 are
+per-sample (B,) bool tensors: they keep the shape. k and size are shared by the batch, since a quarter
+turn of a non-square grid or a resize changes the shape. `size` is the token grid (h, w) before the
+turn: the output grid is `size` for even k, `size` transposed for odd k.
 
-Which parts are per sample and which are shared by the batch:
-  * flip, rot180 -- (B,) bool tensors, PER SAMPLE. They keep the shape, so samples may differ.
-  * k, size      -- SHARED by the batch. A quarter turn of a non-square grid, or a resize, changes
-                    the tensor's shape, and one batch tensor has one shape.
+apply_to_images(x, g, patch) acts on pixels (resizing to (h*patch, w*patch)); apply_to_token_map(t, g)
+is rho_g on (B, C, h, w) token maps: turns and flips are exact token permutations, the resize is
+bicubic (align_corners=False, no antialias, as released).
 
-`size` is in token-grid units (h, w) and is the grid *before* the final rotation, so the output
-grid is `size` for even k and `size` transposed for odd k.
-
-Two representations of the same element:
-  * apply_to_images(x, g, patch)   pixel space: the image is resized to (h*patch, w*patch).
-  * apply_to_token_map(t, g)       feature space rho_g on (B, C, h, w): rotations and flips are
-                                   exact token permutations; the resize is bicubic resampling of
-                                   the token grid (align_corners=False, no antialias, as released).
-
-Exactness. D4 parts (k, flip, rot180) compose and invert exactly, bit for bit. Resizes are
-"resize to a target grid"; as continuous maps (align_corners=False keeps pixel centres aligned)
-two of them compose exactly into the last one, so compose keeps the last target. The *discrete*
-result differs slightly: resampling twice is not resampling once. Output shapes are always exact.
+Exactness: D4 parts (k, flip, rot180) compose and invert bit for bit. As continuous maps two resizes
+compose into the last one (align_corners=False keeps pixel centres aligned), so compose keeps the last
+target grid, although resampling twice differs slightly from resampling once. Shapes are always exact.
 
 Run the demo:    python group_actions.py
 """
@@ -53,8 +42,7 @@ class GroupElement:
         self.k = int(self.k) % 4
         for name in ("flip", "rot180"):
             flags = getattr(self, name)
-            if flags is not None and not (isinstance(flags, Tensor) and flags.dtype == torch.bool
-                                          and flags.dim() == 1):
+            if flags is not None and not (isinstance(flags, Tensor) and flags.dtype == torch.bool and flags.dim() == 1):
                 raise ValueError(f"GroupElement.{name} must be a (B,) bool tensor or None, got "
                                  f"{_describe(flags)} (use .bool() on 0/1 tensors)")
         if self.flip is not None and self.rot180 is not None and len(self.flip) != len(self.rot180):
@@ -74,10 +62,9 @@ def _describe(v) -> str:
     return f"a {v.dtype} tensor of shape {tuple(v.shape)}" if isinstance(v, Tensor) else repr(v)
 
 
-def _check_positive_int(v, name: str) -> int:
+def _check_positive_int(v, name: str) -> None:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return int(v)
 
 
 def _check_grid(grid, name: str) -> tuple[int, int]:
@@ -126,21 +113,17 @@ def _act(x: Tensor, g: GroupElement, resize) -> Tensor:
 
 
 def select_samples(g: GroupElement, idx) -> GroupElement:
-    """g restricted to the samples `idx` (a slice or index tensor): the shared k and size are kept,
-    the per-sample flags indexed. An element drawn for a whole group of images, then restricted to
-    the images one process holds, acts on each of them as it would in one process."""
+    """g restricted to the samples `idx` (a slice or index tensor), e.g. to the images of a group that one
+    process holds: the shared k and size are kept, the per-sample flags indexed."""
     return GroupElement(k=g.k, flip=None if g.flip is None else g.flip[idx],
                         rot180=None if g.rot180 is None else g.rot180[idx], size=g.size)
 
 
 def sample_element(batch_size: int, generator: torch.Generator, base_grid=(14, 14),
                    scale=(0.7, 1.3), ratio=(3 / 4, 4 / 3)) -> GroupElement:
-    """One random element, drawn like the release's Aug_equi.get_params (same draws, same order).
-
-    area = base_h*base_w*U(scale) tokens, aspect ratio log-uniform in `ratio`, then k ~ U{0..3}
-    for the batch and per-sample rot180 and flip ~ Bernoulli(0.5). Everything comes from
-    `generator` (a CPU torch.Generator), so a seeded generator reproduces the element exactly.
-    """
+    """One random element, drawn like the release's Aug_equi.get_params (same draws, same order) from
+    `generator` (a CPU torch.Generator): area = base_h*base_w*U(scale) tokens, aspect ratio log-uniform in
+    `ratio`, then k ~ U{0..3} for the batch and per-sample rot180 and flip ~ Bernoulli(0.5)."""
     _check_positive_int(batch_size, "batch_size")
     if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
         raise ValueError(f"generator must be a CPU torch.Generator, got {generator!r}")
@@ -148,13 +131,11 @@ def sample_element(batch_size: int, generator: torch.Generator, base_grid=(14, 1
     for name, (lo, hi) in (("scale", scale), ("ratio", ratio)):
         if not 0 < lo <= hi:
             raise ValueError(f"{name} must be (lo, hi) with 0 < lo <= hi, got {(lo, hi)!r}")
-    log_ratio = torch.log(torch.tensor(ratio))
+    log_lo, log_hi = torch.log(torch.tensor(ratio)).tolist()
     area = base_h * base_w * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-    aspect = math.exp(torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item(),
-                                              generator=generator).item())
-    # The release calls these w and h but passes them to F.interpolate as (rows, cols); we keep
-    # what it does. The aspect law is symmetric in ar <-> 1/ar, so only the draw order cares.
-    # max(1, .) only matters for tiny base grids, where rounding could give an empty grid.
+    aspect = math.exp(torch.empty(1).uniform_(log_lo, log_hi, generator=generator).item())
+    # The release calls these w and h but passes them to F.interpolate as (rows, cols), as we do (the
+    # aspect law is symmetric in ar <-> 1/ar). max(1, .): tiny base grids could round to an empty grid.
     rows = max(1, round(math.sqrt(area * aspect)))
     cols = max(1, round(math.sqrt(area / aspect)))
     k = int(torch.randint(0, 4, (1,), generator=generator).item())
@@ -165,13 +146,9 @@ def sample_element(batch_size: int, generator: torch.Generator, base_grid=(14, 1
 
 def sample_view_pair(batch_size: int, generator: torch.Generator, base_grid=(14, 14),
                      scale=(0.7, 1.3), ratio=(3 / 4, 4 / 3)) -> tuple[GroupElement, GroupElement]:
-    """The release's pair of b2 views of one common crop: (g1, g2).
-
-    g2's size and k are drawn independently of g1's, but its per-sample flags are g1's negated
-    (the release draws g2's flags too and discards them; we do the same, so the generator
-    advances identically). With negated flags the relative action g2 g1^-1 has the same D4 part
-    for every sample: R90^k2 . Resize . F . R180 . R90^-k1, a vertical flip between the turns.
-    """
+    """The release's pair of b2 views of one common crop: (g1, g2). g2's size and k are drawn independently,
+    its flags are g1's negated (drawn and discarded, as the release, so the generator advances the same).
+    Then g2 g1^-1 has one D4 part for every sample: R90^k2 . Resize . F . R180 . R90^-k1."""
     g1 = sample_element(batch_size, generator, base_grid, scale, ratio)
     g2 = sample_element(batch_size, generator, base_grid, scale, ratio)
     return g1, GroupElement(k=g2.k, flip=~g1.flip, rot180=~g1.rot180, size=g2.size)
@@ -183,33 +160,26 @@ def apply_to_images(x: Tensor, g: GroupElement, patch_size: int) -> Tensor:
     _check_batch(x, g, "images")
     H, W = x.shape[-2:]
     if g.size is not None and (H % patch_size or W % patch_size):
-        # g.size is in tokens, so the input must be a whole token grid for the scale to mean
-        # the same thing in pixels and in features
+        # g.size is in tokens: the scale means the same in pixels and in features only on a whole token grid
         raise ValueError(f"image size {H}x{W} is not divisible by patch_size {patch_size}")
 
     def resize(t: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, h*p, w*p)
         if g.size is None or g.size == (H // patch_size, W // patch_size):
             return t
         hw = (g.size[0] * patch_size, g.size[1] * patch_size)
-        # Shrinking pixels without a low-pass filter aliases fine texture into the view (what PIL
-        # and torchvision's resize avoid), so antialias when any side shrinks. Not when only
-        # growing: there antialias would just swap in PIL's cubic kernel (a=-0.5 vs -0.75).
+        # Antialias when a side shrinks, or fine texture aliases into the view (PIL and torchvision avoid
+        # it too); not when only growing, where it would just swap in PIL's cubic kernel (a=-0.5 vs -0.75).
         shrink = hw[0] < H or hw[1] < W
-        # CPU has no antialiased kernel for 16-bit floats; resample those in fp32
-        low = t.dtype in (torch.float16, torch.bfloat16)
-        y = F.interpolate(t.float() if low else t, size=hw, mode="bicubic", align_corners=False,
-                          antialias=shrink)
+        low = t.dtype in (torch.float16, torch.bfloat16)  # CPU has no antialiased 16-bit kernel: use fp32
+        y = F.interpolate(t.float() if low else t, size=hw, mode="bicubic", align_corners=False, antialias=shrink)
         return y.to(t.dtype)
 
     return _act(x, g, resize)
 
 
 def apply_to_token_map(t: Tensor, g: GroupElement) -> Tensor:
-    """rho_g on a (B, C, h, w) token map: exact permutations for R90/F/R180, bicubic for the resize.
-
-    No antialias and no clamping: features have no value range, and this is the release's
-    `aug_equiv_feat` resampling. Differentiable, any device and dtype.
-    """
+    """rho_g on a (B, C, h, w) token map: exact permutations for R90/F/R180, bicubic for the resize, with
+    no antialias and no clamping (features have no value range), the release's `aug_equiv_feat`."""
     _check_batch(t, g, "token map")
 
     def resize(u: Tensor) -> Tensor:  # (B, C, h, w) -> (B, C, *g.size)
@@ -221,29 +191,23 @@ def apply_to_token_map(t: Tensor, g: GroupElement) -> Tensor:
 
 
 def compose(g2: GroupElement, g1: GroupElement) -> GroupElement:
-    """g2 after g1, in normal form. Exact for D4 parts; a resize keeps the last target grid.
-
-    Moving g1's quarter turns left past g2 uses
+    """g2 after g1, in normal form: exact for D4 parts, a resize keeps the last target grid. Moving g1's
+    quarter turns left past g2 uses
         F . R90^k    = R90^k . R180^(k odd) . F      (a reflection reverses the rotation sense)
         Resize . R90^k = R90^k . Resize^T(k odd)     (target transposed for an odd turn)
-    and per-sample F and R180 commute with each other and with an axis-aligned resize.
-    """
+    and per-sample F and R180 commute with each other and with an axis-aligned resize."""
     if g1.batch_size is not None and g2.batch_size is not None and g1.batch_size != g2.batch_size:
         raise ValueError(f"cannot compose elements for batch sizes {g2.batch_size} and {g1.batch_size}")
     odd = g1.k % 2 == 1
-    size2 = g2.size[::-1] if (odd and g2.size is not None) else g2.size
     # Resize_a . Resize_b = Resize_a as continuous maps; the discrete values differ (module doc).
-    size = size2 if size2 is not None else g1.size
+    size = g1.size if g2.size is None else (g2.size[::-1] if odd else g2.size)
     rot180 = _xor(_xor(g1.rot180, g2.rot180), g2.flip if odd else None)
     return GroupElement(k=(g1.k + g2.k) % 4, flip=_xor(g1.flip, g2.flip), rot180=rot180, size=size)
 
 
 def inverse(g: GroupElement, input_size: tuple[int, int] | None) -> GroupElement:
-    """g^-1, where input_size is the token grid (h, w) g was applied to.
-
-    The grid is needed because "resize to size" forgets where it came from; it may be None only
-    when g has no resize. g^-1 = R180^d F^f Resize_in R90^-k, brought back to normal form.
-    """
+    """g^-1, where input_size is the token grid (h, w) g was applied to ("resize to size" forgets where
+    it came from; None only when g has no resize): R180^d F^f Resize_in R90^-k, in normal form."""
     if input_size is not None:
         input_size = _check_grid(input_size, "input_size")
     elif g.size is not None:
@@ -255,12 +219,8 @@ def inverse(g: GroupElement, input_size: tuple[int, int] | None) -> GroupElement
 
 
 def relative_action(g1: GroupElement, g2: GroupElement, base_size: tuple[int, int]) -> GroupElement:
-    """g = g2 g1^-1: carries view 1's token map (g1 of the common crop) onto view 2's grid.
-
-    base_size is the token grid of the common crop both views were made from. The result holds
-    a single resize (to view 2's grid), so rho_g resamples once, as the release does.
-    relative_action(g2, g1, base_size) goes back.
-    """
+    """g = g2 g1^-1: carries view 1's token map (g1 of the common crop, whose token grid is base_size) onto
+    view 2's grid with a single resize, so rho_g resamples once, as the release does."""
     return compose(g2, inverse(g1, base_size))
 
 

@@ -1,23 +1,15 @@
-"""SSL losses and heads: MoCo v3, DINO, Barlow Twins, VICReg, SimCLR, BYOL, and the add-ons
-SER (L_equiv), EquiMod, AugSelf and E-SSL.
+"""SSL losses and heads: MoCo v3, DINO, Barlow Twins, VICReg, SimCLR, BYOL, and the add-ons SER
+(L_equiv), EquiMod, AugSelf and E-SSL, on the head outputs (pretrain.compute_losses), in float32 at
+least. Each loss states its convention relative to the official code, naming the official file.
 
-Every loss works on plain tensors without a process group (world size 1) and is exact under DDP:
-with W ranks, the DDP-averaged parameter gradient equals the gradient of the same loss computed by
-one process on the concatenated global batch. The rule that makes this work: whenever a loss
-gathers or reduces a tensor that carries gradients, the collective is autograd-aware (its backward
-sums every rank's gradient for our rows), and the local loss is scaled so that the losses of all
-ranks add up to W * (global loss). DDP's mean over ranks then cancels the W. Statistics that carry
-no gradient (DINO centre, MoCo keys) use plain no-grad collectives. All heads with BatchNorm use
-`GlobalBatchNorm1d`, whose training statistics span the global batch the same way.
-Every loss is exact for any split of the batch over ranks, equal or not: SER's b2 groups sit
-unevenly on the ranks, so a rank may hold more (or no) b2 rows than another. Losses normalised by
-a count (MoCo v3, SimCLR, EquiMod, SER, Barlow Twins, VICReg's variance and covariance) read the
-global count from the gather; the means that the official code takes per rank (BYOL, DINO, VICReg's
-MSE, AugSelf, E-SSL) are global means here, local sum * W / global count (`_global_mean_of_sum`),
-which equals the official value when every rank holds the same number of rows.
-
-Conventions relative to the official code are stated at each loss, naming the official file. Inputs
-are the head outputs (pretrain.compute_losses); half-precision inputs are upcast to float32 inside.
+Every loss is exact under DDP: with W ranks, the DDP-averaged gradient equals that of the same loss on
+the concatenated global batch in one process. Collectives on tensors with gradients are autograd-aware
+(their backward sums every rank's gradient for our rows) and each local loss is scaled so that the
+ranks' losses add up to W * (global loss), which DDP's mean cancels; statistics without gradient (DINO
+centre, MoCo keys) use no-grad collectives, heads with BatchNorm `GlobalBatchNorm1d`. Ranks may hold
+unequal shares (SER's b2 groups; a rank may hold none): counts come from the gathers, and the means the
+official code takes per rank (BYOL, DINO, VICReg's MSE, AugSelf, E-SSL) are global means here
+(`_global_mean_of_sum`), the official value for equal shares.
 """
 
 import os
@@ -37,17 +29,17 @@ import group_actions
 
 
 def init_distributed():
-    """The one launch path of every script: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on GPUs, gloo on CPU. Otherwise one plain process."""
+    """Every script's launch: under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) NCCL on GPUs, gloo on
+    CPU; otherwise one plain process. Returns (rank, world size, device)."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
+    if not torch.cuda.is_available():
         dist.init_process_group("gloo")
+        return rank, world, torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank)
+    dist.init_process_group("nccl", device_id=device)
     return rank, world, device
 
 
@@ -102,11 +94,8 @@ def _gather_counts(n):
 
 class _GatherRows(torch.autograd.Function):
     """All-gather along dim 0 with a different row count per rank (pad to the max, gather, slice).
-
-    Backward: every rank computed its loss from the gathered rows, so the gradient of our rows is
-    the sum over ranks of the gradient each rank sent to them (all_reduce SUM, then our slice) --
-    the same rule as VICReg's FullGatherLayer, generalised to variable counts.
-    """
+    Backward: every rank's loss read our rows, so their gradient is the sum over ranks (all_reduce SUM,
+    then our slice): VICReg's FullGatherLayer, generalised to variable counts."""
 
     @staticmethod
     def forward(ctx, x, counts):
@@ -126,11 +115,8 @@ class _GatherRows(torch.autograd.Function):
 
 
 def all_gather_rows(x):
-    """Concatenate every rank's `x` (N_r, ...) along dim 0 -> (sum_r N_r, ...), and the counts.
-
-    Gradients flow back to every rank's rows when `x` requires grad; call it on a detached tensor
-    (or under no_grad) for a statistics-only gather.
-    """
+    """Every rank's `x` (N_r, ...) concatenated along dim 0 -> (sum_r N_r, ...), and the counts.
+    Gradients flow back to every rank's rows; gather a detached tensor for statistics only."""
     if not _distributed():
         return x, [x.shape[0]]
     counts = _gather_counts(x.shape[0])
@@ -148,21 +134,18 @@ def global_count(n):
 
 
 def _global_mean_of_sum(local_sum, global_count_):
-    # Local loss whose sum over ranks is W * (global mean): W * sum_local / N_global. Exact under
-    # DDP even when ranks hold different numbers of anchors (SER's grids differ per rank).
+    # W * sum_local / N_global: the ranks' losses add up to W * (global mean), for unequal shares too
     return local_sum * world_size() / global_count_
 
 
-def global_moments(x):
-    """Per-column mean and biased variance of (N, C) over the global batch, with gradients.
-
-    Two passes (mean, then centred squares) rather than E[x^2] - E[x]^2, which cancels badly in
-    float32 for features with a large mean. Returns (mean (C,), var (C,), N_global).
-    """
+def _global_standardize(x, eps=1e-5):
+    """BatchNorm1d(affine=False) in train mode on (N, C) over the global batch, with gradients: returns
+    (x - mean) / sqrt(var + eps) with the per-column mean (C,), biased variance (C,) and N_global.
+    Two passes: E[x^2] - E[x]^2 cancels badly in float32 for features with a large mean."""
     n = global_count(x.shape[0])
     mean = all_reduce_sum(x.sum(0)) / n
     var = all_reduce_sum((x - mean).pow(2).sum(0)) / n
-    return mean, var, n
+    return (x - mean) * torch.rsqrt(var + eps), mean, var, n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,16 +154,9 @@ def global_moments(x):
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d on (N, C) whose training statistics span the global batch.
-
-    Same parameters, buffers and state-dict keys as nn.BatchNorm1d (so a head saved with either
-    loads into the other). Training under a process group: mean and biased variance over all ranks
-    via autograd-aware all_reduce, normalisation with the biased variance, running_var updated with
-    the unbiased one (as torch). Without a process group, or in eval mode, it is exactly
-    nn.BatchNorm1d. Unlike torch.nn.SyncBatchNorm it runs on CPU/gloo.
-    Do not pass models holding it to SyncBatchNorm.convert_sync_batchnorm (it would replace it).
-    Every rank must call it in train mode together (it runs collectives), like SyncBatchNorm.
-    """
+    """BatchNorm1d on (N, C) whose training statistics span the global batch (autograd-aware all_reduce, on
+    CPU/gloo too, unlike torch.nn.SyncBatchNorm); exactly nn.BatchNorm1d, keys included, without a process
+    group or in eval mode. All ranks call it in train mode together; convert_sync_batchnorm would replace it."""
 
     def _check_input_dim(self, x):
         if x.dim() != 2:
@@ -190,15 +166,13 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         self._check_input_dim(x)
         if not (self.training and _distributed()):
             return super().forward(x)
-        xf = _upcast(x)
-        mean, var, n = global_moments(xf)
+        y, mean, var, n = _global_standardize(_upcast(x), self.eps)  # (N, C)
         if n < 2:
             raise ValueError("GlobalBatchNorm1d needs more than 1 sample in the global batch when training")
         with torch.no_grad():
             self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
             self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), self.momentum)
             self.num_batches_tracked += 1
-        y = (xf - mean) * torch.rsqrt(var + self.eps)  # (N, C)
         if self.affine:
             y = y * self.weight + self.bias
         return y.to(x.dtype)
@@ -206,31 +180,21 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
 def build_mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn=True, bias=False, last_bias=False):
     """MoCo v3 `_build_mlp`: [Linear -> BN -> ReLU] x (num_layers-1) -> Linear [-> BN(affine=False)].
-
-    `bias` is for the hidden Linears (VICReg and BYOL use it; MoCo v3 and Barlow Twins do not);
-    the output Linear has no bias in every official projector, `last_bias` adds one (AugSelf).
-    """
+    `bias`: on the hidden Linears (VICReg, BYOL); `last_bias`: on the output one (AugSelf's predictors)."""
+    dims = [in_dim] + [hidden_dim] * (num_layers - 1)
     layers = []
-    for i in range(num_layers):
-        d_in = in_dim if i == 0 else hidden_dim
-        last = i == num_layers - 1
-        d_out = out_dim if last else hidden_dim
-        layers.append(nn.Linear(d_in, d_out, bias=last_bias if last else bias))
-        if not last:
-            layers += [GlobalBatchNorm1d(d_out), nn.ReLU(inplace=True)]
-        elif last_bn:
-            # MoCo v3 (and SimCLR) end with a BN; MoCo's has no affine (SimCLR's keeps the scale).
-            layers.append(GlobalBatchNorm1d(d_out, affine=False))
+    for d_in, d_out in zip(dims, dims[1:]):
+        layers += [nn.Linear(d_in, d_out, bias=bias), GlobalBatchNorm1d(d_out), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(dims[-1], out_dim, bias=last_bias))
+    if last_bn:
+        layers.append(GlobalBatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*layers)
 
 
 class WeightNormLinear(nn.Module):
-    """Bias-free Linear with weight = g * v / ||v|| per output row.
-
-    The same parameters and names as torch's (deprecated) weight_norm(Linear) that DINO uses
-    ('weight_g' (out, 1), 'weight_v' (out, in)), so DINO head checkpoints load; unlike the hook
-    version, it deep-copies cleanly for the EMA teacher.
-    """
+    """Bias-free Linear with weight = g * v / ||v|| per output row, with the parameters of torch's
+    (deprecated) weight_norm(Linear) that DINO uses ('weight_g' (out, 1), 'weight_v' (out, in)), so DINO
+    head checkpoints load; unlike the hook version, it deep-copies cleanly for the EMA teacher."""
 
     def __init__(self, in_dim, out_dim):
         super().__init__()
@@ -244,13 +208,10 @@ class WeightNormLinear(nn.Module):
 
 
 class DINOHead(nn.Module):
-    """DINO head: MLP (GELU) -> L2 normalise -> weight-normalised Linear to out_dim logits.
-
-    Same layout and parameter names as the official head ('mlp.0', 'mlp.2', 'mlp.4',
-    'last_layer.weight_g', 'last_layer.weight_v' without BN), with the official 3 layers. With
-    norm_last_layer the norm g is frozen at 1 (official default; the ViT-S recipe sets it False).
-    pretrain.py freezes 'last_layer' during the first epoch (freeze_last_layer = 1).
-    """
+    """DINO head: 3-layer MLP (GELU) -> L2 normalise -> weight-normalised Linear to out_dim logits, with
+    the official parameter names ('mlp.0', 'mlp.2', 'mlp.4' without BN, 'last_layer.weight_g/_v').
+    norm_last_layer freezes the norm g at 1 (official default; the ViT-S recipe sets it False).
+    pretrain.py freezes 'last_layer' during the first epoch (DINO's freeze_last_layer = 1)."""
 
     def __init__(self, in_dim, out_dim=65536, use_bn=False, norm_last_layer=True, hidden_dim=2048, bottleneck_dim=256):
         super().__init__()
@@ -270,12 +231,9 @@ class DINOHead(nn.Module):
 
 
 def build_heads(method, embed_dim, hidden_dim=None, out_dim=None, **kw):
-    """(projector, predictor) for a base method, official ViT-recipe sizes unless overridden.
-
-    The projector is part of the encoder (EMA-copied for the MoCo/BYOL target and the DINO
-    teacher); the predictor is online only, or None. Extra keywords go to DINOHead (bottleneck_dim,
-    use_bn, norm_last_layer: default False, the ViT-S recipe).
-    """
+    """(projector, predictor or None) for a base method, official ViT-recipe sizes unless overridden.
+    The projector is part of the encoder (EMA-copied for the MoCo/BYOL target and the DINO teacher).
+    Extra keywords go to DINOHead (bottleneck_dim, use_bn, norm_last_layer: default False, as ViT-S)."""
     if kw and method != "dino":
         raise ValueError(f"build_heads({method!r}) got unexpected options {sorted(kw)}")
     h, o = hidden_dim, out_dim
@@ -289,8 +247,7 @@ def build_heads(method, embed_dim, hidden_dim=None, out_dim=None, **kw):
     if method == "vicreg":  # 8192-8192-8192, biases on the hidden Linears
         return build_mlp(3, embed_dim, h or 8192, o or 8192, last_bn=False, bias=True), None
     if method == "simclr":
-        # SimCLR v2 head: hidden width = input width, out 128, BN on every layer. Deviation: the last
-        # BN is affine-free here (SimCLR keeps its scale, drops its centre).
+        # SimCLR v2: hidden = input width, out 128, BN on every layer; deviation: the last BN has no scale here
         return build_mlp(3, embed_dim, h or embed_dim, o or 128), None
     if method == "byol":  # Linear(4096, bias) -> BN -> ReLU -> Linear(256, no bias), for projector and predictor
         o = o or 256
@@ -306,8 +263,7 @@ def build_heads(method, embed_dim, hidden_dim=None, out_dim=None, **kw):
 
 def _moco_direction(q, k, temperature):
     q = F.normalize(_upcast(q), dim=1)  # (N, d)
-    with torch.no_grad():  # keys come from the momentum encoder: stop-grad, statistics-only gather
-        k_all, counts = all_gather_rows(F.normalize(_upcast(k.detach()), dim=1))  # (N_global, d)
+    k_all, counts = all_gather_rows(F.normalize(_upcast(k.detach()), dim=1))  # (N_global, d), stop-grad keys
     logits = q @ k_all.T / temperature  # (N, N_global)
     labels = sum(counts[: rank()]) + torch.arange(q.shape[0], device=q.device)
     per_query = F.cross_entropy(logits, labels, reduction="none")
@@ -315,31 +271,22 @@ def _moco_direction(q, k, temperature):
 
 
 def mocov3_loss(qs, ks, temperature=0.2):
-    """MoCo v3: sum over student views i and momentum views j != i of ctr(q_i, k_j), ctr = InfoNCE
-    against the keys of all ranks, x 2T.
-
-    qs: list of (N, d) predictor outputs (online), the 2 global views first, then the local views;
-    ks: list of (N, d) momentum-encoder projections (detached here) of the global views; row n of
-    every list is the same image. Two views: ctr(q1, k2) + ctr(q2, k1), identical to the official
-    `contrastive_loss` (the 2T factor, directions summed). 2 + 4 views, SER's multi-crop
-    (aitrics-chris/SER builder/moco.py MoCo.erl_local4): 6 * 2 - 2 = 10 terms.
-    """
+    """MoCo v3: sum over student views i and momentum views j != i of ctr(q_i, k_j), ctr = InfoNCE against
+    the keys of all ranks, x 2T. qs: (N, d) predictor outputs, the 2 global views then the local ones; ks:
+    (N, d) momentum projections (detached here) of the global views; row n is the same image in all. Two views:
+    ctr(q1, k2) + ctr(q2, k1), the official `contrastive_loss` (facebookresearch/moco-v3 moco/builder.py);
+    2 + 4 views, SER's multi-crop (aitrics-chris/SER builder/moco.py MoCo.erl_local4): 6 * 2 - 2 = 10 terms."""
     if not 1 <= len(ks) <= len(qs):
         raise ValueError(f"mocov3_loss needs 1..{len(qs)} momentum views, got {len(ks)}")
     return sum(_moco_direction(q, k, temperature) for i, q in enumerate(qs) for j, k in enumerate(ks) if i != j)
 
 
 class DINOLoss(nn.Module):
-    """DINO cross-entropy between the centred, sharpened teacher and the student, all crop pairs
-    except same-view ones, averaged over the n_teacher * ncrops - n_teacher terms.
-
-    The centre (1, K) is a buffer updated *after* the loss (so the loss uses the old centre) from
-    the raw teacher outputs averaged over the global batch with a no-grad all_reduce:
-    C <- m C + (1 - m) mean(teacher). Convention: identical to the official DINOLoss, except that
-    the teacher temperature is passed in (see teacher_temp_schedule) and the number of teacher
-    views is read from the shapes instead of being fixed at 2, and the mean over images is the
-    global one (ranks may hold different numbers of rows, see the module docstring).
-    """
+    """DINO cross-entropy between the centred, sharpened teacher and the student over all crop pairs but
+    same-view ones, averaged over the n_teacher * ncrops - n_teacher terms; then C <- m C + (1 - m)
+    mean(teacher), the raw outputs' global-batch mean. Convention: the official DINOLoss (facebookresearch/dino
+    main_dino.py), but the teacher temperature is passed in (teacher_temp_schedule), the number of teacher
+    views is read from the shapes instead of fixed at 2, and the mean over images is global."""
 
     def __init__(self, out_dim, center_momentum=0.9, student_temp=0.1):
         super().__init__()
@@ -359,15 +306,10 @@ class DINOLoss(nn.Module):
         student_logp = F.log_softmax(_upcast(student_out) / self.student_temp, dim=-1).chunk(ncrops)
         teacher = _upcast(teacher_out.detach())
         teacher_p = F.softmax((teacher - self.center) / teacher_temp, dim=-1).chunk(n_teacher)
-        total, n_terms = 0.0, 0
-        for t_view, p in enumerate(teacher_p):
-            for s_view, logp in enumerate(student_logp):
-                if s_view == t_view:  # the student's copy of the teacher's own view
-                    continue
-                total = total + (-(p * logp).sum(-1)).sum()
-                n_terms += 1
+        terms = [(-(p * logp).sum(-1)).sum() for t_view, p in enumerate(teacher_p)
+                 for s_view, logp in enumerate(student_logp) if s_view != t_view]
         self.update_center(teacher)
-        return _global_mean_of_sum(total, global_count(batch)) / n_terms
+        return _global_mean_of_sum(sum(terms), global_count(batch)) / len(terms)
 
     @torch.no_grad()
     def update_center(self, teacher_out):
@@ -381,9 +323,8 @@ def teacher_temp_schedule(epoch, warmup_teacher_temp, teacher_temp, warmup_epoch
     endpoint included, then constant. ViT-S recipe: (e, 0.04, 0.07, 30); SER's DINO: 10 epochs."""
     if epoch >= warmup_epochs:
         return teacher_temp
-    if warmup_epochs == 1:
-        return warmup_teacher_temp
-    return warmup_teacher_temp + (teacher_temp - warmup_teacher_temp) * epoch / (warmup_epochs - 1)
+    # max(., 1): a one-epoch warm-up is epoch 0 at the warm-up value
+    return warmup_teacher_temp + (teacher_temp - warmup_teacher_temp) * epoch / max(warmup_epochs - 1, 1)
 
 
 def _off_diagonal(m):
@@ -392,58 +333,42 @@ def _off_diagonal(m):
     return m.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
 
 
-def _global_standardize(z, eps=1e-5):
-    # BatchNorm1d(affine=False) in train mode over the global batch: biased variance, eps 1e-5
-    mean, var, _ = global_moments(z)
-    return (z - mean) * torch.rsqrt(var + eps)
-
-
 def barlow_twins_loss(z1, z2, lambd=0.0051):
-    """Barlow Twins: sum_i (1 - c_ii)^2 + lambd * sum_{i!=j} c_ij^2, c the cross-correlation of
-    the two views standardised over the global batch, divided by the global batch size.
-
-    z_i: (N, D) projector outputs. Convention: the official loss value; deliberate deviation in the
-    gradient: the official `dist.all_reduce(c)` is not autograd-aware, so under DDP its gradient is
-    1/W of the true one; ours (autograd-aware all_reduce) is the true gradient. Multiply the loss by
-    1/W to reproduce the official training dynamics exactly.
-    """
+    """Barlow Twins: sum_i (1 - c_ii)^2 + lambd * sum_{i!=j} c_ij^2, c the cross-correlation of the two
+    views (N, D) standardised over the global batch, divided by the global batch size. Convention: the
+    official value (facebookresearch/barlowtwins main.py) with the true gradient under DDP, where the
+    official one is 1/W of it (its `dist.all_reduce(c)` is not autograd-aware); x 1/W reproduces it."""
     z1, z2 = _upcast(z1), _upcast(z2)
     n = global_count(z1.shape[0])
-    c = all_reduce_sum(_global_standardize(z1).T @ _global_standardize(z2) / n)  # (D, D)
+    c = all_reduce_sum(_global_standardize(z1)[0].T @ _global_standardize(z2)[0] / n)  # (D, D)
     on_diag = (torch.diagonal(c) - 1).pow(2).sum()
     off_diag = _off_diagonal(c).pow(2).sum()
     return on_diag + lambd * off_diag
 
 
 def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
-    """VICReg: 25 * MSE + 25 * variance + 1 * covariance.
-
-    z_i: (N, D) expander outputs. Convention: the official forward, except that the invariance MSE
-    is the global mean over N_global*D (the official one is the local mean, the same value when the
-    ranks hold equal batches); variance and covariance on the global batch gathered
-    with gradients; variance hinge on sqrt(var + 1e-4), each branch halved; covariance
-    sum_{i!=j} cov^2 / D per branch, not halved, cov = x^T x / (N_global - 1).
-    """
+    """VICReg: 25 * MSE + 25 * variance + 1 * covariance, on the (N, D) expander outputs. Convention: the
+    official forward (facebookresearch/vicreg main_vicreg.py), but the MSE is the global mean over N_global*D
+    (the official local mean is the same for equal batches). Variance and covariance on the global batch,
+    gathered with gradients: hinge on sqrt(var + 1e-4) halved per branch; sum_{i!=j} cov^2 / D per branch,
+    not halved, cov = x^T x / (N_global - 1)."""
     z1, z2 = _upcast(z1), _upcast(z2)
     repr_loss = _global_mean_of_sum((z1 - z2).pow(2).sum(), global_count(z1.shape[0]) * z1.shape[1])
-    x, _ = all_gather_rows(z1)  # (N_global, D)
-    y, _ = all_gather_rows(z2)
-    x, y = x - x.mean(0), y - y.mean(0)
-    std_x, std_y = torch.sqrt(x.var(0) + 1e-4), torch.sqrt(y.var(0) + 1e-4)
-    std_loss = F.relu(1 - std_x).mean() / 2 + F.relu(1 - std_y).mean() / 2
-    n, d = x.shape
-    cov_x, cov_y = x.T @ x / (n - 1), y.T @ y / (n - 1)  # (D, D)
-    cov_loss = _off_diagonal(cov_x).pow(2).sum() / d + _off_diagonal(cov_y).pow(2).sum() / d
+    std_loss, cov_loss = 0.0, 0.0
+    for z in (z1, z2):
+        x, _ = all_gather_rows(z)  # (N_global, D)
+        x = x - x.mean(0)
+        n, d = x.shape
+        std_loss = std_loss + F.relu(1 - torch.sqrt(x.var(0) + 1e-4)).mean() / 2
+        cov_loss = cov_loss + _off_diagonal(x.T @ x / (n - 1)).pow(2).sum() / d  # cov: (D, D)
     return sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
 
 
 def nt_xent(a, b, temperature, ids=None):
-    """NT-Xent over the pairs a_k <-> b_k: every row of a and b is an anchor, its partner is the
-    positive, the rows of every other image in the global {a, b} (both sets, gathered with gradients)
-    are the negatives. Averaged over the 2 N_global anchors. a, b: (N, d), not necessarily normalised.
-    ids: (N,) the image of each row, when an image has several rows (SER's tokens: the other tokens
-    of the anchor's image are no negatives); None: every row is its own image.
-    """
+    """NT-Xent over the pairs a_k <-> b_k of (N, d) rows (not necessarily normalised): every row is an
+    anchor, its partner the positive, the rows of every other image in the global {a, b} (gathered with
+    gradients) the negatives; averaged over the 2 N_global anchors. ids: (N,) each row's image when an
+    image has several rows (SER's tokens: no negatives from the anchor's own image); None: one row each."""
     a, b = F.normalize(_upcast(a), dim=1), F.normalize(_upcast(b), dim=1)
     a_all, counts = all_gather_rows(a)  # (M, d); the counts differ per rank with SER's groups
     b_all, _ = all_gather_rows(b)
@@ -452,8 +377,7 @@ def nt_xent(a, b, temperature, ids=None):
     if ids is None:
         ids, ids_all = idx, torch.arange(m, device=a.device)
     else:
-        with torch.no_grad():
-            ids_all, _ = all_gather_rows(ids)
+        ids_all, _ = all_gather_rows(ids)  # integers: nothing to differentiate
     logits = torch.cat([a, b]) @ torch.cat([a_all, b_all]).T / temperature  # (2n, 2M)
     positives = torch.cat([idx + m, idx])
     same_image = ids.repeat(2)[:, None] == ids_all.repeat(2)[None, :]  # (2n, 2M): the anchor itself among them
@@ -464,20 +388,15 @@ def nt_xent(a, b, temperature, ids=None):
 
 def simclr_loss(z1, z2, temperature=0.1):
     """SimCLR NT-Xent averaged over the 2N anchors of the global batch (negatives from both views).
-
     Convention: the standard NT-Xent (lightly, solo-learn, EquiMod) = 1/2 of the official TF2 loss
-    (its loss_a + loss_b is a sum of two means over N). Multiply by 2 to reproduce the TF value.
-    """
+    (google-research/simclr tf2/objective.py: loss_a + loss_b, two means over N); x 2 gives the TF value."""
     return nt_xent(z1, z2, temperature)
 
 
 def byol_loss(p1, p2, z1, z2):
-    """BYOL: mean_b[(2 - 2 cos(p1, z2)) + (2 - 2 cos(p2, z1))], range 0..8.
-
-    p_i: (N, d) online predictions of view i; z_i: (N, d) target projections of view i (detached
-    here). Convention: identical to DeepMind's (directions summed; AugSelf's version is this - 4),
-    the mean taken over the global batch.
-    """
+    """BYOL: mean_b[(2 - 2 cos(p1, z2)) + (2 - 2 cos(p2, z1))], range 0..8, of the online predictions
+    p_i and the target projections z_i (detached here) of view i, all (N, d). Convention: DeepMind's
+    (directions summed; AugSelf's version is this - 4), the mean taken over the global batch."""
     def direction(p, z):
         p = F.normalize(_upcast(p), dim=-1)
         z = F.normalize(_upcast(z.detach()), dim=-1)
@@ -492,9 +411,8 @@ def byol_loss(p1, p2, z1, z2):
 
 
 class SERProjector(nn.Module):
-    """Conv1x1(D -> 512, no bias) -> GELU -> Conv1x1(512 -> 512, no bias) on a (B, D, h, w) map,
-    as the release's `projector_equiv`. Pointwise, so it commutes with the token permutations of
-    rho_g (the alignment is applied after it, as the release does)."""
+    """Conv1x1(D -> 512) -> GELU -> Conv1x1(512 -> 512), bias-free, on a (B, D, h, w) map: the release's
+    `projector_equiv`. Pointwise, so it commutes with rho_g's token permutations (aligned after it, as released)."""
 
     def __init__(self, in_dim, hidden_dim=512, out_dim=512):
         super().__init__()
@@ -506,13 +424,10 @@ class SERProjector(nn.Module):
 
 
 class SERGroup(NamedTuple):
-    """One b2 group's pair of views on this rank, the input of ser_loss.
-
-    z1: (n, C, h1, w1), z2: (n, C, h2, w2): SERProjector outputs of the two views' layer-L token maps,
-    where view i = g_i(x) for the common crop x whose token grid is `base_size` (h, w). ids: (n,) the
-    images' global ids (their positions in the global batch); None numbers them here, unique over
-    ranks. A rank that holds no b2 image passes n = 0 (g1 = g2 = None): its collectives still run.
-    """
+    """One b2 group's pair of views on this rank: z_i (n, C, h_i, w_i), the SERProjector output of view
+    i = g_i(x)'s layer-L token map, x the common crop with token grid `base_size` (h, w); ids (n,) the
+    images' positions in the global batch (None: numbered here, unique over ranks). A rank without b2
+    images passes n = 0 and g1 = g2 = None: its collectives still run."""
     z1: torch.Tensor
     z2: torch.Tensor
     g1: "group_actions.GroupElement | None"
@@ -526,22 +441,15 @@ def _tokens(m):  # (n, C, h, w) -> (n*h*w, C), image-major
 
 
 def ser_loss(groups, temperature):
-    """SER's L_equiv, symmetric: 0.5 * [NTX(rho_g z1, z2) + NTX(z1, rho_{g^-1} z2)], over all groups.
-
-    groups: list of SERGroup, the b2 groups of one pair on this rank; each carries its own group
-    elements. g = relative_action(g1, g2, base_size) carries view 1 onto view 2's grid; g^-1 the
-    reverse. The aligned tokens of all groups (and ranks) form one NT-Xent: a token's negatives are
-    every token of every other image, whichever group or rank holds it (nt_xent with the tokens'
-    image ids). Gradients flow into both views (no stop-grad on either side).
-
-    Conventions vs the release (aitrics-chris/SER builder/moco.py `MoCo.equiv`, builder/dino.py): ours follows the paper -- negatives are the other
-    images' tokens in both views (the release: cross-view only) -- and is differentiable (the
-    release gathers under no_grad, so its L_equiv has no gradient). The DDP normalisation is the
-    global mean over all anchors; grids (token counts) differ per group and rank.
-    """
+    """SER's L_equiv, symmetric: 0.5 * [NTX(rho_g z1, z2) + NTX(z1, rho_{g^-1} z2)] over the SERGroups of
+    one pair on this rank, g = relative_action(g1, g2, base_size) carrying view 1 onto view 2's grid. The
+    aligned tokens of all groups and ranks form one NT-Xent (negatives: every token of every other image),
+    averaged over all anchors. Conventions vs the release (aitrics-chris/SER builder/moco.py `MoCo.equiv`,
+    builder/dino.py): the paper's negatives, the other images' tokens in both views (the release: cross-view
+    only), and gradients into both views (the release gathers under no_grad: its L_equiv has none)."""
     if not groups:
         raise ValueError("ser_loss needs at least one group (an empty SERGroup on a rank without b2 images)")
-    fwd, bwd, offset = ([], [], []), ([], [], []), 0
+    fwd, bwd, offset = ([], [], []), ([], [], []), 0  # per direction: anchor tokens, partner tokens, image ids
     for grp in groups:
         z1, z2 = grp.z1, grp.z2
         n = z1.shape[0]
@@ -550,12 +458,11 @@ def ser_loss(groups, temperature):
             offset += n
         else:
             ids = torch.as_tensor(grp.ids, device=z1.device)
+        z1_on_2, z2_on_1 = z1, z2  # n = 0: no group elements, nothing to align
         if n:
-            z1_on_2 = group_actions.apply_to_token_map(z1, group_actions.relative_action(grp.g1, grp.g2, grp.base_size))
-            # g1 g2^-1 = (g2 g1^-1)^-1
-            z2_on_1 = group_actions.apply_to_token_map(z2, group_actions.relative_action(grp.g2, grp.g1, grp.base_size))
-        else:
-            z1_on_2, z2_on_1 = z1, z2
+            g = group_actions.relative_action(grp.g1, grp.g2, grp.base_size)
+            g_inv = group_actions.relative_action(grp.g2, grp.g1, grp.base_size)  # g1 g2^-1 = (g2 g1^-1)^-1
+            z1_on_2, z2_on_1 = group_actions.apply_to_token_map(z1, g), group_actions.apply_to_token_map(z2, g_inv)
         for out, (a, b) in ((fwd, (z1_on_2, z2)), (bwd, (z1, z2_on_1))):
             if a.shape != b.shape:
                 raise ValueError(f"token maps are not aligned: {tuple(a.shape)} vs {tuple(b.shape)}")
@@ -570,19 +477,13 @@ def ser_loss(groups, temperature):
 # of block L (the paper's layer decoupling); `input_norm=True` adds the LayerNorm the raw one needs.
 # ---------------------------------------------------------------------------------------------
 
-EQUIMOD_PARAM_DIM = 18
-
 
 def equimod_param_vector(params):
-    """(B, 18) augmentation-parameter vector from a view-parameter dict of augment.py:
-    [crop top, left, height, width, flip | jitter applied, order/3 x4, brightness, contrast,
-    saturation, hue, gray | blur applied, sigma | solarize].
-
-    Deviation from EquiMod: crop in fractions of the original image and the jitter order divided
-    by 3 instead of raw pixels/integers standardised with hard-coded ImageNet statistics; the
-    vector is already O(1) and does not depend on the dataset. As EquiMod, a view without jitter
-    has order (0, 1, 2, 3) and factors (1, 1, 1, 0).
-    """
+    """(B, 18) augmentation-parameter vector from a view-parameter dict of augment.py: [crop top, left,
+    height, width, flip | jitter applied, order/3 x4, brightness, contrast, saturation, hue, gray |
+    blur applied, sigma | solarize]. As EquiMod, a view without jitter has order (0, 1, 2, 3) and
+    factors (1, 1, 1, 0). Deviation: crop in fractions of the image and order / 3, O(1) on any dataset,
+    where EquiMod standardises raw pixels and integers with hard-coded ImageNet statistics."""
     missing = {"crop", "flip", "jitter", "jitter_applied", "jitter_order", "gray", "blur_sigma",
                "solarize"} - set(params)
     if missing:
@@ -604,26 +505,20 @@ def equimod_param_vector(params):
 
 
 class EquiModHead(nn.Module):
-    """EquiMod's equivariant branch on a (B, D) representation.
+    """EquiMod's equivariant branch on a (B, D) representation: projector D-D-D-out_dim with BN, the last
+    affine-free (SER's ViT version; EquiMod's ResNet one has hidden 2048); param_embed Linear(18 -> out_dim)
+    + BN; predictor from [y_original, param_embed(p)] to the augmented view's embedding."""
 
-    projector: MLP with BN -> out_dim, final BN affine-free (SER's ViT version: D-D-D-128, i.e.
-    hidden_dim = D by default; EquiMod's ResNet version uses 2048). param_embed: Linear(p_dim ->
-    out_dim, no bias) + BN. predictor: Linear(2*out_dim -> out_dim, no bias) + BN(affine=False),
-    from [y_original, param_embed(p)] to the augmented view's embedding.
-    """
-
-    def __init__(self, in_dim, param_dim=EQUIMOD_PARAM_DIM, hidden_dim=None, out_dim=128, num_layers=3,
-                 input_norm=False):
+    def __init__(self, in_dim, hidden_dim=None, out_dim=128, input_norm=False):
         super().__init__()
         self.input_norm = nn.LayerNorm(in_dim) if input_norm else nn.Identity()
-        self.projector = build_mlp(num_layers, in_dim, hidden_dim or in_dim, out_dim, last_bn=True)
-        self.param_embed = nn.Sequential(nn.Linear(param_dim, out_dim, bias=False), GlobalBatchNorm1d(out_dim))
-        self.predictor = nn.Sequential(nn.Linear(2 * out_dim, out_dim, bias=False),
-                                       GlobalBatchNorm1d(out_dim, affine=False))
+        self.projector = build_mlp(3, in_dim, hidden_dim or in_dim, out_dim, last_bn=True)
+        self.param_embed = nn.Sequential(nn.Linear(18, out_dim, bias=False), GlobalBatchNorm1d(out_dim))
+        self.predictor = build_mlp(1, 2 * out_dim, out_dim, out_dim)  # Linear + BN(affine=False)
 
     def forward(self, h_orig, h_views, params):
         """h_orig: (B, D) un-augmented image; h_views: (V*B, D) augmented views, view-major;
-        params: (V*B, p_dim). Returns (y_t, y_hat_t), both (V*B, out_dim)."""
+        params: (V*B, 18). Returns (y_t, y_hat_t), both (V*B, out_dim)."""
         batch = h_orig.shape[0]
         if h_views.shape[0] % batch or params.shape[0] != h_views.shape[0]:
             raise ValueError(f"EquiModHead: {h_views.shape[0]} view rows and {params.shape[0]} parameter "
@@ -636,25 +531,22 @@ class EquiModHead(nn.Module):
 
 
 def equimod_loss(y_t, y_hat_t, temperature=0.2):
-    """EquiMod's L_equiv: NT-Xent over {y_t, y_hat_t} with pairs y_t,k <-> y_hat_t,k, both
-    directions, gradients through both sides, gathered over ranks; the other view of the same image
-    and its prediction are negatives. Convention: the official value (its x W cancels DDP's mean,
-    as our gradient-carrying gather does). SER's re-implementation instead uses a MoCo-style
-    0.5 * (InfoNCE(y_t, y_hat) + InfoNCE(y_hat, y_t)); we follow EquiMod."""
+    """EquiMod's L_equiv: NT-Xent over the pairs y_t,k <-> y_hat_t,k with gradients through both sides; the
+    other view of the same image and its prediction are negatives. Convention: the official value (its x W
+    cancels DDP's mean, as our gather's backward does); SER's re-implementation uses a MoCo-style
+    0.5 * (InfoNCE(y_t, y_hat) + InfoNCE(y_hat, y_t)) instead."""
     return nt_xent(y_t, y_hat_t, temperature)
 
 
 def augself_targets(params1, params2, jitter_strength=(0.4, 0.4, 0.2, 0.1)):
-    """AugSelf targets for the rows [h1||h2; h2||h1]: {'crop': (2B, 4), 'color': (2B, 4)}.
-
-    diff(a, b) = a - b with crop = [centre_y, centre_x, height, width] in fractions of the original
-    image, where centre_x -> 1 - centre_x *for both views* wherever view a is flipped (AugSelf's
-    code does exactly this, even when b is not flipped); colour = [(b-1), (c-1), (s-1), hue] /
-    (2 * strength), i.e. divided by the width of the jitter range as AugSelf, 0 without jitter.
-    """
-    def crop_of(p):
+    """AugSelf targets for the rows [h1||h2; h2||h1]: {'crop': (2B, 4), 'color': (2B, 4)}, diff(a, b) = a - b
+    of crop = [centre_y, centre_x, height, width] in fractions of the image, centre_x -> 1 - centre_x for
+    *both views* where view a is flipped (as AugSelf's code, even when b is not), and colour = [(b-1),
+    (c-1), (s-1), hue] / (2 * strength), the width of the jitter range as AugSelf, 0 without jitter."""
+    def crop_of(p, flipped):  # (B, 4)
         top, left, height, width = p["crop"].unbind(1)
-        return top + height / 2, left + width / 2, height, width
+        cx = left + width / 2
+        return torch.stack([top + height / 2, torch.where(flipped, 1 - cx, cx), height, width], dim=1)
 
     def color_of(p):
         # Column by column with Python scalars: constants built from lists would be host->device copies.
@@ -664,22 +556,16 @@ def augself_targets(params1, params2, jitter_strength=(0.4, 0.4, 0.2, 0.1)):
         return scaled * p["jitter_applied"].to(j.dtype)[:, None]  # (B, 4)
 
     def diff(pa, pb):
-        cy_a, cx_a, h_a, w_a = crop_of(pa)
-        cy_b, cx_b, h_b, w_b = crop_of(pb)
         flipped = pa["flip"].bool()
-        cx_a, cx_b = torch.where(flipped, 1 - cx_a, cx_a), torch.where(flipped, 1 - cx_b, cx_b)
-        crop = torch.stack([cy_a - cy_b, cx_a - cx_b, h_a - h_b, w_a - w_b], dim=1)
-        return crop, color_of(pa) - color_of(pb)
+        return {"crop": crop_of(pa, flipped) - crop_of(pb, flipped), "color": color_of(pa) - color_of(pb)}
 
-    crop12, color12 = diff(params1, params2)
-    crop21, color21 = diff(params2, params1)
-    return {"crop": torch.cat([crop12, crop21]), "color": torch.cat([color12, color21])}
+    d12, d21 = diff(params1, params2), diff(params2, params1)
+    return {t: torch.cat([d12[t], d21[t]]) for t in ("crop", "color")}
 
 
 class AugSelfHead(nn.Module):
-    """One AugSelf predictor per task on [h1||h2] and [h2||h1]:
-    Linear(2D -> 512, no bias)-BN-ReLU-Linear(512 -> 512, no bias)-BN-ReLU-Linear(512 -> 4, bias).
-    It reads the backbone representation (not the projection) without detaching, as AugSelf."""
+    """One AugSelf predictor per task on [h1||h2] and [h2||h1], 2D-512-512-4 with BN-ReLU, a bias on the last
+    Linear only. It reads the backbone representation (not the projection) without detaching, as AugSelf."""
 
     def __init__(self, in_dim, hidden_dim=512, input_norm=False):
         super().__init__()
@@ -693,12 +579,10 @@ class AugSelfHead(nn.Module):
         return {t: head(pairs) for t, head in self.heads.items()}
 
 
-def augself_loss(preds, targets, weights=None):
-    """sum_task w_task * MSE(tanh(pred), target); weights default to the ImageNet-100 setting that
-    SER uses, crop 0.5 and colour 0.5. MSE: the mean over the global batch's elements."""
-    weights = weights or {"crop": 0.5, "color": 0.5}
+def augself_loss(preds, targets):
+    """sum_task 0.5 * MSE(tanh(pred), target), SER's ImageNet-100 weights; MSE over the global batch."""
     total = 0.0
-    for t, w in weights.items():
+    for t, w in (("crop", 0.5), ("color", 0.5)):
         pred = torch.tanh(_upcast(preds[t]))  # (2B, 4)
         sq = (pred - targets[t].to(pred.dtype)).pow(2).sum()
         total = total + w * _global_mean_of_sum(sq, global_count(pred.shape[0]) * pred.shape[1])
@@ -706,18 +590,15 @@ def augself_loss(preds, targets, weights=None):
 
 
 class ESSLHead(nn.Module):
-    """E-SSL rotation classifier, SER's version D-D-D-256-4: [Linear -> LayerNorm -> ReLU] x 3 ->
-    Linear(256 -> 4). No BatchNorm, so nothing crosses ranks."""
+    """E-SSL rotation classifier, SER's D-D-D-256-4: [Linear -> LayerNorm -> ReLU] x 3 -> Linear; no BN."""
 
-    def __init__(self, in_dim, hidden_dim=None, bottleneck_dim=256, num_classes=4, input_norm=False):
+    def __init__(self, in_dim, bottleneck_dim=256, input_norm=False):
         super().__init__()
-        hidden_dim = hidden_dim or in_dim
-        dims = [in_dim, hidden_dim, hidden_dim, bottleneck_dim]
+        dims = [in_dim, in_dim, in_dim, bottleneck_dim]
         layers = [nn.LayerNorm(in_dim)] if input_norm else []
         for d_in, d_out in zip(dims[:-1], dims[1:]):
             layers += [nn.Linear(d_in, d_out), nn.LayerNorm(d_out), nn.ReLU(inplace=True)]
-        layers.append(nn.Linear(bottleneck_dim, num_classes))
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*layers, nn.Linear(bottleneck_dim, 4))
 
     def forward(self, h):  # (N, D) -> (N, 4) logits
         return self.net(h)
@@ -734,7 +615,6 @@ def essl_rotations(x):
 
 
 def essl_loss(logits, labels):
-    """Cross-entropy of the rotation class, averaged over the global batch; weight it by lambda
-    (E-SSL: 0.4) in the total loss."""
+    """Rotation cross-entropy averaged over the global batch (the total loss weighs it by E-SSL's 0.4)."""
     ce = F.cross_entropy(_upcast(logits), labels, reduction="sum")
     return _global_mean_of_sum(ce, global_count(logits.shape[0]))
