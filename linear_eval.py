@@ -1,36 +1,25 @@
 """Linear probe and k-NN evaluation of a frozen ViT (DINO protocol, SER's held-out lr selection).
 
-The backbone stays frozen in eval mode (and is checked unchanged at the end). Linear features follow
-DINO's eval_linear: the [CLS] token of each of the last n blocks, each through the final norm,
-concatenated (n = 4 for ViT-S, 4 x 384 = 1536-d), optionally followed by the average-pooled patch
-tokens of the last block (--avgpool, DINO's ViT-B recipe with n = 1); n = 1 alone is MoCo v3's protocol.
-One linear head per learning rate is trained on the same features (one backbone forward for all of
-them); the head with the best top-1 on a held-out part of the train split is reported on val, like
-SER's sweep on its imagenet_eval split. k-NN (k = 20, T = 0.07, DINO's eval_knn) runs on the
-L2-normalised final [CLS], which is the last block's slice of the linear features.
+Linear features follow DINO's eval_linear.py: the [CLS] token of each of the last n blocks through the
+final norm, concatenated (n = 4 for ViT-S: 4 x 384 = 1536-d), optionally followed by the mean patch token
+of the last block (--avgpool, DINO's ViT-B recipe with n = 1); n = 1 alone is MoCo v3's protocol. One
+linear head per learning rate is trained on the same features (one backbone forward for all of them); the
+head with the best top-1 on a held-out part of the train split is reported on val, like SER's sweep on its
+imagenet_eval split. k-NN (DINO's eval_knn.py: k = 20, T = 0.07) runs on the L2-normalised final [CLS], the
+last block's slice of the linear features. The backbone stays frozen in eval mode, checked unchanged at the end.
 
-Commands (single process on CPU or one GPU; torchrun for several GPUs):
-
-    # a pretrain.py run on the built-in synthetic data (its export; a full checkpoint.pth also works:
-    # teacher by default, --checkpoint-key student for SER's choice); --cached is fast on CPU
+    # pretrain.py's export (or its checkpoint.pth); --cached trains on cached features, fast on CPU
     python linear_eval.py --pretrained runs/default/backbone.pth --cached --output-dir runs/default/linear
-    # the untrained baseline at the same resolution
-    python linear_eval.py --random-init --arch vit_tiny --img-size 64 --cached --output-dir runs/random_init/linear
-    # released DINO ViT-S/16 on ImageNet, DINO's augmented protocol, 8 GPUs
-    torchrun --nproc_per_node=8 linear_eval.py --pretrained dino_deitsmall16_pretrain.pth \
-        --arch vit_small --patch-size 16 --data /datasets/imagenet --batch-size 1024 \
-        --holdout-fraction 0.01 --output-dir runs/dino_vits16/linear
-    # ViT-B: add --n-last-blocks 1 --avgpool;  MoCo v3: --n-last-blocks 1
+    # the untrained baseline in the architecture of pretrain.py's built-in runs
+    python linear_eval.py --random-init --arch vit_tiny --depth 4 --patch-size 8 --img-size 32 --cached \
+        --output-dir runs/random_init/linear
+    # released DINO ViT-S/16 on ImageNet, DINO's augmented protocol, 8 GPUs (ViT-B: --n-last-blocks 1 --avgpool)
+    torchrun --nproc_per_node=8 linear_eval.py --pretrained dino_deitsmall16_pretrain.pth --arch vit_small \
+        --data /datasets/imagenet --batch-size 1024 --holdout-fraction 0.01 --output-dir runs/dino_vits16/linear
 
-Outputs (rank 0): <output-dir>/linear_eval.json (linear and k-NN top-1/top-5, the whole lr sweep) and
-<output-dir>/linear_probe.pth (selected head + backbone; read it back with `load_probe`).
-
-As a library (pretrain.py's k-NN monitor, robustness_eval.py):
-
-    train_loader = augment.make_loader(WithIndex(train_set), 256, rank, world, num_workers)  # WithIndex outermost
-    stats = knn_eval(backbone, train_loader, val_loader, num_classes, device)  # {'top1': %, 'top5': %}
-    backbone, classifier, meta = load_probe("runs/default/linear/linear_probe.pth")
-    logits = predict(backbone, classifier, images, meta["n_last_blocks"], meta["avgpool"])  # (B, C)
+Rank 0 writes <output-dir>/linear_eval.json (linear and k-NN top-1/top-5, the whole lr sweep) and
+linear_probe.pth (the selected head with its backbone, for load_probe and predict). pretrain.py's k-NN
+monitor calls knn_eval on loaders of WithIndex datasets.
 """
 
 import argparse
@@ -53,11 +42,8 @@ PROBE_KEYS = ("arch", "backbone", "classifier", "n_last_blocks", "avgpool", "num
 
 # ---------------------------------------------------------------------- features and heads
 def extract_features(backbone, x, n_last_blocks=4, avgpool=False):
-    """Linear-probe features (B, n*D [+ D]) of normalised images (B, 3, H, W).
-
-    DINO interleaves the [CLS] and avgpool channels for ViT-B; a linear head is indifferent to the
-    channel order, so here they are simply concatenated, [CLS] of block L-n+1 first.
-    """
+    """Linear-probe features (B, n*D [+ D]) of normalised images (B, 3, H, W), [CLS] of block L-n+1 first.
+    DINO interleaves the [CLS] and avgpool channels for ViT-B; a linear head is indifferent to the order."""
     blocks = backbone.get_intermediate_layers(x, n_last_blocks)  # n x (B, 1+N, D), final norm applied
     feats = [tokens[:, 0] for tokens in blocks]  # n x (B, D)
     if avgpool:
@@ -79,10 +65,8 @@ class LinearClassifier(nn.Module):
 
 
 class LinearSweep(nn.Module):
-    """One LinearClassifier per learning rate, all fed the same features.
-
-    The heads share no parameters, so summing their losses gives each exactly its own gradient.
-    """
+    """One LinearClassifier per learning rate, all fed the same features. The heads share no parameters,
+    so summing their losses gives each exactly its own gradient."""
 
     def __init__(self, in_dim, num_classes, num_heads):
         super().__init__()
@@ -102,17 +86,15 @@ def predict(backbone, classifier, x, n_last_blocks, avgpool):
 def save_probe(path, backbone, classifier, n_last_blocks, avgpool, num_classes, img_size, data, **extra):
     """The selected head with the exact backbone it was trained on, so that robustness_eval.py needs one file."""
     vit.save_atomic(path, {"arch": backbone.arch,
-                "backbone": {k: v.cpu() for k, v in backbone.state_dict().items()},
-                "classifier": {k: v.cpu() for k, v in classifier.state_dict().items()},
-                "n_last_blocks": n_last_blocks, "avgpool": avgpool, "num_classes": num_classes,
-                "img_size": img_size, "data": data, **extra})
+                           "backbone": {k: v.cpu() for k, v in backbone.state_dict().items()},
+                           "classifier": {k: v.cpu() for k, v in classifier.state_dict().items()},
+                           "n_last_blocks": n_last_blocks, "avgpool": avgpool, "num_classes": num_classes,
+                           "img_size": img_size, "data": data, **extra})
 
 
 def load_probe(path):
-    """(backbone, classifier, meta) from a linear_probe.pth written by this script; both modules in eval mode.
-
-    meta holds every other entry: n_last_blocks, avgpool, num_classes, img_size, data, lr, top1, top5.
-    """
+    """(backbone, classifier, meta) from a linear_probe.pth, both modules in eval mode; meta holds every
+    other entry: n_last_blocks, avgpool, num_classes, img_size, data, lr, top1, top5."""
     try:
         ckpt = vit.load_checkpoint(path)  # tensors and plain values only
     except FileNotFoundError:
@@ -170,10 +152,9 @@ class WithIndex(Dataset):
 def gather_features(feature_fn, loader, device, label=None, log=print):
     """Features (N, F) float32 and labels (N,) of all N samples of loader.dataset, on every rank.
 
-    Each rank embeds its own shard; the shards are all-gathered together with their dataset indices
-    and written with index_copy_, so the order is the dataset's and the samples a DistributedSampler
-    repeats to pad its shards only rewrite a row with the same values. With `label`, the pass logs its
-    progress and ETA (augment.progress).
+    Each rank embeds its own shard; the shards are all-gathered with their dataset indices and written
+    with index_copy_, so the order is the dataset's and the samples a DistributedSampler repeats to pad
+    its shards only rewrite a row with the same values. With `label`, the pass logs its progress and ETA.
     """
     n = len(loader.dataset)
     features = labels = None
@@ -182,8 +163,7 @@ def gather_features(feature_fn, loader, device, label=None, log=print):
             raise ValueError("the loader must yield (images, labels, indices): wrap its dataset in WithIndex")
         images, target, index = batch
         with vit.autocast(device):  # bf16 where it is native (GPUs, AVX512_BF16/AMX CPUs), else fp32
-            f = feature_fn(images.to(device, non_blocking=True))  # (b, F)
-        f = f.float()
+            f = feature_fn(images.to(device, non_blocking=True)).float()  # (b, F)
         target, index = target.to(device, non_blocking=True).long(), index.to(device, non_blocking=True)
         f, target, index = (losses.all_gather_rows(t)[0] for t in (f, target, index))  # every rank's shard
         if features is None:
@@ -199,13 +179,10 @@ def gather_features(feature_fn, loader, device, label=None, log=print):
 # ---------------------------------------------------------------------- k-NN (DINO eval_knn)
 @torch.no_grad()
 def knn_classify(train_features, train_labels, test_features, num_classes, k=20, T=0.07, chunk_size=256):
-    """Weighted k-NN (Wu et al. 2018): class rankings (M, min(5, C)), best first.
-
-    Features (N, D) and (M, D) are L2-normalised here. Each of the k most cosine-similar train
-    samples votes exp(s / T) for its label; classes are ranked by total vote, ties to the smaller
-    class index (stable sort). Column 0 is the top-1 prediction; classes without votes fill the
-    top-5 in index order, as in DINO where any 5 sorted classes count.
-    """
+    """Weighted k-NN (Wu et al. 2018) on features (N, D) and (M, D), L2-normalised here: class rankings
+    (M, min(5, C)), best first. Each of the k most cosine-similar train samples votes exp(s / T) for its
+    label; classes are ranked by total vote, ties to the smaller index (stable sort), so classes without
+    votes fill the top-5 in index order, as in DINO where any 5 sorted classes count."""
     train = F.normalize(train_features.float(), dim=1)  # (N, D)
     k = min(k, len(train))
     ranked = []
@@ -226,12 +203,9 @@ def topk_accuracy(ranked, labels):
 
 @torch.no_grad()
 def knn_eval(backbone, train_loader, val_loader, num_classes, device, k=20, T=0.07):
-    """k-NN top-1/top-5 (%) of backbone(x), the final-norm [CLS], as in DINO eval_knn.
-
-    Loaders yield (images, labels, indices) (see WithIndex) with deterministic eval transforms, one
-    shard per rank (augment.make_loader); every rank gets the same result. Pass the bare module (not
-    the DDP wrapper). Its train/eval mode is restored afterwards.
-    """
+    """k-NN top-1/top-5 (%) of backbone(x), the final-norm [CLS], as in DINO eval_knn.py. The loaders yield
+    (images, labels, indices) (WithIndex) of eval transforms, one shard per rank (augment.make_loader);
+    every rank gets the same result. Pass the bare module, not the DDP wrapper; its mode is restored."""
     was_training = backbone.training
     backbone.eval()
     try:
@@ -244,10 +218,8 @@ def knn_eval(backbone, train_loader, val_loader, num_classes, device, k=20, T=0.
 
 # ---------------------------------------------------------------------- linear training
 def holdout_split(n, fraction):
-    """(fit, holdout) sorted index lists over the train split.
-
-    Seeded with a constant rather than --seed: every run and every checkpoint is compared on the same split.
-    """
+    """(fit, holdout) sorted index lists over the train split, seeded with a constant rather than --seed:
+    every run and every checkpoint is compared on the same split."""
     n_holdout = round(n * fraction)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
     return sorted(perm[n_holdout:]), sorted(perm[:n_holdout])
@@ -255,10 +227,8 @@ def holdout_split(n, fraction):
 
 class FeatureLoader:
     """This rank's shuffled batches of cached features (N, F), with a DataLoader's sampler/set_epoch/len.
-
-    Slicing whole batches out of the tensors (which may stay on the GPU) avoids a DataLoader's
-    per-sample indexing and collation, which would dominate a cached probe on ImageNet.
-    """
+    Whole batches sliced out of the tensors (which may stay on the GPU) avoid a DataLoader's per-sample
+    indexing and collation, which would dominate a cached probe on ImageNet."""
 
     def __init__(self, features, labels, batch_size, rank, world, seed=0):
         self.features, self.labels, self.batch_size = features, labels, batch_size
@@ -274,10 +244,8 @@ class FeatureLoader:
 
 
 def train_sweep(sweep, loader, lrs, epochs, device, backbone=None, n_last_blocks=4, avgpool=False, log=print):
-    """SGD (momentum 0.9, wd 0) with a per-step cosine to 0, head k at lrs[k]. Returns the last epoch's loss per head.
-
-    The loader yields (features, labels) when backbone is None (cached), else (images, labels).
-    """
+    """SGD (momentum 0.9, wd 0) with a per-step cosine to 0, head k at lrs[k]; the last epoch's loss per head.
+    The loader yields (features, labels) when backbone is None (cached), else (images, labels)."""
     optimizer = torch.optim.SGD([{"params": head.parameters(), "lr": lr} for head, lr in zip(sweep.heads, lrs)],
                                 momentum=0.9, weight_decay=0.0)
     model = DistributedDataParallel(sweep) if losses.world_size() > 1 else sweep  # averages grads over the global batch
@@ -315,24 +283,24 @@ def evaluate_sweep(sweep, features, labels, chunk_size=1024):
 
 # ---------------------------------------------------------------------- script
 def get_args_parser():
-    p = argparse.ArgumentParser(prog="linear_eval.py",
-                                description="Linear probe and k-NN evaluation of a frozen ViT (see the module docstring)")
-    vit.add_backbone_flags(p)
+    p = argparse.ArgumentParser(prog="linear_eval.py", description="Linear probe and k-NN evaluation of a frozen "
+                                "ViT (see the module docstring)")
+    g = vit.add_backbone_flags(p)
+    g.add_argument("--depth", type=int, default=None, help="with --arch: its number of blocks (default 12; "
+                   "pretrain.py's built-in runs: 4)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", help="'synthetic' (built in), an ImageFolder root with "
                    "train/ and val/ (ImageNet), 'cifar10:<dir>' or 'stl10:<dir>'")
     g.add_argument("--img-size", type=int, default=None, help="eval crop size; default: the backbone's training "
-                   "resolution (224 for released weights and --random-init). Change to probe at another size")
+                   "resolution (224 for released weights and --random-init)")
     g.add_argument("--train-length", type=int, default=None, help="train images: the synthetic split's size "
                    "(default: augment.py's 10k), or an evenly strided subset of real data for quick checks")
     g.add_argument("--val-length", type=int, default=None, help="val images, as --train-length (synthetic default 2k)")
-    g.add_argument("--holdout-fraction", type=float, default=0.1, help="share of the train split held out to "
-                   "pick the lr (fixed split); 0.01 is plenty on ImageNet; 0 selects on val itself "
-                   "(DINO's optimistic choice)")
+    g.add_argument("--holdout-fraction", type=float, default=0.1, help="share of the train split held out to pick "
+                   "the lr (a fixed split; 0.01 is plenty on ImageNet); 0 selects on val (DINO's optimistic choice)")
     g = p.add_argument_group("features")
-    g.add_argument("--n-last-blocks", type=int, default=None, help="[CLS] of the last n blocks: 4 for ViT-S "
-                   "(DINO, SER; the default, or fewer when the backbone has fewer blocks after SER's [CLS] "
-                   "insertion), 1 for ViT-B (with --avgpool) and for the MoCo v3 protocol")
+    g.add_argument("--n-last-blocks", type=int, default=None, help="[CLS] of the last n blocks: default 4 (DINO, "
+                   "SER; fewer if fewer blocks follow SER's [CLS] insertion), 1 for ViT-B (with --avgpool) and MoCo v3")
     g.add_argument("--avgpool", action="store_true", help="append the mean patch token of the last block (DINO ViT-B)")
     g = p.add_argument_group("linear training")
     g.add_argument("--cached", action="store_true", help="train on cached center-crop features (one backbone pass, "
@@ -355,7 +323,7 @@ def get_args_parser():
 
 def check_args(args, world):
     at_least_1 = [("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--patch-size", args.patch_size),
-                  ("--img-size", args.img_size), ("--train-length", args.train_length),
+                  ("--depth", args.depth), ("--img-size", args.img_size), ("--train-length", args.train_length),
                   ("--val-length", args.val_length), ("--n-last-blocks", args.n_last_blocks)]
     ranges = [(flag, v, lambda v: v >= 1, "at least 1") for flag, v in at_least_1]
     ranges += [("--lrs", args.lrs, lambda v: v > 0, "positive"),
@@ -373,7 +341,8 @@ def run(args, rank, world, device):
     check_args(args, world)
     torch.manual_seed(args.seed)  # before the per-rank offset: every rank must build the same network
     backbone = vit.backbone_from_flags(args.pretrained, args.arch, args.patch_size, args.checkpoint_key,
-                                       args.random_init, args.img_size or 224).requires_grad_(False).to(device)
+                                       args.random_init, args.img_size or 224, args.depth)
+    backbone.requires_grad_(False).to(device)  # in place, as every Module.to
     reference = snapshot(backbone)
     max_blocks = backbone.depth - backbone.cls_after_block  # SER: no [CLS] before it joins
     if args.n_last_blocks is None:
@@ -416,8 +385,7 @@ def run(args, rank, world, device):
     val_f, val_y = features_of(val_set, "val")  # (M, F)
     if args.cached or args.knn_k > 0:
         train_f, train_y = features_of(train_eval_set, "train")  # (N, F)
-        holdout = torch.tensor(holdout_idx, dtype=torch.long, device=device)
-        select_f, select_y = train_f[holdout], train_y[holdout]
+        select_f, select_y = train_f[holdout_idx], train_y[holdout_idx]
     elif holdout_idx:
         select_f, select_y = features_of(Subset(train_eval_set, holdout_idx), "the held-out split")
     if not holdout_idx:
@@ -427,22 +395,19 @@ def run(args, rank, world, device):
         + f" -> {in_dim}-d ({time.time() - start:.0f}s)")
 
     if args.cached:
-        fit = torch.tensor(fit_idx, dtype=torch.long, device=device)
-        fit_loader = FeatureLoader(train_f[fit], train_y[fit], per_rank_batch, rank, world, seed=args.seed)
-        fit_backbone = None
-    else:
+        fit_loader = FeatureLoader(train_f[fit_idx], train_y[fit_idx], per_rank_batch, rank, world, seed=args.seed)
+    else:  # DINO's protocol: an augmented view of every image, every epoch
         fit_set = Subset(augment.build_dataset(args.data, "train", augment.linear_train_transform(img_size),
                                                img_size, args.train_length), fit_idx)
         fit_loader = augment.make_loader(fit_set, per_rank_batch, rank, world, args.num_workers, shuffle=True,
                                          seed=args.seed, persistent_workers=args.num_workers > 0)
-        fit_backbone = backbone
     torch.manual_seed(args.seed)  # identical head init on every rank (DDP would broadcast rank 0's anyway)
     sweep = LinearSweep(in_dim, num_classes, len(args.lrs)).to(device)
     lrs = [lr * args.batch_size / 256 for lr in args.lrs]
     log(f"training {len(lrs)} heads for {args.epochs} epochs, lrs x {args.batch_size}/256 = "
         + " ".join(f"{lr:g}" for lr in lrs))
-    final_loss = train_sweep(sweep, fit_loader, lrs, args.epochs, device, fit_backbone, args.n_last_blocks,
-                             args.avgpool, log)
+    final_loss = train_sweep(sweep, fit_loader, lrs, args.epochs, device, None if args.cached else backbone,
+                             args.n_last_blocks, args.avgpool, log)
 
     sweep.eval()
     select_acc, val_acc = evaluate_sweep(sweep, select_f, select_y), evaluate_sweep(sweep, val_f, val_y)
@@ -464,8 +429,7 @@ def run(args, rank, world, device):
         f"(lr {args.lrs[best]:g} selected on {selected_on})")
 
     if args.knn_k > 0:
-        # The final-norm [CLS] of the last block is backbone(x): its slice of the linear features.
-        d = backbone.embed_dim
+        d = backbone.embed_dim  # backbone(x), the final-norm [CLS] of the last block, is this slice of the features
         cls_slice = slice((args.n_last_blocks - 1) * d, args.n_last_blocks * d)
         ranked = knn_classify(train_f[:, cls_slice], train_y, val_f[:, cls_slice], num_classes,
                               args.knn_k, args.knn_temperature)

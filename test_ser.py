@@ -2419,6 +2419,14 @@ def test_feature_pass_reports_progress(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "features of val: batch 1/1, " in out and "features of train: batch 2/2, " in out
 
+
+def test_random_init_takes_the_depth_of_the_built_in_runs(tmp_path):
+    results = linear_eval.main(["--random-init", "--arch", "vit_tiny", "--depth", "2", "--patch-size", "8",
+                                "--img-size", "32", "--train-length", "40", "--val-length", "20", "--batch-size", "20",
+                                "--cached", "--epochs", "1", "--num-workers", "0", "--output-dir", str(tmp_path)])
+    assert results["arch"]["depth"] == 2 and results["num_features"] == 2 * 192  # --n-last-blocks follows: min(4, 2)
+
+
 def test_holdout_split_is_deterministic_and_disjoint():
     fit, holdout = linear_eval.holdout_split(1000, 0.1)
     assert len(holdout) == 100 and not set(fit) & set(holdout) and len(fit) + len(holdout) == 1000

@@ -1,15 +1,12 @@
 """Vision Transformer with SER's layer split, in timm/DINO parameter names.
 
 `build_vit(dict(name="vit_small", patch_size=16))` has exactly the 150 keys and shapes of timm's
-`vit_small_patch16_224(num_classes=0)` and DINO's `vit_small`, so released DINO and timm
-ViT-S/16 weights load with strict=True and give the same outputs:
+`vit_small_patch16_224(num_classes=0)` and DINO's `vit_small`, so released DINO and timm ViT-S/16 weights
+load with strict=True and give the same outputs (load_backbone).
 
-    from vit import load_backbone
-    model = load_backbone("dino_deitsmall16_pretrain.pth", arch=dict(name="vit_small", patch_size=16))
-
-SER splits the encoder as f = f2 . f1 (aitrics-chris/SER vision_transformer.py): with `cls_after_block=L`, blocks 1..L see patch
-tokens only, their output goes through its own LayerNorm (`norm_equiv`) and becomes the token map
-that L_equiv acts on, and the [CLS] token joins before block L+1. L = 0 is the standard ViT.
+SER splits the encoder as f = f2 . f1 (aitrics-chris/SER vision_transformer.py): with `cls_after_block=L`,
+blocks 1..L see patch tokens only, their output goes through its own LayerNorm (`norm_equiv`) and becomes
+the token map that L_equiv acts on, and the [CLS] token joins before block L+1. L = 0 is the standard ViT.
 """
 
 import functools
@@ -27,13 +24,9 @@ from torch.utils.checkpoint import checkpoint
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample (no parameters, so no keys).
-
-    rows: None, or (ids (B,) long on the CPU, n): the call's samples are rows `ids` of a larger set of n
-    (e.g. the global batch over all ranks). The keep flags are then drawn for all n rows from torch's
-    CPU generator and ours are taken, so a sample's mask does not depend on which rank holds it
-    (VisionTransformer.drop_path_rows).
-    """
+    """Stochastic depth: drop the whole residual branch per sample (no parameters, so no keys). With rows =
+    (ids (B,) CPU long, n), the keep flags are drawn for all n rows of the global batch from torch's CPU
+    generator and rows `ids` taken, so a sample's mask does not depend on which rank holds it."""
 
     def __init__(self, p=0.0):
         super().__init__()
@@ -42,11 +35,12 @@ class DropPath(nn.Module):
     def forward(self, x, rows=None):
         if self.p == 0.0 or not self.training:
             return x
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # (B, 1, ..., 1)
         if rows is None:
-            keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
+            keep = x.new_empty(shape).bernoulli_(1 - self.p)
         else:
             ids, n = rows
-            keep = (torch.rand(n)[ids] < 1 - self.p).to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1)))
+            keep = (torch.rand(n)[ids] < 1 - self.p).to(x.device, x.dtype).view(shape)
         return x * keep / (1 - self.p)
 
 
@@ -63,13 +57,11 @@ class Attention(nn.Module):
     def forward(self, x, return_attention=False):
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
-        if return_attention:
-            # The readable path, for visualisation; the fused kernel never materialises (T, T).
-            attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)  # (B, H, T, T)
-            attn = attn.softmax(dim=-1)
+        attn = None
+        if return_attention:  # the readable path, for visualisation: the fused kernel never materialises (T, T)
+            attn = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, T, T)
             out = attn @ v
         else:
-            attn = None
             out = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on GPU
         out = out.transpose(1, 2).reshape(B, T, D)
         return self.proj(out), attn
@@ -95,11 +87,8 @@ class Block(nn.Module):
 
 
 def sincos_pos_embed(dim, h, w):
-    """MoCo v3's fixed 2-D sin-cos table, (h*w, dim), row-major patches.
-
-    Channels are [sin(a w), cos(a w), sin(b w), cos(b w)] with a the row and b the column
-    (MoCo v3's meshgrid is 'ij', despite its variable names), w_d = 1 / 10000^(d / (dim/4)).
-    """
+    """MoCo v3's fixed 2-D sin-cos table (h*w, dim), row-major: channels [sin(a w), cos(a w), sin(b w), cos(b w)]
+    with a the row, b the column (MoCo v3's meshgrid is 'ij', despite its names), w_d = 1 / 10000^(d / (dim/4))."""
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs embed_dim divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
@@ -132,8 +121,7 @@ class VisionTransformer(nn.Module):
         self.cls_after_block = cls_after_block
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.grad_checkpointing = False  # trade compute for memory at large per-GPU batches
-        # (ids, n) for the next calls' stochastic depth (DropPath); None draws per sample on x's device
-        self.drop_path_rows = None
+        self.drop_path_rows = None  # (ids, n) of the next calls' samples for DropPath; None: drawn per sample
 
         # timm's key patch_embed.proj: (B, 3, H, W) -> (B, D, H/p, W/p)
         self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)))
@@ -148,10 +136,7 @@ class VisionTransformer(nn.Module):
         if cls_after_block:
             self.norm_equiv = nn.LayerNorm(embed_dim, eps=1e-6)
         self._init_weights(pos_embed, weight_init)
-        if stop_grad_conv1:
-            # MoCo v3: a random, frozen patch projection stabilises ViT training.
-            self.patch_embed.proj.weight.requires_grad_(False)
-            self.patch_embed.proj.bias.requires_grad_(False)
+        self.patch_embed.proj.requires_grad_(not stop_grad_conv1)  # MoCo v3: frozen at random init, for stability
 
     @torch.no_grad()
     def _init_weights(self, pos_embed, weight_init):
@@ -163,13 +148,9 @@ class VisionTransformer(nn.Module):
                     nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
         if pos_embed == "sincos":
-            table = sincos_pos_embed(self.embed_dim, *self.grid_size)
-            start = self.pos_embed.shape[1] - table.shape[0]  # the [CLS] slot, if any, stays zero
-            self.pos_embed[0, start:] = table
+            table = sincos_pos_embed(self.embed_dim, *self.grid_size)  # (N, D)
+            self.pos_embed[0, -len(table):] = table  # the [CLS] slot, if any, stays zero
         else:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if weight_init == "moco":
@@ -181,8 +162,7 @@ class VisionTransformer(nn.Module):
             nn.init.uniform_(self.patch_embed.proj.weight, -bound, bound)
         else:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
-            w = self.patch_embed.proj.weight
-            nn.init.trunc_normal_(w.view(w.shape[0], -1), std=0.02)  # as a Linear over the flattened patch
+            nn.init.trunc_normal_(self.patch_embed.proj.weight, std=0.02)
         nn.init.zeros_(self.patch_embed.proj.bias)
 
     # ------------------------------------------------------------------ tokens
@@ -192,8 +172,7 @@ class VisionTransformer(nn.Module):
         if (h, w) == self.grid_size:
             return self.pos_embed
         cls_pos, patch_pos = self.pos_embed[:, :n_cls], self.pos_embed[:, n_cls:]
-        gh, gw = self.grid_size
-        patch_pos = patch_pos.reshape(1, gh, gw, -1).permute(0, 3, 1, 2).float()  # (1, D, gh, gw)
+        patch_pos = patch_pos.reshape(1, *self.grid_size, -1).permute(0, 3, 1, 2).float()  # (1, D, gh, gw)
         patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bicubic", align_corners=False)
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(self.pos_embed.dtype)
         return torch.cat([cls_pos, patch_pos], dim=1)
@@ -217,35 +196,29 @@ class VisionTransformer(nn.Module):
             if l == self.cls_after_block:
                 x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # f2 starts here
 
-    def _num_prefix(self, l):
-        return int(l > self.cls_after_block)
-
     @staticmethod
-    def _to_map(tokens, h, w):
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)  # (B, N, D) -> (B, D, h, w), row-major
+    def _to_map(patches, h, w):  # (B, N, D) -> (B, D, h, w), row-major; D explicit, as B may be 0
+        return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], h, w)
 
     # ------------------------------------------------------------------ outputs
     def forward(self, x):
         return self.forward_features(x)["cls"]  # (B, D)
 
     def forward_features(self, x, layer=None):
-        """Final-normed [CLS] and patches; with `layer`, also the token map and [CLS] after that block.
-
-        The token map goes through `norm_equiv` when `layer` is SER's split layer (the map L_equiv
-        acts on), otherwise it is the raw block output. 'cls_at_layer' is None where [CLS] has not joined yet.
-        """
+        """Final-normed [CLS] and patches; with `layer`, also that block's token map (through `norm_equiv` at
+        SER's split layer: the map L_equiv acts on) and its [CLS] (None where [CLS] has not joined yet)."""
         if layer is not None and not 1 <= layer <= self.depth:
             raise ValueError(f"layer must be in 1..{self.depth}, got {layer}")
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         out = {"grid": (h, w)}
         for l, tokens, _ in self._iter_blocks(x):
             if l == layer:
-                n = self._num_prefix(l)
-                patches = tokens[:, n:]
+                has_cls = l > self.cls_after_block
+                patches = tokens[:, 1:] if has_cls else tokens
                 if l == self.cls_after_block:
                     patches = self.norm_equiv(patches)
                 out["token_map"] = self._to_map(patches, h, w)  # (B, D, h, w)
-                out["cls_at_layer"] = tokens[:, 0] if n else None  # (B, D)
+                out["cls_at_layer"] = tokens[:, 0] if has_cls else None  # (B, D)
         tokens = self.norm(tokens)
         out["cls"], out["patch"] = tokens[:, 0], tokens[:, 1:]  # (B, D), (B, N, D)
         return out
@@ -260,7 +233,7 @@ class VisionTransformer(nn.Module):
     def block_token_maps(self, x):
         """Raw patch tokens after every block l = 1..depth, each (B, D, h, w): for equivariance scores."""
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        return [self._to_map(t[:, self._num_prefix(l):], h, w) for l, t, _ in self._iter_blocks(x)]
+        return [self._to_map(t[:, int(l > self.cls_after_block):], h, w) for l, t, _ in self._iter_blocks(x)]
 
     def forward_with_attention(self, x):
         """[CLS] (B, D) through the readable attention path, plus every block's attention (B, H, T, T)."""
@@ -269,7 +242,8 @@ class VisionTransformer(nn.Module):
 
 
 # The sizes of timm's and DINO's vit_tiny/small/base; every other option keeps VisionTransformer's default.
-ARCHS = {"vit_tiny": dict(embed_dim=192, depth=12, num_heads=3), "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+ARCHS = {"vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+         "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
          "vit_base": dict(embed_dim=768, depth=12, num_heads=12)}
 
 
@@ -331,11 +305,8 @@ COMPONENT_PREFIXES = ("backbone.", "base_encoder.", "encoder.")  # DINO MultiCro
 
 
 def strip_prefixes(state_dict):
-    """Backbone keys in bare timm format: strip wrapper prefixes, then select the backbone component.
-
-    A checkpoint with a component prefix (e.g. DINO's 'backbone.' next to 'head.') keeps only that
-    component's keys; other components are heads and are dropped on purpose.
-    """
+    """Backbone keys in bare timm format: wrapper prefixes stripped, then only the backbone component's keys
+    kept (e.g. DINO's 'backbone.' next to 'head.': the other components are heads, dropped on purpose)."""
     sd = {WRAPPER_PREFIXES.sub("", k): v for k, v in state_dict.items()}
     for p in COMPONENT_PREFIXES:
         if any(k.startswith(p) for k in sd):
@@ -345,13 +316,10 @@ def strip_prefixes(state_dict):
 
 
 def save_atomic(path, obj, indent=1):
-    """Write `obj` to `path` so that an interruption never leaves a partial or lost file.
-
-    The data goes to a temporary file in the same folder, which then replaces `path` in one step
-    (os.replace is atomic on POSIX and Windows). `.json` paths are written as JSON, everything else
-    with torch.save (`indent=None` gives compact JSON, for large result lists). On an OSError (a full disk, no permission) the temporary file is removed and
-    the error names the path and the cause; the previous `path`, if any, is untouched.
-    """
+    """Write `obj` to `path` (JSON with `indent` for `.json`, else torch.save) so that an interruption never
+    leaves a partial or lost file: a temporary file in the same folder replaces `path` in one step (os.replace
+    is atomic). On an OSError (a full disk, no permission) the previous `path` is untouched and the one-line
+    error names the path and the cause."""
     path = os.fspath(path)
     as_json = path.endswith(".json")
     folder, name = os.path.split(os.path.abspath(path))
@@ -375,12 +343,8 @@ def save_atomic(path, obj, indent=1):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """torch.load(path, weights_only=True), with every failure a one-line error naming the file.
-
-    weights_only=True unpickles tensors and plain Python values only, so a crafted file cannot run
-    code while it loads. Raises FileNotFoundError when the file is missing and ValueError when it is
-    truncated, empty or not a checkpoint, or when it needs Python objects beyond tensors and plain values.
-    """
+    """torch.load(path, weights_only=True): tensors and plain values only, so a crafted file cannot run code.
+    Every failure is a one-line error naming the file: FileNotFoundError when it is missing, else ValueError."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -418,18 +382,14 @@ def load_resumable(path, args, keys, script, runtime_options, map_location="cpu"
     return ckpt
 
 
-def load_backbone(path, arch=None, key=None, map_location="cpu"):
-    """A frozen-ready ViT (eval mode) from one of:
-
-    - our export (pretrain.py's backbone.pth): {'arch', 'backbone'};
-    - our full checkpoint: {'arch', 'eval_key', 'teacher', 'student', ...}: the backbone its method
-      evaluates (DINO: teacher; MoCo v3 and the others: the online encoder), else `key`;
-    - a released DINO full checkpoint ({'teacher', 'student'}), a DINO/timm backbone state dict or a
-      MoCo v3 checkpoint ({'state_dict'}); these carry no architecture, so pass `arch`,
-      e.g. dict(name='vit_small', patch_size=16).
-    Raises ValueError naming the missing and unexpected keys instead of loading partially.
+def load_backbone(path, arch=None, key=None):
+    """A frozen-ready ViT (eval mode) from pretrain.py's export ({'arch', 'backbone'}) or full checkpoint (the
+    network `key` names, else the one its method evaluates: DINO's teacher, the others' online encoder), or
+    from released weights, which record no architecture, so pass `arch` (e.g. dict(name='vit_small',
+    patch_size=16)): a DINO full checkpoint ({'teacher', 'student'}), a DINO/timm state dict or a MoCo v3
+    checkpoint ({'state_dict'}). A mismatch is a ValueError naming the missing, unexpected and mis-shaped keys.
     """
-    ckpt = load_checkpoint(path, map_location)  # tensors and plain values only: a crafted file cannot run code
+    ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
 
@@ -449,8 +409,8 @@ def load_backbone(path, arch=None, key=None, map_location="cpu"):
 
     if saved_arch is not None and arch is not None:
         requested = build_vit(arch).arch
-        clash = {k: (saved_arch.get(k), v) for k, v in requested.items()
-                 if k in ("embed_dim", "depth", "num_heads", "patch_size", "cls_after_block") and saved_arch.get(k) != v}
+        trained_with = ("patch_size", "embed_dim", "depth", "num_heads", "cls_after_block")
+        clash = {k: (saved_arch.get(k), requested[k]) for k in trained_with if saved_arch.get(k) != requested[k]}
         if clash:
             raise ValueError(f"{path}: the checkpoint's architecture differs from the requested one: "
                              + ", ".join(f"{k} saved={a} requested={b}" for k, (a, b) in clash.items()))
@@ -477,7 +437,7 @@ def load_backbone(path, arch=None, key=None, map_location="cpu"):
 
 
 def add_backbone_flags(parser):
-    """The backbone flags of linear_eval.py and detect_eval.py, read by backbone_from_flags."""
+    """The backbone flags of linear_eval.py and detect_eval.py, read by backbone_from_flags; returns their group."""
     g = parser.add_argument_group("backbone")
     g.add_argument("--pretrained", default=None, help="pretrain.py export (backbone.pth) or full checkpoint, or "
                    "released DINO/timm/MoCo v3 weights (then also --arch/--patch-size)")
@@ -487,22 +447,26 @@ def add_backbone_flags(parser):
                    "record no architecture) and for --random-init; leave unset for our own checkpoints")
     g.add_argument("--patch-size", type=int, default=16, help="with --arch only: 8 for DINO's /8 models")
     g.add_argument("--random-init", action="store_true", help="an untrained --arch: the baseline at initialisation")
+    return g
 
 
-def backbone_from_flags(path, arch=None, patch_size=16, key=None, random_init=False, img_size=224,
+def backbone_from_flags(path, arch=None, patch_size=16, key=None, random_init=False, img_size=224, depth=None,
                         flag="--pretrained"):
     """The frozen ViT (eval mode) that a script's backbone flags name (add_backbone_flags, or
-    robustness_eval.py's --backbone), every error a one-line SystemExit naming `flag`. --random-init
-    draws from torch's generator: seed it alike on every rank first."""
+    robustness_eval.py's --backbone), every error a one-line SystemExit naming `flag`. `depth` overrides the
+    --arch's 12 blocks. --random-init draws from torch's generator: seed it alike on every rank first."""
+    requested = dict(name=arch, patch_size=patch_size)
+    if depth is not None:
+        requested["depth"] = depth
     if random_init:
         if path is not None:
             raise SystemExit("--random-init and --pretrained exclude each other")
         if arch is None:
             raise SystemExit(f"--random-init needs --arch (one of: {', '.join(sorted(ARCHS))})")
-        return build_vit(dict(name=arch, patch_size=patch_size, img_size=img_size)).eval()
+        return build_vit(dict(requested, img_size=img_size)).eval()
     if path is None:
         raise SystemExit(f"pass {flag} PATH, or --random-init --arch NAME for the baseline at initialisation")
     try:
-        return load_backbone(path, dict(name=arch, patch_size=patch_size) if arch else None, key)
+        return load_backbone(path, requested if arch else None, key)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise SystemExit(f"{flag}: {e}") from None
