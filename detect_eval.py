@@ -679,7 +679,8 @@ def check_args(args):
               ("--momentum", args.momentum, lambda v: 0 <= v <= 1, "in [0, 1]"),
               ("--decay-at", args.decay_at, lambda v: 0 < v < 1, "fractions in (0, 1)"),
               ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
-              ("--warmup-iters", args.warmup_iters, lambda v: v >= 0, ">= 0")]
+              ("--warmup-iters", args.warmup_iters, lambda v: v >= 0, ">= 0"),
+              ("--depth", args.depth, lambda v: v >= 1, "at least 1")]
     ranges += [("--" + k.replace("_", "-"), getattr(args, k), lambda v: v >= 1, "at least 1") for k in at_least_1]
     augment.check_ranges(ranges, prefix="detect_eval.py: ")
 
@@ -695,7 +696,7 @@ def main(argv=None):
     # ============ building the frozen backbone, the detector and the data ============
     torch.manual_seed(args.seed)  # not yet offset by rank: every rank must build the same networks
     backbone = vit.backbone_from_flags(args.pretrained, args.arch, args.patch_size, args.checkpoint_key,
-                                       args.random_init)
+                                       args.random_init, depth=args.depth)
     try:
         train_set, val_set, val_gt = build_data(args, rank == 0, world_size > 1)
         model = build_detector(backbone, len(train_set.cat_ids), args).to(device)

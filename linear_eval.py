@@ -285,9 +285,7 @@ def evaluate_sweep(sweep, features, labels, chunk_size=1024):
 def get_args_parser():
     p = argparse.ArgumentParser(prog="linear_eval.py", description="Linear probe and k-NN evaluation of a frozen "
                                 "ViT (see the module docstring)")
-    g = vit.add_backbone_flags(p)
-    g.add_argument("--depth", type=int, default=None, help="with --arch: its number of blocks (default 12; "
-                   "pretrain.py's built-in runs: 4)")
+    vit.add_backbone_flags(p)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", help="'synthetic' (built in), an ImageFolder root with "
                    "train/ and val/ (ImageNet), 'cifar10:<dir>' or 'stl10:<dir>'")

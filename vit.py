@@ -437,7 +437,7 @@ def load_backbone(path, arch=None, key=None):
 
 
 def add_backbone_flags(parser):
-    """The backbone flags of linear_eval.py and detect_eval.py, read by backbone_from_flags; returns their group."""
+    """The backbone flags of linear_eval.py and detect_eval.py, read by backbone_from_flags."""
     g = parser.add_argument_group("backbone")
     g.add_argument("--pretrained", default=None, help="pretrain.py export (backbone.pth) or full checkpoint, or "
                    "released DINO/timm/MoCo v3 weights (then also --arch/--patch-size)")
@@ -446,8 +446,9 @@ def add_backbone_flags(parser):
     g.add_argument("--arch", default=None, choices=sorted(ARCHS), help="required for released weights (they "
                    "record no architecture) and for --random-init; leave unset for our own checkpoints")
     g.add_argument("--patch-size", type=int, default=16, help="with --arch only: 8 for DINO's /8 models")
+    g.add_argument("--depth", type=int, default=None, help="with --arch: its number of blocks (default 12; "
+                   "pretrain.py's built-in runs: 4)")
     g.add_argument("--random-init", action="store_true", help="an untrained --arch: the baseline at initialisation")
-    return g
 
 
 def backbone_from_flags(path, arch=None, patch_size=16, key=None, random_init=False, img_size=224, depth=None,
