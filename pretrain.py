@@ -469,8 +469,7 @@ class Student(nn.Module):
             # No b2 image on this rank: an empty call per pair keeps SER's parameters in the step (DDP
             # expects a gradient for each, zero here) and ser_loss's collectives in step with the ranks.
             for k, (base_grid, _) in enumerate(batch.ser_pairs):
-                side = [g * self.backbone.patch_size for g in base_grid]
-                x = batch.streams[0].new_zeros(0, 3, *side)
+                x = batch.streams[0].new_zeros(0, 3, *(g * self.backbone.patch_size for g in base_grid))
                 z = self.addon_head(self.backbone.forward_features(x, layer=layer)["token_map"])
                 pairs[k].append(losses.SERGroup(z, z, None, None, base_grid, torch.zeros(0, dtype=torch.long)))
         return [torch.cat([c, *e]) for c, e in zip(cls, extra)], pairs
@@ -524,8 +523,7 @@ def build_models(args):
         # official target starts from its own random init; a copy is the MoCo/DINO convention.
         teacher_backbone = vit.build_vit({**backbone.arch, "drop_path_rate": 0.0})
         teacher_backbone.load_state_dict(backbone.state_dict())
-        teacher = Teacher(teacher_backbone, deepcopy(projector))
-        teacher.requires_grad_(False)
+        teacher = Teacher(teacher_backbone, deepcopy(projector)).requires_grad_(False)
     return student, teacher
 
 
@@ -908,8 +906,8 @@ def train(args, measure=None):
     if args.compile:
         compile_backbones(student, teacher)
     losses.log(f"{args.method}{' + ' + args.addon if args.addon else ''} on {args.data}: {world} rank(s) on {device}, "
-               f"{precision}, global batch {args.batch_size} ({local_batch} per rank), lr "
-               f"{args.lr * args.batch_size / 256:.3g} (= {args.lr:g} x batch / 256), {steps_per_epoch} steps/epoch, "
+               f"{precision}, global batch {args.batch_size} ({local_batch} per rank), "
+               f"lr {args.lr * args.batch_size / 256:.3g} (= {args.lr:g} x batch / 256), {steps_per_epoch} steps/epoch, "
                f"{total_steps} steps")
     losses.log(f"trainable parameters: {sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6:.2f}M; "
                f"weight decay on {len(optimizer.param_groups[0]['params'])} tensors, "
@@ -1054,8 +1052,8 @@ def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, 
               "floor_ms": 1000 * floor / n, "step_over_floor": step_time / (floor / n),
               "gflops_per_image": flops_per_image / 1e9, "achieved_tflops_per_rank": achieved, "peak_memory": peak_mem,
               "pipeline_images_per_s_per_worker": pipe_rate, "num_workers": args.num_workers,
-              "peak_tflops": peak_tflops,
-              "peak_source": "--peak-tflops" if args.peak_tflops else f"measured: the best torch.mm at {precision} in 1 s",
+              "peak_tflops": peak_tflops, "peak_source": "--peak-tflops" if args.peak_tflops
+              else f"measured: the best torch.mm at {precision} in 1 s",
               # Model FLOPs over compute time (data wait excluded), and over the whole step.
               "mfu_compute": achieved / peak_tflops,
               "mfu_step": flops_per_image * local_batch / step_time / 1e12 / peak_tflops}
@@ -1074,7 +1072,8 @@ def count_flops_per_image(args, local_batch, **overrides):
     (nothing computed: ViT-S/16 at 224 px counts in seconds). One rank's count: call it outside any
     process group, where the losses' collectives are the identity."""
     meta = torch.device("meta")
-    args = argparse.Namespace(**{**vars(args), "grad_checkpointing": False, **overrides})  # recomputation is not model FLOPs
+    # Recomputation is not model FLOPs.
+    args = argparse.Namespace(**{**vars(args), "grad_checkpointing": False, **overrides})
     with meta:
         student, teacher = build_models(args)
         dino_loss = losses.DINOLoss(args.head_out or 65536) if args.method == "dino" else None
