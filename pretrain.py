@@ -149,7 +149,8 @@ def get_args_parser():
       help="add-on loss weight (SER: the release's value per method, SER_DEFAULTS; EquiMod 1, AugSelf 1, E-SSL 0.4)")
     a("--equiv-tau", type=float, default=None, help="SER token NT-Xent temperature (EquiMod: 0.2)")
     a("--ser-ratio", type=float, default=0.01, help="fraction of each --ser-chunk in its b2 group (release: 3 of 256)")
-    a("--ser-min-images", type=int, default=2, help="least images of a b2 group; 2: other images as negatives")
+    a("--ser-min-images", type=int, default=2,
+      help="floor on the images of a b2 group; at least 2 so that every token has other images as negatives")
     a("--ser-chunk", type=int, default=256,
       help="images of the global batch per b2 group (the release's per-GPU batch: 8 groups in a batch of 2048)")
     a("--ser-scale", type=float, nargs=2, default=(0.7, 1.3), help="b2 token-grid area range, relative to the crop's")
@@ -193,8 +194,10 @@ def get_args_parser():
     a("--teacher-temp", type=float, default=0.04,
       help="DINO teacher temperature after warm-up; above 0.07 is often unstable; the boosted ViT-S run uses 0.07")
     a("--warmup-teacher-temp", type=float, default=0.04, help="DINO teacher temperature at the start of its warm-up")
-    a("--warmup-teacher-temp-epochs", type=int, default=0, help="DINO: epochs of teacher-temperature warm-up")
-    a("--freeze-last-layer", type=int, default=None, help="DINO: epochs with the head's last layer frozen (1)")
+    a("--warmup-teacher-temp-epochs", type=int, default=0,
+      help="DINO: epochs of linear warm-up to --teacher-temp (0 = none; SER's DINO runs: 10)")
+    a("--freeze-last-layer", type=int, default=None,
+      help="DINO: epochs with the head's last layer frozen (1; 0 on the built-in data)")
     a("--precision", default="auto", choices=vit.PRECISIONS,
       help="autocast dtype; auto: bf16 on GPUs and on CPUs with native bf16 (AVX512_BF16 or AMX), else fp32")
     # Runtime.
