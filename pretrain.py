@@ -11,9 +11,9 @@ add-on: SER (soft equivariance regularisation), EquiMod, AugSelf or E-SSL.
 SER: the global batch is split into b1 (the method's standard views) and b2, the last `--ser-ratio` of
 every `--ser-chunk` images, one group per chunk (the release: 3 of each GPU's 256). Both b2 views come
 from the same crop, with independent colour jitter, and each gets its own group element (90-degree
-rotation, flip, rescale to a random token grid), one per group. Both sub-batches
-enter the invariance loss; only b2 enters L_equiv, which acts on the token map after block
-`--equiv-layer`, where the [CLS] token joins the network:  L = L_inv(b1 + b2) + lambda * L_equiv.
+rotation, flip, rescale to a random token grid), one per group. Both sub-batches enter the invariance
+loss; only b2 enters L_equiv, on the token map after block `--equiv-layer`, where the [CLS] token joins
+the network:  L = L_inv(b1 + b2) + lambda * L_equiv.
 
 Reading order: train() builds the run in phases and calls train_step() once per step; train_step takes
 a StepBatch (make_step_inputs: the views, augment.py, and SER's b2 groups), runs Student and Teacher
@@ -64,26 +64,22 @@ RUNTIME_OPTIONS = {"output_dir", "num_workers", "log_every", "knn_every", "knn_t
                    "stop_at_step", "benchmark", "peak_tflops", "count_flops", "compile", "grad_checkpointing",
                    "no_keep_freed_memory"}
 
-# Base-method defaults: each method's official ViT-S/16 recipe at 224 px on ImageNet (facebookresearch/moco-v3 CONFIG.md, facebookresearch/dino README.md).
-# lr and min_lr are per 256 images (scaled by global batch / 256); momentum is the EMA start (cosine
-# to 1). VICReg, SimCLR and BYOL have no official ViT recipe: they reuse MoCo v3's AdamW settings.
-# Barlow Twins' ViT settings are SER's (aitrics-chris/SER run_pretrain.sh), the only ViT recipe for it.
+# Base-method defaults: each method's official ViT-S/16 recipe at 224 px on ImageNet (facebookresearch/moco-v3
+# CONFIG.md, facebookresearch/dino README.md); lr and min_lr per 256 images. Barlow Twins: SER's, its only ViT
+# recipe. VICReg, SimCLR and BYOL have no official ViT recipe: they reuse MoCo v3's AdamW settings.
 # SER's own ViT-S runs differ from these in places; to reproduce them pass (aitrics-chris/SER run_pretrain.sh):
 #   DINO: --lr 1e-4 --min-lr 1e-5 --momentum 0.982 --clip-grad 0.3 --crop-min 0.25 --teacher-temp 0.07
 #         --warmup-teacher-temp-epochs 10;  MoCo v3: --lr 3e-4;  Barlow Twins: --clip-grad 0.3;  all: --batch-size 2048
+MOCOV3_ADAMW = dict(lr=1.5e-4, min_lr=0.0, weight_decay=0.1, weight_decay_end=0.1, momentum=None,
+                    clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=None)
 METHOD_DEFAULTS = {
-    "mocov3": dict(lr=1.5e-4, min_lr=0.0, weight_decay=0.1, weight_decay_end=0.1, momentum=0.99,
-                   clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=0.2),
+    "mocov3": {**MOCOV3_ADAMW, "momentum": 0.99, "temperature": 0.2},
     "dino": dict(lr=5e-4, min_lr=1e-6, weight_decay=0.04, weight_decay_end=0.4, momentum=0.996,
                  clip_grad=3.0, drop_path=0.1, crop_min=0.4, temperature=None),
-    "barlowtwins": dict(lr=1e-4, min_lr=1e-7, weight_decay=0.1, weight_decay_end=0.1, momentum=None,
-                        clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=None),
-    "vicreg": dict(lr=1.5e-4, min_lr=0.0, weight_decay=0.1, weight_decay_end=0.1, momentum=None,
-                   clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=None),
-    "simclr": dict(lr=1.5e-4, min_lr=0.0, weight_decay=0.1, weight_decay_end=0.1, momentum=None,
-                   clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=0.1),
-    "byol": dict(lr=1.5e-4, min_lr=0.0, weight_decay=0.1, weight_decay_end=0.1, momentum=0.99,
-                 clip_grad=0.0, drop_path=0.0, crop_min=0.08, temperature=None),
+    "barlowtwins": {**MOCOV3_ADAMW, "lr": 1e-4, "min_lr": 1e-7},
+    "vicreg": MOCOV3_ADAMW,
+    "simclr": {**MOCOV3_ADAMW, "temperature": 0.1},
+    "byol": {**MOCOV3_ADAMW, "momentum": 0.99},
 }
 # Add-on (lambda, tau). SER: the release's launch values (aitrics-chris/SER run_pretrain.sh; the paper's tau differ: 0.3 MoCo/BT,
 # 0.5 DINO). The release has none for VICReg, SimCLR and BYOL: we use 1.0 and 0.4. EquiMod: lambda 1,
@@ -116,98 +112,108 @@ EXIT_CODES = ("exit status: 0 finished or stopped at --stop-at-step; 1 an error;
 DIVERGED = "Try --precision fp32, a lower --lr or --clip-grad."  # the advice of every non-finite stop
 
 
+# Ranges of the numeric options: option -> (ok(v), what the error asks for); None (unset) is not checked.
+RANGES = {
+    **dict.fromkeys(("batch_size", "epochs", "img_size", "patch_size", "lr", "temperature", "teacher_temp",
+                     "warmup_teacher_temp", "equiv_tau", "ser_chunk", "peak_tflops"), (lambda v: v > 0, "positive")),
+    **dict.fromkeys(("min_lr", "weight_decay", "weight_decay_end", "equiv_lambda", "num_workers", "n_local_crops",
+                     "warmup_teacher_temp_epochs", "freeze_last_layer", "benchmark"), (lambda v: v >= 0, ">= 0")),
+    **dict.fromkeys(("synthetic_length", "head_hidden", "head_out", "knn_train_size", "knn_val_size", "stop_at_step"),
+                    (lambda v: v >= 1, "at least 1")),
+    "momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "clip_grad": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "drop_path": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "crop_min": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "ser_ratio": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "ser_min_images": (lambda v: v >= 2, "at least 2 (a b2 image needs other images as negatives)"),
+    "depth": (lambda v: v >= 1, "at least 1 block"),
+    "log_every": (lambda v: v >= 1, "at least 1 step"),
+    "knn_every": (lambda v: v >= 0, ">= 0 (0 = off)"),
+}
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(prog="pretrain.py", description=__doc__, epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    # Method and add-on. Unset values (None) resolve to the method's recipe, see resolve_config.
+    # Method and add-on. Unset values (None) resolve to the method's recipe and the data's scale (resolve_config).
     a("--method", default="dino", choices=list(METHOD_DEFAULTS), help="base invariance method")
     a("--ser", action="store_true", help="add SER's L_equiv on the token map after --equiv-layer")
     a("--equimod", action="store_true", help="add EquiMod (3 views: an un-augmented one plus the two)")
     a("--augself", action="store_true", help="add AugSelf (predict crop and colour differences)")
     a("--essl", action="store_true", help="add E-SSL (4-way rotation prediction on a small extra crop)")
     a("--equiv-layer", type=int, default=None,
-      help="SER: the block after which [CLS] joins and L_equiv acts (paper: 3 of 12). EquiMod/AugSelf/E-SSL: "
-           "the block whose [CLS] the add-on reads (default: the final representation; 3 gives the paper's "
-           "layer-decoupled variants)")
-    a("--equiv-lambda", type=float, default=None, help="add-on loss weight (SER: the release's value per method, "
-                                                        "see SER_DEFAULTS; EquiMod 1.0, AugSelf 1.0, E-SSL 0.4)")
+      help="SER: the block after which [CLS] joins and L_equiv acts (paper: 3 of 12). Other add-ons: the block "
+           "whose [CLS] they read (default: the last; 3 gives the paper's layer-decoupled variants)")
+    a("--equiv-lambda", type=float, default=None,
+      help="add-on loss weight (SER: the release's value per method, SER_DEFAULTS; EquiMod 1, AugSelf 1, E-SSL 0.4)")
     a("--equiv-tau", type=float, default=None, help="SER token NT-Xent temperature (EquiMod: 0.2)")
-    a("--ser-ratio", type=float, default=0.01,
-      help="fraction of each --ser-chunk that forms a b2 group (release: 0.01, i.e. 3 of 256 images)")
+    a("--ser-ratio", type=float, default=0.01, help="fraction of each --ser-chunk in its b2 group (release: 3 of 256)")
     a("--ser-min-images", type=int, default=2,
       help="floor on the images of a b2 group; at least 2 so that every token has other images as negatives")
     a("--ser-chunk", type=int, default=256,
-      help="images of the global batch per b2 group, each group with its own group elements (the release's "
-           "per-GPU batch: --batch-size 2048 gives 8 groups of 3 on any number of ranks)")
+      help="images of the global batch per b2 group (the release's per-GPU batch: 8 groups in a batch of 2048)")
     a("--ser-scale", type=float, nargs=2, default=(0.7, 1.3), help="b2 token-grid area range, relative to the crop's")
     # Data.
-    a("--data", default="synthetic", help="'synthetic' (built in), an ImageFolder root with train/ (and val/), "
-                                          "'cifar10:<dir>' or 'stl10:<dir>'")
-    a("--synthetic-length", type=int, default=None, help="images per epoch of the built-in dataset (3200)")
-    a("--img-size", type=int, default=None, help="global crop size in px (224 real, 64 synthetic)")
+    a("--data", default="synthetic",
+      help="'synthetic' (built in), an ImageFolder root with train/ (and val/), 'cifar10:<dir>' or 'stl10:<dir>'")
+    a("--synthetic-length", type=int, default=None, help="images per epoch of the built-in dataset")
+    a("--img-size", type=int, default=None, help="global crop size in px (224 on real data)")
     a("--n-local-crops", type=int, default=0,
-      help="multi-crop: local crops per image. DINO (official ViT-S: 8-10; SER's DINO runs: 0) and MoCo v3 "
-           "(SER's '2+4 views': 4)")
+      help="multi-crop: local crops per image; DINO (official ViT-S: 8-10) or MoCo v3 (SER's '2+4 views': 4)")
     a("--crop-min", type=float, default=None, help="RandomResizedCrop minimum scale of the global crops")
     a("--num-workers", type=int, default=None, help="DataLoader workers per rank (default: CPU count / ranks)")
     # Model.
-    a("--arch", default=None, choices=list(vit.ARCHS), help="ViT size (vit_small for real data)")
-    a("--depth", type=int, default=None, help="override the number of blocks (the synthetic default uses 6)")
-    a("--patch-size", type=int, default=None, help="ViT patch side in px (16 real, 8 synthetic)")
+    a("--arch", default=None, choices=list(vit.ARCHS), help="ViT size (vit_small on real data)")
+    a("--depth", type=int, default=None, help="override the number of blocks (fewer on the built-in data)")
+    a("--patch-size", type=int, default=None, help="ViT patch side in px (16 on real data)")
     a("--drop-path", type=float, default=None, help="stochastic depth of the student (DINO: 0.1)")
     a("--head-hidden", type=int, default=None, help="override the projector's hidden width (recipe: 4096/2048/8192)")
     a("--head-out", type=int, default=None, help="override the projector's output width (DINO: 65536)")
     a("--weight-init", default=None, choices=["trunc_normal", "moco"],
-      help="ViT initialisation: each method's own on real data (MoCo v3: moco = Xavier + sin-cos positions; "
-           "others: timm's trunc_normal), moco on the built-in data")
+      help="ViT init: the method's own on real data (MoCo v3: moco = Xavier + sin-cos positions; others: timm's "
+           "trunc_normal), moco on the built-in data")
     a("--use-bn-in-head", action=argparse.BooleanOptionalAction, default=None,
       help="DINO: BatchNorm in the projection head (official flag; off on real data, on for the built-in data)")
-    a("--norm-last-layer", action="store_true",
-      help="DINO: weight-normalise the head's last layer with a fixed norm (ViT-B recipe; ViT-S: off)")
+    a("--norm-last-layer", action="store_true", help="DINO: weight-normalised head output layer (ViT-B recipe)")
     a("--grad-checkpointing", action="store_true", help="recompute block activations: large per-GPU batches")
     a("--compile", action="store_true", help="torch.compile the backbone (checkpoints stay prefix-free)")
     a("--no-keep-freed-memory", action="store_true",
-      help="CPU runs: leave glibc's malloc at its defaults (see keep_freed_host_memory); set it when the "
-           "process must give memory back to the system during the run")
+      help="CPU: leave glibc's malloc at its defaults (keep_freed_host_memory), to give memory back during the run")
     # Optimisation.
-    a("--epochs", type=int, default=None, help="training epochs (100 real, 4 synthetic)")
+    a("--epochs", type=int, default=None, help="training epochs (100 on real data)")
     a("--warmup-epochs", type=int, default=None, help="linear lr warm-up (10 in the 100-epoch recipes)")
     a("--batch-size", type=int, default=None, help="GLOBAL batch over all ranks (SER's runs: 2048)")
     a("--lr", type=float, default=None, help="peak lr per 256 images; the run uses lr * batch / 256")
     a("--min-lr", type=float, default=None, help="lr at the end of the cosine, per 256 images like --lr")
     a("--weight-decay", type=float, default=None, help="AdamW weight decay at the start (cosine to --weight-decay-end)")
     a("--weight-decay-end", type=float, default=None, help="cosine weight-decay target (DINO: 0.04 -> 0.4)")
-    a("--momentum", type=float, default=None, help="EMA start of the teacher/target (cosine to 1); "
-                                                   "DINO README: 0.9995 for batch 256")
+    a("--momentum", type=float, default=None, help="EMA start (cosine to 1); DINO README: 0.9995 for batch 256")
     a("--clip-grad", type=float, default=None, help="DINO clips each parameter's gradient norm (3.0); 0 = off")
     a("--temperature", type=float, default=None, help="MoCo v3 / SimCLR temperature")
-    a("--teacher-temp", type=float, default=0.04, help="DINO teacher temperature after warm-up; above 0.07 is "
-                                                       "often unstable; the boosted ViT-S run uses 0.07")
+    a("--teacher-temp", type=float, default=0.04,
+      help="DINO teacher temperature after warm-up; above 0.07 is often unstable; the boosted ViT-S run uses 0.07")
     a("--warmup-teacher-temp", type=float, default=0.04, help="DINO teacher temperature at the start of its warm-up")
     a("--warmup-teacher-temp-epochs", type=int, default=0,
-      help="DINO: epochs of linear teacher-temperature warm-up to --teacher-temp (0 = none)")
-    a("--freeze-last-layer", type=int, default=None, help="DINO: epochs with the head's last layer frozen (1; "
-                                                          "0 on the built-in data)")
+      help="DINO: epochs of linear warm-up to --teacher-temp (0 = none; SER's DINO runs: 10)")
+    a("--freeze-last-layer", type=int, default=None,
+      help="DINO: epochs with the head's last layer frozen (1; 0 on the built-in data)")
     a("--precision", default="auto", choices=vit.PRECISIONS,
       help="autocast dtype; auto: bf16 on GPUs and on CPUs with native bf16 (AVX512_BF16 or AMX), else fp32")
     # Runtime.
     a("--output-dir", default="runs/default", help="checkpoints, logs; an existing checkpoint is resumed")
     a("--seed", type=int, default=0, help="seed of the initial weights, the data order and every augmentation")
-    a("--log-every", type=int, default=10, help="steps between progress lines (and after the first step); "
-                                                 "raise it when steps are fast and the log too long")
+    a("--log-every", type=int, default=10, help="steps between progress lines; raise it when steps are fast")
     a("--knn-every", type=int, default=1, help="epochs between k-NN monitors (0 = off)")
     a("--knn-train-size", type=int, default=None, help="train images in the k-NN monitor's memory bank")
     a("--knn-val-size", type=int, default=None, help="val images the k-NN monitor classifies")
-    a("--stop-at-step", type=int, default=None,
-      help="save and exit at this global step (time-limited or preemptible jobs); rerun to resume")
-    a("--benchmark", type=int, default=0, metavar="STEPS", help="measure STEPS training steps from initialisation, then exit "
-                                                                 "(a checkpoint in --output-dir is neither resumed nor changed); "
-                                                                 "as many bare-compute steps give the floor")
+    a("--stop-at-step", type=int, default=None, help="save and exit at this step (time-limited jobs); rerun to resume")
+    a("--benchmark", type=int, default=0, metavar="STEPS",
+      help="time STEPS steps from initialisation (and as many of bare compute, the floor), then exit; a "
+           "checkpoint in --output-dir is neither resumed nor changed")
     a("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (H100 SXM bf16 dense: 989)")
     a("--count-flops", action="store_true",
-      help="print the training FLOPs per image of this configuration (and of its base method without the "
-           "add-on), counted on the meta device without computing anything, then exit")
+      help="print the FLOPs per image of a training step, with and without the add-on (meta device), then exit")
     return p
 
 
@@ -218,43 +224,16 @@ def resolve_config(args):
         raise SystemExit(f"error: one add-on at a time, got --{' --'.join(addons)}")
     args.addon = addons[0] if addons else None
     synthetic = args.data == "synthetic"
+    lam, tau = SER_DEFAULTS[args.method] if args.addon == "ser" else ADDON_DEFAULTS[args.addon]
+    workers = min(8, max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", 1))))  # this rank's cores
     defaults = {**METHOD_DEFAULTS[args.method], **(SYNTHETIC_DEFAULTS if synthetic else REAL_DEFAULTS),
-                **(SYNTHETIC_METHOD_DEFAULTS.get(args.method, {}) if synthetic else {})}
+                **(SYNTHETIC_METHOD_DEFAULTS.get(args.method, {}) if synthetic else {}),
+                "equiv_lambda": lam, "equiv_tau": tau, "num_workers": workers}
     for k, v in defaults.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    lam, tau = SER_DEFAULTS[args.method] if args.addon == "ser" else ADDON_DEFAULTS[args.addon]
-    args.equiv_lambda = lam if args.equiv_lambda is None else args.equiv_lambda
-    args.equiv_tau = tau if args.equiv_tau is None else args.equiv_tau
-    if args.num_workers is None:  # the CPU cores of this rank's share of the machine
-        args.num_workers = min(8, max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", 1))))
-    # Ranges of the numeric options; None means "unset" and is checked after the recipe filled it in.
-    positive = [("--batch-size", args.batch_size), ("--epochs", args.epochs), ("--img-size", args.img_size),
-                ("--patch-size", args.patch_size), ("--lr", args.lr), ("--temperature", args.temperature),
-                ("--teacher-temp", args.teacher_temp), ("--warmup-teacher-temp", args.warmup_teacher_temp),
-                ("--equiv-tau", args.equiv_tau), ("--ser-chunk", args.ser_chunk), ("--peak-tflops", args.peak_tflops)]
-    non_negative = [("--min-lr", args.min_lr), ("--weight-decay", args.weight_decay),
-                    ("--weight-decay-end", args.weight_decay_end), ("--equiv-lambda", args.equiv_lambda),
-                    ("--num-workers", args.num_workers), ("--n-local-crops", args.n_local_crops),
-                    ("--warmup-teacher-temp-epochs", args.warmup_teacher_temp_epochs),
-                    ("--freeze-last-layer", args.freeze_last_layer), ("--benchmark", args.benchmark)]
-    at_least_1 = [("--synthetic-length", args.synthetic_length), ("--head-hidden", args.head_hidden),
-                  ("--head-out", args.head_out), ("--knn-train-size", args.knn_train_size),
-                  ("--knn-val-size", args.knn_val_size), ("--stop-at-step", args.stop_at_step)]
-    ranges = [(flag, v, lambda v: v > 0, "positive") for flag, v in positive]
-    ranges += [(flag, v, lambda v: v >= 0, ">= 0") for flag, v in non_negative]
-    ranges += [(flag, v, lambda v: v >= 1, "at least 1") for flag, v in at_least_1]
-    ranges += [("--momentum", args.momentum, lambda v: 0 <= v <= 1, "in [0, 1]"),
-               ("--clip-grad", args.clip_grad, lambda v: v >= 0, ">= 0 (0 = off)"),
-               ("--drop-path", args.drop_path, lambda v: 0 <= v < 1, "in [0, 1)"),
-               ("--crop-min", args.crop_min, lambda v: 0 < v <= 1, "in (0, 1]"),
-               ("--ser-ratio", args.ser_ratio, lambda v: 0 < v < 1, "in (0, 1)"),
-               ("--ser-min-images", args.ser_min_images, lambda v: v >= 2,
-                "at least 2 (a b2 image needs other images as negatives)"),
-               ("--depth", args.depth, lambda v: v >= 1, "at least 1 block"),
-               ("--log-every", args.log_every, lambda v: v >= 1, "at least 1 step"),
-               ("--knn-every", args.knn_every, lambda v: v >= 0, ">= 0 (0 = off)")]
-    augment.check_ranges(ranges, prefix="error: ")
+    augment.check_ranges([(f"--{k.replace('_', '-')}", getattr(args, k), ok, want) for k, (ok, want) in RANGES.items()],
+                         prefix="error: ")
     if not 0 <= args.warmup_epochs <= args.epochs:
         raise SystemExit(f"error: --warmup-epochs {args.warmup_epochs} must be in 0..--epochs ({args.epochs})")
     if not (all(map(math.isfinite, args.ser_scale)) and 0 < args.ser_scale[0] <= args.ser_scale[1]):
@@ -290,16 +269,9 @@ def build_recipe(args):
 
 
 def ser_groups(global_batch, chunk, ratio, min_images):
-    """SER's b2 groups: [start, stop) ranges of positions in the global batch, one per chunk.
-
-    The global batch is cut into G = max(1, round(B / chunk)) chunks, chunk g covering positions
-    [round(g B / G), round((g + 1) B / G)); its b2 group is its last max(min_images, round(ratio * len))
-    positions. Each group gets its own pair of group elements and colour parameters (make_step_inputs),
-    as each GPU's 3 images do in the release (aitrics-chris/SER main_moco.py: 1% of the per-GPU batch),
-    but the groups are defined
-    on the global batch: which images form b2, and how they are transformed, does not depend on the
-    number of ranks. --batch-size 2048 --ser-chunk 256 --ser-ratio 0.01: 8 groups of 3 images.
-    """
+    """SER's b2 groups, [start, stop) in the global batch: the last max(min_images, round(ratio * len))
+    positions of each of max(1, round(B / chunk)) near-equal chunks, as each GPU's 3 images in the release
+    (aitrics-chris/SER main_moco.py: 1% of the per-GPU batch), but independent of the number of ranks."""
     n_chunks = max(1, round(global_batch / chunk))
     groups = []
     for g in range(n_chunks):
@@ -313,11 +285,10 @@ def ser_groups(global_batch, chunk, ratio, min_images):
 
 
 def ser_pair_sources(args, photometric):
-    """SER's b2 pairs of one image: (crop view, colour augmentation of each view, invariance streams
-    the two views join). Two views: one pair from global crop 0, view i with global view i's colour
-    recipe, joining streams 0 and 1 (aitrics-chris/SER builder/moco.py train_erl). MoCo v3 multi-crop
-    ("2+4 views", train_erl_local4): global crop 0 and local crops #0, #2, .., each duplicated with the
-    local crops' colour recipe (the release's `etc` for all six), joining streams (0, 1), (2, 3), (4, 5)."""
+    """SER's b2 pairs of one image: (crop view, colour augmentation of each view, the streams the views
+    join). Two views: global crop 0 with the global views' colours, streams 0 and 1 (aitrics-chris/SER
+    builder/moco.py train_erl). MoCo v3 "2+4 views" (train_erl_local4): global crop 0 and local crops #0,
+    #2, .. with the local crops' colours (the release's `etc`), streams (0, 1), (2, 3), (4, 5)."""
     if args.method == "mocov3" and args.n_local_crops:
         local_aug = photometric[2]
         return [(0, (local_aug, local_aug), (0, 1))] + [(2 + i, (local_aug, local_aug), (2 + i, 3 + i))
@@ -346,12 +317,9 @@ class SERGroupRows:
 
 @dataclass
 class StepBatch:
-    """Everything the student and teacher see at one step on this rank, plus what the losses need.
-
-    Streams are the invariance views: the 2 global views, then the local ones (DINO, MoCo v3 2+N).
-    streams[v] holds its plain rows, images stream_positions[v] of the global batch; with SER, a stream
-    that a b2 pair joins holds the b1 rows only, the b2 views follow group by group (Student._b2).
-    """
+    """What the student and teacher see at one step on this rank, and what the losses need. Streams:
+    the invariance views, 2 global then the local ones; with SER, a stream that a b2 pair joins holds
+    the b1 rows only (the b2 views follow in Student._b2)."""
     key: tuple  # (seed, step): seeds the per-call stochastic depth (Student._features)
     batch_size: int  # B, the global batch
     streams: list  # per stream (N_v, 3, s, s), normalised
@@ -365,34 +333,23 @@ class StepBatch:
     essl_labels: torch.Tensor | None = None  # (4 B_r,)
 
 
-def photometric_views(batch, photometric, step, args, rank, world, device):
-    """Colour augmentation of every crop on the device. Parameters are drawn for the whole global batch
-    from (seed, step, view) and sliced by rank, so W ranks augment exactly as one process would."""
-    views, params = [], []
-    for v, (crops, aug) in enumerate(zip(batch["images"], photometric)):
-        n = crops.shape[0]
-        p = aug.sample_params(n * world, augment.device_generator(args.seed, step, 0, v))
-        p = {k: t[rank * n:(rank + 1) * n] for k, t in p.items()}  # CPU: apply() reads them without a sync
-        x = crops.to(device, non_blocking=True).float() / 255
-        views.append(augment.normalize(aug.apply(x, p)))
-        params.append({k: augment.to_device(t, device) for k, t in p.items()})
-    return views, params
-
-
 def make_step_inputs(batch, photometric, step, args, rank, world, device):
     """The StepBatch of one step on this rank. Every random choice is a function of (seed, step) and of
-    global image positions, never of the rank: nothing a step computes depends on the number of ranks
-    except float rounding (README)."""
-    views, params = photometric_views(batch, photometric, step, args, rank, world, device)
-    n_rank = views[0].shape[0]
+    global image positions, never of the rank, so the number of ranks changes only float rounding."""
+    # Colour on the device, drawn for the global batch and sliced; crop box and flip come from the workers.
+    n_rank = batch["images"][0].shape[0]
     start = rank * n_rank
+    views, view_params = [], []
+    for v, (crops, aug) in enumerate(zip(batch["images"], photometric)):
+        p = aug.sample_params(n_rank * world, augment.device_generator(args.seed, step, 0, v))
+        p = {k: t[start:start + n_rank] for k, t in p.items()}  # CPU: apply() reads them without a sync
+        views.append(augment.normalize(aug.apply(crops.to(device, non_blocking=True).float() / 255, p)))
+        view_params.append({**{k: augment.to_device(t, device) for k, t in p.items()},
+                            "crop": batch["crop"][v].to(device, non_blocking=True),
+                            "flip": batch["flip"][v].to(device, non_blocking=True).float()})
     positions = torch.arange(start, start + n_rank)  # this rank's slice of the global batch (GlobalBatchSampler)
-    # Views in recipe order: the 2 globals, the locals, then E-SSL's small crop.
-    n_streams = 2 + args.n_local_crops
+    n_streams = 2 + args.n_local_crops  # views in recipe order: the 2 globals, the locals, then E-SSL's small crop
     streams = views[:n_streams]
-    # Crop box and flip come from the workers, colour parameters from the device: the add-ons want both.
-    view_params = [{**p, "crop": batch["crop"][v].to(device, non_blocking=True),
-                    "flip": batch["flip"][v].to(device, non_blocking=True).float()} for v, p in enumerate(params)]
     out = StepBatch(key=(args.seed, step), batch_size=n_rank * world, streams=streams,
                     stream_positions=[positions] * n_streams, view_params=view_params)
     if args.addon == "ser":
@@ -450,14 +407,12 @@ class Student(nn.Module):
 
     def _features(self, batch, call, x, positions, n_sets=1, layer=None):
         """One backbone call on rows that are images `positions` of the global batch, the k-th copy of
-        each in row block k (n_sets copies). Stochastic depth draws its keep flags for every row of the
-        global call from torch's generator seeded by (seed, step, call) and keeps ours, so the masks do
-        not depend on the number of ranks."""
+        each in row block k. Stochastic depth draws its keep flags for every row of the global call from
+        (seed, step, call) and keeps ours, so the masks do not depend on the number of ranks."""
         if self.stochastic_depth:
             torch.manual_seed(augment.seed_from("drop-path", *batch.key, call))
             n = batch.batch_size
-            ids = torch.cat([k * n + positions for k in range(n_sets)])
-            self.backbone.drop_path_rows = (ids, n_sets * n)
+            self.backbone.drop_path_rows = (torch.cat([k * n + positions for k in range(n_sets)]), n_sets * n)
         try:
             return self.backbone.forward_features(x, layer=layer)
         finally:
@@ -465,9 +420,8 @@ class Student(nn.Module):
 
     def forward(self, batch):
         """batch: a StepBatch. Returns {'proj': per stream (N_v, d), 'pred', and the add-on's outputs:
-        'ser': per b2 pair, the list of its losses.SERGroup on this rank; 'equimod': (y_t, y_hat_t);
-        'augself': predictions; 'essl': rotation logits}. Stream v's rows are its plain rows
-        (batch.streams[v]), then the [CLS] of the b2 views that join it, group by group."""
+        'ser': per b2 pair, its losses.SERGroup list; 'equimod': (y_t, y_hat_t); 'augself': predictions;
+        'essl': rotation logits}. Stream v's rows: batch.streams[v], then the b2 views that join it."""
         globals_, locals_ = batch.streams[:2], batch.streams[2:]
         sizes = [v.shape[0] for v in globals_]
         # One call per resolution: EquiMod's un-augmented view has the global size, so it joins the views.
@@ -500,9 +454,9 @@ class Student(nn.Module):
         return res
 
     def _b2(self, batch, cls):
-        """SER's b2 views: two backbone calls per pair of each group on this rank, each with the group's
-        own element (the grids differ). Their [CLS] join the invariance streams, their token maps after
-        block --equiv-layer go through SER's projector into losses.SERGroup, one list per pair."""
+        """SER's b2 views: one backbone call per view of each pair of each group on this rank (the grids
+        differ). Their [CLS] join the invariance streams, their token maps after block --equiv-layer go
+        through SER's projector into losses.SERGroup, one list per pair."""
         layer = self.backbone.cls_after_block
         extra = [[] for _ in cls]  # per stream: the b2 [CLS] rows, group by group
         pairs = [[] for _ in batch.ser_pairs]
@@ -518,8 +472,7 @@ class Student(nn.Module):
             # No b2 image on this rank: an empty call per pair keeps SER's parameters in the step (DDP
             # expects a gradient for each, zero here) and ser_loss's collectives in step with the ranks.
             for k, (base_grid, _) in enumerate(batch.ser_pairs):
-                side = [g * self.backbone.patch_size for g in base_grid]
-                x = batch.streams[0].new_zeros(0, 3, *side)
+                x = batch.streams[0].new_zeros(0, 3, *(g * self.backbone.patch_size for g in base_grid))
                 z = self.addon_head(self.backbone.forward_features(x, layer=layer)["token_map"])
                 pairs[k].append(losses.SERGroup(z, z, None, None, base_grid, torch.zeros(0, dtype=torch.long)))
         return [torch.cat([c, *e]) for c, e in zip(cls, extra)], pairs
@@ -553,29 +506,19 @@ def build_models(args):
         arch["depth"] = args.depth
     if args.method == "mocov3":  # MoCo v3's ViT recipe: fixed sin-cos positions, frozen random patch projection
         arch.update(pos_embed="sincos", stop_grad_conv1=True, weight_init="moco")
-    if args.weight_init == "moco":
-        arch.update(pos_embed="sincos", weight_init="moco")
-    elif args.weight_init == "trunc_normal":
-        arch.update(pos_embed="learned", weight_init="trunc_normal")
+    if args.weight_init:
+        arch.update(pos_embed="sincos" if args.weight_init == "moco" else "learned", weight_init=args.weight_init)
     backbone = vit.build_vit(arch)
-    if args.grad_checkpointing:
-        backbone.grad_checkpointing = True
+    backbone.grad_checkpointing = args.grad_checkpointing
     D = backbone.embed_dim
     head_kw = dict(norm_last_layer=args.norm_last_layer, use_bn=args.use_bn_in_head) if args.method == "dino" else {}
     projector, predictor = losses.build_heads(args.method, D, hidden_dim=args.head_hidden, out_dim=args.head_out,
                                               **head_kw)
-    depth = backbone.depth
-    addon_layer = None if args.addon in (None, "ser") or args.equiv_layer == depth else args.equiv_layer
-    decoupled = addon_layer is not None
-    addon_head = None
-    if args.addon == "ser":
-        addon_head = losses.SERProjector(D)
-    elif args.addon == "equimod":
-        addon_head = losses.EquiModHead(D, input_norm=decoupled)
-    elif args.addon == "augself":
-        addon_head = losses.AugSelfHead(D, input_norm=decoupled)
-    elif args.addon == "essl":
-        addon_head = losses.ESSLHead(D, input_norm=decoupled)
+    addon_layer = None if args.addon in (None, "ser") or args.equiv_layer == backbone.depth else args.equiv_layer
+    addon_head = losses.SERProjector(D) if args.addon == "ser" else None
+    if args.addon in ("equimod", "augself", "essl"):
+        head = {"equimod": losses.EquiModHead, "augself": losses.AugSelfHead, "essl": losses.ESSLHead}[args.addon]
+        addon_head = head(D, input_norm=addon_layer is not None)  # a decoupled layer's [CLS] is not normalised yet
     student = Student(backbone, projector, predictor, args.addon, addon_head, addon_layer)
     teacher = None
     if args.method in EMA_METHODS:
@@ -583,8 +526,7 @@ def build_models(args):
         # official target starts from its own random init; a copy is the MoCo/DINO convention.
         teacher_backbone = vit.build_vit({**backbone.arch, "drop_path_rate": 0.0})
         teacher_backbone.load_state_dict(backbone.state_dict())
-        teacher = Teacher(teacher_backbone, deepcopy(projector))
-        teacher.requires_grad_(False)
+        teacher = Teacher(teacher_backbone, deepcopy(projector)).requires_grad_(False)
     return student, teacher
 
 
@@ -593,16 +535,14 @@ def param_groups(student, method):
     are decayed), except MoCo v3, whose ViT recipe decays every parameter."""
     decay, no_decay = [], []
     for name, p in student.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if method != "mocov3" and (p.ndim <= 1 or name.endswith(".bias")) else decay).append(p)
+        if p.requires_grad:
+            (no_decay if method != "mocov3" and (p.ndim <= 1 or name.endswith(".bias")) else decay).append(p)
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False}]
 
 
 def compute_losses(args, student_out, teacher_out, batch, dino_loss, epoch):
     """{'inv': invariance loss, 'equiv': add-on loss (unweighted)}, float32."""
-    m = args.method
-    proj = student_out["proj"]
+    m, proj = args.method, student_out["proj"]
     if m == "mocov3":
         inv = losses.mocov3_loss(student_out["pred"], teacher_out, args.temperature)
     elif m == "dino":
@@ -616,15 +556,13 @@ def compute_losses(args, student_out, teacher_out, batch, dino_loss, epoch):
     elif m == "simclr":
         inv = losses.simclr_loss(proj[0], proj[1], args.temperature)
     else:  # byol
-        p1, p2 = student_out["pred"][:2]
-        inv = losses.byol_loss(p1, p2, teacher_out[0], teacher_out[1])
+        inv = losses.byol_loss(*student_out["pred"][:2], teacher_out[0], teacher_out[1])
     out = {"inv": inv}
     if args.addon == "ser":
-        # One NT-Xent per pair over all its groups, summed over the pairs (one pair with two views,
-        # three in MoCo v3's 2+4: aitrics-chris/SER builder/moco.py MoCo.erl_local4). erl_local4 divides
-        # each pair's sum by twice the per-GPU *image* count and slices its (2T, 2T) token similarity
-        # matrix at that count where the token count T is meant; ser_loss is the intended loss, the mean
-        # over all 2T anchors of the pair.
+        # One NT-Xent per pair over all its groups, summed over the pairs (three in MoCo v3's 2+4). The
+        # release's erl_local4 (aitrics-chris/SER builder/moco.py) divides by and slices its (2T, 2T) token
+        # similarities at the per-GPU *image* count where the token count T is meant; ser_loss is the mean
+        # over all 2T anchors of the pair, the intended loss.
         out["equiv"] = sum(losses.ser_loss(groups, args.equiv_tau) for groups in student_out["ser"])
     elif args.addon == "equimod":
         out["equiv"] = losses.equimod_loss(*student_out["equimod"], args.equiv_tau)
@@ -659,10 +597,8 @@ def clip_grad_per_param(params, max_norm):
 
 
 def train_step(batch, step, steps_per_epoch, student, teacher, dino_loss, optimizer, scaler, args, precision):
-    """One optimisation step on a StepBatch: the schedules at this step, the student's forward (SER's b2
-    token maps included, Student._b2) and the teacher's, the losses (L_inv + lambda * L_equiv), backward,
-    DINO's per-parameter clipping and frozen last layer, AdamW, and the EMA of the teacher. `student`
-    may be wrapped in DDP. Returns the detached loss terms without waiting for the device."""
+    """One optimisation step on a StepBatch (`student` may be wrapped in DDP): L_inv + lambda * L_equiv,
+    DINO's clipping and frozen last layer, AdamW, the EMA. The detached loss terms, without a host sync."""
     epoch = step // steps_per_epoch
     total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
     # lr and min_lr are per 256 images; pure functions of the step, so a resumed run needs nothing but the step
@@ -704,14 +640,8 @@ def local_batch_size(global_batch, world):
 
 
 class GlobalBatchSampler(Sampler):
-    """Per-rank batches such that rank r holds the r-th slice of each global batch.
-
-    The union of the ranks' batches at a step is exactly the single-process global batch, so a run
-    on W ranks sees the same images per step as one process (and per-sample randomness drawn for the
-    global batch can be sliced by rank). One permutation per epoch from (seed, epoch); the tail that
-    does not fill a global batch is dropped (DistributedSampler with drop_last=True does the same).
-    `start_step` skips the batches an interrupted epoch already trained on.
-    """
+    """Rank r's batch is the r-th slice of the single-process global batch, one permutation per epoch from
+    (seed, epoch), the tail dropped (DistributedSampler, drop_last=True); `start_step` resumes an epoch."""
 
     def __init__(self, dataset_len, global_batch, rank, world, seed):
         self.n, self.global_batch, self.rank, self.world, self.seed = dataset_len, global_batch, rank, world, seed
@@ -732,9 +662,8 @@ class GlobalBatchSampler(Sampler):
 
 
 def resume(args, saved, total_steps, device):
-    """The step to start from: that of <output-dir>/checkpoint.pth, with its state loaded into `saved`
-    (name -> object with a state dict, as DINO's restart_from_checkpoint), or 0 without one. A benchmark
-    starts from initialisation and leaves a run's checkpoint alone."""
+    """The step of <output-dir>/checkpoint.pth, its state loaded into `saved` (name -> object, as DINO's
+    restart_from_checkpoint); 0 without one, and in a benchmark, which leaves a run's checkpoint alone."""
     path = os.path.join(args.output_dir, "checkpoint.pth")
     if args.benchmark or not os.path.exists(path):
         return 0
@@ -747,8 +676,7 @@ def resume(args, saved, total_steps, device):
             obj.load_state_dict(ckpt[name])
     losses.log(f"resumed from {path} at step {ckpt['step']}")
     if ckpt["step"] >= total_steps and losses.rank() == 0:
-        # A finished run: a kill between the final checkpoint and backbone writes left backbone.pth
-        # stale or missing, so export it again from the checkpoint.
+        # A finished run: a kill between its last two writes left backbone.pth stale or missing.
         export_backbone(os.path.join(args.output_dir, "backbone.pth"), ckpt)
         losses.log(f"the run had finished; backbone.pth exported again from {path}")
     if args.stop_at_step is not None and args.stop_at_step <= ckpt["step"]:
@@ -763,10 +691,9 @@ def checkpoint_note(args, saved_step):
 
 
 def save_checkpoint(args, step, saved, note):
-    """checkpoint.pth with every object of `saved`, then backbone.pth cut out of it (a kill between the two
-    is repaired by the rerun's resume). Non-finite weights are never written: a loss is checked only at
-    log steps, and the one logged is from before the last update. Every rank checks (their weights are
-    equal), so all stop together."""
+    """checkpoint.pth with every object of `saved`, then backbone.pth cut out of it. Non-finite weights
+    are never written (a loss is checked only at log steps, the one logged is from before the last
+    update); every rank checks its equal weights, so all stop together."""
     state = {"args": vars(args), "arch": saved["student"].backbone.arch, "step": step,
              "eval_key": "teacher" if args.method == "dino" else "student",
              **{name: obj.state_dict() if obj is not None else None for name, obj in saved.items()}}
@@ -783,9 +710,8 @@ def save_checkpoint(args, step, saved, note):
 
 
 def export_backbone(path, state):
-    """The backbone the evaluations use, in bare timm key format with its architecture, cut out of a
-    checkpoint's state, so that backbone.pth always holds the weights of checkpoint.pth: DINO evaluates
-    its teacher, MoCo v3 and the others their online encoder (state['eval_key'])."""
+    """The evaluated backbone of a checkpoint's state, in bare timm key format with its architecture:
+    DINO's teacher, the online encoder of the others (state['eval_key'])."""
     network = state[state["eval_key"]]
     backbone = {k[len("backbone."):]: v for k, v in network.items() if k.startswith("backbone.")}
     vit.save_atomic(path, {"arch": state["arch"], "backbone": backbone, "method": state["args"]["method"],
@@ -799,9 +725,8 @@ def append_jsonl(path, record):
 
 
 class Meter:
-    """The loss terms of the steps between two log steps, logged as one line and one log.jsonl record. Log
-    steps are step counts, never times, so they are the same on every rank: the terms are averaged over
-    ranks, and a non-finite loss stops every rank at the same step."""
+    """The loss terms between two log steps, averaged over steps and ranks: one line, one log.jsonl record.
+    Log steps are step counts, never times, so a non-finite loss stops every rank at the same step."""
 
     def __init__(self, path, batch_size):
         self.path, self.batch_size, self.sums, self.steps, self.since = path, batch_size, {}, 0, time.time()
@@ -861,10 +786,10 @@ def log_knn(args, backbone, step, epoch, rank, world, device):
 
 
 def ignore_stop_signals(worker_id):
-    """DataLoader workers ignore SIGTERM/SIGINT: a scheduler signals the whole process group, and a worker
-    killed mid-step would crash the main process before it saves. Workers exit when the main process does."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Workers ignore the scheduler's signal to the process group: a dead worker would crash the main
+    process before it saves. They exit when the main process does."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class Interrupt:
@@ -885,25 +810,22 @@ class Interrupt:
         without waiting, and read one step later (so at the first step no rank stops on its own flag)."""
         if self.world == 1:
             return self.signum
-        agreed = 0
-        if self.vote is not None:
-            self.vote[1].wait()
-            agreed = int(self.vote[0].item())
+        agreed = int(self.close().item()) if self.vote is not None else 0
         flag = torch.tensor([self.signum])
         self.vote = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=losses.cpu_group(), async_op=True))
         return agreed
 
     def close(self):
-        if self.vote is not None:  # the last vote is still in flight
+        """Wait for the vote in flight, if any; its result."""
+        if self.vote is not None:
             self.vote[1].wait()
+            return self.vote[0]
 
 
 def compile_backbones(student, teacher):
-    """--compile: torch.compile the training calls of the student's and teacher's backbones with static
-    shapes; they all have fixed sizes (global, local and E-SSL crops). SER's b2 views, whose grid changes
-    every step, are the only calls that ask for the token map at SER's split (Student._b2, Teacher): they
-    run eagerly, as eval mode (the k-NN monitor) does, so nothing recompiles during the run. Compiling
-    the bound method, not wrapping the module, keeps the state-dict keys free of '_orig_mod.'."""
+    """--compile: the training calls of both backbones, with static shapes. SER's b2 calls (a new grid every
+    step, the only calls asking for SER's split) and eval mode run eagerly, so nothing recompiles.
+    Compiling the bound method keeps the state-dict keys bare."""
     for backbone in [student.backbone] + ([teacher.backbone] if teacher is not None else []):
         eager, compiled = backbone.forward_features, torch.compile(backbone.forward_features, dynamic=False)
 
@@ -943,8 +865,7 @@ def run_summary(log_path, backbone_path, seconds):
 # ============ training ============
 
 def train(args, measure=None):
-    """Pretrain as configured. measure: --benchmark's timing of this run's step instead of the training
-    loop (the measurement section); None trains."""
+    """Pretrain as configured; measure: --benchmark's timing of this run's step instead of the loop."""
     # ============ preparing the run ============
     rank, world, device = losses.init_distributed()
     local_batch = local_batch_size(args.batch_size, world)
@@ -988,8 +909,8 @@ def train(args, measure=None):
     if args.compile:
         compile_backbones(student, teacher)
     losses.log(f"{args.method}{' + ' + args.addon if args.addon else ''} on {args.data}: {world} rank(s) on {device}, "
-               f"{precision}, global batch {args.batch_size} ({local_batch} per rank), lr "
-               f"{args.lr * args.batch_size / 256:.3g} (= {args.lr:g} x batch / 256), {steps_per_epoch} steps/epoch, "
+               f"{precision}, global batch {args.batch_size} ({local_batch} per rank), "
+               f"lr {args.lr * args.batch_size / 256:.3g} (= {args.lr:g} x batch / 256), {steps_per_epoch} steps/epoch, "
                f"{total_steps} steps")
     losses.log(f"trainable parameters: {sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6:.2f}M; "
                f"weight decay on {len(optimizer.param_groups[0]['params'])} tensors, "
@@ -1044,11 +965,12 @@ def train(args, measure=None):
 
 
 def keep_freed_host_memory():
-    """CPU runs (unless --no-keep-freed-memory): glibc keeps freed memory in the process, mmap off and the
-    heap never trimmed, so each step reuses the last one's buffers instead of faulting them back in page
-    by page (~300k minor faults per step at the synthetic default; SER's b2 grids change shape every step
-    and defeat glibc's adaptive threshold): 7-17% faster steps, for a resident set that keeps what it
-    freed (2.6 instead of 2.0 GiB; README, "Fast paths on CPU"). glibc only; returns whether it applied."""
+    """glibc keeps freed memory in the process (mmap off, the heap never trimmed): each step reuses the last
+    one's buffers instead of faulting them in again (~300k page faults per step at the synthetic default;
+    SER's b2 grids change shape every step and defeat glibc's adaptive threshold). 7-17% faster CPU steps
+    for a resident set that keeps what it freed (2.6 instead of 2.0 GiB; README, "CPU wall clock").
+    Set at run time: the same settings from MALLOC_MMAP_MAX_/MALLOC_TRIM_THRESHOLD_ at process start left
+    many of the faults. glibc only; returns whether it applied."""
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter is linked against
     except (OSError, AttributeError, TypeError):  # no mallopt (macOS) or no CDLL(None) (Windows)
@@ -1058,12 +980,11 @@ def keep_freed_host_memory():
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
     args = resolve_config(get_args_parser().parse_args(argv))
     if not torch.cuda.is_available() and not args.no_keep_freed_memory:
         keep_freed_host_memory()  # before the DataLoader forks, so its workers inherit it
     if args.count_flops:
-        return report_flops(args, argv)
+        return report_flops(args)
     return benchmark(args) if args.benchmark else train(args)
 
 
@@ -1072,56 +993,53 @@ def main(argv=None):
 # =====================================================================================================
 
 def benchmark(args):
-    """--benchmark STEPS: time the real training step and report images/s, data wait vs compute, peak
-    memory, FLOPs per image (count_flops_per_image), MFU, and the step's distance to its compute floor:
-    the same train_step on inputs already on the device, without data loading or augmentation."""
+    """--benchmark STEPS: images/s, data wait and compute, peak memory, FLOPs per image, MFU, and the step
+    over its floor (train_step alone, on inputs already on the device)."""
     local_batch = args.batch_size // int(os.environ.get("WORLD_SIZE", 1))
     flops = count_flops_per_image(args, local_batch)  # before train() starts the process group: one rank's count
     return train(args, measure=functools.partial(measure_steps, flops_per_image=flops))
 
 
-def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, precision, rank, world, flops_per_image):
+def timed(fn, device):
+    """Seconds that fn() takes on `device`, waiting for the device before and after."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    local_batch = args.batch_size // world
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, precision, rank, world, flops_per_image):
+    local_batch, n = args.batch_size // world, args.benchmark
+    inputs = functools.partial(make_step_inputs, photometric=photometric, args=args, rank=rank, world=world,
+                               device=device)
     dataset.set_epoch(0)
     sampler.set_epoch(0)
-    # The input pipeline alone, in this process: decode + crop + flip per image, i.e. one worker's rate.
-    # Measured first, while no DataLoader worker competes for the cores.
-    n_pipe, t0 = 0, time.perf_counter()
-    for i, batch in enumerate(DataLoader(dataset, batch_sampler=sampler, num_workers=0)):
-        n_pipe += len(batch["index"])
-        if i == 2:
-            break
-    pipe_rate = n_pipe / (time.perf_counter() - t0)
+    # Before any worker competes for the cores: the pipeline alone (one worker's rate), then the floor,
+    # train_step on views made before the clock starts. 3 warm-up steps: allocator, autotuning, compilation.
+    t0 = time.perf_counter()
+    batches = list(itertools.islice(DataLoader(dataset, batch_sampler=sampler, num_workers=0), 3))
+    pipe_rate = sum(len(b["index"]) for b in batches) / (time.perf_counter() - t0)
     peak_tflops = args.peak_tflops or matmul_peak_tflops(device, precision)
-
-    # The floor, also before the workers start: each step's views are made from the batch above before
-    # the clock starts (the same shapes, SER's b2 grids included), then only train_step is timed.
     floor = 0.0
-    for step in range(3 + args.benchmark):  # 3 warm-up steps, as below
-        step_batch = make_step_inputs(batch, photometric, step, args, rank, world, device)
-        sync()
-        t0 = time.perf_counter()
-        step_fn(step_batch, step)
-        sync()
-        floor += (time.perf_counter() - t0) if step >= 3 else 0.0
-    floor_time = floor / args.benchmark
+    for step in range(3 + n):
+        step_batch = inputs(batches[-1], step=step)
+        seconds = timed(lambda: step_fn(step_batch, step), device)
+        floor += seconds if step >= 3 else 0.0
 
-    batches = (batch for _ in itertools.count() for batch in loader)  # the loader, epoch after epoch
-    for step in (0, 1, 2):  # warm-up: allocator, autotuning, compilation
-        step_fn(make_step_inputs(next(batches), photometric, step, args, rank, world, device), step)
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    loader_batches = (batch for _ in itertools.count() for batch in loader)  # the loader, epoch after epoch
     wait = compute = 0.0
-    for step in range(3, 3 + args.benchmark):
+    for step in range(3 + n):
+        if step == 3 and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        batch = next(batches)
+        batch = next(loader_batches)
         t1 = time.perf_counter()
-        step_fn(make_step_inputs(batch, photometric, step, args, rank, world, device), step)
-        sync()  # benchmark only: the training loop itself never waits for the device
-        wait, compute = wait + t1 - t0, compute + time.perf_counter() - t1
-    step_time = (wait + compute) / args.benchmark
+        seconds = timed(lambda: step_fn(inputs(batch, step=step), step), device)  # the training loop never syncs
+        if step >= 3:
+            wait, compute = wait + t1 - t0, compute + seconds
+    step_time = (wait + compute) / n
     if device.type == "cuda":
         peak_mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (GPU, allocated)"
     elif resource is not None:
@@ -1129,19 +1047,19 @@ def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, 
         peak_mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_gib:.2f} GiB (process max RSS)"
     else:
         peak_mem = "unknown (no resource module)"
+    achieved = flops_per_image * local_batch / (compute / n) / 1e12
     result = {"method": args.method, "addon": args.addon, "arch": args.arch, "img_size": args.img_size,
               "global_batch": args.batch_size, "world_size": world, "device": str(device), "precision": precision,
               "images_per_s": args.batch_size / step_time, "step_ms": 1000 * step_time,
-              "data_wait_ms": 1000 * wait / args.benchmark, "compute_ms": 1000 * compute / args.benchmark,
-              "floor_ms": 1000 * floor_time, "step_over_floor": step_time / floor_time,
-              "gflops_per_image": flops_per_image / 1e9, "achieved_tflops_per_rank": flops_per_image * local_batch
-              / (compute / args.benchmark) / 1e12, "peak_memory": peak_mem,
+              "data_wait_ms": 1000 * wait / n, "compute_ms": 1000 * compute / n,
+              "floor_ms": 1000 * floor / n, "step_over_floor": step_time / (floor / n),
+              "gflops_per_image": flops_per_image / 1e9, "achieved_tflops_per_rank": achieved, "peak_memory": peak_mem,
               "pipeline_images_per_s_per_worker": pipe_rate, "num_workers": args.num_workers,
-              "peak_tflops": peak_tflops, "peak_source": "--peak-tflops" if args.peak_tflops else
-              f"measured: the best torch.mm at {precision} in 1 s"}
-    # Model FLOPs over compute time (data wait excluded), and over the whole step.
-    result["mfu_compute"] = result["achieved_tflops_per_rank"] / peak_tflops
-    result["mfu_step"] = flops_per_image * local_batch / step_time / 1e12 / peak_tflops
+              "peak_tflops": peak_tflops, "peak_source": "--peak-tflops" if args.peak_tflops
+              else f"measured: the best torch.mm at {precision} in 1 s",
+              # Model FLOPs over compute time (data wait excluded), and over the whole step.
+              "mfu_compute": achieved / peak_tflops,
+              "mfu_step": flops_per_image * local_batch / step_time / 1e12 / peak_tflops}
     if rank == 0:
         print(json.dumps(result, indent=1))
         print(f"step / floor: {result['step_over_floor']:.3f} ({result['step_ms']:.1f} ms per step, "
@@ -1152,13 +1070,13 @@ def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, 
     return result
 
 
-def count_flops_per_image(args, local_batch):
-    """FLOPs of one training step per image: student forward + backward, teacher forward and the losses,
-    as torch.utils.flop_counter counts them (matmuls, convolutions, attention). It runs on the meta
-    device, so nothing is computed and the paper's ViT-S/16 224-px setting counts in seconds on a laptop.
-    One rank's count: call it outside any process group (the losses' collectives are the identity there)."""
+def count_flops_per_image(args, local_batch, **overrides):
+    """FLOPs per image of one training step as torch.utils.flop_counter counts them, on the meta device
+    (nothing computed: ViT-S/16 at 224 px counts in seconds). One rank's count: call it outside any
+    process group, where the losses' collectives are the identity."""
     meta = torch.device("meta")
-    args = argparse.Namespace(**{**vars(args), "grad_checkpointing": False})  # recomputation is not model FLOPs
+    # Recomputation is not model FLOPs.
+    args = argparse.Namespace(**{**vars(args), "grad_checkpointing": False, **overrides})
     with meta:
         student, teacher = build_models(args)
         dino_loss = losses.DINOLoss(args.head_out or 65536) if args.method == "dino" else None
@@ -1180,7 +1098,6 @@ def matmul_peak_tflops(device, precision):
     """The best rate of a large square torch.mm at the run's precision, in TFLOP/s: the MFU denominator
     when --peak-tflops is not given (on a CPU there is no spec-sheet number to trust)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     # CPU: 1024 runs as fast as 2048 (oneDNN/MKL) and fits many tries into the time budget.
     n = 8192 if device.type == "cuda" else 1024
     if device.type == "cpu" and precision == "bf16" and not vit.cpu_has_native_bf16():
@@ -1188,21 +1105,15 @@ def matmul_peak_tflops(device, precision):
     a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     best, tries, end = math.inf, 0, time.perf_counter() + 1.0
     while tries < 5 or time.perf_counter() < end:  # the best of 1 s of tries is the least disturbed by other jobs
-        sync()
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        sync()
-        best, tries = min(best, time.perf_counter() - t0), tries + 1
+        best, tries = min(best, timed(lambda: torch.mm(a, b), device)), tries + 1
     return 2 * n ** 3 / best / 1e12
 
 
-def report_flops(args, argv):
+def report_flops(args):
     """--count-flops: FLOPs per image with and without the add-on, e.g. SER's overhead at the paper's
     setting:  python pretrain.py --method mocov3 --ser --data imagenet --batch-size 256 --count-flops"""
     local_batch = args.batch_size  # one rank's view of the step
-    with_addon = count_flops_per_image(args, local_batch)
-    base_argv = [a for a in argv if a not in ("--ser", "--equimod", "--augself", "--essl")]
-    base = count_flops_per_image(resolve_config(get_args_parser().parse_args(base_argv)), local_batch)
+    with_addon, base = count_flops_per_image(args, local_batch), count_flops_per_image(args, local_batch, addon=None)
     result = {"method": args.method, "addon": args.addon, "arch": args.arch, "img_size": args.img_size,
               "batch_per_rank": local_batch, "gflops_per_image": with_addon / 1e9,
               "base_gflops_per_image": base / 1e9, "ratio": with_addon / base}
