@@ -3197,7 +3197,8 @@ def test_small_scale_defaults_and_the_real_data_recipe(tmp_path):
     """The built-in data gets MoCo v3's initialisation for every method and DINO's BatchNorm head with its
     last layer trained from step 0; --data keeps each method's official choice; explicit flags win."""
     small = config("--method dino", tmp_path)
-    assert (small.weight_init, small.use_bn_in_head, small.freeze_last_layer, small.momentum) == ("moco", True, 0, 0.96)
+    assert (small.weight_init, small.use_bn_in_head, small.freeze_last_layer, small.momentum) == ("moco", True, 0, 0.99)
+    assert (small.weight_decay, small.weight_decay_end) == (0.1, 0.1)
     student, _ = pretrain.build_models(small)
     assert student.backbone.arch["weight_init"] == "moco" and student.backbone.arch["pos_embed"] == "sincos"
     assert any(isinstance(m, losses.GlobalBatchNorm1d) for m in student.projector.modules())
@@ -3208,3 +3209,4 @@ def test_small_scale_defaults_and_the_real_data_recipe(tmp_path):
     assert config("--method simclr", tmp_path).use_bn_in_head is False  # DINO's head only
     real = pretrain.resolve_config(pretrain.get_args_parser().parse_args("--method dino --data /datasets/imagenet".split()))
     assert (real.weight_init, real.use_bn_in_head, real.freeze_last_layer, real.momentum) == (None, False, 1, 0.996)
+    assert (real.weight_decay, real.weight_decay_end) == (0.04, 0.4)
