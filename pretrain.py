@@ -1066,8 +1066,7 @@ def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, 
         print(json.dumps(result, indent=1))
         print(f"step / floor: {result['step_over_floor']:.3f} ({result['step_ms']:.1f} ms per step, "
               f"{result['floor_ms']:.1f} ms of bare compute)")
-        with open(os.path.join(args.output_dir, "benchmark.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        vit.save_atomic(os.path.join(args.output_dir, "benchmark.json"), result)
     losses.finish_distributed()
     return result
 
