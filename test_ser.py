@@ -2367,8 +2367,7 @@ def test_class_names_of_the_splits_must_match(tmp_path):
     assert code == 1 and "different classes (only in train: ['a'], only in val: ['c'])" in last
     with pytest.raises(SystemExit, match="different classes"):  # the k-NN monitor of pretrain.py too
         args = config(f"--data {tmp_path} --warmup-epochs 0", tmp_path / "run")
-        pretrain.knn_monitor(tiny_vit(seed=0, depth=2, num_heads=2).eval(), args, 0, 1,
-                             torch.device("cpu"))
+        pretrain.knn_data(args, 0, 1)
 
 
 def test_non_finite_backbone_and_swapped_probe_backbone_are_refused(tmp_path):
