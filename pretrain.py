@@ -753,6 +753,9 @@ class Meter:
         self.sums, self.steps, self.since = {}, 0, now
 
 
+KNN_KEEP_BYTES = 2 ** 30  # the largest built-in k-NN split kept in memory as float32 images
+
+
 def knn_data(args, rank, world):
     """The k-NN monitor's bank and val loaders, built once per run: the built-in val split, the user's val/
     folder, or a slice of train. The built-in images are rendered once and kept (37 MB at the defaults):
@@ -778,7 +781,7 @@ def knn_data(args, rank, world):
         raise SystemExit(f"error: {e}") from None
     def loader(dataset, idx):
         subset, workers = Subset(dataset, idx), args.num_workers
-        if args.data == "synthetic" and len(idx) * 3 * args.img_size ** 2 * 4 <= 2 ** 30:
+        if args.data == "synthetic" and len(idx) * 3 * args.img_size ** 2 * 4 <= KNN_KEEP_BYTES:
             images, labels = zip(*(subset[i] for i in range(len(subset))))
             subset, workers = TensorDataset(torch.stack(images), torch.tensor(labels)), 0
         return augment.make_loader(WithIndex(subset), 256, rank, world, workers)

@@ -2112,6 +2112,20 @@ def test_knn_monitor_reports_initialisation_and_epochs(tmp_path, capsys):
     assert f"-> {last + 10:.1f} ({last + 10 - first:+.1f})" in pretrain.run_summary(str(tmp_path / "log.jsonl"), "b.pth", 60)
 
 
+
+def test_knn_monitor_keeps_the_built_in_bank_and_scores_it_as_rendered(tmp_path, monkeypatch):
+    """The built-in bank and val images are rendered once and kept as tensors (no workers), and score
+    exactly as the same images rendered on every pass."""
+    args = config("--method simclr --knn-train-size 24 --knn-val-size 16", tmp_path)
+    backbone = tiny_vit(seed=0, depth=2, num_heads=2).eval()
+    kept = pretrain.knn_data(args, 0, 1)
+    assert all(isinstance(loader.dataset.dataset, TensorDataset) and loader.num_workers == 0 for loader in kept[:2])
+    monkeypatch.setattr(pretrain, "KNN_KEEP_BYTES", 0)
+    rendered = pretrain.knn_data(args, 0, 1)
+    assert not isinstance(rendered[0].dataset.dataset, TensorDataset)
+    cpu = torch.device("cpu")
+    assert pretrain.knn_eval(backbone, *kept, cpu) == pretrain.knn_eval(backbone, *rendered, cpu)
+
 def test_compile_keeps_checkpoint_keys_bare(tmp_path, monkeypatch):
     """--compile wiring: a compiled step runs and the checkpoint has no '_orig_mod.' prefixes. The eager
     backend traces with dynamo but skips code generation, which keeps the test fast."""
