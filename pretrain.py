@@ -759,7 +759,7 @@ KNN_KEEP_BYTES = 2 ** 30  # the largest built-in k-NN split kept in memory as fl
 def knn_data(args, rank, world):
     """The k-NN monitor's bank and val loaders, built once per run: the built-in val split, the user's val/
     folder, or a slice of train. The built-in images are rendered once and kept (37 MB at the defaults):
-    each evaluation then only runs the backbone, half its time (README, the built-in run)."""
+    each evaluation then only runs the backbone, in less than half the time (README, the built-in run)."""
     transform = augment.eval_transform(args.img_size)
     length = dict(length=args.synthetic_length) if args.data == "synthetic" else {}
     train = augment.build_dataset(args.data, "train", transform, img_size=args.img_size, **length)
@@ -780,11 +780,11 @@ def knn_data(args, rank, world):
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     def loader(dataset, idx):
-        subset, workers = Subset(dataset, idx), args.num_workers
+        part, workers = Subset(dataset, idx), args.num_workers
         if args.data == "synthetic" and len(idx) * 3 * args.img_size ** 2 * 4 <= KNN_KEEP_BYTES:
-            images, labels = zip(*(subset[i] for i in range(len(subset))))
-            subset, workers = TensorDataset(torch.stack(images), torch.tensor(labels)), 0
-        return augment.make_loader(WithIndex(subset), 256, rank, world, workers)
+            images, labels = zip(*(part[i] for i in range(len(part))))
+            part, workers = TensorDataset(torch.stack(images), torch.tensor(labels)), 0
+        return augment.make_loader(WithIndex(part), 256, rank, world, workers)
     return loader(train, train_idx), loader(val, val_idx), train.num_classes
 
 
