@@ -1700,6 +1700,19 @@ def test_out_of_range_flags_are_refused(flag, tmp_path):
         config(f"--method simclr {flag}", tmp_path)
 
 
+def test_out_of_range_flags_stop_the_script_before_training(tmp_path):
+    """As a user runs it: one line and exit 1, no traceback, nothing written (--stop-at-step 1 would
+    otherwise end a run that got past the check with exit 0)."""
+    for flag in ("--lr -1", "--synthetic-length 0"):
+        result = subprocess.run([sys.executable, "pretrain.py", *flag.split(), "--stop-at-step", "1", "--output-dir",
+                                 str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 1, result.stderr[-500:]
+        assert result.stderr.strip().splitlines() == [f"error: {flag.split()[0]} must be "
+                                                      + ("positive, got -1.0" if "lr" in flag else "at least 1, got 0")]
+        assert not (tmp_path / "run").exists()
+
+
 def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
     """A finite loss whose gradient is NaN: the loss logged at the epoch's end is from before the update,
     so only a check of the weights themselves can keep NaN out of checkpoint.pth and backbone.pth."""
@@ -2370,6 +2383,13 @@ def test_bad_flags_give_clear_errors():
         linear_eval.main(["--random-init"])
     with pytest.raises(SystemExit, match="--pretrained"):
         linear_eval.main(["--pretrained", "/nonexistent/backbone.pth"])
+
+
+@pytest.mark.parametrize("flag", ["--lrs 0.1 -1", "--lrs nan", "--depth 0", "--num-workers -1", "--epochs 0",
+                                  "--knn-temperature 0", "--knn-k -1", "--holdout-fraction 1", "--n-last-blocks 0"])
+def test_out_of_range_linear_eval_flags_are_refused(flag):
+    with pytest.raises(SystemExit, match=f"^{flag.split()[0]} must be "):
+        linear_eval.check_args(linear_eval.get_args_parser().parse_args(flag.split()), world=1)
 
 
 
@@ -3124,6 +3144,13 @@ def test_learning_rate_schedule():
     args.schedule = "cosine"
     assert detect_eval.learning_rate(55, args) == pytest.approx(0.5)
     assert detect_eval.learning_rate(100, args) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("flag", ["--lr -1", "--lr inf", "--momentum 1.5", "--momentum -0.1", "--weight-decay nan",
+                                  "--depth 0", "--num-workers -1", "--decay-at 1", "--iters 0", "--warmup-iters -1"])
+def test_out_of_range_detect_eval_flags_are_refused(flag):
+    with pytest.raises(SystemExit, match=f"^detect_eval.py: {flag.split()[0]} must be "):
+        detect_eval.check_args(detect_eval.get_args_parser().parse_args(flag.split()))
 
 
 # ----------------------------------------------------------------------------- end to end
