@@ -3200,7 +3200,7 @@ def test_resume_continues_at_the_saved_iteration(tmp_path, backbone_path, capsys
 
 
 
-def test_resume_refuses_another_backbone_and_reports_progress(tmp_path, backbone_path, capsys):
+def test_resume_refuses_another_backbone_and_reports_progress(tmp_path, backbone_path, capsys, monkeypatch):
     out = tmp_path / "run"
     detect_eval.main(tiny_run_args(backbone_path, out, 1))
     assert "evaluation: batch 3/3, " in capsys.readouterr().out
@@ -3211,6 +3211,13 @@ def test_resume_refuses_another_backbone_and_reports_progress(tmp_path, backbone
         detect_eval.main(tiny_run_args(tmp_path / "other.pth", out, 1))
     with pytest.raises(SystemExit, match="different settings: --out-channels 32 \\(now 16\\)"):
         detect_eval.main(tiny_run_args(backbone_path, out, 1, ["--out-channels", "16"]))
+    coco = detect_eval.SyntheticDetection.coco
+    with monkeypatch.context() as m:  # the annotations under the same --data gained a category since
+        m.setattr(detect_eval.SyntheticDetection, "coco", lambda self: {
+            **coco(self), "categories": coco(self)["categories"] + [{"id": 5, "name": "ring"}]})
+        with pytest.raises(SystemExit, match="checkpoint.pth holds heads trained for 4 categories .*now list 5 "
+                                             ".*Use another --output-dir"):
+            detect_eval.main(tiny_run_args(backbone_path, out, 1))
     torch.save({"arch": other.arch, "backbone": other.state_dict()}, backbone_path)  # the file was overwritten
     with pytest.raises(SystemExit, match="other backbone weights"):
         detect_eval.main(tiny_run_args(backbone_path, out, 1))
