@@ -112,6 +112,8 @@ def load_probe(path):
     except (RuntimeError, KeyError, TypeError, ValueError) as e:  # load_state_dict's multi-line report
         raise ValueError(f"{path}: its backbone or head does not match its recorded architecture "
                          f"({str(e).splitlines()[0]}); rerun linear_eval.py to write it again") from None
+    for sd in (backbone.state_dict(), classifier.state_dict()):
+        vit.refuse_non_finite(path, sd)
     # The head was trained on these features: a backbone swapped in afterwards gives features of another width.
     expected = backbone.embed_dim * (ckpt["n_last_blocks"] + bool(ckpt["avgpool"]))
     if in_dim != expected:

@@ -2422,6 +2422,20 @@ def test_non_finite_backbone_and_swapped_probe_backbone_are_refused(tmp_path):
     assert code == 1 and "the head reads 64 features but its backbone gives 96" in last
 
 
+def test_probe_with_non_finite_weights_is_refused(tmp_path):
+    model = tiny_vit(seed=0, depth=2, num_heads=2).eval()
+    probe = tmp_path / "linear_probe.pth"
+    linear_eval.save_probe(probe, model, linear_eval.LinearClassifier(64, 6), 1, False, 6, 32, "synthetic")
+    ckpt = torch.load(probe, weights_only=True)
+    ckpt["backbone"]["blocks.0.attn.qkv.weight"][0, 0] = float("nan")  # its backbone diverged
+    torch.save(ckpt, probe)
+    with pytest.raises(SystemExit, match=f"--probe: {probe} holds non-finite weights .*blocks.0.attn.qkv.weight"):
+        robustness_eval.main(robustness_eval.get_args_parser().parse_args([
+            "--probe", str(probe), "--tasks", "clean", "--num-images", "2", "--num-workers", "0",
+            "--output-dir", str(tmp_path / "rob")]))
+    assert not (tmp_path / "rob").exists()
+
+
 def test_outputs_are_replaced_atomically_results_last(tmp_path, monkeypatch):
     model = tiny_vit(seed=0, depth=2, num_heads=2).eval()
     torch.save({"arch": model.arch, "backbone": model.state_dict()}, tmp_path / "backbone.pth")

@@ -382,6 +382,14 @@ def load_resumable(path, args, keys, script, runtime_options, map_location="cpu"
     return ckpt
 
 
+def refuse_non_finite(path, state_dict):
+    """NaN or inf weights would give made-up accuracies downstream: a one-line ValueError naming the file."""
+    bad = [k for k, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{path} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[:3]}: "
+                         "the run that wrote it diverged; use an earlier checkpoint")
+
+
 def load_backbone(path, arch=None, key=None):
     """A frozen-ready ViT (eval mode) from pretrain.py's export ({'arch', 'backbone'}) or full checkpoint (the
     network `key` names, else the one its method evaluates: DINO's teacher, the others' online encoder), or
@@ -427,10 +435,7 @@ def load_backbone(path, arch=None, key=None):
             f"{path} does not match the {model.arch['embed_dim']}-dim, depth-{model.arch['depth']} ViT "
             f"(cls_after_block={model.cls_after_block}):\n  missing: {missing}\n  unexpected: {unexpected}\n"
             f"  shape mismatch: {[(k, tuple(sd[k].shape), tuple(expected[k].shape)) for k in shape_mismatch]}")
-    bad = [k for k, t in sd.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:  # NaN weights would give made-up accuracies downstream
-        raise ValueError(f"{path} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[:3]}: "
-                         "the run that wrote it diverged; use an earlier checkpoint")
+    refuse_non_finite(path, sd)
     model.load_state_dict(sd, strict=True)
     model.dropped_keys = dropped_head  # reported by the evaluation scripts
     return model.eval()
