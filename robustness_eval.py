@@ -194,13 +194,13 @@ def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "
             for i in range(len(x)) for e in element_names]
     header = ["x", "g x"] + [t for n in names for t in (f"{n} f(gx)", "rho f(x)")]
     paths = [os.path.join(out_dir, "equivariance.png")]
-    _grid_image(rows, header, tile).save(paths[0])
+    vit.save_atomic(paths[0], _grid_image(rows, header, tile))  # write-then-rename: a kill never leaves half a PNG
     for n, b in zip(names, backbones):
         attn = cls_attention(b, x)  # (B, H, h, w)
         attn = attn / attn.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
         rows = [[_image_tile(x[i], tile)] + [_picture(a, tile) for a in attn[i]] for i in range(len(x))]
         paths.append(os.path.join(out_dir, f"attention_{n}.png"))
-        _grid_image(rows, ["image"] + [f"head {h}" for h in range(attn.shape[1])], tile).save(paths[-1])
+        vit.save_atomic(paths[-1], _grid_image(rows, ["image"] + [f"head {h}" for h in range(attn.shape[1])], tile))
     return paths, panels
 
 
@@ -1080,7 +1080,10 @@ def figure_layer(args, backbones):
 def figures(args, backbones, names, clean_set, layer, device, log):
     """--figures: the first --figure-images clean val images through write_figures."""
     x = torch.stack([clean_set[i][0] for i in range(min(args.figure_images, len(clean_set)))]).to(device)
-    paths, _ = write_figures(backbones, names, x, args.figures, layer)
+    try:
+        paths, _ = write_figures(backbones, names, x, args.figures, layer)
+    except OSError as e:
+        raise SystemExit(str(e)) from None
     log("figures: " + ", ".join(paths))
 
 

@@ -9,10 +9,12 @@ import io
 import json
 import math
 import os
+import runpy
 import signal
 import socket
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -2837,6 +2839,29 @@ def test_equivariance_figure_panels_and_pngs(tmp_path):
     assert Image.open(paths[2]).size == (5 * (32 + pad) + pad, top + 2 * (32 + pad) + pad)  # image + 4 heads
     attn = robustness_eval.cls_attention(vits[1], x)
     assert attn.shape == (2, 4, 4, 4) and torch.all(attn.flatten(2).sum(-1) <= 1 + 1e-5)
+
+
+def test_figures_and_the_sample_grid_are_replaced_atomically(tmp_path, monkeypatch):
+    x, vits = torch.randn(1, 3, 32, 32), [tiny_vit(seed=0, depth=2, num_heads=2)]
+    paths, _ = robustness_eval.write_figures(vits, ["base"], x, str(tmp_path), layer=1, tile=16)
+    samples = str(tmp_path / "samples.png")
+    monkeypatch.setattr(sys, "argv", ["augment.py", "--out", samples, "--img-size", "8"])
+    runpy.run_path(os.path.join(REPO, "augment.py"), run_name="__main__")  # augment.py's preview
+    before = {p: open(p, "rb").read() for p in [*paths, samples]}
+    assert Image.open(samples).size == (8 * 8, 6 * 8)
+
+    def full_disk(image, fp, format=None, **kw):  # the write fails halfway
+        with (open(fp, "wb") if isinstance(fp, (str, os.PathLike)) else nullcontext(fp)) as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(OSError, match="could not write .*equivariance.png: No space left on device"):
+        robustness_eval.write_figures(vits, ["base"], x, str(tmp_path), layer=1, tile=16)
+    with pytest.raises(SystemExit, match="could not write .*samples.png: No space left on device"):
+        runpy.run_path(os.path.join(REPO, "augment.py"), run_name="__main__")
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in before)  # no temporary file left
+    assert all(open(p, "rb").read() == data for p, data in before.items())  # the previous files intact
 
 
 # ------------------------------------------------------------------------------------------- driver

@@ -20,6 +20,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.checkpoint import checkpoint
 
 
@@ -316,10 +317,10 @@ def strip_prefixes(state_dict):
 
 
 def save_atomic(path, obj, indent=1):
-    """Write `obj` to `path` (JSON with `indent` for `.json`, else torch.save) so that an interruption never
-    leaves a partial or lost file: a temporary file in the same folder replaces `path` in one step (os.replace
-    is atomic). On an OSError (a full disk, no permission) the previous `path` is untouched and the one-line
-    error names the path and the cause."""
+    """Write `obj` to `path` (JSON with `indent` for `.json`, a PIL image in the format of `path`'s extension,
+    else torch.save) so that an interruption never leaves a partial or lost file: a temporary file in the same
+    folder replaces `path` in one step (os.replace is atomic). On an OSError (a full disk, no permission) the
+    previous `path` is untouched and the one-line error names the path and the cause."""
     path = os.fspath(path)
     as_json = path.endswith(".json")
     folder, name = os.path.split(os.path.abspath(path))
@@ -328,6 +329,8 @@ def save_atomic(path, obj, indent=1):
         with open(tmp, "w" if as_json else "wb") as f:
             if as_json:
                 json.dump(obj, f, indent=indent)
+            elif isinstance(obj, Image.Image):  # the temporary name has no image extension: PIL needs the format
+                obj.save(f, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG"))
             else:
                 torch.save(obj, f)
             f.flush()
