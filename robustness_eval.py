@@ -1145,7 +1145,8 @@ def corruption_task(ev, base, img_size, num_classes, corruptions, clean_error, f
     if mark:
         res["deviation"] = FROST_NOTE
         res.update({f"{key}_frost": "procedural substitute (see 'deviation')"
-                    for key in ("top1", "mean_error", "mce", "relative_mce", "top1_per_corruption") if key in res})
+                    for key in ("top1", "mean_error", "mce", "relative_mce", "top1_per_corruption", "errors",
+                                "error_per_severity") if key in res})
     ev.log(f"\nImageNet-C ({res['source']}): top-1 error per severity 1..5, %")
     for c in corruptions:
         ev.log(f"  {c:18s} " + " ".join(f"{100 * e:6.2f}" for e in errors[c])
