@@ -1061,13 +1061,13 @@ def run_names(paths):
 
 
 def val_images(args, img_size, default=None):
-    """(the first --num-images val images of --data (else `default`, else all), its number of classes)."""
+    """(the first --num-images val images of --data (else `default`, else all), its class names)."""
     try:
         base = augment.build_dataset(args.data, "val", transform=None, img_size=img_size)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     n = args.num_images or default
-    return (Subset(base, range(min(n, len(base)))) if n else base), base.num_classes
+    return (Subset(base, range(min(n, len(base)))) if n else base), list(base.classes)
 
 
 def figure_layer(args, backbones):
@@ -1222,9 +1222,15 @@ def evaluate(args, device, rank, world, log):
         raise SystemExit(f"--img-size {img_size} is not a multiple of the patch size {backbone.patch_size}")
     if args.num_images is None and args.data == "synthetic":
         args.num_images = 200  # the whole val split x (75 corruptions + 10 sequences) takes hours on a CPU
-    base, num_classes = val_images(args, img_size)
+    base, classes = val_images(args, img_size)
+    num_classes = len(classes)
     if classifier is not None and meta["num_classes"] != num_classes:
         raise SystemExit(f"--data {args.data} has {num_classes} classes but the probe predicts {meta['num_classes']}")
+    if classifier is not None and meta.get("classes", classes) != classes:  # older probes record no names
+        only_data, only_probe = sorted(set(classes) - set(meta["classes"])), sorted(set(meta["classes"]) - set(classes))
+        raise SystemExit(f"--data {args.data}: its classes differ from the probe's (only in --data: {only_data[:5]}, "
+                         f"only in the probe: {only_probe[:5]}); labels are class positions, so pass the data "
+                         "the probe was trained on")
     frost_images = load_frost_images(args.frost_dir) if args.frost_dir else None
     ev = Evaluator(args, backbone, classifier, meta, device, rank, world, log)
     results = {"args": vars(args), "data": args.data, "num_images": len(base), "img_size": img_size,

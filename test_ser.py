@@ -2374,6 +2374,7 @@ def test_end_to_end(tmp_path, extra):
     assert 0 <= written["knn"]["top1"] <= written["knn"]["top5"] <= 100
     backbone, classifier, meta = linear_eval.load_probe(out / "linear_probe.pth")
     assert classifier.linear.in_features == written["num_features"] == 128
+    assert meta["classes"] == augment.build_dataset("synthetic", "train").classes  # robustness_eval compares them
     assert meta["top1"] == written["linear"]["top1"]
 
 
@@ -2404,6 +2405,22 @@ def test_class_names_of_the_splits_must_match(tmp_path):
     with pytest.raises(SystemExit, match="different classes"):  # the k-NN monitor of pretrain.py too
         args = config(f"--data {tmp_path} --warmup-epochs 0", tmp_path / "run")
         pretrain.knn_data(args, 0, 1)
+
+
+def test_robustness_eval_refuses_data_with_other_classes_than_the_probe(tmp_path):
+    _write_png_tree(tmp_path, "val", classes=("a", "b"))
+    model = tiny_vit(seed=0, depth=2, num_heads=2).eval()
+    probe = tmp_path / "linear_probe.pth"
+    argv = ["--probe", str(probe), "--data", str(tmp_path), "--img-size", "32", "--tasks", "clean",
+            "--num-workers", "0", "--output-dir", str(tmp_path / "rob")]
+    for classes in (["a", "c"], ["b", "a"]):  # by position, 'b' would be scored as 'c', or as 'a'
+        linear_eval.save_probe(probe, model, linear_eval.LinearClassifier(64, 2), 1, False, 2, 32, "train data",
+                               classes=classes)
+        with pytest.raises(SystemExit, match="classes differ from the probe's .*labels are class positions"):
+            robustness_eval.main(robustness_eval.get_args_parser().parse_args(argv))
+    linear_eval.save_probe(probe, model, linear_eval.LinearClassifier(64, 2), 1, False, 2, 32, "train data",
+                           classes=["a", "b"])
+    assert robustness_eval.main(robustness_eval.get_args_parser().parse_args(argv))["num_images"] == 6
 
 
 def test_non_finite_backbone_and_swapped_probe_backbone_are_refused(tmp_path):
