@@ -45,6 +45,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets
 from torchvision.transforms import v2
 
+import vit
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -653,5 +655,8 @@ if __name__ == "__main__":
     else:
         rows = [np.concatenate([data.render(c + j * data.num_classes)[0] for j in range(8)], 1)
                 for c in range(data.num_classes)]  # 8 images of class c in row c
-        Image.fromarray(np.concatenate(rows, 0)).save(args.out)
+        try:
+            vit.save_atomic(args.out, Image.fromarray(np.concatenate(rows, 0)))  # write-then-rename, as every output
+        except OSError as e:
+            raise SystemExit(str(e)) from None
         print(f"wrote {args.out}: rows are {data.classes}")

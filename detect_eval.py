@@ -547,18 +547,24 @@ def backbone_digest(backbone):
     return h.hexdigest()
 
 
-def save_checkpoint(path, model, optimizer, iteration, args, digest):
+def save_checkpoint(path, model, optimizer, iteration, args, digest, cat_ids):
     heads = {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN)}  # pyramid, RPN, RoI heads
     vit.save_atomic(path, {"model": heads, "optimizer": optimizer.state_dict(), "iteration": iteration,
-                           "args": vars(args), "backbone_digest": digest})
+                           "args": vars(args), "backbone_digest": digest, "cat_ids": list(cat_ids)})
 
 
-def load_checkpoint(path, model, optimizer, args, digest):
-    """Resume: refuse a checkpoint written with other settings or on another backbone, then load it."""
+def load_checkpoint(path, model, optimizer, args, digest, cat_ids):
+    """Resume: refuse a checkpoint written with other settings, on another backbone or for other categories
+    (`cat_ids`), then load it."""
     ckpt = vit.load_resumable(path, args, ("model", "optimizer", "iteration"), "detect_eval.py", RUNTIME_OPTIONS)
     if ckpt.get("backbone_digest", digest) != digest:
         raise ValueError(f"{path} holds heads trained on other backbone weights than {args.pretrained} has now "
                          "(the file changed since). Use another --output-dir.")
+    # The same --data can hold other annotations since: the box head has one output per category.
+    if ckpt.get("cat_ids", list(cat_ids)) != list(cat_ids):
+        raise ValueError(f"{path} holds heads trained for {len(ckpt['cat_ids'])} categories (ids "
+                         f"{ckpt['cat_ids'][:10]}), the annotations of --data {args.data} now list {len(cat_ids)} "
+                         f"(ids {list(cat_ids)[:10]}). Use another --output-dir.")
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     frozen = {k for k in model.state_dict() if k.startswith(FROZEN)}
     if set(missing) != frozen or unexpected:
@@ -724,7 +730,7 @@ def main(argv=None):
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     try:
         if os.path.isfile(ckpt_path):
-            start = load_checkpoint(ckpt_path, model, optimizer, args, digest)
+            start = load_checkpoint(ckpt_path, model, optimizer, args, digest, train_set.cat_ids)
             losses.log(f"resumed from {ckpt_path} at iteration {start}")
         batches = IterationBatches(sampler, args.batch_size, start, args.iters)
     except ValueError as e:
@@ -765,7 +771,7 @@ def main(argv=None):
                     f.write(json.dumps({"iteration": it + 1, "lr": lr, **values}) + "\n")
         if rank == 0 and ((it + 1) % args.ckpt_every == 0 or it + 1 == args.iters):
             try:
-                save_checkpoint(ckpt_path, model, optimizer, it + 1, args, digest)
+                save_checkpoint(ckpt_path, model, optimizer, it + 1, args, digest, train_set.cat_ids)
             except OSError as e:
                 raise SystemExit(f"detect_eval.py: {e}") from None
     train_time = time.time() - t0

@@ -94,7 +94,7 @@ def save_probe(path, backbone, classifier, n_last_blocks, avgpool, num_classes, 
 
 def load_probe(path):
     """(backbone, classifier, meta) from a linear_probe.pth, both modules in eval mode; meta holds every
-    other entry: n_last_blocks, avgpool, num_classes, img_size, data, lr, top1, top5."""
+    other entry: n_last_blocks, avgpool, num_classes, img_size, data, classes, lr, top1, top5."""
     try:
         ckpt = vit.load_checkpoint(path)  # tensors and plain values only
     except FileNotFoundError:
@@ -112,6 +112,8 @@ def load_probe(path):
     except (RuntimeError, KeyError, TypeError, ValueError) as e:  # load_state_dict's multi-line report
         raise ValueError(f"{path}: its backbone or head does not match its recorded architecture "
                          f"({str(e).splitlines()[0]}); rerun linear_eval.py to write it again") from None
+    for sd in (backbone.state_dict(), classifier.state_dict()):
+        vit.refuse_non_finite(path, sd)
     # The head was trained on these features: a backbone swapped in afterwards gives features of another width.
     expected = backbone.embed_dim * (ckpt["n_last_blocks"] + bool(ckpt["avgpool"]))
     if in_dim != expected:
@@ -445,6 +447,7 @@ def run(args, rank, world, device):
         try:  # each file replaced in one step, the results last: they never describe a probe not on disk
             save_probe(os.path.join(args.output_dir, "linear_probe.pth"), backbone, sweep.heads[best],
                        args.n_last_blocks, args.avgpool, num_classes, img_size, args.data,
+                       classes=list(train_eval_set.classes),  # robustness_eval.py compares them with its --data
                        lr=args.lrs[best], top1=val_acc[best]["top1"], top5=val_acc[best]["top5"])
             vit.save_atomic(os.path.join(args.output_dir, "linear_eval.json"), results)
         except OSError as e:

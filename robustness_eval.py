@@ -194,13 +194,13 @@ def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "
             for i in range(len(x)) for e in element_names]
     header = ["x", "g x"] + [t for n in names for t in (f"{n} f(gx)", "rho f(x)")]
     paths = [os.path.join(out_dir, "equivariance.png")]
-    _grid_image(rows, header, tile).save(paths[0])
+    vit.save_atomic(paths[0], _grid_image(rows, header, tile))  # write-then-rename: a kill never leaves half a PNG
     for n, b in zip(names, backbones):
         attn = cls_attention(b, x)  # (B, H, h, w)
         attn = attn / attn.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
         rows = [[_image_tile(x[i], tile)] + [_picture(a, tile) for a in attn[i]] for i in range(len(x))]
         paths.append(os.path.join(out_dir, f"attention_{n}.png"))
-        _grid_image(rows, ["image"] + [f"head {h}" for h in range(attn.shape[1])], tile).save(paths[-1])
+        vit.save_atomic(paths[-1], _grid_image(rows, ["image"] + [f"head {h}" for h in range(attn.shape[1])], tile))
     return paths, panels
 
 
@@ -1061,13 +1061,13 @@ def run_names(paths):
 
 
 def val_images(args, img_size, default=None):
-    """(the first --num-images val images of --data (else `default`, else all), its number of classes)."""
+    """(the first --num-images val images of --data (else `default`, else all), its class names)."""
     try:
         base = augment.build_dataset(args.data, "val", transform=None, img_size=img_size)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     n = args.num_images or default
-    return (Subset(base, range(min(n, len(base)))) if n else base), base.num_classes
+    return (Subset(base, range(min(n, len(base)))) if n else base), list(base.classes)
 
 
 def figure_layer(args, backbones):
@@ -1080,7 +1080,10 @@ def figure_layer(args, backbones):
 def figures(args, backbones, names, clean_set, layer, device, log):
     """--figures: the first --figure-images clean val images through write_figures."""
     x = torch.stack([clean_set[i][0] for i in range(min(args.figure_images, len(clean_set)))]).to(device)
-    paths, _ = write_figures(backbones, names, x, args.figures, layer)
+    try:
+        paths, _ = write_figures(backbones, names, x, args.figures, layer)
+    except OSError as e:
+        raise SystemExit(str(e)) from None
     log("figures: " + ", ".join(paths))
 
 
@@ -1142,7 +1145,8 @@ def corruption_task(ev, base, img_size, num_classes, corruptions, clean_error, f
     if mark:
         res["deviation"] = FROST_NOTE
         res.update({f"{key}_frost": "procedural substitute (see 'deviation')"
-                    for key in ("top1", "mean_error", "mce", "relative_mce", "top1_per_corruption") if key in res})
+                    for key in ("top1", "mean_error", "mce", "relative_mce", "top1_per_corruption", "errors",
+                                "error_per_severity") if key in res})
     ev.log(f"\nImageNet-C ({res['source']}): top-1 error per severity 1..5, %")
     for c in corruptions:
         ev.log(f"  {c:18s} " + " ".join(f"{100 * e:6.2f}" for e in errors[c])
@@ -1218,9 +1222,15 @@ def evaluate(args, device, rank, world, log):
         raise SystemExit(f"--img-size {img_size} is not a multiple of the patch size {backbone.patch_size}")
     if args.num_images is None and args.data == "synthetic":
         args.num_images = 200  # the whole val split x (75 corruptions + 10 sequences) takes hours on a CPU
-    base, num_classes = val_images(args, img_size)
+    base, classes = val_images(args, img_size)
+    num_classes = len(classes)
     if classifier is not None and meta["num_classes"] != num_classes:
         raise SystemExit(f"--data {args.data} has {num_classes} classes but the probe predicts {meta['num_classes']}")
+    if classifier is not None and meta.get("classes", classes) != classes:  # older probes record no names
+        only_data, only_probe = sorted(set(classes) - set(meta["classes"])), sorted(set(meta["classes"]) - set(classes))
+        raise SystemExit(f"--data {args.data}: its classes differ from the probe's (only in --data: {only_data[:5]}, "
+                         f"only in the probe: {only_probe[:5]}); labels are class positions, so pass the data "
+                         "the probe was trained on")
     frost_images = load_frost_images(args.frost_dir) if args.frost_dir else None
     ev = Evaluator(args, backbone, classifier, meta, device, rank, world, log)
     results = {"args": vars(args), "data": args.data, "num_images": len(base), "img_size": img_size,

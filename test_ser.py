@@ -9,10 +9,12 @@ import io
 import json
 import math
 import os
+import runpy
 import signal
 import socket
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -1700,6 +1702,19 @@ def test_out_of_range_flags_are_refused(flag, tmp_path):
         config(f"--method simclr {flag}", tmp_path)
 
 
+def test_out_of_range_flags_stop_the_script_before_training(tmp_path):
+    """As a user runs it: one line and exit 1, no traceback, nothing written (--stop-at-step 1 would
+    otherwise end a run that got past the check with exit 0)."""
+    for flag in ("--lr -1", "--synthetic-length 0"):
+        result = subprocess.run([sys.executable, "pretrain.py", *flag.split(), "--stop-at-step", "1", "--output-dir",
+                                 str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 1, result.stderr[-500:]
+        assert result.stderr.strip().splitlines() == [f"error: {flag.split()[0]} must be "
+                                                      + ("positive, got -1.0" if "lr" in flag else "at least 1, got 0")]
+        assert not (tmp_path / "run").exists()
+
+
 def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
     """A finite loss whose gradient is NaN: the loss logged at the epoch's end is from before the update,
     so only a check of the weights themselves can keep NaN out of checkpoint.pth and backbone.pth."""
@@ -2359,6 +2374,7 @@ def test_end_to_end(tmp_path, extra):
     assert 0 <= written["knn"]["top1"] <= written["knn"]["top5"] <= 100
     backbone, classifier, meta = linear_eval.load_probe(out / "linear_probe.pth")
     assert classifier.linear.in_features == written["num_features"] == 128
+    assert meta["classes"] == augment.build_dataset("synthetic", "train").classes  # robustness_eval compares them
     assert meta["top1"] == written["linear"]["top1"]
 
 
@@ -2372,6 +2388,13 @@ def test_bad_flags_give_clear_errors():
         linear_eval.main(["--pretrained", "/nonexistent/backbone.pth"])
 
 
+@pytest.mark.parametrize("flag", ["--lrs 0.1 -1", "--lrs nan", "--depth 0", "--num-workers -1", "--epochs 0",
+                                  "--knn-temperature 0", "--knn-k -1", "--holdout-fraction 1", "--n-last-blocks 0"])
+def test_out_of_range_linear_eval_flags_are_refused(flag):
+    with pytest.raises(SystemExit, match=f"^{flag.split()[0]} must be "):
+        linear_eval.check_args(linear_eval.get_args_parser().parse_args(flag.split()), world=1)
+
+
 
 def test_class_names_of_the_splits_must_match(tmp_path):
     _write_png_tree(tmp_path, "train", classes=("a", "b"))
@@ -2382,6 +2405,22 @@ def test_class_names_of_the_splits_must_match(tmp_path):
     with pytest.raises(SystemExit, match="different classes"):  # the k-NN monitor of pretrain.py too
         args = config(f"--data {tmp_path} --warmup-epochs 0", tmp_path / "run")
         pretrain.knn_data(args, 0, 1)
+
+
+def test_robustness_eval_refuses_data_with_other_classes_than_the_probe(tmp_path):
+    _write_png_tree(tmp_path, "val", classes=("a", "b"))
+    model = tiny_vit(seed=0, depth=2, num_heads=2).eval()
+    probe = tmp_path / "linear_probe.pth"
+    argv = ["--probe", str(probe), "--data", str(tmp_path), "--img-size", "32", "--tasks", "clean",
+            "--num-workers", "0", "--output-dir", str(tmp_path / "rob")]
+    for classes in (["a", "c"], ["b", "a"]):  # by position, 'b' would be scored as 'c', or as 'a'
+        linear_eval.save_probe(probe, model, linear_eval.LinearClassifier(64, 2), 1, False, 2, 32, "train data",
+                               classes=classes)
+        with pytest.raises(SystemExit, match="classes differ from the probe's .*labels are class positions"):
+            robustness_eval.main(robustness_eval.get_args_parser().parse_args(argv))
+    linear_eval.save_probe(probe, model, linear_eval.LinearClassifier(64, 2), 1, False, 2, 32, "train data",
+                           classes=["a", "b"])
+    assert robustness_eval.main(robustness_eval.get_args_parser().parse_args(argv))["num_images"] == 6
 
 
 def test_non_finite_backbone_and_swapped_probe_backbone_are_refused(tmp_path):
@@ -2400,6 +2439,20 @@ def test_non_finite_backbone_and_swapped_probe_backbone_are_refused(tmp_path):
     code, last, _ = run_script("robustness_eval.py", "--probe", probe, "--tasks", "clean", "--num-images", "2",
                                "--num-workers", "0", "--output-dir", tmp_path / "rob")
     assert code == 1 and "the head reads 64 features but its backbone gives 96" in last
+
+
+def test_probe_with_non_finite_weights_is_refused(tmp_path):
+    model = tiny_vit(seed=0, depth=2, num_heads=2).eval()
+    probe = tmp_path / "linear_probe.pth"
+    linear_eval.save_probe(probe, model, linear_eval.LinearClassifier(64, 6), 1, False, 6, 32, "synthetic")
+    ckpt = torch.load(probe, weights_only=True)
+    ckpt["backbone"]["blocks.0.attn.qkv.weight"][0, 0] = float("nan")  # its backbone diverged
+    torch.save(ckpt, probe)
+    with pytest.raises(SystemExit, match=f"--probe: {probe} holds non-finite weights .*blocks.0.attn.qkv.weight"):
+        robustness_eval.main(robustness_eval.get_args_parser().parse_args([
+            "--probe", str(probe), "--tasks", "clean", "--num-images", "2", "--num-workers", "0",
+            "--output-dir", str(tmp_path / "rob")]))
+    assert not (tmp_path / "rob").exists()
 
 
 def test_outputs_are_replaced_atomically_results_last(tmp_path, monkeypatch):
@@ -2805,6 +2858,29 @@ def test_equivariance_figure_panels_and_pngs(tmp_path):
     assert attn.shape == (2, 4, 4, 4) and torch.all(attn.flatten(2).sum(-1) <= 1 + 1e-5)
 
 
+def test_figures_and_the_sample_grid_are_replaced_atomically(tmp_path, monkeypatch):
+    x, vits = torch.randn(1, 3, 32, 32), [tiny_vit(seed=0, depth=2, num_heads=2)]
+    paths, _ = robustness_eval.write_figures(vits, ["base"], x, str(tmp_path), layer=1, tile=16)
+    samples = str(tmp_path / "samples.png")
+    monkeypatch.setattr(sys, "argv", ["augment.py", "--out", samples, "--img-size", "8"])
+    runpy.run_path(os.path.join(REPO, "augment.py"), run_name="__main__")  # augment.py's preview
+    before = {p: open(p, "rb").read() for p in [*paths, samples]}
+    assert Image.open(samples).size == (8 * 8, 6 * 8)
+
+    def full_disk(image, fp, format=None, **kw):  # the write fails halfway
+        with (open(fp, "wb") if isinstance(fp, (str, os.PathLike)) else nullcontext(fp)) as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(OSError, match="could not write .*equivariance.png: No space left on device"):
+        robustness_eval.write_figures(vits, ["base"], x, str(tmp_path), layer=1, tile=16)
+    with pytest.raises(SystemExit, match="could not write .*samples.png: No space left on device"):
+        runpy.run_path(os.path.join(REPO, "augment.py"), run_name="__main__")
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in before)  # no temporary file left
+    assert all(open(p, "rb").read() == data for p, data in before.items())  # the previous files intact
+
+
 # ------------------------------------------------------------------------------------------- driver
 
 @pytest.fixture(scope="module")
@@ -2864,11 +2940,12 @@ def test_procedural_frost_is_marked_next_to_every_number(tiny_probe, tmp_path, c
     assert "* frost used a procedural texture" in printed and "--frost-dir" in printed
     c = json.loads((tmp_path / "robustness.json").read_text())["imagenet_c"]
     assert c["top1_frost"].startswith("procedural substitute") and "top1_per_corruption_frost" in c
+    assert c["errors_frost"] == c["error_per_severity_frost"] == c["top1_frost"]  # both hold frost's numbers
     robustness_eval.main(robustness_eval.get_args_parser().parse_args([  # without frost, nothing is marked
         "--probe", tiny_probe, "--num-images", "2", "--num-workers", "0", "--tasks", "c",
         "--corruptions", "brightness", "--output-dir", str(tmp_path)]))
     assert "*" not in capsys.readouterr().out
-    assert "top1_frost" not in json.loads((tmp_path / "robustness.json").read_text())["imagenet_c"]
+    assert not any(k.endswith("_frost") for k in json.loads((tmp_path / "robustness.json").read_text())["imagenet_c"])
 
 
 def test_motion_blur_matches_imagemagick_q16_bit_for_bit():
@@ -3126,6 +3203,13 @@ def test_learning_rate_schedule():
     assert detect_eval.learning_rate(100, args) == pytest.approx(0.0)
 
 
+@pytest.mark.parametrize("flag", ["--lr -1", "--lr inf", "--momentum 1.5", "--momentum -0.1", "--weight-decay nan",
+                                  "--depth 0", "--num-workers -1", "--decay-at 1", "--iters 0", "--warmup-iters -1"])
+def test_out_of_range_detect_eval_flags_are_refused(flag):
+    with pytest.raises(SystemExit, match=f"^detect_eval.py: {flag.split()[0]} must be "):
+        detect_eval.check_args(detect_eval.get_args_parser().parse_args(flag.split()))
+
+
 # ----------------------------------------------------------------------------- end to end
 def tiny_run_args(backbone_path, output_dir, iters, extra=()):
     return ["--pretrained", str(backbone_path), "--output-dir", str(output_dir), "--iters", str(iters),
@@ -3173,7 +3257,7 @@ def test_resume_continues_at_the_saved_iteration(tmp_path, backbone_path, capsys
 
 
 
-def test_resume_refuses_another_backbone_and_reports_progress(tmp_path, backbone_path, capsys):
+def test_resume_refuses_another_backbone_and_reports_progress(tmp_path, backbone_path, capsys, monkeypatch):
     out = tmp_path / "run"
     detect_eval.main(tiny_run_args(backbone_path, out, 1))
     assert "evaluation: batch 3/3, " in capsys.readouterr().out
@@ -3184,6 +3268,13 @@ def test_resume_refuses_another_backbone_and_reports_progress(tmp_path, backbone
         detect_eval.main(tiny_run_args(tmp_path / "other.pth", out, 1))
     with pytest.raises(SystemExit, match="different settings: --out-channels 32 \\(now 16\\)"):
         detect_eval.main(tiny_run_args(backbone_path, out, 1, ["--out-channels", "16"]))
+    coco = detect_eval.SyntheticDetection.coco
+    with monkeypatch.context() as m:  # the annotations under the same --data gained a category since
+        m.setattr(detect_eval.SyntheticDetection, "coco", lambda self: {
+            **coco(self), "categories": coco(self)["categories"] + [{"id": 5, "name": "ring"}]})
+        with pytest.raises(SystemExit, match="checkpoint.pth holds heads trained for 4 categories .*now list 5 "
+                                             ".*Use another --output-dir"):
+            detect_eval.main(tiny_run_args(backbone_path, out, 1))
     torch.save({"arch": other.arch, "backbone": other.state_dict()}, backbone_path)  # the file was overwritten
     with pytest.raises(SystemExit, match="other backbone weights"):
         detect_eval.main(tiny_run_args(backbone_path, out, 1))

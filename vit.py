@@ -20,6 +20,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.checkpoint import checkpoint
 
 
@@ -316,10 +317,10 @@ def strip_prefixes(state_dict):
 
 
 def save_atomic(path, obj, indent=1):
-    """Write `obj` to `path` (JSON with `indent` for `.json`, else torch.save) so that an interruption never
-    leaves a partial or lost file: a temporary file in the same folder replaces `path` in one step (os.replace
-    is atomic). On an OSError (a full disk, no permission) the previous `path` is untouched and the one-line
-    error names the path and the cause."""
+    """Write `obj` to `path` (JSON with `indent` for `.json`, a PIL image in the format of `path`'s extension,
+    else torch.save) so that an interruption never leaves a partial or lost file: a temporary file in the same
+    folder replaces `path` in one step (os.replace is atomic). On an OSError (a full disk, no permission) the
+    previous `path` is untouched and the one-line error names the path and the cause."""
     path = os.fspath(path)
     as_json = path.endswith(".json")
     folder, name = os.path.split(os.path.abspath(path))
@@ -328,6 +329,8 @@ def save_atomic(path, obj, indent=1):
         with open(tmp, "w" if as_json else "wb") as f:
             if as_json:
                 json.dump(obj, f, indent=indent)
+            elif isinstance(obj, Image.Image):  # the temporary name has no image extension: PIL needs the format
+                obj.save(f, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG"))
             else:
                 torch.save(obj, f)
             f.flush()
@@ -382,6 +385,14 @@ def load_resumable(path, args, keys, script, runtime_options, map_location="cpu"
     return ckpt
 
 
+def refuse_non_finite(path, state_dict):
+    """NaN or inf weights would give made-up accuracies downstream: a one-line ValueError naming the file."""
+    bad = [k for k, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{path} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[:3]}: "
+                         "the run that wrote it diverged; use an earlier checkpoint")
+
+
 def load_backbone(path, arch=None, key=None):
     """A frozen-ready ViT (eval mode) from pretrain.py's export ({'arch', 'backbone'}) or full checkpoint (the
     network `key` names, else the one its method evaluates: DINO's teacher, the others' online encoder), or
@@ -427,10 +438,7 @@ def load_backbone(path, arch=None, key=None):
             f"{path} does not match the {model.arch['embed_dim']}-dim, depth-{model.arch['depth']} ViT "
             f"(cls_after_block={model.cls_after_block}):\n  missing: {missing}\n  unexpected: {unexpected}\n"
             f"  shape mismatch: {[(k, tuple(sd[k].shape), tuple(expected[k].shape)) for k in shape_mismatch]}")
-    bad = [k for k, t in sd.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:  # NaN weights would give made-up accuracies downstream
-        raise ValueError(f"{path} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[:3]}: "
-                         "the run that wrote it diverged; use an earlier checkpoint")
+    refuse_non_finite(path, sd)
     model.load_state_dict(sd, strict=True)
     model.dropped_keys = dropped_head  # reported by the evaluation scripts
     return model.eval()
