@@ -1885,13 +1885,17 @@ def test_ser_multicrop_pairs_use_global_crop_0_and_every_other_local_crop(tmp_pa
     (group,) = batch.b2
     assert group.positions.tolist() == [12, 13, 14, 15]  # round(0.25 * 16) = 4 images
     assert [(p.base_grid, p.streams) for p in group.pairs] == [((4, 4), (0, 1)), ((2, 2), (2, 3)), ((2, 2), (4, 5))]
-    for pair, view in zip(group.pairs, (0, 2, 4)):
+    # The draw again, from the group's generator: per pair its elements relative to its own crop's token
+    # grid (4x4 global, 2x2 local) at --ser-scale (0.7, 1.3), then its two views' colours.
+    gen = torch.Generator().manual_seed(augment.seed_from("ser", args.seed, 3, 0))
+    for pair, view, grid in zip(group.pairs, (0, 2, 4), ((4, 4), (2, 2), (2, 2))):
+        expected = group_actions.sample_view_pair(4, gen, base_grid=grid, scale=(0.7, 1.3))
+        identity[0].sample_params(4, gen), identity[0].sample_params(4, gen)
         crop = augment.normalize(full["images"][view][12:16].float() / 255)
-        for x, g in ((pair.x1, pair.g1), (pair.x2, pair.g2)):
+        for x, g, want in ((pair.x1, pair.g1, expected[0]), (pair.x2, pair.g2, expected[1])):
+            assert (g.k, g.size) == (want.k, want.size)
+            assert torch.equal(g.flip, want.flip) and torch.equal(g.rot180, want.rot180)
             assert torch.allclose(x, group_actions.apply_to_images(crop, g, 8), atol=1e-6)
-            h, w = g.size
-            base = pair.base_grid[0] * pair.base_grid[1]
-            assert 0.7 * base - 2 * (h + w) <= h * w <= 1.3 * base + 2 * (h + w)  # area ~ U(0.7, 1.3) x base, rounded
         assert torch.equal(pair.g2.flip, ~pair.g1.flip)  # negated flags, as sample_view_pair
     assert [s.shape[0] for s in batch.streams] == [12] * 6  # b1 rows; the b2 views follow in Student._b2
 
