@@ -1395,6 +1395,22 @@ def test_multicrop_shapes_and_params():
     assert batch["label"].shape == (4,) and "plain" not in batch
 
 
+@pytest.mark.parametrize("img_size,patch_size,side", [(224, 16, 96), (64, 16, 32), (32, 8, 16)])
+def test_mocov3_local_crop_recipe(img_size, patch_size, side):
+    """SER's 2+4 loader (loader/local4.py): 4 local crops of 96/224 of the global side (whole patches),
+    scale (0.05, 0.25), bilinear, flip 0.5, blur 0.5, no solarize; jitter p 0.8 and gray 0.2 as every view."""
+    recipe = augment.recipe_for("mocov3", img_size, crop_min=0.08, n_local=4, patch_size=patch_size)
+    locals_ = recipe.views[2:]
+    assert [v.name for v in locals_] == [f"local{i}" for i in range(4)]
+    for v in locals_:
+        assert (v.size, v.scale, v.ratio, v.interpolation, v.p_flip) == (side, (0.05, 0.25), (3 / 4, 4 / 3),
+                                                                         "bilinear", 0.5)
+        assert (v.p_blur, v.p_solarize) == (0.5, 0.0)
+    for aug in recipe.photometric()[2:]:
+        assert (aug.jitter, aug.p_jitter, aug.p_gray, aug.p_blur, aug.p_solarize) == ((0.4, 0.4, 0.2, 0.1), 0.8,
+                                                                                      0.2, 0.5, 0.0)
+
+
 def test_equimod_plain_view_and_recipes():
     recipe = augment.recipe_for("mocov3", img_size=32, crop_min=0.08, extra="equimod")
     assert [v.interpolation for v in recipe.views] == ["bilinear"] * 2 and recipe.views[0].scale == (0.08, 1.0)
