@@ -1916,6 +1916,34 @@ def test_ser_multicrop_pairs_use_global_crop_0_and_every_other_local_crop(tmp_pa
     assert [s.shape[0] for s in batch.streams] == [12] * 6  # b1 rows; the b2 views follow in Student._b2
 
 
+@pytest.mark.parametrize("n_local", [0, 4])
+def test_ser_pair_views_draw_their_own_colours_from_the_pair_recipe(n_local, tmp_path):
+    """Each b2 view has its own colour parameters, drawn after the pair's elements from the group's
+    generator. 2 views (train_erl): global crop 0 with global0's then global1's photometric. 2+4
+    (train_erl_local4): every pair, global crop 0's included, with the local crops' photometric twice."""
+    args = config(f"--method mocov3 --n-local-crops {n_local} --ser --equiv-layer 2 --ser-ratio 0.25", tmp_path)
+    recipe, cpu = pretrain.build_recipe(args), torch.device("cpu")
+    full, photometric = fake_global_batch(recipe, args.batch_size), recipe.photometric()
+    batch = pretrain.make_step_inputs(full, photometric, 3, args, 0, 1, cpu)
+    # (crop view, its token grid, the two views' photometric): global0/global1's for 2 views, local's for 2+4
+    pairs = ([(0, (4, 4), (photometric[0], photometric[1]))] if not n_local else
+             [(view, grid, (photometric[2],) * 2) for view, grid in ((0, (4, 4)), (2, (2, 2)), (4, (2, 2)))])
+    assert [augs for _, augs, _ in pretrain.ser_pair_sources(args, photometric)] == [augs for *_, augs in pairs]
+    blur_solarize = [(1.0, 0.0), (0.1, 0.2)] if not n_local else [(0.5, 0.0)] * 6
+    assert [(aug.p_blur, aug.p_solarize) for *_, augs in pairs for aug in augs] == blur_solarize
+    (group,) = batch.b2
+    assert len(group.pairs) == len(pairs)
+    gen = torch.Generator().manual_seed(augment.seed_from("ser", args.seed, 3, 0))
+    for pair, (view, grid, augs) in zip(group.pairs, pairs):
+        group_actions.sample_view_pair(4, gen, base_grid=grid, scale=(0.7, 1.3))
+        colours = [aug.sample_params(4, gen) for aug in augs]
+        assert not torch.equal(colours[0]["jitter"], colours[1]["jitter"])  # drawn independently
+        crop = full["images"][view][12:16].float() / 255
+        for x, g, aug, p in zip((pair.x1, pair.x2), (pair.g1, pair.g2), augs, colours):
+            want = group_actions.apply_to_images(augment.normalize(aug.apply(crop, p)), g, 8)
+            assert torch.equal(x, want)  # the same ops on the same rows: a faint 32-px blur counts too
+
+
 @pytest.mark.parametrize("addon", ["", "--ser --equiv-layer 2 --ser-ratio 0.25"])
 def test_mocov3_multicrop_losses_equal_a_hand_written_reference(addon, tmp_path):
     """compute_losses on a real 2+4 step: the invariance term is the sum over the 6 student streams and the
