@@ -1397,6 +1397,22 @@ def test_multicrop_shapes_and_params():
     assert batch["label"].shape == (4,) and "plain" not in batch
 
 
+@pytest.mark.parametrize("img_size,patch_size,side", [(224, 16, 96), (64, 16, 32), (32, 8, 16)])
+def test_mocov3_local_crop_recipe(img_size, patch_size, side):
+    """SER's 2+4 loader (loader/local4.py): 4 local crops of 96/224 of the global side (whole patches),
+    scale (0.05, 0.25), bilinear, flip 0.5, blur 0.5, no solarize; jitter p 0.8 and gray 0.2 as every view."""
+    recipe = augment.recipe_for("mocov3", img_size, crop_min=0.08, n_local=4, patch_size=patch_size)
+    locals_ = recipe.views[2:]
+    assert [v.name for v in locals_] == [f"local{i}" for i in range(4)]
+    for v in locals_:
+        assert (v.size, v.scale, v.ratio, v.interpolation, v.p_flip) == (side, (0.05, 0.25), (3 / 4, 4 / 3),
+                                                                         "bilinear", 0.5)
+        assert (v.p_blur, v.p_solarize) == (0.5, 0.0)
+    for aug in recipe.photometric()[2:]:
+        assert (aug.jitter, aug.p_jitter, aug.p_gray, aug.p_blur, aug.p_solarize) == ((0.4, 0.4, 0.2, 0.1), 0.8,
+                                                                                      0.2, 0.5, 0.0)
+
+
 def test_equimod_plain_view_and_recipes():
     recipe = augment.recipe_for("mocov3", img_size=32, crop_min=0.08, extra="equimod")
     assert [v.interpolation for v in recipe.views] == ["bilinear"] * 2 and recipe.views[0].scale == (0.08, 1.0)
@@ -1900,15 +1916,47 @@ def test_ser_multicrop_pairs_use_global_crop_0_and_every_other_local_crop(tmp_pa
     (group,) = batch.b2
     assert group.positions.tolist() == [12, 13, 14, 15]  # round(0.25 * 16) = 4 images
     assert [(p.base_grid, p.streams) for p in group.pairs] == [((4, 4), (0, 1)), ((2, 2), (2, 3)), ((2, 2), (4, 5))]
-    for pair, view in zip(group.pairs, (0, 2, 4)):
+    # The draw again, from the group's generator: per pair its elements relative to its own crop's token
+    # grid (4x4 global, 2x2 local) at --ser-scale (0.7, 1.3), then its two views' colours.
+    gen = torch.Generator().manual_seed(augment.seed_from("ser", args.seed, 3, 0))
+    for pair, view, grid in zip(group.pairs, (0, 2, 4), ((4, 4), (2, 2), (2, 2))):
+        expected = group_actions.sample_view_pair(4, gen, base_grid=grid, scale=(0.7, 1.3))
+        identity[0].sample_params(4, gen), identity[0].sample_params(4, gen)
         crop = augment.normalize(full["images"][view][12:16].float() / 255)
-        for x, g in ((pair.x1, pair.g1), (pair.x2, pair.g2)):
+        for x, g, want in ((pair.x1, pair.g1, expected[0]), (pair.x2, pair.g2, expected[1])):
+            assert (g.k, g.size) == (want.k, want.size)
+            assert torch.equal(g.flip, want.flip) and torch.equal(g.rot180, want.rot180)
             assert torch.allclose(x, group_actions.apply_to_images(crop, g, 8), atol=1e-6)
-            h, w = g.size
-            base = pair.base_grid[0] * pair.base_grid[1]
-            assert 0.7 * base - 2 * (h + w) <= h * w <= 1.3 * base + 2 * (h + w)  # area ~ U(0.7, 1.3) x base, rounded
         assert torch.equal(pair.g2.flip, ~pair.g1.flip)  # negated flags, as sample_view_pair
     assert [s.shape[0] for s in batch.streams] == [12] * 6  # b1 rows; the b2 views follow in Student._b2
+
+
+@pytest.mark.parametrize("n_local", [0, 4])
+def test_ser_pair_views_draw_their_own_colours_from_the_pair_recipe(n_local, tmp_path):
+    """Each b2 view has its own colour parameters, drawn after the pair's elements from the group's
+    generator. 2 views (train_erl): global crop 0 with global0's then global1's photometric. 2+4
+    (train_erl_local4): every pair, global crop 0's included, with the local crops' photometric twice."""
+    args = config(f"--method mocov3 --n-local-crops {n_local} --ser --equiv-layer 2 --ser-ratio 0.25", tmp_path)
+    recipe, cpu = pretrain.build_recipe(args), torch.device("cpu")
+    full, photometric = fake_global_batch(recipe, args.batch_size), recipe.photometric()
+    batch = pretrain.make_step_inputs(full, photometric, 3, args, 0, 1, cpu)
+    # (crop view, its token grid, the two views' photometric): global0/global1's for 2 views, local's for 2+4
+    pairs = ([(0, (4, 4), (photometric[0], photometric[1]))] if not n_local else
+             [(view, grid, (photometric[2],) * 2) for view, grid in ((0, (4, 4)), (2, (2, 2)), (4, (2, 2)))])
+    assert [augs for _, augs, _ in pretrain.ser_pair_sources(args, photometric)] == [augs for *_, augs in pairs]
+    blur_solarize = [(1.0, 0.0), (0.1, 0.2)] if not n_local else [(0.5, 0.0)] * 6
+    assert [(aug.p_blur, aug.p_solarize) for *_, augs in pairs for aug in augs] == blur_solarize
+    (group,) = batch.b2
+    assert len(group.pairs) == len(pairs)
+    gen = torch.Generator().manual_seed(augment.seed_from("ser", args.seed, 3, 0))
+    for pair, (view, grid, augs) in zip(group.pairs, pairs):
+        group_actions.sample_view_pair(4, gen, base_grid=grid, scale=(0.7, 1.3))
+        colours = [aug.sample_params(4, gen) for aug in augs]
+        assert not torch.equal(colours[0]["jitter"], colours[1]["jitter"])  # drawn independently
+        crop = full["images"][view][12:16].float() / 255
+        for x, g, aug, p in zip((pair.x1, pair.x2), (pair.g1, pair.g2), augs, colours):
+            want = group_actions.apply_to_images(augment.normalize(aug.apply(crop, p)), g, 8)
+            assert torch.equal(x, want)  # the same ops on the same rows: a faint 32-px blur counts too
 
 
 @pytest.mark.parametrize("addon", ["", "--ser --equiv-layer 2 --ser-ratio 0.25"])
