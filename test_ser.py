@@ -3362,3 +3362,17 @@ def test_small_scale_defaults_and_the_real_data_recipe(tmp_path):
     real = pretrain.resolve_config(pretrain.get_args_parser().parse_args("--method dino --data /datasets/imagenet".split()))
     assert (real.weight_init, real.use_bn_in_head, real.freeze_last_layer, real.momentum) == (None, False, 1, 0.996)
     assert (real.weight_decay, real.weight_decay_end) == (0.04, 0.4)
+
+
+@pytest.mark.parametrize("cores,world,cuda,workers", [(2, 1, False, 0), (4, 2, False, 0), (3, 1, False, 3),
+                                                      (32, 1, False, 8), (2, 1, True, 2), (16, 8, True, 2)])
+def test_default_loader_workers(cores, world, cuda, workers, monkeypatch):
+    """Loader workers default to this rank's share of the cores (at most 8), but none on a CPU with 2 cores
+    or fewer per rank, where they would slow the step by taking its cores (README, Cost)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    args = pretrain.resolve_config(pretrain.get_args_parser().parse_args(["--method", "mocov3"]))
+    assert args.num_workers == workers
+    explicit = pretrain.resolve_config(pretrain.get_args_parser().parse_args(["--method", "mocov3", "--num-workers", "1"]))
+    assert explicit.num_workers == 1
