@@ -3351,6 +3351,7 @@ def test_small_scale_defaults_and_the_real_data_recipe(tmp_path):
     small = config("--method dino", tmp_path)
     assert (small.weight_init, small.use_bn_in_head, small.freeze_last_layer, small.momentum) == ("moco", True, 0, 0.99)
     assert (small.weight_decay, small.weight_decay_end) == (0.1, 0.1)
+    assert small.ser_ratio == 0.25 and config("--method mocov3", tmp_path).ser_ratio == 0.01  # SER's b2 share
     student, _ = pretrain.build_models(small)
     assert student.backbone.arch["weight_init"] == "moco" and student.backbone.arch["pos_embed"] == "sincos"
     assert any(isinstance(m, losses.GlobalBatchNorm1d) for m in student.projector.modules())
@@ -3362,6 +3363,7 @@ def test_small_scale_defaults_and_the_real_data_recipe(tmp_path):
     real = pretrain.resolve_config(pretrain.get_args_parser().parse_args("--method dino --data /datasets/imagenet".split()))
     assert (real.weight_init, real.use_bn_in_head, real.freeze_last_layer, real.momentum) == (None, False, 1, 0.996)
     assert (real.weight_decay, real.weight_decay_end) == (0.04, 0.4)
+    assert real.ser_ratio == 0.01  # the release's 3 of 256
 
 
 @pytest.mark.parametrize("cores,world,cuda,workers", [(2, 1, False, 0), (4, 2, False, 0), (3, 1, False, 3),
