@@ -2239,7 +2239,7 @@ def test_compile_sees_only_fixed_training_shapes(tmp_path, monkeypatch):
         return compiled
 
     monkeypatch.setattr(torch, "compile", recording_compile)
-    run("--method dino --ser --equiv-layer 2 --compile --knn-every 1 --knn-train-size 16 "
+    run("--method dino --ser --equiv-layer 2 --ser-ratio 0.01 --compile --knn-every 1 --knn-train-size 16 "
         "--knn-val-size 8", tmp_path)
     n_b1 = 2 * (16 - 2)  # two views of the 14 b1 images per step; b2 holds 2 of the 16
     assert seen == [(n_b1, 3, 32, 32)] * 4  # student and teacher, 2 steps (one epoch), k-NN before and after
