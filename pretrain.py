@@ -90,7 +90,7 @@ ADDON_DEFAULTS = {"equimod": (1.0, 0.2), "augself": (1.0, None), "essl": (0.4, N
 # The real-data run: ViT-S/16 at 224 px, SER's 100-epoch schedule (the paper's runs use batch 2048).
 REAL_DEFAULTS = dict(arch="vit_small", depth=None, patch_size=16, img_size=224, epochs=100, warmup_epochs=10,
                      batch_size=1024, head_hidden=None, head_out=None, knn_train_size=20000, knn_val_size=10000,
-                     weight_init=None, use_bn_in_head=False, freeze_last_layer=1, ser_ratio=0.01)
+                     weight_init=None, use_bn_in_head=False, freeze_last_layer=1)
 # The built-in dataset on a 2-core CPU, where the run must finish in minutes: a 4-block ViT-Ti on 32 px
 # images with 8 px patches (a 4x4 token grid, enough for SER's rescaled 3x3..5x5 grids), MoCo v3's
 # initialisation for every method (Xavier weights, fixed sin-cos positions: with timm's trunc-normal(0.02)
@@ -100,7 +100,7 @@ REAL_DEFAULTS = dict(arch="vit_small", depth=None, patch_size=16, img_size=224, 
 SYNTHETIC_DEFAULTS = dict(arch="vit_tiny", depth=4, patch_size=8, img_size=32, epochs=10, warmup_epochs=1,
                           batch_size=64, head_hidden=1024, head_out=256, knn_train_size=2000, knn_val_size=1000,
                           lr=1.5e-3, min_lr=1e-6, momentum=0.99, drop_path=0.0, crop_min=0.25, weight_init="moco",
-                          use_bn_in_head=False, freeze_last_layer=1, synthetic_length=3200, ser_ratio=0.01)
+                          use_bn_in_head=False, freeze_last_layer=1, synthetic_length=3200)
 # DINO at this scale: its teacher starts out nearly uniform (BatchNorm in the head, the official
 # --use_bn_in_head, sharpens it; the last layer trains from step 0), and its weight decay rising to 0.4
 # undoes in the second half of a 500-step run what the first half learnt: MoCo v3's constant 0.1 instead.
@@ -235,7 +235,8 @@ def resolve_config(args):
     # On a CPU with 2 cores or fewer per rank, loader workers take them from the step's own threads: with the
     # images made in the main process steps are 7% faster than with 2 workers (README, Cost).
     workers = min(8, cores) if torch.cuda.is_available() or cores > 2 else 0
-    defaults = {**METHOD_DEFAULTS[args.method], **(SYNTHETIC_DEFAULTS if synthetic else REAL_DEFAULTS),
+    defaults = {"ser_ratio": 0.01, **METHOD_DEFAULTS[args.method],  # SER's b2 share: the release's 3 of 256
+                **(SYNTHETIC_DEFAULTS if synthetic else REAL_DEFAULTS),
                 **(SYNTHETIC_METHOD_DEFAULTS.get(args.method, {}) if synthetic else {}),
                 "equiv_lambda": lam, "equiv_tau": tau, "num_workers": workers}
     for k, v in defaults.items():
