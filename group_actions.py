@@ -20,6 +20,7 @@ Run the demo:    python group_actions.py
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -177,6 +178,14 @@ def apply_to_images(x: Tensor, g: GroupElement, patch_size: int) -> Tensor:
     return _act(x, g, resize)
 
 
+@functools.lru_cache(maxsize=None)
+def _bicubic_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(n_out, n_in): F.interpolate's bicubic resize of a length-n_in axis (align_corners=False, no
+    antialias), read off by resizing the identity; made on the device, once per size."""
+    eye = torch.eye(n_in, device=device, dtype=dtype).view(1, n_in, n_in, 1)  # channel j: the unit vector e_j
+    return F.interpolate(eye, size=(n_out, 1), mode="bicubic", align_corners=False)[0, :, :, 0].T
+
+
 def apply_to_token_map(t: Tensor, g: GroupElement) -> Tensor:
     """rho_g on a (B, C, h, w) token map: exact permutations for R90/F/R180, bicubic for the resize, with
     no antialias and no clamping (features have no value range), the release's `aug_equiv_feat`."""
@@ -185,7 +194,13 @@ def apply_to_token_map(t: Tensor, g: GroupElement) -> Tensor:
     def resize(u: Tensor) -> Tensor:  # (B, C, h, w) -> (B, C, *g.size)
         if g.size is None or g.size == tuple(u.shape[-2:]):
             return u
-        return F.interpolate(u, size=g.size, mode="bicubic", align_corners=False)
+        # F.interpolate's bicubic as the separable product A_h u A_w^T: the same numbers, but a gradient
+        # of two small matmuls, where CUDA's upsample_bicubic2d_backward loops over B*C in each thread
+        # (23 ms per call for SER's token maps of ViT-S/16 on an H200).
+        # Callers run it outside autocast (the losses, the evaluation), so the products stay in `dtype`.
+        dtype = torch.promote_types(u.dtype, torch.float32)  # F.interpolate's accumulation type
+        a_h, a_w = (_bicubic_matrix(n, m, u.device, dtype) for n, m in zip(u.shape[-2:], g.size))
+        return torch.einsum("ih,bchw,jw->bcij", a_h, u.to(dtype), a_w).to(u.dtype)
 
     return _act(t, g, resize)
 

@@ -539,6 +539,19 @@ def test_token_action_commutes_with_patch_averaging_d4(k):
     assert torch.equal(tokens(group_actions.apply_to_images(x, g, p), p), group_actions.apply_to_token_map(tokens(x, p), g))
 
 
+@pytest.mark.parametrize("grid,size", [((14, 14), (12, 17)), ((4, 4), (5, 3)), ((5, 3), (2, 2)), ((1, 4), (3, 1))])
+def test_token_map_resize_is_f_interpolate_bicubic(grid, size):
+    """The token-map resize is a product of interpolation matrices (its gradient avoids CUDA's slow bicubic
+    backward): values and gradients are F.interpolate's, to float64 rounding."""
+    u = torch.randn(3, 5, *grid, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, *size, dtype=torch.float64)
+    ours = group_actions.apply_to_token_map(u, group_actions.GroupElement(size=size))
+    ref = F.interpolate(u, size=size, mode="bicubic", align_corners=False)
+    assert max_err(ours, ref) < 1e-12
+    (g_ours,), (g_ref,) = torch.autograd.grad((ours * w).sum(), u), torch.autograd.grad((ref * w).sum(), u)
+    assert max_err(g_ours, g_ref) < 1e-12
+
+
 @pytest.mark.parametrize("size", [(13, 27), (19, 20), (14, 29), (18, 28)])
 def test_token_action_tracks_pixel_resize_on_smooth_images(size):
     p = 4
