@@ -489,14 +489,6 @@ class MultiViewDataset(Dataset):
 # ----------------------------------------------------------------------------------------------------
 # Photometric augmentation on the device, batched with per-sample parameters
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a small host tensor (augmentation parameters, indices) to `device` without making the host
-    wait: on CUDA it is pinned first, because a copy from pageable memory may synchronise with the GPU."""
-    if t.device.type == "cpu" and device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
-
-
 @lru_cache(maxsize=None)
 def _mean_std(device: torch.device):  # (1, 3, 1, 1) each, once per device: a per-call copy would wait for the GPU
     return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
@@ -608,7 +600,7 @@ class PhotometricAugment:
         autocast: the colour maths is meant in float32.
         """
         on_host = {k: v.cpu() for k, v in params.items()}  # no-op for CPU params
-        p = {k: to_device(v, x.device) for k, v in params.items()}
+        p = {k: vit.to_device(v, x.device) for k, v in params.items()}
         applied = p["jitter_applied"] > 0
         hue_at = on_host["jitter_applied"].bool()[:, None] & (on_host["jitter_order"] == 3)  # (B, 4)
         for step in range(4):
@@ -633,7 +625,7 @@ def _on_rows(x, rows, op):
     and solarize (hue the costliest) run only on the samples that draw them, and the host knows which."""
     idx = rows.nonzero().flatten()
     if len(idx):
-        idx = to_device(idx, x.device)
+        idx = vit.to_device(idx, x.device)
         x.index_copy_(0, idx, op(x.index_select(0, idx), idx))
     return x
 

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import group_actions
+import vit
 
 # ---------------------------------------------------------------------------------------------
 # Distributed helpers: all of them are the identity without a process group.
@@ -381,7 +382,7 @@ def nt_xent(a, b, temperature, ids=None):
     logits = torch.cat([a, b]) @ torch.cat([a_all, b_all]).T / temperature  # (2n, 2M)
     positives = torch.cat([idx + m, idx])
     same_image = ids.repeat(2)[:, None] == ids_all.repeat(2)[None, :]  # (2n, 2M): the anchor itself among them
-    same_image[torch.arange(2 * n, device=a.device), positives] = False
+    same_image.scatter_(1, positives[:, None], False)  # (an index_put_ of a Python False waits for the GPU)
     per_anchor = F.cross_entropy(logits.masked_fill(same_image, float("-inf")), positives, reduction="none")
     return _global_mean_of_sum(per_anchor.sum(), 2 * m)
 
@@ -457,7 +458,7 @@ def ser_loss(groups, temperature):
             ids = (offset + torch.arange(n, device=z1.device)) * world_size() + rank()
             offset += n
         else:
-            ids = torch.as_tensor(grp.ids, device=z1.device)
+            ids = vit.to_device(torch.as_tensor(grp.ids), z1.device)
         z1_on_2, z2_on_1 = z1, z2  # n = 0: no group elements, nothing to align
         if n:
             g = group_actions.relative_action(grp.g1, grp.g2, grp.base_size)

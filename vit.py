@@ -41,7 +41,7 @@ class DropPath(nn.Module):
             keep = x.new_empty(shape).bernoulli_(1 - self.p)
         else:
             ids, n = rows
-            keep = (torch.rand(n)[ids] < 1 - self.p).to(x.device, x.dtype).view(shape)
+            keep = to_device(torch.rand(n)[ids] < 1 - self.p, x.device).to(x.dtype).view(shape)
         return x * keep / (1 - self.p)
 
 
@@ -257,7 +257,16 @@ def build_vit(arch):
     return VisionTransformer(**{**ARCHS.get(name, {}), **arch})
 
 
-# ---------------------------------------------------------------------- precision
+# ---------------------------------------------------------------------- devices and precision
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host tensor (augmentation parameters, indices, stochastic-depth masks) to `device`
+    without making the host wait: on CUDA it is pinned first, because a copy from pageable memory waits
+    for the GPU (unpinned, the stochastic-depth masks alone made 22 waits per DINO step, 66 with SER)."""
+    if t.device.type == "cpu" and device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 # The one home of every script's autocast. bf16 needs no loss scaling and keeps fp32's range; the
 # losses upcast their inputs to float32 themselves (losses.py).
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
