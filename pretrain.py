@@ -94,9 +94,9 @@ REAL_DEFAULTS = dict(arch="vit_small", depth=None, patch_size=16, img_size=224, 
 # The built-in dataset on a 2-core CPU, where the run must finish in minutes: a 4-block ViT-Ti on 32 px
 # images with 8 px patches (a 4x4 token grid, enough for SER's rescaled 3x3..5x5 grids), MoCo v3's
 # initialisation for every method (Xavier weights, fixed sin-cos positions: with timm's trunc-normal(0.02)
-# a ViT this small does not leave chance within a few hundred steps even when trained supervised,
-# README), narrower heads, and for every method a higher lr, a faster EMA (the teacher must move within
-# a few hundred steps), no stochastic depth and a larger minimum crop.
+# a ViT this small does not leave chance within a few hundred steps even when trained supervised),
+# narrower heads, and for every method a higher lr, a faster EMA (the teacher must move within a few
+# hundred steps), no stochastic depth and a larger minimum crop.
 SYNTHETIC_DEFAULTS = dict(arch="vit_tiny", depth=4, patch_size=8, img_size=32, epochs=10, warmup_epochs=1,
                           batch_size=64, head_hidden=1024, head_out=256, knn_train_size=2000, knn_val_size=1000,
                           lr=1.5e-3, min_lr=1e-6, momentum=0.99, drop_path=0.0, crop_min=0.25, weight_init="moco",
@@ -105,7 +105,8 @@ SYNTHETIC_DEFAULTS = dict(arch="vit_tiny", depth=4, patch_size=8, img_size=32, e
 # --use_bn_in_head, sharpens it; the last layer trains from step 0), and its weight decay rising to 0.4
 # undoes in the second half of a 500-step run what the first half learnt: MoCo v3's constant 0.1 instead.
 # Its clusters follow the objects' grey level, not their shape (README, the built-in run); SER's token
-# contrast on a quarter of the batch, rather than 2 images, adds 3.5-9 k-NN points to DINO + SER (3 seeds).
+# contrast on a quarter of the batch, rather than 2 images, adds 3.5-9 k-NN points to DINO + SER (3 seeds)
+# and makes it more accurate than DINO.
 SYNTHETIC_METHOD_DEFAULTS = {"dino": dict(weight_decay=0.1, weight_decay_end=0.1, use_bn_in_head=True,
                                           freeze_last_layer=0, ser_ratio=0.25)}
 
@@ -987,8 +988,8 @@ def train(args, measure=None):
 def keep_freed_host_memory():
     """glibc keeps freed memory in the process (mmap off, the heap never trimmed): each step reuses the last
     one's buffers instead of faulting them in again (~300k page faults per step at the synthetic default;
-    SER's b2 grids change shape every step and defeat glibc's adaptive threshold). 7-17% faster CPU steps
-    for a resident set that keeps what it freed (2.6 instead of 2.0 GiB; README, "CPU wall clock").
+    SER's b2 grids change shape every step and defeat glibc's adaptive threshold). 7-16% faster CPU steps
+    for a resident set that keeps what it freed (2.6 instead of 2.0 GiB; README, Cost).
     Set at run time: the same settings from MALLOC_MMAP_MAX_/MALLOC_TRIM_THRESHOLD_ at process start left
     many of the faults. glibc only; returns whether it applied."""
     try:
