@@ -508,16 +508,10 @@ class IterationBatches(Sampler):
             yield order[b * self.batch_size:(b + 1) * self.batch_size]
 
 
-def hflip(images, targets, flip):
-    """Horizontal flip of the images where flip is True; boxes (n, 4) xyxy follow."""
-    pairs = []
-    for img, tgt, f in zip(images, targets, flip.tolist()):
-        if f:
-            W = img.shape[-1]
-            boxes = tgt["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor([W, 0, W, 0])
-            img, tgt = img.flip(-1), {**tgt, "boxes": boxes}
-        pairs.append((img, tgt))
-    return tuple(zip(*pairs))
+def hflip(image, target):
+    """Horizontal flip of a (3, H, W) image and of its target's (n, 4) xyxy boxes."""
+    W, b = image.shape[-1], target["boxes"]
+    return image.flip(-1), {**target, "boxes": torch.stack([W - b[:, 2], b[:, 1], W - b[:, 0], b[:, 3]], dim=1)}
 
 
 FROZEN = "backbone.backbone."  # the ViT inside the detector: it comes from --pretrained, checkpoints leave it out
@@ -594,8 +588,7 @@ def predict(model, dataset, args, device, rank, world_size):
     local = {}
     for images, targets in augment.progress(loader, len(loader), "evaluation: batch", losses.log):
         images = [img.to(device, non_blocking=True).float().div_(255) for img in images]
-        outputs = model(images)  # boxes in original image coordinates, xyxy
-        for tgt, out in zip(targets, outputs):
+        for tgt, out in zip(targets, model(images)):  # boxes in original image coordinates, xyxy
             boxes = out["boxes"].cpu()
             boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
             local[tgt["image_id"]] = [
@@ -732,7 +725,8 @@ def main(argv=None):
         lr = learning_rate(it, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images, targets = hflip(images, targets, torch.rand(len(images)) < 0.5)
+        flips = (torch.rand(len(images)) < 0.5).tolist()
+        images, targets = zip(*(hflip(img, t) if f else (img, t) for img, t, f in zip(images, targets, flips)))
         images = [img.to(device, non_blocking=True).float().div_(255) for img in images]  # (3, H, W) in [0, 1]
         targets = [{k: t[k].to(device, non_blocking=True) for k in ("boxes", "labels")} for t in targets]
         loss_terms = ddp(images, targets)  # RPN objectness/box + RoI classifier/box losses
@@ -769,8 +763,8 @@ def main(argv=None):
                    "backbone": args.pretrained or f"random init {args.arch}", "num_val_images": len(val_set),
                    "num_detections": len(detections), "train_time_s": train_time,
                    "eval_time_s": time.time() - t0, "world_size": world_size, "args": vars(args)}
-        try:  # each file replaced in one step, the results last
-            vit.save_atomic(os.path.join(args.output_dir, "detections_val.json"), detections, indent=None)  # pycocotools
+        try:  # each file replaced in one step, the results last; the detections in pycocotools' loadRes format
+            vit.save_atomic(os.path.join(args.output_dir, "detections_val.json"), detections, indent=None)
             vit.save_atomic(os.path.join(args.output_dir, "detect_results.json"), results)
         except OSError as e:
             raise SystemExit(f"detect_eval.py: {e}") from None
