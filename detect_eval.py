@@ -55,10 +55,6 @@ COCO_KEYS = {"images": (("id", "file_name", "width", "height"), ("id", "width", 
              "categories": (("id", "name"), ("id",))}
 
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)  # JSON true/false are ints to Python
-
-
 def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # json parses NaN, Infinity
 
@@ -80,7 +76,8 @@ def validate_coco(coco, source, allow_degenerate=False):
             if missing:
                 raise ValueError(f"{source}: {section}[{i}] lacks key(s) {missing}")
             for k in int_keys:
-                if not _is_int(entry[k]) or (k in ("width", "height") and entry[k] < 1):
+                # type(), not isinstance: JSON true/false are ints to Python
+                if type(entry[k]) is not int or (k in ("width", "height") and entry[k] < 1):
                     want = "a positive integer" if k in ("width", "height") else "an integer"
                     raise ValueError(f"{source}: {section}[{i}] {k} must be {want}, got {entry[k]!r} "
                                      f"({type(entry[k]).__name__})")
@@ -171,7 +168,7 @@ class CocoDetection(Dataset):
             if not a["iscrowd"] and w > 0 and h > 0:  # clipped: validate_coco allows BOX_TOLERANCE px outside
                 self.targets[a["image_id"]].append((max(x, 0), max(y, 0), min(x + w, W), min(y + h, H),
                                                     label[a["category_id"]]))
-        self.image_dir, self.render = image_dir, render
+        self.coco, self.image_dir, self.render = coco, image_dir, render
 
     def __len__(self):
         return len(self.images)
@@ -193,14 +190,6 @@ def collate(batch):
 
 # ----------------------------------------------------------------------------- synthetic detection set
 SHAPES = ("circle", "triangle", "square", "star")
-
-
-def _unit_polygon(shape):
-    """Vertices on the unit circle (star: alternating inner radius), (V, 2)."""
-    n, inner = {"triangle": (3, None), "square": (4, None), "star": (10, 0.45)}[shape]
-    angles = np.arange(n) * 2 * np.pi / n
-    radius = np.ones(n) if inner is None else np.where(np.arange(n) % 2, inner, 1.0)
-    return np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=1)
 
 
 class SyntheticDetection:
@@ -229,10 +218,13 @@ class SyntheticDetection:
                 geometry = np.zeros((0, 2))
                 w = h = extent
                 area = math.pi * (extent / 2) ** 2
-            else:
+            else:  # n vertices on the unit circle, the star's odd ones at radius 0.45
+                n, inner = {"triangle": (3, 1.0), "square": (4, 1.0), "star": (10, 0.45)}[shape]
+                angles = np.arange(n) * 2 * np.pi / n
+                radius = np.where(np.arange(n) % 2, inner, 1.0)
                 theta = rng.uniform(0, 2 * np.pi)
                 rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-                geometry = _unit_polygon(shape) @ rot.T
+                geometry = np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=1) @ rot.T  # (V, 2)
                 geometry = geometry - geometry.min(0)
                 geometry = geometry * extent / geometry.max()  # longer box side == extent
                 w, h = geometry.max(0)
@@ -372,13 +364,12 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
 
 def box_iou_xywh(dt, gt, crowd):
     """IoU of (D, 4) and (G, 4) xywh boxes, (D, G); for a crowd GT the union is the detection's area."""
-    dt, gt = np.asarray(dt, float).reshape(-1, 4), np.asarray(gt, float).reshape(-1, 4)
     lo = np.maximum(dt[:, None, :2], gt[None, :, :2])  # (D, G, 2) top-left of the intersection
     hi = np.minimum(dt[:, None, :2] + dt[:, None, 2:], gt[None, :, :2] + gt[None, :, 2:])
     w, h = (hi - lo)[..., 0], (hi - lo)[..., 1]
     inter = np.where((w > 0) & (h > 0), w * h, 0.0)
     area_dt, area_gt = dt[:, 2] * dt[:, 3], gt[:, 2] * gt[:, 3]
-    union = np.where(np.asarray(crowd, bool)[None, :], area_dt[:, None], area_dt[:, None] + area_gt[None, :] - inter)
+    union = np.where(crowd[None, :], area_dt[:, None], area_dt[:, None] + area_gt[None, :] - inter)
     return np.where(inter > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
@@ -509,26 +500,18 @@ class IterationBatches(Sampler):
             raise ValueError(f"--batch-size {batch_size} exceeds the {len(sampler)} training images per process")
 
     def __iter__(self):
-        it = self.start
-        while it < self.total:
-            epoch, first = divmod(it, self.per_epoch)
-            self.sampler.set_epoch(epoch)
-            order = list(self.sampler)
-            for b in range(first, min(self.per_epoch, first + self.total - it)):
-                yield order[b * self.batch_size:(b + 1) * self.batch_size]
-                it += 1
+        for it in range(self.start, self.total):
+            epoch, b = divmod(it, self.per_epoch)
+            if b == 0 or it == self.start:
+                self.sampler.set_epoch(epoch)
+                order = list(self.sampler)
+            yield order[b * self.batch_size:(b + 1) * self.batch_size]
 
 
-def hflip(images, targets, flip):
-    """Horizontal flip of the images where flip is True; boxes (n, 4) xyxy follow."""
-    pairs = []
-    for img, tgt, f in zip(images, targets, flip.tolist()):
-        if f:
-            W = img.shape[-1]
-            boxes = tgt["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor([W, 0, W, 0])
-            img, tgt = img.flip(-1), {**tgt, "boxes": boxes}
-        pairs.append((img, tgt))
-    return tuple(zip(*pairs))
+def hflip(image, target):
+    """Horizontal flip of a (3, H, W) image and of its target's (n, 4) xyxy boxes."""
+    W, b = image.shape[-1], target["boxes"]
+    return image.flip(-1), {**target, "boxes": torch.stack([W - b[:, 2], b[:, 1], W - b[:, 0], b[:, 3]], dim=1)}
 
 
 FROZEN = "backbone.backbone."  # the ViT inside the detector: it comes from --pretrained, checkpoints leave it out
@@ -575,7 +558,7 @@ def load_checkpoint(path, model, optimizer, args, digest, cat_ids):
 
 
 def build_data(args, is_main, distributed):
-    """Train and val datasets plus the val GT dict; the synthetic set goes through the COCO JSON path."""
+    """Train and val datasets (their COCO dicts in .coco); the synthetic set goes through the COCO JSON path."""
     if args.data == "synthetic":
         sources = {}
         for split, n in (("train", args.synthetic_train), ("val", args.synthetic_val)):
@@ -590,13 +573,11 @@ def build_data(args, is_main, distributed):
         sources = {s: (os.path.join(args.data, "annotations", f"instances_{name}.json"),
                        os.path.join(args.data, name), None)
                    for s, name in (("train", args.train_split), ("val", args.val_split))}
-    loaded = {}
-    for split, (ann_file, image_dir, render) in sources.items():
-        coco = load_coco(ann_file, image_dir, args.allow_degenerate_boxes)
-        loaded[split] = (coco, CocoDetection(coco, image_dir, render))
-    if loaded["train"][1].cat_ids != loaded["val"][1].cat_ids:
+    train, val = (CocoDetection(load_coco(ann_file, image_dir, args.allow_degenerate_boxes), image_dir, render)
+                  for ann_file, image_dir, render in sources.values())
+    if train.cat_ids != val.cat_ids:
         raise ValueError("train and val annotation files list different categories")
-    return loaded["train"][1], loaded["val"][1], loaded["val"][0]
+    return train, val
 
 
 @torch.no_grad()
@@ -607,8 +588,7 @@ def predict(model, dataset, args, device, rank, world_size):
     local = {}
     for images, targets in augment.progress(loader, len(loader), "evaluation: batch", losses.log):
         images = [img.to(device, non_blocking=True).float().div_(255) for img in images]
-        outputs = model(images)  # boxes in original image coordinates, xyxy
-        for tgt, out in zip(targets, outputs):
+        for tgt, out in zip(targets, model(images)):  # boxes in original image coordinates, xyxy
             boxes = out["boxes"].cpu()
             boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
             local[tgt["image_id"]] = [
@@ -677,16 +657,14 @@ def get_args_parser():
 
 def check_args(args):
     """Ranges of the numeric flags (augment.check_ranges)."""
-    at_least_1 = ("batch_size", "iters", "eval_batch_size", "log_every", "ckpt_every", "synthetic_train",
+    at_least_0 = ("weight_decay", "num_workers", "warmup_iters")
+    at_least_1 = ("depth", "batch_size", "iters", "eval_batch_size", "log_every", "ckpt_every", "synthetic_train",
                   "synthetic_val", "synthetic_size", "patch_size", "out_channels", "anchor_sizes", "min_size",
                   "max_size", "rpn_batch", "roi_batch", "proposals_train", "proposals_test", "box_head_dim")
     ranges = [("--lr", args.lr, lambda v: v > 0, "positive"),
-              ("--weight-decay", args.weight_decay, lambda v: v >= 0, ">= 0"),
               ("--momentum", args.momentum, lambda v: 0 <= v <= 1, "in [0, 1]"),
-              ("--decay-at", args.decay_at, lambda v: 0 < v < 1, "fractions in (0, 1)"),
-              ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
-              ("--warmup-iters", args.warmup_iters, lambda v: v >= 0, ">= 0"),
-              ("--depth", args.depth, lambda v: v >= 1, "at least 1")]
+              ("--decay-at", args.decay_at, lambda v: 0 < v < 1, "fractions in (0, 1)")]
+    ranges += [("--" + k.replace("_", "-"), getattr(args, k), lambda v: v >= 0, ">= 0") for k in at_least_0]
     ranges += [("--" + k.replace("_", "-"), getattr(args, k), lambda v: v >= 1, "at least 1") for k in at_least_1]
     augment.check_ranges(ranges, prefix="detect_eval.py: ")
 
@@ -703,37 +681,34 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # not yet offset by rank: every rank must build the same networks
     backbone = vit.backbone_from_flags(args.pretrained, args.arch, args.patch_size, args.checkpoint_key,
                                        args.random_init, depth=args.depth)
-    try:
-        train_set, val_set, val_gt = build_data(args, rank == 0, world_size > 1)
+    try:  # bad data or flags, or a checkpoint of another run: one line naming the file
+        train_set, val_set = build_data(args, rank == 0, world_size > 1)
         model = build_detector(backbone, len(train_set.cat_ids), args).to(device)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"detect_eval.py: {e}") from None
-    torch.manual_seed(args.seed + rank)
-    reference, digest = linear_eval.snapshot(backbone), backbone_digest(backbone)
+        torch.manual_seed(args.seed + rank)
+        reference, digest = linear_eval.snapshot(backbone), backbone_digest(backbone)
 
-    # ============ preparing the optimizer ============
-    # Norm parameters and biases get no weight decay (a decayed LN gain only shrinks features).
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = (torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum) if args.optimizer == "sgd"
-                 else torch.optim.AdamW(groups, lr=args.lr))
-    n_frozen = sum(p.numel() for p in backbone.parameters())
-    losses.log(f"backbone {args.pretrained or 'random init ' + args.arch}: {n_frozen / 1e6:.2f}M frozen params; "
-               f"trainable {sum(p.numel() for p in decay) / 1e6:.2f}M decayed + "
-               f"{sum(p.numel() for p in no_decay) / 1e3:.1f}K not; global batch {args.batch_size * world_size}, "
-               f"{len(train_set)} train / {len(val_set)} val images")
+        # ============ preparing the optimizer ============
+        # Norm parameters and biases get no weight decay (a decayed LN gain only shrinks features).
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = (torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum) if args.optimizer == "sgd"
+                     else torch.optim.AdamW(groups, lr=args.lr))
+        n_frozen = sum(p.numel() for p in backbone.parameters())
+        losses.log(f"backbone {args.pretrained or 'random init ' + args.arch}: {n_frozen / 1e6:.2f}M frozen params; "
+                   f"trainable {sum(p.numel() for p in decay) / 1e6:.2f}M decayed + "
+                   f"{sum(p.numel() for p in no_decay) / 1e3:.1f}K not; global batch {args.batch_size * world_size}, "
+                   f"{len(train_set)} train / {len(val_set)} val images")
 
-    # ============ optionally resuming, then the batches from there on ============
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    start = 0
-    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    try:
+        # ============ optionally resuming, then the batches from there on ============
+        ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+        start = 0
         if os.path.isfile(ckpt_path):
             start = load_checkpoint(ckpt_path, model, optimizer, args, digest, train_set.cat_ids)
             losses.log(f"resumed from {ckpt_path} at iteration {start}")
+        sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
         batches = IterationBatches(sampler, args.batch_size, start, args.iters)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"detect_eval.py: {e}") from None
 
     # ============ training the pyramid and the heads ============
@@ -750,7 +725,8 @@ def main(argv=None):
         lr = learning_rate(it, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images, targets = hflip(images, targets, torch.rand(len(images)) < 0.5)
+        flips = (torch.rand(len(images)) < 0.5).tolist()
+        images, targets = zip(*(hflip(img, t) if f else (img, t) for img, t, f in zip(images, targets, flips)))
         images = [img.to(device, non_blocking=True).float().div_(255) for img in images]  # (3, H, W) in [0, 1]
         targets = [{k: t[k].to(device, non_blocking=True) for k in ("boxes", "labels")} for t in targets]
         loss_terms = ddp(images, targets)  # RPN objectness/box + RoI classifier/box losses
@@ -781,14 +757,14 @@ def main(argv=None):
     detections = predict(model, val_set, args, device, rank, world_size)
     results = None
     if rank == 0:
-        stats = coco_evaluate(val_gt, detections)
+        stats = coco_evaluate(val_set.coco, detections)
         losses.log(format_stats(stats))
         results = {"stats": dict(zip(STAT_NAMES, stats)), "iterations": args.iters,
                    "backbone": args.pretrained or f"random init {args.arch}", "num_val_images": len(val_set),
                    "num_detections": len(detections), "train_time_s": train_time,
                    "eval_time_s": time.time() - t0, "world_size": world_size, "args": vars(args)}
-        try:  # each file replaced in one step, the results last
-            vit.save_atomic(os.path.join(args.output_dir, "detections_val.json"), detections, indent=None)  # pycocotools
+        try:  # each file replaced in one step, the results last; the detections in pycocotools' loadRes format
+            vit.save_atomic(os.path.join(args.output_dir, "detections_val.json"), detections, indent=None)
             vit.save_atomic(os.path.join(args.output_dir, "detect_results.json"), results)
         except OSError as e:
             raise SystemExit(f"detect_eval.py: {e}") from None
