@@ -151,12 +151,10 @@ class WithIndex(Dataset):
 
 @torch.no_grad()
 def gather_features(feature_fn, loader, device, label=None, log=print):
-    """Features (N, F) float32 and labels (N,) of all N samples of loader.dataset, on every rank.
-
-    Each rank embeds its own shard; the shards are all-gathered with their dataset indices and written
-    with index_copy_, so the order is the dataset's and the samples a DistributedSampler repeats to pad
-    its shards only rewrite a row with the same values. With `label`, the pass logs its progress and ETA.
-    """
+    """Features (N, F) float32 and labels (N,) of all N samples of loader.dataset, on every rank. Each rank
+    embeds its own shard; the shards are all-gathered with their dataset indices and written with index_copy_,
+    so the order is the dataset's and the samples a DistributedSampler repeats to pad its shards only rewrite
+    a row with the same values. With `label`, the pass logs its progress and ETA."""
     n = len(loader.dataset)
     features = labels = None
     for batch in (augment.progress(loader, len(loader), label, log) if label else loader):
@@ -282,8 +280,7 @@ def evaluate_sweep(sweep, features, labels, chunk_size=1024):
 
 # ---------------------------------------------------------------------- script
 def get_args_parser():
-    p = argparse.ArgumentParser(prog="linear_eval.py", description="Linear probe and k-NN evaluation of a frozen "
-                                "ViT (see the module docstring)")
+    p = argparse.ArgumentParser(prog="linear_eval.py", description=__doc__.split("\n\n")[0])
     vit.add_backbone_flags(p)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", help="'synthetic' (built in), an ImageFolder root with "
