@@ -146,18 +146,15 @@ class WithIndex(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        image, label = self.dataset[i]
-        return image, label, i
+        return (*self.dataset[i], i)  # (image, label, index)
 
 
 @torch.no_grad()
 def gather_features(feature_fn, loader, device, label=None, log=print):
-    """Features (N, F) float32 and labels (N,) of all N samples of loader.dataset, on every rank.
-
-    Each rank embeds its own shard; the shards are all-gathered with their dataset indices and written
-    with index_copy_, so the order is the dataset's and the samples a DistributedSampler repeats to pad
-    its shards only rewrite a row with the same values. With `label`, the pass logs its progress and ETA.
-    """
+    """Features (N, F) float32 and labels (N,) of all N samples of loader.dataset, on every rank. Each rank
+    embeds its own shard; the shards are all-gathered with their dataset indices and written with index_copy_,
+    so the order is the dataset's and the samples a DistributedSampler repeats to pad its shards only rewrite
+    a row with the same values. With `label`, the pass logs its progress and ETA."""
     n = len(loader.dataset)
     features = labels = None
     for batch in (augment.progress(loader, len(loader), label, log) if label else loader):
@@ -250,8 +247,9 @@ def train_sweep(sweep, loader, lrs, epochs, device, backbone=None, n_last_blocks
     The loader yields (features, labels) when backbone is None (cached), else (images, labels)."""
     optimizer = torch.optim.SGD([{"params": head.parameters(), "lr": lr} for head, lr in zip(sweep.heads, lrs)],
                                 momentum=0.9, weight_decay=0.0)
+    total_steps = epochs * len(loader)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
     model = DistributedDataParallel(sweep) if losses.world_size() > 1 else sweep  # averages grads over the global batch
-    total_steps, step = epochs * len(loader), 0
     for epoch in range(epochs):
         loader.sampler.set_epoch(epoch)
         loss_sum = torch.zeros(len(lrs), device=device)  # synced once per epoch, not per step
@@ -260,16 +258,13 @@ def train_sweep(sweep, loader, lrs, epochs, device, backbone=None, n_last_blocks
             if backbone is not None:
                 with torch.no_grad(), vit.autocast(device):
                     inputs = extract_features(backbone, inputs, n_last_blocks, avgpool)  # (B, F)
-            scale = 0.5 * (1 + math.cos(math.pi * step / total_steps))
-            for group, lr in zip(optimizer.param_groups, lrs):
-                group["lr"] = lr * scale
             logits = model(inputs.float())  # (K, B, C)
             per_head = torch.stack([F.cross_entropy(head_logits, labels) for head_logits in logits])  # (K,)
             optimizer.zero_grad(set_to_none=True)
             per_head.sum().backward()
             optimizer.step()
+            schedule.step()
             loss_sum += per_head.detach()
-            step += 1
         loss_per_head = (loss_sum / len(loader)).tolist()
         if epoch == 0 or (epoch + 1) % max(1, epochs // 10) == 0:  # ~10 lines per run
             log(f"epoch {epoch + 1}/{epochs}  loss per lr: " + " ".join(f"{l:.3f}" for l in loss_per_head))
@@ -285,8 +280,7 @@ def evaluate_sweep(sweep, features, labels, chunk_size=1024):
 
 # ---------------------------------------------------------------------- script
 def get_args_parser():
-    p = argparse.ArgumentParser(prog="linear_eval.py", description="Linear probe and k-NN evaluation of a frozen "
-                                "ViT (see the module docstring)")
+    p = argparse.ArgumentParser(prog="linear_eval.py", description=__doc__.split("\n\n")[0])
     vit.add_backbone_flags(p)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", help="'synthetic' (built in), an ImageFolder root with "
@@ -322,10 +316,9 @@ def get_args_parser():
 
 
 def check_args(args, world):
-    at_least_1 = [("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--patch-size", args.patch_size),
-                  ("--depth", args.depth), ("--img-size", args.img_size), ("--train-length", args.train_length),
-                  ("--val-length", args.val_length), ("--n-last-blocks", args.n_last_blocks)]
-    ranges = [(flag, v, lambda v: v >= 1, "at least 1") for flag, v in at_least_1]
+    at_least_1 = ("epochs", "batch_size", "patch_size", "depth", "img_size", "train_length", "val_length",
+                  "n_last_blocks")
+    ranges = [("--" + k.replace("_", "-"), getattr(args, k), lambda v: v >= 1, "at least 1") for k in at_least_1]
     ranges += [("--lrs", args.lrs, lambda v: v > 0, "positive"),
                ("--knn-k", args.knn_k, lambda v: v >= 0, ">= 0 (0 skips k-NN)"),
                ("--knn-temperature", args.knn_temperature, lambda v: v > 0, "positive"),
@@ -336,7 +329,9 @@ def check_args(args, world):
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
 
 
-def run(args, rank, world, device):
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    rank, world, device = losses.init_distributed()
     start, log = time.time(), losses.log
     check_args(args, world)
     torch.manual_seed(args.seed)  # before the per-rank offset: every rank must build the same network
@@ -345,8 +340,7 @@ def run(args, rank, world, device):
     backbone.requires_grad_(False).to(device)  # in place, as every Module.to
     reference = snapshot(backbone)
     max_blocks = backbone.depth - backbone.cls_after_block  # SER: no [CLS] before it joins
-    if args.n_last_blocks is None:
-        args.n_last_blocks = min(4, max_blocks)
+    args.n_last_blocks = args.n_last_blocks or min(4, max_blocks)  # 0 was refused by check_args
     if not 1 <= args.n_last_blocks <= max_blocks:
         raise SystemExit(f"--n-last-blocks must be in 1..{max_blocks} for this backbone, got {args.n_last_blocks}")
     torch.manual_seed(args.seed + rank)  # dataloader workers (augmentations) differ per rank
@@ -371,8 +365,6 @@ def run(args, rank, world, device):
         f"holdout {len(holdout_idx)}, val {len(val_set)}; world {world}, batch {args.batch_size} "
         f"({per_rank_batch} per rank)")
 
-    # Center-crop features in one backbone pass: val, the held-out split (lr selection), and, for
-    # --cached or k-NN, the whole train split.
     def features_of(dataset, label):
         loader = augment.make_loader(WithIndex(dataset), per_rank_batch, rank, world, args.num_workers)
         f, y = gather_features(lambda x: extract_features(backbone, x, args.n_last_blocks, args.avgpool),
@@ -409,19 +401,16 @@ def run(args, rank, world, device):
     final_loss = train_sweep(sweep, fit_loader, lrs, args.epochs, device, None if args.cached else backbone,
                              args.n_last_blocks, args.avgpool, log)
 
-    sweep.eval()
     select_acc, val_acc = evaluate_sweep(sweep, select_f, select_y), evaluate_sweep(sweep, val_f, val_y)
     best = max(range(len(lrs)), key=lambda i: (select_acc[i]["top1"], -i))  # ties: the earlier of --lrs
     if len(lrs) > 1 and args.lrs[best] in (min(args.lrs), max(args.lrs)):
         log(f"note: the selected lr {args.lrs[best]:g} is at the edge of --lrs; widen the sweep")
     selected_on = "holdout" if holdout_idx else "val"
-    results = {
-        "linear": {**val_acc[best], "lr": args.lrs[best], "scaled_lr": lrs[best],
-                   f"{selected_on}_top1": select_acc[best]["top1"]},
-        "sweep": [{"lr": lr, "scaled_lr": slr, "final_loss": loss, f"{selected_on}_top1": s["top1"],
-                   f"{selected_on}_top5": s["top5"], "val_top1": v["top1"], "val_top5": v["top5"]}
-                  for lr, slr, loss, s, v in zip(args.lrs, lrs, final_loss, select_acc, val_acc)],
-    }
+    results = {"linear": {**val_acc[best], "lr": args.lrs[best], "scaled_lr": lrs[best],
+                          f"{selected_on}_top1": select_acc[best]["top1"]},
+               "sweep": [{"lr": lr, "scaled_lr": slr, "final_loss": loss, f"{selected_on}_top1": s["top1"],
+                          f"{selected_on}_top5": s["top5"], "val_top1": v["top1"], "val_top5": v["top5"]}
+                         for lr, slr, loss, s, v in zip(args.lrs, lrs, final_loss, select_acc, val_acc)]}
     for row in results["sweep"]:
         log(f"  lr {row['lr']:<6g} {selected_on} top-1 {row[f'{selected_on}_top1']:6.2f}   "
             f"val top-1 {row['val_top1']:6.2f}  top-5 {row['val_top5']:6.2f}")
@@ -453,13 +442,6 @@ def run(args, rank, world, device):
         except OSError as e:
             raise SystemExit(str(e)) from None
         log(f"wrote {args.output_dir}/linear_eval.json and linear_probe.pth ({results['time_s']:.0f}s)")
-    return results
-
-
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    rank, world, device = losses.init_distributed()
-    results = run(args, rank, world, device)
     losses.finish_distributed()
     return results
 
