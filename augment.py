@@ -419,13 +419,7 @@ def _crop_box(height, width, scale, ratio, g):
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             return int(u[2] * (height - h + 1)), int(u[3] * (width - w + 1)), h, w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        h, w = height, round(height * ratio[1])
-    else:
-        w, h = width, height
+    w, h = min(width, round(height * ratio[1])), min(height, round(width / ratio[0]))  # the image's ratio, clamped
     return (height - h) // 2, (width - w) // 2, h, w
 
 
