@@ -9,10 +9,10 @@ Randomness is a pure function of (seed, epoch, sample index) on the worker side 
 view id) on the device side, drawn for the whole global batch and sliced by rank, so a run replays exactly
 whatever the number of workers or ranks (unlike DINO's fix_random_seeds, which gives every rank the same stream).
 
-As pretrain.py uses it (args: its flags; extra: the add-on unless --ser; B the global batch, n = B / world per rank):
+As pretrain.py uses it (build_recipe, make_step_inputs; B the global batch, n = B / world per rank):
 
-    recipe = recipe_for(args.method, args.img_size, args.crop_min, args.n_local_crops, extra, args.patch_size)
-    base = build_dataset(args.data, "train", img_size=args.img_size, length=args.synthetic_length)
+    recipe = recipe_for(method, args.img_size, args.crop_min, args.n_local_crops, extra, args.patch_size)
+    base = build_dataset(args.data, "train", img_size=args.img_size)  # synthetic: length=args.synthetic_length
     dataset = MultiViewDataset(base, recipe, seed=args.seed)  # pretrain.GlobalBatchSampler gives each rank n images
     photometric = recipe.photometric()                        # one PhotometricAugment per view
     for batch in loader:  # batch['images'][v]: (n, 3, h_v, w_v) uint8; batch['crop'][v]: (n, 4); batch['flip'][v]: (n,)
@@ -20,9 +20,8 @@ As pretrain.py uses it (args: its flags; extra: the add-on unless --ser; B the g
         p = {k: t[rank * n:(rank + 1) * n] for k, t in p.items()}                      # this rank's rows, on the CPU
         x_v = normalize(photometric[v].apply(batch["images"][v].to(device).float() / 255, p))
 
-SER's b2 views re-colour one worker crop with two of these PhotometricAugments (pretrain.ser_pair_sources).
-EquiMod's un-augmented image is batch['plain']; EquiMod and AugSelf read each view's crop, flip and colour
-parameters; E-SSL's small crop is the view named 'essl'.
+method is 'byol' for SimCLR; extra is the add-on (recipe_for) unless it is SER, whose b2 views re-colour one
+worker crop with two of these PhotometricAugments (pretrain.ser_pair_sources).
 
     python augment.py --out samples.png     # a grid of synthetic images, one row per class
     python augment.py --bench               # generation speed
@@ -383,12 +382,6 @@ _METHODS = {"mocov3": ("bilinear", (0.05, 0.25)), "dino": ("bicubic", (0.05, 0.4
             "byol": ("bicubic", (0.05, 0.25))}
 
 
-def _side(img_size, fraction, patch_size):
-    """img_size*fraction, rounded to whole patches (at least one) when the ViT patch size is given."""
-    unit = patch_size or 1
-    return unit * max(1, round(img_size * fraction / unit))
-
-
 def recipe_for(method: str, img_size: int, crop_min: float, n_local: int = 0, extra: str | None = None,
                patch_size: int | None = None) -> ViewRecipe:
     """The official view recipe of `method` (mocov3 | dino | barlowtwins | vicreg | byol).
@@ -405,9 +398,10 @@ def recipe_for(method: str, img_size: int, crop_min: float, n_local: int = 0, ex
     if extra not in (None, "equimod", "augself", "essl"):
         raise ValueError(f"unknown extra {extra!r}; choose from None, 'equimod', 'augself', 'essl'")
     interp, local_scale = _METHODS[method]
+    unit = patch_size or 1  # local crops: 96/224 of img_size, in whole patches (at least one)
     g0 = ViewSpec(img_size, (crop_min, 1.0), interpolation=interp, p_blur=1.0, name="global0")
     views = [g0, replace(g0, p_blur=0.1, p_solarize=0.2, name="global1")]
-    local = ViewSpec(_side(img_size, 96 / 224, patch_size), local_scale, interpolation=interp, p_blur=0.5)
+    local = ViewSpec(unit * max(1, round(img_size * (96 / 224) / unit)), local_scale, interpolation=interp, p_blur=0.5)
     views += [replace(local, name=f"local{i}") for i in range(n_local)]
     if extra == "essl":  # E-SSL's own small crop and photometric: no solarize, blur 0.1
         views.append(replace(local, scale=(0.05, 0.14), p_blur=0.1, name="essl"))
@@ -425,13 +419,7 @@ def _crop_box(height, width, scale, ratio, g):
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             return int(u[2] * (height - h + 1)), int(u[3] * (width - w + 1)), h, w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        h, w = height, round(height * ratio[1])
-    else:
-        w, h = width, height
+    w, h = min(width, round(height * ratio[1])), min(height, round(width / ratio[0]))  # the image's ratio, clamped
     return (height - h) // 2, (width - w) // 2, h, w
 
 
@@ -479,8 +467,7 @@ class MultiViewDataset(Dataset):
             sample["images"].append(_to_uint8_tensor(crop))
             sample["crop"].append(torch.tensor([top / height, left / width, h / height, w / width]))
             sample["flip"].append(torch.tensor(flip))
-        if self.recipe.plain_size:
-            s = self.recipe.plain_size
+        if s := self.recipe.plain_size:
             plain = v2.functional.resize(image, round(s * 256 / 224), interpolation=v2.InterpolationMode.BICUBIC)
             sample["plain"] = _to_uint8_tensor(v2.functional.center_crop(plain, s))
         return sample
@@ -511,11 +498,10 @@ def adjust_hue(x, factor):
     r, g, b = x.unbind(1)  # each (B, H, W)
     maxc, minc = x.amax(1), x.amin(1)
     delta = maxc - minc
-    flat = delta == 0  # gray pixels: hue and saturation are 0; avoid 0/0
-    s = delta / torch.where(flat, torch.ones_like(maxc), maxc)
-    d = torch.where(flat, torch.ones_like(delta), delta)
+    flat = delta == 0  # gray pixels: saturation 0, so every channel is v whatever the hue; avoid 0/0
+    s = delta / torch.where(flat, 1.0, maxc)
+    d = torch.where(flat, 1.0, delta)
     h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2 + (b - r) / d, 4 + (r - g) / d))
-    h = torch.where(flat, torch.zeros_like(h), h)
     h = (h / 6 + factor.view(-1, 1, 1)).remainder(1.0)
     # HSV -> RGB without a sector lookup: channel n in {5, 3, 1} is v - v*s*clamp(min(k, 4 - k), 0, 1)
     # with k = (n + 6h) mod 6.

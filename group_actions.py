@@ -6,11 +6,8 @@ read right to left, the order in which the release builds SER's "b2" views (aitr
 `Aug_equi.aug_equiv`); R90 is a counter-clockwise torch.rot90 on dims (-2, -1). flip and rot180 are
 per-sample (B,) bool tensors: they keep the shape. k and size are shared by the batch, since a quarter
 turn of a non-square grid or a resize changes the shape. `size` is the token grid (h, w) before the
-turn: the output grid is `size` for even k, `size` transposed for odd k.
-
-apply_to_images(x, g, patch) acts on pixels (resizing to (h*patch, w*patch)); apply_to_token_map(t, g)
-is rho_g on (B, C, h, w) token maps: turns and flips are exact token permutations, the resize is
-bicubic (align_corners=False, no antialias, as released).
+turn: the output grid is `size` for even k, `size` transposed for odd k. apply_to_images acts on pixels,
+apply_to_token_map (rho_g) on token maps.
 
 Exactness: D4 parts (k, flip, rot180) compose and invert bit for bit. As continuous maps two resizes
 compose into the last one (align_corners=False keeps pixel centres aligned), so compose keeps the last
@@ -28,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+import vit
 
 
 @dataclass(eq=False)  # eq=False: comparing tensor fields with == has no single truth value
@@ -100,16 +99,16 @@ def _where(mask: Tensor | None, x: Tensor, op) -> Tensor:
     if mask.all():
         return op(x)
     # torch.where keeps both branches in the graph, so every sample still gets its gradient
-    if x.is_cuda and not mask.is_cuda:
-        mask = mask.pin_memory()  # a pageable host->device copy may wait for the GPU
-    return torch.where(mask.to(x.device, non_blocking=True).view(-1, 1, 1, 1), op(x), x)
+    return torch.where(vit.to_device(mask, x.device).view(-1, 1, 1, 1), op(x), x)
 
 
-def _act(x: Tensor, g: GroupElement, resize) -> Tensor:
-    """The normal form, with the resize supplied by the caller (pixels and tokens differ only there)."""
+def _act(x: Tensor, g: GroupElement, grid: tuple[int, int], resize) -> Tensor:
+    """The normal form, with the resize to g.size supplied by the caller (pixels and tokens differ only
+    there); none when g.size is x's token grid `grid`."""
     x = _where(g.rot180, x, lambda t: t.flip(-2, -1))   # R180 = flip both axes
     x = _where(g.flip, x, lambda t: t.flip(-1))          # F = flip the width axis
-    x = resize(x)
+    if g.size not in (None, grid):
+        x = resize(x)
     return torch.rot90(x, g.k, dims=(-2, -1)) if g.k else x
 
 
@@ -165,8 +164,6 @@ def apply_to_images(x: Tensor, g: GroupElement, patch_size: int) -> Tensor:
         raise ValueError(f"image size {H}x{W} is not divisible by patch_size {patch_size}")
 
     def resize(t: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, h*p, w*p)
-        if g.size is None or g.size == (H // patch_size, W // patch_size):
-            return t
         hw = (g.size[0] * patch_size, g.size[1] * patch_size)
         # Antialias when a side shrinks, or fine texture aliases into the view (PIL and torchvision avoid
         # it too); not when only growing, where it would just swap in PIL's cubic kernel (a=-0.5 vs -0.75).
@@ -175,7 +172,7 @@ def apply_to_images(x: Tensor, g: GroupElement, patch_size: int) -> Tensor:
         y = F.interpolate(t.float() if low else t, size=hw, mode="bicubic", align_corners=False, antialias=shrink)
         return y.to(t.dtype)
 
-    return _act(x, g, resize)
+    return _act(x, g, (H // patch_size, W // patch_size), resize)
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,8 +189,6 @@ def apply_to_token_map(t: Tensor, g: GroupElement) -> Tensor:
     _check_batch(t, g, "token map")
 
     def resize(u: Tensor) -> Tensor:  # (B, C, h, w) -> (B, C, *g.size)
-        if g.size is None or g.size == tuple(u.shape[-2:]):
-            return u
         # F.interpolate's bicubic as the separable product A_h u A_w^T: the same numbers, but a gradient
         # of two small matmuls, where CUDA's upsample_bicubic2d_backward loops over B*C in each thread
         # (23 ms per call for SER's token maps of ViT-S/16 on an H200).
@@ -202,7 +197,7 @@ def apply_to_token_map(t: Tensor, g: GroupElement) -> Tensor:
         a_h, a_w = (_bicubic_matrix(n, m, u.device, dtype) for n, m in zip(u.shape[-2:], g.size))
         return torch.einsum("ih,bchw,jw->bcij", a_h, u.to(dtype), a_w).to(u.dtype)
 
-    return _act(t, g, resize)
+    return _act(t, g, tuple(t.shape[-2:]), resize)
 
 
 def compose(g2: GroupElement, g1: GroupElement) -> GroupElement:
