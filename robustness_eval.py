@@ -46,7 +46,6 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw
@@ -78,15 +77,14 @@ def geometric_elements(batch_size, grid, scales=(0.75, 1.25)):
     return elements
 
 
-def _fro(t):
-    return t.flatten(1).norm(dim=1)  # (B,)
-
-
 @torch.no_grad()
 def equivariance_scores(backbone, x, elements, autocast=nullcontext):
     """Per-image scores (E, L, M, B) for E elements, L blocks, M = EQUIV_METRICS (as in the module docstring),
     images x (B, 3, H, W). inv_error is NaN where g changes the grid (no identity map there); chance_* compares
     f_l(g x') for x' the next image of the batch (NaN for a batch of one)."""
+    def fro(t):
+        return t.flatten(1).norm(dim=1)  # (B,)
+
     with autocast():
         maps = [m.float() for m in backbone.block_token_maps(x)]  # L x (B, D, h, w)
     B = x.shape[0]
@@ -96,14 +94,11 @@ def equivariance_scores(backbone, x, elements, autocast=nullcontext):
             maps_g = [m.float() for m in backbone.block_token_maps(apply_to_images(x, g, backbone.patch_size))]
         for l, (m, mg) in enumerate(zip(maps, maps_g)):
             target = apply_to_token_map(m, g)  # (B, D, h', w')
-            out[e, l, 0] = F.cosine_similarity(mg, target, dim=1).flatten(1).mean(1)
-            out[e, l, 1] = _fro(mg - target) / _fro(target)
             if mg.shape == m.shape:
-                out[e, l, 2] = _fro(mg - m) / _fro(m)
-            if B > 1:
-                other = mg.roll(1, dims=0)  # f_l(g x') for an unrelated image x'
-                out[e, l, 3] = F.cosine_similarity(other, target, dim=1).flatten(1).mean(1)
-                out[e, l, 4] = _fro(other - target) / _fro(target)
+                out[e, l, 2] = fro(mg - m) / fro(m)
+            for k, f in [(0, mg)] + ([(3, mg.roll(1, dims=0))] if B > 1 else []):  # f_l(g x), then f_l(g x')
+                out[e, l, k] = F.cosine_similarity(f, target, dim=1).flatten(1).mean(1)
+                out[e, l, k + 1] = fro(f - target) / fro(target)
     return out
 
 
@@ -156,12 +151,6 @@ def _picture(t, size):
     return Image.fromarray(u8).resize((size, size), Image.NEAREST)
 
 
-def _image_tile(x, size):
-    """A normalised model input (3, H, W) as a picture tile."""
-    std, mean = torch.tensor(IMAGENET_STD).view(3, 1, 1), torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    return _picture(x.cpu() * std + mean, size)
-
-
 def _grid_image(rows, header, tile):
     """Rows of PIL tiles under a header of column titles -> one PIL image."""
     pad, top = 4, 14
@@ -185,12 +174,14 @@ def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "
     row per image: the image, then the last block's [CLS] attention per head (DINO's), each scaled to its maximum.
     """
     os.makedirs(out_dir, exist_ok=True)
-    grid = (x.shape[-2] // backbones[0].patch_size, x.shape[-1] // backbones[0].patch_size)
-    elements = geometric_elements(len(x), grid)
+    p = backbones[0].patch_size
+    elements = geometric_elements(len(x), (x.shape[-2] // p, x.shape[-1] // p))
     panels = {n: {e: equivariance_panels(b, x, elements[e], layer) for e in element_names}
               for n, b in zip(names, backbones)}
-    moved = {e: apply_to_images(x, elements[e], backbones[0].patch_size) for e in element_names}  # g x
-    rows = [[_image_tile(x[i], tile), _image_tile(moved[e][i], tile)]  # then f_L(g x), rho_g f_L(x) per backbone
+    std, mean = torch.tensor(IMAGENET_STD).view(3, 1, 1), torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    inputs = {e: [_picture(t * std + mean, tile) for t in xs.cpu()]  # x and g x as pictures
+              for e, xs in [("x", x)] + [(e, apply_to_images(x, elements[e], p)) for e in element_names]}
+    rows = [[inputs["x"][i], inputs[e][i]]  # then f_L(g x), rho_g f_L(x) per backbone
             + [_picture(side[i], tile) for n in names for side in panels[n][e]]
             for i in range(len(x)) for e in element_names]
     header = ["x", "g x"] + [t for n in names for t in (f"{n} f(gx)", "rho f(x)")]
@@ -199,7 +190,7 @@ def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "
     for n, b in zip(names, backbones):
         attn = cls_attention(b, x)  # (B, H, h, w)
         attn = attn / attn.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
-        rows = [[_image_tile(x[i], tile)] + [_picture(a, tile) for a in attn[i]] for i in range(len(x))]
+        rows = [[inputs["x"][i]] + [_picture(a, tile) for a in attn[i]] for i in range(len(x))]
         paths.append(os.path.join(out_dir, f"attention_{n}.png"))
         vit.save_atomic(paths[-1], _grid_image(rows, ["image"] + [f"head {h}" for h in range(attn.shape[1])], tile))
     return paths, panels
@@ -234,12 +225,6 @@ def corrupt(image, name, severity, rng=0, frost_images=None, jpeg_quality=None):
     out = fn(image / 255.0, constants[severity - 1], rng, frost_images=frost_images)
     out = np.clip(out, 0, 255).astype(np.uint8)  # the original's np.uint8: truncation, not rounding
     return _jpeg(out, jpeg_quality, optimize=True) if jpeg_quality else out
-
-
-def impulse_noise(x, c, rng, **_):
-    hit = rng.random(x.shape) < c  # per element, channels independently, as skimage s&p
-    salt = rng.random(x.shape) < 0.5
-    return np.where(hit, salt.astype(np.float64), x) * 255
 
 
 def glass_blur(x, c, rng, **_):
@@ -391,7 +376,8 @@ CORRUPTION_FNS = {
     "gaussian_noise": (lambda x, c, rng, **_: np.clip(x + rng.normal(size=x.shape, scale=c), 0, 1) * 255,
                        (0.08, 0.12, 0.18, 0.26, 0.38)),
     "shot_noise": (lambda x, c, rng, **_: np.clip(rng.poisson(x * c) / c, 0, 1) * 255, (60, 25, 12, 5, 3)),
-    "impulse_noise": (impulse_noise, (0.03, 0.06, 0.09, 0.17, 0.27)),
+    "impulse_noise": (lambda x, c, rng, **_: np.where(rng.random(x.shape) < c, rng.random(x.shape) < 0.5, x) * 255,
+                      (0.03, 0.06, 0.09, 0.17, 0.27)),  # salt or pepper per element, channels apart, as skimage s&p
     "defocus_blur": (lambda x, c, rng, **_: np.clip(_correlate2d(x, disk_kernel(*c)), 0, 1) * 255,
                      ((3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5))),
     "glass_blur": (glass_blur, ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2))),
@@ -910,11 +896,6 @@ class Evaluator:
         for x, y, idx in augment.progress(loader, len(loader), f"{label}: batch", log):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx.to(self.device)
 
-    def reduce(self, t):
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t.cpu()
-
     @torch.no_grad()
     def logits(self, x):
         with self.autocast():
@@ -938,7 +919,7 @@ class Evaluator:
                     correct[e, idx] = self.hits(apply_to_images(x, g, self.backbone.patch_size), y)
             if equivariance:
                 scores[..., idx] = equivariance_scores(self.backbone, x, elements, self.autocast)
-        return names, self.reduce(correct), self.reduce(scores)
+        return names, losses.all_reduce_sum(correct).cpu(), losses.all_reduce_sum(scores).cpu()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1108,7 +1089,7 @@ def corruption_task(ev, base, img_size, num_classes, corruptions, clean_error, f
     correct = torch.zeros(len(c_set), device=ev.device)
     for x, y, idx in ev.loader(c_set, args.batch_size, f"ImageNet-C ({len(entries)} sets)"):
         correct[idx] = ev.hits(x, y)
-    correct = ev.reduce(correct)
+    correct = losses.all_reduce_sum(correct).cpu()
     errors = {c: [1 - correct[c_set.entry == entries.index((c, s))].mean().item() for s in range(1, 6)]
               for c in corruptions}
     mean_error = _mean([e for v in errors.values() for e in v])
@@ -1171,7 +1152,7 @@ def perturbation_task(ev, base, img_size, perturbations):
             scores[0, idx] = flip_probability(preds, noise, d)
             scores[1, idx] = top5_distance(logits, noise, d)
             scores[2, idx] = (preds[:, first:] == y[:, None]).float().mean(1)
-        fp, t5d, top1 = ev.reduce(scores).mean(1).tolist()
+        fp, t5d, top1 = losses.all_reduce_sum(scores).cpu().mean(1).tolist()
         per[name] = {"fp": 100 * fp, "t5d": t5d, "top1": 100 * top1, "frames": T}
     for key, field in (("top1", "top1"), ("mean_fp", "fp"), ("mean_t5d", "t5d")):
         res[key] = _mean([v[field] for v in per.values()])
