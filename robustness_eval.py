@@ -46,7 +46,6 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw
@@ -58,6 +57,7 @@ import vit
 from augment import IMAGENET_MEAN, IMAGENET_STD
 from group_actions import GroupElement, apply_to_images, apply_to_token_map
 from linear_eval import load_probe, predict
+from losses import log
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -77,15 +77,14 @@ def geometric_elements(batch_size, grid, scales=(0.75, 1.25)):
     return elements
 
 
-def _fro(t):
-    return t.flatten(1).norm(dim=1)  # (B,)
-
-
 @torch.no_grad()
 def equivariance_scores(backbone, x, elements, autocast=nullcontext):
     """Per-image scores (E, L, M, B) for E elements, L blocks, M = EQUIV_METRICS (as in the module docstring),
     images x (B, 3, H, W). inv_error is NaN where g changes the grid (no identity map there); chance_* compares
     f_l(g x') for x' the next image of the batch (NaN for a batch of one)."""
+    def fro(t):
+        return t.flatten(1).norm(dim=1)  # (B,)
+
     with autocast():
         maps = [m.float() for m in backbone.block_token_maps(x)]  # L x (B, D, h, w)
     B = x.shape[0]
@@ -95,14 +94,11 @@ def equivariance_scores(backbone, x, elements, autocast=nullcontext):
             maps_g = [m.float() for m in backbone.block_token_maps(apply_to_images(x, g, backbone.patch_size))]
         for l, (m, mg) in enumerate(zip(maps, maps_g)):
             target = apply_to_token_map(m, g)  # (B, D, h', w')
-            out[e, l, 0] = F.cosine_similarity(mg, target, dim=1).flatten(1).mean(1)
-            out[e, l, 1] = _fro(mg - target) / _fro(target)
             if mg.shape == m.shape:
-                out[e, l, 2] = _fro(mg - m) / _fro(m)
-            if B > 1:
-                other = mg.roll(1, dims=0)  # f_l(g x') for an unrelated image x'
-                out[e, l, 3] = F.cosine_similarity(other, target, dim=1).flatten(1).mean(1)
-                out[e, l, 4] = _fro(other - target) / _fro(target)
+                out[e, l, 2] = fro(mg - m) / fro(m)
+            for k, f in [(0, mg)] + ([(3, mg.roll(1, dims=0))] if B > 1 else []):  # f_l(g x), then f_l(g x')
+                out[e, l, k] = F.cosine_similarity(f, target, dim=1).flatten(1).mean(1)
+                out[e, l, k + 1] = fro(f - target) / fro(target)
     return out
 
 
@@ -155,12 +151,6 @@ def _picture(t, size):
     return Image.fromarray(u8).resize((size, size), Image.NEAREST)
 
 
-def _image_tile(x, size):
-    """A normalised model input (3, H, W) as a picture tile."""
-    std, mean = torch.tensor(IMAGENET_STD).view(3, 1, 1), torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    return _picture(x.cpu() * std + mean, size)
-
-
 def _grid_image(rows, header, tile):
     """Rows of PIL tiles under a header of column titles -> one PIL image."""
     pad, top = 4, 14
@@ -184,12 +174,14 @@ def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "
     row per image: the image, then the last block's [CLS] attention per head (DINO's), each scaled to its maximum.
     """
     os.makedirs(out_dir, exist_ok=True)
-    grid = (x.shape[-2] // backbones[0].patch_size, x.shape[-1] // backbones[0].patch_size)
-    elements = geometric_elements(len(x), grid)
+    p = backbones[0].patch_size
+    elements = geometric_elements(len(x), (x.shape[-2] // p, x.shape[-1] // p))
     panels = {n: {e: equivariance_panels(b, x, elements[e], layer) for e in element_names}
               for n, b in zip(names, backbones)}
-    moved = {e: apply_to_images(x, elements[e], backbones[0].patch_size) for e in element_names}  # g x
-    rows = [[_image_tile(x[i], tile), _image_tile(moved[e][i], tile)]  # then f_L(g x), rho_g f_L(x) per backbone
+    std, mean = torch.tensor(IMAGENET_STD).view(3, 1, 1), torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    inputs = {e: [_picture(t * std + mean, tile) for t in xs.cpu()]  # x and g x as pictures
+              for e, xs in [("x", x)] + [(e, apply_to_images(x, elements[e], p)) for e in element_names]}
+    rows = [[inputs["x"][i], inputs[e][i]]  # then f_L(g x), rho_g f_L(x) per backbone
             + [_picture(side[i], tile) for n in names for side in panels[n][e]]
             for i in range(len(x)) for e in element_names]
     header = ["x", "g x"] + [t for n in names for t in (f"{n} f(gx)", "rho f(x)")]
@@ -198,7 +190,7 @@ def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "
     for n, b in zip(names, backbones):
         attn = cls_attention(b, x)  # (B, H, h, w)
         attn = attn / attn.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
-        rows = [[_image_tile(x[i], tile)] + [_picture(a, tile) for a in attn[i]] for i in range(len(x))]
+        rows = [[inputs["x"][i]] + [_picture(a, tile) for a in attn[i]] for i in range(len(x))]
         paths.append(os.path.join(out_dir, f"attention_{n}.png"))
         vit.save_atomic(paths[-1], _grid_image(rows, ["image"] + [f"head {h}" for h in range(attn.shape[1])], tile))
     return paths, panels
@@ -206,8 +198,8 @@ def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "
 
 # ---------------------------------------------------------------------------------------------------
 # ImageNet-C: the 15 corruptions of hendrycks/robustness ImageNet-C/create_c/make_imagenet_c.py. Each
-# takes x: (H, W, 3) float64 in [0, 1] and returns (H, W, 3) in [0, 255]; `corrupt` adds the original's
-# final np.uint8 truncation.
+# takes x: (H, W, 3) float64 in [0, 1] and c, its constants at the severity (CORRUPTION_FNS), and returns
+# (H, W, 3) in [0, 255]; `corrupt` adds the original's final np.uint8 truncation.
 
 def corrupt(image, name, severity, rng=0, frost_images=None, jpeg_quality=None):
     """Apply ImageNet-C corruption `name` at `severity` (1..5) to a uint8 (H, W, 3) array, or to a float tensor
@@ -229,35 +221,14 @@ def corrupt(image, name, severity, rng=0, frost_images=None, jpeg_quality=None):
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 (H, W, 3) array, got {image.dtype} {image.shape}")
-    out = CORRUPTION_FNS[name](image / 255.0, severity, rng, frost_images=frost_images)
+    fn, constants = CORRUPTION_FNS[name]
+    out = fn(image / 255.0, constants[severity - 1], rng, frost_images=frost_images)
     out = np.clip(out, 0, 255).astype(np.uint8)  # the original's np.uint8: truncation, not rounding
     return _jpeg(out, jpeg_quality, optimize=True) if jpeg_quality else out
 
 
-def gaussian_noise(x, severity, rng, **_):
-    c = (0.08, 0.12, 0.18, 0.26, 0.38)[severity - 1]
-    return np.clip(x + rng.normal(size=x.shape, scale=c), 0, 1) * 255
-
-
-def shot_noise(x, severity, rng, **_):
-    c = (60, 25, 12, 5, 3)[severity - 1]
-    return np.clip(rng.poisson(x * c) / c, 0, 1) * 255
-
-
-def impulse_noise(x, severity, rng, **_):
-    c = (0.03, 0.06, 0.09, 0.17, 0.27)[severity - 1]
-    hit = rng.random(x.shape) < c  # per element, channels independently, as skimage s&p
-    salt = rng.random(x.shape) < 0.5
-    return np.where(hit, salt.astype(np.float64), x) * 255
-
-
-def defocus_blur(x, severity, rng, **_):
-    radius, alias_blur = ((3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5))[severity - 1]
-    return np.clip(_correlate2d(x, disk_kernel(radius, alias_blur)), 0, 1) * 255
-
-
-def glass_blur(x, severity, rng, **_):
-    sigma, delta, iters = ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2))[severity - 1]
+def glass_blur(x, c, rng, **_):
+    sigma, delta, iters = c
     H, W = x.shape[:2]
     x = (gaussian_filter(x, sigma) * 255).astype(np.uint8)
     # The original loops h over range(224 - delta, delta, -1) (likewise w): here the image size. Its swap
@@ -275,18 +246,11 @@ def glass_blur(x, severity, rng, **_):
     return np.clip(gaussian_filter(x / 255.0, sigma), 0, 1) * 255
 
 
-def motion_blur(x, severity, rng, **_):
-    radius, sigma = ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15))[severity - 1]
-    # the original blurs the uint8 PNG of the image
-    return magick_motion_blur(np.round(x * 255), radius, sigma, rng.uniform(-45, 45))
-
-
 ZOOM_FACTORS = (np.arange(1, 1.11, 0.01), np.arange(1, 1.16, 0.01), np.arange(1, 1.21, 0.02),
                 np.arange(1, 1.26, 0.02), np.arange(1, 1.31, 0.03))  # float64 arange: 12, 16, 11, 13, 11 zooms
 
 
-def zoom_blur(x, severity, rng, **_):
-    zooms = ZOOM_FACTORS[severity - 1]
+def zoom_blur(x, zooms, rng, **_):
     x = x.astype(np.float32)
     out = np.zeros_like(x)
     for z in zooms:
@@ -294,10 +258,8 @@ def zoom_blur(x, severity, rng, **_):
     return np.clip((x + out) / (len(zooms) + 1), 0, 1) * 255
 
 
-def snow(x, severity, rng, **_):
-    mu, std, zoom, thr, radius, sigma, blend = (
-        (0.1, 0.3, 3, 0.5, 10, 4, 0.8), (0.2, 0.3, 2, 0.5, 12, 4, 0.7), (0.55, 0.3, 4, 0.9, 12, 8, 0.7),
-        (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65), (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55))[severity - 1]
+def snow(x, c, rng, **_):
+    mu, std, zoom, thr, radius, sigma, blend = c
     x = x.astype(np.float32)
     layer, white = _snow_layer(x, rng, mu, std, zoom, thr)
     return _snowfall(blend * x + (1 - blend) * white, layer, radius, sigma, rng.uniform(-135, -45))
@@ -319,8 +281,7 @@ def _snowfall(base, layer, radius, sigma, angle):
     return np.clip(base + moving + np.rot90(moving, k=2), 0, 1) * 255
 
 
-def frost(x, severity, rng, frost_images=None, **_):
-    a, b = ((1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75))[severity - 1]
+def frost(x, c, rng, frost_images=None, **_):
     H, W = x.shape[:2]
     if frost_images is None:
         texture = procedural_frost(H, W, rng)
@@ -337,20 +298,15 @@ def frost(x, severity, rng, frost_images=None, **_):
         crop = photo[top:top + ch, left:left + cw]
         texture = np.asarray(Image.fromarray(crop).resize((W, H), Image.BILINEAR) if (ch, cw) != (H, W) else crop,
                              np.float64)
-    return np.clip(a * x * 255 + b * texture, 0, 255)
+    return np.clip(c[0] * x * 255 + c[1] * texture, 0, 255)
 
 
-def fog(x, severity, rng, **_):
-    c, decay = ((1.5, 2), (2.0, 2), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4))[severity - 1]
+def fog(x, c, rng, **_):
     H, W = x.shape[:2]
     peak = x.max()
     # the original's 256 map cropped to 224: the next power of two, cropped to the image
-    x = x + c * plasma_fractal(_next_pow2(max(H, W)), decay, rng)[:H, :W, None]
-    return np.clip(x * peak / (peak + c), 0, 1) * 255
-
-
-def brightness(x, severity, rng, **_):
-    return _value_shift(x, (0.1, 0.2, 0.3, 0.4, 0.5)[severity - 1])
+    x = x + c[0] * plasma_fractal(_next_pow2(max(H, W)), c[1], rng)[:H, :W, None]
+    return np.clip(x * peak / (peak + c[0]), 0, 1) * 255
 
 
 def _value_shift(x, c):
@@ -360,8 +316,7 @@ def _value_shift(x, c):
     return np.clip(hsv2rgb(hsv), 0, 1) * 255
 
 
-def contrast(x, severity, rng, **_):
-    c = (0.4, 0.3, 0.2, 0.1, 0.05)[severity - 1]
+def contrast(x, c, rng, **_):
     means = x.mean(axis=(0, 1), keepdims=True)  # per channel
     return np.clip((x - means) * c + means, 0, 1) * 255
 
@@ -416,14 +371,30 @@ def _jpeg(u8, quality, **save_kw):
     return np.asarray(Image.open(buf).convert("RGB"))
 
 
-def jpeg_compression(x, severity, rng, **_):
-    q = (25, 18, 15, 10, 7)[severity - 1]
-    return _jpeg((x * 255).round().astype(np.uint8), q).astype(np.float64)
-
-
-CORRUPTION_FNS = {f.__name__: f for f in (gaussian_noise, shot_noise, impulse_noise, defocus_blur, glass_blur,
-                                          motion_blur, zoom_blur, snow, frost, fog, brightness, contrast,
-                                          elastic_transform, pixelate, jpeg_compression)}
+# name: (corruption(x, c, rng, frost_images=None), c at severity 1..5): the constants of make_imagenet_c.py
+CORRUPTION_FNS = {
+    "gaussian_noise": (lambda x, c, rng, **_: np.clip(x + rng.normal(size=x.shape, scale=c), 0, 1) * 255,
+                       (0.08, 0.12, 0.18, 0.26, 0.38)),
+    "shot_noise": (lambda x, c, rng, **_: np.clip(rng.poisson(x * c) / c, 0, 1) * 255, (60, 25, 12, 5, 3)),
+    "impulse_noise": (lambda x, c, rng, **_: np.where(rng.random(x.shape) < c, rng.random(x.shape) < 0.5, x) * 255,
+                      (0.03, 0.06, 0.09, 0.17, 0.27)),  # salt or pepper per element, channels apart, as skimage s&p
+    "defocus_blur": (lambda x, c, rng, **_: np.clip(_correlate2d(x, disk_kernel(*c)), 0, 1) * 255,
+                     ((3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5))),
+    "glass_blur": (glass_blur, ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2))),
+    "motion_blur": (lambda x, c, rng, **_: magick_motion_blur(np.round(x * 255), *c, rng.uniform(-45, 45)),
+                    ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15))),  # blurs the uint8 PNG of the image
+    "zoom_blur": (zoom_blur, ZOOM_FACTORS),
+    "snow": (snow, ((0.1, 0.3, 3, 0.5, 10, 4, 0.8), (0.2, 0.3, 2, 0.5, 12, 4, 0.7), (0.55, 0.3, 4, 0.9, 12, 8, 0.7),
+                    (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65), (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55))),
+    "frost": (frost, ((1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75))),
+    "fog": (fog, ((1.5, 2), (2.0, 2), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4))),
+    "brightness": (lambda x, c, rng, **_: _value_shift(x, c), (0.1, 0.2, 0.3, 0.4, 0.5)),
+    "contrast": (contrast, (0.4, 0.3, 0.2, 0.1, 0.05)),
+    "elastic_transform": (elastic_transform, (1, 2, 3, 4, 5)),  # c: the severity, scaled by elastic_constants
+    "pixelate": (pixelate, (1, 2, 3, 4, 5)),  # and by pixelate_size
+    "jpeg_compression": (lambda x, c, rng, **_: _jpeg((x * 255).round().astype(np.uint8), c).astype(np.float64),
+                         (25, 18, 15, 10, 7)),
+}
 CORRUPTIONS = tuple(CORRUPTION_FNS)
 FROST_NOTE = ("frost used a procedural texture, not the ImageNet-C frost photos; it distorts about half as much, so "
               "numbers marked * are biased toward robustness and not comparable to ImageNet-C. Pass --frost-dir "
@@ -847,10 +818,6 @@ def corrupted_crop(u8, rng, crop, name, severity, frost_images=None, jpeg_qualit
     return u8 if name == "clean" else corrupt(u8, name, severity, rng, frost_images, jpeg_quality)
 
 
-def clean_images(base, img_size):
-    return Generated(base, img_size, [(0, partial(corrupted_crop, crop=img_size, name="clean", severity=0))])
-
-
 class Released(_Items):
     """Released data, items (path, label): an ImageNet-C image, centre-cropped to `crop` (the official
     eval transform: no Resize), or an ImageNet-P video extracted to a folder of frames (the crops as they are)."""
@@ -916,9 +883,9 @@ def _class_folders(folder, flag):
 # by dataset index; one all-reduce (sum) then gives every rank the exact totals.
 
 class Evaluator:
-    def __init__(self, args, backbone, classifier, meta, device, rank, world, log=print):
+    def __init__(self, args, backbone, classifier, meta, device, rank, world):
         self.args, self.backbone, self.classifier, self.meta = args, backbone, classifier, meta
-        self.device, self.rank, self.world, self.log = device, rank, world, log
+        self.device, self.rank, self.world = device, rank, world
         self.autocast = lambda: vit.autocast(device)  # bf16 where it is native, else fp32
 
     def loader(self, dataset, batch_size, label):
@@ -926,13 +893,8 @@ class Evaluator:
         shard = Subset(dataset, range(self.rank, len(dataset), self.world))  # every item once, no padding
         loader = DataLoader(shard, batch_size=batch_size, num_workers=self.args.num_workers,
                             pin_memory=self.device.type == "cuda")
-        for x, y, idx in augment.progress(loader, len(loader), f"{label}: batch", self.log):
+        for x, y, idx in augment.progress(loader, len(loader), f"{label}: batch", log):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx.to(self.device)
-
-    def reduce(self, t):
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t.cpu()
 
     @torch.no_grad()
     def logits(self, x):
@@ -957,7 +919,7 @@ class Evaluator:
                     correct[e, idx] = self.hits(apply_to_images(x, g, self.backbone.patch_size), y)
             if equivariance:
                 scores[..., idx] = equivariance_scores(self.backbone, x, elements, self.autocast)
-        return names, self.reduce(correct), self.reduce(scores)
+        return names, losses.all_reduce_sum(correct).cpu(), losses.all_reduce_sum(scores).cpu()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1032,8 +994,8 @@ def _mean(values):
     return float(np.mean(values)) if len(values) else float("nan")
 
 
-def load_backbones(args):
-    return [vit.backbone_from_flags(p, args.arch, args.patch_size, flag=f"--backbone {p}") for p in args.backbone]
+def load_backbone(args, path):
+    return vit.backbone_from_flags(path, args.arch, args.patch_size, flag=f"--backbone {path}")
 
 
 def load_model(args):
@@ -1048,7 +1010,7 @@ def load_model(args):
                          "or pass --equivariance-only with --backbone")
     if not args.backbone:
         raise SystemExit("--equivariance-only needs --backbone (or --probe)")
-    backbone = load_backbones(args)[0]
+    backbone = load_backbone(args, args.backbone[0])
     return backbone, None, {"img_size": backbone.arch.get("img_size", 224)}
 
 
@@ -1061,13 +1023,16 @@ def run_names(paths):
 
 
 def val_images(args, img_size, default=None):
-    """(the first --num-images val images of --data (else `default`, else all), its class names)."""
+    """The first --num-images val images of --data (else `default`, else all): (those PIL images, the class names,
+    their centre crops as model inputs: the clean set)."""
     try:
         base = augment.build_dataset(args.data, "val", transform=None, img_size=img_size)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     n = args.num_images or default
-    return (Subset(base, range(min(n, len(base)))) if n else base), list(base.classes)
+    images = Subset(base, range(min(n, len(base)))) if n else base
+    clean = Generated(images, img_size, [(0, partial(corrupted_crop, crop=img_size, name="clean", severity=0))])
+    return images, list(base.classes), clean
 
 
 def figure_layer(args, backbones):
@@ -1077,7 +1042,7 @@ def figure_layer(args, backbones):
     return layer
 
 
-def figures(args, backbones, names, clean_set, layer, device, log):
+def figures(args, backbones, names, clean_set, layer, device):
     """--figures: the first --figure-images clean val images through write_figures."""
     x = torch.stack([clean_set[i][0] for i in range(min(args.figure_images, len(clean_set)))]).to(device)
     try:
@@ -1087,25 +1052,25 @@ def figures(args, backbones, names, clean_set, layer, device, log):
     log("figures: " + ", ".join(paths))
 
 
-def clean_tasks(ev, clean_set, img_size, tasks):
-    """Clean and geometry top-1 and the per-block equivariance: one pass. Returns (results, clean error or None)."""
+def clean_tasks(ev, clean_set, img_size, tasks, results):
+    """Clean and geometry top-1 and the per-block equivariance, in one pass, into results; the clean error or None."""
     names, correct, scores = ev.clean_pass(clean_set, img_size, "geometry" in tasks, "equivariance" in tasks)
-    results, clean_error = {}, None
+    clean_error = None
     if ev.classifier is not None:
         clean_error = 1 - correct[0].mean().item()
         results["clean"] = {"top1": 100 * (1 - clean_error)}
-        ev.log(f"\nclean top-1 {100 * (1 - clean_error):.2f}")
+        log(f"\nclean top-1 {100 * (1 - clean_error):.2f}")
     if "geometry" in tasks:
         results["geometry"] = {n: 100 * correct[e + 1].mean().item() for e, n in enumerate(names)}
-        ev.log("\ngeometry top-1  " + "  ".join(f"{n} {v:.2f}" for n, v in results["geometry"].items()))
+        log("\ngeometry top-1  " + "  ".join(f"{n} {v:.2f}" for n, v in results["geometry"].items()))
     if "equivariance" in tasks:
         results["equivariance"] = equivariance_results(names, scores)
-        ev.log("\nequivariance per block l = 1..%d: cos(f(gx), rho_g f(x)) / relative error [chance rel. error]"
-               % ev.backbone.depth)
+        log("\nequivariance per block l = 1..%d: cos(f(gx), rho_g f(x)) / relative error [chance rel. error]"
+            % ev.backbone.depth)
         for n, v in results["equivariance"].items():
-            ev.log(f"  {n:9s} " + "  ".join(f"{c:.3f}/{r:.3f} [{x:.2f}]" for c, r, x in
-                                            zip(v["cos"], v["rel_error"], v["chance_rel_error"])))
-    return results, clean_error
+            log(f"  {n:9s} " + "  ".join(f"{c:.3f}/{r:.3f} [{x:.2f}]" for c, r, x in
+                                         zip(v["cos"], v["rel_error"], v["chance_rel_error"])))
+    return clean_error
 
 
 def corruption_task(ev, base, img_size, num_classes, corruptions, clean_error, frost_images):
@@ -1117,27 +1082,26 @@ def corruption_task(ev, base, img_size, num_classes, corruptions, clean_error, f
         if c_set.num_classes != num_classes:
             raise SystemExit(f"--imagenet-c-dir has {c_set.num_classes} classes, the probe {num_classes}")
     else:
-        jpeg_quality = 85 if args.c_jpeg else None
         c_set = Generated(base, img_size, [(e, partial(corrupted_crop, crop=img_size, name=c, severity=s,
-                                                       frost_images=frost_images, jpeg_quality=jpeg_quality))
+                                                       frost_images=frost_images,
+                                                       jpeg_quality=85 if args.c_jpeg else None))
                                            for e, (c, s) in enumerate(entries)], args.seed)
     correct = torch.zeros(len(c_set), device=ev.device)
     for x, y, idx in ev.loader(c_set, args.batch_size, f"ImageNet-C ({len(entries)} sets)"):
         correct[idx] = ev.hits(x, y)
-    correct = ev.reduce(correct)
+    correct = losses.all_reduce_sum(correct).cpu()
     errors = {c: [1 - correct[c_set.entry == entries.index((c, s))].mean().item() for s in range(1, 6)]
               for c in corruptions}
     mean_error = _mean([e for v in errors.values() for e in v])
     res = {"source": "released" if args.imagenet_c_dir else "generated", "top1": 100 * (1 - mean_error),
-           "mean_error": 100 * mean_error,
-           "errors": {c: [100 * e for e in v] for c, v in errors.items()},
+           "mean_error": 100 * mean_error, "errors": {c: [100 * e for e in v] for c, v in errors.items()},
            "top1_per_corruption": {c: 100 * (1 - _mean(v)) for c, v in errors.items()},
            "error_per_severity": {s: 100 * _mean([errors[c][s - 1] for c in corruptions]) for s in range(1, 6)}}
     if args.mce == "on" or (args.mce == "auto" and num_classes == 1000):
         if len(corruptions) == 15:
             res.update(corruption_errors(errors, clean_error))
         else:
-            ev.log("mCE skipped: it needs all 15 corruptions")
+            log("mCE skipped: it needs all 15 corruptions")
     # The procedural frost is about half as far from the clean image as the photos (1 - correlation,
     # against make_imagenet_c.py with the photos: 0.52-0.66 over the severities), so every number it
     # enters is biased toward robustness: each carries a mark next to it, on stdout and in the JSON.
@@ -1147,14 +1111,14 @@ def corruption_task(ev, base, img_size, num_classes, corruptions, clean_error, f
         res.update({f"{key}_frost": "procedural substitute (see 'deviation')"
                     for key in ("top1", "mean_error", "mce", "relative_mce", "top1_per_corruption", "errors",
                                 "error_per_severity") if key in res})
-    ev.log(f"\nImageNet-C ({res['source']}): top-1 error per severity 1..5, %")
+    log(f"\nImageNet-C ({res['source']}): top-1 error per severity 1..5, %")
     for c in corruptions:
-        ev.log(f"  {c:18s} " + " ".join(f"{100 * e:6.2f}" for e in errors[c])
-               + f"   top-1 {res['top1_per_corruption'][c]:.2f}{mark if c == 'frost' else ''}")
+        log(f"  {c:18s} " + " ".join(f"{100 * e:6.2f}" for e in errors[c])
+            + f"   top-1 {res['top1_per_corruption'][c]:.2f}{mark if c == 'frost' else ''}")
     mce = f"   mCE {res['mce']:.2f}{mark}  relative mCE {res['relative_mce']:.2f}{mark}" if "mce" in res else ""
-    ev.log(f"  mean top-1 over {len(corruptions)}x5: {res['top1']:.2f}{mark}" + mce)
+    log(f"  mean top-1 over {len(corruptions)}x5: {res['top1']:.2f}{mark}" + mce)
     if mark:
-        ev.log(f"  * {FROST_NOTE}")
+        log(f"  * {FROST_NOTE}")
     return res
 
 
@@ -1172,6 +1136,7 @@ def perturbation_task(ev, base, img_size, perturbations):
                              f"'t5d': {{...}}}} for every perturbation run ({e!r})") from None
     res = {"source": "frames" if args.imagenet_p_dir else "generated (no H.264 artifacts)",
            "difficulty": d, "per_perturbation": {}}
+    per = res["per_perturbation"]
     for name in perturbations:
         if args.imagenet_p_dir:
             seq = released_sequences(args.imagenet_p_dir, name, d)
@@ -1187,82 +1152,74 @@ def perturbation_task(ev, base, img_size, perturbations):
             scores[0, idx] = flip_probability(preds, noise, d)
             scores[1, idx] = top5_distance(logits, noise, d)
             scores[2, idx] = (preds[:, first:] == y[:, None]).float().mean(1)
-        fp, t5d, top1 = ev.reduce(scores).mean(1).tolist()
-        res["per_perturbation"][name] = {"fp": 100 * fp, "t5d": t5d, "top1": 100 * top1, "frames": T}
-    per = res["per_perturbation"]
-    res["top1"] = _mean([v["top1"] for v in per.values()])
-    res["mean_fp"] = _mean([v["fp"] for v in per.values()])
-    res["mean_t5d"] = _mean([v["t5d"] for v in per.values()])
+        fp, t5d, top1 = losses.all_reduce_sum(scores).cpu().mean(1).tolist()
+        per[name] = {"fp": 100 * fp, "t5d": t5d, "top1": 100 * top1, "frames": T}
+    for key, field in (("top1", "top1"), ("mean_fp", "fp"), ("mean_t5d", "t5d")):
+        res[key] = _mean([v[field] for v in per.values()])
     if normalizers:
         res["mfr"] = 100 * _mean([per[p]["fp"] / 100 / normalizers["fp"][p] for p in perturbations])
         res["mt5d"] = 100 * _mean([per[p]["t5d"] / normalizers["t5d"][p] for p in perturbations])
-    ev.log(f"\nImageNet-P ({res['source']}, difficulty {d}): FP %, T5D, top-1 % over perturbed frames")
+    log(f"\nImageNet-P ({res['source']}, difficulty {d}): FP %, T5D, top-1 % over perturbed frames")
     for name, v in per.items():
-        ev.log(f"  {name:15s} FP {v['fp']:6.2f}  T5D {v['t5d']:6.3f}  top-1 {v['top1']:6.2f}  ({v['frames']} frames)")
-    ev.log(f"  mean top-1 {res['top1']:.2f}  mean FP {res['mean_fp']:.2f}" +
-           (f"  mFR {res['mfr']:.2f}  mT5D {res['mt5d']:.2f}" if normalizers else "  (mFR/mT5D need --p-normalizers)"))
+        log(f"  {name:15s} FP {v['fp']:6.2f}  T5D {v['t5d']:6.3f}  top-1 {v['top1']:6.2f}  ({v['frames']} frames)")
+    log(f"  mean top-1 {res['top1']:.2f}  mean FP {res['mean_fp']:.2f}" +
+        (f"  mFR {res['mfr']:.2f}  mT5D {res['mt5d']:.2f}" if normalizers else "  (mFR/mT5D need --p-normalizers)"))
     return res
 
 
-def evaluate(args, device, rank, world, log):
+def evaluate(args, device, rank, world):
     """--tasks for one probe (or, with --equivariance-only, one backbone)."""
     tasks = ["equivariance"] if args.equivariance_only else _choices(args.tasks, TASKS, "--tasks")
     corruptions = _choices(args.corruptions, CORRUPTIONS, "--corruptions")
     perturbations = _choices(args.perturbations, PERTURBATIONS, "--perturbations")
     backbone, classifier, meta = load_model(args)
-    if args.equivariance_only:
-        classifier = None  # a probe's backbone is welcome, its head is not needed
-    if classifier is None and set(tasks) - {"equivariance"}:
-        raise SystemExit(f"--tasks {','.join(tasks)} need a classifier: pass --probe")
     backbone.to(device).eval()
-    if classifier is not None:
-        classifier.to(device).eval()
+    # --equivariance-only takes a probe's backbone, not its head; without it the tasks are equivariance only
+    classifier = None if args.equivariance_only else classifier.to(device).eval()
     img_size = args.img_size or meta["img_size"]
     if img_size % backbone.patch_size:
         raise SystemExit(f"--img-size {img_size} is not a multiple of the patch size {backbone.patch_size}")
     if args.num_images is None and args.data == "synthetic":
         args.num_images = 200  # the whole val split x (75 corruptions + 10 sequences) takes hours on a CPU
-    base, classes = val_images(args, img_size)
-    num_classes = len(classes)
-    if classifier is not None and meta["num_classes"] != num_classes:
-        raise SystemExit(f"--data {args.data} has {num_classes} classes but the probe predicts {meta['num_classes']}")
+    base, classes, clean_set = val_images(args, img_size)
+    if classifier is not None and meta["num_classes"] != len(classes):
+        raise SystemExit(f"--data {args.data} has {len(classes)} classes but the probe predicts {meta['num_classes']}")
     if classifier is not None and meta.get("classes", classes) != classes:  # older probes record no names
         only_data, only_probe = sorted(set(classes) - set(meta["classes"])), sorted(set(meta["classes"]) - set(classes))
         raise SystemExit(f"--data {args.data}: its classes differ from the probe's (only in --data: {only_data[:5]}, "
                          f"only in the probe: {only_probe[:5]}); labels are class positions, so pass the data "
                          "the probe was trained on")
     frost_images = load_frost_images(args.frost_dir) if args.frost_dir else None
-    ev = Evaluator(args, backbone, classifier, meta, device, rank, world, log)
+    ev = Evaluator(args, backbone, classifier, meta, device, rank, world)
     results = {"args": vars(args), "data": args.data, "num_images": len(base), "img_size": img_size,
-               "num_classes": num_classes, "world_size": world}
+               "num_classes": len(classes), "world_size": world}
     log(f"robustness_eval: {len(base)} images of {args.data} at {img_size}px, tasks {','.join(tasks)}, "
         f"{world} process(es) on {device}")
-    clean_set, clean_error = clean_images(base, img_size), None
+    clean_error = None
     if set(tasks) & {"clean", "c", "geometry", "equivariance"}:
-        clean_results, clean_error = clean_tasks(ev, clean_set, img_size, tasks)
-        results.update(clean_results)
+        clean_error = clean_tasks(ev, clean_set, img_size, tasks, results)
     if "c" in tasks:
-        results["imagenet_c"] = corruption_task(ev, base, img_size, num_classes, corruptions, clean_error, frost_images)
+        results["imagenet_c"] = corruption_task(ev, base, img_size, len(classes), corruptions, clean_error,
+                                                frost_images)
     if "p" in tasks:
         results["imagenet_p"] = perturbation_task(ev, base, img_size, perturbations)
     if args.figures:
-        figures(args, [backbone], ["probe"], clean_set, figure_layer(args, [backbone]), device, log)
+        figures(args, [backbone], ["probe"], clean_set, figure_layer(args, [backbone]), device)
     return results
 
 
-def compare_backbones(args, device, rank, world, log):
+def compare_backbones(args, device, rank, world):
     """--equivariance-only with several --backbone: one table of, per run and group element, the mean cosine between
     f_l(g x) and rho_g f_l(x) at block L (--figure-layer: SER's split block) and at the last block, plus linear /
     k-NN top-1 from the run's <run>/linear/linear_eval.json when linear_eval.py wrote one."""
-    backbones, names = load_backbones(args), run_names(args.backbone)
+    backbones, names = [load_backbone(args, p) for p in args.backbone], run_names(args.backbone)
     img_size = args.img_size or backbones[0].arch["img_size"]
-    base, _ = val_images(args, img_size, default=200)
-    clean_set = clean_images(base, img_size)
+    base, _, clean_set = val_images(args, img_size, default=200)
     layer = figure_layer(args, backbones)
     results = {"args": vars(args), "data": args.data, "num_images": len(base), "img_size": img_size,
                "layer": layer, "runs": {}}
     for name, path, backbone in zip(names, args.backbone, backbones):
-        ev = Evaluator(args, backbone.to(device).eval(), None, {}, device, rank, world, log)
+        ev = Evaluator(args, backbone.to(device).eval(), None, {}, device, rank, world)
         elements, _, scores = ev.clean_pass(clean_set, img_size, False, True)
         run = {"backbone": path, "depth": backbone.depth, "cls_after_block": backbone.cls_after_block,
                "equivariance": equivariance_results(elements, scores)}
@@ -1281,7 +1238,7 @@ def compare_backbones(args, device, rank, world, log):
         log(f"  {name:24s} " + " ".join(f"{c[layer - 1]:6.3f}/{c[-1]:6.3f}" for c in cos) + "   "
             + " ".join(f"{a:6.2f}" if a is not None else "     -" for a in acc))
     if args.figures:
-        figures(args, backbones, names, clean_set, layer, device, log)
+        figures(args, backbones, names, clean_set, layer, device)
     return results
 
 
@@ -1289,11 +1246,10 @@ def main(args):
     t0 = time.time()
     check_args(args)
     rank, world, device = losses.init_distributed()
-    log = print if rank == 0 else (lambda *a, **k: None)
     several = args.backbone and (len(args.backbone) > 1 or args.figures and not args.probe)
     if several and not args.equivariance_only:
         raise SystemExit("several --backbone (or --figures without --probe) need --equivariance-only")
-    results = (compare_backbones if several else evaluate)(args, device, rank, world, log)
+    results = (compare_backbones if several else evaluate)(args, device, rank, world)
     results["seconds"] = time.time() - t0
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
