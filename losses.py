@@ -24,11 +24,9 @@ import torch.nn.functional as F
 import group_actions
 import vit
 
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers: all of them are the identity without a process group.
-# ---------------------------------------------------------------------------------------------
 
-
+# ---------------------------------------------------------------------- distributed helpers
+# All of them are the identity without a process group.
 def init_distributed():
     """Every script's launch: under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) NCCL on GPUs, gloo on
     CPU; otherwise one plain process. Returns (rank, world size, device)."""
@@ -93,35 +91,16 @@ def _gather_counts(n):
     return [int(c) for c in counts]
 
 
-class _GatherRows(torch.autograd.Function):
-    """All-gather along dim 0 with a different row count per rank (pad to the max, gather, slice).
-    Backward: every rank's loss read our rows, so their gradient is the sum over ranks (all_reduce SUM,
-    then our slice): VICReg's FullGatherLayer, generalised to variable counts."""
-
-    @staticmethod
-    def forward(ctx, x, counts):
-        padded = x.new_zeros((max(counts), *x.shape[1:]))
-        padded[: x.shape[0]] = x
-        buffers = [torch.empty_like(padded) for _ in counts]
-        dist.all_gather(buffers, padded)
-        ctx.counts = counts
-        return torch.cat([buf[:n] for buf, n in zip(buffers, counts)])
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()  # all_reduce works in place
-        dist.all_reduce(grad)
-        start = sum(ctx.counts[: rank()])
-        return grad[start : start + ctx.counts[rank()]], None
-
-
 def all_gather_rows(x):
-    """Every rank's `x` (N_r, ...) concatenated along dim 0 -> (sum_r N_r, ...), and the counts.
-    Gradients flow back to every rank's rows; gather a detached tensor for statistics only."""
+    """Every rank's `x` (N_r, ...) concatenated along dim 0 -> (sum_r N_r, ...), and the counts; each rank
+    may hold a different count (pad to the max, gather, slice). Backward: every rank's loss read our rows,
+    so their gradient is the sum over ranks (VICReg's FullGatherLayer, generalised to variable counts);
+    gather a detached tensor for statistics only."""
     if not _distributed():
         return x, [x.shape[0]]
     counts = _gather_counts(x.shape[0])
-    return _GatherRows.apply(x.contiguous(), counts), counts
+    padded = torch.cat([x, x.new_zeros((max(counts) - x.shape[0], *x.shape[1:]))])
+    return torch.cat([buf[:n] for buf, n in zip(dist_nn.all_gather(padded), counts)]), counts
 
 
 def all_reduce_sum(x):
@@ -149,11 +128,7 @@ def _global_standardize(x, eps=1e-5):
     return (x - mean) * torch.rsqrt(var + eps), mean, var, n
 
 
-# ---------------------------------------------------------------------------------------------
-# Heads
-# ---------------------------------------------------------------------------------------------
-
-
+# ---------------------------------------------------------------------- heads
 class GlobalBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d on (N, C) whose training statistics span the global batch (autograd-aware all_reduce, on
     CPU/gloo too, unlike torch.nn.SyncBatchNorm); exactly nn.BatchNorm1d, keys included, without a process
@@ -199,13 +174,11 @@ class WeightNormLinear(nn.Module):
 
     def __init__(self, in_dim, out_dim):
         super().__init__()
-        v = nn.Linear(in_dim, out_dim, bias=False).weight.detach()  # torch's default init, as DINO
-        self.weight_v = nn.Parameter(v.clone())
+        self.weight_v = nn.Parameter(nn.Linear(in_dim, out_dim, bias=False).weight.detach())  # torch's init, as DINO
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
 
     def forward(self, x):
-        w = self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))  # (out, in)
-        return F.linear(x, w)
+        return F.linear(x, self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True)))
 
 
 class DINOHead(nn.Module):
@@ -257,11 +230,7 @@ def build_heads(method, embed_dim, hidden_dim=None, out_dim=None, **kw):
     raise ValueError(f"unknown method {method!r}; choose one of mocov3, dino, barlowtwins, vicreg, simclr, byol")
 
 
-# ---------------------------------------------------------------------------------------------
-# Base losses
-# ---------------------------------------------------------------------------------------------
-
-
+# ---------------------------------------------------------------------- base losses
 def _moco_direction(q, k, temperature):
     q = F.normalize(_upcast(q), dim=1)  # (N, d)
     k_all, counts = all_gather_rows(F.normalize(_upcast(k.detach()), dim=1))  # (N_global, d), stop-grad keys
@@ -339,12 +308,9 @@ def barlow_twins_loss(z1, z2, lambd=0.0051):
     views (N, D) standardised over the global batch, divided by the global batch size. Convention: the
     official value (facebookresearch/barlowtwins main.py) with the true gradient under DDP, where the
     official one is 1/W of it (its `dist.all_reduce(c)` is not autograd-aware); x 1/W reproduces it."""
-    z1, z2 = _upcast(z1), _upcast(z2)
-    n = global_count(z1.shape[0])
-    c = all_reduce_sum(_global_standardize(z1)[0].T @ _global_standardize(z2)[0] / n)  # (D, D)
-    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
-    off_diag = _off_diagonal(c).pow(2).sum()
-    return on_diag + lambd * off_diag
+    y1, _, _, n = _global_standardize(_upcast(z1))
+    c = all_reduce_sum(y1.T @ _global_standardize(_upcast(z2))[0] / n)  # (D, D)
+    return (torch.diagonal(c) - 1).pow(2).sum() + lambd * _off_diagonal(c).pow(2).sum()
 
 
 def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
@@ -406,11 +372,7 @@ def byol_loss(p1, p2, z1, z2):
     return _global_mean_of_sum((direction(p1, z2) + direction(p2, z1)).sum(), global_count(p1.shape[0]))
 
 
-# ---------------------------------------------------------------------------------------------
-# SER: equivariance loss on the layer-L token map
-# ---------------------------------------------------------------------------------------------
-
-
+# ---------------------------------------------------------------------- SER: equivariance loss on the layer-L token map
 class SERProjector(nn.Module):
     """Conv1x1(D -> 512) -> GELU -> Conv1x1(512 -> 512), bias-free, on a (B, D, h, w) map: the release's
     `projector_equiv`. Pointwise, so it commutes with rho_g's token permutations (aligned after it, as released)."""
@@ -450,7 +412,7 @@ def ser_loss(groups, temperature):
     only), and gradients into both views (the release gathers under no_grad: its L_equiv has none)."""
     if not groups:
         raise ValueError("ser_loss needs at least one group (an empty SERGroup on a rank without b2 images)")
-    fwd, bwd, offset = ([], [], []), ([], [], []), 0  # per direction: anchor tokens, partner tokens, image ids
+    fwd, bwd, offset = [], [], 0  # per direction, one (anchor tokens, partner tokens, image ids) per group
     for grp in groups:
         z1, z2 = grp.z1, grp.z2
         n = z1.shape[0]
@@ -467,18 +429,13 @@ def ser_loss(groups, temperature):
         for out, (a, b) in ((fwd, (z1_on_2, z2)), (bwd, (z1, z2_on_1))):
             if a.shape != b.shape:
                 raise ValueError(f"token maps are not aligned: {tuple(a.shape)} vs {tuple(b.shape)}")
-            out[0].append(_tokens(a))
-            out[1].append(_tokens(b))
-            out[2].append(ids.repeat_interleave(a.shape[-2] * a.shape[-1]))  # (n*h*w,)
-    return 0.5 * sum(nt_xent(torch.cat(a), torch.cat(b), temperature, torch.cat(i)) for a, b, i in (fwd, bwd))
+            out.append((_tokens(a), _tokens(b), ids.repeat_interleave(a.shape[-2] * a.shape[-1])))  # (n*h*w, ...)
+    return 0.5 * sum(nt_xent(a, b, temperature, i) for a, b, i in (map(torch.cat, zip(*d)) for d in (fwd, bwd)))
 
 
-# ---------------------------------------------------------------------------------------------
-# Add-on baselines: EquiMod, AugSelf, E-SSL. Each head can read the final [CLS] or the raw [CLS]
-# of block L (the paper's layer decoupling); `input_norm=True` adds the LayerNorm the raw one needs.
-# ---------------------------------------------------------------------------------------------
-
-
+# ---------------------------------------------------------------------- add-on baselines: EquiMod, AugSelf, E-SSL
+# Each head can read the final [CLS] or the raw [CLS] of block L (the paper's layer decoupling);
+# `input_norm=True` adds the LayerNorm the raw one needs.
 def equimod_param_vector(params):
     """(B, 18) augmentation-parameter vector from a view-parameter dict of augment.py: [crop top, left,
     height, width, flip | jitter applied, order/3 x4, brightness, contrast, saturation, hue, gray |
