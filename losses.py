@@ -92,10 +92,9 @@ def _gather_counts(n):
 
 
 def all_gather_rows(x):
-    """Every rank's `x` (N_r, ...) concatenated along dim 0 -> (sum_r N_r, ...), and the counts; each rank
-    may hold a different count (pad to the max, gather, slice). Backward: every rank's loss read our rows,
-    so their gradient is the sum over ranks (VICReg's FullGatherLayer, generalised to variable counts);
-    gather a detached tensor for statistics only."""
+    """Every rank's `x` (N_r, ...) concatenated along dim 0 -> (sum_r N_r, ...) (pad to the max, gather,
+    slice), and the counts. Backward: every rank's loss read our rows, so their gradient is the sum over ranks
+    (VICReg's FullGatherLayer, for variable counts); gather a detached tensor for statistics only."""
     if not _distributed():
         return x, [x.shape[0]]
     counts = _gather_counts(x.shape[0])
@@ -184,8 +183,7 @@ class WeightNormLinear(nn.Module):
 class DINOHead(nn.Module):
     """DINO head: 3-layer MLP (GELU) -> L2 normalise -> weight-normalised Linear to out_dim logits, with
     the official parameter names ('mlp.0', 'mlp.2', 'mlp.4' without BN, 'last_layer.weight_g/_v').
-    norm_last_layer freezes the norm g at 1 (official default; the ViT-S recipe sets it False).
-    pretrain.py freezes 'last_layer' during the first epoch (DINO's freeze_last_layer = 1)."""
+    norm_last_layer freezes the norm g at 1 (official default; the ViT-S recipe sets it False)."""
 
     def __init__(self, in_dim, out_dim=65536, use_bn=False, norm_last_layer=True, hidden_dim=2048, bottleneck_dim=256):
         super().__init__()
@@ -316,9 +314,8 @@ def barlow_twins_loss(z1, z2, lambd=0.0051):
 def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
     """VICReg: 25 * MSE + 25 * variance + 1 * covariance, on the (N, D) expander outputs. Convention: the
     official forward (facebookresearch/vicreg main_vicreg.py), but the MSE is the global mean over N_global*D
-    (the official local mean is the same for equal batches). Variance and covariance on the global batch,
-    gathered with gradients: hinge on sqrt(var + 1e-4) halved per branch; sum_{i!=j} cov^2 / D per branch,
-    not halved, cov = x^T x / (N_global - 1)."""
+    (the official local mean is the same for equal batches). Variance and covariance on the global batch
+    gathered with gradients, as the official FullGatherLayer."""
     z1, z2 = _upcast(z1), _upcast(z2)
     repr_loss = _global_mean_of_sum((z1 - z2).pow(2).sum(), global_count(z1.shape[0]) * z1.shape[1])
     std_loss, cov_loss = 0.0, 0.0
@@ -341,10 +338,8 @@ def nt_xent(a, b, temperature, ids=None):
     b_all, _ = all_gather_rows(b)
     m, n = a_all.shape[0], a.shape[0]
     idx = sum(counts[: rank()]) + torch.arange(n, device=a.device)  # our rows in the gathered set
-    if ids is None:
-        ids, ids_all = idx, torch.arange(m, device=a.device)
-    else:
-        ids_all, _ = all_gather_rows(ids)  # integers: nothing to differentiate
+    ids_all = torch.arange(m, device=a.device) if ids is None else all_gather_rows(ids)[0]  # (M,) image ids
+    ids = idx if ids is None else ids
     logits = torch.cat([a, b]) @ torch.cat([a_all, b_all]).T / temperature  # (2n, 2M)
     positives = torch.cat([idx + m, idx])
     same_image = ids.repeat(2)[:, None] == ids_all.repeat(2)[None, :]  # (2n, 2M): the anchor itself among them
@@ -422,10 +417,9 @@ def ser_loss(groups, temperature):
         else:
             ids = vit.to_device(torch.as_tensor(grp.ids), z1.device)
         z1_on_2, z2_on_1 = z1, z2  # n = 0: no group elements, nothing to align
-        if n:
-            g = group_actions.relative_action(grp.g1, grp.g2, grp.base_size)
-            g_inv = group_actions.relative_action(grp.g2, grp.g1, grp.base_size)  # g1 g2^-1 = (g2 g1^-1)^-1
-            z1_on_2, z2_on_1 = group_actions.apply_to_token_map(z1, g), group_actions.apply_to_token_map(z2, g_inv)
+        if n:  # view 1 carried onto view 2's grid by g, view 2 back onto view 1's by g1 g2^-1 = (g2 g1^-1)^-1
+            z1_on_2 = group_actions.apply_to_token_map(z1, group_actions.relative_action(grp.g1, grp.g2, grp.base_size))
+            z2_on_1 = group_actions.apply_to_token_map(z2, group_actions.relative_action(grp.g2, grp.g1, grp.base_size))
         for out, (a, b) in ((fwd, (z1_on_2, z2)), (bwd, (z1, z2_on_1))):
             if a.shape != b.shape:
                 raise ValueError(f"token maps are not aligned: {tuple(a.shape)} vs {tuple(b.shape)}")
@@ -484,8 +478,7 @@ class EquiModHead(nn.Module):
         # One projector pass over all 3B rows, as EquiMod, so BN statistics cover the original too.
         y = self.projector(self.input_norm(torch.cat([h_orig, h_views])))  # ((1+V)B, out)
         y_orig = y[:batch].repeat(h_views.shape[0] // batch, 1)  # (V*B, out)
-        y_hat = self.predictor(torch.cat([y_orig, self.param_embed(params)], dim=1))
-        return y[batch:], y_hat
+        return y[batch:], self.predictor(torch.cat([y_orig, self.param_embed(params)], dim=1))
 
 
 def equimod_loss(y_t, y_hat_t, temperature=0.2):
@@ -567,9 +560,8 @@ def essl_rotations(x):
     (4B,) labels 0..3), rotation-major. H must equal W for the four copies to batch together."""
     if x.shape[-1] != x.shape[-2]:
         raise ValueError(f"E-SSL crops must be square to batch the rotations, got {tuple(x.shape[-2:])}")
-    rotated = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])
-    labels = torch.arange(4, device=x.device).repeat_interleave(x.shape[0])
-    return rotated, labels
+    labels = torch.arange(4, device=x.device).repeat_interleave(x.shape[0])  # (4B,)
+    return torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]), labels
 
 
 def essl_loss(logits, labels):
