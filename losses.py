@@ -24,11 +24,9 @@ import torch.nn.functional as F
 import group_actions
 import vit
 
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers: all of them are the identity without a process group.
-# ---------------------------------------------------------------------------------------------
 
-
+# ---------------------------------------------------------------------- distributed helpers
+# All of them are the identity without a process group.
 def init_distributed():
     """Every script's launch: under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) NCCL on GPUs, gloo on
     CPU; otherwise one plain process. Returns (rank, world size, device)."""
@@ -93,35 +91,15 @@ def _gather_counts(n):
     return [int(c) for c in counts]
 
 
-class _GatherRows(torch.autograd.Function):
-    """All-gather along dim 0 with a different row count per rank (pad to the max, gather, slice).
-    Backward: every rank's loss read our rows, so their gradient is the sum over ranks (all_reduce SUM,
-    then our slice): VICReg's FullGatherLayer, generalised to variable counts."""
-
-    @staticmethod
-    def forward(ctx, x, counts):
-        padded = x.new_zeros((max(counts), *x.shape[1:]))
-        padded[: x.shape[0]] = x
-        buffers = [torch.empty_like(padded) for _ in counts]
-        dist.all_gather(buffers, padded)
-        ctx.counts = counts
-        return torch.cat([buf[:n] for buf, n in zip(buffers, counts)])
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()  # all_reduce works in place
-        dist.all_reduce(grad)
-        start = sum(ctx.counts[: rank()])
-        return grad[start : start + ctx.counts[rank()]], None
-
-
 def all_gather_rows(x):
-    """Every rank's `x` (N_r, ...) concatenated along dim 0 -> (sum_r N_r, ...), and the counts.
-    Gradients flow back to every rank's rows; gather a detached tensor for statistics only."""
+    """Every rank's `x` (N_r, ...) concatenated along dim 0 -> (sum_r N_r, ...) (pad to the max, gather,
+    slice), and the counts. Backward: every rank's loss read our rows, so their gradient is the sum over ranks
+    (VICReg's FullGatherLayer, for variable counts); gather a detached tensor for statistics only."""
     if not _distributed():
         return x, [x.shape[0]]
     counts = _gather_counts(x.shape[0])
-    return _GatherRows.apply(x.contiguous(), counts), counts
+    padded = torch.cat([x, x.new_zeros((max(counts) - x.shape[0], *x.shape[1:]))])
+    return torch.cat([buf[:n] for buf, n in zip(dist_nn.all_gather(padded), counts)]), counts
 
 
 def all_reduce_sum(x):
@@ -149,11 +127,7 @@ def _global_standardize(x, eps=1e-5):
     return (x - mean) * torch.rsqrt(var + eps), mean, var, n
 
 
-# ---------------------------------------------------------------------------------------------
-# Heads
-# ---------------------------------------------------------------------------------------------
-
-
+# ---------------------------------------------------------------------- heads
 class GlobalBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d on (N, C) whose training statistics span the global batch (autograd-aware all_reduce, on
     CPU/gloo too, unlike torch.nn.SyncBatchNorm); exactly nn.BatchNorm1d, keys included, without a process
@@ -199,20 +173,17 @@ class WeightNormLinear(nn.Module):
 
     def __init__(self, in_dim, out_dim):
         super().__init__()
-        v = nn.Linear(in_dim, out_dim, bias=False).weight.detach()  # torch's default init, as DINO
-        self.weight_v = nn.Parameter(v.clone())
+        self.weight_v = nn.Parameter(nn.Linear(in_dim, out_dim, bias=False).weight.detach())  # torch's init, as DINO
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
 
     def forward(self, x):
-        w = self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))  # (out, in)
-        return F.linear(x, w)
+        return F.linear(x, self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True)))
 
 
 class DINOHead(nn.Module):
     """DINO head: 3-layer MLP (GELU) -> L2 normalise -> weight-normalised Linear to out_dim logits, with
     the official parameter names ('mlp.0', 'mlp.2', 'mlp.4' without BN, 'last_layer.weight_g/_v').
-    norm_last_layer freezes the norm g at 1 (official default; the ViT-S recipe sets it False).
-    pretrain.py freezes 'last_layer' during the first epoch (DINO's freeze_last_layer = 1)."""
+    norm_last_layer freezes the norm g at 1 (official default; the ViT-S recipe sets it False)."""
 
     def __init__(self, in_dim, out_dim=65536, use_bn=False, norm_last_layer=True, hidden_dim=2048, bottleneck_dim=256):
         super().__init__()
@@ -257,11 +228,7 @@ def build_heads(method, embed_dim, hidden_dim=None, out_dim=None, **kw):
     raise ValueError(f"unknown method {method!r}; choose one of mocov3, dino, barlowtwins, vicreg, simclr, byol")
 
 
-# ---------------------------------------------------------------------------------------------
-# Base losses
-# ---------------------------------------------------------------------------------------------
-
-
+# ---------------------------------------------------------------------- base losses
 def _moco_direction(q, k, temperature):
     q = F.normalize(_upcast(q), dim=1)  # (N, d)
     k_all, counts = all_gather_rows(F.normalize(_upcast(k.detach()), dim=1))  # (N_global, d), stop-grad keys
@@ -339,20 +306,16 @@ def barlow_twins_loss(z1, z2, lambd=0.0051):
     views (N, D) standardised over the global batch, divided by the global batch size. Convention: the
     official value (facebookresearch/barlowtwins main.py) with the true gradient under DDP, where the
     official one is 1/W of it (its `dist.all_reduce(c)` is not autograd-aware); x 1/W reproduces it."""
-    z1, z2 = _upcast(z1), _upcast(z2)
-    n = global_count(z1.shape[0])
-    c = all_reduce_sum(_global_standardize(z1)[0].T @ _global_standardize(z2)[0] / n)  # (D, D)
-    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
-    off_diag = _off_diagonal(c).pow(2).sum()
-    return on_diag + lambd * off_diag
+    y1, _, _, n = _global_standardize(_upcast(z1))
+    c = all_reduce_sum(y1.T @ _global_standardize(_upcast(z2))[0] / n)  # (D, D)
+    return (torch.diagonal(c) - 1).pow(2).sum() + lambd * _off_diagonal(c).pow(2).sum()
 
 
 def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
     """VICReg: 25 * MSE + 25 * variance + 1 * covariance, on the (N, D) expander outputs. Convention: the
     official forward (facebookresearch/vicreg main_vicreg.py), but the MSE is the global mean over N_global*D
-    (the official local mean is the same for equal batches). Variance and covariance on the global batch,
-    gathered with gradients: hinge on sqrt(var + 1e-4) halved per branch; sum_{i!=j} cov^2 / D per branch,
-    not halved, cov = x^T x / (N_global - 1)."""
+    (the official local mean is the same for equal batches). Variance and covariance on the global batch
+    gathered with gradients, as the official FullGatherLayer."""
     z1, z2 = _upcast(z1), _upcast(z2)
     repr_loss = _global_mean_of_sum((z1 - z2).pow(2).sum(), global_count(z1.shape[0]) * z1.shape[1])
     std_loss, cov_loss = 0.0, 0.0
@@ -375,10 +338,8 @@ def nt_xent(a, b, temperature, ids=None):
     b_all, _ = all_gather_rows(b)
     m, n = a_all.shape[0], a.shape[0]
     idx = sum(counts[: rank()]) + torch.arange(n, device=a.device)  # our rows in the gathered set
-    if ids is None:
-        ids, ids_all = idx, torch.arange(m, device=a.device)
-    else:
-        ids_all, _ = all_gather_rows(ids)  # integers: nothing to differentiate
+    ids_all = torch.arange(m, device=a.device) if ids is None else all_gather_rows(ids)[0]  # (M,) image ids
+    ids = idx if ids is None else ids
     logits = torch.cat([a, b]) @ torch.cat([a_all, b_all]).T / temperature  # (2n, 2M)
     positives = torch.cat([idx + m, idx])
     same_image = ids.repeat(2)[:, None] == ids_all.repeat(2)[None, :]  # (2n, 2M): the anchor itself among them
@@ -406,11 +367,7 @@ def byol_loss(p1, p2, z1, z2):
     return _global_mean_of_sum((direction(p1, z2) + direction(p2, z1)).sum(), global_count(p1.shape[0]))
 
 
-# ---------------------------------------------------------------------------------------------
-# SER: equivariance loss on the layer-L token map
-# ---------------------------------------------------------------------------------------------
-
-
+# ---------------------------------------------------------------------- SER: equivariance loss on the layer-L token map
 class SERProjector(nn.Module):
     """Conv1x1(D -> 512) -> GELU -> Conv1x1(512 -> 512), bias-free, on a (B, D, h, w) map: the release's
     `projector_equiv`. Pointwise, so it commutes with rho_g's token permutations (aligned after it, as released)."""
@@ -450,7 +407,7 @@ def ser_loss(groups, temperature):
     only), and gradients into both views (the release gathers under no_grad: its L_equiv has none)."""
     if not groups:
         raise ValueError("ser_loss needs at least one group (an empty SERGroup on a rank without b2 images)")
-    fwd, bwd, offset = ([], [], []), ([], [], []), 0  # per direction: anchor tokens, partner tokens, image ids
+    fwd, bwd, offset = [], [], 0  # per direction, one (anchor tokens, partner tokens, image ids) per group
     for grp in groups:
         z1, z2 = grp.z1, grp.z2
         n = z1.shape[0]
@@ -460,25 +417,19 @@ def ser_loss(groups, temperature):
         else:
             ids = vit.to_device(torch.as_tensor(grp.ids), z1.device)
         z1_on_2, z2_on_1 = z1, z2  # n = 0: no group elements, nothing to align
-        if n:
-            g = group_actions.relative_action(grp.g1, grp.g2, grp.base_size)
-            g_inv = group_actions.relative_action(grp.g2, grp.g1, grp.base_size)  # g1 g2^-1 = (g2 g1^-1)^-1
-            z1_on_2, z2_on_1 = group_actions.apply_to_token_map(z1, g), group_actions.apply_to_token_map(z2, g_inv)
+        if n:  # view 1 carried onto view 2's grid by g, view 2 back onto view 1's by g1 g2^-1 = (g2 g1^-1)^-1
+            z1_on_2 = group_actions.apply_to_token_map(z1, group_actions.relative_action(grp.g1, grp.g2, grp.base_size))
+            z2_on_1 = group_actions.apply_to_token_map(z2, group_actions.relative_action(grp.g2, grp.g1, grp.base_size))
         for out, (a, b) in ((fwd, (z1_on_2, z2)), (bwd, (z1, z2_on_1))):
             if a.shape != b.shape:
                 raise ValueError(f"token maps are not aligned: {tuple(a.shape)} vs {tuple(b.shape)}")
-            out[0].append(_tokens(a))
-            out[1].append(_tokens(b))
-            out[2].append(ids.repeat_interleave(a.shape[-2] * a.shape[-1]))  # (n*h*w,)
-    return 0.5 * sum(nt_xent(torch.cat(a), torch.cat(b), temperature, torch.cat(i)) for a, b, i in (fwd, bwd))
+            out.append((_tokens(a), _tokens(b), ids.repeat_interleave(a.shape[-2] * a.shape[-1])))  # (n*h*w, ...)
+    return 0.5 * sum(nt_xent(a, b, temperature, i) for a, b, i in (map(torch.cat, zip(*d)) for d in (fwd, bwd)))
 
 
-# ---------------------------------------------------------------------------------------------
-# Add-on baselines: EquiMod, AugSelf, E-SSL. Each head can read the final [CLS] or the raw [CLS]
-# of block L (the paper's layer decoupling); `input_norm=True` adds the LayerNorm the raw one needs.
-# ---------------------------------------------------------------------------------------------
-
-
+# ---------------------------------------------------------------------- add-on baselines: EquiMod, AugSelf, E-SSL
+# Each head can read the final [CLS] or the raw [CLS] of block L (the paper's layer decoupling);
+# `input_norm=True` adds the LayerNorm the raw one needs.
 def equimod_param_vector(params):
     """(B, 18) augmentation-parameter vector from a view-parameter dict of augment.py: [crop top, left,
     height, width, flip | jitter applied, order/3 x4, brightness, contrast, saturation, hue, gray |
@@ -527,8 +478,7 @@ class EquiModHead(nn.Module):
         # One projector pass over all 3B rows, as EquiMod, so BN statistics cover the original too.
         y = self.projector(self.input_norm(torch.cat([h_orig, h_views])))  # ((1+V)B, out)
         y_orig = y[:batch].repeat(h_views.shape[0] // batch, 1)  # (V*B, out)
-        y_hat = self.predictor(torch.cat([y_orig, self.param_embed(params)], dim=1))
-        return y[batch:], y_hat
+        return y[batch:], self.predictor(torch.cat([y_orig, self.param_embed(params)], dim=1))
 
 
 def equimod_loss(y_t, y_hat_t, temperature=0.2):
@@ -610,9 +560,8 @@ def essl_rotations(x):
     (4B,) labels 0..3), rotation-major. H must equal W for the four copies to batch together."""
     if x.shape[-1] != x.shape[-2]:
         raise ValueError(f"E-SSL crops must be square to batch the rotations, got {tuple(x.shape[-2:])}")
-    rotated = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])
-    labels = torch.arange(4, device=x.device).repeat_interleave(x.shape[0])
-    return rotated, labels
+    labels = torch.arange(4, device=x.device).repeat_interleave(x.shape[0])  # (4B,)
+    return torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]), labels
 
 
 def essl_loss(logits, labels):

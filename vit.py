@@ -58,14 +58,12 @@ class Attention(nn.Module):
     def forward(self, x, return_attention=False):
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
-        attn = None
         if return_attention:  # the readable path, for visualisation: the fused kernel never materialises (T, T)
             attn = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, T, T)
             out = attn @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on GPU
-        out = out.transpose(1, 2).reshape(B, T, D)
-        return self.proj(out), attn
+            out, attn = F.scaled_dot_product_attention(q, k, v), None  # flash / memory-efficient kernels on GPU
+        return self.proj(out.transpose(1, 2).reshape(B, T, D)), attn
 
 
 class Block(nn.Module):
@@ -93,9 +91,9 @@ def sincos_pos_embed(dim, h, w):
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs embed_dim divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
-    a = rows.flatten()[:, None] * omega  # (h*w, dim/4)
-    b = cols.flatten()[:, None] * omega
+    pos = torch.arange(h * w, dtype=torch.float64)  # row-major
+    a = (pos // w)[:, None] * omega  # (h*w, dim/4)
+    b = (pos % w)[:, None] * omega
     return torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], dim=1).float()
 
 
@@ -112,12 +110,9 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
         if weight_init not in ("trunc_normal", "moco"):
             raise ValueError(f"weight_init must be 'trunc_normal' or 'moco', got {weight_init!r}")
-        # Everything needed to rebuild this exact network; saved in every checkpoint we write,
-        # because the head count (and the SER split) cannot be read off a state dict.
-        self.arch = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                         depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                         drop_path_rate=drop_path_rate, pos_embed=pos_embed, cls_after_block=cls_after_block,
-                         stop_grad_conv1=stop_grad_conv1, weight_init=weight_init)
+        # The constructor's arguments, everything needed to rebuild this exact network; saved in every
+        # checkpoint we write, because the head count (and the SER split) cannot be read off a state dict.
+        self.arch = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.patch_size, self.embed_dim, self.depth, self.num_heads = patch_size, embed_dim, depth, num_heads
         self.cls_after_block = cls_after_block
         self.grid_size = (img_size // patch_size, img_size // patch_size)
@@ -172,11 +167,10 @@ class VisionTransformer(nn.Module):
         n_cls = int(self.cls_after_block == 0)
         if (h, w) == self.grid_size:
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :n_cls], self.pos_embed[:, n_cls:]
-        patch_pos = patch_pos.reshape(1, *self.grid_size, -1).permute(0, 3, 1, 2).float()  # (1, D, gh, gw)
-        patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bicubic", align_corners=False)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(self.pos_embed.dtype)
-        return torch.cat([cls_pos, patch_pos], dim=1)
+        patch_pos = self._to_map(self.pos_embed[:, n_cls:], *self.grid_size).float()  # (1, D, gh, gw)
+        patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bicubic", align_corners=False)  # (1, D, h, w)
+        patch_pos = patch_pos.flatten(2).transpose(1, 2).to(self.pos_embed.dtype)  # (1, h*w, D)
+        return torch.cat([self.pos_embed[:, :n_cls], patch_pos], dim=1)
 
     def _iter_blocks(self, x, return_attention=False):
         """Yield (l, tokens, attn) after each block l = 1..depth; tokens (B, [1+] N, D), [CLS] first when present."""
@@ -214,12 +208,11 @@ class VisionTransformer(nn.Module):
         out = {"grid": (h, w)}
         for l, tokens, _ in self._iter_blocks(x):
             if l == layer:
-                has_cls = l > self.cls_after_block
-                patches = tokens[:, 1:] if has_cls else tokens
+                patches = tokens[:, int(l > self.cls_after_block):]
                 if l == self.cls_after_block:
                     patches = self.norm_equiv(patches)
                 out["token_map"] = self._to_map(patches, h, w)  # (B, D, h, w)
-                out["cls_at_layer"] = tokens[:, 0] if has_cls else None  # (B, D)
+                out["cls_at_layer"] = tokens[:, 0] if l > self.cls_after_block else None  # (B, D)
         tokens = self.norm(tokens)
         out["cls"], out["patch"] = tokens[:, 0], tokens[:, 1:]  # (B, D), (B, N, D)
         return out
@@ -311,14 +304,13 @@ def autocast(device, precision="auto"):
 # Wrappers (torch.compile, DDP) add these in front of the backbone's own names. They are removed only
 # where a key starts with them (never str.replace inside a key).
 WRAPPER_PREFIXES = re.compile(r"^(_orig_mod\.|module\.)+")
-COMPONENT_PREFIXES = ("backbone.", "base_encoder.", "encoder.")  # DINO MultiCropWrapper / ours, MoCo v3, generic
 
 
 def strip_prefixes(state_dict):
     """Backbone keys in bare timm format: wrapper prefixes stripped, then only the backbone component's keys
     kept (e.g. DINO's 'backbone.' next to 'head.': the other components are heads, dropped on purpose)."""
     sd = {WRAPPER_PREFIXES.sub("", k): v for k, v in state_dict.items()}
-    for p in COMPONENT_PREFIXES:
+    for p in ("backbone.", "base_encoder.", "encoder."):  # DINO MultiCropWrapper / ours, MoCo v3, generic
         if any(k.startswith(p) for k in sd):
             sd = {WRAPPER_PREFIXES.sub("", k[len(p):]): v for k, v in sd.items() if k.startswith(p)}
             break
@@ -407,8 +399,7 @@ def load_backbone(path, arch=None, key=None):
     network `key` names, else the one its method evaluates: DINO's teacher, the others' online encoder), or
     from released weights, which record no architecture, so pass `arch` (e.g. dict(name='vit_small',
     patch_size=16)): a DINO full checkpoint ({'teacher', 'student'}), a DINO/timm state dict or a MoCo v3
-    checkpoint ({'state_dict'}). A mismatch is a ValueError naming the missing, unexpected and mis-shaped keys.
-    """
+    checkpoint ({'state_dict'}). A mismatch is a ValueError naming the missing, unexpected and mis-shaped keys."""
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
