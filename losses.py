@@ -424,7 +424,8 @@ def ser_loss(groups, temperature):
             if a.shape != b.shape:
                 raise ValueError(f"token maps are not aligned: {tuple(a.shape)} vs {tuple(b.shape)}")
             out.append((_tokens(a), _tokens(b), ids.repeat_interleave(a.shape[-2] * a.shape[-1])))  # (n*h*w, ...)
-    return 0.5 * sum(nt_xent(a, b, temperature, i) for a, b, i in (map(torch.cat, zip(*d)) for d in (fwd, bwd)))
+    (a1, b1, i1), (a2, b2, i2) = ([torch.cat(part) for part in zip(*rows)] for rows in (fwd, bwd))  # all groups
+    return 0.5 * (nt_xent(a1, b1, temperature, i1) + nt_xent(a2, b2, temperature, i2))
 
 
 # ---------------------------------------------------------------------- add-on baselines: EquiMod, AugSelf, E-SSL
