@@ -1054,7 +1054,7 @@ def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, 
               "images_per_s": args.batch_size / step_time, "step_ms": 1000 * step_time,
               "data_wait_ms": 1000 * wait / n, "compute_ms": 1000 * compute / n,
               "floor_ms": 1000 * floor / n, "step_over_floor": step_time / (floor / n),
-              "gflops": flops / 1e9, "achieved_tflops_per_rank": achieved, "peak_memory": peak_mem,
+              "gflops_per_image": flops / 1e9, "achieved_tflops_per_rank": achieved, "peak_memory": peak_mem,
               "pipeline_images_per_s_per_worker": pipe_rate, "num_workers": args.num_workers,
               "peak_tflops": peak_tflops, "peak_source": "--peak-tflops" if args.peak_tflops
               else f"measured: the best torch.mm at {precision} in 1 s",
