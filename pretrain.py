@@ -52,11 +52,6 @@ import losses
 import vit
 from linear_eval import WithIndex, knn_eval  # linear_eval owns the k-NN protocol (DINO eval_knn)
 
-try:
-    import resource  # --benchmark's peak memory on CPU; Unix only
-except ImportError:
-    resource = None
-
 EMA_METHODS = ("mocov3", "dino", "byol")  # methods with a momentum teacher / target network
 ADDONS = ("ser", "equimod", "augself", "essl")
 # Options a resumed run may change: they do not affect what is computed.
@@ -81,9 +76,9 @@ METHOD_DEFAULTS = {
     "simclr": {**MOCOV3_ADAMW, "temperature": 0.1},
     "byol": {**MOCOV3_ADAMW, "momentum": 0.99},
 }
-# Add-on (lambda, tau). SER: the release's launch values (aitrics-chris/SER run_pretrain.sh; the paper's tau differ: 0.3 MoCo/BT,
-# 0.5 DINO). The release has none for VICReg, SimCLR and BYOL: we use 1.0 and 0.4. EquiMod: lambda 1,
-# tau 0.2; AugSelf: weight 1 on its 0.5 crop + 0.5 colour terms; E-SSL: lambda 0.4.
+# Add-on (lambda, tau). SER: the release's launch values (aitrics-chris/SER run_pretrain.sh; the paper's tau
+# differ: 0.3 MoCo/BT, 0.5 DINO). The release has none for VICReg, SimCLR and BYOL: we use 1.0 and 0.4. EquiMod:
+# lambda 1, tau 0.2; AugSelf: weight 1 on its 0.5 crop + 0.5 colour terms; E-SSL: lambda 0.4.
 SER_DEFAULTS = {"mocov3": (1.0, 0.5), "dino": (0.3, 0.4), "barlowtwins": (1.0, 0.4),
                 "vicreg": (1.0, 0.4), "simclr": (1.0, 0.4), "byol": (1.0, 0.4)}
 ADDON_DEFAULTS = {"equimod": (1.0, 0.2), "augself": (1.0, None), "essl": (0.4, None), None: (0.0, None)}
@@ -258,13 +253,13 @@ def resolve_config(args):
     if args.n_local_crops and args.method not in ("dino", "mocov3"):
         raise SystemExit(f"error: --n-local-crops: multi-crop is not part of the official {args.method} recipe "
                          "(only DINO's and SER's MoCo v3 '2+4 views' use it)")
-    if args.n_local_crops and args.method == "mocov3" and args.addon in ("equimod", "augself"):
-        raise SystemExit(f"error: --{args.addon} with MoCo v3 multi-crop is not supported; use --n-local-crops 0")
-    if args.n_local_crops and args.method == "dino" and args.addon in ("equimod", "augself", "essl"):
-        raise SystemExit(f"error: --{args.addon} with DINO multi-crop is not supported; use --n-local-crops 0")
+    if args.n_local_crops and args.addon in ("equimod", "augself") + (("essl",) if args.method == "dino" else ()):
+        name = "DINO" if args.method == "dino" else "MoCo v3"
+        raise SystemExit(f"error: --{args.addon} with {name} multi-crop is not supported; use --n-local-crops 0")
     if args.addon == "ser" and args.method == "mocov3" and args.n_local_crops % 2:
         raise SystemExit(f"error: --n-local-crops {args.n_local_crops}: SER's MoCo v3 multi-crop takes its b2 pairs "
-                         "from every other local crop (#0, #2, ..), each view joining one local stream; use an even number")
+                         "from every other local crop (#0, #2, ..), each view joining one local stream; use an even "
+                         "number")
     if args.img_size % args.patch_size:
         raise SystemExit(f"error: --img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
     return args
@@ -301,9 +296,8 @@ def ser_pair_sources(args, photometric):
     builder/moco.py train_erl). MoCo v3 "2+4 views" (train_erl_local4): global crop 0 and local crops #0,
     #2, .. with the local crops' colours (the release's `etc`), streams (0, 1), (2, 3), (4, 5)."""
     if args.method == "mocov3" and args.n_local_crops:
-        local_aug = photometric[2]
-        return [(0, (local_aug, local_aug), (0, 1))] + [(2 + i, (local_aug, local_aug), (2 + i, 3 + i))
-                                                        for i in range(0, args.n_local_crops, 2)]
+        augs = (photometric[2],) * 2  # the local crops' colours
+        return [(0, augs, (0, 1))] + [(2 + i, augs, (2 + i, 3 + i)) for i in range(0, args.n_local_crops, 2)]
     return [(0, (photometric[0], photometric[1]), (0, 1))]
 
 
@@ -360,8 +354,7 @@ def make_step_inputs(batch, photometric, step, args, rank, world, device):
                             "flip": batch["flip"][v].to(device, non_blocking=True).float()})
     positions = torch.arange(start, start + n_rank)  # this rank's slice of the global batch (GlobalBatchSampler)
     n_streams = 2 + args.n_local_crops  # views in recipe order: the 2 globals, the locals, then E-SSL's small crop
-    streams = views[:n_streams]
-    out = StepBatch(key=(args.seed, step), batch_size=n_rank * world, streams=streams,
+    out = StepBatch(key=(args.seed, step), batch_size=n_rank * world, streams=views[:n_streams],
                     stream_positions=[positions] * n_streams, view_params=view_params)
     if args.addon == "ser":
         sources = ser_pair_sources(args, photometric)
@@ -377,22 +370,19 @@ def make_step_inputs(batch, photometric, step, args, rank, world, device):
             ours, rows = slice(a - lo, b - lo), slice(a - start, b - start)
             pairs = []
             for (view, augs, stream_pair), (base_grid, _) in zip(sources, out.ser_pairs):
-                elements = group_actions.sample_view_pair(hi - lo, gen, base_grid=base_grid, scale=tuple(args.ser_scale))
-                colours = [aug.sample_params(hi - lo, gen) for aug in augs]
+                gs = group_actions.sample_view_pair(hi - lo, gen, base_grid=base_grid, scale=tuple(args.ser_scale))
+                colours = [{k: t[ours] for k, t in aug.sample_params(hi - lo, gen).items()} for aug in augs]
                 crop = batch["images"][view][rows].to(device, non_blocking=True).float() / 255  # the common crop
-                xs, gs = [], []
-                for g_j, aug, p in zip(elements, augs, colours):
-                    g_j = group_actions.select_samples(g_j, ours)
-                    x = augment.normalize(aug.apply(crop, {k: t[ours] for k, t in p.items()}))
-                    xs.append(group_actions.apply_to_images(x, g_j, args.patch_size))
-                    gs.append(g_j)
+                gs = [group_actions.select_samples(g_j, ours) for g_j in gs]
+                xs = [augment.normalize(aug.apply(crop, p)) for aug, p in zip(augs, colours)]
+                xs = [group_actions.apply_to_images(x, g_j, args.patch_size) for x, g_j in zip(xs, gs)]
                 pairs.append(SERPair(*xs, *gs, base_grid, stream_pair))
             out.b2.append(SERGroupRows(g, torch.arange(a, b), pairs))
         b1 = (~is_b2).nonzero().flatten()
         order = torch.cat([b1, is_b2.nonzero().flatten()])  # b1 rows, then b2 rows group by group
         paired = {s for _, _, pair in sources for s in pair}
         rows_of = [b1 if v in paired else order for v in range(n_streams)]
-        out.streams = [x[vit.to_device(r, device)] for x, r in zip(streams, rows_of)]
+        out.streams = [x[vit.to_device(r, device)] for x, r in zip(out.streams, rows_of)]
         out.stream_positions = [positions[r] for r in rows_of]
     if args.addon == "equimod":
         out.plain = augment.normalize(batch["plain"].to(device, non_blocking=True))
@@ -411,10 +401,8 @@ class Student(nn.Module):
         self.backbone, self.projector, self.predictor = backbone, projector, predictor
         self.addon, self.addon_head = addon, addon_head
         self.addon_layer = addon_layer  # None: the add-on reads the final [CLS]; l: the raw [CLS] of block l
+        self.addon_key = "cls" if addon_layer is None else "cls_at_layer"
         self.stochastic_depth = any(isinstance(m, vit.DropPath) and m.p > 0 for m in backbone.modules())
-
-    def _represent(self, out):
-        return out["cls"] if self.addon_layer is None else out["cls_at_layer"]
 
     def _features(self, batch, call, x, positions, n_sets=1, layer=None):
         """One backbone call on rows that are images `positions` of the global batch, the k-th copy of
@@ -442,11 +430,10 @@ class Student(nn.Module):
                              n_sets=len(globals_) + (batch.plain is not None), layer=self.addon_layer)
         n_views = sum(sizes)
         cls = list(out["cls"][:n_views].split(sizes))  # per view (N_v, D)
-        represent = self._represent(out)  # what EquiMod/AugSelf read, ((2 [+1]) * B, D)
+        represent = out[self.addon_key]  # what EquiMod/AugSelf read, ((2 [+1]) * B, D)
         if locals_:
-            out_local = self._features(batch, "local", torch.cat(locals_), batch.stream_positions[2],
-                                       n_sets=len(locals_))
-            cls += list(out_local["cls"].split([v.shape[0] for v in locals_]))
+            out = self._features(batch, "local", torch.cat(locals_), batch.stream_positions[2], n_sets=len(locals_))
+            cls += list(out["cls"].split([v.shape[0] for v in locals_]))
         res = {}
         if self.addon == "ser":
             cls, res["ser"] = self._b2(batch, cls)
@@ -459,9 +446,8 @@ class Student(nn.Module):
         elif self.addon == "augself":
             res["augself"] = self.addon_head(*represent[:n_views].split(sizes))
         elif self.addon == "essl":
-            out_essl = self._features(batch, "essl", batch.essl, batch.stream_positions[0], n_sets=4,
-                                      layer=self.addon_layer)
-            res["essl"] = self.addon_head(self._represent(out_essl))
+            out = self._features(batch, "essl", batch.essl, batch.stream_positions[0], n_sets=4, layer=self.addon_layer)
+            res["essl"] = self.addon_head(out[self.addon_key])
         return res
 
     def _b2(self, batch, cls):
@@ -643,18 +629,14 @@ def train_step(batch, step, steps_per_epoch, student, teacher, dino_loss, optimi
 
 # ============ the run around the step: data order, checkpoints, logs, signals ============
 
-def local_batch_size(global_batch, world):
-    if global_batch % world:
-        raise SystemExit(f"error: --batch-size {global_batch} is the global batch and must divide over the "
-                         f"{world} ranks; use a multiple of {world}")
-    return global_batch // world
-
-
 class GlobalBatchSampler(Sampler):
     """Rank r's batch is the r-th slice of the single-process global batch, one permutation per epoch from
     (seed, epoch), the tail dropped (DistributedSampler, drop_last=True); `start_step` resumes an epoch."""
 
     def __init__(self, dataset_len, global_batch, rank, world, seed):
+        if global_batch % world:
+            raise SystemExit(f"error: --batch-size {global_batch} is the global batch and must divide over the "
+                             f"{world} ranks; use a multiple of {world}")
         self.n, self.global_batch, self.rank, self.world, self.seed = dataset_len, global_batch, rank, world, seed
         self.local_batch = global_batch // world
         self.epoch, self.start_step = 0, 0
@@ -723,8 +705,7 @@ def save_checkpoint(args, step, saved, note):
 def export_backbone(path, state):
     """The evaluated backbone of a checkpoint's state, in bare timm key format with its architecture:
     DINO's teacher, the online encoder of the others (state['eval_key'])."""
-    network = state[state["eval_key"]]
-    backbone = {k[len("backbone."):]: v for k, v in network.items() if k.startswith("backbone.")}
+    backbone = {k[len("backbone."):]: v for k, v in state[state["eval_key"]].items() if k.startswith("backbone.")}
     vit.save_atomic(path, {"arch": state["arch"], "backbone": backbone, "method": state["args"]["method"],
                            "addon": state["args"]["addon"]})
 
@@ -819,10 +800,7 @@ class Interrupt:
     def __init__(self, world=1):
         self.signum, self.world, self.vote = 0, world, None  # signum: the signal received, 0 while none
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.signum = signum
+            signal.signal(sig, lambda signum, frame: setattr(self, "signum", signum))
 
     def poll(self):
         """The signal every rank stops on after this step (0: go on). Ranks may see a signal at different
@@ -868,18 +846,18 @@ def resolve_precision(requested, device):
     return precision
 
 
-def run_summary(log_path, backbone_path, seconds):
+def run_summary(output_dir, seconds):
     """The end of a run in two lines: what the k-NN monitor saw (first and last entry of log.jsonl, so
     a resumed run reports its whole history) and the command to run next."""
+    log_path, backbone, linear = (os.path.join(output_dir, f) for f in ("log.jsonl", "backbone.pth", "linear"))
     knn = []
     if os.path.exists(log_path):
         with open(log_path) as f:
             knn = [r["knn_top1"] for r in map(json.loads, f) if "knn_top1" in r]
     seen = (f"k-NN top-1 {knn[0]:.1f} -> {knn[-1]:.1f} ({knn[-1] - knn[0]:+.1f})" if len(knn) > 1
             else "k-NN monitor off")
-    out = os.path.dirname(backbone_path)
-    return (f"done: {seen} in {seconds / 60:.1f} min; backbone: {backbone_path}\n"
-            f"next: python linear_eval.py --pretrained {backbone_path} --cached --output-dir {os.path.join(out, 'linear')}")
+    return (f"done: {seen} in {seconds / 60:.1f} min; backbone: {backbone}\n"
+            f"next: python linear_eval.py --pretrained {backbone} --cached --output-dir {linear}")
 
 
 # ============ training ============
@@ -888,7 +866,6 @@ def train(args, measure=None):
     """Pretrain as configured; measure: --benchmark's timing of this run's step instead of the loop."""
     # ============ preparing the run ============
     rank, world, device = losses.init_distributed()
-    local_batch = local_batch_size(args.batch_size, world)
     if args.addon == "ser":
         ser_groups(args.batch_size, args.ser_chunk, args.ser_ratio, args.ser_min_images)  # refuse a bad split now
     torch.manual_seed(augment.seed_from("init", args.seed))  # same initial weights on every rank
@@ -900,7 +877,8 @@ def train(args, measure=None):
     base = augment.build_dataset(args.data, "train", None, img_size=args.img_size, **length)
     dataset = augment.MultiViewDataset(base, recipe, seed=args.seed)
     if len(dataset) < args.batch_size:
-        raise SystemExit(f"error: {args.data} has {len(dataset)} training images, fewer than --batch-size {args.batch_size}")
+        raise SystemExit(f"error: {args.data} has {len(dataset)} training images, fewer than --batch-size "
+                         f"{args.batch_size}")
     sampler = GlobalBatchSampler(len(dataset), args.batch_size, rank, world, args.seed)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=device.type == "cuda",
                         persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals)
@@ -929,14 +907,15 @@ def train(args, measure=None):
     if args.compile:
         compile_backbones(student, teacher)
     losses.log(f"{args.method}{' + ' + args.addon if args.addon else ''} on {args.data}: {world} rank(s) on {device}, "
-               f"{precision}, global batch {args.batch_size} ({local_batch} per rank), "
-               f"lr {args.lr * args.batch_size / 256:.3g} (= {args.lr:g} x batch / 256), {steps_per_epoch} steps/epoch, "
+               f"{precision}, global batch {args.batch_size} ({sampler.local_batch} per rank), lr "
+               f"{args.lr * args.batch_size / 256:.3g} (= {args.lr:g} x batch / 256), {steps_per_epoch} steps/epoch, "
                f"{total_steps} steps")
     losses.log(f"trainable parameters: {sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6:.2f}M; "
                f"weight decay on {len(optimizer.param_groups[0]['params'])} tensors, "
                f"none on {len(optimizer.param_groups[1]['params'])}")
     if rank == 0 and not args.benchmark:
-        vit.save_atomic(os.path.join(args.output_dir, "config.json"), {"argv": sys.argv, "world_size": world, **vars(args)})
+        vit.save_atomic(os.path.join(args.output_dir, "config.json"),
+                        {"argv": sys.argv, "world_size": world, **vars(args)})
     losses.log(json.dumps(vars(args)))
     ddp_student = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else student
@@ -957,8 +936,6 @@ def train(args, measure=None):
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch, start_step=in_epoch)
         for batch in loader:
-            # Every random choice of the step comes from (seed, step) and global positions: the views, SER's
-            # groups (make_step_inputs) and stochastic depth (Student._features); none from the rank.
             meter.add(step_fn(make_step_inputs(batch, photometric, step, args, rank, world, device), step))
             step += 1
             signum = interrupt.poll()
@@ -978,8 +955,7 @@ def train(args, measure=None):
                 log_knn(args, evaluated, knn, step, epoch, device)
     interrupt.close()
     if step >= total_steps:
-        losses.log(run_summary(os.path.join(args.output_dir, "log.jsonl"), os.path.join(args.output_dir, "backbone.pth"),
-                               time.time() - t_start))
+        losses.log(run_summary(args.output_dir, time.time() - t_start))
     losses.finish_distributed()
     if signum:
         sys.exit(128 + signum)  # checkpointed, but not finished: a scheduler must not count it as done
@@ -1018,7 +994,7 @@ def benchmark(args):
     over its floor (train_step alone, on inputs already on the device)."""
     local_batch = args.batch_size // int(os.environ.get("WORLD_SIZE", 1))
     flops = count_flops_per_image(args, local_batch)  # before train() starts the process group: one rank's count
-    return train(args, measure=functools.partial(measure_steps, flops_per_image=flops))
+    return train(args, measure=functools.partial(measure_steps, flops=flops))
 
 
 def timed(fn, device):
@@ -1031,7 +1007,7 @@ def timed(fn, device):
     return time.perf_counter() - t0
 
 
-def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, precision, rank, world, flops_per_image):
+def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, precision, rank, world, flops):
     local_batch, n = args.batch_size // world, args.benchmark
     inputs = functools.partial(make_step_inputs, photometric=photometric, args=args, rank=rank, world=world,
                                device=device)
@@ -1066,24 +1042,25 @@ def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, 
     step_time = (wait + compute) / n
     if device.type == "cuda":
         peak_mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (GPU, allocated)"
-    elif resource is not None:
+    elif sys.platform != "win32":
+        import resource  # --benchmark's peak memory on CPU; Unix only
         per_gib = 2**30 if sys.platform == "darwin" else 2**20  # ru_maxrss: bytes on macOS, KiB on Linux
         peak_mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_gib:.2f} GiB (process max RSS)"
     else:
         peak_mem = "unknown (no resource module)"
-    achieved = flops_per_image * local_batch / (compute / n) / 1e12
+    achieved = flops * local_batch / (compute / n) / 1e12
     result = {"method": args.method, "addon": args.addon, "arch": args.arch, "img_size": args.img_size,
               "global_batch": args.batch_size, "world_size": world, "device": str(device), "precision": precision,
               "images_per_s": args.batch_size / step_time, "step_ms": 1000 * step_time,
               "data_wait_ms": 1000 * wait / n, "compute_ms": 1000 * compute / n,
               "floor_ms": 1000 * floor / n, "step_over_floor": step_time / (floor / n),
-              "gflops_per_image": flops_per_image / 1e9, "achieved_tflops_per_rank": achieved, "peak_memory": peak_mem,
+              "gflops_per_image": flops / 1e9, "achieved_tflops_per_rank": achieved, "peak_memory": peak_mem,
               "pipeline_images_per_s_per_worker": pipe_rate, "num_workers": args.num_workers,
               "peak_tflops": peak_tflops, "peak_source": "--peak-tflops" if args.peak_tflops
               else f"measured: the best torch.mm at {precision} in 1 s",
               # Model FLOPs over compute time (data wait excluded), and over the whole step.
               "mfu_compute": achieved / peak_tflops,
-              "mfu_step": flops_per_image * local_batch / step_time / 1e12 / peak_tflops}
+              "mfu_step": flops * local_batch / step_time / 1e12 / peak_tflops}
     if rank == 0:
         print(json.dumps(result, indent=1))
         print(f"step / floor: {result['step_over_floor']:.3f} ({result['step_ms']:.1f} ms per step, "
@@ -1093,7 +1070,7 @@ def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, 
     return result
 
 
-def count_flops_per_image(args, local_batch, **overrides):
+def count_flops_per_image(args, n_rank, **overrides):
     """FLOPs per image of one training step as torch.utils.flop_counter counts them, on the meta device
     (nothing computed: ViT-S/16 at 224 px counts in seconds). One rank's count: call it outside any
     process group, where the losses' collectives are the identity."""
@@ -1104,17 +1081,17 @@ def count_flops_per_image(args, local_batch, **overrides):
         student, teacher = build_models(args)
         dino_loss = losses.DINOLoss(args.head_out or 65536) if args.method == "dino" else None
     recipe = build_recipe(args)
-    batch = {"images": [torch.zeros(local_batch, 3, v.size, v.size, dtype=torch.uint8, device=meta) for v in recipe.views],
-             "crop": [torch.zeros(local_batch, 4)] * len(recipe.views),
-             "flip": [torch.zeros(local_batch, dtype=torch.bool)] * len(recipe.views)}
+    batch = {"images": [torch.zeros(n_rank, 3, v.size, v.size, dtype=torch.uint8, device=meta) for v in recipe.views],
+             "crop": [torch.zeros(n_rank, 4)] * len(recipe.views),
+             "flip": [torch.zeros(n_rank, dtype=torch.bool)] * len(recipe.views)}
     if recipe.plain_size:
-        batch["plain"] = torch.zeros(local_batch, 3, recipe.plain_size, recipe.plain_size, dtype=torch.uint8, device=meta)
+        batch["plain"] = torch.zeros(n_rank, 3, recipe.plain_size, recipe.plain_size, dtype=torch.uint8, device=meta)
     with FlopCounterMode(display=False) as counter:
         step_batch = make_step_inputs(batch, recipe.photometric(), 0, args, 0, 1, meta)
         teacher_out = teacher(step_batch) if teacher is not None else None
         terms = compute_losses(args, student(step_batch), teacher_out, step_batch, dino_loss, 0)
         (terms["inv"] + terms.get("equiv", 0)).backward()
-    return counter.get_total_flops() / local_batch
+    return counter.get_total_flops() / n_rank
 
 
 def matmul_peak_tflops(device, precision):

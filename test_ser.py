@@ -1697,7 +1697,7 @@ def test_bad_configurations_give_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="--equiv-layer"):
         config("--ser --equiv-layer 3", tmp_path)  # depth 3: [CLS] would join after the last block
     with pytest.raises(SystemExit, match="must divide over the 2 ranks"):
-        pretrain.local_batch_size(15, 2)
+        pretrain.GlobalBatchSampler(32, 15, 0, 2, 0)
     with pytest.raises(SystemExit, match="b2 group would take 2 of the 2 images"):
         pretrain.ser_groups(2, 256, 0.01, 2)
     with pytest.raises(SystemExit, match="not divisible by --patch-size"):
@@ -2185,7 +2185,7 @@ def test_knn_monitor_reports_initialisation_and_epochs(tmp_path, capsys):
     assert f"backbone: {tmp_path / 'backbone.pth'}" in out and "next: python linear_eval.py --pretrained" in out
     with open(tmp_path / "log.jsonl", "a") as f:
         f.write(json.dumps({"step": 4, "epoch": 1, "knn_top1": last + 10.0}) + "\n")
-    assert f"-> {last + 10:.1f} ({last + 10 - first:+.1f})" in pretrain.run_summary(str(tmp_path / "log.jsonl"), "b.pth", 60)
+    assert f"-> {last + 10:.1f} ({last + 10 - first:+.1f})" in pretrain.run_summary(str(tmp_path), 60)
 
 
 
