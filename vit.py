@@ -110,9 +110,12 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
         if weight_init not in ("trunc_normal", "moco"):
             raise ValueError(f"weight_init must be 'trunc_normal' or 'moco', got {weight_init!r}")
-        # The constructor's arguments, everything needed to rebuild this exact network; saved in every
-        # checkpoint we write, because the head count (and the SER split) cannot be read off a state dict.
-        self.arch = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        # Everything needed to rebuild this exact network; saved in every checkpoint we write,
+        # because the head count (and the SER split) cannot be read off a state dict.
+        self.arch = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                         depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                         drop_path_rate=drop_path_rate, pos_embed=pos_embed, cls_after_block=cls_after_block,
+                         stop_grad_conv1=stop_grad_conv1, weight_init=weight_init)
         self.patch_size, self.embed_dim, self.depth, self.num_heads = patch_size, embed_dim, depth, num_heads
         self.cls_after_block = cls_after_block
         self.grid_size = (img_size // patch_size, img_size // patch_size)
