@@ -633,8 +633,6 @@ if __name__ == "__main__":
     else:
         rows = [np.concatenate([data.render(c + j * data.num_classes)[0] for j in range(8)], 1)
                 for c in range(data.num_classes)]  # 8 images of class c in row c
-        try:
+        with vit.exit_on_write_error():
             vit.save_atomic(args.out, Image.fromarray(np.concatenate(rows, 0)))  # write-then-rename, as every output
-        except OSError as e:
-            raise SystemExit(str(e)) from None
         print(f"wrote {args.out}: rows are {data.classes}")

@@ -746,10 +746,8 @@ def main(argv=None):
                 with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
                     f.write(json.dumps({"iteration": it + 1, "lr": lr, **values}) + "\n")
         if rank == 0 and ((it + 1) % args.ckpt_every == 0 or it + 1 == args.iters):
-            try:
+            with vit.exit_on_write_error("detect_eval.py: "):
                 save_checkpoint(ckpt_path, model, optimizer, it + 1, args, digest, train_set.cat_ids)
-            except OSError as e:
-                raise SystemExit(f"detect_eval.py: {e}") from None
     train_time = time.time() - t0
 
     # ============ evaluating on the val split ============
@@ -763,11 +761,10 @@ def main(argv=None):
                    "backbone": args.pretrained or f"random init {args.arch}", "num_val_images": len(val_set),
                    "num_detections": len(detections), "train_time_s": train_time,
                    "eval_time_s": time.time() - t0, "world_size": world_size, "args": vars(args)}
-        try:  # each file replaced in one step, the results last; the detections in pycocotools' loadRes format
+        # each file replaced in one step, the results last; the detections in pycocotools' loadRes format
+        with vit.exit_on_write_error("detect_eval.py: "):
             vit.save_atomic(os.path.join(args.output_dir, "detections_val.json"), detections, indent=None)
             vit.save_atomic(os.path.join(args.output_dir, "detect_results.json"), results)
-        except OSError as e:
-            raise SystemExit(f"detect_eval.py: {e}") from None
         losses.log(f"AP {stats[0]:.4f} AP50 {stats[1]:.4f} -> {os.path.join(args.output_dir, 'detect_results.json')}")
     linear_eval.assert_unchanged(backbone, reference)  # MoCo v3's sanity check: the backbone stayed frozen
     losses.finish_distributed()

@@ -433,14 +433,12 @@ def main(argv=None):
                    time_s=round(time.time() - start, 1), args=vars(args))
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
-        try:  # each file replaced in one step, the results last: they never describe a probe not on disk
+        with vit.exit_on_write_error():  # each file replaced in one step, the results last: never a probe not on disk
             save_probe(os.path.join(args.output_dir, "linear_probe.pth"), backbone, sweep.heads[best],
                        args.n_last_blocks, args.avgpool, num_classes, img_size, args.data,
                        classes=list(train_eval_set.classes),  # robustness_eval.py compares them with its --data
                        lr=args.lrs[best], top1=val_acc[best]["top1"], top5=val_acc[best]["top5"])
             vit.save_atomic(os.path.join(args.output_dir, "linear_eval.json"), results)
-        except OSError as e:
-            raise SystemExit(str(e)) from None
         log(f"wrote {args.output_dir}/linear_eval.json and linear_probe.pth ({results['time_s']:.0f}s)")
     losses.finish_distributed()
     return results

@@ -695,11 +695,9 @@ def save_checkpoint(args, step, saved, note):
     if not bool(torch.stack([torch.isfinite(t).all() for t in weights]).all()):  # one host sync
         raise SystemExit(f"error: non-finite weights at step {step}; {note}. {DIVERGED}")
     if losses.rank() == 0:
-        try:
+        with vit.exit_on_write_error("error: "):
             vit.save_atomic(os.path.join(args.output_dir, "checkpoint.pth"), state)
             export_backbone(os.path.join(args.output_dir, "backbone.pth"), state)
-        except OSError as e:
-            raise SystemExit(f"error: {e}") from None
 
 
 def export_backbone(path, state):

@@ -839,7 +839,8 @@ def released_corruptions(root, entries, img_size):
     """The released ImageNet-C JPEGs: <root>/<c>/<s>/<wnid>/* or <root>/<family>/<c>/<s>/<wnid>/*."""
     items, entry = [], []
     for e, (name, severity) in enumerate(entries):
-        candidates = [os.path.join(root, fam, name, str(severity)) for fam in ("", "noise", "blur", "weather", "digital")]
+        families = ("", "noise", "blur", "weather", "digital")  # <root>/<name>/<severity>, or under a family folder
+        candidates = [os.path.join(root, fam, name, str(severity)) for fam in families]
         folder = next((c for c in candidates if os.path.isdir(c)), None)
         if folder is None:
             raise SystemExit(f"--imagenet-c-dir {root}: no folder {name}/{severity} (flat or per family)")
@@ -1045,10 +1046,8 @@ def figure_layer(args, backbones):
 def figures(args, backbones, names, clean_set, layer, device):
     """--figures: the first --figure-images clean val images through write_figures."""
     x = torch.stack([clean_set[i][0] for i in range(min(args.figure_images, len(clean_set)))]).to(device)
-    try:
+    with vit.exit_on_write_error():
         paths, _ = write_figures(backbones, names, x, args.figures, layer)
-    except OSError as e:
-        raise SystemExit(str(e)) from None
     log("figures: " + ", ".join(paths))
 
 
@@ -1254,10 +1253,8 @@ def main(args):
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         path = os.path.join(args.output_dir, "robustness.json")
-        try:
+        with vit.exit_on_write_error():
             vit.save_atomic(path, results)  # write-then-rename: a kill never leaves half a JSON
-        except OSError as e:
-            raise SystemExit(str(e)) from None
         log(f"\nwrote {path} in {results['seconds']:.0f}s")
     losses.finish_distributed()
     return results

@@ -15,7 +15,7 @@ import math
 import os
 import re
 from collections import OrderedDict
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -347,6 +347,16 @@ def save_atomic(path, obj, indent=1):
             raise OSError(f"could not write {path}: {e.strerror or e}; the previous file, if any, is intact "
                           "(free some space or choose another --output-dir)") from None
         raise
+
+
+@contextmanager
+def exit_on_write_error(prefix=""):
+    """Every script's outputs: a failed save_atomic (a full disk, no permission) ends the run with its one-line
+    error, `prefix` first; the previous file is intact."""
+    try:
+        yield
+    except OSError as e:
+        raise SystemExit(f"{prefix}{e}") from None
 
 
 def load_checkpoint(path, map_location="cpu"):
