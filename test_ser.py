@@ -2021,6 +2021,18 @@ def test_benchmark_reports_the_distance_to_the_compute_floor(tmp_path, capsys):
     assert given["mfu_compute"] == pytest.approx(given["achieved_tflops_per_rank"] / 2)
 
 
+def test_benchmark_times_only_steps_it_has_warmed_up(tmp_path, monkeypatch):
+    """SER draws new b2 grids each step (on a GPU a new grid plans its attention kernels once): the floor
+    times steps 3..n+2 only after a warm-up over the same steps; without SER 3 warm-up steps suffice."""
+    steps, train_step = [], pretrain.train_step
+    monkeypatch.setattr(pretrain, "train_step",
+                        lambda batch, step, **kw: steps.append(step) or train_step(batch, step, **kw))
+    for flags, warm in (("--method mocov3 --ser --equiv-layer 2", [0, 1, 2, 3, 4]), ("--method mocov3", [0, 1, 2])):
+        steps.clear()
+        pretrain.benchmark(config(f"{flags} --benchmark 2", tmp_path))
+        assert steps[:len(warm) + 2] == warm + [3, 4]  # the warm-up, then the floor's timed steps
+
+
 @pytest.mark.parametrize("native, flag, expected", [(True, "", torch.bfloat16), (False, "", torch.float32),
                                                     (True, "--precision fp32", torch.float32),
                                                     (False, "--precision bf16", torch.bfloat16)])
