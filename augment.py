@@ -475,8 +475,7 @@ def adjust_hue(x, factor):
     d = torch.where(flat, 1.0, delta)
     h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2 + (b - r) / d, 4 + (r - g) / d))
     h = (h / 6 + factor.view(-1, 1, 1)).remainder(1.0)
-    # HSV -> RGB without a sector lookup: channel n in {5, 3, 1} is v - v*s*clamp(min(k, 4 - k), 0, 1)
-    # with k = (n + 6h) mod 6.
+    # HSV -> RGB without a sector lookup: channel n in {5, 3, 1} is v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) % 6
     n = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)  # [5, 3, 1], made on the device
     k = (n + 6 * h.unsqueeze(1)).remainder(6)
     ramp = torch.minimum(k, 4 - k).clamp(0, 1)
