@@ -9,19 +9,7 @@ Randomness is a pure function of (seed, epoch, sample index) on the worker side 
 view id) on the device side, drawn for the whole global batch and sliced by rank, so a run replays exactly
 whatever the number of workers or ranks (unlike DINO's fix_random_seeds, which gives every rank the same stream).
 
-As pretrain.py uses it (build_recipe, make_step_inputs; B the global batch, n = B / world per rank):
-
-    recipe = recipe_for(method, args.img_size, args.crop_min, args.n_local_crops, extra, args.patch_size)
-    base = build_dataset(args.data, "train", img_size=args.img_size)  # synthetic: length=args.synthetic_length
-    dataset = MultiViewDataset(base, recipe, seed=args.seed)  # pretrain.GlobalBatchSampler gives each rank n images
-    photometric = recipe.photometric()                        # one PhotometricAugment per view
-    for batch in loader:  # batch['images'][v]: (n, 3, h_v, w_v) uint8; batch['crop'][v]: (n, 4); batch['flip'][v]: (n,)
-        p = photometric[v].sample_params(B, device_generator(args.seed, step, 0, v))  # the global batch's
-        p = {k: t[rank * n:(rank + 1) * n] for k, t in p.items()}                      # this rank's rows, on the CPU
-        x_v = normalize(photometric[v].apply(batch["images"][v].to(device).float() / 255, p))
-
-method is 'byol' for SimCLR; extra is the add-on (recipe_for) unless it is SER, whose b2 views re-colour one
-worker crop with two of these PhotometricAugments (pretrain.ser_pair_sources).
+pretrain.py puts them together: build_recipe, make_step_inputs, ser_pair_sources (SER's b2 views).
 
     python augment.py --out samples.png     # a grid of synthetic images, one row per class
     python augment.py --bench               # generation speed
@@ -90,9 +78,7 @@ def progress(iterable, total, label, log=print, every=30.0):
         log(f"{label} {done}/{total}, {(time.time() - start) / 60:.1f} min, done")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Synthetic shapes: the offline default dataset
-
+# ---------------------------------------------------------------------- synthetic shapes: the offline default dataset
 def _regular(n, radius=1.0, phase=math.pi / 2):
     a = phase + 2 * math.pi * np.arange(n) / n
     return np.stack([radius * np.cos(a), radius * np.sin(a)], 1)
@@ -228,9 +214,7 @@ class SyntheticShapes(Dataset):
         return (self.transform(image) if self.transform is not None else image), label
 
 
-# ----------------------------------------------------------------------------------------------------
-# Real data
-
+# ---------------------------------------------------------------------- real data
 def _load_rgb(path: str) -> Image.Image:
     """ImageFolder loader that names the file when decoding fails (torchvision's would not)."""
     try:
@@ -272,14 +256,11 @@ def check_same_classes(train: Dataset, val: Dataset, data: str):
 
 
 def build_dataset(data: str, split: str, transform=None, img_size=64, length=None) -> Dataset:
-    """Dataset of (image, label) with `.num_classes` and `.classes`.
-
-    data:   'synthetic' (generated; img_size sets its resolution, default length 10k train, 2k val) | an
-            ImageFolder root with train/ and val/ | 'cifar10:<dir>' | 'stl10:<dir>' (torchvision files
-            already on disk, never downloaded; STL-10 'train' is the 5k labelled set).
-    transform: applied to the PIL image; None returns the PIL image (what MultiViewDataset wants).
-    length: truncate (evenly strided) or, for synthetic, set the length.
-    """
+    """Dataset of (image, label) with `.num_classes` and `.classes`. data: 'synthetic' (generated at img_size)
+    | an ImageFolder root with train/ and val/ | 'cifar10:<dir>' | 'stl10:<dir>' (torchvision files already
+    on disk, never downloaded; STL-10 'train' is the 5k labelled set). transform: applied to the PIL image;
+    None returns the PIL image (what MultiViewDataset wants). length: truncate (evenly strided) or, for
+    synthetic, set the length."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if data == "synthetic":
@@ -343,14 +324,11 @@ def make_loader(dataset, batch_size, rank, world, num_workers, shuffle=False, se
                       pin_memory=torch.cuda.is_available(), **kw)
 
 
-# ----------------------------------------------------------------------------------------------------
-# View recipes (worker side: crop + flip; the photometric part is configured here, applied on device)
-
+# ---------------------------------------------------------------------- view recipes
 @dataclass
 class ViewSpec:
-    """One view: its crop (applied in the workers) and its photometric recipe (applied on the device).
-    Per-view blur and solarize probabilities make the BYOL/MoCo/BT/DINO recipes asymmetric; colour jitter
-    and grayscale are PhotometricAugment's defaults on every view."""
+    """One view: its crop (in the workers) and its blur and solarize probabilities (on the device), per view
+    as they make the BYOL/MoCo/BT/DINO recipes asymmetric; jitter and grayscale are the same on every view."""
     size: int  # output side in px: globals the run's img_size, locals 96/224 of it (DINO, SER 2+4)
     # RandomResizedCrop area fraction and aspect range. Raise scale[0] (crop_min) when training is short
     # or images small: tiny crops of 64 px images are mostly background.
@@ -384,15 +362,11 @@ _METHODS = {"mocov3": ("bilinear", (0.05, 0.25)), "dino": ("bicubic", (0.05, 0.4
 
 def recipe_for(method: str, img_size: int, crop_min: float, n_local: int = 0, extra: str | None = None,
                patch_size: int | None = None) -> ViewRecipe:
-    """The official view recipe of `method` (mocov3 | dino | barlowtwins | vicreg | byol).
-
-    Two global views in the asymmetric BYOL recipe (view 0: blur 1.0; view 1: blur 0.1 + solarize 0.2;
-    both jitter(0.4, 0.4, 0.2, 0.1) p 0.8, gray 0.2, flip 0.5), then n_local local crops at 96/224 of
-    img_size with blur 0.5 (DINO multi-crop; SER's "2+4 views" is mocov3 with n_local=4).
-    extra: None | 'equimod' (adds batch['plain']) | 'augself' (nothing to add: every view already
-    records its crop, flip and colour parameters) | 'essl' (adds E-SSL's small crop, named 'essl').
-    patch_size: round the local/E-SSL crop sides to whole patches (64 px, patch 16: locals 32 px).
-    """
+    """The official view recipe of `method`: two global views in the asymmetric BYOL recipe, then n_local
+    local crops (DINO multi-crop; SER's "2+4 views" is mocov3 with n_local=4). extra: None | 'equimod' (adds
+    batch['plain']) | 'augself' (nothing to add: every view records its crop, flip and colour parameters) |
+    'essl' (adds E-SSL's small crop). patch_size: round the local/E-SSL crop sides to whole patches (64 px,
+    patch 16: locals 32 px)."""
     if method not in _METHODS:
         raise ValueError(f"unknown method {method!r} for recipe_for; choose from {sorted(_METHODS)}")
     if extra not in (None, "equimod", "augself", "essl"):
@@ -473,9 +447,7 @@ class MultiViewDataset(Dataset):
         return sample
 
 
-# ----------------------------------------------------------------------------------------------------
-# Photometric augmentation on the device, batched with per-sample parameters
-
+# ---------------------------------------------------------------------- photometric augmentation on the device
 @lru_cache(maxsize=None)
 def _mean_std(device: torch.device):  # (1, 3, 1, 1) each, once per device: a per-call copy would wait for the GPU
     return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
@@ -503,8 +475,7 @@ def adjust_hue(x, factor):
     d = torch.where(flat, 1.0, delta)
     h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2 + (b - r) / d, 4 + (r - g) / d))
     h = (h / 6 + factor.view(-1, 1, 1)).remainder(1.0)
-    # HSV -> RGB without a sector lookup: channel n in {5, 3, 1} is v - v*s*clamp(min(k, 4 - k), 0, 1)
-    # with k = (n + 6h) mod 6.
+    # HSV -> RGB without a sector lookup: channel n in {5, 3, 1} is v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) % 6
     n = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)  # [5, 3, 1], made on the device
     k = (n + 6 * h.unsqueeze(1)).remainder(6)
     ramp = torch.minimum(k, 4 - k).clamp(0, 1)
@@ -539,18 +510,13 @@ def solarize(x, threshold=0.5):
 
 
 class PhotometricAugment:
-    """BYOL-style colour augmentation on a batch, with per-sample parameters drawn on the CPU.
-
-    In order: colour jitter (p_jitter; brightness, contrast, saturation, hue in a random per-sample
-    order, factors U[max(0, 1-j), 1+j] and hue U[-j, j], torchvision's ColorJitter), grayscale (p_gray),
-    Gaussian blur (p_blur), solarize (p_solarize); `normalize` follows.
-
+    """BYOL-style colour augmentation on a batch, with per-sample parameters drawn on the CPU: colour jitter
+    as torchvision's ColorJitter (its four ops in a random per-sample order), grayscale, blur, solarize.
     Blur: sigma ~ U[0.1, 2.0] * img_size/224 px and kernel blur_kernel_size(img_size): the 224-px recipe
     (SER's kornia GaussianBlur, k 9) scaled so that a 64-px run blurs the same fraction of the image.
     img_size is the global crop size even for local crops, as in DINO, whose blur radius is in pixels.
     Solarize: threshold 0.5 (BYOL, MoCo v3, DINO); the SER release draws it in (0, 1) with kornia,
-    flagged in its own comment as a departure.
-    """
+    flagged in its own comment as a departure."""
 
     def __init__(self, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=1.0, p_solarize=0.0,
                  img_size=224, sigma=(0.1, 2.0)):
@@ -579,12 +545,9 @@ class PhotometricAugment:
                 "solarize": (u[:, 7] < self.p_solarize).float()}
 
     def apply(self, x: torch.Tensor, params: dict) -> torch.Tensor:
-        """x float (B, 3, H, W) in [0, 1] on any device -> augmented float in [0, 1] (not normalised).
-
-        params from sample_params, best left on the CPU: the host then reads which samples need hue and
-        blur without a device->host sync. Identity parameters give x back bit-exact. Call it outside
-        autocast: the colour maths is meant in float32.
-        """
+        """x float (B, 3, H, W) in [0, 1] on any device -> augmented float in [0, 1]; identity parameters give
+        x back bit-exact. params are best left on the CPU (_on_rows). Call it outside autocast: the colour
+        maths is meant in float32."""
         on_host = {k: v.cpu() for k, v in params.items()}  # no-op for CPU params
         p = {k: vit.to_device(v, x.device) for k, v in params.items()}
         applied = p["jitter_applied"] > 0
@@ -608,15 +571,13 @@ class PhotometricAugment:
 
 def _on_rows(x, rows, op):
     """op(x[i], i) written into x at the samples i where the CPU mask `rows` is set: hue, grayscale, blur
-    and solarize (hue the costliest) run only on the samples that draw them, and the host knows which."""
+    and solarize (hue the costliest) run only on the samples that draw them, known without a device sync."""
     idx = rows.nonzero().flatten()
     if len(idx):
         idx = vit.to_device(idx, x.device)
         x.index_copy_(0, idx, op(x.index_select(0, idx), idx))
     return x
 
-
-# ----------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="augment.py", description="Synthetic-data preview and generation benchmark")

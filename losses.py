@@ -28,8 +28,7 @@ import vit
 # ---------------------------------------------------------------------- distributed helpers
 # All of them are the identity without a process group.
 def init_distributed():
-    """Every script's launch: under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) NCCL on GPUs, gloo on
-    CPU; otherwise one plain process. Returns (rank, world size, device)."""
+    """Every script's launch: under torchrun NCCL on GPUs, gloo on CPU; otherwise one plain process."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -92,9 +91,8 @@ def _gather_counts(n):
 
 
 def all_gather_rows(x):
-    """Every rank's `x` (N_r, ...) concatenated along dim 0 -> (sum_r N_r, ...) (pad to the max, gather,
-    slice), and the counts. Backward: every rank's loss read our rows, so their gradient is the sum over ranks
-    (VICReg's FullGatherLayer, for variable counts); gather a detached tensor for statistics only."""
+    """Every rank's `x` (N_r, ...) concatenated along dim 0 -> (sum_r N_r, ...), and the counts. Autograd-aware
+    as VICReg's FullGatherLayer, for variable counts; gather a detached tensor for statistics only."""
     if not _distributed():
         return x, [x.shape[0]]
     counts = _gather_counts(x.shape[0])
@@ -112,15 +110,13 @@ def global_count(n):
     return sum(_gather_counts(n)) if _distributed() else n
 
 
-def _global_mean_of_sum(local_sum, global_count_):
-    # W * sum_local / N_global: the ranks' losses add up to W * (global mean), for unequal shares too
+def _global_mean_of_sum(local_sum, global_count_):  # the ranks' losses add up to W * (global mean)
     return local_sum * world_size() / global_count_
 
 
 def _global_standardize(x, eps=1e-5):
-    """BatchNorm1d(affine=False) in train mode on (N, C) over the global batch, with gradients: returns
-    (x - mean) / sqrt(var + eps) with the per-column mean (C,), biased variance (C,) and N_global.
-    Two passes: E[x^2] - E[x]^2 cancels badly in float32 for features with a large mean."""
+    """BatchNorm1d(affine=False) in train mode on (N, C) over the global batch, with gradients, and its mean (C,),
+    biased variance (C,) and N_global. Two passes: E[x^2] - E[x]^2 cancels badly in float32 for large means."""
     n = global_count(x.shape[0])
     mean = all_reduce_sum(x.sum(0)) / n
     var = all_reduce_sum((x - mean).pow(2).sum(0)) / n
@@ -312,10 +308,9 @@ def barlow_twins_loss(z1, z2, lambd=0.0051):
 
 
 def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
-    """VICReg: 25 * MSE + 25 * variance + 1 * covariance, on the (N, D) expander outputs. Convention: the
-    official forward (facebookresearch/vicreg main_vicreg.py), but the MSE is the global mean over N_global*D
-    (the official local mean is the same for equal batches). Variance and covariance on the global batch
-    gathered with gradients, as the official FullGatherLayer."""
+    """VICReg on the (N, D) expander outputs. Convention: the official forward (facebookresearch/vicreg
+    main_vicreg.py) with a global-mean MSE; variance and covariance on the global batch gathered with
+    gradients, as the official FullGatherLayer."""
     z1, z2 = _upcast(z1), _upcast(z2)
     repr_loss = _global_mean_of_sum((z1 - z2).pow(2).sum(), global_count(z1.shape[0]) * z1.shape[1])
     std_loss, cov_loss = 0.0, 0.0
