@@ -4,10 +4,8 @@
 
 read right to left, the order in which the release builds SER's "b2" views (aitrics-chris/SER,
 `Aug_equi.aug_equiv`); R90 is a counter-clockwise torch.rot90 on dims (-2, -1). flip and rot180 are
-per-sample (B,) bool tensors: they keep the shape. k and size are shared by the batch, since a quarter
-turn of a non-square grid or a resize changes the shape. `size` is the token grid (h, w) before the
-turn: the output grid is `size` for even k, `size` transposed for odd k. apply_to_images acts on pixels,
-apply_to_token_map (rho_g) on token maps.
+per sample; k and size are shared by the batch, since a quarter turn of a non-square grid or a resize
+changes the shape: the output grid is `size` for even k, `size` transposed for odd k.
 
 Exactness: D4 parts (k, flip, rot180) compose and invert bit for bit. As continuous maps two resizes
 compose into the last one (align_corners=False keeps pixel centres aligned), so compose keeps the last
@@ -52,8 +50,7 @@ class GroupElement:
             self.size = _check_grid(self.size, "GroupElement.size")
 
     @property
-    def batch_size(self) -> int | None:
-        """B from the per-sample flags, or None if the element has none (it fits any batch)."""
+    def batch_size(self) -> int | None:  # None: no per-sample flags, the element fits any batch
         flags = self.flip if self.flip is not None else self.rot180
         return None if flags is None else len(flags)
 
@@ -103,8 +100,7 @@ def _where(mask: Tensor | None, x: Tensor, op) -> Tensor:
 
 
 def _act(x: Tensor, g: GroupElement, grid: tuple[int, int], resize) -> Tensor:
-    """The normal form, with the resize to g.size supplied by the caller (pixels and tokens differ only
-    there); none when g.size is x's token grid `grid`."""
+    """g(x) in the normal form; pixels and tokens differ only in `resize`, skipped when g.size is x's `grid`."""
     x = _where(g.rot180, x, lambda t: t.flip(-2, -1))   # R180 = flip both axes
     x = _where(g.flip, x, lambda t: t.flip(-1))          # F = flip the width axis
     if g.size not in (None, grid):
@@ -113,8 +109,7 @@ def _act(x: Tensor, g: GroupElement, grid: tuple[int, int], resize) -> Tensor:
 
 
 def select_samples(g: GroupElement, idx) -> GroupElement:
-    """g restricted to the samples `idx` (a slice or index tensor), e.g. to the images of a group that one
-    process holds: the shared k and size are kept, the per-sample flags indexed."""
+    """g on the samples `idx` (a slice or index tensor), e.g. those one process holds; k and size are shared."""
     return GroupElement(k=g.k, flip=None if g.flip is None else g.flip[idx],
                         rot180=None if g.rot180 is None else g.rot180[idx], size=g.size)
 
@@ -177,8 +172,7 @@ def apply_to_images(x: Tensor, g: GroupElement, patch_size: int) -> Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _bicubic_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """(n_out, n_in): F.interpolate's bicubic resize of a length-n_in axis (align_corners=False, no
-    antialias), read off by resizing the identity; made on the device, once per size."""
+    """(n_out, n_in): F.interpolate's bicubic resize of a length-n_in axis, read off by resizing the identity."""
     eye = torch.eye(n_in, device=device, dtype=dtype).view(1, n_in, n_in, 1)  # channel j: the unit vector e_j
     return F.interpolate(eye, size=(n_out, 1), mode="bicubic", align_corners=False)[0, :, :, 0].T
 
@@ -209,7 +203,6 @@ def compose(g2: GroupElement, g1: GroupElement) -> GroupElement:
     if g1.batch_size is not None and g2.batch_size is not None and g1.batch_size != g2.batch_size:
         raise ValueError(f"cannot compose elements for batch sizes {g2.batch_size} and {g1.batch_size}")
     odd = g1.k % 2 == 1
-    # Resize_a . Resize_b = Resize_a as continuous maps; the discrete values differ (module doc).
     size = g1.size if g2.size is None else (g2.size[::-1] if odd else g2.size)
     rot180 = _xor(_xor(g1.rot180, g2.rot180), g2.flip if odd else None)
     return GroupElement(k=(g1.k + g2.k) % 4, flip=_xor(g1.flip, g2.flip), rot180=rot180, size=size)
@@ -217,15 +210,13 @@ def compose(g2: GroupElement, g1: GroupElement) -> GroupElement:
 
 def inverse(g: GroupElement, input_size: tuple[int, int] | None) -> GroupElement:
     """g^-1, where input_size is the token grid (h, w) g was applied to ("resize to size" forgets where
-    it came from; None only when g has no resize): R180^d F^f Resize_in R90^-k, in normal form."""
+    it came from; None only when g has no resize): R180^d F^f Resize_in after R90^-k, composed to normal form."""
     if input_size is not None:
         input_size = _check_grid(input_size, "input_size")
     elif g.size is not None:
         raise ValueError("inverse of an element with a resize needs input_size, the grid it was applied to")
-    odd = g.k % 2 == 1
-    size = None if g.size is None else (input_size[::-1] if odd else input_size)
-    rot180 = _xor(g.rot180, g.flip if odd else None)
-    return GroupElement(k=-g.k % 4, flip=g.flip, rot180=rot180, size=size)
+    size = None if g.size is None else input_size
+    return compose(GroupElement(flip=g.flip, rot180=g.rot180, size=size), GroupElement(k=-g.k))
 
 
 def relative_action(g1: GroupElement, g2: GroupElement, base_size: tuple[int, int]) -> GroupElement:

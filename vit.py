@@ -25,9 +25,8 @@ from torch.utils.checkpoint import checkpoint
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample (no parameters, so no keys). With rows =
-    (ids (B,) CPU long, n), the keep flags are drawn for all n rows of the global batch from torch's CPU
-    generator and rows `ids` taken, so a sample's mask does not depend on which rank holds it."""
+    """Stochastic depth per sample. With rows = (ids (B,) CPU long, n), the keep flags are drawn for all n rows
+    of the global batch from torch's CPU generator and rows `ids` taken: a sample's mask is the same on any rank."""
 
     def __init__(self, p=0.0):
         super().__init__()
@@ -67,8 +66,6 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block."""
-
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -110,8 +107,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
         if weight_init not in ("trunc_normal", "moco"):
             raise ValueError(f"weight_init must be 'trunc_normal' or 'moco', got {weight_init!r}")
-        # Everything needed to rebuild this exact network; saved in every checkpoint we write,
-        # because the head count (and the SER split) cannot be read off a state dict.
+        # Saved in every checkpoint we write: the head count and the SER split cannot be read off a state dict.
         self.arch = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                          depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                          drop_path_rate=drop_path_rate, pos_embed=pos_embed, cls_after_block=cls_after_block,
@@ -284,8 +280,7 @@ def cpu_has_native_bf16():
 
 
 def resolve_precision(device, precision="auto"):
-    """'auto' -> bf16 on CUDA and on CPUs with native bf16 (cpu_has_native_bf16), else fp32. An explicit
-    precision is kept; fp16 needs CUDA (its loss scaler is CUDA-only in this project)."""
+    """'auto': bf16 on CUDA and on CPUs with native bf16, else fp32. fp16's loss scaler is CUDA-only here."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
@@ -296,7 +291,6 @@ def resolve_precision(device, precision="auto"):
 
 
 def autocast(device, precision="auto"):
-    """The autocast context of a step or an evaluation batch on `device` (see resolve_precision)."""
     precision = resolve_precision(device, precision)
     if precision == "fp32":
         return nullcontext()
@@ -304,8 +298,7 @@ def autocast(device, precision="auto"):
 
 
 # ---------------------------------------------------------------------- checkpoints
-# Wrappers (torch.compile, DDP) add these in front of the backbone's own names. They are removed only
-# where a key starts with them (never str.replace inside a key).
+# Wrappers (torch.compile, DDP) put these in front of the backbone's names: stripped at a key's start only.
 WRAPPER_PREFIXES = re.compile(r"^(_orig_mod\.|module\.)+")
 
 
@@ -321,10 +314,8 @@ def strip_prefixes(state_dict):
 
 
 def save_atomic(path, obj, indent=1):
-    """Write `obj` to `path` (JSON with `indent` for `.json`, a PIL image in the format of `path`'s extension,
-    else torch.save) so that an interruption never leaves a partial or lost file: a temporary file in the same
-    folder replaces `path` in one step (os.replace is atomic). On an OSError (a full disk, no permission) the
-    previous `path` is untouched and the one-line error names the path and the cause."""
+    """Write `obj` to `path` (JSON for `.json`, a PIL image in the format of its extension, else torch.save) so
+    that an interruption or a failed write (a full disk) never leaves a partial or lost file: os.replace is atomic."""
     path = os.fspath(path)
     as_json = path.endswith(".json")
     folder, name = os.path.split(os.path.abspath(path))
@@ -351,8 +342,7 @@ def save_atomic(path, obj, indent=1):
 
 @contextmanager
 def exit_on_write_error(prefix=""):
-    """Every script's outputs: a failed save_atomic (a full disk, no permission) ends the run with its one-line
-    error, `prefix` first; the previous file is intact."""
+    """Every script's outputs: a failed save_atomic ends the run with its one-line error, `prefix` first."""
     try:
         yield
     except OSError as e:
@@ -384,9 +374,8 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def load_resumable(path, args, keys, script, runtime_options, map_location="cpu"):
-    """A run's own checkpoint to resume from (load_checkpoint), refused when another script wrote it
-    (it lacks `keys`) or when it was written with other settings than `args`: only runtime_options,
-    which do not change what is computed, may differ. Errors are one-line ValueErrors."""
+    """A run's own checkpoint to resume from, refused when another script wrote it (it lacks `keys`) or with
+    other settings than `args`: only runtime_options, which do not change what is computed, may differ."""
     ckpt = load_checkpoint(path, map_location)
     if not (isinstance(ckpt, dict) and {"args", *keys} <= set(ckpt)):
         raise ValueError(f"{path} is not a {script} checkpoint; move it away or use another --output-dir")
@@ -409,10 +398,8 @@ def refuse_non_finite(path, state_dict):
 
 def load_backbone(path, arch=None, key=None):
     """A frozen-ready ViT (eval mode) from pretrain.py's export ({'arch', 'backbone'}) or full checkpoint (the
-    network `key` names, else the one its method evaluates: DINO's teacher, the others' online encoder), or
-    from released weights, which record no architecture, so pass `arch` (e.g. dict(name='vit_small',
-    patch_size=16)): a DINO full checkpoint ({'teacher', 'student'}), a DINO/timm state dict or a MoCo v3
-    checkpoint ({'state_dict'}). A mismatch is a ValueError naming the missing, unexpected and mis-shaped keys."""
+    network `key` names, else the one its method evaluates: DINO's teacher, the others' online encoder), or from
+    released DINO/timm/MoCo v3 weights, which record no architecture: pass `arch` (dict(name='vit_small', ...))."""
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
