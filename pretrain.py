@@ -107,7 +107,6 @@ SYNTHETIC_METHOD_DEFAULTS = {"dino": dict(weight_decay=0.1, weight_decay_end=0.1
                                           freeze_last_layer=0, ser_ratio=0.25),
                              "byol": dict(momentum=0.96)}
 
-# For schedulers: after a signal the run is checkpointed but not finished, so it exits 128 + the signal number.
 EXIT_CODES = ("exit status: 0 finished or stopped at --stop-at-step; 1 an error; 143 (SIGTERM) or 130 (SIGINT) after "
               "a signal made the run save checkpoint.pth and stop: rerun the same command to resume")
 
@@ -277,9 +276,8 @@ def build_recipe(args):
 
 
 def ser_groups(global_batch, chunk, ratio, min_images):
-    """SER's b2 groups, [start, stop) in the global batch: the last max(min_images, round(ratio * len))
-    positions of each of max(1, round(B / chunk)) near-equal chunks, as each GPU's 3 images in the release
-    (aitrics-chris/SER main_moco.py: 1% of the per-GPU batch), but independent of the number of ranks."""
+    """SER's b2 groups, [start, stop) in the global batch: the tail of each near-equal chunk, as each GPU's 3
+    images in the release (aitrics-chris/SER main_moco.py: 1% of the per-GPU batch), the same on any number of ranks."""
     n_chunks = max(1, round(global_batch / chunk))
     groups = []
     for g in range(n_chunks):
@@ -420,9 +418,8 @@ class Student(nn.Module):
             self.backbone.drop_path_rows = None
 
     def forward(self, batch):
-        """batch: a StepBatch. Returns {'proj': per stream (N_v, d), 'pred', and the add-on's outputs:
-        'ser': per b2 pair, its losses.SERGroup list; 'equimod': (y_t, y_hat_t); 'augself': predictions;
-        'essl': rotation logits}. Stream v's rows: batch.streams[v], then the b2 views that join it."""
+        """batch: a StepBatch. Returns {'proj': per stream (N_v, d), 'pred', and the add-on's: 'ser': per b2 pair,
+        its losses.SERGroup list; 'equimod': (y_t, y_hat_t); 'augself': predictions; 'essl': rotation logits}."""
         globals_, locals_ = batch.streams[:2], batch.streams[2:]
         sizes = [v.shape[0] for v in globals_]
         # One call per resolution: EquiMod's un-augmented view has the global size, so it joins the views.
@@ -453,9 +450,8 @@ class Student(nn.Module):
         return res
 
     def _b2(self, batch, cls):
-        """SER's b2 views: one backbone call per view of each pair of each group on this rank (the grids
-        differ). Their [CLS] join the invariance streams, their token maps after block --equiv-layer go
-        through SER's projector into losses.SERGroup, one list per pair."""
+        """SER's b2 views, one backbone call each (the grids differ): their [CLS] rows join the invariance streams
+        after the b1 rows, their token maps go through SER's projector into losses.SERGroup, one list per pair."""
         layer = self.backbone.cls_after_block
         extra = [[] for _ in cls]  # per stream: the b2 [CLS] rows, group by group
         pairs = [[] for _ in batch.ser_pairs]
@@ -478,8 +474,7 @@ class Student(nn.Module):
 
 
 class Teacher(nn.Module):
-    """EMA copy of backbone + projector (MoCo v3 momentum encoder, DINO teacher, BYOL target): the global
-    streams, b1 rows and then the b2 views that join them, as in Student.forward."""
+    """EMA copy of backbone + projector (MoCo v3 momentum encoder, DINO teacher, BYOL target), on Student's streams."""
 
     def __init__(self, backbone, projector):
         super().__init__()
@@ -703,8 +698,7 @@ def save_checkpoint(args, step, saved, note):
 
 
 def export_backbone(path, state):
-    """The evaluated backbone of a checkpoint's state, in bare timm key format with its architecture:
-    DINO's teacher, the online encoder of the others (state['eval_key'])."""
+    """A checkpoint state's evaluated backbone (state['eval_key']), in bare timm key format with its architecture."""
     backbone = {k[len("backbone."):]: v for k, v in state[state["eval_key"]].items() if k.startswith("backbone.")}
     vit.save_atomic(path, {"arch": state["arch"], "backbone": backbone, "method": state["args"]["method"],
                            "addon": state["args"]["addon"]})
@@ -814,7 +808,6 @@ class Interrupt:
         return agreed
 
     def close(self):
-        """Wait for the vote in flight, if any; its result."""
         if self.vote is not None:
             self.vote[1].wait()
             return self.vote[0]
@@ -835,7 +828,6 @@ def compile_backbones(student, teacher):
 
 
 def resolve_precision(requested, device):
-    """--precision: 'auto' resolved (vit.resolve_precision); emulated bf16 on a CPU runs with a warning."""
     try:
         precision = vit.resolve_precision(device, requested)
     except ValueError as e:
