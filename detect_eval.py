@@ -183,12 +183,9 @@ SHAPES = ("circle", "triangle", "square", "star")
 
 
 class SyntheticDetection:
-    """Filled circles, triangles, squares and stars on textured images, generated from (seed, split, index).
-
-    Objects do not overlap, so every box is the full visible extent of its shape. GT 'area' is the shape's own
-    area (like COCO's segmentation area), not the box area. Sizes span COCO's small and medium buckets and reach
-    large (> 96^2 px) at 160 px images.
-    """
+    """SHAPES on textured images, a function of (seed, split, index). Objects do not overlap, so every box is the
+    full visible extent of its shape. GT 'area' is the shape's own area (like COCO's segmentation area), not the
+    box area. Sizes span COCO's small and medium buckets and reach large (> 96^2 px) at 160 px images."""
 
     def __init__(self, num_images, img_size=160, seed=0, split="train"):
         self.num_images, self.img_size, self.seed = num_images, img_size, seed
@@ -198,7 +195,7 @@ class SyntheticDetection:
         return np.random.default_rng([self.seed, self.split_code, index, stream])
 
     def layout(self, index):
-        """Objects of image `index`: dicts with category_id, bbox [x, y, w, h], area, color and geometry."""
+        """Objects of image `index`: dicts with category_id, bbox [x, y, w, h], area, color and polygon."""
         rng, S = self._rng(index, 0), self.img_size
         objects = []
         for _ in range(int(rng.integers(1, 6))):
@@ -361,11 +358,9 @@ def box_iou_xywh(dt, gt, crowd):
 
 
 def match_image(ious, dt_area, gt_area, gt_crowd, area_range):
-    """Greedy matching of one (image, category) for one area range, at every IoU threshold.
-
-    ious (D, G) with detections already sorted by score. Returns dt_matched (T, D), dt_ignore (T, D)
-    and gt_ignore (G,) in pycocotools' order (non-ignored GTs first).
-    """
+    """Greedy matching of one (image, category) for one area range at every IoU threshold, on ious (D, G) with the
+    detections sorted by score: dt_matched (T, D), dt_ignore (T, D) and gt_ignore (G,) in pycocotools' order
+    (non-ignored GTs first)."""
     lo, hi = area_range
     gt_ignore = gt_crowd | (gt_area < lo) | (gt_area > hi)  # inclusive bounds
     order = np.argsort(gt_ignore, kind="mergesort")
@@ -392,11 +387,8 @@ def match_image(ious, dt_area, gt_area, gt_crowd, area_range):
 
 
 def coco_evaluate(gt, detections):
-    """pycocotools COCOeval(iouType='bbox') stats for a GT dict and a results list.
-
-    detections: [{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}]. Returns the 12 stats
-    (STAT_NAMES order) as a list of floats; -1 where a slice has no GT.
-    """
+    """pycocotools COCOeval(iouType='bbox') stats in STAT_NAMES order (-1 where a slice has no GT) of detections
+    [{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}] against a GT dict."""
     img_ids = sorted({im["id"] for im in gt["images"]})
     cat_ids = sorted({c["id"] for c in gt["categories"]})
     unknown = {d["image_id"] for d in detections} - set(img_ids)
