@@ -1,12 +1,9 @@
 """Linear probe and k-NN evaluation of a frozen ViT (DINO protocol, SER's held-out lr selection).
 
-Linear features follow DINO's eval_linear.py: the [CLS] token of each of the last n blocks through the
-final norm, concatenated (n = 4 for ViT-S: 4 x 384 = 1536-d), optionally followed by the mean patch token
-of the last block (--avgpool, DINO's ViT-B recipe with n = 1); n = 1 alone is MoCo v3's protocol. One
-linear head per learning rate is trained on the same features (one backbone forward for all of them); the
-head with the best top-1 on a held-out part of the train split is reported on val, like SER's sweep on its
-imagenet_eval split. k-NN (DINO's eval_knn.py: k = 20, T = 0.07) runs on the L2-normalised final [CLS], the
-last block's slice of the linear features. The backbone stays frozen in eval mode, checked unchanged at the end.
+Features as in DINO's eval_linear.py: the final-norm [CLS] of each of the last n blocks (n = 4 for ViT-S; n = 1
+alone is MoCo v3's protocol), then with --avgpool the last block's mean patch token (DINO's ViT-B, n = 1). One
+head per lr trains on them; the best on a held-out part of the train split is reported on val, like SER's sweep
+on its imagenet_eval split. k-NN as in DINO's eval_knn.py (k = 20, T = 0.07), on the last block's [CLS].
 
     # pretrain.py's export (or its checkpoint.pth); --cached trains on cached features, fast on CPU
     python linear_eval.py --pretrained runs/default/backbone.pth --cached --output-dir runs/default/linear
@@ -146,10 +143,9 @@ class WithIndex(Dataset):
 
 @torch.no_grad()
 def gather_features(feature_fn, loader, device, label=None, log=print):
-    """Features (N, F) float32 and labels (N,) of all N samples of loader.dataset, on every rank. Each rank
-    embeds its own shard; the shards are all-gathered with their dataset indices and written with index_copy_,
-    so the order is the dataset's and the samples a DistributedSampler repeats to pad its shards only rewrite
-    a row with the same values. With `label`, the pass logs its progress and ETA."""
+    """Features (N, F) float32 and labels (N,) of all N samples of loader.dataset, on every rank. Each rank embeds
+    its shard; the shards are all-gathered with their dataset indices and written with index_copy_, so the order is
+    the dataset's, and a sample a DistributedSampler repeats to pad its shards rewrites its row with the same values."""
     n = len(loader.dataset)
     features = labels = None
     for batch in (augment.progress(loader, len(loader), label, log) if label else loader):
