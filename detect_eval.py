@@ -18,8 +18,6 @@ sizes; train2017 holds 2 zero-height boxes, hence --allow-degenerate-boxes:
         --out-channels 256 --box-head-dim 1024 --rpn-batch 256 --roi-batch 512 --proposals-train 2000 \
         --proposals-test 1000 --optimizer sgd --lr 0.02 --weight-decay 1e-4 --batch-size 2 --iters 90000 \
         --warmup-iters 1000 --eval-batch-size 4 --num-workers 8 --output-dir runs/det_coco
-
-A run resumes automatically from OUTPUT_DIR/checkpoint.pth. Results: stdout and OUTPUT_DIR/detect_results.json.
 """
 
 import argparse
@@ -60,12 +58,9 @@ def _is_number(v):
 
 
 def validate_coco(coco, source, allow_degenerate=False):
-    """Check a COCO instances dict and fill the optional `iscrowd` (default 0); errors name `source`.
-
-    Boxes must be finite (an infinite box crashes torchvision's roi_align) and inside their image up to
-    BOX_TOLERANCE px. Zero-size boxes are an error unless allow_degenerate: they are then kept for scoring,
-    as pycocotools does, and left out of the training targets.
-    """
+    """Check a COCO instances dict and fill the optional `iscrowd` (default 0); errors name `source`. Boxes must be
+    finite: an infinite box crashes torchvision's roi_align. Zero-size boxes, refused unless allow_degenerate, count
+    for scoring as in pycocotools."""
     if not isinstance(coco, dict):
         raise ValueError(f"{source}: expected a JSON object with images/annotations/categories")
     for section, (keys, int_keys) in COCO_KEYS.items():
@@ -120,8 +115,7 @@ def validate_coco(coco, source, allow_degenerate=False):
 
 
 def load_coco(ann_file, image_dir=None, allow_degenerate=False):
-    """Read and validate an instances JSON; with image_dir, also check that every image file exists and has the
-    width and height the JSON gives it (PIL reads the header only)."""
+    """validate_coco on a JSON file; with image_dir, also each image file's presence and size (PIL reads the header)."""
     try:
         with open(ann_file) as f:
             coco = json.load(f)
@@ -149,12 +143,8 @@ def load_coco(ann_file, image_dir=None, allow_degenerate=False):
 
 
 class CocoDetection(Dataset):
-    """Images (uint8 (3, H, W)) and Faster R-CNN targets from a validated COCO dict.
-
-    Categories map to contiguous labels 1..K in sorted id order (0 is torchvision's background). Crowd regions
-    and zero-size boxes only matter for scoring: they are left out of the targets. Pixels come from
-    image_dir/file_name, or from render(image_id) for the synthetic set.
-    """
+    """Images and Faster R-CNN targets of a validated COCO dict: labels 1..K in sorted category id order (0 is
+    torchvision's background); crowd regions and zero-size boxes only count for scoring, not in the targets."""
 
     def __init__(self, coco, image_dir=None, render=None):
         self.images = sorted(coco["images"], key=lambda im: im["id"])
@@ -193,12 +183,9 @@ SHAPES = ("circle", "triangle", "square", "star")
 
 
 class SyntheticDetection:
-    """Filled circles, triangles, squares and stars on textured images, generated from (seed, split, index).
-
-    Objects do not overlap, so every box is the full visible extent of its shape. GT 'area' is the shape's own
-    area (like COCO's segmentation area), not the box area. Sizes span COCO's small and medium buckets and reach
-    large (> 96^2 px) at 160 px images.
-    """
+    """SHAPES on textured images, a function of (seed, split, index). Objects do not overlap, so every box is the
+    full visible extent of its shape. GT 'area' is the shape's own area (like COCO's segmentation area), not the
+    box area. Sizes span COCO's small and medium buckets and reach large (> 96^2 px) at 160 px images."""
 
     def __init__(self, num_images, img_size=160, seed=0, split="train"):
         self.num_images, self.img_size, self.seed = num_images, img_size, seed
@@ -208,7 +195,7 @@ class SyntheticDetection:
         return np.random.default_rng([self.seed, self.split_code, index, stream])
 
     def layout(self, index):
-        """Objects of image `index`: dicts with category_id, bbox [x, y, w, h], area, color and geometry."""
+        """Objects of image `index`: dicts with category_id, bbox [x, y, w, h], area, color and polygon."""
         rng, S = self._rng(index, 0), self.img_size
         objects = []
         for _ in range(int(rng.integers(1, 6))):
@@ -286,11 +273,8 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class SimpleFeaturePyramid(nn.Module):
-    """ViTDet's pyramid on the frozen ViT's last token map (stride p = patch size).
-
-    Levels '0'..'3' at strides p/4, p/2, p, 2p (4, 8, 16, 32 for p = 16) and 'pool' at 4p, each with
-    out_channels, which is the OrderedDict torchvision's FPN-style RPN and MultiScaleRoIAlign expect.
-    """
+    """ViTDet's pyramid on the frozen ViT's last token map (stride p = patch size): levels '0'..'3' and 'pool' at
+    self.strides, each with out_channels, the OrderedDict torchvision's FPN-style RPN and MultiScaleRoIAlign expect."""
 
     def __init__(self, backbone, out_channels=256):
         super().__init__()
@@ -374,11 +358,9 @@ def box_iou_xywh(dt, gt, crowd):
 
 
 def match_image(ious, dt_area, gt_area, gt_crowd, area_range):
-    """Greedy matching of one (image, category) for one area range, at every IoU threshold.
-
-    ious (D, G) with detections already sorted by score. Returns dt_matched (T, D), dt_ignore (T, D)
-    and gt_ignore (G,) in pycocotools' order (non-ignored GTs first).
-    """
+    """Greedy matching of one (image, category) for one area range at every IoU threshold, on ious (D, G) with the
+    detections sorted by score: dt_matched (T, D), dt_ignore (T, D) and gt_ignore (G,) in pycocotools' order
+    (non-ignored GTs first)."""
     lo, hi = area_range
     gt_ignore = gt_crowd | (gt_area < lo) | (gt_area > hi)  # inclusive bounds
     order = np.argsort(gt_ignore, kind="mergesort")
@@ -405,11 +387,8 @@ def match_image(ious, dt_area, gt_area, gt_crowd, area_range):
 
 
 def coco_evaluate(gt, detections):
-    """pycocotools COCOeval(iouType='bbox') stats for a GT dict and a results list.
-
-    detections: [{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}]. Returns the 12 stats
-    (STAT_NAMES order) as a list of floats; -1 where a slice has no GT.
-    """
+    """pycocotools COCOeval(iouType='bbox') stats in STAT_NAMES order (-1 where a slice has no GT) of detections
+    [{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}] against a GT dict."""
     img_ids = sorted({im["id"] for im in gt["images"]})
     cat_ids = sorted({c["id"] for c in gt["categories"]})
     unknown = {d["image_id"] for d in detections} - set(img_ids)
@@ -480,7 +459,6 @@ def format_stats(stats):
 
 # ----------------------------------------------------------------------------- training utilities
 def learning_rate(it, args):
-    """lr at iteration `it`: linear warm-up from 0.001*lr, then step (x0.1 at each --decay-at) or cosine."""
     if it < args.warmup_iters:
         return args.lr * (0.001 + 0.999 * it / args.warmup_iters)
     if args.schedule == "cosine":
@@ -537,8 +515,6 @@ def save_checkpoint(path, model, optimizer, iteration, args, digest, cat_ids):
 
 
 def load_checkpoint(path, model, optimizer, args, digest, cat_ids):
-    """Resume: refuse a checkpoint written with other settings, on another backbone or for other categories
-    (`cat_ids`), then load it."""
     ckpt = vit.load_resumable(path, args, ("model", "optimizer", "iteration"), "detect_eval.py", RUNTIME_OPTIONS)
     if ckpt.get("backbone_digest", digest) != digest:
         raise ValueError(f"{path} holds heads trained on other backbone weights than {args.pretrained} has now "
@@ -656,7 +632,6 @@ def get_args_parser():
 
 
 def check_args(args):
-    """Ranges of the numeric flags (augment.check_ranges)."""
     at_least_0 = ("weight_decay", "num_workers", "warmup_iters")
     at_least_1 = ("depth", "batch_size", "iters", "eval_batch_size", "log_every", "ckpt_every", "synthetic_train",
                   "synthetic_val", "synthetic_size", "patch_size", "out_channels", "anchor_sizes", "min_size",

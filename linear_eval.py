@@ -1,12 +1,9 @@
 """Linear probe and k-NN evaluation of a frozen ViT (DINO protocol, SER's held-out lr selection).
 
-Linear features follow DINO's eval_linear.py: the [CLS] token of each of the last n blocks through the
-final norm, concatenated (n = 4 for ViT-S: 4 x 384 = 1536-d), optionally followed by the mean patch token
-of the last block (--avgpool, DINO's ViT-B recipe with n = 1); n = 1 alone is MoCo v3's protocol. One
-linear head per learning rate is trained on the same features (one backbone forward for all of them); the
-head with the best top-1 on a held-out part of the train split is reported on val, like SER's sweep on its
-imagenet_eval split. k-NN (DINO's eval_knn.py: k = 20, T = 0.07) runs on the L2-normalised final [CLS], the
-last block's slice of the linear features. The backbone stays frozen in eval mode, checked unchanged at the end.
+Features as in DINO's eval_linear.py: the final-norm [CLS] of each of the last n blocks (n = 4 for ViT-S; n = 1
+alone is MoCo v3's protocol), then with --avgpool the last block's mean patch token (DINO's ViT-B, n = 1). One
+head per lr trains on them; the best on a held-out part of the train split is reported on val, like SER's sweep
+on its imagenet_eval split. k-NN as in DINO's eval_knn.py (k = 20, T = 0.07), on the last block's [CLS].
 
     # pretrain.py's export (or its checkpoint.pth); --cached trains on cached features, fast on CPU
     python linear_eval.py --pretrained runs/default/backbone.pth --cached --output-dir runs/default/linear
@@ -16,10 +13,6 @@ last block's slice of the linear features. The backbone stays frozen in eval mod
     # released DINO ViT-S/16 on ImageNet, DINO's augmented protocol, 8 GPUs (ViT-B: --n-last-blocks 1 --avgpool)
     torchrun --nproc_per_node=8 linear_eval.py --pretrained dino_deitsmall16_pretrain.pth --arch vit_small \
         --data /datasets/imagenet --batch-size 1024 --holdout-fraction 0.01 --output-dir runs/dino_vits16/linear
-
-Rank 0 writes <output-dir>/linear_eval.json (linear and k-NN top-1/top-5, the whole lr sweep) and
-linear_probe.pth (the selected head with its backbone, for load_probe and predict). pretrain.py's k-NN
-monitor calls knn_eval on loaders of WithIndex datasets.
 """
 
 import argparse
@@ -93,8 +86,7 @@ def save_probe(path, backbone, classifier, n_last_blocks, avgpool, num_classes, 
 
 
 def load_probe(path):
-    """(backbone, classifier, meta) from a linear_probe.pth, both modules in eval mode; meta holds every
-    other entry: n_last_blocks, avgpool, num_classes, img_size, data, classes, lr, top1, top5."""
+    """(backbone, classifier, meta) of a linear_probe.pth, both in eval mode; meta: the other entries."""
     try:
         ckpt = vit.load_checkpoint(path)  # tensors and plain values only
     except FileNotFoundError:
@@ -151,10 +143,9 @@ class WithIndex(Dataset):
 
 @torch.no_grad()
 def gather_features(feature_fn, loader, device, label=None, log=print):
-    """Features (N, F) float32 and labels (N,) of all N samples of loader.dataset, on every rank. Each rank
-    embeds its own shard; the shards are all-gathered with their dataset indices and written with index_copy_,
-    so the order is the dataset's and the samples a DistributedSampler repeats to pad its shards only rewrite
-    a row with the same values. With `label`, the pass logs its progress and ETA."""
+    """Features (N, F) float32 and labels (N,) of all N samples of loader.dataset, on every rank. Each rank embeds
+    its shard; the shards are all-gathered with their dataset indices and written with index_copy_, so the order is
+    the dataset's, and a sample a DistributedSampler repeats to pad its shards rewrites its row with the same values."""
     n = len(loader.dataset)
     features = labels = None
     for batch in (augment.progress(loader, len(loader), label, log) if label else loader):
@@ -179,9 +170,8 @@ def gather_features(feature_fn, loader, device, label=None, log=print):
 @torch.no_grad()
 def knn_classify(train_features, train_labels, test_features, num_classes, k=20, T=0.07, chunk_size=256):
     """Weighted k-NN (Wu et al. 2018) on features (N, D) and (M, D), L2-normalised here: class rankings
-    (M, min(5, C)), best first. Each of the k most cosine-similar train samples votes exp(s / T) for its
-    label; classes are ranked by total vote, ties to the smaller index (stable sort), so classes without
-    votes fill the top-5 in index order, as in DINO where any 5 sorted classes count."""
+    (M, min(5, C)), best first. Vote ties go to the smaller class index (stable sort), so classes without votes
+    fill the top-5 in index order, as in DINO where any 5 sorted classes count."""
     train = F.normalize(train_features.float(), dim=1)  # (N, D)
     k = min(k, len(train))
     ranked = []
@@ -202,9 +192,8 @@ def topk_accuracy(ranked, labels):
 
 @torch.no_grad()
 def knn_eval(backbone, train_loader, val_loader, num_classes, device, k=20, T=0.07):
-    """k-NN top-1/top-5 (%) of backbone(x), the final-norm [CLS], as in DINO eval_knn.py. The loaders yield
-    (images, labels, indices) (WithIndex) of eval transforms, one shard per rank (augment.make_loader);
-    every rank gets the same result. Pass the bare module, not the DDP wrapper; its mode is restored."""
+    """k-NN top-1/top-5 (%) of backbone(x) as in DINO eval_knn.py, for pretrain.py's monitor: WithIndex loaders
+    of eval transforms, one shard per rank (augment.make_loader). Pass the bare module, not the DDP wrapper."""
     was_training = backbone.training
     backbone.eval()
     try:
@@ -243,8 +232,7 @@ class FeatureLoader:
 
 
 def train_sweep(sweep, loader, lrs, epochs, device, backbone=None, n_last_blocks=4, avgpool=False, log=print):
-    """SGD (momentum 0.9, wd 0) with a per-step cosine to 0, head k at lrs[k]; the last epoch's loss per head.
-    The loader yields (features, labels) when backbone is None (cached), else (images, labels)."""
+    """Head k at lrs[k]; the last epoch's loss per head. The loader yields features when backbone is None (cached)."""
     optimizer = torch.optim.SGD([{"params": head.parameters(), "lr": lr} for head, lr in zip(sweep.heads, lrs)],
                                 momentum=0.9, weight_decay=0.0)
     total_steps = epochs * len(loader)
