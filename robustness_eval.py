@@ -295,9 +295,8 @@ def frost(x, c, rng, frost_images=None, **_):
             photo = np.asarray(Image.fromarray(photo).resize(
                 (math.ceil(photo.shape[1] * up), math.ceil(photo.shape[0] * up)), Image.BILINEAR))
         top, left = rng.integers(0, photo.shape[0] - ch), rng.integers(0, photo.shape[1] - cw)
-        crop = photo[top:top + ch, left:left + cw]
-        texture = np.asarray(Image.fromarray(crop).resize((W, H), Image.BILINEAR) if (ch, cw) != (H, W) else crop,
-                             np.float64)
+        crop = Image.fromarray(photo[top:top + ch, left:left + cw])
+        texture = np.asarray(crop.resize((W, H), Image.BILINEAR), np.float64)  # a copy where (ch, cw) = (H, W)
     return np.clip(c[0] * x * 255 + c[1] * texture, 0, 255)
 
 
@@ -314,11 +313,6 @@ def _value_shift(x, c):
     hsv = rgb2hsv(x)
     hsv[..., 2] = np.clip(hsv[..., 2] + c, 0, 1)
     return np.clip(hsv2rgb(hsv), 0, 1) * 255
-
-
-def contrast(x, c, rng, **_):
-    means = x.mean(axis=(0, 1), keepdims=True)  # per channel
-    return np.clip((x - means) * c + means, 0, 1) * 255
 
 
 def elastic_constants(severity, size):
@@ -389,7 +383,8 @@ CORRUPTION_FNS = {
     "frost": (frost, ((1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75))),
     "fog": (fog, ((1.5, 2), (2.0, 2), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4))),
     "brightness": (lambda x, c, rng, **_: _value_shift(x, c), (0.1, 0.2, 0.3, 0.4, 0.5)),
-    "contrast": (contrast, (0.4, 0.3, 0.2, 0.1, 0.05)),
+    "contrast": (lambda x, c, rng, **_: np.clip((x - x.mean((0, 1))) * c + x.mean((0, 1)), 0, 1) * 255,
+                 (0.4, 0.3, 0.2, 0.1, 0.05)),  # about the per-channel means
     "elastic_transform": (elastic_transform, (1, 2, 3, 4, 5)),  # c: the severity, scaled by elastic_constants
     "pixelate": (pixelate, (1, 2, 3, 4, 5)),  # and by pixelate_size
     "jpeg_compression": (lambda x, c, rng, **_: _jpeg((x * 255).round().astype(np.uint8), c).astype(np.float64),
