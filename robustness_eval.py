@@ -783,9 +783,8 @@ class _Items(Dataset):
 
 
 class Generated(_Items):
-    """Every (job, image) pair: val image n through the Resize(256) of the originals (scaled: short side
-    round(img_size * 256 / 224), bilinear), then make(u8, rng=rng) of job (key, make) with rng seeded by
-    (seed, key, n), so the data depend on neither workers nor ranks."""
+    """Every (job, image) pair: val image n through the originals' Resize(256) (scaled, bilinear), then
+    make(u8, rng=rng) of its job (key, make), rng seeded by (seed, key, n): the same data on any workers and ranks."""
 
     def __init__(self, base, img_size, jobs, seed=0):
         self.base, self.img_size, self.jobs, self.seed = base, img_size, jobs, seed
