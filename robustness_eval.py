@@ -23,16 +23,13 @@ Run (the built-in synthetic val split, a probe written by linear_eval.py):
 Writes a table to stdout and <output-dir>/robustness.json.
 
 Exactness against make_imagenet_c.py (each function says how): every corruption up to float error, motion blur
-and snow's blurred layer bit for bit (ImageMagick 6 Q16 re-implemented), elastic near-exact (OpenCV's warpAffine
-uses 1/32-px fixed-point weights). DEVIATION: frost. Its photos are not in this repository (they ship in the
-frost/ folder of the imagecorruptions and imagenet-c pip packages: pass it as --frost-dir); without them a
-procedural ice-crystal texture about half as strong replaces them, and every ImageNet-C number it enters is
-marked * on stdout, with a "<key>_frost" note beside it in the JSON. Regenerated data is never bit-identical to
-the released JPEGs (the original used the global np.random): only --imagenet-c-dir is canonical. The originals
-assume 224x224: pixel-unit constants are kept, hard-coded image sizes scale with the image. ImageNet-P ships as
-H.264 MP4s that need PyAV or OpenCV: extract them to frame folders (--imagenet-p-dir) or use the generated
-sequences (no H.264 artifacts). Shorter sequences (--p-frames) keep the per-frame step and take the central
-window (the prefix for sequences that start at the clean image).
+and snow's blurred layer bit for bit, elastic near-exact. DEVIATION: frost. Its photos are not in this repository;
+without --frost-dir a procedural texture about half as strong replaces them, and every number it enters is marked
+(FROST_NOTE). Regenerated data is never bit-identical to the released JPEGs (the original used the global
+np.random): only --imagenet-c-dir is canonical. The originals assume 224x224: pixel-unit constants are kept,
+hard-coded image sizes scale with the image. ImageNet-P ships as H.264 MP4s that need PyAV or OpenCV: extract
+them to frame folders (--imagenet-p-dir) or use the generated sequences. Shorter sequences (--p-frames) keep the
+per-frame step (frame_indices).
 """
 import argparse
 import io
@@ -166,13 +163,11 @@ def _grid_image(rows, header, tile):
 
 
 def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "vflip", "scale1.25"), tile=64):
-    """Write <out_dir>/equivariance.png and <out_dir>/attention_<name>.png; returns their paths and the panels.
-
-    equivariance.png, one row per (image, g): x, g x, then per backbone f_L(g x) | rho_g f_L(x) as PCA->RGB token
-    maps. Where a backbone's two panels agree, its block L is equivariant to g (what SER's L_equiv asks for); an
-    invariance-trained layer shows the content in the wrong place or in other colours. attention_<name>.png, one
-    row per image: the image, then the last block's [CLS] attention per head (DINO's), each scaled to its maximum.
-    """
+    """<out_dir>/equivariance.png, one row per (image, g): x, g x, then per backbone f_L(g x) | rho_g f_L(x) as
+    PCA->RGB token maps. Where a backbone's two panels agree, its block L is equivariant to g (what SER's L_equiv
+    asks for); an invariance-trained layer shows the content in the wrong place or in other colours.
+    <out_dir>/attention_<name>.png, one row per image: the image, then the last block's [CLS] attention per head
+    (DINO's), each scaled to its maximum. Returns their paths and the panels."""
     os.makedirs(out_dir, exist_ok=True)
     p = backbones[0].patch_size
     elements = geometric_elements(len(x), (x.shape[-2] // p, x.shape[-1] // p))
@@ -295,9 +290,8 @@ def frost(x, c, rng, frost_images=None, **_):
             photo = np.asarray(Image.fromarray(photo).resize(
                 (math.ceil(photo.shape[1] * up), math.ceil(photo.shape[0] * up)), Image.BILINEAR))
         top, left = rng.integers(0, photo.shape[0] - ch), rng.integers(0, photo.shape[1] - cw)
-        crop = photo[top:top + ch, left:left + cw]
-        texture = np.asarray(Image.fromarray(crop).resize((W, H), Image.BILINEAR) if (ch, cw) != (H, W) else crop,
-                             np.float64)
+        crop = Image.fromarray(photo[top:top + ch, left:left + cw])
+        texture = np.asarray(crop.resize((W, H), Image.BILINEAR), np.float64)  # a copy where (ch, cw) = (H, W)
     return np.clip(c[0] * x * 255 + c[1] * texture, 0, 255)
 
 
@@ -314,11 +308,6 @@ def _value_shift(x, c):
     hsv = rgb2hsv(x)
     hsv[..., 2] = np.clip(hsv[..., 2] + c, 0, 1)
     return np.clip(hsv2rgb(hsv), 0, 1) * 255
-
-
-def contrast(x, c, rng, **_):
-    means = x.mean(axis=(0, 1), keepdims=True)  # per channel
-    return np.clip((x - means) * c + means, 0, 1) * 255
 
 
 def elastic_constants(severity, size):
@@ -389,7 +378,8 @@ CORRUPTION_FNS = {
     "frost": (frost, ((1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75))),
     "fog": (fog, ((1.5, 2), (2.0, 2), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4))),
     "brightness": (lambda x, c, rng, **_: _value_shift(x, c), (0.1, 0.2, 0.3, 0.4, 0.5)),
-    "contrast": (contrast, (0.4, 0.3, 0.2, 0.1, 0.05)),
+    "contrast": (lambda x, c, rng, **_: np.clip((x - x.mean((0, 1))) * c + x.mean((0, 1)), 0, 1) * 255,
+                 (0.4, 0.3, 0.2, 0.1, 0.05)),  # about the per-channel means
     "elastic_transform": (elastic_transform, (1, 2, 3, 4, 5)),  # c: the severity, scaled by elastic_constants
     "pixelate": (pixelate, (1, 2, 3, 4, 5)),  # and by pixelate_size
     "jpeg_compression": (lambda x, c, rng, **_: _jpeg((x * 255).round().astype(np.uint8), c).astype(np.float64),
@@ -672,7 +662,6 @@ def perturbation_sequence(image, name, crop_size, rng=0, difficulty=1, num_frame
         "motion_blur": lambda i: magick_motion_blur(crop.astype(np.float64), 10, 3, (i - 30) * 4),
         "snow": lambda i: _snowfall(0.85 * x + 0.15 * white, layer, 14, 4, i * 4 - 150),
         "brightness": lambda i: _value_shift(x, (i - 15) * 2 / 100.0),
-        # the moves act on the uncropped image
         "translate": lambda i: _pil_affine(image, translate=(i - 20, 0)),  # nearest: whole pixels
         "rotate": lambda i: _pil_affine(image, angle=float(i - 15), interpolation=bilinear),
         "tilt": lambda i: _tilt(image, i - 15),
@@ -794,9 +783,8 @@ class _Items(Dataset):
 
 
 class Generated(_Items):
-    """Every (job, image) pair: val image n through the Resize(256) of the originals (scaled: short side
-    round(img_size * 256 / 224), bilinear), then make(u8, rng=rng) of job (key, make) with rng seeded by
-    (seed, key, n), so the data depend on neither workers nor ranks."""
+    """Every (job, image) pair: val image n through the originals' Resize(256) (scaled, bilinear), then
+    make(u8, rng=rng) of its job (key, make), rng seeded by (seed, key, n): the same data on any workers and ranks."""
 
     def __init__(self, base, img_size, jobs, seed=0):
         self.base, self.img_size, self.jobs, self.seed = base, img_size, jobs, seed
@@ -1044,7 +1032,6 @@ def figure_layer(args, backbones):
 
 
 def figures(args, backbones, names, clean_set, layer, device):
-    """--figures: the first --figure-images clean val images through write_figures."""
     x = torch.stack([clean_set[i][0] for i in range(min(args.figure_images, len(clean_set)))]).to(device)
     with vit.exit_on_write_error():
         paths, _ = write_figures(backbones, names, x, args.figures, layer)
