@@ -3377,6 +3377,7 @@ def test_small_scale_defaults_and_the_real_data_recipe(tmp_path):
     assert (small.weight_init, small.use_bn_in_head, small.freeze_last_layer, small.momentum) == ("moco", True, 0, 0.99)
     assert (small.weight_decay, small.weight_decay_end) == (0.1, 0.1)
     assert small.ser_ratio == 0.25 and config("--method mocov3", tmp_path).ser_ratio == 0.01  # SER's b2 share
+    assert (small.teacher_temp, small.warmup_teacher_temp) == (0.01, 0.01)
     assert config("--method byol", tmp_path).momentum == 0.96 and config("--method mocov3", tmp_path).momentum == 0.99
     student, _ = pretrain.build_models(small)
     assert student.backbone.arch["weight_init"] == "moco" and student.backbone.arch["pos_embed"] == "sincos"
@@ -3390,6 +3391,8 @@ def test_small_scale_defaults_and_the_real_data_recipe(tmp_path):
     assert (real.weight_init, real.use_bn_in_head, real.freeze_last_layer, real.momentum) == (None, False, 1, 0.996)
     assert (real.weight_decay, real.weight_decay_end) == (0.04, 0.4)
     assert real.ser_ratio == 0.01  # the release's 3 of 256
+    assert (real.teacher_temp, real.warmup_teacher_temp) == (0.04, 0.04)  # DINO's ViT-S recipe
+    assert config("--method dino --teacher-temp 0.07", tmp_path).teacher_temp == 0.07
     assert pretrain.resolve_config(pretrain.get_args_parser().parse_args(
         "--method byol --data /datasets/imagenet".split())).momentum == 0.99
 
