@@ -46,6 +46,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler, Subset, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
+try:
+    import resource  # --benchmark's peak memory on CPU; Unix only
+except ImportError:
+    resource = None
+
 import augment
 import group_actions
 import losses
@@ -988,8 +993,8 @@ def benchmark(args):
     """--benchmark STEPS: images/s, data wait and compute, peak memory, FLOPs per image, MFU, and the step
     over its floor (train_step alone, on inputs already on the device)."""
     local_batch = args.batch_size // int(os.environ.get("WORLD_SIZE", 1))
-    flops = count_flops_per_image(args, local_batch)  # before train() starts the process group: one rank's count
-    return train(args, measure=functools.partial(measure_steps, flops=flops))
+    flops_per_image = count_flops_per_image(args, local_batch)  # before train() starts the process group
+    return train(args, measure=functools.partial(measure_steps, flops_per_image=flops_per_image))
 
 
 def timed(fn, device):
@@ -1002,7 +1007,8 @@ def timed(fn, device):
     return time.perf_counter() - t0
 
 
-def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, precision, rank, world, flops):
+def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, precision, rank, world,
+                  flops_per_image):
     local_batch, n = args.batch_size // world, args.benchmark
     inputs = functools.partial(make_step_inputs, photometric=photometric, args=args, rank=rank, world=world,
                                device=device)
@@ -1037,25 +1043,24 @@ def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, 
     step_time = (wait + compute) / n
     if device.type == "cuda":
         peak_mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (GPU, allocated)"
-    elif sys.platform != "win32":
-        import resource  # --benchmark's peak memory on CPU; Unix only
+    elif resource is not None:
         per_gib = 2**30 if sys.platform == "darwin" else 2**20  # ru_maxrss: bytes on macOS, KiB on Linux
         peak_mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_gib:.2f} GiB (process max RSS)"
     else:
         peak_mem = "unknown (no resource module)"
-    achieved = flops * local_batch / (compute / n) / 1e12
+    achieved = flops_per_image * local_batch / (compute / n) / 1e12
     result = {"method": args.method, "addon": args.addon, "arch": args.arch, "img_size": args.img_size,
               "global_batch": args.batch_size, "world_size": world, "device": str(device), "precision": precision,
               "images_per_s": args.batch_size / step_time, "step_ms": 1000 * step_time,
               "data_wait_ms": 1000 * wait / n, "compute_ms": 1000 * compute / n,
               "floor_ms": 1000 * floor / n, "step_over_floor": step_time / (floor / n),
-              "gflops_per_image": flops / 1e9, "achieved_tflops_per_rank": achieved, "peak_memory": peak_mem,
+              "gflops_per_image": flops_per_image / 1e9, "achieved_tflops_per_rank": achieved, "peak_memory": peak_mem,
               "pipeline_images_per_s_per_worker": pipe_rate, "num_workers": args.num_workers,
               "peak_tflops": peak_tflops, "peak_source": "--peak-tflops" if args.peak_tflops
               else f"measured: the best torch.mm at {precision} in 1 s",
               # Model FLOPs over compute time (data wait excluded), and over the whole step.
               "mfu_compute": achieved / peak_tflops,
-              "mfu_step": flops * local_batch / step_time / 1e12 / peak_tflops}
+              "mfu_step": flops_per_image * local_batch / step_time / 1e12 / peak_tflops}
     if rank == 0:
         print(json.dumps(result, indent=1))
         print(f"step / floor: {result['step_over_floor']:.3f} ({result['step_ms']:.1f} ms per step, "
