@@ -1298,6 +1298,12 @@ def test_synthetic_deterministic_and_split_streams():
     assert not np.array_equal(a, other_seed.render(7)[0])
     image, label = train[7]
     assert isinstance(image, Image.Image) and image.size == (32, 32) and image.mode == "RGB"
+    # __getitem__ keeps what it renders: the same images in any order of access, each rendered once.
+    calls, kept = [], augment.SyntheticShapes("train", 50, img_size=32, seed=0)
+    kept.render = lambda i, render=kept.render: calls.append(i) or render(i)
+    for i in (8, 7, 8, 7):
+        assert np.array_equal(np.asarray(kept[i][0]), again.render(i)[0])
+    assert calls == [8, 7] and augment.SyntheticShapes("train", 10 ** 6, img_size=32)._kept is None
 
 
 def test_synthetic_classes_and_colours():
@@ -2022,15 +2028,18 @@ def test_benchmark_reports_the_distance_to_the_compute_floor(tmp_path, capsys):
 
 
 def test_benchmark_times_only_steps_it_has_warmed_up(tmp_path, monkeypatch):
-    """SER draws new b2 grids each step (on a GPU a new grid plans its attention kernels once): the floor
-    times steps 3..n+2 only after a warm-up over the same steps; without SER 3 warm-up steps suffice."""
+    """SER draws new b2 grids each step (on a GPU a new grid plans its attention kernels once): steps 3..n+2
+    are timed only after a warm-up over the same steps; without SER 3 warm-up steps suffice. In the main
+    process each timed step is followed by its floor step; with loader workers the floor comes first."""
     steps, train_step = [], pretrain.train_step
     monkeypatch.setattr(pretrain, "train_step",
                         lambda batch, step, **kw: steps.append(step) or train_step(batch, step, **kw))
-    for flags, warm in (("--method mocov3 --ser --equiv-layer 2", [0, 1, 2, 3, 4]), ("--method mocov3", [0, 1, 2])):
+    for flags, warm, timed in (("--method mocov3 --ser --equiv-layer 2", [0, 1, 2, 3, 4], [0, 1, 2, 3, 3, 4, 4]),
+                               ("--method mocov3", [0, 1, 2], [0, 1, 2, 3, 3, 4, 4]),
+                               ("--method mocov3 --num-workers 1", [0, 1, 2], [3, 4, 0, 1, 2, 3, 4])):
         steps.clear()
         pretrain.benchmark(config(f"{flags} --benchmark 2", tmp_path))
-        assert steps[:len(warm) + 2] == warm + [3, 4]  # the warm-up, then the floor's timed steps
+        assert steps == warm + timed
 
 
 @pytest.mark.parametrize("native, flag, expected", [(True, "", torch.bfloat16), (False, "", torch.float32),
