@@ -950,7 +950,7 @@ def get_args_parser():
     g.add_argument("--figures", default=None, metavar="DIR", help="also write PNG figures there: equivariance.png "
                    "(f_L(g x) next to rho_g f_L(x) per backbone) and attention_<run>.png ([CLS] attention per head)")
     g.add_argument("--figure-layer", type=int, default=None, help="block L of the figures and of the comparison "
-                   "table (default: the SER split block of the first backbone that has one, else 1)")
+                   "table (default: the SER split block of the first backbone that has one, else 3 as in the paper)")
     g.add_argument("--figure-images", type=int, default=4, help="val images shown in the figures")
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", type=int, default=64, help="images per rank per forward")
@@ -1025,7 +1025,9 @@ def val_images(args, img_size, default=None):
 
 
 def figure_layer(args, backbones):
-    layer = args.figure_layer or next((b.cls_after_block for b in backbones if b.cls_after_block), 1)
+    # Runs without SER are scored where SER acts (block 3 in the paper), so that base and SER rows compare one block.
+    default = min(3, *(b.depth for b in backbones))
+    layer = args.figure_layer or next((b.cls_after_block for b in backbones if b.cls_after_block), default)
     if not all(1 <= layer <= b.depth for b in backbones):
         raise SystemExit(f"--figure-layer {layer} must be in 1..{min(b.depth for b in backbones)}")
     return layer
