@@ -2963,6 +2963,29 @@ def test_figures_and_the_sample_grid_are_replaced_atomically(tmp_path, monkeypat
     assert all(open(p, "rb").read() == data for p, data in before.items())  # the previous files intact
 
 
+def test_compare_backbones_scores_every_run_at_one_block(tmp_path):
+    """--equivariance-only with several --backbone: one table at the SER split block of the first backbone that
+    has one; runs without SER at block 3, where SER acts in the paper, not at block 1."""
+    paths = []
+    for name, split in (("base", 0), ("base_again", 0), ("ser", 2)):
+        model = tiny_vit(seed=0, num_heads=2, cls_after_block=split)
+        os.makedirs(tmp_path / name)
+        vit.save_atomic(str(tmp_path / name / "backbone.pth"), {"arch": model.arch, "backbone": model.state_dict(),
+                                                               "method": "mocov3", "addon": "ser" if split else None})
+        paths.append(str(tmp_path / name / "backbone.pth"))
+
+    def compare(*backbones):
+        robustness_eval.main(robustness_eval.get_args_parser().parse_args(
+            ["--equivariance-only", "--backbone", *backbones, "--num-images", "4", "--num-workers", "0",
+             "--output-dir", str(tmp_path / "out")]))
+        return json.loads((tmp_path / "out" / "robustness.json").read_text())
+
+    both = compare(paths[0], paths[2])
+    assert both["layer"] == 2 and list(both["runs"]) == ["base", "ser"]
+    assert all(len(run["equivariance"]["rot90"]["cos"]) == 4 for run in both["runs"].values())
+    assert compare(*paths[:2])["layer"] == 3
+
+
 # ------------------------------------------------------------------------------------------- driver
 
 @pytest.fixture(scope="module")
@@ -3387,6 +3410,9 @@ def test_small_scale_defaults_and_the_real_data_recipe(tmp_path):
     assert (small.weight_decay, small.weight_decay_end) == (0.1, 0.1)
     assert small.ser_ratio == 0.25 and config("--method mocov3", tmp_path).ser_ratio == 0.01  # SER's b2 share
     assert (small.teacher_temp, small.warmup_teacher_temp) == (0.01, 0.01)
+    dino, mocov3 = (pretrain.resolve_config(pretrain.get_args_parser().parse_args(["--method", m]))
+                    for m in ("dino", "mocov3"))
+    assert dino.epochs == 12 and mocov3.epochs == 10  # no --epochs: the built-in run's own
     assert config("--method byol", tmp_path).momentum == 0.96 and config("--method mocov3", tmp_path).momentum == 0.99
     student, _ = pretrain.build_models(small)
     assert student.backbone.arch["weight_init"] == "moco" and student.backbone.arch["pos_embed"] == "sincos"
@@ -3400,7 +3426,7 @@ def test_small_scale_defaults_and_the_real_data_recipe(tmp_path):
     assert (real.weight_init, real.use_bn_in_head, real.freeze_last_layer, real.momentum) == (None, False, 1, 0.996)
     assert (real.weight_decay, real.weight_decay_end) == (0.04, 0.4)
     assert real.ser_ratio == 0.01  # the release's 3 of 256
-    assert (real.teacher_temp, real.warmup_teacher_temp) == (0.04, 0.04)  # DINO's ViT-S recipe
+    assert (real.teacher_temp, real.warmup_teacher_temp, real.epochs) == (0.04, 0.04, 100)  # DINO's ViT-S recipe
     assert config("--method dino --teacher-temp 0.07", tmp_path).teacher_temp == 0.07
     assert pretrain.resolve_config(pretrain.get_args_parser().parse_args(
         "--method byol --data /datasets/imagenet".split())).momentum == 0.99
