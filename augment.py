@@ -163,7 +163,7 @@ class SyntheticShapes(Dataset):
         self.split, self.length, self.img_size, self.seed = split, int(length), int(img_size), seed
         self.transform = transform
         # Rendering is half the input pipeline's time at 32 px; later epochs reuse the images (README, Cost).
-        self._kept = {} if self.length * 3 * self.img_size ** 2 <= self.KEEP_BYTES else None
+        self.kept = {} if self.length * 3 * self.img_size ** 2 <= self.KEEP_BYTES else None
         self.classes = list(_SHAPES)
         self.num_classes = len(self.classes)
 
@@ -212,13 +212,13 @@ class SyntheticShapes(Dataset):
         return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), label
 
     def __getitem__(self, index):
-        if self._kept is not None and index in self._kept:
-            array, label = self._kept[index]
+        if self.kept is not None and index in self.kept:
+            array, label = self.kept[index]
         else:
             array, label = self.render(index)
-            if self._kept is not None:
+            if self.kept is not None:
                 array.flags.writeable = False  # shared by every later view of this image
-                self._kept[index] = array, label
+                self.kept[index] = array, label
         image = Image.fromarray(array)
         return (self.transform(image) if self.transform is not None else image), label
 

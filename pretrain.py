@@ -1015,7 +1015,7 @@ def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, 
                                device=device)
     dataset.set_epoch(0)
     sampler.set_epoch(0)
-    if getattr(dataset.base, "_kept", None) is not None:  # a long run renders each built-in image once
+    if getattr(dataset.base, "kept", None) is not None:  # a long run renders each built-in image once
         for i in range(len(dataset.base)):
             dataset.base[i]
     # Before any worker competes for the cores: the pipeline alone (one worker's rate). Warm-up: allocator,
@@ -1032,7 +1032,7 @@ def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, 
         step_batch = inputs(batches[-1], step=step)
         return timed(lambda: step_fn(step_batch, step), device)
     # With the images made in the main process, each step is followed by its floor step, so that a shared
-    # machine's drift (15% from minute to minute on 2 cores) reaches both alike. Loader workers would
+    # machine's drift (15% and more from minute to minute on 2 cores) reaches both alike. Loader workers would
     # prefetch during interleaved floor steps and hide their wait: then the floor is timed first.
     interleave = args.num_workers == 0
     floor = 0.0 if interleave else sum(floor_step(step) for step in range(3, 3 + n))

@@ -1303,7 +1303,7 @@ def test_synthetic_deterministic_and_split_streams():
     kept.render = lambda i, render=kept.render: calls.append(i) or render(i)
     for i in (8, 7, 8, 7):
         assert np.array_equal(np.asarray(kept[i][0]), again.render(i)[0])
-    assert calls == [8, 7] and augment.SyntheticShapes("train", 10 ** 6, img_size=32)._kept is None
+    assert calls == [8, 7] and augment.SyntheticShapes("train", 10 ** 6, img_size=32).kept is None
 
 
 def test_synthetic_classes_and_colours():
