@@ -58,9 +58,8 @@ def _is_number(v):
 
 
 def validate_coco(coco, source, allow_degenerate=False):
-    """Check a COCO instances dict and fill the optional `iscrowd` (default 0); errors name `source`. Boxes must be
-    finite: an infinite box crashes torchvision's roi_align. Zero-size boxes, refused unless allow_degenerate, count
-    for scoring as in pycocotools."""
+    """Check a COCO instances dict and fill the optional `iscrowd` (default 0). Boxes must be finite: an infinite
+    box crashes torchvision's roi_align. Zero-size boxes, refused unless allow_degenerate, score as in pycocotools."""
     if not isinstance(coco, dict):
         raise ValueError(f"{source}: expected a JSON object with images/annotations/categories")
     for section, (keys, int_keys) in COCO_KEYS.items():
@@ -111,7 +110,6 @@ def validate_coco(coco, source, allow_degenerate=False):
     if not any(not a["iscrowd"] and min(a["bbox"][2:]) > 0 for a in coco["annotations"]):
         raise ValueError(f"{source}: no annotated boxes (crowd regions and zero-size boxes aside): nothing to train "
                          "on or to score against")
-    return coco
 
 
 def load_coco(ann_file, image_dir=None, allow_degenerate=False):
@@ -395,10 +393,9 @@ def coco_evaluate(gt, detections):
     if unknown:
         raise ValueError(f"detections refer to image ids not in the ground truth, e.g. {sorted(unknown)[:5]}")
     gts, dts = defaultdict(list), defaultdict(list)
-    for a in gt["annotations"]:
-        gts[a["image_id"], a["category_id"]].append(a)
-    for d in detections:
-        dts[d["image_id"], d["category_id"]].append(d)
+    for table, entries in ((gts, gt["annotations"]), (dts, detections)):
+        for x in entries:
+            table[x["image_id"], x["category_id"]].append(x)
 
     T, R, K, A, M = len(IOU_THRS), len(REC_THRS), len(cat_ids), len(AREA_RANGES), len(MAX_DETS)
     precision, recall = -np.ones((T, R, K, A, M)), -np.ones((T, K, A, M))

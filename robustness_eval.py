@@ -65,7 +65,6 @@ EQUIV_METRICS = ("cos", "rel_error", "inv_error", "chance_cos", "chance_rel_erro
 
 
 def geometric_elements(batch_size, grid, scales=(0.75, 1.25)):
-    """{name: GroupElement}: quarter turns, h/v flips, rescalings of the (h, w) token grid."""
     yes = torch.ones(batch_size, dtype=torch.bool)
     elements = {"rot90": GroupElement(k=1), "rot180": GroupElement(k=2), "rot270": GroupElement(k=3),
                 "hflip": GroupElement(flip=yes), "vflip": GroupElement(flip=yes, rot180=yes)}
@@ -149,7 +148,6 @@ def _picture(t, size):
 
 
 def _grid_image(rows, header, tile):
-    """Rows of PIL tiles under a header of column titles -> one PIL image."""
     pad, top = 4, 14
     width = max(len(r) for r in rows) * (tile + pad) + pad
     out = Image.new("RGB", (width, top + len(rows) * (tile + pad) + pad), "white")
@@ -192,9 +190,8 @@ def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "
 
 
 # ---------------------------------------------------------------------------------------------------
-# ImageNet-C: the 15 corruptions of hendrycks/robustness ImageNet-C/create_c/make_imagenet_c.py. Each
-# takes x: (H, W, 3) float64 in [0, 1] and c, its constants at the severity (CORRUPTION_FNS), and returns
-# (H, W, 3) in [0, 255]; `corrupt` adds the original's final np.uint8 truncation.
+# ImageNet-C: the 15 corruptions of hendrycks/robustness ImageNet-C/create_c/make_imagenet_c.py. Each takes x:
+# (H, W, 3) float64 in [0, 1] and c, its constants at the severity (CORRUPTION_FNS), and returns (H, W, 3) in [0, 255].
 
 def corrupt(image, name, severity, rng=0, frost_images=None, jpeg_quality=None):
     """Apply ImageNet-C corruption `name` at `severity` (1..5) to a uint8 (H, W, 3) array, or to a float tensor
@@ -271,7 +268,6 @@ def _snow_layer(x, rng, mu, std, zoom, thr):
 
 
 def _snowfall(base, layer, radius, sigma, angle):
-    """The layer motion-blurred along `angle`, added with its 180-degree turn: (H, W, 3) in 0..255."""
     moving = magick_motion_blur(layer, radius, sigma, angle) / 255
     return np.clip(base + moving + np.rot90(moving, k=2), 0, 1) * 255
 
@@ -545,8 +541,7 @@ def magick_motion_blur(img, radius, sigma, angle):
     One-sided Gaussian kernel of width 2*ceil(radius) + 1 starting at the pixel, taps at (ceil(i cos a - .5),
     ceil(i sin a - .5)) with y down, edge pixels replicated. As the Q16 build make_imagenet_c.py's Wand calls, the
     sum is rounded to a 16-bit quantum (8-bit v is 257 v) that the 8-bit PNG of make_blob truncates (floor(q / 257)):
-    bit-exact against ImageMagick 6.9.11 Q16 / Wand 0.6.13 (the test's fixture).
-    """
+    bit-exact against ImageMagick 6.9.11 Q16 / Wand 0.6.13 (the test's fixture)."""
     width = 2 * math.ceil(radius) + 1
     i = np.arange(width)
     k = np.exp(-(i ** 2) / (2.0 * sigma * sigma))
@@ -770,8 +765,7 @@ def top5_distance(logits, noise, difficulty=1):
 
 class _Items(Dataset):
     """Item i is (normalised input (..., 3, H, W), label, i), from self.load(self.items[i]) -> (uint8 (..., H, W, 3),
-    label). The index lets each rank write its results back by position under DDP; self.entry[i] names the
-    corruption / severity (an index into the caller's list) that item i belongs to."""
+    label); self.entry[i] names the corruption / severity (an index into the caller's list) that item i belongs to."""
 
     def __len__(self):
         return len(self.items)
@@ -827,9 +821,8 @@ def released_corruptions(root, entries, img_size):
     """The released ImageNet-C JPEGs: <root>/<c>/<s>/<wnid>/* or <root>/<family>/<c>/<s>/<wnid>/*."""
     items, entry = [], []
     for e, (name, severity) in enumerate(entries):
-        families = ("", "noise", "blur", "weather", "digital")  # <root>/<name>/<severity>, or under a family folder
-        candidates = [os.path.join(root, fam, name, str(severity)) for fam in families]
-        folder = next((c for c in candidates if os.path.isdir(c)), None)
+        folders = [os.path.join(root, fam, name, str(severity)) for fam in ("", "noise", "blur", "weather", "digital")]
+        folder = next((f for f in folders if os.path.isdir(f)), None)
         if folder is None:
             raise SystemExit(f"--imagenet-c-dir {root}: no folder {name}/{severity} (flat or per family)")
         classes = _class_folders(folder, "--imagenet-c-dir")
@@ -1090,9 +1083,8 @@ def corruption_task(ev, base, img_size, num_classes, corruptions, clean_error, f
             res.update(corruption_errors(errors, clean_error))
         else:
             log("mCE skipped: it needs all 15 corruptions")
-    # The procedural frost is about half as far from the clean image as the photos (1 - correlation,
-    # against make_imagenet_c.py with the photos: 0.52-0.66 over the severities), so every number it
-    # enters is biased toward robustness: each carries a mark next to it, on stdout and in the JSON.
+    # The procedural frost is about half as far from the clean image as the photos (1 - correlation against
+    # make_imagenet_c.py with the photos: 0.52-0.66 over the severities): its numbers are biased toward robustness.
     mark = "*" if not args.imagenet_c_dir and "frost" in corruptions and frost_images is None else ""
     if mark:
         res["deviation"] = FROST_NOTE
@@ -1183,9 +1175,7 @@ def evaluate(args, device, rank, world):
                "num_classes": len(classes), "world_size": world}
     log(f"robustness_eval: {len(base)} images of {args.data} at {img_size}px, tasks {','.join(tasks)}, "
         f"{world} process(es) on {device}")
-    clean_error = None
-    if set(tasks) & {"clean", "c", "geometry", "equivariance"}:
-        clean_error = clean_tasks(ev, clean_set, img_size, tasks, results)
+    clean_error = clean_tasks(ev, clean_set, img_size, tasks, results) if set(tasks) - {"p"} else None
     if "c" in tasks:
         results["imagenet_c"] = corruption_task(ev, base, img_size, len(classes), corruptions, clean_error,
                                                 frost_images)
