@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 from torchvision import datasets
 from torchvision.transforms import v2
 
@@ -153,8 +153,8 @@ class SyntheticShapes(Dataset):
 
     SPLITS = {"train": 0, "val": 1}
     SATURATION, BACKGROUND_CONTRAST, MAX_ROTATION = 0.0, 0.3, 30.0
-    # A split up to this size keeps each image once rendered, each loader worker its own: 10 MB at 32 px, the
-    # default 3,200 images at 224 px (482 MB) too.
+    # A split up to this size keeps each image once rendered (10 MB at 32 px, the default 3,200 images at 224 px
+    # 482 MB); loader workers keep their own copies, so the limit is on their total.
     KEEP_BYTES = 2 ** 29
 
     def __init__(self, split="train", length=10_000, img_size=64, seed=0, transform=None):
@@ -165,7 +165,8 @@ class SyntheticShapes(Dataset):
         self.split, self.length, self.img_size, self.seed = split, int(length), int(img_size), seed
         self.transform = transform
         # Later epochs reuse them: rendering is half the input pipeline at 32 px, 60% at 224 px (README, Cost).
-        self.kept = {} if self.length * 3 * self.img_size ** 2 <= self.KEEP_BYTES else None
+        self.nbytes = self.length * 3 * self.img_size ** 2
+        self.kept = {} if self.nbytes <= self.KEEP_BYTES else None
         self.classes = list(_SHAPES)
         self.num_classes = len(self.classes)
 
@@ -214,6 +215,9 @@ class SyntheticShapes(Dataset):
         return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), label
 
     def __getitem__(self, index):
+        worker = get_worker_info()
+        if self.kept is not None and worker and worker.num_workers * self.nbytes > self.KEEP_BYTES:
+            self.kept = None  # this worker's copy only
         if self.kept is not None and index in self.kept:
             array, label = self.kept[index]
         else:

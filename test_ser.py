@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -1286,7 +1287,7 @@ def _batch_equal(a, b):
 
 # ---------------------------------------------------------------------------- synthetic data
 
-def test_synthetic_deterministic_and_split_streams():
+def test_synthetic_deterministic_and_split_streams(monkeypatch):
     train = augment.SyntheticShapes("train", 50, img_size=32, seed=0)
     again = augment.SyntheticShapes("train", 50, img_size=32, seed=0)
     val = augment.SyntheticShapes("val", 50, img_size=32, seed=0)
@@ -1304,6 +1305,10 @@ def test_synthetic_deterministic_and_split_streams():
     for i in (8, 7, 8, 7):
         assert np.array_equal(np.asarray(kept[i][0]), again.render(i)[0])
     assert calls == [8, 7] and augment.SyntheticShapes("train", 10 ** 6, img_size=32).kept is None
+    # Loader workers keep their own copies: the limit holds for their total (14 workers x 482 MB at 224 px).
+    monkeypatch.setattr(augment, "get_worker_info", lambda: SimpleNamespace(num_workers=2))
+    half, over = (augment.SyntheticShapes("train", n, img_size=32) for n in (2 ** 29 // 6144, 2 ** 29 // 6144 + 1))
+    assert half[0] and over[0] and len(half.kept) == 1 and over.kept is None
 
 
 def test_synthetic_classes_and_colours():
