@@ -2212,6 +2212,9 @@ def test_knn_monitor_reports_initialisation_and_epochs(tmp_path, capsys):
     with open(tmp_path / "log.jsonl", "a") as f:
         f.write(json.dumps({"step": 4, "epoch": 1, "knn_top1": last + 10.0}) + "\n")
     assert f"-> {last + 10:.1f} ({last + 10 - first:+.1f})" in pretrain.run_summary(str(tmp_path), 60)
+    # Every --knn-every epochs, and the last one whatever the count (2 steps an epoch here).
+    run("--method simclr --epochs 3 --knn-every 2 --knn-train-size 16 --knn-val-size 16", tmp_path / "every2")
+    assert [row["step"] for row in read_log(tmp_path / "every2") if "knn_top1" in row] == [0, 4, 6]
 
 
 
@@ -3418,6 +3421,8 @@ def test_small_scale_defaults_and_the_real_data_recipe(tmp_path):
     dino, mocov3 = (pretrain.resolve_config(pretrain.get_args_parser().parse_args(["--method", m]))
                     for m in ("dino", "mocov3"))
     assert dino.epochs == 12 and mocov3.epochs == 10  # no --epochs: the built-in run's own
+    assert dino.knn_every == 2 and pretrain.resolve_config(pretrain.get_args_parser().parse_args(
+        "--data /datasets/imagenet".split())).knn_every == 1
     assert config("--method byol", tmp_path).momentum == 0.96 and config("--method mocov3", tmp_path).momentum == 0.99
     student, _ = pretrain.build_models(small)
     assert student.backbone.arch["weight_init"] == "moco" and student.backbone.arch["pos_embed"] == "sincos"
