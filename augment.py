@@ -166,12 +166,16 @@ class SyntheticShapes(Dataset):
         self.transform = transform
         # Later epochs reuse them: rendering is half the input pipeline at 32 px, 60% at 224 px (README, Cost).
         self.nbytes = self.length * 3 * self.img_size ** 2
-        self.kept = {} if self.nbytes <= self.KEEP_BYTES else None
+        self.kept = {} if self.keeps() else None
         self.classes = list(_SHAPES)
         self.num_classes = len(self.classes)
 
     def __len__(self):
         return self.length
+
+    def keeps(self, num_workers=0):
+        """Whether a loader with num_workers workers (0: the main process) keeps the images it renders."""
+        return max(1, num_workers) * self.nbytes <= self.KEEP_BYTES
 
     def _muted(self, rgb):  # (..., 3) in [0, 1] -> the same colours at SATURATION of their distance to grey
         grey = rgb.mean(-1, keepdims=True)
@@ -216,7 +220,7 @@ class SyntheticShapes(Dataset):
 
     def __getitem__(self, index):
         worker = get_worker_info()
-        if self.kept is not None and worker and worker.num_workers * self.nbytes > self.KEEP_BYTES:
+        if self.kept is not None and worker and not self.keeps(worker.num_workers):
             self.kept = None  # this worker's copy only
         if self.kept is not None and index in self.kept:
             array, label = self.kept[index]

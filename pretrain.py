@@ -1017,9 +1017,10 @@ def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, 
                                device=device)
     dataset.set_epoch(0)
     sampler.set_epoch(0)
-    if getattr(dataset.base, "kept", None) is not None:  # a long run renders each built-in image once
-        for i in range(len(dataset.base)):
-            dataset.base[i]
+    base = dataset.base  # a long run renders each built-in image once; forked workers inherit what is kept here
+    if isinstance(base, augment.SyntheticShapes) and base.keeps(args.num_workers):
+        for i in range(len(base)):
+            base[i]
     # Before any worker competes for the cores: the pipeline alone (one worker's rate). Warm-up: allocator,
     # autotuning, compilation, and with SER every b2 grid shape of the timed steps 3..n+2 (a long run has met
     # them all; on a GPU the first call of a new sequence length plans its cuDNN attention kernels, ~100 ms).

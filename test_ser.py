@@ -1309,6 +1309,7 @@ def test_synthetic_deterministic_and_split_streams(monkeypatch):
     monkeypatch.setattr(augment, "get_worker_info", lambda: SimpleNamespace(num_workers=2))
     half, over = (augment.SyntheticShapes("train", n, img_size=32) for n in (2 ** 29 // 6144, 2 ** 29 // 6144 + 1))
     assert half[0] and over[0] and len(half.kept) == 1 and over.kept is None
+    assert half.keeps(2) and not over.keeps(2) and over.keeps(0)  # --benchmark warms only what is kept
 
 
 def test_synthetic_classes_and_colours():
