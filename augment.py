@@ -164,7 +164,7 @@ class SyntheticShapes(Dataset):
             raise ValueError(f"SyntheticShapes img_size must be >= 8, got {img_size}")
         self.split, self.length, self.img_size, self.seed = split, int(length), int(img_size), seed
         self.transform = transform
-        # Later epochs reuse them: rendering is half the input pipeline at 32 px, 60% at 224 px (README, Cost).
+        # Later epochs reuse kept images: rendering is half the input pipeline at 32 px, 60% at 224 px (README, Cost).
         self.nbytes = self.length * 3 * self.img_size ** 2
         self.kept = {} if self.keeps() else None
         self.classes = list(_SHAPES)

@@ -1175,7 +1175,9 @@ def evaluate(args, device, rank, world):
                "num_classes": len(classes), "world_size": world}
     log(f"robustness_eval: {len(base)} images of {args.data} at {img_size}px, tasks {','.join(tasks)}, "
         f"{world} process(es) on {device}")
-    clean_error = clean_tasks(ev, clean_set, img_size, tasks, results) if set(tasks) - {"p"} else None
+    clean_error = None
+    if set(tasks) & {"clean", "c", "geometry", "equivariance"}:
+        clean_error = clean_tasks(ev, clean_set, img_size, tasks, results)
     if "c" in tasks:
         results["imagenet_c"] = corruption_task(ev, base, img_size, len(classes), corruptions, clean_error,
                                                 frost_images)
