@@ -3421,7 +3421,7 @@ def test_small_scale_defaults_and_the_real_data_recipe(tmp_path):
     assert (small.teacher_temp, small.warmup_teacher_temp) == (0.01, 0.01)
     dino, mocov3 = (pretrain.resolve_config(pretrain.get_args_parser().parse_args(["--method", m]))
                     for m in ("dino", "mocov3"))
-    assert dino.epochs == 12 and mocov3.epochs == 10  # no --epochs: the built-in run's own
+    assert dino.epochs == 16 and mocov3.epochs == 10  # no --epochs: the built-in run's own
     assert dino.knn_every == 2 and pretrain.resolve_config(pretrain.get_args_parser().parse_args(
         "--data /datasets/imagenet".split())).knn_every == 1
     assert config("--method byol", tmp_path).momentum == 0.96 and config("--method mocov3", tmp_path).momentum == 0.99
