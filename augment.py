@@ -12,7 +12,6 @@ whatever the number of workers or ranks (unlike DINO's fix_random_seeds, which g
 pretrain.py puts them together: build_recipe, make_step_inputs, ser_pair_sources (SER's b2 views).
 
     python augment.py --out samples.png     # a grid of synthetic images, one row per class
-    python augment.py --bench               # generation speed
 """
 from __future__ import annotations
 
@@ -164,7 +163,7 @@ class SyntheticShapes(Dataset):
             raise ValueError(f"SyntheticShapes img_size must be >= 8, got {img_size}")
         self.split, self.length, self.img_size, self.seed = split, int(length), int(img_size), seed
         self.transform = transform
-        # Later epochs reuse kept images: rendering is half the input pipeline at 32 px, 60% at 224 px (README, Cost).
+        # Later epochs reuse kept images: re-rendering made the data wait 2.3-2.7x longer at 224 px (README, Cost).
         self.nbytes = self.length * 3 * self.img_size ** 2
         self.kept = {} if self.keeps() else None
         self.classes = list(_SHAPES)
@@ -599,20 +598,13 @@ def _on_rows(x, rows, op):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="augment.py", description="Synthetic-data preview and generation benchmark")
+    parser = argparse.ArgumentParser(prog="augment.py", description="A preview of the built-in dataset")
     parser.add_argument("--out", default="samples.png", help="where to write the sample grid")
     parser.add_argument("--img-size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--bench", action="store_true", help="time generation instead of writing samples")
     args = parser.parse_args()
     data = SyntheticShapes("train", 10_000, args.img_size)
-    if args.bench:
-        start = time.perf_counter()
-        for i in range(2000):
-            data.render(i)
-        print(f"{2000 / (time.perf_counter() - start):.0f} images/s at {args.img_size} px on one core")
-    else:
-        rows = [np.concatenate([data.render(c + j * data.num_classes)[0] for j in range(8)], 1)
-                for c in range(data.num_classes)]  # 8 images of class c in row c
-        with vit.exit_on_write_error():
-            vit.save_atomic(args.out, Image.fromarray(np.concatenate(rows, 0)))  # write-then-rename, as every output
-        print(f"wrote {args.out}: rows are {data.classes}")
+    rows = [np.concatenate([data.render(c + j * data.num_classes)[0] for j in range(8)], 1)
+            for c in range(data.num_classes)]  # 8 images of class c in row c
+    with vit.exit_on_write_error():
+        vit.save_atomic(args.out, Image.fromarray(np.concatenate(rows, 0)))  # write-then-rename, as every output
+    print(f"wrote {args.out}: rows are {data.classes}")
