@@ -109,7 +109,7 @@ SYNTHETIC_DEFAULTS = dict(arch="vit_tiny", depth=4, patch_size=8, img_size=32, e
 # contrast on a quarter of the batch, rather than 2 images, adds 3.5-9 k-NN points to DINO + SER (3 seeds)
 # and makes it more accurate than DINO. A sharper teacher (temperature 0.01, no warm-up) learns faster in a
 # 500-step run: DINO + SER +1.0 to +6.3 k-NN points over 0.04 in each of 3 seeds (README). 16 epochs rather
-# than 12 add 6.2 k-NN points to DINO + SER and 4.6 to DINO (seed 0, README).
+# than 12 add 4.5 k-NN points to DINO + SER and 4.6 to DINO (seed 0, README).
 # BYOL: a faster target (EMA 0.96) adds 0.7-3.1 k-NN points over 0.99 in each of 3 seeds (README).
 SYNTHETIC_METHOD_DEFAULTS = {"dino": dict(weight_decay=0.1, weight_decay_end=0.1, use_bn_in_head=True,
                                           freeze_last_layer=0, ser_ratio=0.25, teacher_temp=0.01,
