@@ -27,7 +27,6 @@ linear_eval.py, robustness_eval.py and detect_eval.py load.
 """
 
 import argparse
-import ctypes
 import functools
 import itertools
 import json
@@ -61,8 +60,7 @@ EMA_METHODS = ("mocov3", "dino", "byol")  # methods with a momentum teacher / ta
 ADDONS = ("ser", "equimod", "augself", "essl")
 # Options a resumed run may change: they do not affect what is computed.
 RUNTIME_OPTIONS = {"output_dir", "num_workers", "log_every", "knn_every", "knn_train_size", "knn_val_size",
-                   "stop_at_step", "benchmark", "peak_tflops", "count_flops", "compile", "grad_checkpointing",
-                   "no_keep_freed_memory"}
+                   "stop_at_step", "benchmark", "peak_tflops", "count_flops", "compile", "grad_checkpointing"}
 
 # Base-method defaults: each method's official ViT-S/16 recipe at 224 px on ImageNet (facebookresearch/moco-v3
 # CONFIG.md, facebookresearch/dino README.md); lr and min_lr per 256 images. Barlow Twins: SER's, its only ViT
@@ -105,12 +103,8 @@ SYNTHETIC_DEFAULTS = dict(arch="vit_tiny", depth=4, patch_size=8, img_size=32, e
 # DINO at this scale: its teacher starts out nearly uniform (BatchNorm in the head, the official
 # --use_bn_in_head, sharpens it; the last layer trains from step 0), and its weight decay rising to 0.4
 # undoes in the second half of a 500-step run what the first half learnt: MoCo v3's constant 0.1 instead.
-# Its clusters follow the objects' grey level, not their shape (README, the built-in run); SER's token
-# contrast on a quarter of the batch, rather than 2 images, adds 3.5-9 k-NN points to DINO + SER (3 seeds)
-# and makes it more accurate than DINO. A sharper teacher (temperature 0.01, no warm-up) learns faster in a
-# 500-step run: DINO + SER +1.0 to +6.3 k-NN points over 0.04 in each of 3 seeds (README). 16 epochs rather
-# than 12 add 4.5 k-NN points to DINO + SER and 4.6 to DINO (seed 0, README).
-# BYOL: a faster target (EMA 0.96) adds 0.7-3.1 k-NN points over 0.99 in each of 3 seeds (README).
+# SER's b2 share (a quarter of the batch, not 2 images), the sharper teacher (0.01) and BYOL's faster
+# target (EMA 0.96) each won a 3-seed screen, 16 epochs a 1-seed one (README, The built-in run).
 SYNTHETIC_METHOD_DEFAULTS = {"dino": dict(weight_decay=0.1, weight_decay_end=0.1, use_bn_in_head=True,
                                           freeze_last_layer=0, ser_ratio=0.25, teacher_temp=0.01,
                                           warmup_teacher_temp=0.01, epochs=16),
@@ -190,8 +184,6 @@ def get_args_parser():
     a("--norm-last-layer", action="store_true", help="DINO: weight-normalised head output layer (ViT-B recipe)")
     a("--grad-checkpointing", action="store_true", help="recompute block activations: large per-GPU batches")
     a("--compile", action="store_true", help="torch.compile the backbone (checkpoints stay prefix-free)")
-    a("--no-keep-freed-memory", action="store_true",
-      help="CPU: leave glibc's malloc at its defaults (keep_freed_host_memory), to give memory back during the run")
     # Optimisation.
     a("--epochs", type=int, default=None, help="training epochs (100 on real data)")
     a("--warmup-epochs", type=int, default=None, help="linear lr warm-up (10 in the 100-epoch recipes)")
@@ -963,25 +955,8 @@ def train(args, measure=None):
         sys.exit(128 + signum)  # checkpointed, but not finished: a scheduler must not count it as done
 
 
-def keep_freed_host_memory():
-    """glibc keeps freed memory in the process (mmap off, the heap never trimmed): each step reuses the last
-    one's buffers instead of faulting them in again (~300k page faults per step at the synthetic default;
-    SER's b2 grids change shape every step and defeat glibc's adaptive threshold). 7-16% faster CPU steps
-    for a resident set that keeps what it freed (2.6 instead of 2.0 GiB; README, Cost).
-    Set at run time: the same settings from MALLOC_MMAP_MAX_/MALLOC_TRIM_THRESHOLD_ at process start left
-    many of the faults. glibc only; returns whether it applied."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter is linked against
-    except (OSError, AttributeError, TypeError):  # no mallopt (macOS) or no CDLL(None) (Windows)
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
 def main(argv=None):
     args = resolve_config(get_args_parser().parse_args(argv))
-    if not torch.cuda.is_available() and not args.no_keep_freed_memory:
-        keep_freed_host_memory()  # before the DataLoader forks, so its workers inherit it
     if args.count_flops:
         return report_flops(args)
     return benchmark(args) if args.benchmark else train(args)

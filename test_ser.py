@@ -2242,34 +2242,6 @@ def test_compile_keeps_checkpoint_keys_bare(tmp_path, monkeypatch):
     assert vit.load_backbone(tmp_path / "backbone.pth").depth == 3
 
 
-_FAULTS = """
-import resource, sys, torch, pretrain
-applied = pretrain.keep_freed_host_memory() if sys.argv[1] == "keep" else False
-for _ in range(3):
-    torch.empty(2**24).fill_(1)  # 64 MiB, mmap-sized: warm up
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    torch.empty(2**24).fill_(1)  # allocate, touch every page, free
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
-                    reason="glibc only")
-def test_keep_freed_host_memory_stops_per_step_page_faults():
-    """With glibc's defaults, a freed 64 MiB tensor is unmapped and the next one faults all its pages in
-    again (16k faults each); after keep_freed_host_memory() it reuses the heap."""
-    repo = os.path.dirname(os.path.abspath(pretrain.__file__))
-    counts = {}
-    for mode in ("default", "keep"):
-        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], cwd=repo, capture_output=True, text=True,
-                             check=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split()
-        counts[mode] = (out[-2] == "True", int(out[-1]))
-    assert counts["keep"][0]
-    assert counts["default"][1] > 4 * 16384  # the behaviour being fixed: 16k faults per 64 MiB tensor
-    assert counts["keep"][1] < 16384  # fewer than one tensor's pages over five tensors
-
-
 def test_compile_sees_only_fixed_training_shapes(tmp_path, monkeypatch):
     """--compile: only the b1 calls of student and teacher (one fixed shape) reach the compiled function;
     SER's b2 views (a new grid every step) and the k-NN monitor (eval mode) run eagerly, so nothing
