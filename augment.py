@@ -152,9 +152,7 @@ class SyntheticShapes(Dataset):
 
     SPLITS = {"train": 0, "val": 1}
     SATURATION, BACKGROUND_CONTRAST, MAX_ROTATION = 0.0, 0.3, 30.0
-    # A split up to this size keeps each image once rendered (10 MB at 32 px, the default 3,200 images at 224 px
-    # 482 MB); loader workers keep their own copies, so the limit is on their total.
-    KEEP_BYTES = 2 ** 29
+    KEEP_BYTES = 2 ** 29  # bytes of rendered images a split may keep, summed over the loader workers' own copies
 
     def __init__(self, split="train", length=10_000, img_size=64, seed=0, transform=None):
         if split not in self.SPLITS:
@@ -415,10 +413,6 @@ def _crop_box(height, width, scale, ratio, g):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()  # (3, H, W)
-
-
 class MultiViewDataset(Dataset):
     """Wraps a dataset of (PIL image, label) and returns, per sample, a dict (collate with default_collate):
 
@@ -456,12 +450,12 @@ class MultiViewDataset(Dataset):
                                 box=(left, top, left + w, top + h))
             if flip:
                 crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-            sample["images"].append(_to_uint8_tensor(crop))
+            sample["images"].append(v2.functional.pil_to_tensor(crop))  # (3, size, size)
             sample["crop"].append(torch.tensor([top / height, left / width, h / height, w / width]))
             sample["flip"].append(torch.tensor(flip))
         if s := self.recipe.plain_size:
             plain = v2.functional.resize(image, round(s * 256 / 224), interpolation=v2.InterpolationMode.BICUBIC)
-            sample["plain"] = _to_uint8_tensor(v2.functional.center_crop(plain, s))
+            sample["plain"] = v2.functional.pil_to_tensor(v2.functional.center_crop(plain, s))
         return sample
 
 
@@ -530,11 +524,10 @@ def solarize(x, threshold=0.5):
 class PhotometricAugment:
     """BYOL-style colour augmentation on a batch, with per-sample parameters drawn on the CPU: colour jitter
     as torchvision's ColorJitter (its four ops in a random per-sample order), grayscale, blur, solarize.
-    Blur: sigma ~ U[0.1, 2.0] * img_size/224 px and kernel blur_kernel_size(img_size): the 224-px recipe
-    (SER's kornia GaussianBlur, k 9) scaled so that a 64-px run blurs the same fraction of the image.
-    img_size is the global crop size even for local crops, as in DINO, whose blur radius is in pixels.
-    Solarize: threshold 0.5 (BYOL, MoCo v3, DINO); the SER release draws it in (0, 1) with kornia,
-    flagged in its own comment as a departure."""
+    Blur: sigma ~ U[0.1, 2.0] * img_size/224 px, kernel blur_kernel_size(img_size): the 224-px recipe scaled to
+    blur the same fraction of any image; img_size is the global crop size even for local crops, as in DINO, whose
+    blur radius is in pixels. Solarize: threshold 0.5 (BYOL, MoCo v3, DINO); the SER release draws it in (0, 1)
+    with kornia, flagged in its own comment as a departure."""
 
     def __init__(self, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=1.0, p_solarize=0.0,
                  img_size=224, sigma=(0.1, 2.0)):

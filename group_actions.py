@@ -183,9 +183,8 @@ def apply_to_token_map(t: Tensor, g: GroupElement) -> Tensor:
     _check_batch(t, g, "token map")
 
     def resize(u: Tensor) -> Tensor:  # (B, C, h, w) -> (B, C, *g.size)
-        # F.interpolate's bicubic as the separable product A_h u A_w^T: the same numbers, but a gradient
-        # of two small matmuls, where CUDA's upsample_bicubic2d_backward loops over B*C in each thread
-        # (23 ms per call for SER's token maps of ViT-S/16 on an H200).
+        # F.interpolate's bicubic as the separable product A_h u A_w^T: the same numbers, but a gradient of two
+        # small matmuls, where CUDA's upsample_bicubic2d_backward loops over B*C in each thread (README, Cost).
         # Callers run it outside autocast (the losses, the evaluation), so the products stay in `dtype`.
         dtype = torch.promote_types(u.dtype, torch.float32)  # F.interpolate's accumulation type
         a_h, a_w = (_bicubic_matrix(n, m, u.device, dtype) for n, m in zip(u.shape[-2:], g.size))
@@ -211,11 +210,9 @@ def compose(g2: GroupElement, g1: GroupElement) -> GroupElement:
 def inverse(g: GroupElement, input_size: tuple[int, int] | None) -> GroupElement:
     """g^-1, where input_size is the token grid (h, w) g was applied to ("resize to size" forgets where
     it came from; None only when g has no resize): R180^d F^f Resize_in after R90^-k, composed to normal form."""
-    if input_size is not None:
-        input_size = _check_grid(input_size, "input_size")
-    elif g.size is not None:
+    if g.size is not None and input_size is None:
         raise ValueError("inverse of an element with a resize needs input_size, the grid it was applied to")
-    size = None if g.size is None else input_size
+    size = None if g.size is None else _check_grid(input_size, "input_size")
     return compose(GroupElement(flip=g.flip, rot180=g.rot180, size=size), GroupElement(k=-g.k))
 
 

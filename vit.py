@@ -107,11 +107,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
         if weight_init not in ("trunc_normal", "moco"):
             raise ValueError(f"weight_init must be 'trunc_normal' or 'moco', got {weight_init!r}")
-        # Saved in every checkpoint we write: the head count and the SER split cannot be read off a state dict.
-        self.arch = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                         depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                         drop_path_rate=drop_path_rate, pos_embed=pos_embed, cls_after_block=cls_after_block,
-                         stop_grad_conv1=stop_grad_conv1, weight_init=weight_init)
+        # The arguments (the only locals yet), saved in every checkpoint: a state dict shows no head count or SER split.
+        self.arch = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.patch_size, self.embed_dim, self.depth, self.num_heads = patch_size, embed_dim, depth, num_heads
         self.cls_after_block = cls_after_block
         self.grid_size = (img_size // patch_size, img_size // patch_size)
@@ -251,9 +248,8 @@ def build_vit(arch):
 
 # ---------------------------------------------------------------------- devices and precision
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a small host tensor (augmentation parameters, indices, stochastic-depth masks) to `device`
-    without making the host wait: on CUDA it is pinned first, because a copy from pageable memory waits
-    for the GPU (unpinned, the stochastic-depth masks alone made 22 waits per DINO step, 66 with SER)."""
+    """Copy a small host tensor (augmentation parameters, indices, stochastic-depth masks) to `device` without
+    making the host wait: on CUDA it is pinned first, as a copy from pageable memory waits for the GPU."""
     if t.device.type == "cpu" and device.type == "cuda" and not torch.compiler.is_compiling():  # (no pin in a graph)
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
@@ -266,9 +262,8 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 @functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16():
-    """Whether this CPU computes bf16 matmuls in hardware: AVX512_BF16 or AMX. Elsewhere (AVX2 only,
-    AVX-512 without BF16) torch emulates bf16, and a bf16 matmul runs 100x slower than fp32 (AMD Zen 3:
-    ~1 against ~135 GFLOP/s). torch's own cpuinfo queries first, /proc/cpuinfo flags on older torch."""
+    """Whether this CPU computes bf16 matmuls in hardware: AVX512_BF16 or AMX. Elsewhere (AVX2 only, AVX-512
+    without BF16) torch emulates bf16, ~100x slower than fp32. torch's cpuinfo queries, else /proc/cpuinfo flags."""
     if hasattr(torch.cpu, "_is_avx512_bf16_supported") and hasattr(torch.cpu, "_is_amx_tile_supported"):
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     try:
