@@ -98,12 +98,6 @@ def equivariance_scores(backbone, x, elements, autocast=nullcontext):
     return out
 
 
-def equivariance_results(names, scores):
-    """{element: {metric: [mean over the images, per block]}} from scores (E, L, M, N)."""
-    per = scores.nanmean(-1)  # (E, L, M)
-    return {n: {m: per[e, :, k].tolist() for k, m in enumerate(EQUIV_METRICS)} for e, n in enumerate(names)}
-
-
 # ---------------------------------------------------------------------------------------------------
 # Figures (--figures DIR): SER's idea made visible, and DINO-style [CLS] attention maps.
 
@@ -613,13 +607,12 @@ def _next_pow2(n):
 
 PERTURBATIONS = ("gaussian_noise", "shot_noise", "motion_blur", "zoom_blur", "snow", "brightness", "translate",
                  "rotate", "tilt", "scale")
-P_LENGTHS = {name: 41 if name == "translate" else 31 for name in PERTURBATIONS}
 _STARTS_CLEAN = ("gaussian_noise", "shot_noise", "zoom_blur")  # frame 0 is the clean crop
 
 
 def frame_indices(name, num_frames=None):
     """The original frame parameters i to generate: all of them, or a shorter window with the same step."""
-    full = P_LENGTHS[name]
+    full = 41 if name == "translate" else 31  # the original's sequence lengths
     T = full if num_frames is None else num_frames
     if not 2 <= T <= full:
         raise ValueError(f"--p-frames must be in 2..{full} for {name}, got {T}")
@@ -629,7 +622,7 @@ def frame_indices(name, num_frames=None):
 
 def perturbation_sequence(image, name, crop_size, rng=0, difficulty=1, num_frames=None):
     """ImageNet-P frames of one image: uint8 (H, W, 3) (Resize(256) analogue) -> uint8 (T, crop, crop, 3)."""
-    if name not in P_LENGTHS:
+    if name not in PERTURBATIONS:
         raise ValueError(f"unknown perturbation {name!r}; choose from {', '.join(PERTURBATIONS)}")
     if difficulty not in (1, 2, 3):
         raise ValueError(f"difficulty must be 1..3, got {difficulty}")
@@ -888,7 +881,8 @@ class Evaluator:
 
     @torch.no_grad()
     def clean_pass(self, dataset, img_size, geometry, equivariance):
-        """Clean top-1, top-1 under each geometric element, per-block equivariance scores, in one pass."""
+        """In one pass: element names, hits (1 + E, N), clean then per element, and the per-block image means
+        {element: {metric: [per block]}} of the equivariance scores."""
         grid = (img_size // self.backbone.patch_size,) * 2
         names = list(geometric_elements(1, grid, self.args.scales))
         correct = torch.zeros(1 + len(names), len(dataset), device=self.device)  # row 0: identity
@@ -901,7 +895,9 @@ class Evaluator:
                     correct[e, idx] = self.hits(apply_to_images(x, g, self.backbone.patch_size), y)
             if equivariance:
                 scores[..., idx] = equivariance_scores(self.backbone, x, elements, self.autocast)
-        return names, losses.all_reduce_sum(correct).cpu(), losses.all_reduce_sum(scores).cpu()
+        correct, scores = losses.all_reduce_sum(correct).cpu(), losses.all_reduce_sum(scores).cpu().nanmean(-1)
+        return names, correct, {n: {m: scores[e, :, k].tolist() for k, m in enumerate(EQUIV_METRICS)}
+                                for e, n in enumerate(names)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1035,7 +1031,7 @@ def figures(args, backbones, names, clean_set, layer, device):
 
 def clean_tasks(ev, clean_set, img_size, tasks, results):
     """Clean and geometry top-1 and the per-block equivariance, in one pass, into results; the clean error or None."""
-    names, correct, scores = ev.clean_pass(clean_set, img_size, "geometry" in tasks, "equivariance" in tasks)
+    names, correct, equivariance = ev.clean_pass(clean_set, img_size, "geometry" in tasks, "equivariance" in tasks)
     clean_error = None
     if ev.classifier is not None:
         clean_error = 1 - correct[0].mean().item()
@@ -1045,7 +1041,7 @@ def clean_tasks(ev, clean_set, img_size, tasks, results):
         results["geometry"] = {n: 100 * correct[e + 1].mean().item() for e, n in enumerate(names)}
         log("\ngeometry top-1  " + "  ".join(f"{n} {v:.2f}" for n, v in results["geometry"].items()))
     if "equivariance" in tasks:
-        results["equivariance"] = equivariance_results(names, scores)
+        results["equivariance"] = equivariance
         log("\nequivariance per block l = 1..%d: cos(f(gx), rho_g f(x)) / relative error [chance rel. error]"
             % ev.backbone.depth)
         for n, v in results["equivariance"].items():
@@ -1083,8 +1079,6 @@ def corruption_task(ev, base, img_size, num_classes, corruptions, clean_error, f
             res.update(corruption_errors(errors, clean_error))
         else:
             log("mCE skipped: it needs all 15 corruptions")
-    # The procedural frost is about half as far from the clean image as the photos (1 - correlation against
-    # make_imagenet_c.py with the photos: 0.52-0.66 over the severities): its numbers are biased toward robustness.
     mark = "*" if not args.imagenet_c_dir and "frost" in corruptions and frost_images is None else ""
     if mark:
         res["deviation"] = FROST_NOTE
@@ -1171,8 +1165,7 @@ def evaluate(args, device, rank, world):
                          "the probe was trained on")
     frost_images = load_frost_images(args.frost_dir) if args.frost_dir else None
     ev = Evaluator(args, backbone, classifier, meta, device, rank, world)
-    results = {"args": vars(args), "data": args.data, "num_images": len(base), "img_size": img_size,
-               "num_classes": len(classes), "world_size": world}
+    results = {"num_images": len(base), "img_size": img_size, "num_classes": len(classes), "world_size": world}
     log(f"robustness_eval: {len(base)} images of {args.data} at {img_size}px, tasks {','.join(tasks)}, "
         f"{world} process(es) on {device}")
     clean_error = None
@@ -1196,13 +1189,11 @@ def compare_backbones(args, device, rank, world):
     img_size = args.img_size or backbones[0].arch["img_size"]
     base, _, clean_set = val_images(args, img_size, default=200)
     layer = figure_layer(args, backbones)
-    results = {"args": vars(args), "data": args.data, "num_images": len(base), "img_size": img_size,
-               "layer": layer, "runs": {}}
+    results = {"num_images": len(base), "img_size": img_size, "layer": layer, "runs": {}}
     for name, path, backbone in zip(names, args.backbone, backbones):
         ev = Evaluator(args, backbone.to(device).eval(), None, {}, device, rank, world)
-        elements, _, scores = ev.clean_pass(clean_set, img_size, False, True)
         run = {"backbone": path, "depth": backbone.depth, "cls_after_block": backbone.cls_after_block,
-               "equivariance": equivariance_results(elements, scores)}
+               "equivariance": ev.clean_pass(clean_set, img_size, False, True)[2]}
         probe = os.path.join(os.path.dirname(path), "linear", "linear_eval.json")
         if os.path.isfile(probe):
             with open(probe) as f:
@@ -1229,7 +1220,8 @@ def main(args):
     several = args.backbone and (len(args.backbone) > 1 or args.figures and not args.probe)
     if several and not args.equivariance_only:
         raise SystemExit("several --backbone (or --figures without --probe) need --equivariance-only")
-    results = (compare_backbones if several else evaluate)(args, device, rank, world)
+    task = compare_backbones if several else evaluate
+    results = {"args": vars(args), "data": args.data, **task(args, device, rank, world)}
     results["seconds"] = time.time() - t0
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
