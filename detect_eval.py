@@ -80,8 +80,6 @@ def validate_coco(coco, source, allow_degenerate=False):
         if len(set(ids)) != len(ids):
             raise ValueError(f"{source}: duplicate {section[:-1]} ids")
     cat_ids = {c["id"] for c in coco["categories"]}
-    if not cat_ids:
-        raise ValueError(f"{source}: no categories")
     sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
     for a in coco["annotations"]:
         if a["image_id"] not in sizes:
@@ -98,8 +96,7 @@ def validate_coco(coco, source, allow_degenerate=False):
             hint = "" if min(w, h) < 0 else " (pass --allow-degenerate-boxes to keep zero-size boxes)"
             raise ValueError(f"{source}: annotation {a['id']} has a box of non-positive size {box}{hint}")
         W, H = sizes[a["image_id"]]
-        t = BOX_TOLERANCE
-        if x < -t or y < -t or x + w > W + t or y + h > H + t:
+        if min(x, y) < -BOX_TOLERANCE or max(x + w - W, y + h - H) > BOX_TOLERANCE:
             raise ValueError(f"{source}: annotation {a['id']} box {box} leaves its {W}x{H} image {a['image_id']} "
                              "(check the box and the image's width/height)")
         if not _is_number(a["area"]) or a["area"] < 0:
@@ -123,12 +120,11 @@ def load_coco(ann_file, image_dir=None, allow_degenerate=False):
         raise ValueError(f"{ann_file} is not valid JSON: {e}") from None
     validate_coco(coco, ann_file, allow_degenerate)
     if image_dir is not None:
-        absent = [im["file_name"] for im in coco["images"]
-                  if not os.path.isfile(os.path.join(image_dir, im["file_name"]))]
+        paths = [os.path.join(image_dir, im["file_name"]) for im in coco["images"]]
+        absent = [im["file_name"] for im, path in zip(coco["images"], paths) if not os.path.isfile(path)]
         if absent:
             raise ValueError(f"{ann_file}: {len(absent)} image file(s) missing from {image_dir}, e.g. {absent[:3]}")
-        for im in coco["images"]:
-            path = os.path.join(image_dir, im["file_name"])
+        for im, path in zip(coco["images"], paths):
             try:
                 with Image.open(path) as f:
                     size = f.size
@@ -205,11 +201,10 @@ class SyntheticDetection:
                 area = math.pi * (extent / 2) ** 2
             else:  # n vertices on the unit circle, the star's odd ones at radius 0.45
                 n, inner = {"triangle": (3, 1.0), "square": (4, 1.0), "star": (10, 0.45)}[shape]
-                angles = np.arange(n) * 2 * np.pi / n
-                radius = np.where(np.arange(n) % 2, inner, 1.0)
+                radius = np.where(np.arange(n) % 2, inner, 1.0)[:, None]
                 theta = rng.uniform(0, 2 * np.pi)
                 rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-                geometry = np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=1) @ rot.T  # (V, 2)
+                geometry = augment._regular(n, phase=0) * radius @ rot.T  # (V, 2)
                 geometry = geometry - geometry.min(0)
                 geometry = geometry * extent / geometry.max()  # longer box side == extent
                 w, h = geometry.max(0)
@@ -576,8 +571,7 @@ def predict(model, dataset, args, device, rank, world_size):
 
 # ----------------------------------------------------------------------------- main
 def get_args_parser():
-    p = argparse.ArgumentParser(prog="detect_eval.py", description="Frozen-ViT detection (ViTDet pyramid + Faster "
-                                "R-CNN), COCO box mAP; see the module docstring")
+    p = argparse.ArgumentParser(prog="detect_eval.py", description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", help="'synthetic' (built-in, offline) or a COCO root "
                    "with annotations/instances_{split}.json and {split}/ image folders")

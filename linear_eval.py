@@ -143,15 +143,12 @@ class WithIndex(Dataset):
 
 @torch.no_grad()
 def gather_features(feature_fn, loader, device, label=None, log=print):
-    """Features (N, F) float32 and labels (N,) of all N samples of loader.dataset, on every rank. Each rank embeds
-    its shard; the shards are all-gathered with their dataset indices and written with index_copy_, so the order is
-    the dataset's, and a sample a DistributedSampler repeats to pad its shards rewrites its row with the same values."""
+    """Features (N, F) float32 and labels (N,) of all N samples of loader.dataset (a WithIndex), on every rank. Each
+    rank's shard is all-gathered with its dataset indices and written with index_copy_: the order is the dataset's,
+    and a sample a DistributedSampler repeats to pad its shards rewrites its row with the same values."""
     n = len(loader.dataset)
     features = labels = None
-    for batch in (augment.progress(loader, len(loader), label, log) if label else loader):
-        if len(batch) != 3:
-            raise ValueError("the loader must yield (images, labels, indices): wrap its dataset in WithIndex")
-        images, target, index = batch
+    for images, target, index in (augment.progress(loader, len(loader), label, log) if label else loader):
         with vit.autocast(device):  # bf16 where it is native (GPUs, AVX512_BF16/AMX CPUs), else fp32
             f = feature_fn(images.to(device, non_blocking=True)).float()  # (b, F)
         target, index = target.to(device, non_blocking=True).long(), index.to(device, non_blocking=True)
