@@ -78,13 +78,14 @@ def progress(iterable, total, label, log=print, every=30.0):
 
 
 # ---------------------------------------------------------------------- synthetic shapes: the offline default dataset
-def _regular(n, radius=1.0, phase=math.pi / 2):
+def regular_polygon(n, radius=1.0, phase=math.pi / 2):
+    """(n, 2) vertices at `radius`, the first at angle `phase` (y down): the built-in shapes, also detect_eval's."""
     a = phase + 2 * math.pi * np.arange(n) / n
     return np.stack([radius * np.cos(a), radius * np.sin(a)], 1)
 
 
 def _star(points=5, inner=0.45):
-    outer, inner_ = _regular(points), _regular(points, inner, math.pi / 2 + math.pi / points)
+    outer, inner_ = regular_polygon(points), regular_polygon(points, inner, math.pi / 2 + math.pi / points)
     return np.stack([outer, inner_], 1).reshape(-1, 2)
 
 
@@ -92,13 +93,13 @@ def _star(points=5, inner=0.45):
 # are re-centred on the area centroid of their outer polygon, so that the placement does not depend on the class.
 # Six shapes that stay distinct at 32 px; the triangle and the star also show a rot90 by their geometry.
 _SHAPES = {
-    "circle": [(_regular(40), 1)],
-    "triangle": [(_regular(3) * 1.1, 1)],
-    "square": [(_regular(4, phase=math.pi / 4) * 0.95, 1)],
+    "circle": [(regular_polygon(40), 1)],
+    "triangle": [(regular_polygon(3) * 1.1, 1)],
+    "square": [(regular_polygon(4, phase=math.pi / 4) * 0.95, 1)],
     "star": [(_star(), 1)],
     "cross": [(np.array([(-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1), (-.3, 1),
                          (-.3, .3), (-1, .3), (-1, -.3), (-.3, -.3)]), 1)],
-    "ring": [(_regular(40), 1), (_regular(40, 0.55), 0)],
+    "ring": [(regular_polygon(40), 1), (regular_polygon(40, 0.55), 0)],
 }
 
 

@@ -204,7 +204,7 @@ class SyntheticDetection:
                 radius = np.where(np.arange(n) % 2, inner, 1.0)[:, None]
                 theta = rng.uniform(0, 2 * np.pi)
                 rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-                geometry = augment._regular(n, phase=0) * radius @ rot.T  # (V, 2)
+                geometry = augment.regular_polygon(n, phase=0) * radius @ rot.T  # (V, 2)
                 geometry = geometry - geometry.min(0)
                 geometry = geometry * extent / geometry.max()  # longer box side == extent
                 w, h = geometry.max(0)

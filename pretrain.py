@@ -232,7 +232,8 @@ def resolve_config(args):
     lam, tau = SER_DEFAULTS[args.method] if args.addon == "ser" else ADDON_DEFAULTS[args.addon]
     cores = max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", 1)))  # this rank's share
     # On a CPU with 2 cores or fewer per rank, loader workers take them from the step's own threads: one worker
-    # made the built-in step 1.17-1.24x slower on a 2-core Zen 3 (README, Cost).
+    # made the built-in step 1.17-1.24x slower on a 2-core Zen 3, 1.18-1.20x its floor against 1.14-1.15x on
+    # a 2-core Xeon (README, Cost).
     workers = min(8, cores) if torch.cuda.is_available() or cores > 2 else 0
     defaults = {"ser_ratio": 0.01, **METHOD_DEFAULTS[args.method],  # SER's b2 share: the release's 3 of 256
                 **(SYNTHETIC_DEFAULTS if synthetic else REAL_DEFAULTS),
