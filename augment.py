@@ -20,6 +20,7 @@ import hashlib
 import math
 import os
 import time
+import traceback
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -232,13 +233,38 @@ class SyntheticShapes(Dataset):
 
 
 # ---------------------------------------------------------------------- real data
-def _load_rgb(path: str) -> Image.Image:
-    """ImageFolder loader that names the file when decoding fails (torchvision's would not)."""
+class UnreadableImage(ValueError):
+    """An image file that does not decode; the message names it (run_script turns it into the script's last line)."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    """An image file as 8-bit RGB, naming the file when decoding fails (torchvision's loader would not).
+    16-bit greyscale (PIL modes I;16, I, F) is scaled to 8 bits: convert('RGB') would clip it at 255."""
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            image = Image.open(f)
+            if image.mode.startswith("I") or image.mode == "F":
+                image = Image.fromarray(np.clip(np.asarray(image, np.float64) / 257, 0, 255).round().astype(np.uint8))
+            return image.convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image file {path}: {e}") from None
+        raise UnreadableImage(f"cannot read image file {path}: {e}; remove or replace it") from None
+
+
+def run_script(main):
+    """A script's entry point. An unreadable image ends it with one line naming the file (from a loader worker it
+    arrives inside the worker's traceback, as that traceback's last line); any other error prints its traceback and
+    exits 1 through SystemExit, which releases the loaders so that their workers shut down: an exception left to the
+    interpreter keeps them referenced at exit, where pretrain's workers, which ignore SIGTERM, would hang it."""
+    try:
+        return main()
+    except Exception as e:
+        if isinstance(e, UnreadableImage):
+            status = "error: " + str(e).strip().splitlines()[-1].split("UnreadableImage: ")[-1]
+        else:
+            traceback.print_exc()
+            status = 1
+        traceback.clear_frames(e.__traceback__)  # the loaders in them, kept by a reference cycle, go now
+    raise SystemExit(status)
 
 
 def _refuse_symlink_loops(data: str, folder: str):
@@ -304,7 +330,7 @@ def build_dataset(data: str, split: str, transform=None, img_size=64, length=Non
                              f"but folder {folder} does not exist")
         _refuse_symlink_loops(data, folder)
         try:
-            dataset = datasets.ImageFolder(folder, transform=transform, loader=_load_rgb)
+            dataset = datasets.ImageFolder(folder, transform=transform, loader=load_rgb)
         except FileNotFoundError as e:  # no class folders, or class folders without images
             raise ValueError(f"--data {data}: folder {folder} holds no images in class sub-folders ({e})") from None
     dataset.num_classes = len(dataset.classes)

@@ -330,6 +330,10 @@ def main(argv=None):
         raise SystemExit(f"--n-last-blocks must be in 1..{max_blocks} for this backbone, got {args.n_last_blocks}")
     torch.manual_seed(args.seed + rank)  # dataloader workers (augmentations) differ per rank
     img_size = args.img_size or backbone.arch["img_size"]
+    if img_size % backbone.patch_size:
+        raise SystemExit(f"--img-size {img_size} is not a multiple of the backbone's patch size {backbone.patch_size}")
+    if rank == 0:
+        vit.make_output_dir(args.output_dir)
     per_rank_batch = args.batch_size // world
 
     try:
@@ -417,7 +421,6 @@ def main(argv=None):
                    num_holdout=len(holdout_idx), num_val=len(val_set), world_size=world,
                    time_s=round(time.time() - start, 1), args=vars(args))
     if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
         with vit.exit_on_write_error():  # each file replaced in one step, the results last: never a probe not on disk
             save_probe(os.path.join(args.output_dir, "linear_probe.pth"), backbone, sweep.heads[best],
                        args.n_last_blocks, args.avgpool, num_classes, img_size, args.data,
@@ -430,4 +433,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    augment.run_script(main)

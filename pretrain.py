@@ -246,14 +246,16 @@ def resolve_config(args):
                          prefix="error: ")
     if not 0 <= args.warmup_epochs <= args.epochs:
         raise SystemExit(f"error: --warmup-epochs {args.warmup_epochs} must be in 0..--epochs ({args.epochs})")
-    if not (all(map(math.isfinite, args.ser_scale)) and 0 < args.ser_scale[0] <= args.ser_scale[1]):
-        raise SystemExit(f"error: --ser-scale needs 0 < min <= max, got {args.ser_scale}")
+    if not (all(map(math.isfinite, args.ser_scale)) and 0 < args.ser_scale[0] <= args.ser_scale[1] <= 4):
+        raise SystemExit(f"error: --ser-scale needs 0 < min <= max <= 4 (b2 grids up to twice the crop's side), "
+                         f"got {args.ser_scale}")
     depth = args.depth or 12
-    if args.equiv_layer is None:
+    given = args.equiv_layer is not None
+    if not given:
         args.equiv_layer = 3 if args.addon == "ser" else depth
     if not 1 <= args.equiv_layer <= depth or (args.addon == "ser" and args.equiv_layer == depth):
         raise SystemExit(f"error: --equiv-layer must be in 1..{depth - (args.addon == 'ser')} for a depth-{depth} "
-                         f"ViT, got {args.equiv_layer}")
+                         f"ViT, got {args.equiv_layer}{'' if given else ' (the default with --ser)'}")
     if args.n_local_crops and args.method not in ("dino", "mocov3"):
         raise SystemExit(f"error: --n-local-crops: multi-crop is not part of the official {args.method} recipe "
                          "(only DINO's and SER's MoCo v3 '2+4 views' use it)")
@@ -666,7 +668,11 @@ def resume(args, saved, total_steps, device):
         raise SystemExit(f"error: {e}") from None
     for name, obj in saved.items():
         if obj is not None:
-            obj.load_state_dict(ckpt[name])
+            try:
+                obj.load_state_dict(ckpt[name])
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:  # e.g. written by another version
+                raise SystemExit(f"error: {path}: its {name} does not fit this run ({type(e).__name__}); move it "
+                                 "away or use another --output-dir") from None
     losses.log(f"resumed from {path} at step {ckpt['step']}")
     if ckpt["step"] >= total_steps and losses.rank() == 0:
         # A finished run: a kill between its last two writes left backbone.pth stale or missing.
@@ -709,7 +715,7 @@ def export_backbone(path, state):
 
 def append_jsonl(path, record):
     if losses.rank() == 0:
-        with open(path, "a") as f:
+        with vit.exit_on_write_error("error: "), open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
@@ -869,7 +875,10 @@ def train(args, measure=None):
     # ============ preparing data ============
     recipe = build_recipe(args)
     length = dict(length=args.synthetic_length) if args.data == "synthetic" else {}
-    base = augment.build_dataset(args.data, "train", None, img_size=args.img_size, **length)
+    try:
+        base = augment.build_dataset(args.data, "train", None, img_size=args.img_size, **length)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     dataset = augment.MultiViewDataset(base, recipe, seed=args.seed)
     if len(dataset) < args.batch_size:
         raise SystemExit(f"error: {args.data} has {len(dataset)} training images, fewer than --batch-size "
@@ -894,7 +903,7 @@ def train(args, measure=None):
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
     # ============ optionally resuming training ============
-    os.makedirs(args.output_dir, exist_ok=True)
+    vit.make_output_dir(args.output_dir, prefix="error: ")
     saved = dict(student=student, teacher=teacher, dino_loss=dino_loss, optimizer=optimizer, scaler=scaler)
     start_step = resume(args, saved, total_steps, device)
 
@@ -909,8 +918,9 @@ def train(args, measure=None):
                f"weight decay on {len(optimizer.param_groups[0]['params'])} tensors, "
                f"none on {len(optimizer.param_groups[1]['params'])}")
     if rank == 0 and not args.benchmark:
-        vit.save_atomic(os.path.join(args.output_dir, "config.json"),
-                        {"argv": sys.argv, "world_size": world, **vars(args)})
+        with vit.exit_on_write_error("error: "):
+            vit.save_atomic(os.path.join(args.output_dir, "config.json"),
+                            {"argv": sys.argv, "world_size": world, **vars(args)})
     losses.log(json.dumps(vars(args)))
     ddp_student = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else student
@@ -1107,4 +1117,4 @@ def report_flops(args):
 
 
 if __name__ == "__main__":
-    main()
+    augment.run_script(main)

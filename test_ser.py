@@ -160,6 +160,11 @@ def test_prefix_stripping_released_formats(tmp_path):
     assert torch.equal(vit.load_backbone(tmp_path / "moco.pth", arch=arch)(x), m(x))
     # A prefix is only stripped at the start of a key.
     assert vit.strip_prefixes({"blocks.0.module.x": 1}) == {"blocks.0.module.x": 1}
+    # Bare weights record no architecture: their resolution is read off the position table (32 px here, not 224).
+    requested = {k: arch[k] for k in ("patch_size", "embed_dim", "depth", "num_heads")}
+    torch.save(sd, tmp_path / "bare.pth")
+    loaded = vit.load_backbone(tmp_path / "bare.pth", arch=requested)
+    assert loaded.arch["img_size"] == 32 and torch.equal(loaded(x), m(x))
 
 
 def test_mismatched_checkpoints_raise(tmp_path):
@@ -169,11 +174,11 @@ def test_mismatched_checkpoints_raise(tmp_path):
         vit.load_backbone(tmp_path / "bare.pth")
     with pytest.raises(ValueError, match="missing"):
         vit.load_backbone(tmp_path / "bare.pth", arch={**m.arch, "depth": 5})
-    with pytest.raises(ValueError, match="shape mismatch"):
+    with pytest.raises(ValueError, match="of another shape"):
         vit.load_backbone(tmp_path / "bare.pth", arch={**m.arch, "embed_dim": 32, "num_heads": 2})
     sd = {**m.state_dict(), "extra.weight": torch.zeros(1)}
     torch.save(sd, tmp_path / "extra.pth")
-    with pytest.raises(ValueError, match="unexpected: \\['extra.weight'\\]"):
+    with pytest.raises(ValueError, match="1 unexpected \\['extra.weight'\\]"):
         vit.load_backbone(tmp_path / "extra.pth", arch=m.arch)
     # The head count is invisible in the weights: a saved arch that disagrees is refused.
     torch.save({"arch": m.arch, "backbone": m.state_dict()}, tmp_path / "ours.pth")
@@ -333,8 +338,8 @@ def test_load_checkpoint_runs_no_code_and_names_broken_files(tmp_path):
     for name, content in (("truncated", data[:len(data) // 2]), ("empty", b""), ("random", os.urandom(4096))):
         path = tmp_path / f"{name}.pth"
         path.write_bytes(content)
-        with pytest.raises(ValueError, match=f"{path} is not a readable checkpoint .*move it away"):
-            vit.load_checkpoint(path)
+        with pytest.raises(ValueError, match=f"{path} is not a readable checkpoint .*not a torch file$"):
+            vit.load_checkpoint(path)  # an input file: the --output-dir advice is load_resumable's
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         vit.load_checkpoint(tmp_path / "missing.pth")
 
@@ -1345,7 +1350,7 @@ def _write_png_tree(root, split, classes=("a", "b"), n=3):
     for c in classes:
         (root / split / c).mkdir(parents=True)
         for i in range(n):
-            Image.fromarray(np.full((10, 12, 3), 40 * i, np.uint8)).save(root / split / c / f"{i}.png")
+            Image.fromarray(np.full((10, 12, 3), 40 * i % 256, np.uint8)).save(root / split / c / f"{i}.png")
 
 
 def test_imagefolder_works(tmp_path):
@@ -1379,8 +1384,33 @@ def test_corrupt_image_names_the_file(tmp_path):
     bad.write_bytes(b"this is not a jpeg" * 10)
     data = augment.build_dataset(str(tmp_path), "train")
     index = [p for p, _ in data.samples].index(str(bad))
-    with pytest.raises(ValueError, match="broken.jpg"):
+    with pytest.raises(augment.UnreadableImage, match="broken.jpg"):
         data[index]
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    grey = np.array([[0, 257 * 100], [257 * 200, 65535]], np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g.png")  # PIL opens it as mode I;16
+    rgb = np.asarray(augment.load_rgb(str(tmp_path / "g.png")))
+    assert rgb.shape == (2, 2, 3) and rgb[..., 0].tolist() == [[0, 100], [200, 255]]
+
+
+def test_run_script_gives_one_line_and_releases_the_loaders(capsys):
+    worker_message = ("Caught UnreadableImage in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                      "last):\n  ...\naugment.UnreadableImage: cannot read image file x.png: truncated")
+    for message in ("cannot read image file x.png: truncated", worker_message):
+        def main():
+            raise augment.UnreadableImage(message)
+        with pytest.raises(SystemExit) as stop:
+            augment.run_script(main)
+        assert stop.value.code == "error: cannot read image file x.png: truncated"
+
+    def buggy():
+        raise KeyError("a bug")
+    with pytest.raises(SystemExit) as stop:
+        augment.run_script(buggy)
+    assert stop.value.code == 1 and "KeyError: 'a bug'" in capsys.readouterr().err  # a bug keeps its traceback
+    assert augment.run_script(lambda: 7) == 7
 
 
 
@@ -1701,6 +1731,11 @@ def test_resume_refuses_a_different_run(tmp_path):
     run("--method byol --stop-at-step 1", tmp_path)
     with pytest.raises(SystemExit, match="different settings: --method 'byol' \\(now 'simclr'\\)"):
         run("--method simclr --stop-at-step 1", tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    ckpt["student"].pop("projector.layers.0.weight", None) or ckpt["student"].popitem()  # another version's keys
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    with pytest.raises(SystemExit, match="its student does not fit this run .*use another --output-dir"):
+        run("--method byol --stop-at-step 2", tmp_path)
 
 
 def test_bad_configurations_give_clear_errors(tmp_path):
@@ -1718,8 +1753,11 @@ def test_bad_configurations_give_clear_errors(tmp_path):
         run("--synthetic-length 8", tmp_path)
     with pytest.raises(SystemExit, match="--ser-min-images must be at least 2"):
         config("--ser --equiv-layer 2 --ser-min-images 1", tmp_path)
-    with pytest.raises(SystemExit, match="--ser-scale"):
-        config("--ser --equiv-layer 2 --ser-scale 1.3 0.7", tmp_path)
+    for scale in ("1.3 0.7", "1000 1000"):
+        with pytest.raises(SystemExit, match="--ser-scale"):
+            config(f"--ser --equiv-layer 2 --ser-scale {scale}", tmp_path)
+    with pytest.raises(SystemExit, match="got 3 \\(the default with --ser\\)"):
+        config("--ser --depth 2", tmp_path)
     with pytest.raises(SystemExit, match="--batch-size must be positive"):
         config("--batch-size 0", tmp_path)
     with pytest.raises(SystemExit, match="--warmup-epochs 3"):
@@ -1787,6 +1825,23 @@ def test_broken_checkpoint_gives_a_one_line_error(tmp_path):
     code, last, _ = run_script("pretrain.py", *TINY.split(), "--output-dir", tmp_path)
     assert code == 1 and last.startswith(f"error: {tmp_path / 'checkpoint.pth'} is not a readable checkpoint")
     assert "move it away or use another --output-dir" in last
+
+
+def test_unreadable_image_and_unwritable_output_stop_in_one_line(tmp_path):
+    """A loader worker that meets a broken file: one line naming it and exit 1. The workers ignore SIGTERM
+    (for the preemption save), so an exception left to the interpreter used to hang the process at exit."""
+    for split in ("train", "val"):
+        _write_png_tree(tmp_path / "data", split, n=8)  # 16 images: the one step sees them all
+    (tmp_path / "data" / "train" / "b" / "5.png").write_bytes(b"")
+    argv = ["pretrain.py", *TINY.replace("--num-workers 0", "--num-workers 1").split(), "--data", tmp_path / "data",
+            "--warmup-epochs", "0", "--arch", "vit_tiny"]
+    code, last, _ = run_script(*argv, "--output-dir", tmp_path / "run", timeout=120)
+    assert code == 1 and last.startswith(f"error: cannot read image file {tmp_path / 'data/train/b/5.png'}: ")
+    (tmp_path / "file").write_text("")
+    code, last, _ = run_script(*argv, "--output-dir", tmp_path / "file", timeout=120)
+    assert code == 1 and last.startswith(f"error: --output-dir {tmp_path / 'file'}: cannot write there")
+    code, last, _ = run_script(*argv[:-6], "--data", tmp_path / "nowhere", *argv[-4:], timeout=120)
+    assert code == 1 and last.startswith(f"error: --data {tmp_path / 'nowhere'}: expected an ImageFolder root")
 
 
 def test_sigterm_checkpoints_and_exits_143(tmp_path):
@@ -2442,7 +2497,7 @@ def test_end_to_end(tmp_path, extra):
     assert meta["top1"] == written["linear"]["top1"]
 
 
-def test_bad_flags_give_clear_errors():
+def test_bad_flags_give_clear_errors(tmp_path):
     parser = linear_eval.get_args_parser()
     with pytest.raises(SystemExit, match="must be divisible by the world size 3"):
         linear_eval.check_args(parser.parse_args(["--batch-size", "256"]), world=3)
@@ -2450,6 +2505,12 @@ def test_bad_flags_give_clear_errors():
         linear_eval.main(["--random-init"])
     with pytest.raises(SystemExit, match="--pretrained"):
         linear_eval.main(["--pretrained", "/nonexistent/backbone.pth"])
+    tiny = ["--random-init", "--arch", "vit_tiny", "--depth", "2", "--patch-size", "8"]
+    with pytest.raises(SystemExit, match="--random-init --arch vit_tiny: img_size 30 is not divisible"):
+        linear_eval.main(tiny + ["--img-size", "30"])
+    with pytest.raises(SystemExit, match="--img-size 36 is not a multiple of the backbone's patch size 8"):
+        torch.save({"arch": tiny_vit().arch, "backbone": tiny_vit().state_dict()}, tmp_path / "backbone.pth")
+        linear_eval.main(["--pretrained", str(tmp_path / "backbone.pth"), "--img-size", "36"])
 
 
 @pytest.mark.parametrize("flag", ["--lrs 0.1 -1", "--lrs nan", "--depth 0", "--num-workers -1", "--epochs 0",

@@ -14,6 +14,8 @@ import json
 import math
 import os
 import re
+import tempfile
+import textwrap
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 
@@ -337,11 +339,21 @@ def save_atomic(path, obj, indent=1):
 
 @contextmanager
 def exit_on_write_error(prefix=""):
-    """Every script's outputs: a failed save_atomic ends the run with its one-line error, `prefix` first."""
+    """Every script's outputs: a failed write ends the run with one line naming the file, `prefix` first."""
     try:
         yield
     except OSError as e:
-        raise SystemExit(f"{prefix}{e}") from None
+        raise SystemExit(f"{prefix}could not write {e.filename}: {e.strerror}" if e.filename else f"{prefix}{e}") from None
+
+
+def make_output_dir(path, prefix=""):
+    """--output-dir, created and tried before any work, so that a run never computes results it cannot write."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise SystemExit(f"{prefix}--output-dir {path}: cannot write there ({e.strerror or e}); choose another") from None
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -362,16 +374,19 @@ def load_checkpoint(path, map_location="cpu"):
                 "loaded because unpickling them can run code. If you trust the file, re-save it without them, "
                 f"e.g. python -c \"import torch; c = torch.load('{path}', weights_only=False); c.pop('args', None); "
                 f"torch.save(c, 'weights.pth')\", and pass weights.pth") from None
-        first_line = (message.strip().splitlines() or [""])[0][:120]
+        first_line = textwrap.shorten((message.strip().splitlines() or [""])[0], 100)
         reason = f"{type(e).__name__}: {first_line}" if first_line else type(e).__name__
         raise ValueError(f"{path} is not a readable checkpoint ({reason}): it is truncated, empty or not a "
-                         "torch file; move it away or use another --output-dir") from None
+                         "torch file") from None
 
 
 def load_resumable(path, args, keys, script, runtime_options, map_location="cpu"):
     """A run's own checkpoint to resume from, refused when another script wrote it (it lacks `keys`) or with
     other settings than `args`: only runtime_options, which do not change what is computed, may differ."""
-    ckpt = load_checkpoint(path, map_location)
+    try:
+        ckpt = load_checkpoint(path, map_location)
+    except ValueError as e:
+        raise ValueError(f"{e}; move it away or use another --output-dir") from None
     if not (isinstance(ckpt, dict) and {"args", *keys} <= set(ckpt)):
         raise ValueError(f"{path} is not a {script} checkpoint; move it away or use another --output-dir")
     changed = [(k, v, getattr(args, k, None)) for k, v in ckpt["args"].items()
@@ -423,16 +438,20 @@ def load_backbone(path, arch=None, key=None):
     if saved_arch is None and arch is None:
         raise ValueError(f"{path} records no architecture (a released checkpoint?): pass the arch, "
                          "e.g. --arch vit_small --patch-size 16; the head count cannot be read off the weights")
+    if saved_arch is None and "pos_embed" in sd:  # its training resolution, read off the position table
+        side = math.isqrt(sd["pos_embed"].shape[1] - 1)
+        arch = {**arch, "img_size": side * arch.get("patch_size", 16)}
     model = build_vit(saved_arch if saved_arch is not None else arch)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
-    shape_mismatch = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
+    shape_mismatch = [(k, tuple(sd[k].shape), tuple(expected[k].shape))
+                      for k in sorted(set(sd) & set(expected)) if sd[k].shape != expected[k].shape]
     if missing or unexpected or shape_mismatch:
-        raise ValueError(
-            f"{path} does not match the {model.arch['embed_dim']}-dim, depth-{model.arch['depth']} ViT "
-            f"(cls_after_block={model.cls_after_block}):\n  missing: {missing}\n  unexpected: {unexpected}\n"
-            f"  shape mismatch: {[(k, tuple(sd[k].shape), tuple(expected[k].shape)) for k in shape_mismatch]}")
+        raise ValueError(f"{path} does not fit a {model.arch['embed_dim']}-dim, depth-{model.arch['depth']} ViT with "
+                         f"patch {model.patch_size}: {len(missing)} missing keys {missing[:3]}, {len(unexpected)} "
+                         f"unexpected {unexpected[:3]}, {len(shape_mismatch)} of another shape {shape_mismatch[:2]}; "
+                         "check --arch, --patch-size, --depth")
     refuse_non_finite(path, sd)
     model.load_state_dict(sd, strict=True)
     model.dropped_keys = dropped_head  # reported by the evaluation scripts
@@ -467,7 +486,10 @@ def backbone_from_flags(path, arch=None, patch_size=16, key=None, random_init=Fa
             raise SystemExit("--random-init and --pretrained exclude each other")
         if arch is None:
             raise SystemExit(f"--random-init needs --arch (one of: {', '.join(sorted(ARCHS))})")
-        return build_vit(dict(requested, img_size=img_size)).eval()
+        try:
+            return build_vit(dict(requested, img_size=img_size)).eval()
+        except ValueError as e:
+            raise SystemExit(f"--random-init --arch {arch}: {e}") from None
     if path is None:
         raise SystemExit(f"pass {flag} PATH, or --random-init --arch NAME for the baseline at initialisation")
     try:
