@@ -160,7 +160,7 @@ class SyntheticShapes(Dataset):
         if split not in self.SPLITS:
             raise ValueError(f"SyntheticShapes split must be one of {list(self.SPLITS)}, got {split!r}")
         if img_size < 8:
-            raise ValueError(f"SyntheticShapes img_size must be >= 8, got {img_size}")
+            raise ValueError(f"the built-in data needs --img-size >= 8, got {img_size}")
         self.split, self.length, self.img_size, self.seed = split, int(length), int(img_size), seed
         self.transform = transform
         # Later epochs reuse kept images: re-rendering made the data wait 2.3-2.7x longer at 224 px (README, Cost).

@@ -161,10 +161,13 @@ def test_prefix_stripping_released_formats(tmp_path):
     # A prefix is only stripped at the start of a key.
     assert vit.strip_prefixes({"blocks.0.module.x": 1}) == {"blocks.0.module.x": 1}
     # Bare weights record no architecture: their resolution is read off the position table (32 px here, not 224).
-    requested = {k: arch[k] for k in ("patch_size", "embed_dim", "depth", "num_heads")}
+    requested = {k: arch[k] for k in ("patch_size", "embed_dim", "num_heads")}  # the depth, 4, from the keys
     torch.save(sd, tmp_path / "bare.pth")
     loaded = vit.load_backbone(tmp_path / "bare.pth", arch=requested)
-    assert loaded.arch["img_size"] == 32 and torch.equal(loaded(x), m(x))
+    assert (loaded.arch["img_size"], loaded.depth) == (32, 4) and torch.equal(loaded(x), m(x))
+    torch.save({"student": student, "step": 3}, tmp_path / "ckpt.pth")
+    with pytest.raises(ValueError, match="'step' holds no network weights; pass --checkpoint-key with one of"):
+        vit.load_backbone(tmp_path / "ckpt.pth", arch=arch, key="step")
 
 
 def test_mismatched_checkpoints_raise(tmp_path):

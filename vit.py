@@ -424,6 +424,9 @@ def load_backbone(path, arch=None, key=None):
     else:  # the first network entry of the known layouts, else a bare state dict
         sd = next((ckpt[k] for k in ("backbone", "teacher", "student", "state_dict", "model")
                    if isinstance(ckpt.get(k), dict)), ckpt)
+    if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
+        raise ValueError(f"{path}: {key or 'the file'} holds no network weights; pass --checkpoint-key with one of "
+                         f"{sorted(k for k, v in ckpt.items() if isinstance(v, dict))}")
     sd = strip_prefixes(sd)
     dropped_head = sorted(k for k in sd if k.startswith("head."))  # timm classifier / MoCo projector
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
@@ -441,6 +444,8 @@ def load_backbone(path, arch=None, key=None):
     if saved_arch is None and "pos_embed" in sd:  # its training resolution, read off the position table
         side = math.isqrt(sd["pos_embed"].shape[1] - 1)
         arch = {**arch, "img_size": side * arch.get("patch_size", 16)}
+    if saved_arch is None and "depth" not in arch and any(k.startswith("blocks.") for k in sd):  # and its blocks
+        arch["depth"] = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     model = build_vit(saved_arch if saved_arch is not None else arch)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
