@@ -75,10 +75,13 @@ def validate_coco(coco, source, allow_degenerate=False):
                     want = "a positive integer" if k in ("width", "height") else "an integer"
                     raise ValueError(f"{source}: {section}[{i}] {k} must be {want}, got {entry[k]!r} "
                                      f"({type(entry[k]).__name__})")
-    for section in ("images", "annotations"):
+            if section == "images" and not (isinstance(entry["file_name"], str) and entry["file_name"]):
+                raise ValueError(f"{source}: images[{i}] file_name must be a non-empty string, "
+                                 f"got {entry['file_name']!r}")
+    for section in COCO_KEYS:  # a repeated category id would add a class no target ever has
         ids = [entry["id"] for entry in coco[section]]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"{source}: duplicate {section[:-1]} ids")
+            raise ValueError(f"{source}: duplicate ids in {section!r}")
     cat_ids = {c["id"] for c in coco["categories"]}
     sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
     for a in coco["annotations"]:
@@ -116,7 +119,9 @@ def load_coco(ann_file, image_dir=None, allow_degenerate=False):
             coco = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"annotation file not found: {ann_file}") from None
-    except json.JSONDecodeError as e:
+    except OSError as e:  # a folder, no permission
+        raise ValueError(f"cannot read annotation file {ann_file}: {e.strerror}") from None
+    except ValueError as e:  # not JSON, or not UTF-8 (UnicodeDecodeError)
         raise ValueError(f"{ann_file} is not valid JSON: {e}") from None
     validate_coco(coco, ann_file, allow_degenerate)
     if image_dir is not None:
@@ -162,7 +167,7 @@ class CocoDetection(Dataset):
         if self.render is not None:
             img = self.render(info["id"])
         else:
-            img = Image.open(os.path.join(self.image_dir, info["file_name"])).convert("RGB")
+            img = augment.load_rgb(os.path.join(self.image_dir, info["file_name"]))  # a bad file: one line naming it
         rows = torch.tensor(self.targets[info["id"]], dtype=torch.float32).reshape(-1, 5)
         target = {"boxes": rows[:, :4], "labels": rows[:, 4].long(), "image_id": info["id"]}  # (n, 4) xyxy, (n,)
         return pil_to_tensor(img), target  # uint8 (3, H, W): a quarter of the bytes to pin and copy
@@ -511,6 +516,10 @@ def load_checkpoint(path, model, optimizer, args, digest, cat_ids):
     if ckpt.get("backbone_digest", digest) != digest:
         raise ValueError(f"{path} holds heads trained on other backbone weights than {args.pretrained} has now "
                          "(the file changed since). Use another --output-dir.")
+    if ckpt["iteration"] > args.iters:  # trained heads cannot be untrained: results would claim fewer iterations
+        raise ValueError(f"{path} holds heads trained for {ckpt['iteration']} iterations, more than --iters "
+                         f"{args.iters}; pass --iters {ckpt['iteration']} or more (as many only evaluates them), "
+                         "or use another --output-dir")
     # The same --data can hold other annotations since: the box head has one output per category.
     if ckpt.get("cat_ids", list(cat_ids)) != list(cat_ids):
         raise ValueError(f"{path} holds heads trained for {len(ckpt['cat_ids'])} categories (ids "
@@ -623,16 +632,20 @@ def get_args_parser():
 
 
 def check_args(args):
-    at_least_0 = ("weight_decay", "num_workers", "warmup_iters")
+    at_least_0 = ("weight_decay", "num_workers", "warmup_iters", "data_seed")
     at_least_1 = ("depth", "batch_size", "iters", "eval_batch_size", "log_every", "ckpt_every", "synthetic_train",
-                  "synthetic_val", "synthetic_size", "patch_size", "out_channels", "anchor_sizes", "min_size",
+                  "synthetic_val", "patch_size", "out_channels", "anchor_sizes", "min_size",
                   "max_size", "rpn_batch", "roi_batch", "proposals_train", "proposals_test", "box_head_dim")
     ranges = [("--lr", args.lr, lambda v: v > 0, "positive"),
               ("--momentum", args.momentum, lambda v: 0 <= v <= 1, "in [0, 1]"),
-              ("--decay-at", args.decay_at, lambda v: 0 < v < 1, "fractions in (0, 1)")]
+              ("--decay-at", args.decay_at, lambda v: 0 < v < 1, "fractions in (0, 1)"),
+              # SyntheticDetection.layout draws box sides from 12 px to 0.75 x the image side
+              ("--synthetic-size", args.synthetic_size, lambda v: v >= 16, "at least 16")]
     ranges += [("--" + k.replace("_", "-"), getattr(args, k), lambda v: v >= 0, ">= 0") for k in at_least_0]
     ranges += [("--" + k.replace("_", "-"), getattr(args, k), lambda v: v >= 1, "at least 1") for k in at_least_1]
     augment.check_ranges(ranges, prefix="detect_eval.py: ")
+    if args.data != "synthetic" and not os.path.isdir(args.data):
+        raise SystemExit(f"detect_eval.py: --data {args.data} is not a folder: pass a COCO root or 'synthetic'")
 
 
 def main(argv=None):
@@ -641,7 +654,7 @@ def main(argv=None):
     rank, world_size, device = losses.init_distributed()
     # The fp32 heads (see SimpleFeaturePyramid.forward) may use TF32 tensor cores, as detectron2 does.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    os.makedirs(args.output_dir, exist_ok=True)
+    vit.make_output_dir(args.output_dir, prefix="detect_eval.py: ")
 
     # ============ building the frozen backbone, the detector and the data ============
     torch.manual_seed(args.seed)  # not yet offset by rank: every rank must build the same networks
@@ -738,4 +751,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    augment.run_script(main)

@@ -3228,6 +3228,7 @@ def test_synthetic_json_round_trips_and_boxes_lie_inside(tmp_path):
     assert detect_eval.SyntheticDetection(12, 64, seed=3, split="val").coco() == coco  # a function of (seed, index)
     assert detect_eval.SyntheticDetection(12, 64, seed=3, split="train").coco() != coco
     assert np.array_equal(np.asarray(synth.render(5)), np.asarray(synth.render(5)))
+    assert detect_eval.SyntheticDetection(50, img_size=16).coco()["annotations"]  # --synthetic-size's minimum
     ds = detect_eval.CocoDetection(loaded, render=synth.render)
     img, target = ds[4]
     assert img.shape == (3, 64, 64) and img.dtype == torch.uint8 and target["image_id"] == 5
@@ -3295,12 +3296,38 @@ def _edit_box(i, value):
     (lambda c: c["images"][0].update(width=0), "width must be a positive integer"),
     (lambda c: c["annotations"][0].update(area=float("nan")), "area must be a finite number"),
     (lambda c: c.update(annotations=[]), "no annotated boxes"),
+    (lambda c: c["images"][0].update(file_name=None), "images\\[0\\] file_name must be a non-empty string, got None"),
+    (lambda c: c["images"][1].update(file_name=7), "images\\[1\\] file_name must be a non-empty string, got 7"),
+    (lambda c: c["categories"].append({"id": 1, "name": "again"}), "duplicate ids in 'categories'"),
 ])
 def test_hostile_annotations_are_refused(tmp_path, edit, message):
     coco = detect_eval.SyntheticDetection(3, 64).coco()
     edit(coco)
     with pytest.raises(ValueError, match=message):
         detect_eval.load_coco(_write(tmp_path, coco))
+
+
+def test_unusable_output_dir_and_coco_paths_end_in_one_line(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    ann = tmp_path / "coco" / "annotations" / "instances_train2017.json"
+    ann.mkdir(parents=True)
+
+    def run(*flags):
+        flags = ["--random-init", "--arch", "vit_tiny", "--depth", "1", "--output-dir", tmp_path / "out", *flags]
+        detect_eval.main(list(map(str, flags)))
+
+    for out in (afile, afile / "x"):  # refused before any work
+        with pytest.raises(SystemExit, match="^detect_eval.py: --output-dir .*afile.*: cannot write there"):
+            run("--output-dir", out)
+    with pytest.raises(SystemExit, match="^detect_eval.py: --data .*afile is not a folder"):
+        run("--data", afile)
+    with pytest.raises(SystemExit, match="cannot read annotation file .*instances_train2017.json: Is a directory"):
+        run("--data", tmp_path / "coco")
+    ann.rmdir()
+    ann.write_bytes(b'{"images": "\xe9"}')  # Latin-1, not UTF-8
+    with pytest.raises(SystemExit, match="instances_train2017.json is not valid JSON: 'utf-8' codec"):
+        run("--data", tmp_path / "coco")
 
 
 def _coco_root(root, coco, size=(64, 64)):
@@ -3355,7 +3382,8 @@ def test_learning_rate_schedule():
 
 
 @pytest.mark.parametrize("flag", ["--lr -1", "--lr inf", "--momentum 1.5", "--momentum -0.1", "--weight-decay nan",
-                                  "--depth 0", "--num-workers -1", "--decay-at 1", "--iters 0", "--warmup-iters -1"])
+                                  "--depth 0", "--num-workers -1", "--decay-at 1", "--iters 0", "--warmup-iters -1",
+                                  "--synthetic-size 15", "--data-seed -1"])
 def test_out_of_range_detect_eval_flags_are_refused(flag):
     with pytest.raises(SystemExit, match=f"^detect_eval.py: {flag.split()[0]} must be "):
         detect_eval.check_args(detect_eval.get_args_parser().parse_args(flag.split()))
@@ -3396,6 +3424,8 @@ def test_resume_continues_at_the_saved_iteration(tmp_path, backbone_path, capsys
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     detect_eval.main(tiny_run_args(backbone_path, straight, 4))
     detect_eval.main(tiny_run_args(backbone_path, resumed, 2))  # an "interrupted" run...
+    with pytest.raises(SystemExit, match="checkpoint.pth holds heads trained for 2 iterations, more than --iters 1"):
+        detect_eval.main(tiny_run_args(backbone_path, resumed, 1))  # would evaluate 2 iterations, say 1
     capsys.readouterr()
     detect_eval.main(tiny_run_args(backbone_path, resumed, 4))  # ...picked up from its output dir
     log = capsys.readouterr().out
@@ -3429,6 +3459,17 @@ def test_resume_refuses_another_backbone_and_reports_progress(tmp_path, backbone
     torch.save({"arch": other.arch, "backbone": other.state_dict()}, backbone_path)  # the file was overwritten
     with pytest.raises(SystemExit, match="other backbone weights"):
         detect_eval.main(tiny_run_args(backbone_path, out, 1))
+
+
+def test_truncated_coco_image_ends_the_run_in_one_line(tmp_path, backbone_path):
+    _coco_root(tmp_path / "coco", detect_eval.SyntheticDetection(2, 64).coco())
+    bad = tmp_path / "coco" / "train2017" / "000001.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(bad)
+    bad.write_bytes(bad.read_bytes()[:bad.stat().st_size // 2])  # the header still reads: it fails in training
+    code, last, _ = run_script("detect_eval.py", *tiny_run_args(backbone_path, tmp_path / "out", 1,
+                                                                ["--data", tmp_path / "coco"]))
+    assert code == 1 and last.startswith(f"error: cannot read image file {bad}: image file is truncated")
+
 
 def detect_ddp_worker(rank, world, argv):
     detect_eval.main(argv)
