@@ -722,7 +722,8 @@ def main(argv=None):
                 + " ".join(f"{k.replace('loss_', '')} {v:.3f}" for k, v in values.items())
                 + f" ({time.time() - t0:.0f}s)")
             if rank == 0:
-                with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+                log_path = os.path.join(args.output_dir, "log.jsonl")
+                with vit.exit_on_write_error("detect_eval.py: "), open(log_path, "a") as f:
                     f.write(json.dumps({"iteration": it + 1, "lr": lr, **values}) + "\n")
         if rank == 0 and ((it + 1) % args.ckpt_every == 0 or it + 1 == args.iters):
             with vit.exit_on_write_error("detect_eval.py: "):
