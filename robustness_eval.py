@@ -383,11 +383,13 @@ FROST_NOTE = ("frost used a procedural texture, not the ImageNet-C frost photos;
 
 def load_frost_images(frost_dir):
     """The original frost1..frost6 photos from a directory, as RGB uint8 (cv2 BGR->RGB equivalent)."""
+    if not os.path.isdir(frost_dir):
+        raise SystemExit(f"--frost-dir {frost_dir}: no such folder; pass the frost/ folder of frost1..frost5")
     found = {}
     for name in sorted(os.listdir(frost_dir)):
         m = re.fullmatch(r"frost([1-6])\.(png|jpg|jpeg)", name, re.IGNORECASE)
         if m:
-            found[int(m.group(1))] = np.asarray(Image.open(os.path.join(frost_dir, name)).convert("RGB"))
+            found[int(m.group(1))] = np.asarray(augment.load_rgb(os.path.join(frost_dir, name)))
     missing = [i for i in range(1, 6) if i not in found]
     if missing:
         raise SystemExit(f"--frost-dir {frost_dir}: missing frost{missing[0]}.png/.jpg "
@@ -749,7 +751,7 @@ def top5_distance(logits, noise, difficulty=1):
     order_ref = torch.argsort(-logits[:, ref].float(), dim=-1, stable=True)[..., :5]  # (V, P, 5) top classes
     rank_cur = torch.argsort(torch.argsort(-logits[:, cur].float(), dim=-1, stable=True), dim=-1) + 1  # (V, P, C)
     sigma = torch.gather(rank_cur, -1, order_ref)  # (V, P, 5)
-    i = torch.arange(1, 6, device=logits.device)
+    i = torch.arange(1, sigma.shape[-1] + 1, device=logits.device)  # 1..5, or 1..C for fewer classes
     return (i - sigma.clamp(max=6)).abs().sum(-1).float().mean(1)
 
 
@@ -795,50 +797,64 @@ def corrupted_crop(u8, rng, crop, name, severity, frost_images=None, jpeg_qualit
 
 class Released(_Items):
     """Released data, items (path, label): an ImageNet-C image, centre-cropped to `crop` (the official
-    eval transform: no Resize), or an ImageNet-P video extracted to a folder of frames (the crops as they are)."""
+    eval transform: no Resize), or an ImageNet-P video extracted to a folder of frames (crop x crop as they are)."""
 
-    def __init__(self, items, entry, crop=None, num_classes=None):
-        self.items, self.entry, self.crop, self.num_classes = items, np.array(entry), crop, num_classes
+    def __init__(self, items, entry, crop):
+        self.items, self.entry, self.crop = items, np.array(entry), crop
 
     def load(self, item):
         path, label = item
         if os.path.isdir(path):
-            return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in _image_files(path)]), label
-        u8 = np.asarray(Image.open(path).convert("RGB"))
-        if min(u8.shape[:2]) < self.crop:
-            raise ValueError(f"{path}: {u8.shape[1]}x{u8.shape[0]} is smaller than the crop {self.crop}")
-        return _center_crop(u8, self.crop), label
+            return np.stack([self._image(f, exact=True) for f in _image_files(path)]), label
+        return self._image(path), label
+
+    def _image(self, path, exact=False):
+        u8 = np.asarray(augment.load_rgb(path))
+        h, w = u8.shape[:2]
+        if min(h, w) < self.crop or exact and max(h, w) > self.crop:
+            raise augment.UnreadableImage(f"image file {path} is {w}x{h}; --img-size {self.crop} needs "
+                                          f"{'exactly' if exact else 'at least'} {self.crop}x{self.crop}")
+        return _center_crop(u8, self.crop)
 
 
-def released_corruptions(root, entries, img_size):
-    """The released ImageNet-C JPEGs: <root>/<c>/<s>/<wnid>/* or <root>/<family>/<c>/<s>/<wnid>/*."""
-    items, entry = [], []
+def released_corruptions(root, entries, img_size, num_classes, classes=None):
+    """The released ImageNet-C JPEGs: <root>/<c>/<s>/<wnid>/* or <root>/<family>/<c>/<s>/<wnid>/*; every severity
+    folder with the same class folders, the probe's `classes` where it records them."""
+    items, entry, source = [], [], "the probe"
     for e, (name, severity) in enumerate(entries):
         folders = [os.path.join(root, fam, name, str(severity)) for fam in ("", "noise", "blur", "weather", "digital")]
         folder = next((f for f in folders if os.path.isdir(f)), None)
         if folder is None:
             raise SystemExit(f"--imagenet-c-dir {root}: no folder {name}/{severity} (flat or per family)")
-        classes = _class_folders(folder, "--imagenet-c-dir")
-        files = [(path, label) for label, wnid in enumerate(classes)
-                 for path in _image_files(os.path.join(folder, wnid))]
-        items += files
-        entry += [e] * len(files)
-    return Released(items, entry, img_size, len(classes))
+        classes, source = _class_folders(folder, "--imagenet-c-dir", num_classes, classes, source), folder
+        for label, wnid in enumerate(classes):
+            files = _image_files(os.path.join(folder, wnid))
+            if not files:  # its error would be NaN
+                raise SystemExit(f"--imagenet-c-dir: {os.path.join(folder, wnid)} holds no .jpeg/.jpg/.png images")
+            items += [(path, label) for path in files]
+            entry += [e] * len(files)
+    return Released(items, entry, img_size)
 
 
-def released_sequences(root, name, difficulty):
-    """ImageNet-P extracted to frames: <root>/<perturbation>[_<d> for noise]/<wnid>/<video>/<frame images>."""
+def released_sequences(root, name, difficulty, img_size, num_classes, classes=None):
+    """ImageNet-P extracted to frames: <root>/<perturbation>[_<d> for noise]/<wnid>/<video>/<frame images> ->
+    (the videos, frames per video): as many, at least 2, in every video; the probe's `classes` where it records them."""
     folder = os.path.join(root, name if difficulty == 1 or "noise" not in name else f"{name}_{difficulty}")
     if not os.path.isdir(folder):
         raise SystemExit(f"--imagenet-p-dir {root}: no folder {os.path.basename(folder)} "
                          f"(extract the MP4s to one frame folder per video)")
     videos = [(os.path.join(folder, wnid, v), label)
-              for label, wnid in enumerate(_class_folders(folder, "--imagenet-p-dir"))
+              for label, wnid in enumerate(_class_folders(folder, "--imagenet-p-dir", num_classes, classes))
               for v in sorted(os.listdir(os.path.join(folder, wnid)))
               if os.path.isdir(os.path.join(folder, wnid, v))]
     if not videos:
         raise SystemExit(f"--imagenet-p-dir: {folder} has no per-video frame folders")
-    return Released(videos, [0] * len(videos))
+    counts = [len(_image_files(v)) for v, _ in videos]
+    bad = next((i for i, n in enumerate(counts) if n < 2 or n != counts[0]), None)
+    if bad is not None:  # a batch stacks videos, and a video of one frame has no pair to compare
+        raise SystemExit(f"--imagenet-p-dir: {videos[bad][0]} has {counts[bad]} frame(s) but " + (
+            "a video needs at least 2" if counts[bad] < 2 else f"{videos[0][0]} has {counts[0]}; all need as many"))
+    return Released(videos, [0] * len(videos), img_size), counts[0]
 
 
 def _image_files(folder):
@@ -846,11 +862,20 @@ def _image_files(folder):
     return sorted(files, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p)])  # 10 after 9
 
 
-def _class_folders(folder, flag):
-    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
-    if not classes:
+def _class_folders(folder, flag, num_classes, classes=None, source="the probe"):
+    """folder's class (wnid) sub-folders. Labels are their positions, so they must be `classes` (which `source`
+    has) where known, else num_classes many."""
+    found = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    if not found:
         raise SystemExit(f"{flag}: {folder} has no class (wnid) sub-folders")
-    return classes
+    if classes is not None and found != list(classes):
+        a, b = found + ["(none)"], list(classes) + ["(none)"]
+        i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        raise SystemExit(f"{flag}: {folder}: class folder {i} is {a[i]} but {source}'s is {b[i]}; labels are class "
+                         "positions, so the class folders must be the same")
+    if len(found) != num_classes:
+        raise SystemExit(f"{flag}: {folder} has {len(found)} class folders, the probe {num_classes} classes")
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -935,7 +960,7 @@ def get_args_parser():
     g.add_argument("--p-normalizers", default=None, help='JSON {"fp": {pert: AlexNet FP}, "t5d": {...}} for mFR/mT5D')
     g.add_argument("--mce", default="auto", choices=("auto", "on", "off"), help="auto: when the data has 1000 classes")
     g.add_argument("--scales", type=float, nargs="+", default=[0.75, 1.25],
-                   help="input rescalings (geometry, equivariance)")
+                   help="input rescalings, each in (0, 4] (geometry, equivariance)")
     g.add_argument("--figures", default=None, metavar="DIR", help="also write PNG figures there: equivariance.png "
                    "(f_L(g x) next to rho_g f_L(x) per backbone) and attention_<run>.png ([CLS] attention per head)")
     g.add_argument("--figure-layer", type=int, default=None, help="block L of the figures and of the comparison "
@@ -955,16 +980,19 @@ def check_args(args):
                           ("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1"),
                           ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
                           ("--p-frames", args.p_frames, lambda v: v >= 2, "at least 2"),
-                          ("--scales", args.scales, lambda v: v > 0, "positive"),
+                          ("--scales", args.scales, lambda v: 0 < v <= 4, "in (0, 4]"),  # 100: 3200 px images
+                          ("--seed", args.seed, lambda v: v >= 0, ">= 0"),
+                          ("--patch-size", args.patch_size, lambda v: v >= 1, "at least 1"),
                           ("--figure-layer", args.figure_layer, lambda v: v >= 1, "at least 1"),
                           ("--figure-images", args.figure_images, lambda v: v >= 1, "at least 1")])
 
 
 def _choices(text, allowed, flag):
-    items = [t for t in text.split(",") if t]
+    items = list(dict.fromkeys(t for t in text.split(",") if t))  # a duplicate would be run and counted twice
     bad = [t for t in items if t not in allowed]
-    if bad:
-        raise SystemExit(f"{flag}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+    if bad or not items:
+        what = f"unknown {', '.join(bad)}" if bad else "none given"
+        raise SystemExit(f"{flag}: {what}; choose from {', '.join(allowed)}")
     return items
 
 
@@ -973,7 +1001,7 @@ def _mean(values):
 
 
 def load_backbone(args, path):
-    return vit.backbone_from_flags(path, args.arch, args.patch_size, flag=f"--backbone {path}")
+    return vit.backbone_from_flags(path, args.arch, args.patch_size, flag="--backbone")  # its errors name the path
 
 
 def load_model(args):
@@ -1022,6 +1050,17 @@ def figure_layer(args, backbones):
     return layer
 
 
+def make_output_dirs(args, rank):
+    """--output-dir and --figures, created and tried before any work: results that cannot be written are lost."""
+    if rank == 0:
+        vit.make_output_dir(args.output_dir)
+        try:
+            if args.figures:
+                vit.make_output_dir(args.figures)
+        except SystemExit as e:  # its message names --output-dir
+            raise SystemExit(str(e).replace("--output-dir", "--figures", 1)) from None
+
+
 def figures(args, backbones, names, clean_set, layer, device):
     x = torch.stack([clean_set[i][0] for i in range(min(args.figure_images, len(clean_set)))]).to(device)
     with vit.exit_on_write_error():
@@ -1050,19 +1089,22 @@ def clean_tasks(ev, clean_set, img_size, tasks, results):
     return clean_error
 
 
-def corruption_task(ev, base, img_size, num_classes, corruptions, clean_error, frost_images):
+def corruption_set(args, base, img_size, corruptions, num_classes, classes):
+    """ImageNet-C as one dataset, entry e the e-th (corruption, severity): the released JPEGs, their folders checked
+    now, or generated from base, with the frost photos read only when frost is generated."""
+    entries = [(c, s) for c in corruptions for s in range(1, 6)]
+    if args.imagenet_c_dir:
+        return released_corruptions(args.imagenet_c_dir, entries, img_size, num_classes, classes)
+    frost_images = load_frost_images(args.frost_dir) if args.frost_dir and "frost" in corruptions else None
+    return Generated(base, img_size, [(e, partial(corrupted_crop, crop=img_size, name=c, severity=s,
+                                                  frost_images=frost_images, jpeg_quality=85 if args.c_jpeg else None))
+                                      for e, (c, s) in enumerate(entries)], args.seed)
+
+
+def corruption_task(ev, c_set, num_classes, corruptions, clean_error):
     """ImageNet-C top-1 error per corruption and severity, its means and, on ImageNet, mCE."""
     args = ev.args
     entries = [(c, s) for c in corruptions for s in range(1, 6)]
-    if args.imagenet_c_dir:
-        c_set = released_corruptions(args.imagenet_c_dir, entries, img_size)
-        if c_set.num_classes != num_classes:
-            raise SystemExit(f"--imagenet-c-dir has {c_set.num_classes} classes, the probe {num_classes}")
-    else:
-        c_set = Generated(base, img_size, [(e, partial(corrupted_crop, crop=img_size, name=c, severity=s,
-                                                       frost_images=frost_images,
-                                                       jpeg_quality=85 if args.c_jpeg else None))
-                                           for e, (c, s) in enumerate(entries)], args.seed)
     correct = torch.zeros(len(c_set), device=ev.device)
     for x, y, idx in ev.loader(c_set, args.batch_size, f"ImageNet-C ({len(entries)} sets)"):
         correct[idx] = ev.hits(x, y)
@@ -1079,7 +1121,7 @@ def corruption_task(ev, base, img_size, num_classes, corruptions, clean_error, f
             res.update(corruption_errors(errors, clean_error))
         else:
             log("mCE skipped: it needs all 15 corruptions")
-    mark = "*" if not args.imagenet_c_dir and "frost" in corruptions and frost_images is None else ""
+    mark = "*" if not args.imagenet_c_dir and "frost" in corruptions and not args.frost_dir else ""
     if mark:
         res["deviation"] = FROST_NOTE
         res.update({f"{key}_frost": "procedural substitute (see 'deviation')"
@@ -1096,29 +1138,49 @@ def corruption_task(ev, base, img_size, num_classes, corruptions, clean_error, f
     return res
 
 
-def perturbation_task(ev, base, img_size, perturbations):
+def load_normalizers(path, perturbations):
+    """--p-normalizers: AlexNet's FP and T5D per perturbation, {'fp': {pert: value}, 't5d': {...}}."""
+    try:
+        with open(path) as f:
+            normalizers = json.load(f)
+        normalizers = {k: {p: float(normalizers[k][p]) for p in perturbations} for k in ("fp", "t5d")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--p-normalizers {path}: need {{'fp': {{pert: value}}, "
+                         f"'t5d': {{...}}}} for every perturbation run ({e!r})") from None
+    augment.check_ranges([(f"{k} {p}", v, lambda v: v > 0, "positive") for k, vs in normalizers.items()
+                          for p, v in vs.items()], prefix=f"--p-normalizers {path}: ")  # they divide
+    return normalizers
+
+
+def perturbation_sets(args, base, img_size, perturbations, num_classes, classes):
+    """{perturbation: (its videos, frames per video)}, all checked before any work: the frame folders or --p-frames,
+    and that each video has frames --p-difficulty apart to compare."""
+    d, sets = args.p_difficulty, {}
+    for name in perturbations:
+        if args.imagenet_p_dir:
+            seq, T = released_sequences(args.imagenet_p_dir, name, d, img_size, num_classes, classes)
+        else:
+            try:
+                T = len(frame_indices(name, args.p_frames))
+            except ValueError as e:
+                raise SystemExit(str(e)) from None
+            make = partial(perturbation_sequence, name=name, crop_size=img_size, difficulty=d, num_frames=args.p_frames)
+            seq = Generated(base, img_size, [(PERTURBATIONS.index(name), make)], args.seed)
+        if "noise" not in name and T <= d:  # no pair of frames to compare
+            raise SystemExit(f"--p-difficulty {d} compares frames {d} apart, but {name} has {T} frames per video: "
+                             + ("lower it" if args.imagenet_p_dir else f"lower it or pass --p-frames {d + 1} or more"))
+        sets[name] = seq, T
+    return sets
+
+
+def perturbation_task(ev, sets, normalizers):
     """ImageNet-P flip probability, top-5 distance and top-1 per perturbation; mFR / mT5D with --p-normalizers."""
     args, d = ev.args, ev.args.p_difficulty
-    normalizers = None
-    if args.p_normalizers:
-        try:
-            with open(args.p_normalizers) as f:
-                normalizers = json.load(f)
-            normalizers = {k: {p: float(normalizers[k][p]) for p in perturbations} for k in ("fp", "t5d")}
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"--p-normalizers {args.p_normalizers}: need {{'fp': {{pert: value}}, "
-                             f"'t5d': {{...}}}} for every perturbation run ({e!r})") from None
     res = {"source": "frames" if args.imagenet_p_dir else "generated (no H.264 artifacts)",
            "difficulty": d, "per_perturbation": {}}
     per = res["per_perturbation"]
-    for name in perturbations:
-        if args.imagenet_p_dir:
-            seq = released_sequences(args.imagenet_p_dir, name, d)
-        else:
-            make = partial(perturbation_sequence, name=name, crop_size=img_size, difficulty=d, num_frames=args.p_frames)
-            seq = Generated(base, img_size, [(PERTURBATIONS.index(name), make)], args.seed)
+    for name, (seq, T) in sets.items():
         noise, first = "noise" in name, 1 if name in _STARTS_CLEAN else 0  # a clean frame 0 is no perturbed frame
-        T = seq[0][0].shape[0]
         scores = torch.zeros(3, len(seq), device=ev.device)  # per video: FP, T5D, top-1 over the perturbed frames
         for frames, y, idx in ev.loader(seq, max(1, args.batch_size // T), f"ImageNet-P {name}"):
             logits = ev.logits(frames.flatten(0, 1)).view(*frames.shape[:2], -1)  # (B, T, C)
@@ -1131,8 +1193,8 @@ def perturbation_task(ev, base, img_size, perturbations):
     for key, field in (("top1", "top1"), ("mean_fp", "fp"), ("mean_t5d", "t5d")):
         res[key] = _mean([v[field] for v in per.values()])
     if normalizers:
-        res["mfr"] = 100 * _mean([per[p]["fp"] / 100 / normalizers["fp"][p] for p in perturbations])
-        res["mt5d"] = 100 * _mean([per[p]["t5d"] / normalizers["t5d"][p] for p in perturbations])
+        res["mfr"] = 100 * _mean([per[p]["fp"] / 100 / normalizers["fp"][p] for p in per])
+        res["mt5d"] = 100 * _mean([per[p]["t5d"] / normalizers["t5d"][p] for p in per])
     log(f"\nImageNet-P ({res['source']}, difficulty {d}): FP %, T5D, top-1 % over perturbed frames")
     for name, v in per.items():
         log(f"  {name:15s} FP {v['fp']:6.2f}  T5D {v['t5d']:6.3f}  top-1 {v['top1']:6.2f}  ({v['frames']} frames)")
@@ -1163,7 +1225,12 @@ def evaluate(args, device, rank, world):
         raise SystemExit(f"--data {args.data}: its classes differ from the probe's (only in --data: {only_data[:5]}, "
                          f"only in the probe: {only_probe[:5]}); labels are class positions, so pass the data "
                          "the probe was trained on")
-    frost_images = load_frost_images(args.frost_dir) if args.frost_dir else None
+    # the released data's folders, the frost photos, --p-normalizers and the outputs are checked before any work
+    known = len(classes), meta.get("classes")  # the probe's number of classes and their names if it records them
+    c_set = corruption_set(args, base, img_size, corruptions, *known) if "c" in tasks else None
+    p_sets = perturbation_sets(args, base, img_size, perturbations, *known) if "p" in tasks else None
+    normalizers = load_normalizers(args.p_normalizers, perturbations) if "p" in tasks and args.p_normalizers else None
+    make_output_dirs(args, rank)
     ev = Evaluator(args, backbone, classifier, meta, device, rank, world)
     results = {"num_images": len(base), "img_size": img_size, "num_classes": len(classes), "world_size": world}
     log(f"robustness_eval: {len(base)} images of {args.data} at {img_size}px, tasks {','.join(tasks)}, "
@@ -1172,10 +1239,9 @@ def evaluate(args, device, rank, world):
     if set(tasks) & {"clean", "c", "geometry", "equivariance"}:
         clean_error = clean_tasks(ev, clean_set, img_size, tasks, results)
     if "c" in tasks:
-        results["imagenet_c"] = corruption_task(ev, base, img_size, len(classes), corruptions, clean_error,
-                                                frost_images)
+        results["imagenet_c"] = corruption_task(ev, c_set, len(classes), corruptions, clean_error)
     if "p" in tasks:
-        results["imagenet_p"] = perturbation_task(ev, base, img_size, perturbations)
+        results["imagenet_p"] = perturbation_task(ev, p_sets, normalizers)
     if args.figures:
         figures(args, [backbone], ["probe"], clean_set, figure_layer(args, [backbone]), device)
     return results
@@ -1187,8 +1253,15 @@ def compare_backbones(args, device, rank, world):
     k-NN top-1 from the run's <run>/linear/linear_eval.json when linear_eval.py wrote one."""
     backbones, names = [load_backbone(args, p) for p in args.backbone], run_names(args.backbone)
     img_size = args.img_size or backbones[0].arch["img_size"]
+    for path, b in zip(args.backbone, backbones):
+        if img_size % b.patch_size:
+            raise SystemExit(f"--img-size {img_size} is not a multiple of the patch size {b.patch_size} of {path}")
+    if args.figures and len({b.patch_size for b in backbones}) > 1:  # the figure's scalings act on one token grid
+        raise SystemExit("--figures needs backbones of one patch size, got "
+                         + ", ".join(f"{p} ({b.patch_size})" for p, b in zip(args.backbone, backbones)))
     base, _, clean_set = val_images(args, img_size, default=200)
     layer = figure_layer(args, backbones)
+    make_output_dirs(args, rank)
     results = {"num_images": len(base), "img_size": img_size, "layer": layer, "runs": {}}
     for name, path, backbone in zip(names, args.backbone, backbones):
         ev = Evaluator(args, backbone.to(device).eval(), None, {}, device, rank, world)
@@ -1224,7 +1297,6 @@ def main(args):
     results = {"args": vars(args), "data": args.data, **task(args, device, rank, world)}
     results["seconds"] = time.time() - t0
     if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
         path = os.path.join(args.output_dir, "robustness.json")
         with vit.exit_on_write_error():
             vit.save_atomic(path, results)  # write-then-rename: a kill never leaves half a JSON
@@ -1234,4 +1306,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    augment.run_script(lambda: main(get_args_parser().parse_args()))

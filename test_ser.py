@@ -2822,6 +2822,12 @@ def test_frost_dir_and_procedural(tmp_path):
     (tmp_path / "frost3.png").unlink()
     with pytest.raises(SystemExit, match="frost3"):
         robustness_eval.load_frost_images(str(tmp_path))
+    for not_a_folder in (tmp_path / "nowhere", tmp_path / "frost1.png"):
+        with pytest.raises(SystemExit, match="--frost-dir .*: no such folder"):
+            robustness_eval.load_frost_images(str(not_a_folder))
+    (tmp_path / "frost2.png").write_bytes(b"")
+    with pytest.raises(augment.UnreadableImage, match="frost2.png"):
+        robustness_eval.load_frost_images(str(tmp_path))
 
 
 def test_alexnet_table_reproduces_means():
@@ -3020,7 +3026,7 @@ def test_compare_backbones_scores_every_run_at_one_block(tmp_path):
                                                                "method": "mocov3", "addon": "ser" if split else None})
         paths.append(str(tmp_path / name / "backbone.pth"))
 
-    def compare(*backbones):
+    def compare(*backbones):  # then further flags
         robustness_eval.main(robustness_eval.get_args_parser().parse_args(
             ["--equivariance-only", "--backbone", *backbones, "--num-images", "4", "--num-workers", "0",
              "--output-dir", str(tmp_path / "out")]))
@@ -3030,6 +3036,16 @@ def test_compare_backbones_scores_every_run_at_one_block(tmp_path):
     assert both["layer"] == 2 and list(both["runs"]) == ["base", "ser"]
     assert all(len(run["equivariance"]["rot90"]["cos"]) == 4 for run in both["runs"].values())
     assert compare(*paths[:2])["layer"] == 3
+    coarse = tiny_vit(seed=0, num_heads=2, patch_size=16)
+    torch.save({"arch": coarse.arch, "backbone": coarse.state_dict()}, tmp_path / "p16.pth")
+    with pytest.raises(SystemExit, match="--img-size 24 is not a multiple of the patch size 16 of .*p16.pth"):
+        compare(paths[0], str(tmp_path / "p16.pth"), "--img-size", "24")
+    with pytest.raises(SystemExit, match="--figures needs backbones of one patch size"):  # panels at one grid
+        compare(paths[0], str(tmp_path / "p16.pth"), "--figures", str(tmp_path / "figures"))
+    (tmp_path / "bad.pth").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match="^--backbone: .*bad.pth is not a readable checkpoint") as error:
+        compare(str(tmp_path / "bad.pth"))
+    assert str(error.value).count("bad.pth") == 1
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -3072,10 +3088,124 @@ def test_driver_equivariance_only_and_errors(tiny_probe, tmp_path):
         robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--output-dir", str(tmp_path)]))
     with pytest.raises(SystemExit, match="--corruptions"):
         robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--probe", tiny_probe, "--corruptions", "fogg"]))
-    for flag in (["--num-images", "0"], ["--scales", "nan"], ["--batch-size", "0"]):  # 0 images meant all of them
+    for flag in (["--num-images", "0"], ["--scales", "nan"], ["--batch-size", "0"], ["--scales", "100"],
+                 ["--seed", "-1"], ["--patch-size", "0"]):  # 0 images meant all of them; scale 100: 3200 px images
         with pytest.raises(SystemExit, match=f"{flag[0]} must be"):
-            robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--probe", tiny_probe, *flag]))
+            robustness_eval.check_args(robustness_eval.get_args_parser().parse_args(["--probe", tiny_probe, *flag]))
+    # a duplicate would be run twice and counted toward mCE's 15; an empty list would run nothing or write NaN
+    assert robustness_eval._choices("fog,snow,fog,", robustness_eval.CORRUPTIONS, "--corruptions") == ["fog", "snow"]
+    for flag in (["--tasks", ","], ["--corruptions", ""], ["--perturbations", ",,"]):
+        with pytest.raises(SystemExit, match=f"^{flag[0]}: none given"):
+            robust("--probe", tiny_probe, "--tasks", "clean", "--num-images", "1", "--num-workers", "0",
+                   "--output-dir", tmp_path, *flag)
 
+
+def robust(*argv):
+    return robustness_eval.main(robustness_eval.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def test_robustness_outputs_are_tried_before_any_work(tiny_probe, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    argv = ["--probe", tiny_probe, "--tasks", "clean", "--num-images", "2", "--num-workers", "0",
+            "--output-dir", tmp_path / "out", "--frost-dir", tmp_path / "nowhere"]  # frost does not run: not read
+    for flag in ("--output-dir", "--figures"):
+        with pytest.raises(SystemExit, match=f"^{flag} .*file: cannot write there"):
+            robust(*argv, flag, tmp_path / "file")
+        assert "clean top-1" not in capsys.readouterr().out
+    assert robust(*argv)["num_images"] == 2
+
+
+def test_imagenet_p_frame_counts_and_normalizers_are_refused_before_any_work(tiny_probe, tmp_path, capsys):
+    argv = ["--probe", tiny_probe, "--tasks", "p", "--perturbations", "gaussian_noise,rotate", "--num-images", "2",
+            "--num-workers", "0", "--output-dir", tmp_path / "out", "--p-frames", "3"]
+    for flags, message in ((["--p-frames", "2", "--p-difficulty", "2"], "^--p-difficulty 2 compares frames 2 apart"),
+                           (["--p-frames", "1000"], "^--p-frames must be in 2..31")):
+        with pytest.raises(SystemExit, match=message):
+            robust(*argv, *flags)
+        assert "ImageNet-P" not in capsys.readouterr().out
+    norms = tmp_path / "normalizers.json"
+    for bad in ("0", "-1", "nan", "inf"):  # they divide: ZeroDivisionError, or a NaN or negative mFR
+        fp = {"gaussian_noise": 1, "rotate": float(bad)}
+        norms.write_text(json.dumps({"fp": fp, "t5d": {"gaussian_noise": 1, "rotate": 1}}))
+        with pytest.raises(SystemExit, match="^--p-normalizers .*: fp rotate must be positive, got"):
+            robust(*argv, "--p-normalizers", norms)
+        assert "ImageNet-P" not in capsys.readouterr().out
+    norms.write_text('{"fp": {"gaussian_noise": 0.5, "rotate": 0.5}, "t5d": {"gaussian_noise": 2, "rotate": 2}}')
+    p = robust(*argv, "--p-normalizers", norms)["imagenet_p"]
+    assert p["mfr"] == pytest.approx(100 * p["mean_fp"] / 50) and p["mt5d"] == pytest.approx(50 * p["mean_t5d"])
+
+
+def _png(path, size=32):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), 90, np.uint8)).save(path)
+
+
+@pytest.fixture
+def ab_probe(tmp_path):
+    """robustness_eval argv for a probe that records its classes a, b, and --data with those classes."""
+    _write_png_tree(tmp_path, "val", classes=("a", "b"), n=1)
+    probe = tmp_path / "linear_probe.pth"
+    linear_eval.save_probe(probe, tiny_vit(seed=0, depth=2, num_heads=2), linear_eval.LinearClassifier(64, 2), 1,
+                           False, 2, 32, "train data", classes=["a", "b"])
+    return ["--probe", probe, "--data", tmp_path, "--num-workers", "0", "--output-dir", tmp_path / "out"]
+
+
+def test_imagenet_c_dir_folders_classes_and_images_are_checked(ab_probe, tmp_path):
+    c = tmp_path / "c"
+    for s in range(1, 6):
+        for k in "ab":
+            _png(c / "fog" / str(s) / k / "0.png")
+    argv = ab_probe + ["--tasks", "c", "--corruptions", "fog", "--imagenet-c-dir", c]
+    assert robust(*argv)["imagenet_c"]["source"] == "released"
+    (c / "fog/3/b/0.png").unlink()
+    with pytest.raises(SystemExit, match="^--imagenet-c-dir: .*fog/3/b holds no"):  # else its error is NaN
+        robust(*argv)
+    os.rmdir(c / "fog/3/b")  # by position, labels would shift in this severity only
+    with pytest.raises(SystemExit, match=r"fog/3: class folder 1 is \(none\) but .*fog/2's is b"):
+        robust(*argv)
+    for s in range(1, 6):  # other names than the probe's classes, in every severity
+        os.rename(c / "fog" / str(s) / "a", c / "fog" / str(s) / "z")
+    with pytest.raises(SystemExit, match="fog/1: class folder 0 is b but the probe's is a; labels are class"):
+        robust(*argv)
+    for s in range(1, 6):
+        os.rename(c / "fog" / str(s) / "z", c / "fog" / str(s) / "a")
+    _png(c / "fog/3/b/0.png", size=24)
+    with pytest.raises(augment.UnreadableImage, match="fog/3/b/0.png is 24x24; --img-size 32 needs at least 32x32"):
+        robust(*argv)
+    (c / "fog/3/b/0.png").write_bytes(b"")  # as the user runs it: one line naming the file
+    code, last, _ = run_script("robustness_eval.py", *argv)
+    assert code == 1 and last.startswith("error: cannot read image file") and "fog/3/b/0.png" in last
+
+
+def test_imagenet_p_dir_folders_videos_and_frames_are_checked(ab_probe, tmp_path, capsys):
+    p = tmp_path / "p"
+    for k in "ab":
+        for f in range(3):
+            _png(p / "rotate" / k / "v0" / f"{f}.png")
+    argv = ab_probe + ["--tasks", "p", "--perturbations", "rotate", "--imagenet-p-dir", p]
+
+    def refused(*flags, match, error=SystemExit):
+        with pytest.raises(error, match=match):
+            robust(*argv, *flags)
+
+    assert robust(*argv)["imagenet_p"]["per_perturbation"]["rotate"]["frames"] == 3
+    capsys.readouterr()
+    refused("--perturbations", "rotate,scale", match="no folder scale")  # before rotate's pass
+    assert "ImageNet-P rotate" not in capsys.readouterr().out
+    refused("--p-difficulty", "3", match="--p-difficulty 3 compares frames 3 apart, but rotate has 3 frames per video")
+    for f in range(2):
+        _png(p / "rotate/b/v1" / f"{f}.png")
+    refused(match="rotate/b/v1 has 2 frame.* but .*rotate/a/v0 has 3; all need as many")
+    (p / "rotate/b/v1/1.png").unlink()
+    refused(match="rotate/b/v1 has 1 frame.* but a video needs at least 2")
+    (p / "rotate/b/v1/0.png").unlink()
+    os.rmdir(p / "rotate/b/v1")
+    _png(p / "rotate/b/v0/2.png", size=40)  # a crop of it would be another frame
+    refused(match="rotate/b/v0/2.png is 40x40; --img-size 32 needs exactly 32x32", error=augment.UnreadableImage)
+    (p / "rotate/b/v0/2.png").write_bytes(b"")
+    refused(match="cannot read image file .*rotate/b/v0/2.png", error=augment.UnreadableImage)
+    os.rename(p / "rotate/a", p / "rotate/c")
+    refused(match="rotate: class folder 0 is b but the probe's is a")
 
 
 def test_procedural_frost_is_marked_next_to_every_number(tiny_probe, tmp_path, capsys):
