@@ -425,7 +425,7 @@ def load_backbone(path, arch=None, key=None):
         sd = next((ckpt[k] for k in ("backbone", "teacher", "student", "state_dict", "model")
                    if isinstance(ckpt.get(k), dict)), ckpt)
     if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
-        raise ValueError(f"{path}: {key or 'the file'} holds no network weights; pass --checkpoint-key with one of "
+        raise ValueError(f"{path}: {repr(key) if key else 'the file'} holds no network weights; pass --checkpoint-key with one of "
                          f"{sorted(k for k, v in ckpt.items() if isinstance(v, dict))}")
     sd = strip_prefixes(sd)
     dropped_head = sorted(k for k in sd if k.startswith("head."))  # timm classifier / MoCo projector
