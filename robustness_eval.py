@@ -1054,11 +1054,8 @@ def make_output_dirs(args, rank):
     """--output-dir and --figures, created and tried before any work: results that cannot be written are lost."""
     if rank == 0:
         vit.make_output_dir(args.output_dir)
-        try:
-            if args.figures:
-                vit.make_output_dir(args.figures)
-        except SystemExit as e:  # its message names --output-dir
-            raise SystemExit(str(e).replace("--output-dir", "--figures", 1)) from None
+        if args.figures:
+            vit.make_output_dir(args.figures, flag="--figures")
 
 
 def figures(args, backbones, names, clean_set, layer, device):

@@ -346,14 +346,14 @@ def exit_on_write_error(prefix=""):
         raise SystemExit(f"{prefix}could not write {e.filename}: {e.strerror}" if e.filename else f"{prefix}{e}") from None
 
 
-def make_output_dir(path, prefix=""):
-    """--output-dir, created and tried before any work, so that a run never computes results it cannot write."""
+def make_output_dir(path, prefix="", flag="--output-dir"):
+    """An output folder, created and tried before any work, so that a run never computes results it cannot write."""
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise SystemExit(f"{prefix}--output-dir {path}: cannot write there ({e.strerror or e}); choose another") from None
+        raise SystemExit(f"{prefix}{flag} {path}: cannot write there ({e.strerror or e}); choose another") from None
 
 
 def load_checkpoint(path, map_location="cpu"):
