@@ -158,7 +158,8 @@ def get_args_parser():
       help="floor on the images of a b2 group; at least 2 so that every token has other images as negatives")
     a("--ser-chunk", type=int, default=256,
       help="images of the global batch per b2 group (the release's per-GPU batch: 8 groups in a batch of 2048)")
-    a("--ser-scale", type=float, nargs=2, default=(0.7, 1.3), help="b2 token-grid area range, relative to the crop's (at most 4)")
+    a("--ser-scale", type=float, nargs=2, default=(0.7, 1.3),
+      help="b2 token-grid area range, relative to the crop's (at most 4)")
     # Data.
     a("--data", default="synthetic",
       help="'synthetic' (built in), an ImageFolder root with train/ (and val/), 'cifar10:<dir>' or 'stl10:<dir>'")
