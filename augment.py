@@ -239,14 +239,16 @@ class UnreadableImage(ValueError):
 
 def load_rgb(path: str) -> Image.Image:
     """An image file as 8-bit RGB, naming the file when decoding fails (torchvision's loader would not).
-    16-bit greyscale (PIL modes I;16, I, F) is scaled to 8 bits: convert('RGB') would clip it at 255."""
+    16-bit greyscale (PIL modes I;16, I) is scaled to 8 bits: convert('RGB') would clip it at 255."""
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
-            if image.mode.startswith("I") or image.mode == "F":
+            if image.mode == "F":  # float pixels have no agreed range to scale from
+                raise ValueError("32-bit float pixels; save it with 8 or 16 bits per channel")
+            if image.mode.startswith("I"):
                 image = Image.fromarray(np.clip(np.asarray(image, np.float64) / 257, 0, 255).round().astype(np.uint8))
             return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UnreadableImage(f"cannot read image file {path}: {e}; remove or replace it") from None
 
 

@@ -133,7 +133,7 @@ def load_coco(ann_file, image_dir=None, allow_degenerate=False):
             try:
                 with Image.open(path) as f:
                     size = f.size
-            except OSError as e:
+            except (OSError, Image.DecompressionBombError) as e:
                 raise ValueError(f"cannot read image file {path}: {e}") from None
             if size != (im["width"], im["height"]):
                 raise ValueError(f"{ann_file}: image {im['id']} is {im['width']}x{im['height']} in the JSON but "
@@ -682,7 +682,7 @@ def main(argv=None):
         # ============ optionally resuming, then the batches from there on ============
         ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
         start = 0
-        if os.path.isfile(ckpt_path):
+        if os.path.lexists(ckpt_path):  # a folder or a broken link there is an error, not a fresh start
             start = load_checkpoint(ckpt_path, model, optimizer, args, digest, train_set.cat_ids)
             losses.log(f"resumed from {ckpt_path} at iteration {start}")
         sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
@@ -722,9 +722,9 @@ def main(argv=None):
                 + " ".join(f"{k.replace('loss_', '')} {v:.3f}" for k, v in values.items())
                 + f" ({time.time() - t0:.0f}s)")
             if rank == 0:
-                log_path = os.path.join(args.output_dir, "log.jsonl")
-                with vit.exit_on_write_error("detect_eval.py: "), open(log_path, "a") as f:
-                    f.write(json.dumps({"iteration": it + 1, "lr": lr, **values}) + "\n")
+                with vit.exit_on_write_error("detect_eval.py: "):
+                    vit.append_jsonl(os.path.join(args.output_dir, "log.jsonl"),
+                                     {"iteration": it + 1, "lr": lr, **values})
         if rank == 0 and ((it + 1) % args.ckpt_every == 0 or it + 1 == args.iters):
             with vit.exit_on_write_error("detect_eval.py: "):
                 save_checkpoint(ckpt_path, model, optimizer, it + 1, args, digest, train_set.cat_ids)

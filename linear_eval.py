@@ -306,7 +306,8 @@ def check_args(args, world):
     ranges = [("--" + k.replace("_", "-"), getattr(args, k), lambda v: v >= 1, "at least 1") for k in at_least_1]
     ranges += [("--lrs", args.lrs, lambda v: v > 0, "positive"),
                ("--knn-k", args.knn_k, lambda v: v >= 0, ">= 0 (0 skips k-NN)"),
-               ("--knn-temperature", args.knn_temperature, lambda v: v > 0, "positive"),
+               ("--knn-temperature", args.knn_temperature, lambda v: v >= 0.012, ">= 0.012 (exp(1/T) overflows "
+                "float32 below)"),
                ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
                ("--holdout-fraction", args.holdout_fraction, lambda v: 0 <= v < 1, "in [0, 1)")]
     augment.check_ranges(ranges)
@@ -344,6 +345,8 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e) if str(e).startswith("--data") else f"--data {args.data}: {e}") from None
     num_classes = train_eval_set.num_classes
+    if num_classes < 2:
+        raise SystemExit(f"--data {args.data} has one class: every accuracy would be 100%; pass labelled data")
     fit_idx, holdout_idx = holdout_split(len(train_eval_set), args.holdout_fraction)
     if not fit_idx or (args.holdout_fraction > 0 and not holdout_idx):
         raise SystemExit(f"--holdout-fraction {args.holdout_fraction} leaves an empty split "

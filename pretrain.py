@@ -118,12 +118,13 @@ DIVERGED = "Try --precision fp32, a lower --lr or --clip-grad."  # the advice of
 
 # Ranges of the numeric options: option -> (ok(v), what the error asks for); None (unset) is not checked.
 RANGES = {
-    **dict.fromkeys(("batch_size", "epochs", "img_size", "patch_size", "lr", "temperature", "teacher_temp",
+    **dict.fromkeys(("epochs", "img_size", "patch_size", "lr", "temperature", "teacher_temp",
                      "warmup_teacher_temp", "equiv_tau", "ser_chunk", "peak_tflops"), (lambda v: v > 0, "positive")),
     **dict.fromkeys(("min_lr", "weight_decay", "weight_decay_end", "equiv_lambda", "num_workers", "n_local_crops",
                      "warmup_teacher_temp_epochs", "freeze_last_layer", "benchmark"), (lambda v: v >= 0, ">= 0")),
     **dict.fromkeys(("synthetic_length", "head_hidden", "head_out", "knn_train_size", "knn_val_size", "stop_at_step"),
                     (lambda v: v >= 1, "at least 1")),
+    "batch_size": (lambda v: v >= 2, "at least 2 (BatchNorm heads and negatives need two images a rank)"),
     "momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "clip_grad": (lambda v: v >= 0, ">= 0 (0 = off)"),
     "drop_path": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -245,6 +246,10 @@ def resolve_config(args):
             setattr(args, k, v)
     augment.check_ranges([(f"--{k.replace('_', '-')}", getattr(args, k), ok, want) for k, (ok, want) in RANGES.items()],
                          prefix="error: ")
+    if args.count_flops and args.benchmark:
+        raise SystemExit("error: --count-flops and --benchmark each end the run; pass one")
+    if args.synthetic_length and not synthetic:
+        raise SystemExit(f"error: --synthetic-length sets the built-in data's size, not that of --data {args.data}")
     if not 0 <= args.warmup_epochs <= args.epochs:
         raise SystemExit(f"error: --warmup-epochs {args.warmup_epochs} must be in 0..--epochs ({args.epochs})")
     if not (all(map(math.isfinite, args.ser_scale)) and 0 < args.ser_scale[0] <= args.ser_scale[1] <= 4):
@@ -637,9 +642,9 @@ class GlobalBatchSampler(Sampler):
     (seed, epoch), the tail dropped (DistributedSampler, drop_last=True); `start_step` resumes an epoch."""
 
     def __init__(self, dataset_len, global_batch, rank, world, seed):
-        if global_batch % world:
+        if global_batch % world or global_batch < 2 * world:
             raise SystemExit(f"error: --batch-size {global_batch} is the global batch and must divide over the "
-                             f"{world} ranks; use a multiple of {world}")
+                             f"{world} ranks, at least 2 images each; use a multiple of {world}")
         self.n, self.global_batch, self.rank, self.world, self.seed = dataset_len, global_batch, rank, world, seed
         self.local_batch = global_batch // world
         self.epoch, self.start_step = 0, 0
@@ -661,7 +666,7 @@ def resume(args, saved, total_steps, device):
     """The step of <output-dir>/checkpoint.pth, its state loaded into `saved` (name -> object, as DINO's
     restart_from_checkpoint); 0 without one, and in a benchmark, which leaves a run's checkpoint alone."""
     path = os.path.join(args.output_dir, "checkpoint.pth")
-    if args.benchmark or not os.path.exists(path):
+    if args.benchmark or not os.path.lexists(path):  # lexists: a link to a missing file is an error, not a new run
         return 0
     try:
         ckpt = vit.load_resumable(path, args, ("step", *saved), "pretrain.py", RUNTIME_OPTIONS, map_location=device)
@@ -716,8 +721,8 @@ def export_backbone(path, state):
 
 def append_jsonl(path, record):
     if losses.rank() == 0:
-        with vit.exit_on_write_error("error: "), open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with vit.exit_on_write_error("error: "):
+            vit.append_jsonl(path, record)
 
 
 class Meter:
@@ -765,7 +770,9 @@ def knn_data(args, rank, world):
     try:
         val = augment.build_dataset(args.data, "val", transform, img_size=args.img_size, **length)
         train_idx, val_idx = subset(len(train), args.knn_train_size), subset(len(val), args.knn_val_size)
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, ValueError) as e:
+        if os.path.isdir(os.path.join(args.data, "val")):  # a val/ that cannot be read is an error, not absent
+            raise SystemExit(f"error: {e}") from None
         val = train  # no val split on disk: hold out train images the bank does not hold
         train_idx = subset(len(train), min(args.knn_train_size, len(train) // 2))
         val_idx = subset(len(train), args.knn_val_size, exclude=set(train_idx))
@@ -773,6 +780,8 @@ def knn_data(args, rank, world):
         augment.check_same_classes(train, val, args.data)  # labels are class positions in both splits
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if train.num_classes < 2:  # one class: a k-NN top-1 of 100% that says nothing
+        raise SystemExit(f"error: --data {args.data} has one class; the k-NN monitor needs two: pass --knn-every 0")
     def loader(dataset, idx):
         part, workers = Subset(dataset, idx), args.num_workers
         if args.data == "synthetic" and len(idx) * 3 * args.img_size ** 2 * 4 <= KNN_KEEP_BYTES:
@@ -855,7 +864,11 @@ def run_summary(output_dir, seconds):
     knn = []
     if os.path.exists(log_path):
         with open(log_path) as f:
-            knn = [r["knn_top1"] for r in map(json.loads, f) if "knn_top1" in r]
+            for line in f:
+                try:
+                    knn += [json.loads(line)["knn_top1"]]
+                except (ValueError, KeyError, TypeError):  # another record, or a line a kill cut short
+                    pass
     seen = (f"k-NN top-1 {knn[0]:.1f} -> {knn[-1]:.1f} ({knn[-1] - knn[0]:+.1f})" if len(knn) > 1
             else "k-NN monitor off")
     return (f"done: {seen} in {seconds / 60:.1f} min; backbone: {backbone}\n"

@@ -939,7 +939,7 @@ def get_args_parser():
     g.add_argument("--backbone", nargs="+", default=None, help="backbone checkpoint(s) for --equivariance-only; "
                    "several give one comparison table (and figure) over the runs")
     g.add_argument("--arch", default=None, help="with --backbone for released weights, e.g. vit_small")
-    g.add_argument("--patch-size", type=int, default=16, help="with --arch only")
+    g.add_argument("--patch-size", type=int, default=None, help="with --arch only (default 16)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", help="val split of 'synthetic' (built in) or an ImageFolder root "
                    "(ImageNet: enables mCE); clean images and the source of generated C/P")
@@ -950,7 +950,7 @@ def get_args_parser():
     g.add_argument("--frost-dir", default=None, help="the original frost1..frost6 photos (the frost/ folder of the "
                    "imagecorruptions or imagenet-c pip package); without it a weaker procedural texture, marked *")
     g = p.add_argument_group("what to run")
-    g.add_argument("--tasks", default=",".join(TASKS), help="comma list of " + ", ".join(TASKS))
+    g.add_argument("--tasks", default=None, help="comma list of " + ", ".join(TASKS) + " (default: all)")
     g.add_argument("--equivariance-only", action="store_true", help="per-block equivariance only: --backbone will do")
     g.add_argument("--corruptions", default=",".join(CORRUPTIONS), help="comma list (mCE needs all 15)")
     g.add_argument("--perturbations", default=",".join(PERTURBATIONS), help="comma list (mFR needs all 10)")
@@ -1202,7 +1202,7 @@ def perturbation_task(ev, sets, normalizers):
 
 def evaluate(args, device, rank, world):
     """--tasks for one probe (or, with --equivariance-only, one backbone)."""
-    tasks = ["equivariance"] if args.equivariance_only else _choices(args.tasks, TASKS, "--tasks")
+    tasks = ["equivariance"] if args.equivariance_only else _choices(args.tasks or ",".join(TASKS), TASKS, "--tasks")
     corruptions = _choices(args.corruptions, CORRUPTIONS, "--corruptions")
     perturbations = _choices(args.perturbations, PERTURBATIONS, "--perturbations")
     backbone, classifier, meta = load_model(args)
@@ -1287,6 +1287,9 @@ def main(args):
     t0 = time.time()
     check_args(args)
     rank, world, device = losses.init_distributed()
+    if args.probe and args.backbone or args.equivariance_only and args.tasks:  # else one of them would be ignored
+        raise SystemExit("--probe holds its backbone: pass it or --backbone" if args.probe and args.backbone
+                         else "--equivariance-only runs the equivariance task only: drop --tasks")
     several = args.backbone and (len(args.backbone) > 1 or args.figures and not args.probe)
     if several and not args.equivariance_only:
         raise SystemExit("several --backbone (or --figures without --probe) need --equivariance-only")

@@ -166,7 +166,7 @@ def test_prefix_stripping_released_formats(tmp_path):
     loaded = vit.load_backbone(tmp_path / "bare.pth", arch=requested)
     assert (loaded.arch["img_size"], loaded.depth) == (32, 4) and torch.equal(loaded(x), m(x))
     torch.save({"student": student, "step": 3}, tmp_path / "ckpt.pth")
-    with pytest.raises(ValueError, match="'step' holds no network weights; pass --checkpoint-key with one of"):
+    with pytest.raises(ValueError, match="'step' holds no network weights; pass --checkpoint-key with one of \\['student'\\]"):
         vit.load_backbone(tmp_path / "ckpt.pth", arch=arch, key="step")
 
 
@@ -1396,6 +1396,9 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
     Image.fromarray(grey).save(tmp_path / "g.png")  # PIL opens it as mode I;16
     rgb = np.asarray(augment.load_rgb(str(tmp_path / "g.png")))
     assert rgb.shape == (2, 2, 3) and rgb[..., 0].tolist() == [[0, 100], [200, 255]]
+    Image.fromarray(np.ones((2, 2), np.float32)).save(tmp_path / "f.tiff")  # mode F: no range to scale from
+    with pytest.raises(augment.UnreadableImage, match="f.tiff: 32-bit float pixels"):
+        augment.load_rgb(str(tmp_path / "f.tiff"))
 
 
 def test_run_script_gives_one_line_and_releases_the_loaders(capsys):
@@ -1639,8 +1642,8 @@ TINY = ("--epochs 1 --synthetic-length 32 --batch-size 16 --img-size 32 --patch-
 
 
 def config(extra, out):
-    return pretrain.resolve_config(pretrain.get_args_parser().parse_args(
-        f"{TINY} {extra} --output-dir {out}".split()))
+    tiny = TINY.replace("--synthetic-length 32 ", "") if "--data " in extra else TINY  # built-in data only
+    return pretrain.resolve_config(pretrain.get_args_parser().parse_args(f"{tiny} {extra} --output-dir {out}".split()))
 
 
 def run(extra, out):
@@ -1739,6 +1742,21 @@ def test_resume_refuses_a_different_run(tmp_path):
     torch.save(ckpt, tmp_path / "checkpoint.pth")
     with pytest.raises(SystemExit, match="its student does not fit this run .*use another --output-dir"):
         run("--method byol --stop-at-step 2", tmp_path)
+    os.unlink(tmp_path / "checkpoint.pth")
+    os.symlink(tmp_path / "gone.pth", tmp_path / "checkpoint.pth")  # not a fresh start that replaces the link
+    with pytest.raises(SystemExit, match="checkpoint not found: .*move it away or use another --output-dir"):
+        run("--method byol --stop-at-step 2", tmp_path)
+
+
+def test_log_lines_cut_short_by_a_kill_cost_only_themselves(tmp_path):
+    path = tmp_path / "log.jsonl"
+    vit.append_jsonl(path, {"knn_top1": 20.0})
+    with open(path, "a") as f:
+        f.write('{"step": 6, "epo')  # a kill in mid-write
+    vit.append_jsonl(path, {"knn_top1": 30.0})
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[2]) == {"knn_top1": 30.0}
+    assert pretrain.run_summary(str(tmp_path), 60).startswith("done: k-NN top-1 20.0 -> 30.0 (+10.0)")
 
 
 def test_bad_configurations_give_clear_errors(tmp_path):
@@ -1761,8 +1779,13 @@ def test_bad_configurations_give_clear_errors(tmp_path):
             config(f"--ser --equiv-layer 2 --ser-scale {scale}", tmp_path)
     with pytest.raises(SystemExit, match="got 3 \\(the default with --ser\\)"):
         config("--ser --depth 2", tmp_path)
-    with pytest.raises(SystemExit, match="--batch-size must be positive"):
-        config("--batch-size 0", tmp_path)
+    for size in ("0", "1"):  # BatchNorm heads need two images
+        with pytest.raises(SystemExit, match="--batch-size must be at least 2"):
+            config(f"--batch-size {size}", tmp_path)
+    with pytest.raises(SystemExit, match="--count-flops and --benchmark each end the run"):
+        config("--count-flops --benchmark 2", tmp_path)
+    with pytest.raises(SystemExit, match="--synthetic-length sets the built-in data's size"):
+        config(f"--synthetic-length 32 --data {tmp_path}", tmp_path)
     with pytest.raises(SystemExit, match="--warmup-epochs 3"):
         config("--warmup-epochs 3", tmp_path)
 
@@ -1830,13 +1853,29 @@ def test_broken_checkpoint_gives_a_one_line_error(tmp_path):
     assert "move it away or use another --output-dir" in last
 
 
+def test_knn_monitor_refuses_an_unreadable_val_split_and_one_class(tmp_path):
+    _write_png_tree(tmp_path / "data", "train", n=8)
+    (tmp_path / "data" / "val" / "a").mkdir(parents=True)  # a val/ that exists but holds no images
+    args = config(f"--data {tmp_path / 'data'} --warmup-epochs 0 --knn-every 1", tmp_path / "run")
+    with pytest.raises(SystemExit, match="error: --data .*holds no images"):
+        pretrain.knn_data(args, 0, 1)
+    os.rmdir(tmp_path / "data" / "val" / "a")
+    os.rmdir(tmp_path / "data" / "val")
+    assert pretrain.knn_data(args, 0, 1)[2] == 2  # no val/: a held-out part of train
+    _write_png_tree(tmp_path / "one", "train", classes=("a",), n=8)
+    args.data = str(tmp_path / "one")
+    with pytest.raises(SystemExit, match="has one class; the k-NN monitor needs two: pass --knn-every 0"):
+        pretrain.knn_data(args, 0, 1)
+
+
 def test_unreadable_image_and_unwritable_output_stop_in_one_line(tmp_path):
     """A loader worker that meets a broken file: one line naming it and exit 1. The workers ignore SIGTERM
     (for the preemption save), so an exception left to the interpreter used to hang the process at exit."""
     for split in ("train", "val"):
         _write_png_tree(tmp_path / "data", split, n=8)  # 16 images: the one step sees them all
     (tmp_path / "data" / "train" / "b" / "5.png").write_bytes(b"")
-    argv = ["pretrain.py", *TINY.replace("--num-workers 0", "--num-workers 1").split(), "--data", tmp_path / "data",
+    tiny = TINY.replace("--num-workers 0", "--num-workers 1").replace("--synthetic-length 32 ", "")
+    argv = ["pretrain.py", *tiny.split(), "--data", tmp_path / "data",
             "--warmup-epochs", "0", "--arch", "vit_tiny"]
     code, last, _ = run_script(*argv, "--output-dir", tmp_path / "run", timeout=120)
     assert code == 1 and last.startswith(f"error: cannot read image file {tmp_path / 'data/train/b/5.png'}: ")
@@ -2511,13 +2550,19 @@ def test_bad_flags_give_clear_errors(tmp_path):
     tiny = ["--random-init", "--arch", "vit_tiny", "--depth", "2", "--patch-size", "8"]
     with pytest.raises(SystemExit, match="--random-init --arch vit_tiny: img_size 30 is not divisible"):
         linear_eval.main(tiny + ["--img-size", "30"])
+    with pytest.raises(SystemExit, match="--patch-size and --depth describe released weights"):
+        linear_eval.main(["--pretrained", "backbone.pth", "--depth", "7"])  # ours record theirs: it would be ignored
+    _write_png_tree(tmp_path / "one", "train", classes=("a",))
+    _write_png_tree(tmp_path / "one", "val", classes=("a",))
+    with pytest.raises(SystemExit, match="has one class: every accuracy would be 100%"):
+        linear_eval.main(tiny + ["--img-size", "32", "--data", str(tmp_path / "one")])
     with pytest.raises(SystemExit, match="--img-size 36 is not a multiple of the backbone's patch size 8"):
         torch.save({"arch": tiny_vit().arch, "backbone": tiny_vit().state_dict()}, tmp_path / "backbone.pth")
         linear_eval.main(["--pretrained", str(tmp_path / "backbone.pth"), "--img-size", "36"])
 
 
 @pytest.mark.parametrize("flag", ["--lrs 0.1 -1", "--lrs nan", "--depth 0", "--num-workers -1", "--epochs 0",
-                                  "--knn-temperature 0", "--knn-k -1", "--holdout-fraction 1", "--n-last-blocks 0"])
+                                  "--knn-temperature 0", "--knn-temperature 0.01", "--knn-k -1", "--holdout-fraction 1", "--n-last-blocks 0"])
 def test_out_of_range_linear_eval_flags_are_refused(flag):
     with pytest.raises(SystemExit, match=f"^{flag.split()[0]} must be "):
         linear_eval.check_args(linear_eval.get_args_parser().parse_args(flag.split()), world=1)
@@ -3088,6 +3133,10 @@ def test_driver_equivariance_only_and_errors(tiny_probe, tmp_path):
         robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--output-dir", str(tmp_path)]))
     with pytest.raises(SystemExit, match="--corruptions"):
         robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--probe", tiny_probe, "--corruptions", "fogg"]))
+    for extra, why in ((["--backbone", tiny_probe], "--probe holds its backbone"), (["--tasks", "c"], "drop --tasks")):
+        with pytest.raises(SystemExit, match=why):  # else --backbone or --tasks would be ignored
+            robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--equivariance-only", "--probe",
+                                                                               tiny_probe, *extra]))
     for flag in (["--num-images", "0"], ["--scales", "nan"], ["--batch-size", "0"], ["--scales", "100"],
                  ["--seed", "-1"], ["--patch-size", "0"]):  # 0 images meant all of them; scale 100: 3200 px images
         with pytest.raises(SystemExit, match=f"{flag[0]} must be"):

@@ -332,9 +332,18 @@ def save_atomic(path, obj, indent=1):
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(e, OSError):
+            fix = "move that folder away" if os.path.isdir(path) else "free some space"
             raise OSError(f"could not write {path}: {e.strerror or e}; the previous file, if any, is intact "
-                          "(free some space or choose another --output-dir)") from None
+                          f"({fix} or choose another --output-dir)") from None
         raise
+
+
+def append_jsonl(path, record):
+    """One JSON line appended to a log; a last line that a kill left unfinished is ended first, costing only itself."""
+    with open(path, "a+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        f.seek(max(0, end - 1))
+        f.write((b"" if end == 0 or f.read(1) == b"\n" else b"\n") + json.dumps(record).encode() + b"\n")
 
 
 @contextmanager
@@ -343,7 +352,8 @@ def exit_on_write_error(prefix=""):
     try:
         yield
     except OSError as e:
-        raise SystemExit(f"{prefix}could not write {e.filename}: {e.strerror}" if e.filename else f"{prefix}{e}") from None
+        message = f"could not write {e.filename}: {e.strerror}" if e.filename else str(e)
+        raise SystemExit(prefix + message) from None
 
 
 def make_output_dir(path, prefix="", flag="--output-dir"):
@@ -385,7 +395,7 @@ def load_resumable(path, args, keys, script, runtime_options, map_location="cpu"
     other settings than `args`: only runtime_options, which do not change what is computed, may differ."""
     try:
         ckpt = load_checkpoint(path, map_location)
-    except ValueError as e:
+    except (FileNotFoundError, ValueError) as e:  # also a link to a file that is gone
         raise ValueError(f"{e}; move it away or use another --output-dir") from None
     if not (isinstance(ckpt, dict) and {"args", *keys} <= set(ckpt)):
         raise ValueError(f"{path} is not a {script} checkpoint; move it away or use another --output-dir")
@@ -425,8 +435,10 @@ def load_backbone(path, arch=None, key=None):
         sd = next((ckpt[k] for k in ("backbone", "teacher", "student", "state_dict", "model")
                    if isinstance(ckpt.get(k), dict)), ckpt)
     if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
-        raise ValueError(f"{path}: {repr(key) if key else 'the file'} holds no network weights; pass --checkpoint-key with one of "
-                         f"{sorted(k for k, v in ckpt.items() if isinstance(v, dict))}")
+        networks = sorted(k for k, v in ckpt.items() if isinstance(v, dict) and any(str(n).endswith("pos_embed")
+                                                                                      for n in v))  # ViT weights
+        raise ValueError(f"{path}: {repr(key) if key else 'the file'} holds no network weights; pass --checkpoint-key "
+                         f"with one of {networks}")
     sd = strip_prefixes(sd)
     dropped_head = sorted(k for k in sd if k.startswith("head."))  # timm classifier / MoCo projector
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
@@ -472,18 +484,20 @@ def add_backbone_flags(parser):
                    "method evaluates (DINO: 'teacher'). Use 'student' to follow SER's lincls_parallel.py")
     g.add_argument("--arch", default=None, choices=sorted(ARCHS), help="required for released weights (they "
                    "record no architecture) and for --random-init; leave unset for our own checkpoints")
-    g.add_argument("--patch-size", type=int, default=16, help="with --arch only: 8 for DINO's /8 models")
+    g.add_argument("--patch-size", type=int, default=None, help="with --arch only (default 16): 8 for DINO's /8 models")
     g.add_argument("--depth", type=int, default=None, help="with --arch: its number of blocks (default 12; "
                    "pretrain.py's built-in runs: 4)")
     g.add_argument("--random-init", action="store_true", help="an untrained --arch: the baseline at initialisation")
 
 
-def backbone_from_flags(path, arch=None, patch_size=16, key=None, random_init=False, img_size=224, depth=None,
+def backbone_from_flags(path, arch=None, patch_size=None, key=None, random_init=False, img_size=224, depth=None,
                         flag="--pretrained"):
     """The frozen ViT (eval mode) that a script's backbone flags name (add_backbone_flags, or
     robustness_eval.py's --backbone), every error a one-line SystemExit naming `flag`. `depth` overrides the
     --arch's 12 blocks. --random-init draws from torch's generator: seed it alike on every rank first."""
-    requested = dict(name=arch, patch_size=patch_size)
+    if arch is None and (patch_size or depth) is not None:  # our checkpoints record both: a silent no-op otherwise
+        raise SystemExit("--patch-size and --depth describe released weights or --random-init: pass them with --arch")
+    requested = dict(name=arch, patch_size=patch_size or 16)
     if depth is not None:
         requested["depth"] = depth
     if random_init:
