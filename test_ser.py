@@ -3617,6 +3617,13 @@ def test_resume_continues_at_the_saved_iteration(tmp_path, backbone_path, capsys
 
 
 
+def test_a_broken_checkpoint_link_is_not_a_fresh_start(tmp_path, backbone_path):
+    (tmp_path / "run").mkdir()
+    os.symlink(tmp_path / "gone.pth", tmp_path / "run" / "checkpoint.pth")  # a fresh run would replace the link
+    with pytest.raises(SystemExit, match="checkpoint not found: .*move it away or use another --output-dir"):
+        detect_eval.main(tiny_run_args(backbone_path, tmp_path / "run", 1))
+
+
 def test_resume_refuses_another_backbone_and_reports_progress(tmp_path, backbone_path, capsys, monkeypatch):
     out = tmp_path / "run"
     detect_eval.main(tiny_run_args(backbone_path, out, 1))
