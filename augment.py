@@ -246,6 +246,8 @@ def load_rgb(path: str) -> Image.Image:
             if image.mode == "F":  # float pixels have no agreed range to scale from
                 raise ValueError("32-bit float pixels; save it with 8 or 16 bits per channel")
             if image.mode.startswith("I"):
+                if image.mode == "I" and not 0 <= np.asarray(image).min() <= np.asarray(image).max() <= 65535:
+                    raise ValueError("integer pixels beyond 16 bits; save it with 8 or 16 bits per channel")
                 image = Image.fromarray(np.clip(np.asarray(image, np.float64) / 257, 0, 255).round().astype(np.uint8))
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

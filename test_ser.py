@@ -165,6 +165,9 @@ def test_prefix_stripping_released_formats(tmp_path):
     torch.save(sd, tmp_path / "bare.pth")
     loaded = vit.load_backbone(tmp_path / "bare.pth", arch=requested)
     assert (loaded.arch["img_size"], loaded.depth) == (32, 4) and torch.equal(loaded(x), m(x))
+    torch.save({"arch": "vit_tiny", "epoch": 3, "state_dict": {"module.base_encoder." + k: v for k, v in sd.items()}},
+               tmp_path / "moco_main.pth")  # MoCo v3's main_moco.py records the arch as a name
+    assert torch.equal(vit.load_backbone(tmp_path / "moco_main.pth", arch=requested)(x), m(x))
     torch.save({"student": student, "step": 3}, tmp_path / "ckpt.pth")
     with pytest.raises(ValueError, match="'step' holds no network weights; pass --checkpoint-key with one of \\['student'\\]"):
         vit.load_backbone(tmp_path / "ckpt.pth", arch=arch, key="step")
@@ -1399,6 +1402,9 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
     Image.fromarray(np.ones((2, 2), np.float32)).save(tmp_path / "f.tiff")  # mode F: no range to scale from
     with pytest.raises(augment.UnreadableImage, match="f.tiff: 32-bit float pixels"):
         augment.load_rgb(str(tmp_path / "f.tiff"))
+    Image.fromarray(np.full((2, 2), 10 ** 6, np.int32)).save(tmp_path / "i.tiff")  # mode I beyond 16 bits
+    with pytest.raises(augment.UnreadableImage, match="i.tiff: integer pixels beyond 16 bits"):
+        augment.load_rgb(str(tmp_path / "i.tiff"))
 
 
 def test_run_script_gives_one_line_and_releases_the_loaders(capsys):

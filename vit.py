@@ -9,6 +9,7 @@ blocks 1..L see patch tokens only, their output goes through its own LayerNorm (
 the token map that L_equiv acts on, and the [CLS] token joins before block L+1. L = 0 is the standard ViT.
 """
 
+import errno
 import functools
 import json
 import math
@@ -332,7 +333,8 @@ def save_atomic(path, obj, indent=1):
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(e, OSError):
-            fix = "move that folder away" if os.path.isdir(path) else "free some space"
+            fix = ("move that folder away" if os.path.isdir(path) else "free some space" if e.errno == errno.ENOSPC
+                   else "check its permissions")
             raise OSError(f"could not write {path}: {e.strerror or e}; the previous file, if any, is intact "
                           f"({fix} or choose another --output-dir)") from None
         raise
@@ -424,7 +426,7 @@ def load_backbone(path, arch=None, key=None):
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
 
-    saved_arch = ckpt.get("arch")
+    saved_arch = ckpt["arch"] if isinstance(ckpt.get("arch"), dict) else None  # MoCo v3 saves a name string there
     if key is not None:
         if key not in ckpt:
             raise ValueError(f"{path}: no key {key!r}; top-level keys are {sorted(ckpt)}")
@@ -453,11 +455,13 @@ def load_backbone(path, arch=None, key=None):
     if saved_arch is None and arch is None:
         raise ValueError(f"{path} records no architecture (a released checkpoint?): pass the arch, "
                          "e.g. --arch vit_small --patch-size 16; the head count cannot be read off the weights")
-    if saved_arch is None and "pos_embed" in sd:  # its training resolution, read off the position table
-        side = math.isqrt(sd["pos_embed"].shape[1] - 1)
+    table = sd.get("pos_embed")
+    if saved_arch is None and table is not None and table.dim() == 3 and table.shape[1] > 1:  # its training
+        side = math.isqrt(table.shape[1] - 1)  # resolution, read off the position table ([CLS] row first)
         arch = {**arch, "img_size": side * arch.get("patch_size", 16)}
-    if saved_arch is None and "depth" not in arch and any(k.startswith("blocks.") for k in sd):  # and its blocks
-        arch["depth"] = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    blocks = [int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()]
+    if saved_arch is None and "depth" not in arch and blocks:  # and its depth, off the block keys
+        arch = {**arch, "depth": 1 + max(blocks)}
     model = build_vit(saved_arch if saved_arch is not None else arch)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
