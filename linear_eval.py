@@ -333,8 +333,6 @@ def main(argv=None):
     img_size = args.img_size or backbone.arch["img_size"]
     if img_size % backbone.patch_size:
         raise SystemExit(f"--img-size {img_size} is not a multiple of the backbone's patch size {backbone.patch_size}")
-    if rank == 0:
-        vit.make_output_dir(args.output_dir)
     per_rank_batch = args.batch_size // world
 
     try:
@@ -366,6 +364,8 @@ def main(argv=None):
                              "it cannot be evaluated")
         return f, y
 
+    if rank == 0:  # after the cheap checks, before the features: a bad flag leaves no folder behind
+        vit.make_output_dir(args.output_dir)
     val_f, val_y = features_of(val_set, "val")  # (M, F)
     if args.cached or args.knn_k > 0:
         train_f, train_y = features_of(train_eval_set, "train")  # (N, F)
