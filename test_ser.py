@@ -3725,3 +3725,25 @@ def test_default_loader_workers(cores, world, cuda, workers, monkeypatch):
     assert args.num_workers == workers
     explicit = pretrain.resolve_config(pretrain.get_args_parser().parse_args(["--method", "mocov3", "--num-workers", "1"]))
     assert explicit.num_workers == 1
+
+
+def test_readme_tables_are_whole_and_ci_runs_the_readme_test_command():
+    """Every README table row has its header's cells (a stray row in the results table once mixed costs into
+    accuracies), and .ci/run runs the test command the README gives."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "README.md")) as f:
+        lines = f.read().splitlines()
+    tables, current = [], []
+    for line in lines + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables, current = tables + [current], []
+    assert len(tables) >= 3
+    for table in tables:
+        header = table[0]
+        assert all(row.count("|") == header.count("|") for row in table), header
+    with open(os.path.join(here, ".ci", "run")) as f:
+        ci_command = f.read().splitlines()[-1]
+    readme_command = next(line.split("#")[0].strip() for line in lines if line.startswith("python -m pytest"))
+    assert ci_command == readme_command
