@@ -8,22 +8,19 @@ add-on: SER (soft equivariance regularisation), EquiMod, AugSelf or E-SSL.
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 pretrain.py ...
     python pretrain.py --method mocov3 --ser --benchmark 20  # images/s, data wait, memory, FLOPs, MFU
 
-SER: the global batch is split into b1 (the method's standard views) and b2, the last `--ser-ratio` of
-every `--ser-chunk` images, one group per chunk (the release: 3 of each GPU's 256). Both b2 views come
-from the same crop, with independent colour jitter, and each gets its own group element (90-degree
-rotation, flip, rescale to a random token grid), one per group. Both sub-batches enter the invariance
-loss; only b2 enters L_equiv, on the token map after block `--equiv-layer`, where the [CLS] token joins
-the network:  L = L_inv(b1 + b2) + lambda * L_equiv.
+SER: the last `--ser-ratio` of every `--ser-chunk` images of the global batch form b2 (the release: 3 of each GPU's
+256): two views of one crop, each with its own colours and group element (rot90, flip, rescale to a random token
+grid). Both sub-batches enter the invariance loss; only b2 enters L_equiv, on the token map after block
+`--equiv-layer`, where [CLS] joins the network:  L = L_inv(b1 + b2) + lambda * L_equiv.
 
-Reading order: train() builds the run in phases and calls train_step() once per step; train_step takes
-a StepBatch (make_step_inputs: the views, augment.py, and SER's b2 groups), runs Student and Teacher
-(vit.py, the SER split), compute_losses (losses.py; SER's ser_loss aligns token maps with
-group_actions.py), the update and the EMA. Measurement (--benchmark, --count-flops) is the last section.
+Reading order: train() builds the run in phases and calls train_step() once per step on a StepBatch
+(make_step_inputs: the views, augment.py, and SER's b2 groups); Student and Teacher run the ViT (vit.py, SER's
+split); compute_losses calls losses.py, whose ser_loss aligns token maps with group_actions.py. Measurement
+(--benchmark, --count-flops) is the last section.
 
-The run resumes automatically from <output-dir>/checkpoint.pth. Outputs: config.json, log.jsonl (one
-JSON line per logging step and per epoch), checkpoint.pth (all state, every epoch and on SIGTERM/SIGINT)
-and backbone.pth (the evaluated backbone in bare timm key format, with its architecture), which
-linear_eval.py, robustness_eval.py and detect_eval.py load.
+Outputs, in --output-dir (an existing checkpoint.pth is resumed): config.json, log.jsonl (a JSON line per log step
+and per epoch), checkpoint.pth (all state; every epoch and on SIGTERM/SIGINT) and backbone.pth (the evaluated
+backbone: bare timm keys and its architecture), which linear_eval.py, robustness_eval.py and detect_eval.py load.
 """
 
 import argparse
@@ -90,21 +87,18 @@ ADDON_DEFAULTS = {"equimod": (1.0, 0.2), "augself": (1.0, None), "essl": (0.4, N
 REAL_DEFAULTS = dict(arch="vit_small", depth=None, patch_size=16, img_size=224, epochs=100, warmup_epochs=10,
                      batch_size=1024, head_hidden=None, head_out=None, knn_train_size=20000, knn_val_size=10000,
                      weight_init=None, use_bn_in_head=False, freeze_last_layer=1, knn_every=1)
-# The built-in dataset on a 2-core CPU, where the run must finish in minutes: a 4-block ViT-Ti on 32 px
-# images with 8 px patches (a 4x4 token grid, enough for SER's rescaled 3x3..5x5 grids), MoCo v3's
-# initialisation for every method (Xavier weights, fixed sin-cos positions: with timm's trunc-normal(0.02)
-# a ViT this small does not leave chance within a few hundred steps even when trained supervised),
-# narrower heads, and for every method a higher lr, a faster EMA (the teacher must move within a few
-# hundred steps), no stochastic depth and a larger minimum crop.
+# The built-in data on a 2-core CPU, in minutes: a 4-block ViT-Ti, 32 px images, 8 px patches (a 4x4 token grid,
+# enough for SER's rescaled 3x3..5x5 grids); MoCo v3's init for every method (with timm's trunc-normal(0.02) a ViT
+# this small stays at chance for hundreds of steps even when trained supervised); narrower heads, a higher lr, a
+# faster EMA (the teacher must move within a few hundred steps), no stochastic depth, a larger minimum crop.
 SYNTHETIC_DEFAULTS = dict(arch="vit_tiny", depth=4, patch_size=8, img_size=32, epochs=10, warmup_epochs=1,
                           batch_size=64, head_hidden=1024, head_out=256, knn_train_size=2000, knn_val_size=1000,
                           lr=1.5e-3, min_lr=1e-6, momentum=0.99, drop_path=0.0, crop_min=0.25, weight_init="moco",
                           use_bn_in_head=False, freeze_last_layer=1, synthetic_length=3200, knn_every=2)
-# DINO at this scale: its teacher starts out nearly uniform (BatchNorm in the head, the official
-# --use_bn_in_head, sharpens it; the last layer trains from step 0), and its weight decay rising to 0.4
-# undoes in the second half of a 500-step run what the first half learnt: MoCo v3's constant 0.1 instead.
-# SER's b2 share (a quarter of the batch, not 2 images), the sharper teacher (0.01) and BYOL's faster
-# target (EMA 0.96) each won a 3-seed screen, 16 epochs a 1-seed one (README, The built-in run).
+# DINO at this scale: its teacher starts nearly uniform (BatchNorm in the head, the official --use_bn_in_head,
+# sharpens it; the last layer trains from step 0), and weight decay rising to 0.4 undoes in a run's second half
+# what the first learnt: MoCo v3's constant 0.1 instead. SER's b2 share (a quarter of the batch, not 2 images),
+# the teacher temperature 0.01 and BYOL's EMA 0.96 each won a 3-seed screen (README, The built-in run).
 SYNTHETIC_METHOD_DEFAULTS = {"dino": dict(weight_decay=0.1, weight_decay_end=0.1, use_bn_in_head=True,
                                           freeze_last_layer=0, ser_ratio=0.25, teacher_temp=0.01,
                                           warmup_teacher_temp=0.01, epochs=16),
@@ -233,9 +227,7 @@ def resolve_config(args):
     synthetic = args.data == "synthetic"
     lam, tau = SER_DEFAULTS[args.method] if args.addon == "ser" else ADDON_DEFAULTS[args.addon]
     cores = max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", 1)))  # this rank's share
-    # On a CPU with 2 cores or fewer per rank, loader workers take them from the step's own threads: one worker
-    # made the built-in step 1.17-1.24x slower on a 2-core Zen 3, 1.18-1.20x its floor against 1.14-1.15x on
-    # a 2-core Xeon (README, Cost).
+    # With 2 cores or fewer per rank a loader worker takes the step's own cores (README, Cost: 1.17-1.24x slower).
     workers = min(8, cores) if torch.cuda.is_available() or cores > 2 else 0
     defaults = {"ser_ratio": 0.01, **METHOD_DEFAULTS[args.method],  # SER's b2 share: the release's 3 of 256
                 **(SYNTHETIC_DEFAULTS if synthetic else REAL_DEFAULTS),
@@ -287,8 +279,8 @@ def build_recipe(args):
 
 
 def ser_groups(global_batch, chunk, ratio, min_images):
-    """SER's b2 groups, [start, stop) in the global batch: the tail of each near-equal chunk, as each GPU's 3
-    images in the release (aitrics-chris/SER main_moco.py: 1% of the per-GPU batch), the same on any number of ranks."""
+    """SER's b2 groups, [start, stop) in the global batch: the tail of each near-equal chunk, as the release's 3
+    images of each GPU's 256 (aitrics-chris/SER main_moco.py), on any number of ranks."""
     n_chunks = max(1, round(global_batch / chunk))
     groups = []
     for g in range(n_chunks):
@@ -752,6 +744,26 @@ class Meter:
         self.sums, self.steps, self.since = {}, 0, now
 
 
+def load_split(args, split, transform):
+    length = dict(length=args.synthetic_length) if args.data == "synthetic" else {}
+    return augment.build_dataset(args.data, split, transform, img_size=args.img_size, **length)
+
+
+def build_data(args, recipe, rank, world, device):
+    """The training views of --data (their crops and flips made in the loader workers), batched by rank."""
+    try:
+        dataset = augment.MultiViewDataset(load_split(args, "train", None), recipe, seed=args.seed)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if len(dataset) < args.batch_size:
+        raise SystemExit(f"error: {args.data} has {len(dataset)} training images, fewer than --batch-size "
+                         f"{args.batch_size}")
+    sampler = GlobalBatchSampler(len(dataset), args.batch_size, rank, world, args.seed)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals)
+    return dataset, sampler, loader
+
+
 KNN_KEEP_BYTES = 2 ** 30  # the largest built-in k-NN split kept in memory as float32 images
 
 
@@ -760,15 +772,14 @@ def knn_data(args, rank, world):
     folder, or a slice of train. The built-in images are rendered once and kept (37 MB at the defaults):
     each evaluation then only runs the backbone, in less than half the time."""
     transform = augment.eval_transform(args.img_size)
-    length = dict(length=args.synthetic_length) if args.data == "synthetic" else {}
-    train = augment.build_dataset(args.data, "train", transform, img_size=args.img_size, **length)
+    train = load_split(args, "train", transform)
     # Fixed random subsets: ImageFolder is sorted by class and the synthetic labels cycle with the index,
     # so a prefix or a stride would keep only some of the classes.
     def subset(n, size, exclude=()):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
         return sorted([i for i in perm if i not in exclude][:size])
     try:
-        val = augment.build_dataset(args.data, "val", transform, img_size=args.img_size, **length)
+        val = load_split(args, "val", transform)
         train_idx, val_idx = subset(len(train), args.knn_train_size), subset(len(val), args.knn_val_size)
     except (FileNotFoundError, ValueError) as e:
         if os.path.isdir(os.path.join(args.data, "val")):  # a val/ that cannot be read is an error, not absent
@@ -888,18 +899,7 @@ def train(args, measure=None):
 
     # ============ preparing data ============
     recipe = build_recipe(args)
-    length = dict(length=args.synthetic_length) if args.data == "synthetic" else {}
-    try:
-        base = augment.build_dataset(args.data, "train", None, img_size=args.img_size, **length)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    dataset = augment.MultiViewDataset(base, recipe, seed=args.seed)
-    if len(dataset) < args.batch_size:
-        raise SystemExit(f"error: {args.data} has {len(dataset)} training images, fewer than --batch-size "
-                         f"{args.batch_size}")
-    sampler = GlobalBatchSampler(len(dataset), args.batch_size, rank, world, args.seed)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals)
+    dataset, sampler, loader = build_data(args, recipe, rank, world, device)
     photometric = recipe.photometric()
     steps_per_epoch = len(dataset) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
