@@ -164,7 +164,6 @@ class SyntheticShapes(Dataset):
         self.split, self.length, self.img_size, self.seed = split, int(length), int(img_size), seed
         self.transform = transform
         # Later epochs reuse kept images: re-rendering made the data wait 2.3-2.7x longer at 224 px (README, Cost).
-        self.nbytes = self.length * 3 * self.img_size ** 2
         self.kept = {} if self.keeps() else None
         self.classes = list(_SHAPES)
         self.num_classes = len(self.classes)
@@ -174,15 +173,11 @@ class SyntheticShapes(Dataset):
 
     def keeps(self, num_workers=0):
         """Whether a loader with num_workers workers (0: the main process) keeps the images it renders."""
-        return max(1, num_workers) * self.nbytes <= self.KEEP_BYTES
+        return max(1, num_workers) * self.length * 3 * self.img_size ** 2 <= self.KEEP_BYTES
 
     def _muted(self, rgb):  # (..., 3) in [0, 1] -> the same colours at SATURATION of their distance to grey
         grey = rgb.mean(-1, keepdims=True)
         return grey + self.SATURATION * (rgb - grey)
-
-    @property
-    def targets(self):
-        return [i % self.num_classes for i in range(self.length)]
 
     def render(self, index) -> tuple[np.ndarray, int]:
         """(H, W, 3) uint8 image and its label; the numpy core of __getitem__."""
@@ -412,8 +407,7 @@ def recipe_for(method: str, img_size: int, crop_min: float, n_local: int = 0, ex
     """The official view recipe of `method`: two global views in the asymmetric BYOL recipe, then n_local
     local crops (DINO multi-crop; SER's "2+4 views" is mocov3 with n_local=4). extra: None | 'equimod' (adds
     batch['plain']) | 'augself' (nothing to add: every view records its crop, flip and colour parameters) |
-    'essl' (adds E-SSL's small crop). patch_size: round the local/E-SSL crop sides to whole patches (64 px,
-    patch 16: locals 32 px)."""
+    'essl' (adds E-SSL's small crop). patch_size: round the local/E-SSL crop sides to whole patches."""
     if method not in _METHODS:
         raise ValueError(f"unknown method {method!r} for recipe_for; choose from {sorted(_METHODS)}")
     if extra not in (None, "equimod", "augself", "essl"):
@@ -560,11 +554,10 @@ class PhotometricAugment:
     blur radius is in pixels. Solarize: threshold 0.5 (BYOL, MoCo v3, DINO); the SER release draws it in (0, 1)
     with kornia, flagged in its own comment as a departure."""
 
-    def __init__(self, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=1.0, p_solarize=0.0,
-                 img_size=224, sigma=(0.1, 2.0)):
+    def __init__(self, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=1.0, p_solarize=0.0, img_size=224):
         self.jitter, self.p_jitter, self.p_gray = tuple(jitter), p_jitter, p_gray
         self.p_blur, self.p_solarize = p_blur, p_solarize
-        self.sigma = (sigma[0] * img_size / 224, sigma[1] * img_size / 224)
+        self.sigma = (0.1 * img_size / 224, 2.0 * img_size / 224)
         self.kernel_size = blur_kernel_size(img_size)
 
     def sample_params(self, batch_size: int, generator: torch.Generator) -> dict:

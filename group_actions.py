@@ -139,13 +139,12 @@ def sample_element(batch_size: int, generator: torch.Generator, base_grid=(14, 1
     return GroupElement(k=k, flip=flip, rot180=rot180, size=(rows, cols))
 
 
-def sample_view_pair(batch_size: int, generator: torch.Generator, base_grid=(14, 14),
-                     scale=(0.7, 1.3), ratio=(3 / 4, 4 / 3)) -> tuple[GroupElement, GroupElement]:
-    """The release's pair of b2 views of one common crop: (g1, g2). g2's size and k are drawn independently,
-    its flags are g1's negated (drawn and discarded, as the release, so the generator advances the same).
+def sample_view_pair(batch_size: int, generator: torch.Generator, **kw) -> tuple[GroupElement, GroupElement]:
+    """The release's pair of b2 views of one common crop: (g1, g2) = two sample_element(**kw) draws, g2's
+    flags replaced by g1's negated (drawn and discarded, as the release, so the generator advances the same).
     Then g2 g1^-1 has one D4 part for every sample: R90^k2 . Resize . F . R180 . R90^-k1."""
-    g1 = sample_element(batch_size, generator, base_grid, scale, ratio)
-    g2 = sample_element(batch_size, generator, base_grid, scale, ratio)
+    g1 = sample_element(batch_size, generator, **kw)
+    g2 = sample_element(batch_size, generator, **kw)
     return g1, GroupElement(k=g2.k, flip=~g1.flip, rot180=~g1.rot180, size=g2.size)
 
 
