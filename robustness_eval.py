@@ -1023,8 +1023,7 @@ def run_names(paths):
 
 
 def val_images(args, img_size, default=None):
-    """The first --num-images val images of --data (else `default`, else all): (those PIL images, the class names,
-    their centre crops as model inputs: the clean set)."""
+    """The first --num-images (else `default`, else all) val images of --data: (PIL images, classes, clean set)."""
     try:
         base = augment.build_dataset(args.data, "val", transform=None, img_size=img_size)
     except ValueError as e:
