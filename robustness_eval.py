@@ -217,9 +217,8 @@ def glass_blur(x, c, rng, **_):
     sigma, delta, iters = c
     H, W = x.shape[:2]
     x = (gaussian_filter(x, sigma) * 255).astype(np.uint8)
-    # The original loops h over range(224 - delta, delta, -1) (likewise w): here the image size. Its swap
-    # `x[h, w], x[h', w'] = x[h', w'], x[h, w]` of numpy views COPIES x[h', w'] into x[h, w], so we copy
-    # too: sequentially, on pixel ids in a Python list, then one gather.
+    # The original loops h over range(224 - delta, delta, -1) (likewise w; here the image size). Its numpy-view swap
+    # `x[h, w], x[h', w'] = x[h', w'], x[h, w]` COPIES x[h', w'] into x[h, w]: we copy too, in order, on pixel ids.
     hs, ws = range(H - delta, delta, -1), range(W - delta, delta, -1)
     ids = list(range(H * W))
     for _ in range(iters):
@@ -467,8 +466,7 @@ def _correlate2d(x, kernel):
     rows = _fold(np.arange(-(kh // 2), H + kh // 2), H, "reflect101")
     cols = _fold(np.arange(-(kw // 2), W + kw // 2), W, "reflect101")
     padded = np.moveaxis(x[rows][:, cols], -1, 0)  # (C, H', W')
-    # float64 FFT convolution with the flipped kernel on a zero-padded, FFT-friendly grid; the
-    # circular wrap only reaches the border we discard
+    # float64 FFT convolution with the flipped kernel, zero-padded: the circular wrap only reaches the discarded border
     size = [1 << math.ceil(math.log2(n)) for n in padded.shape[-2:]]
     spectrum = np.fft.rfft2(padded, s=size) * np.fft.rfft2(kernel[::-1, ::-1], s=size)
     full = np.fft.irfft2(spectrum, s=size)
@@ -975,16 +973,12 @@ def get_args_parser():
 
 
 def check_args(args):
-    augment.check_ranges([("--num-images", args.num_images, lambda v: v >= 1, "at least 1"),
-                          ("--img-size", args.img_size, lambda v: v >= 1, "at least 1"),
-                          ("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1"),
-                          ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
-                          ("--p-frames", args.p_frames, lambda v: v >= 2, "at least 2"),
-                          ("--scales", args.scales, lambda v: 0 < v <= 4, "in (0, 4]"),  # 100: 3200 px images
-                          ("--seed", args.seed, lambda v: v >= 0, ">= 0"),
-                          ("--patch-size", args.patch_size, lambda v: v >= 1, "at least 1"),
-                          ("--figure-layer", args.figure_layer, lambda v: v >= 1, "at least 1"),
-                          ("--figure-images", args.figure_images, lambda v: v >= 1, "at least 1")])
+    at_least_1, non_negative = (lambda v: v >= 1, "at least 1"), (lambda v: v >= 0, ">= 0")
+    ranges = {"num_images": at_least_1, "img_size": at_least_1, "batch_size": at_least_1, "num_workers": non_negative,
+              "p_frames": (lambda v: v >= 2, "at least 2"),
+              "scales": (lambda v: 0 < v <= 4, "in (0, 4]"),  # 100: 3200 px images
+              "seed": non_negative, "patch_size": at_least_1, "figure_layer": at_least_1, "figure_images": at_least_1}
+    augment.check_ranges([("--" + k.replace("_", "-"), getattr(args, k), *rule) for k, rule in ranges.items()])
 
 
 def _choices(text, allowed, flag):
@@ -1029,8 +1023,7 @@ def run_names(paths):
 
 
 def val_images(args, img_size, default=None):
-    """The first --num-images val images of --data (else `default`, else all): (those PIL images, the class names,
-    their centre crops as model inputs: the clean set)."""
+    """The first --num-images (else `default`, else all) val images of --data: (PIL images, classes, clean set)."""
     try:
         base = augment.build_dataset(args.data, "val", transform=None, img_size=img_size)
     except ValueError as e:
@@ -1232,9 +1225,8 @@ def evaluate(args, device, rank, world):
     results = {"num_images": len(base), "img_size": img_size, "num_classes": len(classes), "world_size": world}
     log(f"robustness_eval: {len(base)} images of {args.data} at {img_size}px, tasks {','.join(tasks)}, "
         f"{world} process(es) on {device}")
-    clean_error = None
-    if set(tasks) & {"clean", "c", "geometry", "equivariance"}:
-        clean_error = clean_tasks(ev, clean_set, img_size, tasks, results)
+    needs_clean_pass = set(tasks) & {"clean", "c", "geometry", "equivariance"}
+    clean_error = clean_tasks(ev, clean_set, img_size, tasks, results) if needs_clean_pass else None
     if "c" in tasks:
         results["imagenet_c"] = corruption_task(ev, c_set, len(classes), corruptions, clean_error)
     if "p" in tasks:
