@@ -344,9 +344,8 @@ def nt_xent(a, b, temperature, ids=None):
 
 
 def simclr_loss(z1, z2, temperature=0.1):
-    """SimCLR NT-Xent averaged over the 2N anchors of the global batch (negatives from both views).
-    Convention: the standard NT-Xent (lightly, solo-learn, EquiMod) = 1/2 of the official TF2 loss
-    (google-research/simclr tf2/objective.py: loss_a + loss_b, two means over N); x 2 gives the TF value."""
+    """SimCLR: `nt_xent` of the two views. Convention: the standard NT-Xent (lightly, solo-learn, EquiMod)
+    = 1/2 of the official TF2 loss (google-research/simclr tf2/objective.py: loss_a + loss_b, two means over N)."""
     return nt_xent(z1, z2, temperature)
 
 
@@ -403,18 +402,17 @@ def ser_loss(groups, temperature):
     if not groups:
         raise ValueError("ser_loss needs at least one group (an empty SERGroup on a rank without b2 images)")
     fwd, bwd, offset = [], [], 0  # per direction, one (anchor tokens, partner tokens, image ids) per group
-    for grp in groups:
-        z1, z2 = grp.z1, grp.z2
+    for z1, z2, g1, g2, base_size, ids in groups:
         n = z1.shape[0]
-        if grp.ids is None:  # local numbering made unique over ranks without an extra collective
+        if ids is None:  # local numbering made unique over ranks without an extra collective
             ids = (offset + torch.arange(n, device=z1.device)) * world_size() + rank()
             offset += n
         else:
-            ids = vit.to_device(torch.as_tensor(grp.ids), z1.device)
+            ids = vit.to_device(torch.as_tensor(ids), z1.device)
         z1_on_2, z2_on_1 = z1, z2  # n = 0: no group elements, nothing to align
         if n:  # view 1 carried onto view 2's grid by g, view 2 back onto view 1's by g1 g2^-1 = (g2 g1^-1)^-1
-            z1_on_2 = group_actions.apply_to_token_map(z1, group_actions.relative_action(grp.g1, grp.g2, grp.base_size))
-            z2_on_1 = group_actions.apply_to_token_map(z2, group_actions.relative_action(grp.g2, grp.g1, grp.base_size))
+            z1_on_2 = group_actions.apply_to_token_map(z1, group_actions.relative_action(g1, g2, base_size))
+            z2_on_1 = group_actions.apply_to_token_map(z2, group_actions.relative_action(g2, g1, base_size))
         for out, (a, b) in ((fwd, (z1_on_2, z2)), (bwd, (z1, z2_on_1))):
             if a.shape != b.shape:
                 raise ValueError(f"token maps are not aligned: {tuple(a.shape)} vs {tuple(b.shape)}")
