@@ -251,14 +251,17 @@ def load_rgb(path: str) -> Image.Image:
 
 def run_script(main):
     """A script's entry point. An unreadable image ends it with one line naming the file (from a loader worker it
-    arrives inside the worker's traceback, as that traceback's last line); any other error prints its traceback and
-    exits 1 through SystemExit, which releases the loaders so that their workers shut down: an exception left to the
-    interpreter keeps them referenced at exit, where pretrain's workers, which ignore SIGTERM, would hang it."""
+    arrives inside the worker's traceback, as that traceback's last line), and so does the error a rank meets in a
+    collective when another rank has stopped; any other error prints its traceback and exits 1 through SystemExit,
+    which releases the loaders so that their workers shut down: an exception left to the interpreter keeps them
+    referenced at exit, where pretrain's workers, which ignore SIGTERM, would hang it."""
     try:
         return main()
     except Exception as e:
         if isinstance(e, UnreadableImage):
             status = "error: " + str(e).strip().splitlines()[-1].split("UnreadableImage: ")[-1]
+        elif isinstance(e, torch.distributed.DistNetworkError) or "Connection closed by peer" in str(e):
+            status = "error: another rank stopped (its own error says why); this one stops with it"
         else:
             traceback.print_exc()
             status = 1

@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -90,19 +89,50 @@ def _gather_counts(n):
     return [int(c) for c in counts]
 
 
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward gives each rank the sum over ranks of the gradients for its rows, as
+    facebookresearch/vicreg main_vicreg.py FullGatherLayer (every rank's loss reads every row)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grad = torch.stack(grads)
+        dist.all_reduce(grad)
+        return grad[dist.get_rank()]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """SUM all-reduce whose backward is again a SUM all-reduce: d(sum_r x_r)/dx_r = 1 for every rank's output."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduceSum.apply(grad)
+
+
 def all_gather_rows(x):
-    """Every rank's `x` (N_r, ...) concatenated along dim 0 -> (sum_r N_r, ...), and the counts. Autograd-aware
-    as VICReg's FullGatherLayer, for variable counts; gather a detached tensor for statistics only."""
+    """Every rank's `x` (N_r, ...) concatenated along dim 0 -> (sum_r N_r, ...), and the counts. Autograd-aware,
+    for variable counts; gather a detached tensor for statistics only."""
     if not _distributed():
         return x, [x.shape[0]]
     counts = _gather_counts(x.shape[0])
     padded = torch.cat([x, x.new_zeros((max(counts) - x.shape[0], *x.shape[1:]))])
-    return torch.cat([buf[:n] for buf, n in zip(dist_nn.all_gather(padded), counts)]), counts
+    return torch.cat([buf[:n] for buf, n in zip(_AllGather.apply(padded), counts)]), counts
 
 
 def all_reduce_sum(x):
-    """Autograd-aware SUM all-reduce (its backward is again a SUM all-reduce)."""
-    return dist_nn.all_reduce(x) if _distributed() else x
+    """Autograd-aware SUM all-reduce."""
+    return _AllReduceSum.apply(x) if _distributed() else x
 
 
 def global_count(n):

@@ -1417,6 +1417,12 @@ def test_run_script_gives_one_line_and_releases_the_loaders(capsys):
             augment.run_script(main)
         assert stop.value.code == "error: cannot read image file x.png: truncated"
 
+    def peer_gone():  # gloo's error in a rank whose peer has exited (the peer printed its own one line)
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:55215")
+    with pytest.raises(SystemExit) as stop:
+        augment.run_script(peer_gone)
+    assert stop.value.code.startswith("error: another rank stopped")
+
     def buggy():
         raise KeyError("a bug")
     with pytest.raises(SystemExit) as stop:
