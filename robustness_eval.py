@@ -1197,6 +1197,8 @@ def evaluate(args, device, rank, world):
     """--tasks for one probe (or, with --equivariance-only, one backbone)."""
     tasks = ["equivariance"] if args.equivariance_only else _choices(args.tasks or ",".join(TASKS), TASKS, "--tasks")
     corruptions = _choices(args.corruptions, CORRUPTIONS, "--corruptions")
+    if args.mce == "on" and len(corruptions) < len(CORRUPTIONS) and "c" in tasks:
+        raise SystemExit("--mce on needs all 15 corruptions: drop --corruptions, or use --mce auto")
     perturbations = _choices(args.perturbations, PERTURBATIONS, "--perturbations")
     backbone, classifier, meta = load_model(args)
     backbone.to(device).eval()

@@ -3270,10 +3270,11 @@ def test_imagenet_p_dir_folders_videos_and_frames_are_checked(ab_probe, tmp_path
 
 
 def test_procedural_frost_is_marked_next_to_every_number(tiny_probe, tmp_path, capsys):
-    args = robustness_eval.get_args_parser().parse_args([
-        "--probe", tiny_probe, "--num-images", "2", "--num-workers", "0", "--tasks", "c",
-        "--corruptions", "brightness,frost", "--mce", "on", "--output-dir", str(tmp_path)])
-    robustness_eval.main(args)
+    argv = ["--probe", tiny_probe, "--num-images", "2", "--num-workers", "0", "--tasks", "c",
+            "--corruptions", "brightness,frost", "--output-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="--mce on needs all 15 corruptions"):  # refused before the pass
+        robustness_eval.main(robustness_eval.get_args_parser().parse_args(argv + ["--mce", "on"]))
+    robustness_eval.main(robustness_eval.get_args_parser().parse_args(argv))
     printed = capsys.readouterr().out
     assert "ImageNet-C (10 sets): batch 1/1, " in printed  # progress of the pass
     frost_row = next(l for l in printed.splitlines() if l.strip().startswith("frost "))
