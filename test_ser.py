@@ -1407,6 +1407,13 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
         augment.load_rgb(str(tmp_path / "i.tiff"))
 
 
+def test_load_rgb_refuses_a_decompression_bomb(tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses images of more than twice as many pixels
+    with pytest.raises(augment.UnreadableImage, match="big.png: .*decompression bomb"):
+        augment.load_rgb(str(tmp_path / "big.png"))
+
+
 def test_run_script_gives_one_line_and_releases_the_loaders(capsys):
     worker_message = ("Caught UnreadableImage in DataLoader worker process 0.\nOriginal Traceback (most recent call "
                       "last):\n  ...\naugment.UnreadableImage: cannot read image file x.png: truncated")
