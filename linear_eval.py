@@ -282,8 +282,7 @@ def get_args_parser():
     g.add_argument("--cached", action="store_true", help="train on cached center-crop features (one backbone pass, "
                    "fast on CPU) instead of DINO's RandomResizedCrop + flip every epoch; use for quick comparisons")
     g.add_argument("--epochs", type=int, default=100, help="DINO 100, MoCo v3 90, SER 50; fewer suffice with --cached")
-    g.add_argument("--batch-size", type=int, default=256, help="global batch, split over ranks; the lrs scale "
-                   "with it (DINO used 1024)")
+    g.add_argument("--batch-size", type=int, default=256, help="global batch, split over ranks (DINO used 1024)")
     g.add_argument("--lrs", type=float, nargs="+", default=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
                    help="base lrs, each x batch/256, all trained at once; widen if the best is at an end")
     g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
