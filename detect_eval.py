@@ -66,18 +66,17 @@ def validate_coco(coco, source, allow_degenerate=False):
         if not isinstance(coco.get(section), list):
             raise ValueError(f"{source}: missing top-level list {section!r}")
         for i, entry in enumerate(coco[section]):
+            where = f"{source}: {section}[{i}]"
             missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
             if missing:
-                raise ValueError(f"{source}: {section}[{i}] lacks key(s) {missing}")
+                raise ValueError(f"{where} lacks key(s) {missing}")
             for k in int_keys:
                 # type(), not isinstance: JSON true/false are ints to Python
                 if type(entry[k]) is not int or (k in ("width", "height") and entry[k] < 1):
                     want = "a positive integer" if k in ("width", "height") else "an integer"
-                    raise ValueError(f"{source}: {section}[{i}] {k} must be {want}, got {entry[k]!r} "
-                                     f"({type(entry[k]).__name__})")
+                    raise ValueError(f"{where} {k} must be {want}, got {entry[k]!r} ({type(entry[k]).__name__})")
             if section == "images" and not (isinstance(entry["file_name"], str) and entry["file_name"]):
-                raise ValueError(f"{source}: images[{i}] file_name must be a non-empty string, "
-                                 f"got {entry['file_name']!r}")
+                raise ValueError(f"{where} file_name must be a non-empty string, got {entry['file_name']!r}")
     for section in COCO_KEYS:  # a repeated category id would add a class no target ever has
         ids = [entry["id"] for entry in coco[section]]
         if len(set(ids)) != len(ids):
@@ -85,28 +84,27 @@ def validate_coco(coco, source, allow_degenerate=False):
     cat_ids = {c["id"] for c in coco["categories"]}
     sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
     for a in coco["annotations"]:
+        where = f"{source}: annotation {a['id']}"
         if a["image_id"] not in sizes:
-            raise ValueError(f"{source}: annotation {a['id']} refers to image id {a['image_id']}, "
-                             "which is not in 'images'")
+            raise ValueError(f"{where} refers to image id {a['image_id']}, which is not in 'images'")
         if a["category_id"] not in cat_ids:
-            raise ValueError(f"{source}: annotation {a['id']} has unknown category id {a['category_id']} "
-                             f"(known: {sorted(cat_ids)})")
+            raise ValueError(f"{where} has unknown category id {a['category_id']} (known: {sorted(cat_ids)})")
         box = a["bbox"]
         if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
-            raise ValueError(f"{source}: annotation {a['id']} bbox must be [x, y, w, h] of finite numbers, got {box!r}")
+            raise ValueError(f"{where} bbox must be [x, y, w, h] of finite numbers, got {box!r}")
         x, y, w, h = box
         if w < 0 or h < 0 or (min(w, h) == 0 and not allow_degenerate):
             hint = "" if min(w, h) < 0 else " (pass --allow-degenerate-boxes to keep zero-size boxes)"
-            raise ValueError(f"{source}: annotation {a['id']} has a box of non-positive size {box}{hint}")
+            raise ValueError(f"{where} has a box of non-positive size {box}{hint}")
         W, H = sizes[a["image_id"]]
         if min(x, y) < -BOX_TOLERANCE or max(x + w - W, y + h - H) > BOX_TOLERANCE:
-            raise ValueError(f"{source}: annotation {a['id']} box {box} leaves its {W}x{H} image {a['image_id']} "
+            raise ValueError(f"{where} box {box} leaves its {W}x{H} image {a['image_id']} "
                              "(check the box and the image's width/height)")
         if not _is_number(a["area"]) or a["area"] < 0:
-            raise ValueError(f"{source}: annotation {a['id']} area must be a finite number >= 0, got {a['area']!r}")
+            raise ValueError(f"{where} area must be a finite number >= 0, got {a['area']!r}")
         a.setdefault("iscrowd", 0)
         if a["iscrowd"] not in (0, 1) or isinstance(a["iscrowd"], float):
-            raise ValueError(f"{source}: annotation {a['id']} iscrowd must be 0 or 1, got {a['iscrowd']!r}")
+            raise ValueError(f"{where} iscrowd must be 0 or 1, got {a['iscrowd']!r}")
     if not any(not a["iscrowd"] and min(a["bbox"][2:]) > 0 for a in coco["annotations"]):
         raise ValueError(f"{source}: no annotated boxes (crowd regions and zero-size boxes aside): nothing to train "
                          "on or to score against")
@@ -356,9 +354,8 @@ def box_iou_xywh(dt, gt, crowd):
 
 
 def match_image(ious, dt_area, gt_area, gt_crowd, area_range):
-    """Greedy matching of one (image, category) for one area range at every IoU threshold, on ious (D, G) with the
-    detections sorted by score: dt_matched (T, D), dt_ignore (T, D) and gt_ignore (G,) in pycocotools' order
-    (non-ignored GTs first)."""
+    """Greedy matching of one (image, category) and area range at every IoU threshold, on ious (D, G), detections in
+    score order: dt_matched, dt_ignore (T, D) and gt_ignore (G,), GTs in pycocotools' order (non-ignored first)."""
     lo, hi = area_range
     gt_ignore = gt_crowd | (gt_area < lo) | (gt_area > hi)  # inclusive bounds
     order = np.argsort(gt_ignore, kind="mergesort")

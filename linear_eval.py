@@ -71,8 +71,7 @@ class LinearSweep(nn.Module):
 
 @torch.no_grad()
 def predict(backbone, classifier, x, n_last_blocks, avgpool):
-    """Logits (B, C) of normalised images (B, 3, H, W). Inference only: for gradients (e.g. attacks)
-    call classifier(extract_features(...)) directly."""
+    """Logits (B, C) of normalised images (B, 3, H, W), no gradients; attacks call classifier(extract_features())."""
     return classifier(extract_features(backbone, x, n_last_blocks, avgpool))
 
 
@@ -106,7 +105,6 @@ def load_probe(path):
                          f"({str(e).splitlines()[0]}); rerun linear_eval.py to write it again") from None
     for sd in (backbone.state_dict(), classifier.state_dict()):
         vit.refuse_non_finite(path, sd)
-    # The head was trained on these features: a backbone swapped in afterwards gives features of another width.
     expected = backbone.embed_dim * (ckpt["n_last_blocks"] + bool(ckpt["avgpool"]))
     if in_dim != expected:
         raise ValueError(f"{path}: the head reads {in_dim} features but its backbone gives {expected} "
@@ -211,9 +209,8 @@ def holdout_split(n, fraction):
 
 
 class FeatureLoader:
-    """This rank's shuffled batches of cached features (N, F), with a DataLoader's sampler/set_epoch/len.
-    Whole batches sliced out of the tensors (which may stay on the GPU) avoid a DataLoader's per-sample
-    indexing and collation, which would dominate a cached probe on ImageNet."""
+    """This rank's shuffled batches of cached features (N, F), with a DataLoader's sampler/set_epoch/len, sliced whole
+    from the (maybe GPU) tensors: a DataLoader's per-sample indexing and collation would dominate a cached probe."""
 
     def __init__(self, features, labels, batch_size, rank, world, seed=0):
         self.features, self.labels, self.batch_size = features, labels, batch_size
@@ -285,8 +282,7 @@ def get_args_parser():
     g.add_argument("--cached", action="store_true", help="train on cached center-crop features (one backbone pass, "
                    "fast on CPU) instead of DINO's RandomResizedCrop + flip every epoch; use for quick comparisons")
     g.add_argument("--epochs", type=int, default=100, help="DINO 100, MoCo v3 90, SER 50; fewer suffice with --cached")
-    g.add_argument("--batch-size", type=int, default=256, help="global batch, split over ranks; the lrs scale "
-                   "with it (DINO used 1024)")
+    g.add_argument("--batch-size", type=int, default=256, help="global batch, split over ranks (DINO used 1024)")
     g.add_argument("--lrs", type=float, nargs="+", default=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
                    help="base lrs, each x batch/256, all trained at once; widen if the best is at an end")
     g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -309,10 +305,9 @@ def check_args(args, world):
                ("--knn-temperature", args.knn_temperature, lambda v: v >= 0.012, ">= 0.012 (exp(1/T) overflows "
                 "float32 below)"),
                ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
-               ("--holdout-fraction", args.holdout_fraction, lambda v: 0 <= v < 1, "in [0, 1)")]
+               ("--holdout-fraction", args.holdout_fraction, lambda v: 0 <= v < 1, "in [0, 1)"),
+               ("--batch-size", args.batch_size, lambda v: v % world == 0, f"divisible by the world size {world}")]
     augment.check_ranges(ranges)
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
 
 
 def main(argv=None):
