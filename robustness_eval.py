@@ -51,7 +51,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 import augment
 import losses
 import vit
-from augment import IMAGENET_MEAN, IMAGENET_STD
 from group_actions import GroupElement, apply_to_images, apply_to_token_map
 from linear_eval import load_probe, predict
 from losses import log
@@ -165,7 +164,7 @@ def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "
     elements = geometric_elements(len(x), (x.shape[-2] // p, x.shape[-1] // p))
     panels = {n: {e: equivariance_panels(b, x, elements[e], layer) for e in element_names}
               for n, b in zip(names, backbones)}
-    std, mean = torch.tensor(IMAGENET_STD).view(3, 1, 1), torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std, mean = torch.tensor(augment.IMAGENET_STD).view(3, 1, 1), torch.tensor(augment.IMAGENET_MEAN).view(3, 1, 1)
     inputs = {e: [_picture(t * std + mean, tile) for t in xs.cpu()]  # x and g x as pictures
               for e, xs in [("x", x)] + [(e, apply_to_images(x, elements[e], p)) for e in element_names]}
     rows = [[inputs["x"][i], inputs[e][i]]  # then f_L(g x), rho_g f_L(x) per backbone
@@ -765,8 +764,8 @@ class _Items(Dataset):
 
     def __getitem__(self, i):
         u8, label = self.load(self.items[i])
-        x = torch.from_numpy(np.array(u8)).movedim(-1, -3).float() / 255  # a copy: PIL arrays are read-only
-        return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1), label, i
+        x = torch.from_numpy(np.array(u8)).movedim(-1, -3)  # a copy: PIL arrays are read-only
+        return augment.normalize(x.unsqueeze(0)).squeeze(0), label, i  # (1, ..., 3, H, W): one image or a video
 
 
 class Generated(_Items):
