@@ -95,8 +95,9 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
+        x = x.contiguous()
         out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
+        dist.all_gather(out, x)
         return tuple(out)
 
     @staticmethod
