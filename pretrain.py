@@ -917,7 +917,8 @@ def train(args, measure=None):
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
     # ============ optionally resuming training ============
-    vit.make_output_dir(args.output_dir, prefix="error: ")
+    written = ("benchmark.json",) if args.benchmark else ("config.json", "log.jsonl", "checkpoint.pth", "backbone.pth")
+    vit.make_output_dir(args.output_dir, prefix="error: ", outputs=written)
     saved = dict(student=student, teacher=teacher, dino_loss=dino_loss, optimizer=optimizer, scaler=scaler)
     start_step = resume(args, saved, total_steps, device)
 

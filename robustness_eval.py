@@ -1045,9 +1045,9 @@ def figure_layer(args, backbones):
 def make_output_dirs(args, rank):
     """--output-dir and --figures, created and tried before any work: results that cannot be written are lost."""
     if rank == 0:
-        vit.make_output_dir(args.output_dir)
+        vit.make_output_dir(args.output_dir, outputs=("robustness.json",))
         if args.figures:
-            vit.make_output_dir(args.figures, flag="--figures")
+            vit.make_output_dir(args.figures, flag="--figures", outputs=("equivariance.png",))
 
 
 def figures(args, backbones, names, clean_set, layer, device):

@@ -1901,6 +1901,9 @@ def test_unreadable_image_and_unwritable_output_stop_in_one_line(tmp_path):
     (tmp_path / "file").write_text("")
     code, last, _ = run_script(*argv, "--output-dir", tmp_path / "file", timeout=120)
     assert code == 1 and last.startswith(f"error: --output-dir {tmp_path / 'file'}: cannot write there")
+    (tmp_path / "taken" / "backbone.pth").mkdir(parents=True)  # found before training, not at the first save
+    code, last, _ = run_script(*argv, "--output-dir", tmp_path / "taken", timeout=120)
+    assert code == 1 and last.startswith(f"error: --output-dir {tmp_path / 'taken'}: backbone.pth there is a folder")
     code, last, _ = run_script(*argv[:-6], "--data", tmp_path / "nowhere", *argv[-4:], timeout=120)
     assert code == 1 and last.startswith(f"error: --data {tmp_path / 'nowhere'}: expected an ImageFolder root")
 

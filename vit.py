@@ -358,14 +358,19 @@ def exit_on_write_error(prefix=""):
         raise SystemExit(prefix + message) from None
 
 
-def make_output_dir(path, prefix="", flag="--output-dir"):
-    """An output folder, created and tried before any work, so that a run never computes results it cannot write."""
+def make_output_dir(path, prefix="", flag="--output-dir", outputs=()):
+    """An output folder, created and tried before any work, so that a run never computes results it cannot write;
+    `outputs`: the files the run will write there, none of which may be a folder."""
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
         raise SystemExit(f"{prefix}{flag} {path}: cannot write there ({e.strerror or e}); choose another") from None
+    for name in outputs:
+        if os.path.isdir(os.path.join(path, name)):
+            raise SystemExit(f"{prefix}{flag} {path}: {name} there is a folder, where the run writes a file; move it "
+                             "away or choose another")
 
 
 def load_checkpoint(path, map_location="cpu"):
