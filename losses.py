@@ -401,6 +401,9 @@ class SERProjector(nn.Module):
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(in_dim, hidden_dim, 1, bias=False), nn.GELU(),
                                  nn.Conv2d(hidden_dim, out_dim, 1, bias=False))
+        # The token map arrives channels-last (ViT._to_map), and at training sizes so do the weight gradients: weights
+        # of that layout (for 1x1 kernels the same memory) take them as they come, where DDP would copy them and warn.
+        self.net.to(memory_format=torch.channels_last)
 
     def forward(self, x):  # (B, D, h, w) -> (B, out_dim, h, w)
         return self.net(x)

@@ -1008,6 +1008,20 @@ def test_ser_gradients_reach_projector_encoder_and_both_views():
         assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
 
 
+def test_ser_projector_weights_take_their_gradients_in_their_own_layout():
+    """The ViT's token map is channels-last, and so are the projector's weight gradients at the main job's size
+    (oneDNN may choose otherwise for tiny batches); weights of another layout would make DDP copy every gradient
+    and warn "Grad strides do not match bucket view strides"."""
+    backbone = tiny_vit(seed=0, cls_after_block=2)
+    projector = losses.SERProjector(backbone.embed_dim)
+    token_map = backbone.forward_features(torch.randn(16, 3, 32, 32), layer=2)["token_map"]  # (16, 64, 4, 4)
+    incoming = []  # the gradients as autograd makes them, before they are accumulated into .grad
+    for p in projector.parameters():
+        p.register_hook(lambda grad, p=p: incoming.append(grad.stride() == p.stride()))
+    projector(token_map).square().sum().backward()
+    assert incoming == [True, True]
+
+
 # ------------------------------------------------------------------------------------------
 # Add-ons
 # ------------------------------------------------------------------------------------------
