@@ -308,7 +308,9 @@ class SimpleFeaturePyramid(nn.Module):
             with torch.no_grad():
                 out = self.backbone.forward_features(images)
             (h, w), tokens = out["grid"], out["patch"]  # tokens (B, h*w, D)
-            x = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)  # (B, D, H/p, W/p)
+            # (B, D, H/p, W/p), made NCHW-contiguous: on the channels-last view the convolutions' weight gradients
+            # would come channels-last, which DDP copies into its NCHW buckets with a warning
+            x = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w).contiguous()
             feats = [level(x).float() for level in self.levels]  # (B, C, H*4/p, W*4/p) ... (B, C, H/2p, W/2p)
         feats.append(F.max_pool2d(feats[-1], kernel_size=1, stride=2))  # p6: torchvision's LastLevelMaxPool
         return OrderedDict(zip(("0", "1", "2", "3", "pool"), feats))

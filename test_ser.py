@@ -3572,6 +3572,9 @@ def test_pyramid_strides_shapes_and_frozen_backbone(patch_size):
     backbone = tiny_vit(img_size=64, patch_size=patch_size, depth=2, num_heads=2)
     pyramid = detect_eval.SimpleFeaturePyramid(backbone, out_channels=32).train()
     assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())
+    layouts = []  # each gradient as autograd makes it has its weight's layout: DDP would copy it and warn otherwise
+    for p in pyramid.levels.parameters():
+        p.register_hook(lambda grad, p=p: layouts.append(grad.stride() == p.stride()))
     x = torch.randn(2, 3, 64, 96)
     feats = pyramid(x)
     assert list(feats) == ["0", "1", "2", "3", "pool"]
@@ -3582,6 +3585,7 @@ def test_pyramid_strides_shapes_and_frozen_backbone(patch_size):
     assert len(convs) == 8 and all(c.bias is None for c in convs)  # every conv is followed by an LN
     sum(f.square().mean() for f in feats.values()).backward()
     assert all(p.grad is not None for p in pyramid.levels.parameters())
+    assert all(layouts) and len(layouts) == len(list(pyramid.levels.parameters()))
     assert all(p.grad is None for p in backbone.parameters())
     with pytest.raises(ValueError, match="power of two"):
         detect_eval.SimpleFeaturePyramid(tiny_vit(img_size=60, patch_size=12, depth=1, num_heads=2))
