@@ -1,4 +1,4 @@
-"""Self-supervised ViT pretraining: MoCo v3, DINO, Barlow Twins, VICReg, SimCLR or BYOL, with one
+r"""Self-supervised ViT pretraining: MoCo v3, DINO, Barlow Twins, VICReg, SimCLR or BYOL, with one
 add-on: SER (soft equivariance regularisation), EquiMod, AugSelf or E-SSL.
 
     python pretrain.py --method dino --ser                   # built-in synthetic data, CPU, minutes
@@ -129,6 +129,17 @@ RANGES = {
     "log_every": (lambda v: v >= 1, "at least 1 step"),
     "knn_every": (lambda v: v >= 0, ">= 0 (0 = off)"),
 }
+# Options of one method, add-on or mode: a run without it would ignore them silently, so it refuses them.
+ONLY_FOR = {
+    **dict.fromkeys(("teacher_temp", "warmup_teacher_temp", "warmup_teacher_temp_epochs", "freeze_last_layer",
+                     "norm_last_layer", "use_bn_in_head"), ("--method dino", lambda a: a.method == "dino")),
+    "temperature": ("--method mocov3 or simclr", lambda a: a.method in ("mocov3", "simclr")),
+    "momentum": ("the methods with an EMA teacher (mocov3, dino, byol)", lambda a: a.method in EMA_METHODS),
+    **dict.fromkeys(("equiv_layer", "equiv_lambda"), ("an add-on", lambda a: a.addon is not None)),
+    "equiv_tau": ("--ser or --equimod", lambda a: a.addon in ("ser", "equimod")),
+    **dict.fromkeys(("ser_ratio", "ser_min_images", "ser_chunk", "ser_scale"), ("--ser", lambda a: a.addon == "ser")),
+    **dict.fromkeys(("compile", "grad_checkpointing"), ("training, not --count-flops", lambda a: not a.count_flops)),
+}
 
 
 def get_args_parser():
@@ -224,6 +235,11 @@ def resolve_config(args):
     if len(addons) > 1:
         raise SystemExit(f"error: one add-on at a time, got --{' --'.join(addons)}")
     args.addon = addons[0] if addons else None
+    parser = get_args_parser()
+    for k, (users, used) in ONLY_FOR.items():
+        if getattr(args, k) != parser.get_default(k) and not used(args):
+            raise SystemExit(f"error: --{k.replace('_', '-')} is for {users}; this run would ignore it")
+    warmup_given = args.warmup_epochs is not None
     synthetic = args.data == "synthetic"
     lam, tau = SER_DEFAULTS[args.method] if args.addon == "ser" else ADDON_DEFAULTS[args.addon]
     cores = max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", 1)))  # this rank's share
@@ -240,10 +256,13 @@ def resolve_config(args):
                          prefix="error: ")
     if args.count_flops and args.benchmark:
         raise SystemExit("error: --count-flops and --benchmark each end the run; pass one")
+    if args.count_flops and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise SystemExit("error: --count-flops counts one process's step (set its --batch-size); run it without torchrun")
     if args.synthetic_length and not synthetic:
         raise SystemExit(f"error: --synthetic-length sets the built-in data's size, not that of --data {args.data}")
     if not 0 <= args.warmup_epochs <= args.epochs:
-        raise SystemExit(f"error: --warmup-epochs {args.warmup_epochs} must be in 0..--epochs ({args.epochs})")
+        raise SystemExit(f"error: --warmup-epochs {args.warmup_epochs}{'' if warmup_given else ' (the default here)'} "
+                         f"must be in 0..--epochs ({args.epochs})")
     if not (all(map(math.isfinite, args.ser_scale)) and 0 < args.ser_scale[0] <= args.ser_scale[1] <= 4):
         raise SystemExit(f"error: --ser-scale needs 0 < min <= max <= 4 (b2 grids up to twice the crop's side), "
                          f"got {args.ser_scale}")
@@ -868,18 +887,31 @@ def resolve_precision(requested, device):
     return precision
 
 
-def run_summary(output_dir, seconds):
-    """The end of a run in two lines: what the k-NN monitor saw (first and last entry of log.jsonl, so
-    a resumed run reports its whole history) and the command to run next."""
-    log_path, backbone, linear = (os.path.join(output_dir, f) for f in ("log.jsonl", "backbone.pth", "linear"))
-    knn = []
+def knn_history(output_dir):
+    """{step: k-NN top-1} of the monitor's records in log.jsonl, in the order written (a resumed run's included)."""
+    knn, log_path = {}, os.path.join(output_dir, "log.jsonl")
     if os.path.exists(log_path):
         with open(log_path) as f:
             for line in f:
                 try:
-                    knn += [json.loads(line)["knn_top1"]]
+                    record = json.loads(line)
+                    knn[record["step"]] = record["knn_top1"]
                 except (ValueError, KeyError, TypeError):  # another record, or a line a kill cut short
                     pass
+    return knn
+
+
+def knn_due(args, step, steps_per_epoch, total_steps):
+    """The monitor runs at the end of every --knn-every-th epoch and of the last one."""
+    epoch_end = step % steps_per_epoch == 0
+    return bool(args.knn_every) and epoch_end and ((step // steps_per_epoch) % args.knn_every == 0 or step == total_steps)
+
+
+def run_summary(output_dir, seconds):
+    """The end of a run in two lines: what the k-NN monitor saw (first and last entry of log.jsonl, so
+    a resumed run reports its whole history) and the command to run next."""
+    backbone, linear = (os.path.join(output_dir, f) for f in ("backbone.pth", "linear"))
+    knn = list(knn_history(output_dir).values())
     seen = (f"k-NN top-1 {knn[0]:.1f} -> {knn[-1]:.1f} ({knn[-1] - knn[0]:+.1f})" if len(knn) > 1
             else "k-NN monitor off")
     return (f"done: {seen} in {seconds / 60:.1f} min; backbone: {backbone}\n"
@@ -935,7 +967,7 @@ def train(args, measure=None):
     if rank == 0 and not args.benchmark:
         with vit.exit_on_write_error("error: "):
             vit.save_atomic(os.path.join(args.output_dir, "config.json"),
-                            {"argv": sys.argv, "world_size": world, **vars(args)})
+                            {"argv": sys.argv, "world_size": world, "precision_used": precision, **vars(args)})
     losses.log(json.dumps(vars(args)))
     ddp_student = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else student
@@ -949,6 +981,9 @@ def train(args, measure=None):
     knn = knn_data(args, rank, world) if args.knn_every else None
     if start_step == 0 and args.knn_every:
         log_knn(args, evaluated, knn, 0, -1, device)  # the network at initialisation: the baseline
+    elif knn_due(args, start_step, steps_per_epoch, total_steps) and start_step not in knn_history(args.output_dir):
+        # A signal stopped the run where the monitor was due (every rank reads the log, as it read the checkpoint).
+        log_knn(args, evaluated, knn, start_step, start_step // steps_per_epoch - 1, device)
     interrupt, meter = Interrupt(world), Meter(os.path.join(args.output_dir, "log.jsonl"), args.batch_size)
     step, saved_step, signum, stop, t_start = start_step, start_step or None, 0, False, time.time()
     while step < total_steps and not stop:
@@ -967,14 +1002,15 @@ def train(args, measure=None):
         if step % steps_per_epoch == 0 or stop:
             save_checkpoint(args, step, saved, checkpoint_note(args, saved_step))
             saved_step = step
-            if stop:
-                why = f" on {signal.Signals(signum).name}, exit status {128 + signum}" if signum else ""
-                losses.log(f"stopped at step {step}{why}; checkpoint saved to {args.output_dir}/checkpoint.pth; "
-                           "rerun the same command to resume")
-            elif args.knn_every and ((step // steps_per_epoch) % args.knn_every == 0 or step == total_steps):
+            if knn_due(args, step, steps_per_epoch, total_steps) and not signum:  # a signal's grace time is short
                 log_knn(args, evaluated, knn, step, epoch, device)
+            if signum or step < total_steps and stop:
+                why = f" on {signal.Signals(signum).name}, exit status {128 + signum}" if signum else ""
+                how = "rerun the same command" if signum else "rerun without --stop-at-step (or with a later one)"
+                losses.log(f"stopped at step {step}{why}; checkpoint saved to {args.output_dir}/checkpoint.pth; "
+                           f"{how} to resume")
     interrupt.close()
-    if step >= total_steps:
+    if step >= total_steps and not signum:
         losses.log(run_summary(args.output_dir, time.time() - t_start))
     losses.finish_distributed()
     if signum:

@@ -1783,12 +1783,12 @@ def test_resume_refuses_a_different_run(tmp_path):
 
 def test_log_lines_cut_short_by_a_kill_cost_only_themselves(tmp_path):
     path = tmp_path / "log.jsonl"
-    vit.append_jsonl(path, {"knn_top1": 20.0})
+    vit.append_jsonl(path, {"step": 0, "knn_top1": 20.0})
     with open(path, "a") as f:
         f.write('{"step": 6, "epo')  # a kill in mid-write
-    vit.append_jsonl(path, {"knn_top1": 30.0})
+    vit.append_jsonl(path, {"step": 8, "knn_top1": 30.0})
     lines = path.read_text().splitlines()
-    assert len(lines) == 3 and json.loads(lines[2]) == {"knn_top1": 30.0}
+    assert len(lines) == 3 and json.loads(lines[2]) == {"step": 8, "knn_top1": 30.0}
     assert pretrain.run_summary(str(tmp_path), 60).startswith("done: k-NN top-1 20.0 -> 30.0 (+10.0)")
 
 
@@ -1817,10 +1817,30 @@ def test_bad_configurations_give_clear_errors(tmp_path):
             config(f"--batch-size {size}", tmp_path)
     with pytest.raises(SystemExit, match="--count-flops and --benchmark each end the run"):
         config("--count-flops --benchmark 2", tmp_path)
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit, match="--count-flops counts one process"):
+        patch.setenv("WORLD_SIZE", "2")
+        config("--count-flops", tmp_path)
     with pytest.raises(SystemExit, match="--synthetic-length sets the built-in data's size"):
         config(f"--synthetic-length 32 --data {tmp_path}", tmp_path)
-    with pytest.raises(SystemExit, match="--warmup-epochs 3"):
+    with pytest.raises(SystemExit, match="--warmup-epochs 3 must be"):
         config("--warmup-epochs 3", tmp_path)
+    with pytest.raises(SystemExit, match=r"--warmup-epochs 10 \(the default here\) must be in 0..--epochs \(2\)"):
+        config(f"--data {tmp_path} --epochs 2", tmp_path)
+
+
+@pytest.mark.parametrize("flags,users", [("--method byol --temperature 0.5", "--method mocov3 or simclr"),
+                                         ("--method simclr --momentum 0.9", "the methods with an EMA teacher"),
+                                         ("--method mocov3 --teacher-temp 0.05", "--method dino"),
+                                         ("--method mocov3 --no-use-bn-in-head", "--method dino"),
+                                         ("--method dino --ser-ratio 0.5", "--ser"),
+                                         ("--method dino --ser-scale 1 2", "--ser"),
+                                         ("--method byol --equiv-layer 2", "an add-on"),
+                                         ("--method byol --augself --equiv-tau 0.1", "--ser or --equimod"),
+                                         ("--count-flops --compile", "training, not --count-flops")])
+def test_flags_a_run_would_ignore_are_refused(flags, users, tmp_path):
+    name = [f for f in flags.split() if f.startswith("--")][-1].replace("--no-", "--")
+    with pytest.raises(SystemExit, match=f"^error: {name} is for {users}.*; this run would ignore it$"):
+        config(flags, tmp_path)
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
@@ -1836,8 +1856,9 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
                                   "--depth 0", "--num-workers -1", "--drop-path 1", "--equiv-tau nan"])
 def test_out_of_range_flags_are_refused(flag, tmp_path):
     name = flag.split()[0]
+    method = {"--teacher-temp": "dino", "--momentum": "byol", "--equiv-tau": "simclr --ser"}.get(name, "simclr")
     with pytest.raises(SystemExit, match=f"error: {name} must be "):
-        config(f"--method simclr {flag}", tmp_path)
+        config(f"--method {method} {flag}", tmp_path)
 
 
 def test_out_of_range_flags_stop_the_script_before_training(tmp_path):
@@ -2328,6 +2349,7 @@ def test_dino_centre_is_updated_once_per_step(tmp_path, monkeypatch):
 
 def test_resume_refuses_changed_settings(tmp_path):
     run("--method byol --stop-at-step 1", tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["precision_used"] == "fp32"  # 'auto' resolved
     with pytest.raises(SystemExit, match="lr 0.0015 \\(now 0.001\\)"):
         run("--method byol --lr 0.001", tmp_path)
     with pytest.raises(SystemExit, match="--stop-at-step 1 is not after the resumed step 1"):
@@ -2350,6 +2372,25 @@ def test_knn_monitor_reports_initialisation_and_epochs(tmp_path, capsys):
     # Every --knn-every epochs, and the last one whatever the count (2 steps an epoch here).
     run("--method simclr --epochs 3 --knn-every 2 --knn-train-size 16 --knn-val-size 16", tmp_path / "every2")
     assert [row["step"] for row in read_log(tmp_path / "every2") if "knn_top1" in row] == [0, 4, 6]
+
+
+def test_knn_monitor_survives_stops_at_epoch_ends(tmp_path, capsys, monkeypatch):
+    """A --stop-at-step on an epoch's last step still runs that epoch's monitor; a signal there skips it (its grace
+    time is short) and the resumed run catches up before its first step."""
+    flags = "--method simclr --epochs 3 --knn-every 1 --knn-train-size 16 --knn-val-size 16"  # 2 steps an epoch
+    knn_steps = lambda: [row["step"] for row in read_log(tmp_path) if "knn_top1" in row]  # noqa: E731
+    run(flags + " --stop-at-step 2", tmp_path)
+    assert knn_steps() == [0, 2] and "rerun without --stop-at-step (or with a later one) to resume" in \
+        capsys.readouterr().out
+    polls = iter([0, signal.SIGTERM])  # a signal after step 4, an epoch's last
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as stop:
+        patch.setattr(pretrain.Interrupt, "poll", lambda self: next(polls))
+        run(flags, tmp_path)
+    assert stop.value.code == 143 and knn_steps() == [0, 2]
+    run(flags, tmp_path)
+    assert knn_steps() == [0, 2, 4, 6]
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "epoch 1: k-NN top-1" in out and "done: k-NN top-1" in out
 
 
 
