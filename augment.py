@@ -19,6 +19,8 @@ import argparse
 import hashlib
 import math
 import os
+import signal
+import sys
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -240,6 +242,8 @@ def load_rgb(path: str) -> Image.Image:
             image = Image.open(f)
             if image.mode == "F":  # float pixels have no agreed range to scale from
                 raise ValueError("32-bit float pixels; save it with 8 or 16 bits per channel")
+            if image.mode == "P" and "transparency" in image.info:  # PIL warns on P -> RGB; same colours via RGBA
+                image = image.convert("RGBA")
             if image.mode.startswith("I"):
                 if image.mode == "I" and not 0 <= np.asarray(image).min() <= np.asarray(image).max() <= 65535:
                     raise ValueError("integer pixels beyond 16 bits; save it with 8 or 16 bits per channel")
@@ -257,6 +261,10 @@ def run_script(main):
     referenced at exit, where pretrain's workers, which ignore SIGTERM, would hang it."""
     try:
         return main()
+    except KeyboardInterrupt:  # Ctrl-C outside pretrain's loop (which saves a checkpoint on it): no traceback
+        print("interrupted; every file already written is complete (outputs are written whole or not at all)",
+              file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     except Exception as e:
         if isinstance(e, UnreadableImage):
             status = "error: " + str(e).strip().splitlines()[-1].split("UnreadableImage: ")[-1]
@@ -622,6 +630,9 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="samples.png", help="where to write the sample grid")
     parser.add_argument("--img-size", type=int, default=64, help="image side in pixels")
     args = parser.parse_args()
+    check_ranges([("--img-size", args.img_size, lambda v: v >= 8, "at least 8")])
+    if os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+        raise SystemExit(f"--out {args.out}: not an image file name; end it in .png or .jpg")
     data = SyntheticShapes("train", 10_000, args.img_size)
     rows = [np.concatenate([data.render(c + j * data.num_classes)[0] for j in range(8)], 1)
             for c in range(data.num_classes)]  # 8 images of class c in row c

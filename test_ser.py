@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import warnings
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -1421,6 +1422,26 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
         augment.load_rgb(str(tmp_path / "i.tiff"))
 
 
+def test_load_rgb_reads_palette_transparency_without_a_warning(tmp_path):
+    image = Image.new("P", (4, 4))
+    image.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # index 0 red, 1 blue
+    image.putpixel((1, 2), 1)
+    image.save(tmp_path / "p.png", transparency=b"\x00\xff")  # transparency as bytes: PIL warns on convert('RGB')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rgb = np.asarray(augment.load_rgb(str(tmp_path / "p.png")))
+    assert (rgb[2, 1] == [0, 0, 255]).all() and (rgb[0, 0] == [255, 0, 0]).all()
+
+
+def test_augment_preview_refuses_bad_flags_in_one_line(tmp_path, monkeypatch):
+    for argv, message in [(["--img-size", "0"], "--img-size must be at least 8, got 0"),
+                          (["--out", str(tmp_path / "s.jpgx")], "not an image file name; end it in .png or .jpg")]:
+        monkeypatch.setattr(sys, "argv", ["augment.py", "--out", str(tmp_path / "s.png"), *argv])
+        with pytest.raises(SystemExit, match=message):
+            runpy.run_path(os.path.join(REPO, "augment.py"), run_name="__main__")
+    assert not os.listdir(tmp_path)
+
+
 def test_load_rgb_refuses_a_decompression_bomb(tmp_path, monkeypatch):
     Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses images of more than twice as many pixels
@@ -1443,6 +1464,12 @@ def test_run_script_gives_one_line_and_releases_the_loaders(capsys):
     with pytest.raises(SystemExit) as stop:
         augment.run_script(peer_gone)
     assert stop.value.code.startswith("error: another rank stopped")
+
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as stop:
+        augment.run_script(interrupted)
+    assert stop.value.code == 130 and "interrupted; every file already written is complete" in capsys.readouterr().err
 
     def buggy():
         raise KeyError("a bug")

@@ -336,7 +336,7 @@ def save_atomic(path, obj, indent=1):
             fix = ("move that folder away" if os.path.isdir(path) else "free some space" if e.errno == errno.ENOSPC
                    else "check its permissions")
             raise OSError(f"could not write {path}: {e.strerror or e}; the previous file, if any, is intact "
-                          f"({fix} or choose another --output-dir)") from None
+                          f"({fix} or choose another output folder)") from None
         raise
 
 
