@@ -1426,7 +1426,7 @@ def test_load_rgb_reads_palette_transparency_without_a_warning(tmp_path):
     image = Image.new("P", (4, 4))
     image.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # index 0 red, 1 blue
     image.putpixel((1, 2), 1)
-    image.save(tmp_path / "p.png", transparency=b"\x00\xff")  # transparency as bytes: PIL warns on convert('RGB')
+    image.save(tmp_path / "p.png", transparency=b"\x80\xff")  # partial alpha, kept as bytes: PIL warns on convert("RGB")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rgb = np.asarray(augment.load_rgb(str(tmp_path / "p.png")))
