@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import argparse
 import numbers
 from dataclasses import dataclass
 
@@ -222,7 +223,8 @@ def relative_action(g1: GroupElement, g2: GroupElement, base_size: tuple[int, in
 
 
 if __name__ == "__main__":
-    # Demo: two SER views of one smooth 224-px crop; view 1's tokens carried onto view 2's grid.
+    argparse.ArgumentParser(prog="group_actions.py", description="Demo: two SER views of one smooth 224-px crop; "
+                            "view 1's tokens carried onto view 2's grid.").parse_args()
     gen = torch.Generator().manual_seed(0)
     g1, g2 = sample_view_pair(3, gen)
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 224), torch.linspace(0, 1, 224), indexing="ij")

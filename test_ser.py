@@ -657,6 +657,13 @@ def test_dtypes_are_kept():
         assert group_actions.apply_to_images(t.repeat_interleave(4, -1).repeat_interleave(4, -2), g, 4).dtype == dtype
 
 
+def test_demo_runs_and_refuses_unknown_flags():
+    code, _, out = run_script("group_actions.py")
+    assert code == 0 and "view 1's tokens on view 2's grid (3, 3, 14, 15)" in out
+    code, last, _ = run_script("group_actions.py", "--bogus")
+    assert code == 2 and last.endswith("unrecognized arguments: --bogus")
+
+
 def test_input_validation():
     t = torch.randn(2, 3, 4, 4)
     bad_elements = [dict(k=1.5), dict(k=True), dict(k=torch.tensor(1)),
