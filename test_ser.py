@@ -3657,6 +3657,33 @@ def test_resume_continues_at_the_saved_iteration(tmp_path, backbone_path, capsys
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
 
 
+def test_resume_refuses_an_iters_that_changes_the_lr_already_trained(tmp_path, backbone_path):
+    out = tmp_path / "run"
+    detect_eval.main(tiny_run_args(backbone_path, out, 2, ["--decay-at", "0.5"]))  # iteration 1 at 0.1 x --lr
+    with pytest.raises(SystemExit, match="checkpoint.pth: --iters 4 \\(was 2\\) changes the lr of the 2 iterations "
+                                         "already trained; pass --iters 2, or use another --output-dir"):
+        detect_eval.main(tiny_run_args(backbone_path, out, 4, ["--decay-at", "0.5"]))
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    torch.save({**ckpt, "iteration": 1}, out / "checkpoint.pth")  # interrupted before the decay: 4 changes nothing
+    assert detect_eval.main(tiny_run_args(backbone_path, out, 4, ["--decay-at", "0.5"]))["iterations"] == 4
+
+
+def test_resume_keeps_the_global_batch_at_another_world_size(tmp_path, backbone_path):
+    out = tmp_path / "run"
+    detect_eval.main(tiny_run_args(backbone_path, out, 2))
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert (ckpt["global_batch"], ckpt["world_sizes"]) == (2, [1]) and ckpt["train_time_s"] > 0
+    # as if 2 processes of --batch-size 1 had trained 1 iteration for 1000 s
+    torch.save({**ckpt, "args": {**ckpt["args"], "batch_size": 1}, "world_sizes": [2], "iteration": 1,
+                "train_time_s": 1000.0}, out / "checkpoint.pth")
+    with pytest.raises(SystemExit, match="trained at a global batch of 2 images, this run's is 1 \\(--batch-size 1 "
+                                         "per process x 1\\); resume at a global batch of 2"):
+        detect_eval.main(tiny_run_args(backbone_path, out, 2, ["--batch-size", "1"]))
+    results = detect_eval.main(tiny_run_args(backbone_path, out, 2))  # --batch-size 2 on 1 process: the same
+    assert (results["global_batch_size"], results["train_world_sizes"], results["world_size"]) == (2, [1, 2], 1)
+    assert results["train_time_s"] > 1000  # the time of every invocation that trained these heads
+
+
 
 def test_a_broken_checkpoint_link_is_not_a_fresh_start(tmp_path, backbone_path):
     (tmp_path / "run").mkdir()
@@ -3709,9 +3736,11 @@ def test_two_process_run_gathers_every_prediction(tmp_path, backbone_path):
     spawn(detect_ddp_worker, argv)
     ddp_stats = json.loads((out / "detect_results.json").read_text())
     assert ddp_stats["world_size"] == 2
-    # A single process resuming the finished run only evaluates: 5 val images over 2 ranks (one padded
-    # duplicate) must give the same detections and stats.
-    single = detect_eval.main(argv)
+    # A single process resuming the finished run at its global batch only evaluates: 5 val images over 2 ranks
+    # (one padded duplicate) must give the same detections and stats.
+    with pytest.raises(SystemExit, match="global batch of 2 images, this run's is 1"):
+        detect_eval.main(argv)  # --batch-size is per process
+    single = detect_eval.main(argv + ["--batch-size", "2"])
     assert single["num_detections"] == ddp_stats["num_detections"]
     assert single["stats"] == pytest.approx(ddp_stats["stats"], abs=1e-6)
 
