@@ -3563,7 +3563,8 @@ def test_image_size_must_match_the_file_and_infinite_boxes_do_not_crash(tmp_path
     coco["annotations"][0]["bbox"] = [10, 10, float("inf"), 20]  # json writes Infinity, Python reads it back
     _coco_root(tmp_path / "inf", coco)
     code, last, _ = run_script("detect_eval.py", "--data", tmp_path / "inf", "--random-init", "--arch", "vit_tiny",
-                               "--iters", "1", "--num-workers", "0", "--output-dir", tmp_path / "out")
+                               "--iters", "1", "--warmup-iters", "0", "--num-workers", "0",
+                               "--output-dir", tmp_path / "out")
     assert code == 1 and "instances_train2017.json: annotation 1 bbox must be [x, y, w, h] of finite numbers" in last
 
 # ----------------------------------------------------------------------------- model
@@ -3609,13 +3610,34 @@ def test_out_of_range_detect_eval_flags_are_refused(flag):
         detect_eval.check_args(detect_eval.get_args_parser().parse_args(flag.split()))
 
 
+def test_detect_eval_flags_the_run_would_ignore_are_refused(tmp_path):
+    def check(flags):
+        detect_eval.check_args(detect_eval.get_args_parser().parse_args(flags.format(coco=tmp_path).split()))
+
+    for flags, message in [
+            ("--allow-degenerate-boxes", "--allow-degenerate-boxes only applies with a COCO --data"),
+            ("--train-split foo", "--train-split only applies with a COCO --data"),
+            ("--val-split bar", "--val-split only applies with a COCO --data"),
+            ("--data {coco} --synthetic-size 64", "--synthetic-size only applies with --data synthetic"),
+            ("--schedule cosine --decay-at 0.5", "--decay-at only applies with --schedule step"),
+            ("--momentum 0.5", "--momentum only applies with --optimizer sgd"),
+            ("--iters 4", "--warmup-iters 30 \\(the default\\) must be below --iters 4: pass a smaller --warmup-iters"),
+            ("--iters 4 --warmup-iters 4", "--warmup-iters 4 must be below --iters 4")]:
+        with pytest.raises(SystemExit, match=f"^detect_eval.py: {message}"):
+            check(flags)
+    for flags in ("", "--schedule cosine", "--optimizer sgd --momentum 0.5", "--iters 31", "--iters 1 --warmup-iters 0",
+                  "--data {coco} --train-split foo --val-split bar --allow-degenerate-boxes"):
+        check(flags)  # defaults, and flags the run uses
+
+
 # ----------------------------------------------------------------------------- end to end
 def tiny_run_args(backbone_path, output_dir, iters, extra=()):
-    return ["--pretrained", str(backbone_path), "--output-dir", str(output_dir), "--iters", str(iters),
-            "--synthetic-train", "8", "--synthetic-val", "5", "--synthetic-size", "64", "--min-size", "64",
-            "--max-size", "64", "--batch-size", "2", "--eval-batch-size", "2", "--num-workers", "0",
+    synthetic = [] if "--data" in extra else ["--synthetic-train", "8", "--synthetic-val", "5",
+                                              "--synthetic-size", "64"]
+    return ["--pretrained", str(backbone_path), "--output-dir", str(output_dir), "--iters", str(iters), *synthetic,
+            "--min-size", "64", "--max-size", "64", "--batch-size", "2", "--eval-batch-size", "2", "--num-workers", "0",
             "--out-channels", "32", "--box-head-dim", "64", "--rpn-batch", "32", "--roi-batch", "32",
-            "--proposals-train", "64", "--proposals-test", "32", "--warmup-iters", "1", "--decay-at",
+            "--proposals-train", "64", "--proposals-test", "32", "--warmup-iters", "0", "--decay-at",
             "--log-every", "1", *extra]
 
 
