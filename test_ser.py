@@ -2695,6 +2695,17 @@ def test_feature_pass_reports_progress(tmp_path, capsys):
     assert "features of val: batch 1/1, " in out and "features of train: batch 2/2, " in out
 
 
+def test_linear_eval_printout_without_holdout(tmp_path, capsys):
+    linear_eval.main(["--random-init", "--arch", "vit_tiny", "--depth", "1", "--patch-size", "8", "--img-size", "32",
+                      "--train-length", "40", "--val-length", "20", "--batch-size", "20", "--cached", "--epochs", "1",
+                      "--knn-k", "0", "--holdout-fraction", "0", "--lrs", "0.1", "1", "--num-workers", "0",
+                      "--output-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "features: [CLS] of the last block -> 192-d" in out
+    rows = [line for line in out.splitlines() if line.lstrip().startswith("lr ")]
+    assert len(rows) == 2 and all(row.count("top-1") == 1 for row in rows)  # selected on val: one val column
+
+
 def test_random_init_takes_the_depth_of_the_built_in_runs(tmp_path):
     results = linear_eval.main(["--random-init", "--arch", "vit_tiny", "--depth", "2", "--patch-size", "8",
                                 "--img-size", "32", "--train-length", "40", "--val-length", "20", "--batch-size", "20",
