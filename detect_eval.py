@@ -489,9 +489,10 @@ def hflip(image, target):
 
 
 FROZEN = "backbone.backbone."  # the ViT inside the detector: it comes from --pretrained, checkpoints leave it out
-# Options a resumed run may change: they do not change what the heads learn (--iters may be extended).
+# Options a resumed run may change: they do not change what the heads learn. --batch-size is per process: the global
+# batch, checked on its own, must stay; --iters may grow only where the lr of the iterations trained stays the same.
 RUNTIME_OPTIONS = {"output_dir", "num_workers", "log_every", "ckpt_every", "eval_batch_size", "iters", "val_split",
-                   "synthetic_val"}
+                   "synthetic_val", "batch_size"}
 
 
 def backbone_digest(backbone):
@@ -504,21 +505,32 @@ def backbone_digest(backbone):
     return h.hexdigest()
 
 
-def save_checkpoint(path, model, optimizer, iteration, args, digest, cat_ids):
+def save_checkpoint(path, model, optimizer, iteration, args, digest, cat_ids, **record):
     heads = {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN)}  # pyramid, RPN, RoI heads
     vit.save_atomic(path, {"model": heads, "optimizer": optimizer.state_dict(), "iteration": iteration,
-                           "args": vars(args), "backbone_digest": digest, "cat_ids": list(cat_ids)})
+                           "args": vars(args), "backbone_digest": digest, "cat_ids": list(cat_ids), **record})
 
 
-def load_checkpoint(path, model, optimizer, args, digest, cat_ids):
+def load_checkpoint(path, model, optimizer, args, digest, cat_ids, world_size):
     ckpt = vit.load_resumable(path, args, ("model", "optimizer", "iteration"), "detect_eval.py", RUNTIME_OPTIONS)
     if ckpt.get("backbone_digest", digest) != digest:
         raise ValueError(f"{path} holds heads trained on other backbone weights than {args.pretrained} has now "
                          "(the file changed since). Use another --output-dir.")
+    saved = argparse.Namespace(**ckpt["args"])  # --decay-at and the cosine are fractions of --iters
+    if any(learning_rate(it, saved) != learning_rate(it, args) for it in range(ckpt["iteration"])):
+        raise ValueError(f"{path}: --iters {args.iters} (was {saved.iters}) changes the lr of the {ckpt['iteration']} "
+                         f"iterations already trained; pass --iters {saved.iters}, or use another --output-dir to "
+                         f"train {args.iters} iterations from the start")
     if ckpt["iteration"] > args.iters:  # trained heads cannot be untrained: results would claim fewer iterations
         raise ValueError(f"{path} holds heads trained for {ckpt['iteration']} iterations, more than --iters "
                          f"{args.iters}; pass --iters {ckpt['iteration']} or more (as many only evaluates them), "
                          "or use another --output-dir")
+    # A checkpoint without it predates this check: --batch-size per process had to match, as it does here.
+    global_batch = ckpt.get("global_batch", saved.batch_size * world_size)
+    if global_batch != args.batch_size * world_size:
+        raise ValueError(f"{path} holds heads trained at a global batch of {global_batch} images, this run's is "
+                         f"{args.batch_size * world_size} (--batch-size {args.batch_size} per process x {world_size});"
+                         f" resume at a global batch of {global_batch}, or use another --output-dir")
     # The same --data can hold other annotations since: the box head has one output per category.
     if ckpt.get("cat_ids", list(cat_ids)) != list(cat_ids):
         raise ValueError(f"{path} holds heads trained for {len(ckpt['cat_ids'])} categories (ids "
@@ -530,7 +542,7 @@ def load_checkpoint(path, model, optimizer, args, digest, cat_ids):
         raise ValueError(f"{path} does not match this detector (different flags?): "
                          f"missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]}")
     optimizer.load_state_dict(ckpt["optimizer"])
-    return ckpt["iteration"]
+    return ckpt
 
 
 def build_data(args, is_main, distributed):
@@ -645,6 +657,21 @@ def check_args(args):
     augment.check_ranges(ranges, prefix="detect_eval.py: ")
     if args.data != "synthetic" and not os.path.isdir(args.data):
         raise SystemExit(f"detect_eval.py: --data {args.data} is not a folder: pass a COCO root or 'synthetic'")
+    synthetic = args.data == "synthetic"
+    ignored = [(k, synthetic, "a COCO --data") for k in ("train_split", "val_split", "allow_degenerate_boxes")]
+    ignored += [(k, not synthetic, "--data synthetic") for k in ("synthetic_train", "synthetic_val", "synthetic_size",
+                                                                   "data_seed")]
+    ignored += [("decay_at", args.schedule != "step", "--schedule step"),
+                ("momentum", args.optimizer != "sgd", "--optimizer sgd")]
+    parser = get_args_parser()  # a default never trips: only flags given are refused
+    for k, unused, where in ignored:
+        if unused and getattr(args, k) != parser.get_default(k):
+            raise SystemExit(f"detect_eval.py: --{k.replace('_', '-')} only applies with {where}; this run would "
+                             "ignore it: drop it")
+    if args.warmup_iters >= args.iters:  # the lr would warm up throughout, never reaching --lr nor its decays
+        default = " (the default)" if args.warmup_iters == parser.get_default("warmup_iters") else ""
+        raise SystemExit(f"detect_eval.py: --warmup-iters {args.warmup_iters}{default} must be below --iters "
+                         f"{args.iters}: pass a smaller --warmup-iters")
 
 
 def main(argv=None):
@@ -682,10 +709,13 @@ def main(argv=None):
 
         # ============ optionally resuming, then the batches from there on ============
         ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-        start = 0
+        ckpt = {"iteration": 0}
         if os.path.lexists(ckpt_path):  # a folder or a broken link there is an error, not a fresh start
-            start = load_checkpoint(ckpt_path, model, optimizer, args, digest, train_set.cat_ids)
-            losses.log(f"resumed from {ckpt_path} at iteration {start}")
+            ckpt = load_checkpoint(ckpt_path, model, optimizer, args, digest, train_set.cat_ids, world_size)
+            losses.log(f"resumed from {ckpt_path} at iteration {ckpt['iteration']}")
+        # every invocation that trained these heads, in time and processes (which seed the flips and samplings)
+        start, trained_s = ckpt["iteration"], ckpt.get("train_time_s", 0.0)
+        world_sizes = sorted({*ckpt.get("world_sizes", []), *([world_size] if start < args.iters else [])})
         sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
         batches = IterationBatches(sampler, args.batch_size, start, args.iters)
     except (ValueError, FileNotFoundError) as e:
@@ -728,8 +758,10 @@ def main(argv=None):
                                      {"iteration": it + 1, "lr": lr, **values})
         if rank == 0 and ((it + 1) % args.ckpt_every == 0 or it + 1 == args.iters):
             with vit.exit_on_write_error("detect_eval.py: "):
-                save_checkpoint(ckpt_path, model, optimizer, it + 1, args, digest, train_set.cat_ids)
-    train_time = time.time() - t0
+                save_checkpoint(ckpt_path, model, optimizer, it + 1, args, digest, train_set.cat_ids,
+                                global_batch=args.batch_size * world_size, world_sizes=world_sizes,
+                                train_time_s=trained_s + time.time() - t0)
+    train_time = trained_s + time.time() - t0
 
     # ============ evaluating on the val split ============
     t0 = time.time()
@@ -741,7 +773,8 @@ def main(argv=None):
         results = {"stats": dict(zip(STAT_NAMES, stats)), "iterations": args.iters,
                    "backbone": args.pretrained or f"random init {args.arch}", "num_val_images": len(val_set),
                    "num_detections": len(detections), "train_time_s": train_time,
-                   "eval_time_s": time.time() - t0, "world_size": world_size, "args": vars(args)}
+                   "eval_time_s": time.time() - t0, "world_size": world_size, "train_world_sizes": world_sizes,
+                   "global_batch_size": args.batch_size * world_size, "args": vars(args)}
         # each file replaced in one step, the results last; the detections in pycocotools' loadRes format
         with vit.exit_on_write_error("detect_eval.py: "):
             vit.save_atomic(os.path.join(args.output_dir, "detections_val.json"), detections, indent=None)

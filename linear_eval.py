@@ -370,7 +370,8 @@ def main(argv=None):
     if not holdout_idx:
         select_f, select_y = val_f, val_y
     in_dim = val_f.shape[1]
-    log(f"features: [CLS] of the last {args.n_last_blocks} blocks" + (" + avgpool" if args.avgpool else "")
+    blocks = "block" if args.n_last_blocks == 1 else f"{args.n_last_blocks} blocks"
+    log(f"features: [CLS] of the last {blocks}" + (" + avgpool" if args.avgpool else "")
         + f" -> {in_dim}-d ({time.time() - start:.0f}s)")
 
     if args.cached:
@@ -398,9 +399,9 @@ def main(argv=None):
                "sweep": [{"lr": lr, "scaled_lr": slr, "final_loss": loss, f"{selected_on}_top1": s["top1"],
                           f"{selected_on}_top5": s["top5"], "val_top1": v["top1"], "val_top5": v["top5"]}
                          for lr, slr, loss, s, v in zip(args.lrs, lrs, final_loss, select_acc, val_acc)]}
-    for row in results["sweep"]:
-        log(f"  lr {row['lr']:<6g} {selected_on} top-1 {row[f'{selected_on}_top1']:6.2f}   "
-            f"val top-1 {row['val_top1']:6.2f}  top-5 {row['val_top5']:6.2f}")
+    for row in results["sweep"]:  # without a holdout, selection is on val: its column once
+        selection = f"holdout top-1 {row['holdout_top1']:6.2f}   " if holdout_idx else ""
+        log(f"  lr {row['lr']:<6g} {selection}val top-1 {row['val_top1']:6.2f}  top-5 {row['val_top5']:6.2f}")
     log(f"linear: top-1 {val_acc[best]['top1']:.2f}  top-5 {val_acc[best]['top5']:.2f}  "
         f"(lr {args.lrs[best]:g} selected on {selected_on})")
 

@@ -2770,6 +2770,17 @@ def test_feature_pass_reports_progress(tmp_path, capsys):
     assert "features of val: batch 1/1, " in out and "features of train: batch 2/2, " in out
 
 
+def test_linear_eval_printout_without_holdout(tmp_path, capsys):
+    linear_eval.main(["--random-init", "--arch", "vit_tiny", "--depth", "1", "--patch-size", "8", "--img-size", "32",
+                      "--train-length", "40", "--val-length", "20", "--batch-size", "20", "--cached", "--epochs", "1",
+                      "--knn-k", "0", "--holdout-fraction", "0", "--lrs", "0.1", "1", "--num-workers", "0",
+                      "--output-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "features: [CLS] of the last block -> 192-d" in out
+    rows = [line for line in out.splitlines() if line.lstrip().startswith("lr ")]
+    assert len(rows) == 2 and all(row.count("top-1") == 1 for row in rows)  # selected on val: one val column
+
+
 def test_random_init_takes_the_depth_of_the_built_in_runs(tmp_path):
     results = linear_eval.main(["--random-init", "--arch", "vit_tiny", "--depth", "2", "--patch-size", "8",
                                 "--img-size", "32", "--train-length", "40", "--val-length", "20", "--batch-size", "20",
@@ -3638,7 +3649,8 @@ def test_image_size_must_match_the_file_and_infinite_boxes_do_not_crash(tmp_path
     coco["annotations"][0]["bbox"] = [10, 10, float("inf"), 20]  # json writes Infinity, Python reads it back
     _coco_root(tmp_path / "inf", coco)
     code, last, _ = run_script("detect_eval.py", "--data", tmp_path / "inf", "--random-init", "--arch", "vit_tiny",
-                               "--iters", "1", "--num-workers", "0", "--output-dir", tmp_path / "out")
+                               "--iters", "1", "--warmup-iters", "0", "--num-workers", "0",
+                               "--output-dir", tmp_path / "out")
     assert code == 1 and "instances_train2017.json: annotation 1 bbox must be [x, y, w, h] of finite numbers" in last
 
 # ----------------------------------------------------------------------------- model
@@ -3684,13 +3696,34 @@ def test_out_of_range_detect_eval_flags_are_refused(flag):
         detect_eval.check_args(detect_eval.get_args_parser().parse_args(flag.split()))
 
 
+def test_detect_eval_flags_the_run_would_ignore_are_refused(tmp_path):
+    def check(flags):
+        detect_eval.check_args(detect_eval.get_args_parser().parse_args(flags.format(coco=tmp_path).split()))
+
+    for flags, message in [
+            ("--allow-degenerate-boxes", "--allow-degenerate-boxes only applies with a COCO --data"),
+            ("--train-split foo", "--train-split only applies with a COCO --data"),
+            ("--val-split bar", "--val-split only applies with a COCO --data"),
+            ("--data {coco} --synthetic-size 64", "--synthetic-size only applies with --data synthetic"),
+            ("--schedule cosine --decay-at 0.5", "--decay-at only applies with --schedule step"),
+            ("--momentum 0.5", "--momentum only applies with --optimizer sgd"),
+            ("--iters 4", "--warmup-iters 30 \\(the default\\) must be below --iters 4: pass a smaller --warmup-iters"),
+            ("--iters 4 --warmup-iters 4", "--warmup-iters 4 must be below --iters 4")]:
+        with pytest.raises(SystemExit, match=f"^detect_eval.py: {message}"):
+            check(flags)
+    for flags in ("", "--schedule cosine", "--optimizer sgd --momentum 0.5", "--iters 31", "--iters 1 --warmup-iters 0",
+                  "--data {coco} --train-split foo --val-split bar --allow-degenerate-boxes"):
+        check(flags)  # defaults, and flags the run uses
+
+
 # ----------------------------------------------------------------------------- end to end
 def tiny_run_args(backbone_path, output_dir, iters, extra=()):
-    return ["--pretrained", str(backbone_path), "--output-dir", str(output_dir), "--iters", str(iters),
-            "--synthetic-train", "8", "--synthetic-val", "5", "--synthetic-size", "64", "--min-size", "64",
-            "--max-size", "64", "--batch-size", "2", "--eval-batch-size", "2", "--num-workers", "0",
+    synthetic = [] if "--data" in extra else ["--synthetic-train", "8", "--synthetic-val", "5",
+                                              "--synthetic-size", "64"]
+    return ["--pretrained", str(backbone_path), "--output-dir", str(output_dir), "--iters", str(iters), *synthetic,
+            "--min-size", "64", "--max-size", "64", "--batch-size", "2", "--eval-batch-size", "2", "--num-workers", "0",
             "--out-channels", "32", "--box-head-dim", "64", "--rpn-batch", "32", "--roi-batch", "32",
-            "--proposals-train", "64", "--proposals-test", "32", "--warmup-iters", "1", "--decay-at",
+            "--proposals-train", "64", "--proposals-test", "32", "--warmup-iters", "0", "--decay-at",
             "--log-every", "1", *extra]
 
 
@@ -3730,6 +3763,33 @@ def test_resume_continues_at_the_saved_iteration(tmp_path, backbone_path, capsys
     assert a["iteration"] == b["iteration"] == 4
     for k in a["model"]:  # same batches, flips and samplings: the resumed run retraces the straight one
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_refuses_an_iters_that_changes_the_lr_already_trained(tmp_path, backbone_path):
+    out = tmp_path / "run"
+    detect_eval.main(tiny_run_args(backbone_path, out, 2, ["--decay-at", "0.5"]))  # iteration 1 at 0.1 x --lr
+    with pytest.raises(SystemExit, match="checkpoint.pth: --iters 4 \\(was 2\\) changes the lr of the 2 iterations "
+                                         "already trained; pass --iters 2, or use another --output-dir"):
+        detect_eval.main(tiny_run_args(backbone_path, out, 4, ["--decay-at", "0.5"]))
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    torch.save({**ckpt, "iteration": 1}, out / "checkpoint.pth")  # interrupted before the decay: 4 changes nothing
+    assert detect_eval.main(tiny_run_args(backbone_path, out, 4, ["--decay-at", "0.5"]))["iterations"] == 4
+
+
+def test_resume_keeps_the_global_batch_at_another_world_size(tmp_path, backbone_path):
+    out = tmp_path / "run"
+    detect_eval.main(tiny_run_args(backbone_path, out, 2))
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert (ckpt["global_batch"], ckpt["world_sizes"]) == (2, [1]) and ckpt["train_time_s"] > 0
+    # as if 2 processes of --batch-size 1 had trained 1 iteration for 1000 s
+    torch.save({**ckpt, "args": {**ckpt["args"], "batch_size": 1}, "world_sizes": [2], "iteration": 1,
+                "train_time_s": 1000.0}, out / "checkpoint.pth")
+    with pytest.raises(SystemExit, match="trained at a global batch of 2 images, this run's is 1 \\(--batch-size 1 "
+                                         "per process x 1\\); resume at a global batch of 2"):
+        detect_eval.main(tiny_run_args(backbone_path, out, 2, ["--batch-size", "1"]))
+    results = detect_eval.main(tiny_run_args(backbone_path, out, 2))  # --batch-size 2 on 1 process: the same
+    assert (results["global_batch_size"], results["train_world_sizes"], results["world_size"]) == (2, [1, 2], 1)
+    assert results["train_time_s"] > 1000  # the time of every invocation that trained these heads
 
 
 
@@ -3784,9 +3844,11 @@ def test_two_process_run_gathers_every_prediction(tmp_path, backbone_path):
     spawn(detect_ddp_worker, argv)
     ddp_stats = json.loads((out / "detect_results.json").read_text())
     assert ddp_stats["world_size"] == 2
-    # A single process resuming the finished run only evaluates: 5 val images over 2 ranks (one padded
-    # duplicate) must give the same detections and stats.
-    single = detect_eval.main(argv)
+    # A single process resuming the finished run at its global batch only evaluates: 5 val images over 2 ranks
+    # (one padded duplicate) must give the same detections and stats.
+    with pytest.raises(SystemExit, match="global batch of 2 images, this run's is 1"):
+        detect_eval.main(argv)  # --batch-size is per process
+    single = detect_eval.main(argv + ["--batch-size", "2"])
     assert single["num_detections"] == ddp_stats["num_detections"]
     assert single["stats"] == pytest.approx(ddp_stats["stats"], abs=1e-6)
 
