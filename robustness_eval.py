@@ -3,8 +3,9 @@
 What it measures (ImageNet-C/-P: Hendrycks & Dietterich, ICLR 2019, hendrycks/robustness):
   * equivariance per block l, for the group elements g of geometry: mean cosine over tokens between f_l(g x) and
                 rho_g f_l(x), relative error |f_l(gx) - rho_g f_l(x)|_F / |rho_g f_l(x)|_F, invariance error
-                |f_l(gx) - f_l(x)| / |f_l(x)|, and the chance baseline f_l(g x') of an unrelated image x'. Needs
-                only a backbone: the layer trade-off behind SER (equivariant early, invariant late).
+                |f_l(gx) - f_l(x)| / |f_l(x)|, and the chance baseline: f_l(g x) against rho_g f_l(x') of an
+                unrelated image x', the same one whatever the batching. Needs only a backbone: the layer trade-off
+                behind SER (equivariant early, invariant late).
   * geometry    top-1 under 90/180/270-degree rotations, h/v flips and 0.75x / 1.25x rescaling (the ViT
                 resamples its position embedding).
   * ImageNet-C  15 corruptions x 5 severities of ImageNet-C/create_c/make_imagenet_c.py, generated on the fly or
@@ -73,27 +74,29 @@ def geometric_elements(batch_size, grid, scales=(0.75, 1.25)):
 
 
 @torch.no_grad()
-def equivariance_scores(backbone, x, elements, autocast=nullcontext):
+def equivariance_scores(backbone, x, elements, autocast=nullcontext, x_other=None):
     """Per-image scores (E, L, M, B) for E elements, L blocks, M = EQUIV_METRICS (as in the module docstring),
     images x (B, 3, H, W). inv_error is NaN where g changes the grid (no identity map there); chance_* compares
-    f_l(g x') for x' the next image of the batch (NaN for a batch of one)."""
+    f_l(g x) with rho_g f_l(x') for x' the same row of x_other (NaN without it)."""
     def fro(t):
         return t.flatten(1).norm(dim=1)  # (B,)
 
     with autocast():
         maps = [m.float() for m in backbone.block_token_maps(x)]  # L x (B, D, h, w)
-    B = x.shape[0]
-    out = torch.full((len(elements), len(maps), len(EQUIV_METRICS), B), float("nan"), device=x.device)
+        # the unrelated image's clean maps: one forward, where f_l(g x') would take one per element
+        others = None if x_other is None else [m.float() for m in backbone.block_token_maps(x_other)]
+    out = torch.full((len(elements), len(maps), len(EQUIV_METRICS), x.shape[0]), float("nan"), device=x.device)
     for e, g in enumerate(elements.values()):
         with autocast():
             maps_g = [m.float() for m in backbone.block_token_maps(apply_to_images(x, g, backbone.patch_size))]
         for l, (m, mg) in enumerate(zip(maps, maps_g)):
-            target = apply_to_token_map(m, g)  # (B, D, h', w')
             if mg.shape == m.shape:
                 out[e, l, 2] = fro(mg - m) / fro(m)
-            for k, f in [(0, mg)] + ([(3, mg.roll(1, dims=0))] if B > 1 else []):  # f_l(g x), then f_l(g x')
-                out[e, l, k] = F.cosine_similarity(f, target, dim=1).flatten(1).mean(1)
-                out[e, l, k + 1] = fro(f - target) / fro(target)
+            targets = [(0, m)] + ([(3, others[l])] if others else [])  # rho_g f_l(x), then rho_g f_l(x')
+            for k, t in targets:
+                target = apply_to_token_map(t, g)  # (B, D, h', w')
+                out[e, l, k] = F.cosine_similarity(mg, target, dim=1).flatten(1).mean(1)
+                out[e, l, k + 1] = fro(mg - target) / fro(target)
     return out
 
 
@@ -786,6 +789,22 @@ class Generated(_Items):
         return make(u8, rng=np.random.default_rng((self.seed, key, n))), label
 
 
+class WithPartner(Dataset):
+    """Item i of `dataset` with its image stacked on that of image (i + N // 2) % N of the N: a fixed other image
+    for each, whatever the batch size and number of processes, and half the set away, so mostly of another class
+    in class-sorted folders."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y, _ = self.dataset[i]
+        return torch.stack([x, self.dataset[(i + len(self) // 2) % len(self)][0]]), y, i
+
+
 def corrupted_crop(u8, rng, crop, name, severity, frost_images=None, jpeg_quality=None):
     """ImageNet-C's input: the centre crop (Resize(256)+CenterCrop(224) scaled), then the corruption."""
     u8 = _center_crop(u8, crop)
@@ -909,14 +928,16 @@ class Evaluator:
         names = list(geometric_elements(1, grid, self.args.scales))
         correct = torch.zeros(1 + len(names), len(dataset), device=self.device)  # row 0: identity
         scores = torch.zeros(len(names), self.backbone.depth, len(EQUIV_METRICS), len(dataset), device=self.device)
-        for x, y, idx in self.loader(dataset, self.args.batch_size, "clean pass"):
+        paired = equivariance and len(dataset) > 1  # the chance baseline's unrelated image, loaded with each image
+        for x, y, idx in self.loader(WithPartner(dataset) if paired else dataset, self.args.batch_size, "clean pass"):
+            x, x_other = (x[:, 0].contiguous(), x[:, 1].contiguous()) if paired else (x, None)
             elements = geometric_elements(len(x), grid, self.args.scales)
             if self.classifier is not None:
                 correct[0, idx] = self.hits(x, y)
                 for e, g in enumerate(elements.values() if geometry else (), start=1):
                     correct[e, idx] = self.hits(apply_to_images(x, g, self.backbone.patch_size), y)
             if equivariance:
-                scores[..., idx] = equivariance_scores(self.backbone, x, elements, self.autocast)
+                scores[..., idx] = equivariance_scores(self.backbone, x, elements, self.autocast, x_other)
         correct, scores = losses.all_reduce_sum(correct).cpu(), losses.all_reduce_sum(scores).cpu().nanmean(-1)
         return names, correct, {n: {m: scores[e, :, k].tolist() for k, m in enumerate(EQUIV_METRICS)}
                                 for e, n in enumerate(names)}

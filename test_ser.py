@@ -3038,7 +3038,7 @@ def test_equivariance_scores_standin():
     torch.manual_seed(0)
     x = torch.randn(3, 3, 32, 32)
     elements = robustness_eval.geometric_elements(3, (4, 4))
-    good = robustness_eval.equivariance_scores(StandIn(), x, elements)  # (E, L, M, B)
+    good = robustness_eval.equivariance_scores(StandIn(), x, elements, x_other=x.roll(1, 0))  # (E, L, M, B)
     bad = robustness_eval.equivariance_scores(StandIn(bias=True), x, elements)
     names = list(elements)
     assert good.shape == (len(names), 3, len(robustness_eval.EQUIV_METRICS), 3)
@@ -3052,6 +3052,7 @@ def test_equivariance_scores_standin():
         assert good[e, :, 2].min() > 0.05  # but not invariant
         assert (bad[e, :, 0].mean() < 0.999) and (bad[e, :, 1].mean() > 1e-2)
         assert good[e, :, 4].mean() > 0.1  # chance baseline: unrelated images disagree
+    assert torch.isnan(bad[:, :, 3:]).all()  # no unrelated images given, no baseline
 
 
 def test_equivariance_figure_panels_and_pngs(tmp_path):
@@ -3187,6 +3188,36 @@ def test_driver_equivariance_only_and_errors(tiny_probe, tmp_path):
 
 def robust(*argv):
     return robustness_eval.main(robustness_eval.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def robust_ddp_worker(rank, world, argv):
+    robust(*argv)
+
+
+def test_chance_baseline_pairs_the_same_images_whatever_the_batching(tiny_probe, tmp_path):
+    def chance(*flags):  # the unrelated image of each image: not a batch neighbour, which the batching decides
+        robust("--equivariance-only", "--probe", tiny_probe, "--num-images", "5", "--num-workers", "0",
+               "--output-dir", tmp_path, *flags)
+        out = json.loads((tmp_path / "robustness.json").read_text())["equivariance"]
+        return np.array([[v["chance_cos"], v["chance_rel_error"]] for v in out.values()])
+
+    one = chance("--batch-size", "1")
+    assert np.isfinite(one).all()  # a batch of one has no neighbour
+    np.testing.assert_allclose(chance("--batch-size", "3"), one, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_equivariance_equals_one_process(tiny_probe, tmp_path):
+    argv = ["--equivariance-only", "--probe", tiny_probe, "--num-images", "5", "--num-workers", "0",
+            "--batch-size", "2"]
+    spawn(robust_ddp_worker, argv + ["--output-dir", tmp_path / "ddp"])
+    robust(*argv, "--output-dir", tmp_path / "one")
+    ddp, one = (json.loads((tmp_path / run / "robustness.json").read_text()) for run in ("ddp", "one"))
+    assert ddp["world_size"] == 2
+
+    def scores(out):  # null (no invariance error across grid sizes) as NaN
+        return np.array([[v[m] for m in robustness_eval.EQUIV_METRICS] for v in out["equivariance"].values()], float)
+    np.testing.assert_allclose(scores(ddp), scores(one), rtol=1e-5)
 
 
 def test_robustness_outputs_are_tried_before_any_work(tiny_probe, tmp_path, capsys):
