@@ -3190,6 +3190,17 @@ def robust(*argv):
     return robustness_eval.main(robustness_eval.get_args_parser().parse_args([str(a) for a in argv]))
 
 
+def test_robustness_json_is_strict_json(tiny_probe, tmp_path):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    robust("--probe", tiny_probe, "--tasks", "clean,equivariance", "--num-images", "2", "--num-workers", "0",
+           "--output-dir", tmp_path)  # a rescaled grid has no invariance error: NaN
+    out = json.loads((tmp_path / "robustness.json").read_text(), parse_constant=refuse)
+    assert out["equivariance"]["scale1.25"]["inv_error"] == [None, None]
+    assert all(-1 <= v <= 1 for v in out["equivariance"]["rot90"]["cos"])  # numbers stay numbers
+
+
 def robust_ddp_worker(rank, world, argv):
     robust(*argv)
 
