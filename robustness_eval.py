@@ -1001,6 +1001,35 @@ def check_args(args):
     augment.check_ranges([("--" + k.replace("_", "-"), getattr(args, k), *rule) for k, rule in ranges.items()])
 
 
+def refuse_ignored_flags(args, tasks, table=False):
+    """Each flag set away from its default that this run would not read, refused: a run that ignores one is not the
+    run asked for. table: the comparison of several --backbone, which reads --figure-layer for its columns."""
+    c, p = "c" in tasks, "p" in tasks
+    generated_c, generated_p = c and not args.imagenet_c_dir, p and not args.imagenet_p_dir
+    task_c, task_p = "the ImageNet-C task (c in --tasks)", "the ImageNet-P task (p in --tasks)"
+    readers = [  # (flag, whether this run reads it, what reads it)
+        ("corruptions", c, task_c), ("imagenet_c_dir", c, task_c), ("mce", c, task_c),
+        ("c_jpeg", generated_c, "generated ImageNet-C (c in --tasks, no --imagenet-c-dir)"),
+        ("frost_dir", generated_c and "frost" in args.corruptions.split(","),
+         "generated ImageNet-C frost (c in --tasks, frost in --corruptions, no --imagenet-c-dir)"),
+        ("perturbations", p, task_p), ("imagenet_p_dir", p, task_p), ("p_difficulty", p, task_p),
+        ("p_normalizers", p, task_p),
+        ("p_frames", generated_p, "generated ImageNet-P (p in --tasks, no --imagenet-p-dir)"),
+        ("seed", generated_c or generated_p, "generated ImageNet-C or -P"),
+        ("scales", {"geometry", "equivariance"} & set(tasks), "the geometry and equivariance tasks"),
+        ("figure_layer", args.figures or table, "--figures or the table of several --backbone"),
+        ("figure_images", args.figures, "--figures"),
+        ("arch", args.backbone, "--backbone (a --probe records its architecture)"),
+        ("patch_size", args.backbone, "--backbone (a --probe records its architecture)")]
+    defaults = get_args_parser()
+    ignored = [("--" + dest.replace("_", "-"), why) for dest, used, why in readers
+               if not used and getattr(args, dest) != defaults.get_default(dest)]
+    if ignored:
+        (flag, why), others = ignored[0], [f for f, _ in ignored[1:]]
+        raise SystemExit(f"{flag} would be ignored: only {why} reads it; drop it"
+                         + (f" (and {', '.join(others)}, ignored too)" if others else ""))
+
+
 def _choices(text, allowed, flag):
     items = list(dict.fromkeys(t for t in text.split(",") if t))  # a duplicate would be run and counted twice
     bad = [t for t in items if t not in allowed]
@@ -1226,9 +1255,10 @@ def evaluate(args, device, rank, world):
     """--tasks for one probe (or, with --equivariance-only, one backbone)."""
     tasks = ["equivariance"] if args.equivariance_only else _choices(args.tasks or ",".join(TASKS), TASKS, "--tasks")
     corruptions = _choices(args.corruptions, CORRUPTIONS, "--corruptions")
+    perturbations = _choices(args.perturbations, PERTURBATIONS, "--perturbations")
+    refuse_ignored_flags(args, tasks)
     if args.mce == "on" and len(corruptions) < len(CORRUPTIONS) and "c" in tasks:
         raise SystemExit("--mce on needs all 15 corruptions: drop --corruptions, or use --mce auto")
-    perturbations = _choices(args.perturbations, PERTURBATIONS, "--perturbations")
     backbone, classifier, meta = load_model(args)
     backbone.to(device).eval()
     # --equivariance-only takes a probe's backbone, not its head; without it the tasks are equivariance only
@@ -1271,6 +1301,7 @@ def compare_backbones(args, device, rank, world):
     """--equivariance-only with several --backbone: one table of, per run and group element, the mean cosine between
     f_l(g x) and rho_g f_l(x) at block L (--figure-layer: SER's split block) and at the last block, plus linear /
     k-NN top-1 from the run's <run>/linear/linear_eval.json when linear_eval.py wrote one."""
+    refuse_ignored_flags(args, ["equivariance"], table=True)
     backbones, names = [load_backbone(args, p) for p in args.backbone], run_names(args.backbone)
     img_size = args.img_size or backbones[0].arch["img_size"]
     for path, b in zip(args.backbone, backbones):

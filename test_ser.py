@@ -3234,12 +3234,46 @@ def test_two_process_equivariance_equals_one_process(tiny_probe, tmp_path):
 def test_robustness_outputs_are_tried_before_any_work(tiny_probe, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     argv = ["--probe", tiny_probe, "--tasks", "clean", "--num-images", "2", "--num-workers", "0",
-            "--output-dir", tmp_path / "out", "--frost-dir", tmp_path / "nowhere"]  # frost does not run: not read
+            "--output-dir", tmp_path / "out"]
     for flag in ("--output-dir", "--figures"):
         with pytest.raises(SystemExit, match=f"^{flag} .*file: cannot write there"):
             robust(*argv, flag, tmp_path / "file")
         assert "clean top-1" not in capsys.readouterr().out
     assert robust(*argv)["num_images"] == 2
+
+
+@pytest.mark.parametrize("tasks, flags", [
+    ("clean", "--c-jpeg"), ("clean", "--corruptions fog"), ("clean", "--mce off"), ("clean", "--imagenet-c-dir C"),
+    ("clean", "--frost-dir F"), ("c", "--corruptions fog --frost-dir F"),  # frost not generated: its photos unread
+    ("c", "--imagenet-c-dir C --frost-dir F"), ("c", "--imagenet-c-dir C --c-jpeg"),
+    ("c", "--imagenet-c-dir C --seed 1"),
+    ("clean", "--perturbations rotate"), ("clean,c", "--p-frames 3"), ("clean", "--p-difficulty 2"),
+    ("clean", "--p-normalizers N"), ("clean", "--imagenet-p-dir P"), ("p", "--imagenet-p-dir P --p-frames 3"),
+    ("clean", "--seed 1"), ("clean,c", "--scales 0.5"), ("clean", "--figure-layer 2"), ("clean", "--figure-images 3"),
+    ("clean", "--arch vit_small"), ("clean", "--patch-size 8"),  # the probe's architecture is its own
+    (None, "--equivariance-only --corruptions fog"), (None, "--equivariance-only --figure-layer 1")])
+def test_flags_the_run_would_ignore_are_refused(tiny_probe, tmp_path, tasks, flags):
+    argv = ["--probe", tiny_probe, "--num-images", "2", "--num-workers", "0", "--output-dir", tmp_path / "out",
+            *(["--tasks", tasks] if tasks else []), *flags.split()]  # C, F, N, P: paths never read
+    refused = [f for f in flags.split() if f.startswith("--")][-1]
+    with pytest.raises(SystemExit, match=f"^{refused} would be ignored: only .* reads it; drop it$"):
+        robust(*argv)
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_every_ignored_flag_is_named_and_the_read_ones_run(tiny_probe, tmp_path):
+    ignored = ("--c-jpeg --p-frames 3 --corruptions fog --perturbations rotate --figure-layer 2 --figure-images 3 "
+               "--scales 0.5 --p-difficulty 2 --mce off").split()
+    with pytest.raises(SystemExit) as refused:
+        robust("--probe", tiny_probe, "--tasks", "clean", "--output-dir", tmp_path, *ignored)
+    assert "\n" not in str(refused.value) and all(f in str(refused.value) for f in ignored if f.startswith("--"))
+    out = robust("--probe", tiny_probe, "--tasks", "geometry", "--scales", "0.5", "--num-images", "2",
+                 "--num-workers", "0", "--output-dir", tmp_path)  # each read where its task runs
+    assert set(out["geometry"]) == {"rot90", "rot180", "rot270", "hflip", "vflip", "scale0.5"}
+    figures = robust("--equivariance-only", "--probe", tiny_probe, "--num-images", "2", "--num-workers", "0",
+                     "--figures", tmp_path / "figures", "--figure-layer", "1", "--figure-images", "1",
+                     "--output-dir", tmp_path)
+    assert "equivariance" in figures and (tmp_path / "figures" / "equivariance.png").is_file()
 
 
 def test_imagenet_p_frame_counts_and_normalizers_are_refused_before_any_work(tiny_probe, tmp_path, capsys):
