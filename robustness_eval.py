@@ -144,12 +144,20 @@ def _picture(t, size):
 
 
 def _grid_image(rows, header, tile):
-    pad, top = 4, 14
+    """Rows of tiles under header lines, each a title per column; a title runs over the empty ones after it (a run's
+    name over its two panels), cut to that width."""
+    pad, line = 4, 12
+    top = 2 + line * len(header)
     width = max(len(r) for r in rows) * (tile + pad) + pad
     out = Image.new("RGB", (width, top + len(rows) * (tile + pad) + pad), "white")
     draw = ImageDraw.Draw(out)
-    for c, title in enumerate(header):
-        draw.text((pad + c * (tile + pad), 2), title[: tile // 6], fill="black")
+    for k, titles in enumerate(header):
+        starts = [c for c, title in enumerate(titles) if title]
+        for c, end in zip(starts, starts[1:] + [len(titles)]):
+            title = titles[c]
+            while draw.textlength(title) > (end - c) * (tile + pad) - pad:
+                title = title[:-1]
+            draw.text((pad + c * (tile + pad), 2 + line * k), title, fill="black")
     for r, row in enumerate(rows):
         for c, im in enumerate(row):
             out.paste(im, (pad + c * (tile + pad), top + pad + r * (tile + pad)))
@@ -173,7 +181,7 @@ def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "
     rows = [[inputs["x"][i], inputs[e][i]]  # then f_L(g x), rho_g f_L(x) per backbone
             + [_picture(side[i], tile) for n in names for side in panels[n][e]]
             for i in range(len(x)) for e in element_names]
-    header = ["x", "g x"] + [t for n in names for t in (f"{n} f(gx)", "rho f(x)")]
+    header = [["", ""] + [t for n in names for t in (n, "")], ["x", "g x"] + ["f(gx)", "rho f(x)"] * len(names)]
     paths = [os.path.join(out_dir, "equivariance.png")]
     vit.save_atomic(paths[0], _grid_image(rows, header, tile))  # write-then-rename: a kill never leaves half a PNG
     for n, b in zip(names, backbones):
@@ -181,7 +189,7 @@ def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "
         attn = attn / attn.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
         rows = [[inputs["x"][i]] + [_picture(a, tile) for a in attn[i]] for i in range(len(x))]
         paths.append(os.path.join(out_dir, f"attention_{n}.png"))
-        vit.save_atomic(paths[-1], _grid_image(rows, ["image"] + [f"head {h}" for h in range(attn.shape[1])], tile))
+        vit.save_atomic(paths[-1], _grid_image(rows, [["image"] + [f"head {h}" for h in range(attn.shape[1])]], tile))
     return paths, panels
 
 

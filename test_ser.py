@@ -3055,7 +3055,7 @@ def test_equivariance_scores_standin():
     assert torch.isnan(bad[:, :, 3:]).all()  # no unrelated images given, no baseline
 
 
-def test_equivariance_figure_panels_and_pngs(tmp_path):
+def test_equivariance_figure_panels_and_pngs(tmp_path, monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
     g = robustness_eval.geometric_elements(2, (4, 4))
@@ -3068,8 +3068,18 @@ def test_equivariance_figure_panels_and_pngs(tmp_path):
     paths, panels = robustness_eval.write_figures(vits, ["base", "ser"], x, str(tmp_path), layer=1, tile=32)
     assert [os.path.basename(p) for p in paths] == ["equivariance.png", "attention_base.png", "attention_ser.png"]
     pad, top = 4, 14  # _grid_image's layout: 2 images x 3 elements rows; x, g x, then 2 panels per backbone
-    assert Image.open(paths[0]).size == (6 * (32 + pad) + pad, top + 6 * (32 + pad) + pad)
+    assert Image.open(paths[0]).size == (6 * (32 + pad) + pad, top + 12 + 6 * (32 + pad) + pad)  # 2 header lines
     assert Image.open(paths[2]).size == (5 * (32 + pad) + pad, top + 2 * (32 + pad) + pad)  # image + 4 heads
+    from PIL import ImageDraw
+    drawn, text = [], ImageDraw.ImageDraw.text
+
+    def recorded(self, xy, title, *args, **kw):
+        drawn.append(title)
+        return text(self, xy, title, *args, **kw)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", recorded)
+    robustness_eval.write_figures(vits, ["dino_ser_abc", "full1_abcdef"], x, str(tmp_path / "named"), layer=1)
+    assert {"dino_ser_abc", "full1_abcdef", "f(gx)", "rho f(x)", "head 3"} <= set(drawn)  # whole, at the default tile
     attn = robustness_eval.cls_attention(vits[1], x)
     assert attn.shape == (2, 4, 4, 4) and torch.all(attn.flatten(2).sum(-1) <= 1 + 1e-5)
 
