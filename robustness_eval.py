@@ -280,7 +280,7 @@ def frost(x, c, rng, frost_images=None, **_):
     if frost_images is None:
         texture = procedural_frost(H, W, rng)
     else:
-        photo = frost_images[rng.integers(5)]  # randint(5): frost6 is never drawn, as the original
+        photo = frost_images[rng.integers(5)]  # randint(5) over frost1..frost5, as the original
         # a 224x224 crop at 224 px; at other sizes the same field of view, resized to the image
         s = 224 / min(H, W)
         ch, cw = round(H * s), round(W * s)
@@ -391,19 +391,20 @@ FROST_NOTE = ("frost used a procedural texture, not the ImageNet-C frost photos;
 
 
 def load_frost_images(frost_dir):
-    """The original frost1..frost6 photos from a directory, as RGB uint8 (cv2 BGR->RGB equivalent)."""
+    """The original frost1..frost5 photos from a directory, as RGB uint8 (cv2 BGR->RGB equivalent): the ones
+    make_imagenet_c.py draws from (randint(5)); its frost6.jpg is never used, so it is not read."""
     if not os.path.isdir(frost_dir):
         raise SystemExit(f"--frost-dir {frost_dir}: no such folder; pass the frost/ folder of frost1..frost5")
     found = {}
     for name in sorted(os.listdir(frost_dir)):
-        m = re.fullmatch(r"frost([1-6])\.(png|jpg|jpeg)", name, re.IGNORECASE)
+        m = re.fullmatch(r"frost([1-5])\.(png|jpg|jpeg)", name, re.IGNORECASE)
         if m:
             found[int(m.group(1))] = np.asarray(augment.load_rgb(os.path.join(frost_dir, name)))
     missing = [i for i in range(1, 6) if i not in found]
     if missing:
         raise SystemExit(f"--frost-dir {frost_dir}: missing frost{missing[0]}.png/.jpg "
                          f"(need frost1..frost5 from hendrycks/robustness ImageNet-C/create_c)")
-    return [found[i] for i in sorted(found)]
+    return [found[i] for i in range(1, 6)]
 
 
 def procedural_frost(height, width, rng):
@@ -973,8 +974,9 @@ def get_args_parser():
     g.add_argument("--img-size", type=int, default=None, help="default: the probe's img_size (or the backbone's)")
     g.add_argument("--imagenet-c-dir", default=None, help="read the released ImageNet-C instead of generating it")
     g.add_argument("--imagenet-p-dir", default=None, help="read ImageNet-P frame folders instead of generating them")
-    g.add_argument("--frost-dir", default=None, help="the original frost1..frost6 photos (the frost/ folder of the "
-                   "imagecorruptions or imagenet-c pip package); without it a weaker procedural texture, marked *")
+    g.add_argument("--frost-dir", default=None, help="the original frost1..frost5 photos, .png or .jpg (the frost/ "
+                   "folder of the imagecorruptions or imagenet-c pip package; frost6 is never drawn, as in "
+                   "make_imagenet_c.py); without it a weaker procedural texture, marked *")
     g = p.add_argument_group("what to run")
     g.add_argument("--tasks", default=None, help="comma list of " + ", ".join(TASKS) + " (default: all)")
     g.add_argument("--equivariance-only", action="store_true", help="per-block equivariance only: --backbone will do")

@@ -2895,7 +2895,9 @@ def test_filters_match_references():
 def test_frost_dir_and_procedural(tmp_path):
     for i in range(1, 7):
         Image.fromarray(np.full((300, 260, 3), 40 * i, np.uint8)).save(tmp_path / f"frost{i}.png")
+    (tmp_path / "frost6.png").write_bytes(b"")  # never drawn, so never read
     photos = robustness_eval.load_frost_images(str(tmp_path))
+    assert [p[0, 0, 0] for p in photos] == [40 * i for i in range(1, 6)]
     out = robustness_eval.corrupt(IMG, "frost", 1, rng=0, frost_images=photos)
     # a = 1, b = 0.4 of a constant photo: the shift is 0.4 * value of one of frost1..5 (never frost6)
     shift = (out.astype(int) - IMG).mean()
