@@ -985,7 +985,8 @@ def get_args_parser():
     g.add_argument("--c-jpeg", action="store_true", help="re-encode generated images as JPEG q85 like the release")
     g.add_argument("--p-frames", type=int, default=None, help="frames per sequence (31, translate 41)")
     g.add_argument("--p-difficulty", type=int, default=1, choices=(1, 2, 3), help="noise strength / frame step d")
-    g.add_argument("--p-normalizers", default=None, help='JSON {"fp": {pert: AlexNet FP}, "t5d": {...}} for mFR/mT5D')
+    g.add_argument("--p-normalizers", default=None, metavar="FILE", help='a JSON file {"fp": {pert: AlexNet FP}, '
+                   '"t5d": {pert: AlexNet T5D}} for mFR/mT5D')
     g.add_argument("--mce", default="auto", choices=("auto", "on", "off"), help="auto: when the data has 1000 classes")
     g.add_argument("--scales", type=float, nargs="+", default=[0.75, 1.25],
                    help="input rescalings, each in (0, 4] (geometry, equivariance)")
@@ -1202,7 +1203,10 @@ def load_normalizers(path, perturbations):
         with open(path) as f:
             normalizers = json.load(f)
         normalizers = {k: {p: float(normalizers[k][p]) for p in perturbations} for k in ("fp", "t5d")}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except OSError as e:  # also the JSON itself passed inline
+        raise SystemExit(f"--p-normalizers {path}: cannot read it ({e.strerror or e}); pass the path of a JSON file "
+                         "{'fp': {pert: value}, 't5d': {...}}") from None
+    except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"--p-normalizers {path}: need {{'fp': {{pert: value}}, "
                          f"'t5d': {{...}}}} for every perturbation run ({e!r})") from None
     augment.check_ranges([(f"{k} {p}", v, lambda v: v > 0, "positive") for k, vs in normalizers.items()

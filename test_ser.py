@@ -3297,6 +3297,9 @@ def test_imagenet_p_frame_counts_and_normalizers_are_refused_before_any_work(tin
             robust(*argv, *flags)
         assert "ImageNet-P" not in capsys.readouterr().out
     norms = tmp_path / "normalizers.json"
+    for unreadable in ('{"fp": {"rotate": 1}}', norms, tmp_path):  # the JSON itself, a missing file, a folder
+        with pytest.raises(SystemExit, match="^--p-normalizers .*: cannot read it .*; pass the path of a JSON file"):
+            robust(*argv, "--p-normalizers", unreadable)
     for bad in ("0", "-1", "nan", "inf"):  # they divide: ZeroDivisionError, or a NaN or negative mFR
         fp = {"gaussian_noise": 1, "rotate": float(bad)}
         norms.write_text(json.dumps({"fp": fp, "t5d": {"gaussian_noise": 1, "rotate": 1}}))
