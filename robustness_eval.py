@@ -3,8 +3,9 @@
 What it measures (ImageNet-C/-P: Hendrycks & Dietterich, ICLR 2019, hendrycks/robustness):
   * equivariance per block l, for the group elements g of geometry: mean cosine over tokens between f_l(g x) and
                 rho_g f_l(x), relative error |f_l(gx) - rho_g f_l(x)|_F / |rho_g f_l(x)|_F, invariance error
-                |f_l(gx) - f_l(x)| / |f_l(x)|, and the chance baseline f_l(g x') of an unrelated image x'. Needs
-                only a backbone: the layer trade-off behind SER (equivariant early, invariant late).
+                |f_l(gx) - f_l(x)| / |f_l(x)|, and the chance baseline: f_l(g x) against rho_g f_l(x') of an
+                unrelated image x', the same one whatever the batching. Needs only a backbone: the layer trade-off
+                behind SER (equivariant early, invariant late).
   * geometry    top-1 under 90/180/270-degree rotations, h/v flips and 0.75x / 1.25x rescaling (the ViT
                 resamples its position embedding).
   * ImageNet-C  15 corruptions x 5 severities of ImageNet-C/create_c/make_imagenet_c.py, generated on the fly or
@@ -73,27 +74,29 @@ def geometric_elements(batch_size, grid, scales=(0.75, 1.25)):
 
 
 @torch.no_grad()
-def equivariance_scores(backbone, x, elements, autocast=nullcontext):
+def equivariance_scores(backbone, x, elements, autocast=nullcontext, x_other=None):
     """Per-image scores (E, L, M, B) for E elements, L blocks, M = EQUIV_METRICS (as in the module docstring),
     images x (B, 3, H, W). inv_error is NaN where g changes the grid (no identity map there); chance_* compares
-    f_l(g x') for x' the next image of the batch (NaN for a batch of one)."""
+    f_l(g x) with rho_g f_l(x') for x' the same row of x_other (NaN without it)."""
     def fro(t):
         return t.flatten(1).norm(dim=1)  # (B,)
 
     with autocast():
         maps = [m.float() for m in backbone.block_token_maps(x)]  # L x (B, D, h, w)
-    B = x.shape[0]
-    out = torch.full((len(elements), len(maps), len(EQUIV_METRICS), B), float("nan"), device=x.device)
+        # the unrelated image's clean maps: one forward, where f_l(g x') would take one per element
+        others = None if x_other is None else [m.float() for m in backbone.block_token_maps(x_other)]
+    out = torch.full((len(elements), len(maps), len(EQUIV_METRICS), x.shape[0]), float("nan"), device=x.device)
     for e, g in enumerate(elements.values()):
         with autocast():
             maps_g = [m.float() for m in backbone.block_token_maps(apply_to_images(x, g, backbone.patch_size))]
         for l, (m, mg) in enumerate(zip(maps, maps_g)):
-            target = apply_to_token_map(m, g)  # (B, D, h', w')
             if mg.shape == m.shape:
                 out[e, l, 2] = fro(mg - m) / fro(m)
-            for k, f in [(0, mg)] + ([(3, mg.roll(1, dims=0))] if B > 1 else []):  # f_l(g x), then f_l(g x')
-                out[e, l, k] = F.cosine_similarity(f, target, dim=1).flatten(1).mean(1)
-                out[e, l, k + 1] = fro(f - target) / fro(target)
+            targets = [(0, m)] + ([(3, others[l])] if others else [])  # rho_g f_l(x), then rho_g f_l(x')
+            for k, t in targets:
+                target = apply_to_token_map(t, g)  # (B, D, h', w')
+                out[e, l, k] = F.cosine_similarity(mg, target, dim=1).flatten(1).mean(1)
+                out[e, l, k + 1] = fro(mg - target) / fro(target)
     return out
 
 
@@ -141,12 +144,20 @@ def _picture(t, size):
 
 
 def _grid_image(rows, header, tile):
-    pad, top = 4, 14
+    """Rows of tiles under header lines, each a title per column; a title runs over the empty ones after it (a run's
+    name over its two panels), cut to that width."""
+    pad, line = 4, 12
+    top = 2 + line * len(header)
     width = max(len(r) for r in rows) * (tile + pad) + pad
     out = Image.new("RGB", (width, top + len(rows) * (tile + pad) + pad), "white")
     draw = ImageDraw.Draw(out)
-    for c, title in enumerate(header):
-        draw.text((pad + c * (tile + pad), 2), title[: tile // 6], fill="black")
+    for k, titles in enumerate(header):
+        starts = [c for c, title in enumerate(titles) if title]
+        for c, end in zip(starts, starts[1:] + [len(titles)]):
+            title = titles[c]
+            while draw.textlength(title) > (end - c) * (tile + pad) - pad:
+                title = title[:-1]
+            draw.text((pad + c * (tile + pad), 2 + line * k), title, fill="black")
     for r, row in enumerate(rows):
         for c, im in enumerate(row):
             out.paste(im, (pad + c * (tile + pad), top + pad + r * (tile + pad)))
@@ -170,7 +181,7 @@ def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "
     rows = [[inputs["x"][i], inputs[e][i]]  # then f_L(g x), rho_g f_L(x) per backbone
             + [_picture(side[i], tile) for n in names for side in panels[n][e]]
             for i in range(len(x)) for e in element_names]
-    header = ["x", "g x"] + [t for n in names for t in (f"{n} f(gx)", "rho f(x)")]
+    header = [["", ""] + [t for n in names for t in (n, "")], ["x", "g x"] + ["f(gx)", "rho f(x)"] * len(names)]
     paths = [os.path.join(out_dir, "equivariance.png")]
     vit.save_atomic(paths[0], _grid_image(rows, header, tile))  # write-then-rename: a kill never leaves half a PNG
     for n, b in zip(names, backbones):
@@ -178,7 +189,7 @@ def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "
         attn = attn / attn.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
         rows = [[inputs["x"][i]] + [_picture(a, tile) for a in attn[i]] for i in range(len(x))]
         paths.append(os.path.join(out_dir, f"attention_{n}.png"))
-        vit.save_atomic(paths[-1], _grid_image(rows, ["image"] + [f"head {h}" for h in range(attn.shape[1])], tile))
+        vit.save_atomic(paths[-1], _grid_image(rows, [["image"] + [f"head {h}" for h in range(attn.shape[1])]], tile))
     return paths, panels
 
 
@@ -269,7 +280,7 @@ def frost(x, c, rng, frost_images=None, **_):
     if frost_images is None:
         texture = procedural_frost(H, W, rng)
     else:
-        photo = frost_images[rng.integers(5)]  # randint(5): frost6 is never drawn, as the original
+        photo = frost_images[rng.integers(5)]  # randint(5) over frost1..frost5, as the original
         # a 224x224 crop at 224 px; at other sizes the same field of view, resized to the image
         s = 224 / min(H, W)
         ch, cw = round(H * s), round(W * s)
@@ -380,19 +391,20 @@ FROST_NOTE = ("frost used a procedural texture, not the ImageNet-C frost photos;
 
 
 def load_frost_images(frost_dir):
-    """The original frost1..frost6 photos from a directory, as RGB uint8 (cv2 BGR->RGB equivalent)."""
+    """The original frost1..frost5 photos from a directory, as RGB uint8 (cv2 BGR->RGB equivalent): the ones
+    make_imagenet_c.py draws from (randint(5)); its frost6.jpg is never used, so it is not read."""
     if not os.path.isdir(frost_dir):
         raise SystemExit(f"--frost-dir {frost_dir}: no such folder; pass the frost/ folder of frost1..frost5")
     found = {}
     for name in sorted(os.listdir(frost_dir)):
-        m = re.fullmatch(r"frost([1-6])\.(png|jpg|jpeg)", name, re.IGNORECASE)
+        m = re.fullmatch(r"frost([1-5])\.(png|jpg|jpeg)", name, re.IGNORECASE)
         if m:
             found[int(m.group(1))] = np.asarray(augment.load_rgb(os.path.join(frost_dir, name)))
     missing = [i for i in range(1, 6) if i not in found]
     if missing:
         raise SystemExit(f"--frost-dir {frost_dir}: missing frost{missing[0]}.png/.jpg "
                          f"(need frost1..frost5 from hendrycks/robustness ImageNet-C/create_c)")
-    return [found[i] for i in sorted(found)]
+    return [found[i] for i in range(1, 6)]
 
 
 def procedural_frost(height, width, rng):
@@ -786,6 +798,22 @@ class Generated(_Items):
         return make(u8, rng=np.random.default_rng((self.seed, key, n))), label
 
 
+class WithPartner(Dataset):
+    """Item i of `dataset` with its image stacked on that of image (i + N // 2) % N of the N: a fixed other image
+    for each, whatever the batch size and number of processes, and half the set away, so mostly of another class
+    in class-sorted folders."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y, _ = self.dataset[i]
+        return torch.stack([x, self.dataset[(i + len(self) // 2) % len(self)][0]]), y, i
+
+
 def corrupted_crop(u8, rng, crop, name, severity, frost_images=None, jpeg_quality=None):
     """ImageNet-C's input: the centre crop (Resize(256)+CenterCrop(224) scaled), then the corruption."""
     u8 = _center_crop(u8, crop)
@@ -909,14 +937,16 @@ class Evaluator:
         names = list(geometric_elements(1, grid, self.args.scales))
         correct = torch.zeros(1 + len(names), len(dataset), device=self.device)  # row 0: identity
         scores = torch.zeros(len(names), self.backbone.depth, len(EQUIV_METRICS), len(dataset), device=self.device)
-        for x, y, idx in self.loader(dataset, self.args.batch_size, "clean pass"):
+        paired = equivariance and len(dataset) > 1  # the chance baseline's unrelated image, loaded with each image
+        for x, y, idx in self.loader(WithPartner(dataset) if paired else dataset, self.args.batch_size, "clean pass"):
+            x, x_other = (x[:, 0].contiguous(), x[:, 1].contiguous()) if paired else (x, None)
             elements = geometric_elements(len(x), grid, self.args.scales)
             if self.classifier is not None:
                 correct[0, idx] = self.hits(x, y)
                 for e, g in enumerate(elements.values() if geometry else (), start=1):
                     correct[e, idx] = self.hits(apply_to_images(x, g, self.backbone.patch_size), y)
             if equivariance:
-                scores[..., idx] = equivariance_scores(self.backbone, x, elements, self.autocast)
+                scores[..., idx] = equivariance_scores(self.backbone, x, elements, self.autocast, x_other)
         correct, scores = losses.all_reduce_sum(correct).cpu(), losses.all_reduce_sum(scores).cpu().nanmean(-1)
         return names, correct, {n: {m: scores[e, :, k].tolist() for k, m in enumerate(EQUIV_METRICS)}
                                 for e, n in enumerate(names)}
@@ -944,8 +974,9 @@ def get_args_parser():
     g.add_argument("--img-size", type=int, default=None, help="default: the probe's img_size (or the backbone's)")
     g.add_argument("--imagenet-c-dir", default=None, help="read the released ImageNet-C instead of generating it")
     g.add_argument("--imagenet-p-dir", default=None, help="read ImageNet-P frame folders instead of generating them")
-    g.add_argument("--frost-dir", default=None, help="the original frost1..frost6 photos (the frost/ folder of the "
-                   "imagecorruptions or imagenet-c pip package); without it a weaker procedural texture, marked *")
+    g.add_argument("--frost-dir", default=None, help="the original frost1..frost5 photos, .png or .jpg (the frost/ "
+                   "folder of the imagecorruptions or imagenet-c pip package; frost6 is never drawn, as in "
+                   "make_imagenet_c.py); without it a weaker procedural texture, marked *")
     g = p.add_argument_group("what to run")
     g.add_argument("--tasks", default=None, help="comma list of " + ", ".join(TASKS) + " (default: all)")
     g.add_argument("--equivariance-only", action="store_true", help="per-block equivariance only: --backbone will do")
@@ -954,7 +985,8 @@ def get_args_parser():
     g.add_argument("--c-jpeg", action="store_true", help="re-encode generated images as JPEG q85 like the release")
     g.add_argument("--p-frames", type=int, default=None, help="frames per sequence (31, translate 41)")
     g.add_argument("--p-difficulty", type=int, default=1, choices=(1, 2, 3), help="noise strength / frame step d")
-    g.add_argument("--p-normalizers", default=None, help='JSON {"fp": {pert: AlexNet FP}, "t5d": {...}} for mFR/mT5D')
+    g.add_argument("--p-normalizers", default=None, metavar="FILE", help='a JSON file {"fp": {pert: AlexNet FP}, '
+                   '"t5d": {pert: AlexNet T5D}} for mFR/mT5D')
     g.add_argument("--mce", default="auto", choices=("auto", "on", "off"), help="auto: when the data has 1000 classes")
     g.add_argument("--scales", type=float, nargs="+", default=[0.75, 1.25],
                    help="input rescalings, each in (0, 4] (geometry, equivariance)")
@@ -980,6 +1012,35 @@ def check_args(args):
     augment.check_ranges([("--" + k.replace("_", "-"), getattr(args, k), *rule) for k, rule in ranges.items()])
 
 
+def refuse_ignored_flags(args, tasks, table=False):
+    """Each flag set away from its default that this run would not read, refused: a run that ignores one is not the
+    run asked for. table: the comparison of several --backbone, which reads --figure-layer for its columns."""
+    c, p = "c" in tasks, "p" in tasks
+    generated_c, generated_p = c and not args.imagenet_c_dir, p and not args.imagenet_p_dir
+    task_c, task_p = "the ImageNet-C task (c in --tasks)", "the ImageNet-P task (p in --tasks)"
+    readers = [  # (flag, whether this run reads it, what reads it)
+        ("corruptions", c, task_c), ("imagenet_c_dir", c, task_c), ("mce", c, task_c),
+        ("c_jpeg", generated_c, "generated ImageNet-C (c in --tasks, no --imagenet-c-dir)"),
+        ("frost_dir", generated_c and "frost" in args.corruptions.split(","),
+         "generated ImageNet-C frost (c in --tasks, frost in --corruptions, no --imagenet-c-dir)"),
+        ("perturbations", p, task_p), ("imagenet_p_dir", p, task_p), ("p_difficulty", p, task_p),
+        ("p_normalizers", p, task_p),
+        ("p_frames", generated_p, "generated ImageNet-P (p in --tasks, no --imagenet-p-dir)"),
+        ("seed", generated_c or generated_p, "generated ImageNet-C or -P"),
+        ("scales", {"geometry", "equivariance"} & set(tasks), "the geometry and equivariance tasks"),
+        ("figure_layer", args.figures or table, "--figures or the table of several --backbone"),
+        ("figure_images", args.figures, "--figures"),
+        ("arch", args.backbone, "--backbone (a --probe records its architecture)"),
+        ("patch_size", args.backbone, "--backbone (a --probe records its architecture)")]
+    defaults = get_args_parser()
+    ignored = [("--" + dest.replace("_", "-"), why) for dest, used, why in readers
+               if not used and getattr(args, dest) != defaults.get_default(dest)]
+    if ignored:
+        (flag, why), others = ignored[0], [f for f, _ in ignored[1:]]
+        raise SystemExit(f"{flag} would be ignored: only {why} reads it; drop it"
+                         + (f" (and {', '.join(others)}, ignored too)" if others else ""))
+
+
 def _choices(text, allowed, flag):
     items = list(dict.fromkeys(t for t in text.split(",") if t))  # a duplicate would be run and counted twice
     bad = [t for t in items if t not in allowed]
@@ -987,6 +1048,15 @@ def _choices(text, allowed, flag):
         what = f"unknown {', '.join(bad)}" if bad else "none given"
         raise SystemExit(f"{flag}: {what}; choose from {', '.join(allowed)}")
     return items
+
+
+def _finite_or_null(obj):
+    """NaN and inf as None: json.dump writes them as bare NaN / Infinity, which strict parsers (JSON.parse) reject."""
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 def _mean(values):
@@ -1133,7 +1203,10 @@ def load_normalizers(path, perturbations):
         with open(path) as f:
             normalizers = json.load(f)
         normalizers = {k: {p: float(normalizers[k][p]) for p in perturbations} for k in ("fp", "t5d")}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except OSError as e:  # also the JSON itself passed inline
+        raise SystemExit(f"--p-normalizers {path}: cannot read it ({e.strerror or e}); pass the path of a JSON file "
+                         "{'fp': {pert: value}, 't5d': {...}}") from None
+    except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"--p-normalizers {path}: need {{'fp': {{pert: value}}, "
                          f"'t5d': {{...}}}} for every perturbation run ({e!r})") from None
     augment.check_ranges([(f"{k} {p}", v, lambda v: v > 0, "positive") for k, vs in normalizers.items()
@@ -1196,9 +1269,10 @@ def evaluate(args, device, rank, world):
     """--tasks for one probe (or, with --equivariance-only, one backbone)."""
     tasks = ["equivariance"] if args.equivariance_only else _choices(args.tasks or ",".join(TASKS), TASKS, "--tasks")
     corruptions = _choices(args.corruptions, CORRUPTIONS, "--corruptions")
+    perturbations = _choices(args.perturbations, PERTURBATIONS, "--perturbations")
+    refuse_ignored_flags(args, tasks)
     if args.mce == "on" and len(corruptions) < len(CORRUPTIONS) and "c" in tasks:
         raise SystemExit("--mce on needs all 15 corruptions: drop --corruptions, or use --mce auto")
-    perturbations = _choices(args.perturbations, PERTURBATIONS, "--perturbations")
     backbone, classifier, meta = load_model(args)
     backbone.to(device).eval()
     # --equivariance-only takes a probe's backbone, not its head; without it the tasks are equivariance only
@@ -1241,6 +1315,7 @@ def compare_backbones(args, device, rank, world):
     """--equivariance-only with several --backbone: one table of, per run and group element, the mean cosine between
     f_l(g x) and rho_g f_l(x) at block L (--figure-layer: SER's split block) and at the last block, plus linear /
     k-NN top-1 from the run's <run>/linear/linear_eval.json when linear_eval.py wrote one."""
+    refuse_ignored_flags(args, ["equivariance"], table=True)
     backbones, names = [load_backbone(args, p) for p in args.backbone], run_names(args.backbone)
     img_size = args.img_size or backbones[0].arch["img_size"]
     for path, b in zip(args.backbone, backbones):
@@ -1292,7 +1367,7 @@ def main(args):
     if rank == 0:
         path = os.path.join(args.output_dir, "robustness.json")
         with vit.exit_on_write_error():
-            vit.save_atomic(path, results)  # write-then-rename: a kill never leaves half a JSON
+            vit.save_atomic(path, _finite_or_null(results))  # write-then-rename: a kill never leaves half a JSON
         log(f"\nwrote {path} in {results['seconds']:.0f}s")
     losses.finish_distributed()
     return results

@@ -2981,7 +2981,9 @@ def test_filters_match_references():
 def test_frost_dir_and_procedural(tmp_path):
     for i in range(1, 7):
         Image.fromarray(np.full((300, 260, 3), 40 * i, np.uint8)).save(tmp_path / f"frost{i}.png")
+    (tmp_path / "frost6.png").write_bytes(b"")  # never drawn, so never read
     photos = robustness_eval.load_frost_images(str(tmp_path))
+    assert [p[0, 0, 0] for p in photos] == [40 * i for i in range(1, 6)]
     out = robustness_eval.corrupt(IMG, "frost", 1, rng=0, frost_images=photos)
     # a = 1, b = 0.4 of a constant photo: the shift is 0.4 * value of one of frost1..5 (never frost6)
     shift = (out.astype(int) - IMG).mean()
@@ -3124,7 +3126,7 @@ def test_equivariance_scores_standin():
     torch.manual_seed(0)
     x = torch.randn(3, 3, 32, 32)
     elements = robustness_eval.geometric_elements(3, (4, 4))
-    good = robustness_eval.equivariance_scores(StandIn(), x, elements)  # (E, L, M, B)
+    good = robustness_eval.equivariance_scores(StandIn(), x, elements, x_other=x.roll(1, 0))  # (E, L, M, B)
     bad = robustness_eval.equivariance_scores(StandIn(bias=True), x, elements)
     names = list(elements)
     assert good.shape == (len(names), 3, len(robustness_eval.EQUIV_METRICS), 3)
@@ -3138,9 +3140,10 @@ def test_equivariance_scores_standin():
         assert good[e, :, 2].min() > 0.05  # but not invariant
         assert (bad[e, :, 0].mean() < 0.999) and (bad[e, :, 1].mean() > 1e-2)
         assert good[e, :, 4].mean() > 0.1  # chance baseline: unrelated images disagree
+    assert torch.isnan(bad[:, :, 3:]).all()  # no unrelated images given, no baseline
 
 
-def test_equivariance_figure_panels_and_pngs(tmp_path):
+def test_equivariance_figure_panels_and_pngs(tmp_path, monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
     g = robustness_eval.geometric_elements(2, (4, 4))
@@ -3153,8 +3156,18 @@ def test_equivariance_figure_panels_and_pngs(tmp_path):
     paths, panels = robustness_eval.write_figures(vits, ["base", "ser"], x, str(tmp_path), layer=1, tile=32)
     assert [os.path.basename(p) for p in paths] == ["equivariance.png", "attention_base.png", "attention_ser.png"]
     pad, top = 4, 14  # _grid_image's layout: 2 images x 3 elements rows; x, g x, then 2 panels per backbone
-    assert Image.open(paths[0]).size == (6 * (32 + pad) + pad, top + 6 * (32 + pad) + pad)
+    assert Image.open(paths[0]).size == (6 * (32 + pad) + pad, top + 12 + 6 * (32 + pad) + pad)  # 2 header lines
     assert Image.open(paths[2]).size == (5 * (32 + pad) + pad, top + 2 * (32 + pad) + pad)  # image + 4 heads
+    from PIL import ImageDraw
+    drawn, text = [], ImageDraw.ImageDraw.text
+
+    def recorded(self, xy, title, *args, **kw):
+        drawn.append(title)
+        return text(self, xy, title, *args, **kw)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", recorded)
+    robustness_eval.write_figures(vits, ["dino_ser_abc", "full1_abcdef"], x, str(tmp_path / "named"), layer=1)
+    assert {"dino_ser_abc", "full1_abcdef", "f(gx)", "rho f(x)", "head 3"} <= set(drawn)  # whole, at the default tile
     attn = robustness_eval.cls_attention(vits[1], x)
     assert attn.shape == (2, 4, 4, 4) and torch.all(attn.flatten(2).sum(-1) <= 1 + 1e-5)
 
@@ -3275,15 +3288,90 @@ def robust(*argv):
     return robustness_eval.main(robustness_eval.get_args_parser().parse_args([str(a) for a in argv]))
 
 
+def test_robustness_json_is_strict_json(tiny_probe, tmp_path):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    robust("--probe", tiny_probe, "--tasks", "clean,equivariance", "--num-images", "2", "--num-workers", "0",
+           "--output-dir", tmp_path)  # a rescaled grid has no invariance error: NaN
+    out = json.loads((tmp_path / "robustness.json").read_text(), parse_constant=refuse)
+    assert out["equivariance"]["scale1.25"]["inv_error"] == [None, None]
+    assert all(-1 <= v <= 1 for v in out["equivariance"]["rot90"]["cos"])  # numbers stay numbers
+
+
+def robust_ddp_worker(rank, world, argv):
+    robust(*argv)
+
+
+def test_chance_baseline_pairs_the_same_images_whatever_the_batching(tiny_probe, tmp_path):
+    def chance(*flags):  # the unrelated image of each image: not a batch neighbour, which the batching decides
+        robust("--equivariance-only", "--probe", tiny_probe, "--num-images", "5", "--num-workers", "0",
+               "--output-dir", tmp_path, *flags)
+        out = json.loads((tmp_path / "robustness.json").read_text())["equivariance"]
+        return np.array([[v["chance_cos"], v["chance_rel_error"]] for v in out.values()])
+
+    one = chance("--batch-size", "1")
+    assert np.isfinite(one).all()  # a batch of one has no neighbour
+    np.testing.assert_allclose(chance("--batch-size", "3"), one, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_equivariance_equals_one_process(tiny_probe, tmp_path):
+    argv = ["--equivariance-only", "--probe", tiny_probe, "--num-images", "5", "--num-workers", "0",
+            "--batch-size", "2"]
+    spawn(robust_ddp_worker, argv + ["--output-dir", tmp_path / "ddp"])
+    robust(*argv, "--output-dir", tmp_path / "one")
+    ddp, one = (json.loads((tmp_path / run / "robustness.json").read_text()) for run in ("ddp", "one"))
+    assert ddp["world_size"] == 2
+
+    def scores(out):  # null (no invariance error across grid sizes) as NaN
+        return np.array([[v[m] for m in robustness_eval.EQUIV_METRICS] for v in out["equivariance"].values()], float)
+    np.testing.assert_allclose(scores(ddp), scores(one), rtol=1e-5)
+
+
 def test_robustness_outputs_are_tried_before_any_work(tiny_probe, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     argv = ["--probe", tiny_probe, "--tasks", "clean", "--num-images", "2", "--num-workers", "0",
-            "--output-dir", tmp_path / "out", "--frost-dir", tmp_path / "nowhere"]  # frost does not run: not read
+            "--output-dir", tmp_path / "out"]
     for flag in ("--output-dir", "--figures"):
         with pytest.raises(SystemExit, match=f"^{flag} .*file: cannot write there"):
             robust(*argv, flag, tmp_path / "file")
         assert "clean top-1" not in capsys.readouterr().out
     assert robust(*argv)["num_images"] == 2
+
+
+@pytest.mark.parametrize("tasks, flags", [
+    ("clean", "--c-jpeg"), ("clean", "--corruptions fog"), ("clean", "--mce off"), ("clean", "--imagenet-c-dir C"),
+    ("clean", "--frost-dir F"), ("c", "--corruptions fog --frost-dir F"),  # frost not generated: its photos unread
+    ("c", "--imagenet-c-dir C --frost-dir F"), ("c", "--imagenet-c-dir C --c-jpeg"),
+    ("c", "--imagenet-c-dir C --seed 1"),
+    ("clean", "--perturbations rotate"), ("clean,c", "--p-frames 3"), ("clean", "--p-difficulty 2"),
+    ("clean", "--p-normalizers N"), ("clean", "--imagenet-p-dir P"), ("p", "--imagenet-p-dir P --p-frames 3"),
+    ("clean", "--seed 1"), ("clean,c", "--scales 0.5"), ("clean", "--figure-layer 2"), ("clean", "--figure-images 3"),
+    ("clean", "--arch vit_small"), ("clean", "--patch-size 8"),  # the probe's architecture is its own
+    (None, "--equivariance-only --corruptions fog"), (None, "--equivariance-only --figure-layer 1")])
+def test_flags_the_run_would_ignore_are_refused(tiny_probe, tmp_path, tasks, flags):
+    argv = ["--probe", tiny_probe, "--num-images", "2", "--num-workers", "0", "--output-dir", tmp_path / "out",
+            *(["--tasks", tasks] if tasks else []), *flags.split()]  # C, F, N, P: paths never read
+    refused = [f for f in flags.split() if f.startswith("--")][-1]
+    with pytest.raises(SystemExit, match=f"^{refused} would be ignored: only .* reads it; drop it$"):
+        robust(*argv)
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_every_ignored_flag_is_named_and_the_read_ones_run(tiny_probe, tmp_path):
+    ignored = ("--c-jpeg --p-frames 3 --corruptions fog --perturbations rotate --figure-layer 2 --figure-images 3 "
+               "--scales 0.5 --p-difficulty 2 --mce off").split()
+    with pytest.raises(SystemExit) as refused:
+        robust("--probe", tiny_probe, "--tasks", "clean", "--output-dir", tmp_path, *ignored)
+    assert "\n" not in str(refused.value) and all(f in str(refused.value) for f in ignored if f.startswith("--"))
+    out = robust("--probe", tiny_probe, "--tasks", "geometry", "--scales", "0.5", "--num-images", "2",
+                 "--num-workers", "0", "--output-dir", tmp_path)  # each read where its task runs
+    assert set(out["geometry"]) == {"rot90", "rot180", "rot270", "hflip", "vflip", "scale0.5"}
+    figures = robust("--equivariance-only", "--probe", tiny_probe, "--num-images", "2", "--num-workers", "0",
+                     "--figures", tmp_path / "figures", "--figure-layer", "1", "--figure-images", "1",
+                     "--output-dir", tmp_path)
+    assert "equivariance" in figures and (tmp_path / "figures" / "equivariance.png").is_file()
 
 
 def test_imagenet_p_frame_counts_and_normalizers_are_refused_before_any_work(tiny_probe, tmp_path, capsys):
@@ -3295,6 +3383,9 @@ def test_imagenet_p_frame_counts_and_normalizers_are_refused_before_any_work(tin
             robust(*argv, *flags)
         assert "ImageNet-P" not in capsys.readouterr().out
     norms = tmp_path / "normalizers.json"
+    for unreadable in ('{"fp": {"rotate": 1}}', norms, tmp_path):  # the JSON itself, a missing file, a folder
+        with pytest.raises(SystemExit, match="^--p-normalizers .*: cannot read it .*; pass the path of a JSON file"):
+            robust(*argv, "--p-normalizers", unreadable)
     for bad in ("0", "-1", "nan", "inf"):  # they divide: ZeroDivisionError, or a NaN or negative mFR
         fp = {"gaussian_noise": 1, "rotate": float(bad)}
         norms.write_text(json.dumps({"fp": fp, "t5d": {"gaussian_noise": 1, "rotate": 1}}))
