@@ -63,6 +63,17 @@ def check_ranges(ranges, prefix=""):
                 raise SystemExit(f"{prefix}{flag} must be {want}, got {v}")
 
 
+def refuse_ignored_flags(args, parser, readers, prefix=""):
+    """Every flag set away from its default that this run would not read, refused in one line: a run that ignores a
+    flag it was given is not the run asked for. readers: (dest, whether this run reads it, what reads it)."""
+    ignored = [(f"--{dest.replace('_', '-')}", by) for dest, read, by in readers
+               if not read and getattr(args, dest) != parser.get_default(dest)]
+    if ignored:
+        (flag, by), others = ignored[0], [f for f, _ in ignored[1:]]
+        raise SystemExit(f"{prefix}{flag} is read only with {by}; this run would ignore it: drop it"
+                         + (f" (and {', '.join(others)}, ignored too)" if others else ""))
+
+
 def progress(iterable, total, label, log=print, every=30.0):
     """Yield from `iterable`, logging "label 120/900, 2.1 min, ETA 13.5 min" at most every `every`
     seconds and once at the end: the long evaluation passes would otherwise be silent for minutes."""

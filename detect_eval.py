@@ -658,16 +658,13 @@ def check_args(args):
     if args.data != "synthetic" and not os.path.isdir(args.data):
         raise SystemExit(f"detect_eval.py: --data {args.data} is not a folder: pass a COCO root or 'synthetic'")
     synthetic = args.data == "synthetic"
-    ignored = [(k, synthetic, "a COCO --data") for k in ("train_split", "val_split", "allow_degenerate_boxes")]
-    ignored += [(k, not synthetic, "--data synthetic") for k in ("synthetic_train", "synthetic_val", "synthetic_size",
-                                                                   "data_seed")]
-    ignored += [("decay_at", args.schedule != "step", "--schedule step"),
-                ("momentum", args.optimizer != "sgd", "--optimizer sgd")]
-    parser = get_args_parser()  # a default never trips: only flags given are refused
-    for k, unused, where in ignored:
-        if unused and getattr(args, k) != parser.get_default(k):
-            raise SystemExit(f"detect_eval.py: --{k.replace('_', '-')} only applies with {where}; this run would "
-                             "ignore it: drop it")
+    readers = [(k, not synthetic, "a COCO --data") for k in ("train_split", "val_split", "allow_degenerate_boxes")]
+    readers += [(k, synthetic, "--data synthetic") for k in ("synthetic_train", "synthetic_val", "synthetic_size",
+                                                             "data_seed")]
+    readers += [("decay_at", args.schedule == "step", "--schedule step"),
+                ("momentum", args.optimizer == "sgd", "--optimizer sgd")]
+    parser = get_args_parser()
+    augment.refuse_ignored_flags(args, parser, readers, prefix="detect_eval.py: ")
     if args.warmup_iters >= args.iters:  # the lr would warm up throughout, never reaching --lr nor its decays
         default = " (the default)" if args.warmup_iters == parser.get_default("warmup_iters") else ""
         raise SystemExit(f"detect_eval.py: --warmup-iters {args.warmup_iters}{default} must be below --iters "

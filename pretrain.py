@@ -134,11 +134,12 @@ ONLY_FOR = {
     **dict.fromkeys(("teacher_temp", "warmup_teacher_temp", "warmup_teacher_temp_epochs", "freeze_last_layer",
                      "norm_last_layer", "use_bn_in_head"), ("--method dino", lambda a: a.method == "dino")),
     "temperature": ("--method mocov3 or simclr", lambda a: a.method in ("mocov3", "simclr")),
-    "momentum": ("the methods with an EMA teacher (mocov3, dino, byol)", lambda a: a.method in EMA_METHODS),
+    "momentum": ("an EMA teacher (--method mocov3, dino or byol)", lambda a: a.method in EMA_METHODS),
     **dict.fromkeys(("equiv_layer", "equiv_lambda"), ("an add-on", lambda a: a.addon is not None)),
     "equiv_tau": ("--ser or --equimod", lambda a: a.addon in ("ser", "equimod")),
     **dict.fromkeys(("ser_ratio", "ser_min_images", "ser_chunk", "ser_scale"), ("--ser", lambda a: a.addon == "ser")),
-    **dict.fromkeys(("compile", "grad_checkpointing"), ("training, not --count-flops", lambda a: not a.count_flops)),
+    **dict.fromkeys(("compile", "grad_checkpointing"), ("a training run, not --count-flops",
+                                                        lambda a: not a.count_flops)),
 }
 
 
@@ -235,10 +236,8 @@ def resolve_config(args):
     if len(addons) > 1:
         raise SystemExit(f"error: one add-on at a time, got --{' --'.join(addons)}")
     args.addon = addons[0] if addons else None
-    parser = get_args_parser()
-    for k, (users, used) in ONLY_FOR.items():
-        if getattr(args, k) != parser.get_default(k) and not used(args):
-            raise SystemExit(f"error: --{k.replace('_', '-')} is for {users}; this run would ignore it")
+    augment.refuse_ignored_flags(args, get_args_parser(), [(k, used(args), by) for k, (by, used) in ONLY_FOR.items()],
+                                 prefix="error: ")
     warmup_given = args.warmup_epochs is not None
     synthetic = args.data == "synthetic"
     lam, tau = SER_DEFAULTS[args.method] if args.addon == "ser" else ADDON_DEFAULTS[args.addon]
@@ -257,7 +256,8 @@ def resolve_config(args):
     if args.count_flops and args.benchmark:
         raise SystemExit("error: --count-flops and --benchmark each end the run; pass one")
     if args.count_flops and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise SystemExit("error: --count-flops counts one process's step (set its --batch-size); run it without torchrun")
+        raise SystemExit("error: --count-flops counts one process's step (set its --batch-size); run it without "
+                         "torchrun")
     if args.synthetic_length and not synthetic:
         raise SystemExit(f"error: --synthetic-length sets the built-in data's size, not that of --data {args.data}")
     if not 0 <= args.warmup_epochs <= args.epochs:
@@ -903,8 +903,8 @@ def knn_history(output_dir):
 
 def knn_due(args, step, steps_per_epoch, total_steps):
     """The monitor runs at the end of every --knn-every-th epoch and of the last one."""
-    epoch_end = step % steps_per_epoch == 0
-    return bool(args.knn_every) and epoch_end and ((step // steps_per_epoch) % args.knn_every == 0 or step == total_steps)
+    epoch, in_epoch = divmod(step, steps_per_epoch)
+    return bool(args.knn_every) and in_epoch == 0 and (epoch % args.knn_every == 0 or step == total_steps)
 
 
 def run_summary(output_dir, seconds):

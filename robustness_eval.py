@@ -1013,8 +1013,8 @@ def check_args(args):
 
 
 def refuse_ignored_flags(args, tasks, table=False):
-    """Each flag set away from its default that this run would not read, refused: a run that ignores one is not the
-    run asked for. table: the comparison of several --backbone, which reads --figure-layer for its columns."""
+    """The flags these tasks do not read, refused if given. table: the comparison of several --backbone, which reads
+    --figure-layer for its columns."""
     c, p = "c" in tasks, "p" in tasks
     generated_c, generated_p = c and not args.imagenet_c_dir, p and not args.imagenet_p_dir
     task_c, task_p = "the ImageNet-C task (c in --tasks)", "the ImageNet-P task (p in --tasks)"
@@ -1032,13 +1032,7 @@ def refuse_ignored_flags(args, tasks, table=False):
         ("figure_images", args.figures, "--figures"),
         ("arch", args.backbone, "--backbone (a --probe records its architecture)"),
         ("patch_size", args.backbone, "--backbone (a --probe records its architecture)")]
-    defaults = get_args_parser()
-    ignored = [("--" + dest.replace("_", "-"), why) for dest, used, why in readers
-               if not used and getattr(args, dest) != defaults.get_default(dest)]
-    if ignored:
-        (flag, why), others = ignored[0], [f for f, _ in ignored[1:]]
-        raise SystemExit(f"{flag} would be ignored: only {why} reads it; drop it"
-                         + (f" (and {', '.join(others)}, ignored too)" if others else ""))
+    augment.refuse_ignored_flags(args, get_args_parser(), readers)
 
 
 def _choices(text, allowed, flag):

@@ -1863,17 +1863,17 @@ def test_bad_configurations_give_clear_errors(tmp_path):
 
 
 @pytest.mark.parametrize("flags,users", [("--method byol --temperature 0.5", "--method mocov3 or simclr"),
-                                         ("--method simclr --momentum 0.9", "the methods with an EMA teacher"),
+                                         ("--method simclr --momentum 0.9", "an EMA teacher"),
                                          ("--method mocov3 --teacher-temp 0.05", "--method dino"),
                                          ("--method mocov3 --no-use-bn-in-head", "--method dino"),
                                          ("--method dino --ser-ratio 0.5", "--ser"),
                                          ("--method dino --ser-scale 1 2", "--ser"),
                                          ("--method byol --equiv-layer 2", "an add-on"),
                                          ("--method byol --augself --equiv-tau 0.1", "--ser or --equimod"),
-                                         ("--count-flops --compile", "training, not --count-flops")])
+                                         ("--count-flops --compile", "a training run, not --count-flops")])
 def test_flags_a_run_would_ignore_are_refused(flags, users, tmp_path):
     name = [f for f in flags.split() if f.startswith("--")][-1].replace("--no-", "--")
-    with pytest.raises(SystemExit, match=f"^error: {name} is for {users}.*; this run would ignore it$"):
+    with pytest.raises(SystemExit, match=f"^error: {name} is read only with {users}.*; this run would ignore it: drop it$"):
         config(flags, tmp_path)
 
 
@@ -3354,7 +3354,7 @@ def test_flags_the_run_would_ignore_are_refused(tiny_probe, tmp_path, tasks, fla
     argv = ["--probe", tiny_probe, "--num-images", "2", "--num-workers", "0", "--output-dir", tmp_path / "out",
             *(["--tasks", tasks] if tasks else []), *flags.split()]  # C, F, N, P: paths never read
     refused = [f for f in flags.split() if f.startswith("--")][-1]
-    with pytest.raises(SystemExit, match=f"^{refused} would be ignored: only .* reads it; drop it$"):
+    with pytest.raises(SystemExit, match=f"^{refused} is read only with .*; this run would ignore it: drop it$"):
         robust(*argv)
     assert not (tmp_path / "out").exists()  # refused before any work
 
@@ -3792,12 +3792,12 @@ def test_detect_eval_flags_the_run_would_ignore_are_refused(tmp_path):
         detect_eval.check_args(detect_eval.get_args_parser().parse_args(flags.format(coco=tmp_path).split()))
 
     for flags, message in [
-            ("--allow-degenerate-boxes", "--allow-degenerate-boxes only applies with a COCO --data"),
-            ("--train-split foo", "--train-split only applies with a COCO --data"),
-            ("--val-split bar", "--val-split only applies with a COCO --data"),
-            ("--data {coco} --synthetic-size 64", "--synthetic-size only applies with --data synthetic"),
-            ("--schedule cosine --decay-at 0.5", "--decay-at only applies with --schedule step"),
-            ("--momentum 0.5", "--momentum only applies with --optimizer sgd"),
+            ("--allow-degenerate-boxes", "--allow-degenerate-boxes is read only with a COCO --data"),
+            ("--train-split foo", "--train-split is read only with a COCO --data"),
+            ("--val-split bar", "--val-split is read only with a COCO --data"),
+            ("--data {coco} --synthetic-size 64", "--synthetic-size is read only with --data synthetic"),
+            ("--schedule cosine --decay-at 0.5", "--decay-at is read only with --schedule step"),
+            ("--momentum 0.5", "--momentum is read only with --optimizer sgd"),
             ("--iters 4", "--warmup-iters 30 \\(the default\\) must be below --iters 4: pass a smaller --warmup-iters"),
             ("--iters 4 --warmup-iters 4", "--warmup-iters 4 must be below --iters 4")]:
         with pytest.raises(SystemExit, match=f"^detect_eval.py: {message}"):
