@@ -66,8 +66,10 @@ def check_ranges(ranges, prefix=""):
 def refuse_ignored_flags(args, parser, readers, prefix=""):
     """Every flag set away from its default that this run would not read, refused in one line: a run that ignores a
     flag it was given is not the run asked for. readers: (dest, whether this run reads it, what reads it)."""
+    def plain(v):  # nargs flags parse to lists, their defaults may be tuples
+        return tuple(v) if isinstance(v, list) else v
     ignored = [(f"--{dest.replace('_', '-')}", by) for dest, read, by in readers
-               if not read and getattr(args, dest) != parser.get_default(dest)]
+               if not read and plain(getattr(args, dest)) != plain(parser.get_default(dest))]
     if ignored:
         (flag, by), others = ignored[0], [f for f, _ in ignored[1:]]
         raise SystemExit(f"{prefix}{flag} is read only with {by}; this run would ignore it: drop it"

@@ -220,7 +220,8 @@ def get_args_parser():
       help="epochs between k-NN monitors, and the last epoch (0 = off; 1 on real data, 2 on the built-in data)")
     a("--knn-train-size", type=int, default=None, help="train images in the k-NN monitor's memory bank")
     a("--knn-val-size", type=int, default=None, help="val images the k-NN monitor classifies")
-    a("--stop-at-step", type=int, default=None, help="save and exit at this step (time-limited jobs); rerun to resume")
+    a("--stop-at-step", type=int, default=None,
+      help="save and exit at this step (time-limited jobs); rerun without it, or with a later one, to resume")
     a("--benchmark", type=int, default=0, metavar="STEPS",
       help="time STEPS steps from initialisation (and as many of bare compute, the floor), then exit; a "
            "checkpoint in --output-dir is neither resumed nor changed")

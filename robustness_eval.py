@@ -965,8 +965,11 @@ def get_args_parser():
     g.add_argument("--probe", default=None, help="linear_eval.py output <dir>/linear_probe.pth (backbone + head)")
     g.add_argument("--backbone", nargs="+", default=None, help="backbone checkpoint(s) for --equivariance-only; "
                    "several give one comparison table (and figure) over the runs")
-    g.add_argument("--arch", default=None, help="with --backbone for released weights, e.g. vit_small")
+    g.add_argument("--checkpoint-key", default=None, help="with --backbone: the network of a full checkpoint "
+                   "(default: the one its method evaluates, DINO's teacher)")
+    g.add_argument("--arch", default=None, choices=sorted(vit.ARCHS), help="with --backbone for released weights")
     g.add_argument("--patch-size", type=int, default=None, help="with --arch only (default 16)")
+    g.add_argument("--depth", type=int, default=None, help="with --arch only (default 12)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", help="val split of 'synthetic' (built in) or an ImageFolder root "
                    "(ImageNet: enables mCE); clean images and the source of generated C/P")
@@ -1008,7 +1011,8 @@ def check_args(args):
     ranges = {"num_images": at_least_1, "img_size": at_least_1, "batch_size": at_least_1, "num_workers": non_negative,
               "p_frames": (lambda v: v >= 2, "at least 2"),
               "scales": (lambda v: 0 < v <= 4, "in (0, 4]"),  # 100: 3200 px images
-              "seed": non_negative, "patch_size": at_least_1, "figure_layer": at_least_1, "figure_images": at_least_1}
+              "seed": non_negative, "patch_size": at_least_1, "depth": at_least_1, "figure_layer": at_least_1,
+              "figure_images": at_least_1}
     augment.check_ranges([("--" + k.replace("_", "-"), getattr(args, k), *rule) for k, rule in ranges.items()])
 
 
@@ -1030,8 +1034,8 @@ def refuse_ignored_flags(args, tasks, table=False):
         ("scales", {"geometry", "equivariance"} & set(tasks), "the geometry and equivariance tasks"),
         ("figure_layer", args.figures or table, "--figures or the table of several --backbone"),
         ("figure_images", args.figures, "--figures"),
-        ("arch", args.backbone, "--backbone (a --probe records its architecture)"),
-        ("patch_size", args.backbone, "--backbone (a --probe records its architecture)")]
+        *[(k, args.backbone, "--backbone (a --probe records its own)") for k in ("checkpoint_key", "arch",
+                                                                                   "patch_size", "depth")]]
     augment.refuse_ignored_flags(args, get_args_parser(), readers)
 
 
@@ -1058,7 +1062,8 @@ def _mean(values):
 
 
 def load_backbone(args, path):
-    return vit.backbone_from_flags(path, args.arch, args.patch_size, flag="--backbone")  # its errors name the path
+    return vit.backbone_from_flags(path, args.arch, args.patch_size, key=args.checkpoint_key, depth=args.depth,
+                                   flag="--backbone")  # its errors name the path
 
 
 def load_model(args):

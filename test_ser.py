@@ -1872,6 +1872,7 @@ def test_bad_configurations_give_clear_errors(tmp_path):
                                          ("--method byol --augself --equiv-tau 0.1", "--ser or --equimod"),
                                          ("--count-flops --compile", "a training run, not --count-flops")])
 def test_flags_a_run_would_ignore_are_refused(flags, users, tmp_path):
+    config("--method dino --ser-scale 0.7 1.3", tmp_path)  # a flag given at its default changes nothing: accepted
     name = [f for f in flags.split() if f.startswith("--")][-1].replace("--no-", "--")
     with pytest.raises(SystemExit, match=f"^error: {name} is read only with {users}.*; this run would ignore it: drop it$"):
         config(flags, tmp_path)
@@ -3239,6 +3240,24 @@ def tiny_probe(tmp_path_factory):
     linear_eval.save_probe(str(path), backbone, classifier, n_last_blocks=1, avgpool=False, num_classes=num_classes,
                            img_size=32, data="synthetic")
     return str(path)
+
+
+def test_backbone_flags_match_the_other_scripts(tmp_path):
+    """--checkpoint-key and --depth, as in linear_eval.py and detect_eval.py: the network of a full checkpoint, and
+    the blocks of released weights (the loaders' errors name these flags)."""
+    run("--method dino --stop-at-step 2", tmp_path)  # a full checkpoint: student and teacher differ (lr > 0)
+    parse = robustness_eval.get_args_parser().parse_args
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    for key in ("student", "teacher"):
+        backbone = robustness_eval.load_backbone(parse(["--checkpoint-key", key]), str(tmp_path / "checkpoint.pth"))
+        assert torch.equal(backbone.blocks[0].attn.qkv.weight, ckpt[key]["backbone.blocks.0.attn.qkv.weight"])
+    weights = str(tmp_path / "bare.pth")
+    torch.save(tiny_vit(seed=0, embed_dim=192, num_heads=3, depth=2, img_size=224, patch_size=16).state_dict(), weights)
+    assert robustness_eval.load_backbone(parse(["--arch", "vit_tiny", "--depth", "2"]), weights).depth == 2
+    with pytest.raises(SystemExit, match="^--backbone: .*depth"):  # the flag reaches the loader
+        robustness_eval.load_backbone(parse(["--arch", "vit_tiny", "--depth", "3"]), weights)
+    with pytest.raises(SystemExit, match="--depth is read only with --backbone"):
+        robust("--probe", "p.pth", "--depth", "2")
 
 
 def test_driver_smoke(tiny_probe, tmp_path):
