@@ -68,7 +68,10 @@ def refuse_ignored_flags(args, parser, readers, prefix=""):
     flag it was given is not the run asked for. readers: (dest, whether this run reads it, what reads it)."""
     def plain(v):  # nargs flags parse to lists, their defaults may be tuples
         return tuple(v) if isinstance(v, list) else v
-    ignored = [(f"--{dest.replace('_', '-')}", by) for dest, read, by in readers
+
+    def typed(dest):  # as the user typed it: --no-x for a BooleanOptionalAction set to False
+        return f"--{'no-' if getattr(args, dest) is False else ''}{dest.replace('_', '-')}"
+    ignored = [(typed(dest), by) for dest, read, by in readers
                if not read and plain(getattr(args, dest)) != plain(parser.get_default(dest))]
     if ignored:
         (flag, by), others = ignored[0], [f for f, _ in ignored[1:]]

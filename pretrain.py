@@ -743,6 +743,7 @@ class Meter:
 
     def __init__(self, path, batch_size):
         self.path, self.batch_size, self.sums, self.steps, self.since = path, batch_size, {}, 0, time.time()
+        self.warm = False  # the first write's steps include warm-up (allocator, autotuning, --compile)
 
     def add(self, terms):
         for k, v in terms.items():
@@ -758,8 +759,10 @@ class Meter:
         rate = self.steps * self.batch_size / (now - self.since)
         lr, wd = optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["weight_decay"]  # the decayed group
         eta = (total_steps - step) * self.batch_size / max(rate, 1e-9)
+        speed = f"{rate:.1f} img/s ETA {eta / 60:.1f} min" if self.warm else f"{rate:.1f} img/s with warm-up"
         losses.log(f"epoch {epoch} step {step}/{total_steps} " + " ".join(f"{k} {v:.4f}" for k, v in values.items())
-                   + f" lr {lr:.3g} {rate:.1f} img/s ETA {eta / 60:.1f} min")
+                   + f" lr {lr:.3g} {speed}")
+        self.warm = True
         append_jsonl(self.path, {"step": step, "epoch": epoch, "lr": lr, "wd": wd, "img_per_s": rate, **values})
         self.sums, self.steps, self.since = {}, 0, now
 

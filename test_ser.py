@@ -1873,7 +1873,7 @@ def test_bad_configurations_give_clear_errors(tmp_path):
                                          ("--count-flops --compile", "a training run, not --count-flops")])
 def test_flags_a_run_would_ignore_are_refused(flags, users, tmp_path):
     config("--method dino --ser-scale 0.7 1.3", tmp_path)  # a flag given at its default changes nothing: accepted
-    name = [f for f in flags.split() if f.startswith("--")][-1].replace("--no-", "--")
+    name = [f for f in flags.split() if f.startswith("--")][-1]  # as typed: --no-use-bn-in-head
     with pytest.raises(SystemExit, match=f"^error: {name} is read only with {users}.*; this run would ignore it: drop it$"):
         config(flags, tmp_path)
 
@@ -2399,6 +2399,8 @@ def test_knn_monitor_reports_initialisation_and_epochs(tmp_path, capsys):
     # The last lines say what happened and what to run next, from the whole log (resumes included).
     first, last = knn[0]["knn_top1"], knn[-1]["knn_top1"]
     out = capsys.readouterr().out
+    steps = [line for line in out.splitlines() if line.startswith("epoch 0 step ")]
+    assert steps[0].endswith("img/s with warm-up") and "ETA" in steps[1]  # no ETA from a warm-up step
     assert f"done: k-NN top-1 {first:.1f} -> {last:.1f} ({last - first:+.1f}) in " in out
     assert f"backbone: {tmp_path / 'backbone.pth'}" in out and "next: python linear_eval.py --pretrained" in out
     with open(tmp_path / "log.jsonl", "a") as f:
