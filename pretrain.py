@@ -911,14 +911,15 @@ def knn_due(args, step, steps_per_epoch, total_steps):
     return bool(args.knn_every) and in_epoch == 0 and (epoch % args.knn_every == 0 or step == total_steps)
 
 
-def run_summary(output_dir, seconds):
+def run_summary(output_dir, seconds, resumed_at=0):
     """The end of a run in two lines: what the k-NN monitor saw (first and last entry of log.jsonl, so
     a resumed run reports its whole history) and the command to run next."""
     backbone, linear = (os.path.join(output_dir, f) for f in ("backbone.pth", "linear"))
     knn = list(knn_history(output_dir).values())
     seen = (f"k-NN top-1 {knn[0]:.1f} -> {knn[-1]:.1f} ({knn[-1] - knn[0]:+.1f})" if len(knn) > 1
             else "k-NN monitor off")
-    return (f"done: {seen} in {seconds / 60:.1f} min; backbone: {backbone}\n"
+    since = f" since the resume at step {resumed_at}" if resumed_at else ""
+    return (f"done: {seen} in {seconds / 60:.1f} min{since}; backbone: {backbone}\n"
             f"next: python linear_eval.py --pretrained {backbone} --cached --output-dir {linear}")
 
 
@@ -1015,7 +1016,7 @@ def train(args, measure=None):
                            f"{how} to resume")
     interrupt.close()
     if step >= total_steps and not signum:
-        losses.log(run_summary(args.output_dir, time.time() - t_start))
+        losses.log(run_summary(args.output_dir, time.time() - t_start, start_step))
     losses.finish_distributed()
     if signum:
         sys.exit(128 + signum)  # checkpointed, but not finished: a scheduler must not count it as done

@@ -2427,7 +2427,7 @@ def test_knn_monitor_survives_stops_at_epoch_ends(tmp_path, capsys, monkeypatch)
     run(flags, tmp_path)
     assert knn_steps() == [0, 2, 4, 6]
     out = capsys.readouterr().out
-    assert "resumed from" in out and "epoch 1: k-NN top-1" in out and "done: k-NN top-1" in out
+    assert "resumed from" in out and "epoch 1: k-NN top-1" in out and " min since the resume at step 4; " in out
 
 
 
