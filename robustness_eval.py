@@ -149,7 +149,8 @@ def _grid_image(rows, header, tile):
     pad, line = 4, 12
     top = 2 + line * len(header)
     width = max(len(r) for r in rows) * (tile + pad) + pad
-    out = Image.new("RGB", (width, top + len(rows) * (tile + pad) + pad), "white")
+    # a grey page: a white tile (a uniform attention map at its maximum) stays visible
+    out = Image.new("RGB", (width, top + len(rows) * (tile + pad) + pad), (200, 200, 200))
     draw = ImageDraw.Draw(out)
     for k, titles in enumerate(header):
         starts = [c for c, title in enumerate(titles) if title]

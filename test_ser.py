@@ -3161,6 +3161,7 @@ def test_equivariance_figure_panels_and_pngs(tmp_path, monkeypatch):
     pad, top = 4, 14  # _grid_image's layout: 2 images x 3 elements rows; x, g x, then 2 panels per backbone
     assert Image.open(paths[0]).size == (6 * (32 + pad) + pad, top + 12 + 6 * (32 + pad) + pad)  # 2 header lines
     assert Image.open(paths[2]).size == (5 * (32 + pad) + pad, top + 2 * (32 + pad) + pad)  # image + 4 heads
+    assert Image.open(paths[2]).convert("RGB").getpixel((0, 0)) != (255, 255, 255)  # a white map stands out
     from PIL import ImageDraw
     drawn, text = [], ImageDraw.ImageDraw.text
 
