@@ -1049,15 +1049,6 @@ def _choices(text, allowed, flag):
     return items
 
 
-def _finite_or_null(obj):
-    """NaN and inf as None: json.dump writes them as bare NaN / Infinity, which strict parsers (JSON.parse) reject."""
-    if isinstance(obj, dict):
-        return {k: _finite_or_null(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_null(v) for v in obj]
-    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
-
-
 def _mean(values):
     return float(np.mean(values)) if len(values) else float("nan")
 
@@ -1367,7 +1358,7 @@ def main(args):
     if rank == 0:
         path = os.path.join(args.output_dir, "robustness.json")
         with vit.exit_on_write_error():
-            vit.save_atomic(path, _finite_or_null(results))  # write-then-rename: a kill never leaves half a JSON
+            vit.save_atomic(path, results)  # write-then-rename: a kill never leaves half a JSON
         log(f"\nwrote {path} in {results['seconds']:.0f}s")
     losses.finish_distributed()
     return results

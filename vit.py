@@ -311,8 +311,17 @@ def strip_prefixes(state_dict):
     return sd
 
 
+def _finite_or_null(obj):
+    """NaN and inf as None: json.dump writes them as bare NaN / Infinity, which strict parsers (JSON.parse) reject."""
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
+
+
 def save_atomic(path, obj, indent=1):
-    """Write `obj` to `path` (JSON for `.json`, a PIL image in the format of its extension, else torch.save) so
+    """Write `obj` to `path` (strict JSON for `.json`, a PIL image in the format of its extension, else torch.save) so
     that an interruption or a failed write (a full disk) never leaves a partial or lost file: os.replace is atomic."""
     path = os.fspath(path)
     as_json = path.endswith(".json")
@@ -321,7 +330,7 @@ def save_atomic(path, obj, indent=1):
     try:
         with open(tmp, "w" if as_json else "wb") as f:
             if as_json:
-                json.dump(obj, f, indent=indent)
+                json.dump(_finite_or_null(obj), f, indent=indent)
             elif isinstance(obj, Image.Image):  # the temporary name has no image extension: PIL needs the format
                 obj.save(f, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG"))
             else:
