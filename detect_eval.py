@@ -77,8 +77,7 @@ def validate_coco(coco, source, allow_degenerate=False):
                     raise ValueError(f"{where} {k} must be {want}, got {entry[k]!r} ({type(entry[k]).__name__})")
             if section == "images" and not (isinstance(entry["file_name"], str) and entry["file_name"]):
                 raise ValueError(f"{where} file_name must be a non-empty string, got {entry['file_name']!r}")
-    for section in COCO_KEYS:  # a repeated category id would add a class no target ever has
-        ids = [entry["id"] for entry in coco[section]]
+        ids = [entry["id"] for entry in coco[section]]  # a repeated category id would add a class no target ever has
         if len(set(ids)) != len(ids):
             raise ValueError(f"{source}: duplicate ids in {section!r}")
     cat_ids = {c["id"] for c in coco["categories"]}
@@ -595,8 +594,7 @@ def get_args_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", help="'synthetic' (built-in, offline) or a COCO root "
                    "with annotations/instances_{split}.json and {split}/ image folders")
-    g.add_argument("--train-split", default="train2017", help="COCO: the training images' folder and annotation "
-                   "name (annotations/instances_<split>.json)")
+    g.add_argument("--train-split", default="train2017", help="COCO: the training images' folder and annotation name")
     g.add_argument("--val-split", default="val2017", help="COCO: the evaluated images' folder and annotation name")
     g.add_argument("--allow-degenerate-boxes", action="store_true",
                    help="keep zero-size GT boxes for scoring (COCO train2017 has 2) instead of failing")
