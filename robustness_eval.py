@@ -1096,10 +1096,10 @@ def val_images(args, img_size, default=None):
 
 def figure_layer(args, backbones):
     # Runs without SER are scored where SER acts (block 3 in the paper), so that base and SER rows compare one block.
-    default = min(3, *(b.depth for b in backbones))
-    layer = args.figure_layer or next((b.cls_after_block for b in backbones if b.cls_after_block), default)
-    if not all(1 <= layer <= b.depth for b in backbones):
-        raise SystemExit(f"--figure-layer {layer} must be in 1..{min(b.depth for b in backbones)}")
+    depth = min(b.depth for b in backbones)
+    layer = args.figure_layer or next((b.cls_after_block for b in backbones if b.cls_after_block), min(3, depth))
+    if not 1 <= layer <= depth:
+        raise SystemExit(f"--figure-layer {layer} must be in 1..{depth}")
     return layer
 
 
