@@ -306,8 +306,7 @@ def strip_prefixes(state_dict):
     sd = {WRAPPER_PREFIXES.sub("", k): v for k, v in state_dict.items()}
     for p in ("backbone.", "base_encoder.", "encoder."):  # DINO MultiCropWrapper / ours, MoCo v3, generic
         if any(k.startswith(p) for k in sd):
-            sd = {WRAPPER_PREFIXES.sub("", k[len(p):]): v for k, v in sd.items() if k.startswith(p)}
-            break
+            return {WRAPPER_PREFIXES.sub("", k[len(p):]): v for k, v in sd.items() if k.startswith(p)}
     return sd
 
 
