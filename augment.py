@@ -204,7 +204,7 @@ class SyntheticShapes(Dataset):
         label = index % self.num_classes
         rng = np.random.default_rng((self.seed, self.SPLITS[self.split], index))
         s = self.img_size
-        x, y = _grid(s)
+        _, y = _grid(s)
 
         # Background: two muted colours mixed by a faint random pattern.
         bg_a, bg_b = self._muted(rng.random((2, 3), dtype=np.float32))
@@ -325,11 +325,10 @@ def check_same_classes(train: Dataset, val: Dataset, data: str):
 
 
 def build_dataset(data: str, split: str, transform=None, img_size=64, length=None) -> Dataset:
-    """Dataset of (image, label) with `.num_classes` and `.classes`. data: 'synthetic' (generated at img_size)
-    | an ImageFolder root with train/ and val/ | 'cifar10:<dir>' | 'stl10:<dir>' (torchvision files already
-    on disk, never downloaded; STL-10 'train' is the 5k labelled set). transform: applied to the PIL image;
-    None returns the PIL image (what MultiViewDataset wants). length: truncate (evenly strided) or, for
-    synthetic, set the length."""
+    """Dataset of (image, label) with `.num_classes` and `.classes`. data: 'synthetic' (generated at img_size) | an
+    ImageFolder root with train/ and val/ | 'cifar10:<dir>' | 'stl10:<dir>' (torchvision files already on disk, never
+    downloaded; STL-10 'train' is the 5k labelled set). transform: applied to the PIL image; None returns the PIL image
+    (what MultiViewDataset wants). length: truncate (evenly strided) or, for synthetic, set the length."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if data == "synthetic":

@@ -289,10 +289,8 @@ def resolve_precision(device, precision="auto"):
 
 
 def autocast(device, precision="auto"):
-    precision = resolve_precision(device, precision)
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[resolve_precision(device, precision)]
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -306,8 +304,7 @@ def strip_prefixes(state_dict):
     sd = {WRAPPER_PREFIXES.sub("", k): v for k, v in state_dict.items()}
     for p in ("backbone.", "base_encoder.", "encoder."):  # DINO MultiCropWrapper / ours, MoCo v3, generic
         if any(k.startswith(p) for k in sd):
-            sd = {WRAPPER_PREFIXES.sub("", k[len(p):]): v for k, v in sd.items() if k.startswith(p)}
-            break
+            return {WRAPPER_PREFIXES.sub("", k[len(p):]): v for k, v in sd.items() if k.startswith(p)}
     return sd
 
 
@@ -372,8 +369,7 @@ def make_output_dir(path, prefix="", flag="--output-dir", outputs=()):
     `outputs`: the files the run will write there, none of which may be a folder."""
     try:
         os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
         raise SystemExit(f"{prefix}{flag} {path}: cannot write there ({e.strerror or e}); choose another") from None
     for name in outputs:
