@@ -1,14 +1,13 @@
-"""SSL losses and heads: MoCo v3, DINO, Barlow Twins, VICReg, SimCLR, BYOL, and the add-ons SER
-(L_equiv), EquiMod, AugSelf and E-SSL, on the head outputs (pretrain.compute_losses), in float32 at
-least. Each loss states its convention relative to the official code, naming the official file.
+"""SSL losses and heads: MoCo v3, DINO, Barlow Twins, VICReg, SimCLR, BYOL, and the add-ons SER (L_equiv), EquiMod,
+AugSelf and E-SSL, on the head outputs (pretrain.compute_losses), in float32 at least. Each loss states its convention
+relative to the official code, naming the official file.
 
-Every loss is exact under DDP: with W ranks, the DDP-averaged gradient equals that of the same loss on
-the concatenated global batch in one process. Collectives on tensors with gradients are autograd-aware
-(their backward sums every rank's gradient for our rows) and each local loss is scaled so that the
-ranks' losses add up to W * (global loss), which DDP's mean cancels; statistics without gradient (DINO
-centre, MoCo keys) use no-grad collectives, heads with BatchNorm `GlobalBatchNorm1d`. Ranks may hold
-unequal shares (SER's b2 groups; a rank may hold none): counts come from the gathers, and the means the
-official code takes per rank (BYOL, DINO, VICReg's MSE, AugSelf, E-SSL) are global means here
+Every loss is exact under DDP: with W ranks, the DDP-averaged gradient equals that of the same loss on the concatenated
+global batch in one process. Collectives on tensors with gradients are autograd-aware (their backward sums every rank's
+gradient for our rows) and each local loss is scaled so that the ranks' losses add up to W * (global loss), which DDP's
+mean cancels; statistics without gradient (DINO centre, MoCo keys) use no-grad collectives, heads with BatchNorm
+`GlobalBatchNorm1d`. Ranks may hold unequal shares (SER's b2 groups; a rank may hold none): counts come from the
+gathers, and the means the official code takes per rank (BYOL, DINO, VICReg's MSE, AugSelf, E-SSL) are global means here
 (`_global_mean_of_sum`), the official value for equal shares.
 """
 
