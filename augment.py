@@ -246,6 +246,9 @@ class SyntheticShapes(Dataset):
 
 
 # ---------------------------------------------------------------------- real data
+MAX_ASPECT = 1000  # no photograph is thinner; such an image only exhausts memory at the short-side resize
+
+
 class UnreadableImage(ValueError):
     """An image file that does not decode; the message names it (run_script turns it into the script's last line)."""
 
@@ -258,6 +261,9 @@ def load_rgb(path: str) -> Image.Image:
             image = Image.open(f)
             if image.mode == "F":  # float pixels have no agreed range to scale from
                 raise ValueError("32-bit float pixels; save it with 8 or 16 bits per channel")
+            if max(image.size) > MAX_ASPECT * min(image.size):  # e.g. 3,000,000 x 1 px: a few KB on disk
+                raise ValueError(f"{image.size[0]}x{image.size[1]} px, an aspect ratio above {MAX_ASPECT}:1; the "
+                                 "evaluations' short-side resize would make it billions of pixels")
             if image.mode == "P" and "transparency" in image.info:  # PIL warns on P -> RGB; same colours via RGBA
                 image = image.convert("RGBA")
             if image.mode.startswith("I"):
@@ -293,13 +299,26 @@ def run_script(main):
     raise SystemExit(status)
 
 
-def _refuse_symlink_loops(data: str, folder: str):
-    """Directory symlinks that lead back into the tree are refused (torchvision's ImageFolder follows
-    links): `train/a/up -> ..` would add the images again under other labels, level after level, until
-    the OS gives up. A link to a folder outside the tree (e.g. class folders on another disk) is fine."""
-    top = os.path.realpath(folder)
-    for parent, dirs, _ in os.walk(folder, followlinks=True):
+def _check_image_tree(data: str, folder: str):
+    """Refuse what torchvision's ImageFolder would read silently wrong. It follows directory links: one back into
+    the tree (`train/a/up -> ..`) adds the images again under other labels, level after level, until the OS gives
+    up, and a folder reached twice (two links, or a cycle outside the tree) counts its images twice. It skips
+    folders it cannot read and ignores images beside the class folders. A link to a folder outside the tree (class
+    folders on another disk) is fine."""
+    top, seen = os.path.realpath(folder), {}
+
+    def unreadable(e):
+        raise ValueError(f"--data {data}: cannot read folder {e.filename} ({e.strerror}); fix its permissions")
+    for parent, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
         here = os.path.realpath(parent)
+        if here in seen:
+            raise ValueError(f"--data {data}: {seen[here]} and {parent} are the same folder ({here}) through "
+                             "symlinks; its images would be counted twice. Remove one of the links")
+        seen[here] = parent
+        loose = [f for f in files if f.lower().endswith(datasets.folder.IMG_EXTENSIONS)]
+        if parent == folder and loose:
+            raise ValueError(f"--data {data}: {folder} holds {len(loose)} images (e.g. {loose[0]}) beside its class "
+                             "folders, which ImageFolder ignores; move them into a class folder")
         for d in dirs:
             link = os.path.join(parent, d)
             if not os.path.islink(link):
@@ -310,6 +329,21 @@ def _refuse_symlink_loops(data: str, folder: str):
                 raise ValueError(f"--data {data}: {link} is a symlink to {target}, back into the image tree; "
                                  "its images would be counted again under other labels. Remove the link or point it "
                                  f"outside {folder}")
+
+
+def _refuse_shared_folders(data: str):
+    """val/ must be held out: a val/ that is, or holds, a link to train/ or one of its class folders would score
+    training images."""
+    def folders(split):
+        root = os.path.join(data, split)
+        return {os.path.realpath(root)} | {os.path.realpath(e.path) for e in os.scandir(root) if e.is_dir()}
+    try:
+        shared = folders("train") & folders("val")
+    except OSError:  # no readable train/: nothing to share (building train says why, if it is needed)
+        return
+    if shared:
+        raise ValueError(f"--data {data}: train/ and val/ share the folder {min(shared)} through symlinks, so val "
+                         "would score training images; give val/ images of its own")
 
 
 def check_same_classes(train: Dataset, val: Dataset, data: str):
@@ -336,6 +370,9 @@ def build_dataset(data: str, split: str, transform=None, img_size=64, length=Non
         return SyntheticShapes(split, n, img_size=img_size, transform=transform)
 
     kind, _, root = data.partition(":")
+    if root and kind.isalnum() and kind not in ("cifar10", "stl10") and not os.path.exists(data):
+        raise ValueError(f"--data {data}: unknown dataset {kind!r}; use cifar10:<dir>, stl10:<dir> or an ImageFolder "
+                         "root")
     if kind in ("cifar10", "stl10") and root:
         if not os.path.isdir(root):
             raise ValueError(f"--data {data}: folder {root} does not exist")
@@ -353,7 +390,9 @@ def build_dataset(data: str, split: str, transform=None, img_size=64, length=Non
         if not os.path.isdir(folder):
             raise ValueError(f"--data {data}: expected an ImageFolder root with train/ and val/, "
                              f"but folder {folder} does not exist")
-        _refuse_symlink_loops(data, folder)
+        _check_image_tree(data, folder)
+        if split == "val":
+            _refuse_shared_folders(data)
         try:
             dataset = datasets.ImageFolder(folder, transform=transform, loader=load_rgb)
         except FileNotFoundError as e:  # no class folders, or class folders without images
@@ -365,6 +404,21 @@ def build_dataset(data: str, split: str, transform=None, img_size=64, length=Non
         short.classes, short.num_classes = dataset.classes, dataset.num_classes
         dataset = short
     return dataset
+
+
+def class_balanced_prefix(dataset: Dataset, n: int) -> list[int]:
+    """Indices of n images in round-robin class order (each class's k-th image, in dataset order, before any
+    class's (k+1)-th): the first n of a class-sorted ImageFolder would hold its first classes only. The built-in
+    data, whose labels cycle with the index, keeps its own order."""
+    if isinstance(dataset, SyntheticShapes):
+        labels = [i % dataset.num_classes for i in range(len(dataset))]
+    else:  # ImageFolder and CIFAR-10: targets; STL-10: labels
+        labels = [int(y) for y in (dataset.targets if hasattr(dataset, "targets") else dataset.labels)]
+    seen, rank_in_class = {}, []
+    for y in labels:
+        rank_in_class.append(seen.get(y, 0))
+        seen[y] = rank_in_class[-1] + 1
+    return sorted(range(len(labels)), key=lambda i: (rank_in_class[i], i))[:n]
 
 
 def _normalised(*ops):  # PIL image -> ops -> float tensor, ImageNet-normalised

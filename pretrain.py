@@ -674,16 +674,29 @@ class GlobalBatchSampler(Sampler):
             yield perm[start:start + self.local_batch].tolist()
 
 
-def resume(args, saved, total_steps, device):
+def resume(args, saved, total_steps, train_images, device):
     """The step of <output-dir>/checkpoint.pth, its state loaded into `saved` (name -> object, as DINO's
-    restart_from_checkpoint); 0 without one, and in a benchmark, which leaves a run's checkpoint alone."""
+    restart_from_checkpoint), and log.jsonl cut back to it; 0 without one (log.jsonl emptied), and in a
+    benchmark, which leaves a run's files alone."""
     path = os.path.join(args.output_dir, "checkpoint.pth")
-    if args.benchmark or not os.path.lexists(path):  # lexists: a link to a missing file is an error, not a new run
+    if args.benchmark:
         return 0
+    # lexists: a link to a missing file is an error, not a new run
+    step = load_run_state(path, args, saved, total_steps, train_images, device) if os.path.lexists(path) else 0
+    if losses.rank() == 0:
+        with vit.exit_on_write_error("error: "):
+            vit.restart_log(os.path.join(args.output_dir, "log.jsonl"), step)
+    return step
+
+
+def load_run_state(path, args, saved, total_steps, train_images, device):
     try:
         ckpt = vit.load_resumable(path, args, ("step", *saved), "pretrain.py", RUNTIME_OPTIONS, map_location=device)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if ckpt.get("train_images", train_images) != train_images:  # the data order and the schedule depend on it
+        raise SystemExit(f"error: --data {args.data} holds {train_images} training images, {ckpt['train_images']} "
+                         f"when {path} was written: the run cannot continue on it; use another --output-dir")
     for name, obj in saved.items():
         if obj is not None:
             try:
@@ -707,11 +720,11 @@ def checkpoint_note(args, saved_step):
             if saved_step is not None else f"no checkpoint was written to {args.output_dir}")
 
 
-def save_checkpoint(args, step, saved, note):
+def save_checkpoint(args, step, saved, train_images, note):
     """checkpoint.pth with every object of `saved`, then backbone.pth cut out of it. Non-finite weights
     are never written (a loss is checked only at log steps, the one logged is from before the last
     update); every rank checks its equal weights, so all stop together."""
-    state = {"args": vars(args), "arch": saved["student"].backbone.arch, "step": step,
+    state = {"args": vars(args), "arch": saved["student"].backbone.arch, "step": step, "train_images": train_images,
              "eval_key": "teacher" if args.method == "dino" else "student",
              **{name: obj.state_dict() if obj is not None else None for name, obj in saved.items()}}
     weights = [v for part in ("student", "teacher") if state[part] is not None
@@ -805,11 +818,12 @@ def knn_data(args, rank, world):
         val = load_split(args, "val", transform)
         train_idx, val_idx = subset(len(train), args.knn_train_size), subset(len(val), args.knn_val_size)
     except (FileNotFoundError, ValueError) as e:
-        if os.path.isdir(os.path.join(args.data, "val")):  # a val/ that cannot be read is an error, not absent
+        if os.path.lexists(os.path.join(args.data, "val")):  # a val/ that cannot be read is an error, not absent
             raise SystemExit(f"error: {e}") from None
         val = train  # no val split on disk: hold out train images the bank does not hold
         train_idx = subset(len(train), min(args.knn_train_size, len(train) // 2))
         val_idx = subset(len(train), args.knn_val_size, exclude=set(train_idx))
+        losses.log(f"k-NN monitor: --data {args.data} has no val/; it classifies {len(val_idx)} held-out train images")
     try:
         augment.check_same_classes(train, val, args.data)  # labels are class positions in both splits
     except ValueError as e:
@@ -957,15 +971,15 @@ def train(args, measure=None):
     written = ("benchmark.json",) if args.benchmark else ("config.json", "log.jsonl", "checkpoint.pth", "backbone.pth")
     vit.make_output_dir(args.output_dir, prefix="error: ", outputs=written)
     saved = dict(student=student, teacher=teacher, dino_loss=dino_loss, optimizer=optimizer, scaler=scaler)
-    start_step = resume(args, saved, total_steps, device)
+    start_step = resume(args, saved, total_steps, len(dataset), device)
 
     # ============ compiling, describing the run, wrapping the student for DDP ============
     if args.compile:
         compile_backbones(student, teacher)
-    losses.log(f"{args.method}{' + ' + args.addon if args.addon else ''} on {args.data}: {world} rank(s) on {device}, "
-               f"{precision}, global batch {args.batch_size} ({sampler.local_batch} per rank), lr "
-               f"{args.lr * args.batch_size / 256:.3g} (= {args.lr:g} x batch / 256), {steps_per_epoch} steps/epoch, "
-               f"{total_steps} steps")
+    losses.log(f"{args.method}{' + ' + args.addon if args.addon else ''} on {args.data} ({len(dataset)} images): "
+               f"{world} rank(s) on {device}, {precision}, global batch {args.batch_size} ({sampler.local_batch} per "
+               f"rank), lr {args.lr * args.batch_size / 256:.3g} (= {args.lr:g} x batch / 256), {steps_per_epoch} "
+               f"steps/epoch, {total_steps} steps")
     losses.log(f"trainable parameters: {sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6:.2f}M; "
                f"weight decay on {len(optimizer.param_groups[0]['params'])} tensors, "
                f"none on {len(optimizer.param_groups[1]['params'])}")
@@ -1005,7 +1019,7 @@ def train(args, measure=None):
             if stop:
                 break
         if step % steps_per_epoch == 0 or stop:
-            save_checkpoint(args, step, saved, checkpoint_note(args, saved_step))
+            save_checkpoint(args, step, saved, len(dataset), checkpoint_note(args, saved_step))
             saved_step = step
             if knn_due(args, step, steps_per_epoch, total_steps) and not signum:  # a signal's grace time is short
                 log_knn(args, evaluated, knn, step, epoch, device)

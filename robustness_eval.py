@@ -1083,13 +1083,16 @@ def run_names(paths):
 
 
 def val_images(args, img_size, default=None):
-    """The first --num-images (else `default`, else all) val images of --data: (PIL images, classes, clean set)."""
+    """--num-images (else `default`, else all) val images of --data, every class in turn: (PIL images, classes,
+    clean set)."""
     try:
         base = augment.build_dataset(args.data, "val", transform=None, img_size=img_size)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     n = args.num_images or default
-    images = Subset(base, range(min(n, len(base)))) if n else base
+    images = Subset(base, augment.class_balanced_prefix(base, n)) if n else base
+    if len(images) < len(base.classes):
+        log(f"note: {len(images)} val images cover {len(images)} of {len(base.classes)} classes; raise --num-images")
     clean = Generated(images, img_size, [(0, partial(corrupted_crop, crop=img_size, name="clean", severity=0))])
     return images, list(base.classes), clean
 

@@ -1498,6 +1498,58 @@ def test_symlink_loop_is_refused(tmp_path):
     assert augment.build_dataset(str(tmp_path), "train").classes == ["a", "b", "c"]
 
 
+def test_image_trees_that_imagefolder_would_misread_are_refused(tmp_path, monkeypatch):
+    """A cycle of links outside the tree (its images counted again and again), images beside the class folders
+    (ignored), a folder that cannot be read (skipped), a val/ sharing train/'s folders (training images scored),
+    an image too thin to resize and an unknown dataset kind: each one error naming what to change."""
+    _write_png_tree(tmp_path, "train")
+    _write_png_tree(tmp_path / "outside", "x", classes=("1",), n=1)
+    (tmp_path / "outside" / "y").mkdir()
+    os.symlink(tmp_path / "outside" / "y", tmp_path / "outside" / "x" / "1" / "to_y")
+    os.symlink(tmp_path / "outside" / "x", tmp_path / "outside" / "y" / "to_x")  # x -> y -> x, outside the tree
+    os.symlink(tmp_path / "outside" / "x", tmp_path / "train" / "a" / "more")
+    with pytest.raises(ValueError, match="are the same folder .* through symlinks; its images would be counted twice"):
+        augment.build_dataset(str(tmp_path), "train")
+    os.unlink(tmp_path / "train" / "a" / "more")
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "stray.png")
+    with pytest.raises(ValueError, match="train holds 1 images .*stray.png.* beside its class folders"):
+        augment.build_dataset(str(tmp_path), "train")
+    os.unlink(tmp_path / "train" / "stray.png")
+    scandir = os.scandir
+
+    def no_access(path="."):
+        if os.fspath(path).endswith(os.path.join("train", "b")):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+    with monkeypatch.context() as m:
+        m.setattr(os, "scandir", no_access)
+        with pytest.raises(ValueError, match="cannot read folder .*train/b \\(Permission denied\\); fix its permissions"):
+            augment.build_dataset(str(tmp_path), "train")
+    os.symlink(tmp_path / "train", tmp_path / "val")
+    with pytest.raises(ValueError, match="train/ and val/ share the folder .*, so val would score training images"):
+        augment.build_dataset(str(tmp_path), "val")
+    os.unlink(tmp_path / "val")
+    _write_png_tree(tmp_path, "val", classes=("a",))
+    os.symlink(tmp_path / "train" / "b", tmp_path / "val" / "b")  # one class folder shared
+    with pytest.raises(ValueError, match="share the folder .*train/b"):
+        augment.build_dataset(str(tmp_path), "val")
+    Image.new("RGB", (3000, 2)).save(tmp_path / "train" / "a" / "thin.png")  # a few hundred bytes on disk
+    data = augment.build_dataset(str(tmp_path), "train")
+    with pytest.raises(augment.UnreadableImage, match="thin.png: 3000x2 px, an aspect ratio above 1000:1"):
+        data[data.imgs.index((str(tmp_path / "train" / "a" / "thin.png"), 0))]
+    with pytest.raises(ValueError, match="unknown dataset 'cifar100'; use cifar10:<dir>, stl10:<dir> or an ImageFolder"):
+        augment.build_dataset("cifar100:/nowhere", "train")
+
+
+def test_class_balanced_prefix_takes_every_class_in_turn(tmp_path):
+    """A class-sorted folder gives each class's first image, then each class's second...; the built-in data (labels
+    cycling with the index) keeps its order, so its evaluations score the same images as a plain prefix."""
+    _write_png_tree(tmp_path, "val", classes=("a", "b", "c"), n=3)
+    folder = augment.build_dataset(str(tmp_path), "val")
+    assert augment.class_balanced_prefix(folder, 5) == [0, 3, 6, 1, 4]
+    assert augment.class_balanced_prefix(augment.build_dataset("synthetic", "val", length=40), 20) == list(range(20))
+
+
 def test_progress_reports_counts_and_eta():
     lines = []
     assert list(augment.progress(range(4), 4, "pass", lines.append, every=0.0)) == [0, 1, 2, 3]
@@ -1815,6 +1867,25 @@ def test_resume_refuses_a_different_run(tmp_path):
         run("--method byol --stop-at-step 2", tmp_path)
 
 
+def test_a_run_starts_its_own_log_and_a_resume_cuts_it_back(tmp_path):
+    """log.jsonl holds this run's records only: a fresh start drops a failed run's lines, a resume those a crash
+    wrote after the checkpoint; a resume on data that changed size since the checkpoint is refused."""
+    _write_png_tree(tmp_path / "data", "train", n=10)
+    (tmp_path / "run").mkdir()
+    vit.append_jsonl(tmp_path / "run" / "log.jsonl", {"step": 5, "knn_top1": 99.0})  # a failed run's
+    common = f"--method byol --data {tmp_path / 'data'} --epochs 2 --warmup-epochs 0 --log-every 1"
+    run(common + " --stop-at-step 1", tmp_path / "run")
+    assert [row["step"] for row in read_log(tmp_path / "run")] == [1]
+    vit.append_jsonl(tmp_path / "run" / "log.jsonl", {"step": 2, "loss": 1.0})  # a crash's, after the checkpoint
+    with open(tmp_path / "run" / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # and a line it cut short
+    pretrain.resume(config(common, tmp_path / "run"), {}, 2, 20, torch.device("cpu"))
+    assert [row["step"] for row in read_log(tmp_path / "run")] == [1]
+    os.unlink(tmp_path / "data" / "train" / "a" / "0.png")
+    with pytest.raises(SystemExit, match="--data .* holds 19 training images, 20 when .* was written: the run cannot"):
+        run(common, tmp_path / "run")
+
+
 def test_log_lines_cut_short_by_a_kill_cost_only_themselves(tmp_path):
     path = tmp_path / "log.jsonl"
     vit.append_jsonl(path, {"step": 0, "knn_top1": 20.0})
@@ -1950,6 +2021,10 @@ def test_knn_monitor_refuses_an_unreadable_val_split_and_one_class(tmp_path):
         pretrain.knn_data(args, 0, 1)
     os.rmdir(tmp_path / "data" / "val" / "a")
     os.rmdir(tmp_path / "data" / "val")
+    os.symlink(tmp_path / "unmounted", tmp_path / "data" / "val")  # e.g. a disk not mounted: not a missing val/
+    with pytest.raises(SystemExit, match="error: --data .*val.* does not exist"):
+        pretrain.knn_data(args, 0, 1)
+    os.unlink(tmp_path / "data" / "val")
     assert pretrain.knn_data(args, 0, 1)[2] == 2  # no val/: a held-out part of train
     _write_png_tree(tmp_path / "one", "train", classes=("a",), n=8)
     args.data = str(tmp_path / "one")

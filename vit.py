@@ -318,16 +318,19 @@ def _finite_or_null(obj):
 
 
 def save_atomic(path, obj, indent=1):
-    """Write `obj` to `path` (strict JSON for `.json`, a PIL image in the format of its extension, else torch.save) so
-    that an interruption or a failed write (a full disk) never leaves a partial or lost file: os.replace is atomic."""
+    """Write `obj` to `path` (strict JSON for `.json`, a list of records as JSON lines for `.jsonl`, a PIL image in the
+    format of its extension, else torch.save) so that an interruption or a failed write (a full disk) never leaves a
+    partial or lost file: os.replace is atomic."""
     path = os.fspath(path)
-    as_json = path.endswith(".json")
+    as_json, as_lines = path.endswith(".json"), path.endswith(".jsonl")
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")  # one writer per process: no clash between ranks
     try:
-        with open(tmp, "w" if as_json else "wb") as f:
+        with open(tmp, "w" if as_json or as_lines else "wb") as f:
             if as_json:
                 json.dump(_finite_or_null(obj), f, indent=indent)
+            elif as_lines:
+                f.writelines(json.dumps(record) + "\n" for record in obj)
             elif isinstance(obj, Image.Image):  # the temporary name has no image extension: PIL needs the format
                 obj.save(f, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG"))
             else:
@@ -352,6 +355,24 @@ def append_jsonl(path, record):
         end = f.seek(0, os.SEEK_END)
         f.seek(max(0, end - 1))
         f.write((b"" if end == 0 or f.read(1) == b"\n" else b"\n") + json.dumps(record).encode() + b"\n")
+
+
+def restart_log(path, step, key="step"):
+    """A log.jsonl as of the checkpoint a run resumes at `step` (0: a new run, an empty log). Lines that a crash wrote
+    after the checkpoint, or a failed run before it, would otherwise stand beside the new ones."""
+    if not os.path.exists(path):
+        return
+    records = []
+    if step:
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line that a kill cut short
+                    continue
+                if isinstance(record, dict) and isinstance(record.get(key), (int, float)) and record[key] <= step:
+                    records.append(record)
+    save_atomic(path, records)
 
 
 @contextmanager
