@@ -21,7 +21,6 @@ sizes; train2017 holds 2 zero-height boxes, hence --allow-degenerate-boxes:
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -494,16 +493,6 @@ RUNTIME_OPTIONS = {"output_dir", "num_workers", "log_every", "ckpt_every", "eval
                    "synthetic_val", "batch_size"}
 
 
-def backbone_digest(backbone):
-    """A fingerprint of the frozen weights: a resume must continue on the backbone the heads were trained on,
-    even when --pretrained names a file that was overwritten since."""
-    h = hashlib.blake2b(digest_size=16)
-    for k, v in backbone.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes, any dtype
-    return h.hexdigest()
-
-
 def save_checkpoint(path, model, optimizer, iteration, args, digest, cat_ids, **record):
     heads = {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN)}  # pyramid, RPN, RoI heads
     vit.save_atomic(path, {"model": heads, "optimizer": optimizer.state_dict(), "iteration": iteration,
@@ -687,7 +676,7 @@ def main(argv=None):
         train_set, val_set = build_data(args, rank == 0, world_size > 1)
         model = build_detector(backbone, len(train_set.cat_ids), args).to(device)
         torch.manual_seed(args.seed + rank)
-        reference, digest = linear_eval.snapshot(backbone), backbone_digest(backbone)
+        reference, digest = linear_eval.snapshot(backbone), vit.weights_digest(backbone)
 
         # ============ preparing the optimizer ============
         # Norm parameters and biases get no weight decay (a decayed LN gain only shrinks features).

@@ -11,6 +11,7 @@ the token map that L_equiv acts on, and the [CLS] token joins before block L+1. 
 
 import errno
 import functools
+import hashlib
 import json
 import math
 import os
@@ -439,6 +440,16 @@ def load_resumable(path, args, keys, script, runtime_options, map_location="cpu"
                          + ", ".join(f"--{k.replace('_', '-')} {a!r} (now {b!r})" for k, a, b in changed)
                          + ". Use another --output-dir, or rerun with the saved settings.")
     return ckpt
+
+
+def weights_digest(model):
+    """A fingerprint of a network's weights, to tell whether results were computed on these weights: a file name
+    can be overwritten since (detect_eval's resume, robustness_eval's table of linear_eval.json numbers)."""
+    h = hashlib.blake2b(digest_size=16)
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes, any dtype
+    return h.hexdigest()
 
 
 def refuse_non_finite(path, state_dict):
