@@ -681,6 +681,9 @@ def resume(args, saved, total_steps, train_images, device):
     path = os.path.join(args.output_dir, "checkpoint.pth")
     if args.benchmark:
         return 0
+    if not os.path.lexists(path) and os.path.lexists(os.path.join(args.output_dir, "backbone.pth")):
+        raise SystemExit(f"error: {args.output_dir} holds a backbone.pth but no checkpoint.pth: another run's result, "
+                         "which this run would overwrite; use another --output-dir or move backbone.pth away")
     # lexists: a link to a missing file is an error, not a new run
     step = load_run_state(path, args, saved, total_steps, train_images, device) if os.path.lexists(path) else 0
     if losses.rank() == 0:
@@ -697,6 +700,7 @@ def load_run_state(path, args, saved, total_steps, train_images, device):
     if ckpt.get("train_images", train_images) != train_images:  # the data order and the schedule depend on it
         raise SystemExit(f"error: --data {args.data} holds {train_images} training images, {ckpt['train_images']} "
                          f"when {path} was written: the run cannot continue on it; use another --output-dir")
+    refuse_unusable_weights(path, ckpt, saved)
     for name, obj in saved.items():
         if obj is not None:
             try:
@@ -704,6 +708,11 @@ def load_run_state(path, args, saved, total_steps, train_images, device):
             except (RuntimeError, ValueError, KeyError, TypeError) as e:  # e.g. written by another version
                 raise SystemExit(f"error: {path}: its {name} does not fit this run ({type(e).__name__}); move it "
                                  "away or use another --output-dir") from None
+    optimizer = saved["optimizer"]  # a moment of another shape would crash the fused AdamW step outright
+    if any(torch.is_tensor(s) and s.dim() and s.shape != p.shape for group in optimizer.param_groups
+           for p in group["params"] for s in optimizer.state.get(p, {}).values()):
+        raise SystemExit(f"error: {path}: its optimizer state does not fit this run's parameters; move it away or "
+                         "use another --output-dir")
     losses.log(f"resumed from {path} at step {ckpt['step']}")
     if ckpt["step"] >= total_steps and losses.rank() == 0:
         # A finished run: a kill between its last two writes left backbone.pth stale or missing.
@@ -712,6 +721,23 @@ def load_run_state(path, args, saved, total_steps, train_images, device):
     if args.stop_at_step is not None and args.stop_at_step <= ckpt["step"]:
         raise SystemExit(f"error: --stop-at-step {args.stop_at_step} is not after the resumed step {ckpt['step']}")
     return ckpt["step"]
+
+
+def refuse_unusable_weights(path, ckpt, saved):
+    """Weights that save_checkpoint never writes: non-finite ones (it refuses them; every rerun would stop again)
+    or of another dtype (load_state_dict would cast them, and the resumed run would no longer replay the run)."""
+    for part in ("student", "teacher"):
+        if saved[part] is None or not isinstance(ckpt[part], dict):
+            continue  # load_state_dict reports what does not fit
+        own = saved[part].state_dict()
+        other = [k for k, v in ckpt[part].items() if k in own and torch.is_tensor(v) and v.dtype != own[k].dtype]
+        if other:
+            raise SystemExit(f"error: {path}: its {part} holds {ckpt[part][other[0]].dtype} weights where this run "
+                             f"keeps {own[other[0]].dtype} ({other[0]}); move it away or use another --output-dir")
+        try:
+            vit.refuse_non_finite(path, ckpt[part])
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
 
 
 def checkpoint_note(args, saved_step):

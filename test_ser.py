@@ -172,6 +172,14 @@ def test_prefix_stripping_released_formats(tmp_path):
     torch.save({"student": student, "step": 3}, tmp_path / "ckpt.pth")
     with pytest.raises(ValueError, match="'step' holds no network weights; pass --checkpoint-key with one of \\['student'\\]"):
         vit.load_backbone(tmp_path / "ckpt.pth", arch=arch, key="step")
+    # Recorded architectures, which hold a pos_embed *setting*, are not offered as networks, nor break the loader.
+    torch.save({"arch": m.arch, "student": student, "eval_key": ["student"]}, tmp_path / "ours.pth")
+    with pytest.raises(ValueError, match="'step' holds no network weights; .*one of \\['student'\\]"):
+        torch.save({"arch": m.arch, "student": student, "step": 3}, tmp_path / "ours.pth")
+        vit.load_backbone(tmp_path / "ours.pth", key="step")
+    torch.save({"arch": {**m.arch, "colour": 1}, "backbone": student}, tmp_path / "odd_arch.pth")
+    with pytest.raises(ValueError, match="odd_arch.pth: its recorded architecture does not build a ViT"):
+        vit.load_backbone(tmp_path / "odd_arch.pth")
 
 
 def test_mismatched_checkpoints_raise(tmp_path):
@@ -1879,11 +1887,33 @@ def test_a_run_starts_its_own_log_and_a_resume_cuts_it_back(tmp_path):
     vit.append_jsonl(tmp_path / "run" / "log.jsonl", {"step": 2, "loss": 1.0})  # a crash's, after the checkpoint
     with open(tmp_path / "run" / "log.jsonl", "a") as f:
         f.write('{"step": 3, "lo')  # and a line it cut short
-    pretrain.resume(config(common, tmp_path / "run"), {}, 2, 20, torch.device("cpu"))
-    assert [row["step"] for row in read_log(tmp_path / "run")] == [1]
+    run(common + " --stop-at-step 2", tmp_path / "run")
+    assert [row["step"] for row in read_log(tmp_path / "run")] == [1, 2] and read_log(tmp_path / "run")[1]["loss"] != 1
     os.unlink(tmp_path / "data" / "train" / "a" / "0.png")
     with pytest.raises(SystemExit, match="--data .* holds 19 training images, 20 when .* was written: the run cannot"):
         run(common, tmp_path / "run")
+
+
+def test_resume_refuses_checkpoints_that_pretrain_never_writes(tmp_path):
+    """A setting the checkpoint lacks (another code version), non-finite or retyped weights, an optimizer state of
+    another shape (it crashed the fused AdamW step), and a fresh start over another run's backbone.pth."""
+    run("--method byol --stop-at-step 1", tmp_path)
+    good = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    tampered = [("args", lambda c: c["args"].pop("crop_min"), "different settings: --crop-min '\\(absent\\)' \\(now"),
+                ("student", lambda c: c["student"]["backbone.cls_token"].fill_(math.nan), "non-finite weights"),
+                ("teacher", lambda c: c["teacher"].update({k: v.double() for k, v in c["teacher"].items()}),
+                 "its teacher holds torch.float64 weights where this run keeps torch.float32"),
+                ("optimizer", lambda c: next(iter(c["optimizer"]["state"].values())).update(exp_avg=torch.zeros(3)),
+                 "its optimizer state does not fit this run's parameters")]
+    for part, change, message in tampered:
+        ckpt = copy.deepcopy(good)
+        change(ckpt)
+        torch.save(ckpt, tmp_path / "checkpoint.pth")
+        with pytest.raises(SystemExit, match=message):
+            run("--method byol --stop-at-step 2", tmp_path)
+    os.unlink(tmp_path / "checkpoint.pth")  # e.g. deleted to keep only the smaller backbone.pth
+    with pytest.raises(SystemExit, match="holds a backbone.pth but no checkpoint.pth: another run's result"):
+        run("--method byol --stop-at-step 2", tmp_path)
 
 
 def test_log_lines_cut_short_by_a_kill_cost_only_themselves(tmp_path):

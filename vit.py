@@ -431,10 +431,12 @@ def load_resumable(path, args, keys, script, runtime_options, map_location="cpu"
         ckpt = load_checkpoint(path, map_location)
     except (FileNotFoundError, ValueError) as e:  # also a link to a file that is gone
         raise ValueError(f"{e}; move it away or use another --output-dir") from None
-    if not (isinstance(ckpt, dict) and {"args", *keys} <= set(ckpt)):
+    if not (isinstance(ckpt, dict) and {"args", *keys} <= set(ckpt) and isinstance(ckpt["args"], dict)):
         raise ValueError(f"{path} is not a {script} checkpoint; move it away or use another --output-dir")
-    changed = [(k, v, getattr(args, k, None)) for k, v in ckpt["args"].items()
-               if k not in runtime_options and v != getattr(args, k, None)]
+    saved, absent = ckpt["args"], "(absent)"  # a setting that one side lacks differs too (another code version)
+    names = [*saved, *sorted(vars(args).keys() - saved.keys())]
+    changed = [(k, saved.get(k, absent), getattr(args, k, absent)) for k in names
+               if k not in runtime_options and saved.get(k, absent) != getattr(args, k, absent)]
     if changed:
         raise ValueError(f"{path} was written with different settings: "
                          + ", ".join(f"--{k.replace('_', '-')} {a!r} (now {b!r})" for k, a, b in changed)
@@ -454,7 +456,8 @@ def weights_digest(model):
 
 def refuse_non_finite(path, state_dict):
     """NaN or inf weights would give made-up accuracies downstream: a one-line ValueError naming the file."""
-    bad = [k for k, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = [k for k, t in state_dict.items()
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise ValueError(f"{path} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[:3]}: "
                          "the run that wrote it diverged; use an earlier checkpoint")
@@ -473,14 +476,14 @@ def load_backbone(path, arch=None, key=None):
         if key not in ckpt:
             raise ValueError(f"{path}: no key {key!r}; top-level keys are {sorted(ckpt)}")
         sd = ckpt[key]
-    elif ckpt.get("eval_key") in ckpt:  # our pretrain checkpoints name the backbone their method evaluates
+    elif isinstance(ckpt.get("eval_key"), str) and ckpt["eval_key"] in ckpt:  # ours name the network they evaluate
         sd = ckpt[ckpt["eval_key"]]
     else:  # the first network entry of the known layouts, else a bare state dict
         sd = next((ckpt[k] for k in ("backbone", "teacher", "student", "state_dict", "model")
                    if isinstance(ckpt.get(k), dict)), ckpt)
     if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
-        networks = sorted(k for k, v in ckpt.items() if isinstance(v, dict) and any(str(n).endswith("pos_embed")
-                                                                                      for n in v))  # ViT weights
+        networks = sorted(k for k, v in ckpt.items() if isinstance(v, dict) and any(
+            str(n).endswith("pos_embed") and isinstance(t, torch.Tensor) for n, t in v.items()))  # ViT weights
         raise ValueError(f"{path}: {repr(key) if key else 'the file'} holds no network weights; pass --checkpoint-key "
                          f"with one of {networks}")
     sd = strip_prefixes(sd)
@@ -504,7 +507,11 @@ def load_backbone(path, arch=None, key=None):
     blocks = [int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()]
     if saved_arch is None and "depth" not in arch and blocks:  # and its depth, off the block keys
         arch = {**arch, "depth": 1 + max(blocks)}
-    model = build_vit(saved_arch if saved_arch is not None else arch)
+    try:
+        model = build_vit(saved_arch if saved_arch is not None else arch)
+    except (TypeError, ValueError) as e:  # a recorded arch with unknown keys or values of the wrong type
+        raise ValueError(f"{path}: its recorded architecture does not build a ViT ({e}); it was not written by "
+                         "pretrain.py") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
