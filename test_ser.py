@@ -174,8 +174,10 @@ def test_prefix_stripping_released_formats(tmp_path):
         vit.load_backbone(tmp_path / "ckpt.pth", arch=arch, key="step")
     # Recorded architectures, which hold a pos_embed *setting*, are not offered as networks, nor break the loader.
     torch.save({"arch": m.arch, "student": student, "eval_key": ["student"]}, tmp_path / "ours.pth")
+    loaded = vit.load_backbone(tmp_path / "ours.pth")  # an eval_key that is not a name is ignored, not a crash
+    assert torch.equal(loaded(x), vit.load_backbone(tmp_path / "ours.pth", key="student")(x))
+    torch.save({"arch": m.arch, "student": student, "step": 3}, tmp_path / "ours.pth")
     with pytest.raises(ValueError, match="'step' holds no network weights; .*one of \\['student'\\]"):
-        torch.save({"arch": m.arch, "student": student, "step": 3}, tmp_path / "ours.pth")
         vit.load_backbone(tmp_path / "ours.pth", key="step")
     torch.save({"arch": {**m.arch, "colour": 1}, "backbone": student}, tmp_path / "odd_arch.pth")
     with pytest.raises(ValueError, match="odd_arch.pth: its recorded architecture does not build a ViT"):
