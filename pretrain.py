@@ -19,8 +19,9 @@ split); compute_losses calls losses.py, whose ser_loss aligns token maps with gr
 (--benchmark, --count-flops) is the last section.
 
 Outputs, in --output-dir (an existing checkpoint.pth is resumed): config.json, log.jsonl (a JSON line per log step
-and per epoch), checkpoint.pth (all state; every epoch and on SIGTERM/SIGINT) and backbone.pth (the evaluated
-backbone: bare timm keys and its architecture), which linear_eval.py, robustness_eval.py and detect_eval.py load.
+and per epoch, cut back to the checkpoint on resume), checkpoint.pth (all state; every epoch and on SIGTERM/SIGINT)
+and backbone.pth (the evaluated backbone: bare timm keys and its architecture), which linear_eval.py,
+robustness_eval.py and detect_eval.py load.
 """
 
 import argparse
