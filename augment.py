@@ -283,6 +283,11 @@ def run_script(main):
     referenced at exit, where pretrain's workers, which ignore SIGTERM, would hang it."""
     try:
         return main()
+    except SystemExit as e:  # a settings error met before the ranks meet is the same line on every rank: rank 0's
+        first = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if isinstance(e.code, str) and int(os.environ.get("RANK", 0)) > 0 and not first:
+            raise SystemExit(1) from None
+        raise
     except KeyboardInterrupt:  # Ctrl-C outside pretrain's loop (which saves a checkpoint on it): no traceback
         print("interrupted; every file already written is complete (outputs are written whole or not at all)",
               file=sys.stderr)

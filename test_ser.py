@@ -1495,6 +1495,15 @@ def test_run_script_gives_one_line_and_releases_the_loaders(capsys):
     assert stop.value.code == 1 and "KeyError: 'a bug'" in capsys.readouterr().err  # a bug keeps its traceback
     assert augment.run_script(lambda: 7) == 7
 
+    def bad_flag():
+        raise SystemExit("error: --lr must be positive, got -1.0")
+    for rank, code in (("0", "error: --lr must be positive, got -1.0"), ("1", 1)):  # torchrun: rank 0's line only
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("RANK", rank)
+            with pytest.raises(SystemExit) as stop:
+                augment.run_script(bad_flag)
+        assert stop.value.code == code
+
 
 
 def test_symlink_loop_is_refused(tmp_path):
