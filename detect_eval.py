@@ -76,9 +76,17 @@ def validate_coco(coco, source, allow_degenerate=False):
                     raise ValueError(f"{where} {k} must be {want}, got {entry[k]!r} ({type(entry[k]).__name__})")
             if section == "images" and not (isinstance(entry["file_name"], str) and entry["file_name"]):
                 raise ValueError(f"{where} file_name must be a non-empty string, got {entry['file_name']!r}")
+            if section == "categories" and not (isinstance(entry["name"], str) and entry["name"]):
+                raise ValueError(f"{where} name must be a non-empty string, got {entry['name']!r}")
         ids = [entry["id"] for entry in coco[section]]  # a repeated category id would add a class no target ever has
         if len(set(ids)) != len(ids):
             raise ValueError(f"{source}: duplicate ids in {section!r}")
+    # Train and val are matched by id and name: a name twice would make that match ambiguous.
+    names = [c["name"] for c in coco["categories"]]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{source}: category name(s) {repeated[:5]} listed under more than one id; give each "
+                         "category one id")
     cat_ids = {c["id"] for c in coco["categories"]}
     sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
     for a in coco["annotations"]:
@@ -551,8 +559,15 @@ def build_data(args, is_main, distributed):
                    for s, name in (("train", args.train_split), ("val", args.val_split))}
     train, val = (CocoDetection(load_coco(ann_file, image_dir, args.allow_degenerate_boxes), image_dir, render)
                   for ann_file, image_dir, render in sources.values())
-    if train.cat_ids != val.cat_ids:
-        raise ValueError("train and val annotation files list different categories")
+    # The heads learn train's labels by id; val is scored by id: the same id must mean the same category in both.
+    train_names, val_names = ({c["id"]: c["name"] for c in d.coco["categories"]} for d in (train, val))
+    if train_names != val_names:
+        differ = sorted(i for i in train_names.keys() | val_names.keys() if train_names.get(i) != val_names.get(i))
+        shown = ", ".join(f"id {i}: " + " vs ".join(repr(n[i]) if i in n else "absent"
+                                                    for n in (train_names, val_names)) for i in differ[:5])
+        raise ValueError(f"train and val annotation files list different categories ({sources['train'][0]} vs "
+                         f"{sources['val'][0]}: {shown}{', ...' if len(differ) > 5 else ''}); give both files the "
+                         "same category ids and names")
     return train, val
 
 

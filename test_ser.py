@@ -3789,6 +3789,9 @@ def _edit_box(i, value):
     (lambda c: c["images"][0].update(file_name=None), "images\\[0\\] file_name must be a non-empty string, got None"),
     (lambda c: c["images"][1].update(file_name=7), "images\\[1\\] file_name must be a non-empty string, got 7"),
     (lambda c: c["categories"].append({"id": 1, "name": "again"}), "duplicate ids in 'categories'"),
+    (lambda c: c["categories"].append({"id": 9, "name": "circle"}), "category name\\(s\\) \\['circle'\\] listed under "
+                                                                     "more than one id"),
+    (lambda c: c["categories"][0].update(name=None), "categories\\[0\\] name must be a non-empty string"),
 ])
 def test_hostile_annotations_are_refused(tmp_path, edit, message):
     coco = detect_eval.SyntheticDetection(3, 64).coco()
@@ -3840,6 +3843,30 @@ def test_image_size_must_match_the_file_and_infinite_boxes_do_not_crash(tmp_path
                                "--iters", "1", "--warmup-iters", "0", "--num-workers", "0",
                                "--output-dir", tmp_path / "out")
     assert code == 1 and "instances_train2017.json: annotation 1 bbox must be [x, y, w, h] of finite numbers" in last
+
+
+def _coco_args(root, *flags):
+    return detect_eval.get_args_parser().parse_args(["--data", str(root), "--output-dir", str(root / "out"), *flags])
+
+
+def test_train_and_val_must_give_each_category_id_the_same_name(tmp_path):
+    coco = detect_eval.SyntheticDetection(2, 64).coco()
+    _coco_root(tmp_path, coco)
+    val = tmp_path / "annotations" / "instances_val2017.json"
+    swapped = [{**c, "name": {"circle": "square", "square": "circle"}.get(c["name"], c["name"])}
+               for c in coco["categories"]]  # same ids, ids 1 and 3 mean the other shape: AP would score nonsense
+    val.write_text(json.dumps({**coco, "categories": swapped}))
+    with pytest.raises(ValueError, match="^train and val annotation files list different categories \\(.*"
+                                         "instances_train2017.json vs .*instances_val2017.json: id 1: 'circle' vs "
+                                         "'square', id 3: 'square' vs 'circle'\\); give both files the same"):
+        detect_eval.build_data(_coco_args(tmp_path), True, False)
+    val.write_text(json.dumps({**coco, "categories": coco["categories"][:3]}))
+    with pytest.raises(ValueError, match="id 4: 'star' vs absent\\)"):
+        detect_eval.build_data(_coco_args(tmp_path), True, False)
+    val.write_text(json.dumps(coco))
+    train, val = detect_eval.build_data(_coco_args(tmp_path), True, False)
+    assert train.cat_ids == val.cat_ids == [1, 2, 3, 4]
+
 
 # ----------------------------------------------------------------------------- model
 @pytest.mark.parametrize("patch_size", [16, 8])
