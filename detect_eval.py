@@ -21,6 +21,7 @@ sizes; train2017 holds 2 zero-height boxes, hence --allow-degenerate-boxes:
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -501,14 +502,25 @@ RUNTIME_OPTIONS = {"output_dir", "num_workers", "log_every", "ckpt_every", "eval
                    "synthetic_val", "batch_size"}
 
 
-def save_checkpoint(path, model, optimizer, iteration, args, digest, cat_ids, **record):
+def file_digest(path):
+    """A fingerprint of a file's bytes, read in chunks (COCO's train2017 JSON is ~450 MB)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(path, model, optimizer, iteration, args, digest, train_set, **record):
     heads = {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN)}  # pyramid, RPN, RoI heads
     vit.save_atomic(path, {"model": heads, "optimizer": optimizer.state_dict(), "iteration": iteration,
-                           "args": vars(args), "backbone_digest": digest, "cat_ids": list(cat_ids), **record})
+                           "args": vars(args), "backbone_digest": digest, "cat_ids": list(train_set.cat_ids),
+                           "train_ann_digest": train_set.ann_digest, **record})
 
 
-def load_checkpoint(path, model, optimizer, args, digest, cat_ids, world_size):
+def load_checkpoint(path, model, optimizer, args, digest, train_set, world_size):
     ckpt = vit.load_resumable(path, args, ("model", "optimizer", "iteration"), "detect_eval.py", RUNTIME_OPTIONS)
+    cat_ids = train_set.cat_ids
     if ckpt.get("backbone_digest", digest) != digest:
         raise ValueError(f"{path} holds heads trained on other backbone weights than {args.pretrained} has now "
                          "(the file changed since). Use another --output-dir.")
@@ -532,6 +544,11 @@ def load_checkpoint(path, model, optimizer, args, digest, cat_ids, world_size):
         raise ValueError(f"{path} holds heads trained for {len(ckpt['cat_ids'])} categories (ids "
                          f"{ckpt['cat_ids'][:10]}), the annotations of --data {args.data} now list {len(cat_ids)} "
                          f"(ids {list(cat_ids)[:10]}). Use another --output-dir.")
+    # Or other boxes, labels or images: the heads would go on from another data set.
+    # A checkpoint without the field predates this check.
+    if ckpt.get("train_ann_digest", train_set.ann_digest) != train_set.ann_digest:
+        raise ValueError(f"{path} holds heads trained on another {train_set.ann_file}: the file changed since the "
+                         "checkpoint; use another --output-dir")
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     frozen = {k for k in model.state_dict() if k.startswith(FROZEN)}
     if set(missing) != frozen or unexpected:
@@ -559,6 +576,9 @@ def build_data(args, is_main, distributed):
                    for s, name in (("train", args.train_split), ("val", args.val_split))}
     train, val = (CocoDetection(load_coco(ann_file, image_dir, args.allow_degenerate_boxes), image_dir, render)
                   for ann_file, image_dir, render in sources.values())
+    # for a resume: the synthetic set is a function of its flags, which the checkpoint's args already hold
+    train.ann_file = sources["train"][0]
+    train.ann_digest = None if args.data == "synthetic" else file_digest(train.ann_file)
     # The heads learn train's labels by id; val is scored by id: the same id must mean the same category in both.
     train_names, val_names = ({c["id"]: c["name"] for c in d.coco["categories"]} for d in (train, val))
     if train_names != val_names:
@@ -710,7 +730,7 @@ def main(argv=None):
         ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
         ckpt = {"iteration": 0}
         if os.path.lexists(ckpt_path):  # a folder or a broken link there is an error, not a fresh start
-            ckpt = load_checkpoint(ckpt_path, model, optimizer, args, digest, train_set.cat_ids, world_size)
+            ckpt = load_checkpoint(ckpt_path, model, optimizer, args, digest, train_set, world_size)
             losses.log(f"resumed from {ckpt_path} at iteration {ckpt['iteration']}")
         # every invocation that trained these heads, in time and processes (which seed the flips and samplings)
         start, trained_s = ckpt["iteration"], ckpt.get("train_time_s", 0.0)
@@ -757,7 +777,7 @@ def main(argv=None):
                                      {"iteration": it + 1, "lr": lr, **values})
         if rank == 0 and ((it + 1) % args.ckpt_every == 0 or it + 1 == args.iters):
             with vit.exit_on_write_error("detect_eval.py: "):
-                save_checkpoint(ckpt_path, model, optimizer, it + 1, args, digest, train_set.cat_ids,
+                save_checkpoint(ckpt_path, model, optimizer, it + 1, args, digest, train_set,
                                 global_batch=args.batch_size * world_size, world_sizes=world_sizes,
                                 train_time_s=trained_s + time.time() - t0)
     train_time = trained_s + time.time() - t0

@@ -4038,6 +4038,25 @@ def test_resume_refuses_another_backbone_and_reports_progress(tmp_path, backbone
         detect_eval.main(tiny_run_args(backbone_path, out, 1))
 
 
+def test_resume_refuses_a_train_annotation_file_changed_in_place(tmp_path, backbone_path):
+    coco = detect_eval.SyntheticDetection(4, 64).coco()
+    _coco_root(tmp_path / "coco", coco)
+    out, extra = tmp_path / "run", ["--data", str(tmp_path / "coco")]
+    detect_eval.main(tiny_run_args(backbone_path, out, 1, extra))
+    assert detect_eval.main(tiny_run_args(backbone_path, out, 1, extra))["iterations"] == 1  # unchanged: resumes
+    train = tmp_path / "coco" / "annotations" / "instances_train2017.json"
+    for a in coco["annotations"]:  # same categories, same images, other labels: the heads would learn a mix
+        a["category_id"] = a["category_id"] % 4 + 1
+    train.write_text(json.dumps(coco))
+    with pytest.raises(SystemExit, match="checkpoint.pth holds heads trained on another .*instances_train2017.json: "
+                                         "the file changed since the checkpoint; use another --output-dir"):
+        detect_eval.main(tiny_run_args(backbone_path, out, 2, extra))
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    del ckpt["train_ann_digest"]  # a checkpoint from before the check
+    torch.save(ckpt, out / "checkpoint.pth")
+    assert detect_eval.main(tiny_run_args(backbone_path, out, 2, extra))["iterations"] == 2
+
+
 def test_truncated_coco_image_ends_the_run_in_one_line(tmp_path, backbone_path):
     _coco_root(tmp_path / "coco", detect_eval.SyntheticDetection(2, 64).coco())
     bad = tmp_path / "coco" / "train2017" / "000001.png"
