@@ -47,6 +47,9 @@ import vit
 
 # ----------------------------------------------------------------------------- COCO-format data
 BOX_TOLERANCE = 1.0  # px a box may overshoot its image (annotation rounding); clipped in the training targets
+# A box narrower or lower than this inside its image counts as zero-size: in float32, after the resize and a flip,
+# its sides could meet, which torchvision's training asserts against. (COCO's boxes have 0.01 px steps.)
+MIN_BOX_EXTENT = 1e-3  # px
 # Per section: the required keys, then those of them that must be integers.
 COCO_KEYS = {"images": (("id", "file_name", "width", "height"), ("id", "width", "height")),
              "annotations": (("id", "image_id", "category_id", "bbox", "area"), ("id", "image_id", "category_id")),
@@ -57,9 +60,22 @@ def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # json parses NaN, Infinity
 
 
+def clip_box(box, width, height):
+    """xyxy of an xywh box clipped to its image: validate_coco allows BOX_TOLERANCE px outside."""
+    x, y, w, h = box
+    return max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
+
+
+def is_degenerate(box, width, height):
+    """Whether a box has (almost) no extent inside its image: such boxes score as in pycocotools, never train."""
+    x0, y0, x1, y1 = clip_box(box, width, height)
+    return min(x1 - x0, y1 - y0) < MIN_BOX_EXTENT
+
+
 def validate_coco(coco, source, allow_degenerate=False):
     """Check a COCO instances dict and fill the optional `iscrowd` (default 0). Boxes must be finite: an infinite
-    box crashes torchvision's roi_align. Zero-size boxes, refused unless allow_degenerate, score as in pycocotools."""
+    box crashes torchvision's roi_align. Zero-size boxes (is_degenerate: also those on the image's edge), refused
+    unless allow_degenerate, score as in pycocotools."""
     if not isinstance(coco, dict):
         raise ValueError(f"{source}: expected a JSON object with images/annotations/categories")
     for section, (keys, int_keys) in COCO_KEYS.items():
@@ -107,12 +123,15 @@ def validate_coco(coco, source, allow_degenerate=False):
         if min(x, y) < -BOX_TOLERANCE or max(x + w - W, y + h - H) > BOX_TOLERANCE:
             raise ValueError(f"{where} box {box} leaves its {W}x{H} image {a['image_id']} "
                              "(check the box and the image's width/height)")
+        if is_degenerate(box, W, H) and not allow_degenerate:  # on the image's edge, or next to no width
+            raise ValueError(f"{where} box {box} is under {MIN_BOX_EXTENT} px wide or high inside its {W}x{H} image "
+                             f"{a['image_id']} (pass --allow-degenerate-boxes to keep zero-size boxes)")
         if not _is_number(a["area"]) or a["area"] < 0:
             raise ValueError(f"{where} area must be a finite number >= 0, got {a['area']!r}")
         a.setdefault("iscrowd", 0)
         if a["iscrowd"] not in (0, 1) or isinstance(a["iscrowd"], float):
             raise ValueError(f"{where} iscrowd must be 0 or 1, got {a['iscrowd']!r}")
-    if not any(not a["iscrowd"] and min(a["bbox"][2:]) > 0 for a in coco["annotations"]):
+    if not any(not a["iscrowd"] and not is_degenerate(a["bbox"], *sizes[a["image_id"]]) for a in coco["annotations"]):
         raise ValueError(f"{source}: no annotated boxes (crowd regions and zero-size boxes aside): nothing to train "
                          "on or to score against")
 
@@ -157,11 +176,9 @@ class CocoDetection(Dataset):
         sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
         self.targets = defaultdict(list)
         for a in coco["annotations"]:
-            x, y, w, h = a["bbox"]
-            W, H = sizes[a["image_id"]]
-            if not a["iscrowd"] and w > 0 and h > 0:  # clipped: validate_coco allows BOX_TOLERANCE px outside
-                self.targets[a["image_id"]].append((max(x, 0), max(y, 0), min(x + w, W), min(y + h, H),
-                                                    label[a["category_id"]]))
+            size = sizes[a["image_id"]]
+            if not a["iscrowd"] and not is_degenerate(a["bbox"], *size):
+                self.targets[a["image_id"]].append((*clip_box(a["bbox"], *size), label[a["category_id"]]))
         self.coco, self.image_dir, self.render = coco, image_dir, render
 
     def __len__(self):

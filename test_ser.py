@@ -3782,6 +3782,10 @@ def _edit_box(i, value):
     (_edit_box(2, float("inf")), "finite numbers"),
     (_edit_box(0, True), "finite numbers"),
     (_edit_box(0, 60.0), "leaves its 64x64 image"),
+    # within BOX_TOLERANCE of the image, but (next to) nothing of them inside it: torchvision would assert in training
+    *((lambda c, box=box: c["annotations"][0].update(bbox=box), "under 0.001 px wide or high inside its 64x64 image 1 "
+       "\\(pass --allow-degenerate-boxes") for box in ([64, 10, 0.5, 16], [-1, 10, 0.5, 16], [30, 10, 1e-6, 16],
+                                                        [10, 63.9999, 16, 1])),
     (lambda c: c["annotations"][0].update(category_id="1"), "category_id must be an integer, got '1' \\(str\\)"),
     (lambda c: c["images"][0].update(width=0), "width must be a positive integer"),
     (lambda c: c["annotations"][0].update(area=float("nan")), "area must be a finite number"),
@@ -4036,6 +4040,23 @@ def test_resume_refuses_another_backbone_and_reports_progress(tmp_path, backbone
     torch.save({"arch": other.arch, "backbone": other.state_dict()}, backbone_path)  # the file was overwritten
     with pytest.raises(SystemExit, match="other backbone weights"):
         detect_eval.main(tiny_run_args(backbone_path, out, 1))
+
+
+def test_boxes_with_no_extent_inside_their_image_score_but_do_not_train(tmp_path, backbone_path):
+    coco = detect_eval.SyntheticDetection(4, 64).coco()
+    edge = [[64, 10, 0.5, 16], [-1, 20, 0.5, 16], [30, 10, 1e-6, 16], [10, 63.9999, 16, 1]]
+    for image_id, box in enumerate(edge, start=1):  # one per image: every training batch holds one
+        coco["annotations"].append({"id": 100 + image_id, "image_id": image_id, "category_id": 1, "bbox": box,
+                                    "area": box[2] * box[3], "iscrowd": 0})
+    _coco_root(tmp_path / "coco", coco)
+    out = tmp_path / "run"
+    results = detect_eval.main(tiny_run_args(backbone_path, out, 2, ["--data", str(tmp_path / "coco"),
+                                                                     "--allow-degenerate-boxes"]))
+    assert results["iterations"] == 2  # trained on every image without torchvision's degenerate-box assertion
+    val = detect_eval.load_coco(str(tmp_path / "coco/annotations/instances_val2017.json"), allow_degenerate=True)
+    assert sum(a["id"] > 100 for a in val["annotations"]) == 4  # kept as ground truth for scoring
+    targets = detect_eval.CocoDetection(val, render=lambda i: None).targets
+    assert sum(map(len, targets.values())) == len(val["annotations"]) - 4
 
 
 def test_resume_refuses_a_train_annotation_file_changed_in_place(tmp_path, backbone_path):
