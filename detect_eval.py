@@ -575,6 +575,20 @@ def load_checkpoint(path, model, optimizer, args, digest, train_set, world_size)
     return ckpt
 
 
+def check_resizable(coco, ann_file, args):
+    """The detector resizes each side to floor(side x scale) px, scale = min(--min-size / short side, --max-size /
+    long side): an image whose short side comes out 0 px would crash torch's interpolate, after all the training."""
+    for im in coco["images"]:
+        short, long = sorted((im["width"], im["height"]))
+        if any(math.floor(short * min(s / short, args.max_size / long)) < 1 for s in args.min_size):
+            enough = math.ceil(long / short)
+            while math.floor(short * (enough / long)) < 1:  # float rounding at an exact ratio
+                enough += 1
+            raise ValueError(f"{ann_file}: image {im['id']} ({im['file_name']}) is {im['width']}x{im['height']}: "
+                             f"--min-size {' '.join(map(str, args.min_size))} and --max-size {args.max_size} scale its "
+                             f"short side to under 1 px; pass --max-size {enough} or more, or leave the image out")
+
+
 def build_data(args, is_main, distributed):
     """Train and val datasets (their COCO dicts in .coco); the synthetic set goes through the COCO JSON path."""
     if args.data == "synthetic":
@@ -593,6 +607,8 @@ def build_data(args, is_main, distributed):
                    for s, name in (("train", args.train_split), ("val", args.val_split))}
     train, val = (CocoDetection(load_coco(ann_file, image_dir, args.allow_degenerate_boxes), image_dir, render)
                   for ann_file, image_dir, render in sources.values())
+    for (ann_file, _, _), dataset in zip(sources.values(), (train, val)):
+        check_resizable(dataset.coco, ann_file, args)
     # for a resume: the synthetic set is a function of its flags, which the checkpoint's args already hold
     train.ann_file = sources["train"][0]
     train.ann_digest = None if args.data == "synthetic" else file_digest(train.ann_file)

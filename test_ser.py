@@ -3872,6 +3872,21 @@ def test_train_and_val_must_give_each_category_id_the_same_name(tmp_path):
     assert train.cat_ids == val.cat_ids == [1, 2, 3, 4]
 
 
+def test_an_image_the_resize_would_make_0_px_high_is_refused_before_training(tmp_path):
+    _coco_root(tmp_path, detect_eval.SyntheticDetection(2, 64).coco())
+    Image.new("RGB", (400, 4)).save(tmp_path / "val2017" / "thin.png")
+    thin = {"images": [{"id": 1, "file_name": "thin.png", "width": 400, "height": 4}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 0, 50, 4], "area": 200}],
+            "categories": detect_eval.SyntheticDetection(2, 64).coco()["categories"]}
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(thin))
+    # scale min(64 / 4, 64 / 400) = 0.16: 4 px -> 0.64 px, which torch's interpolate refuses after all the training
+    with pytest.raises(ValueError, match="instances_val2017.json: image 1 \\(thin.png\\) is 400x4: --min-size 32 64 "
+                                         "and --max-size 64 scale its short side to under 1 px; pass --max-size 100 "
+                                         "or more, or leave the image out"):
+        detect_eval.build_data(_coco_args(tmp_path, "--min-size", "32", "64", "--max-size", "64"), True, False)
+    detect_eval.build_data(_coco_args(tmp_path, "--min-size", "32", "64", "--max-size", "100"), True, False)  # 1 px
+
+
 # ----------------------------------------------------------------------------- model
 @pytest.mark.parametrize("patch_size", [16, 8])
 def test_pyramid_strides_shapes_and_frozen_backbone(patch_size):
