@@ -128,6 +128,10 @@ def validate_coco(coco, source, allow_degenerate=False):
                              f"{a['image_id']} (pass --allow-degenerate-boxes to keep zero-size boxes)")
         if not _is_number(a["area"]) or a["area"] < 0:
             raise ValueError(f"{where} area must be a finite number >= 0, got {a['area']!r}")
+        # The area ranges read this field: one beyond the image (its box's tolerance aside) would leave every range.
+        if a["area"] > (W + 2 * BOX_TOLERANCE) * (H + 2 * BOX_TOLERANCE):
+            raise ValueError(f"{where} area {a['area']!r} exceeds the {W * H} px of its {W}x{H} image "
+                             f"{a['image_id']}: check the area (pixels of the object in the image)")
         a.setdefault("iscrowd", 0)
         if a["iscrowd"] not in (0, 1) or isinstance(a["iscrowd"], float):
             raise ValueError(f"{where} iscrowd must be 0 or 1, got {a['iscrowd']!r}")

@@ -3789,6 +3789,10 @@ def _edit_box(i, value):
     (lambda c: c["annotations"][0].update(category_id="1"), "category_id must be an integer, got '1' \\(str\\)"),
     (lambda c: c["images"][0].update(width=0), "width must be a positive integer"),
     (lambda c: c["annotations"][0].update(area=float("nan")), "area must be a finite number"),
+    # every area range would ignore it: AP -1
+    (lambda c: c["annotations"][0].update(area=1e11), "annotation 1 area 100000000000.0 exceeds the 4096 px of its "
+                                                      "64x64 image 1: check the area"),
+    (lambda c: c["annotations"][0].update(area=66 * 66 + 1), "exceeds the 4096 px"),
     (lambda c: c.update(annotations=[]), "no annotated boxes"),
     (lambda c: c["images"][0].update(file_name=None), "images\\[0\\] file_name must be a non-empty string, got None"),
     (lambda c: c["images"][1].update(file_name=7), "images\\[1\\] file_name must be a non-empty string, got 7"),
