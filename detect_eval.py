@@ -774,6 +774,9 @@ def main(argv=None):
         world_sizes = sorted({*ckpt.get("world_sizes", []), *([world_size] if start < args.iters else [])})
         sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
         batches = IterationBatches(sampler, args.batch_size, start, args.iters)
+        if rank == 0:  # records a crash wrote after the checkpoint, or a run before it, would stand beside the new ones
+            with vit.exit_on_write_error("detect_eval.py: "):
+                vit.restart_log(os.path.join(args.output_dir, "log.jsonl"), ckpt["iteration"], "iteration")
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"detect_eval.py: {e}") from None
 

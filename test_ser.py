@@ -4003,6 +4003,22 @@ def test_resume_continues_at_the_saved_iteration(tmp_path, backbone_path, capsys
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
 
 
+def test_detect_log_holds_each_iteration_once_after_a_resume_or_a_fresh_start(tmp_path, backbone_path):
+    out = tmp_path / "run"
+
+    def logged():
+        with open(out / "log.jsonl") as f:
+            return [json.loads(line)["iteration"] for line in f]
+
+    detect_eval.main(tiny_run_args(backbone_path, out, 2))
+    vit.append_jsonl(out / "log.jsonl", {"iteration": 3, "lr": 1.0})  # a crash's, after the checkpoint at 2
+    detect_eval.main(tiny_run_args(backbone_path, out, 4))
+    assert logged() == [1, 2, 3, 4]
+    (out / "checkpoint.pth").unlink()  # a fresh start in the same folder: the old run's records go
+    detect_eval.main(tiny_run_args(backbone_path, out, 1))
+    assert logged() == [1]
+
+
 def test_resume_refuses_an_iters_that_changes_the_lr_already_trained(tmp_path, backbone_path):
     out = tmp_path / "run"
     detect_eval.main(tiny_run_args(backbone_path, out, 2, ["--decay-at", "0.5"]))  # iteration 1 at 0.1 x --lr
