@@ -570,11 +570,21 @@ def load_checkpoint(path, model, optimizer, args, digest, train_set, world_size)
     if ckpt.get("train_ann_digest", train_set.ann_digest) != train_set.ann_digest:
         raise ValueError(f"{path} holds heads trained on another {train_set.ann_file}: the file changed since the "
                          "checkpoint; use another --output-dir")
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    mismatch = f"{path} does not match this detector (different flags?): "
+    fix = "; move it away or use another --output-dir"
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    except (RuntimeError, TypeError, AttributeError) as e:  # load_state_dict's multi-line report, e.g. a shape
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if "size mismatch" in line), lines[-1]).rstrip(".")
+        raise ValueError(mismatch + reason + fix) from None
     frozen = {k for k in model.state_dict() if k.startswith(FROZEN)}
     if set(missing) != frozen or unexpected:
-        raise ValueError(f"{path} does not match this detector (different flags?): "
-                         f"missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"{mismatch}missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]}{fix}")
+    try:  # NaN heads would score AP 0.0, as if trained
+        vit.refuse_non_finite(path, ckpt["model"])
+    except ValueError as e:
+        raise ValueError(f"{e}, or move it away or use another --output-dir to train again") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     return ckpt
 

@@ -4113,6 +4113,22 @@ def test_resume_refuses_a_train_annotation_file_changed_in_place(tmp_path, backb
     assert detect_eval.main(tiny_run_args(backbone_path, out, 2, extra))["iterations"] == 2
 
 
+def test_resume_refuses_non_finite_or_misshapen_heads_in_one_line(tmp_path, backbone_path):
+    out = tmp_path / "run"
+    detect_eval.main(tiny_run_args(backbone_path, out, 1))
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    name = "roi_heads.box_predictor.cls_score.weight"
+    for edit, message in [
+            (lambda t: torch.full_like(t, float("nan")),  # would score AP 0.0 as if trained
+             f"checkpoint.pth holds non-finite weights .*{name}.*use another --output-dir to train again$"),
+            (lambda t: t[:-1], "checkpoint.pth does not match this detector \\(different flags\\?\\): size mismatch "
+                               f"for {name}: .*; move it away or use another --output-dir$")]:
+        torch.save({**ckpt, "model": {**ckpt["model"], name: edit(ckpt["model"][name])}}, out / "checkpoint.pth")
+        with pytest.raises(SystemExit, match=f"^detect_eval.py: .*{message}") as e:
+            detect_eval.main(tiny_run_args(backbone_path, out, 1))
+        assert "\n" not in str(e.value)
+
+
 def test_truncated_coco_image_ends_the_run_in_one_line(tmp_path, backbone_path):
     _coco_root(tmp_path / "coco", detect_eval.SyntheticDetection(2, 64).coco())
     bad = tmp_path / "coco" / "train2017" / "000001.png"
