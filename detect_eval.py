@@ -413,7 +413,11 @@ def match_image(ious, dt_area, gt_area, gt_crowd, area_range):
 
 def coco_evaluate(gt, detections):
     """pycocotools COCOeval(iouType='bbox') stats in STAT_NAMES order (-1 where a slice has no GT) of detections
-    [{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}] against a GT dict."""
+    [{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}] against a GT dict.
+
+    One deviation: pycocotools records a detection's match as the matched annotation's id and tests that id for
+    truth, so a detection matched to an annotation with id 0 counts there as a false positive (or, outside the area
+    range, is ignored); here it is a true positive, as a match to any other id."""
     img_ids = sorted({im["id"] for im in gt["images"]})
     cat_ids = sorted({c["id"] for c in gt["categories"]})
     unknown = {d["image_id"] for d in detections} - set(img_ids)
