@@ -21,6 +21,7 @@ sizes; train2017 holds 2 zero-height boxes, hence --allow-degenerate-boxes:
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -46,6 +47,9 @@ import vit
 
 # ----------------------------------------------------------------------------- COCO-format data
 BOX_TOLERANCE = 1.0  # px a box may overshoot its image (annotation rounding); clipped in the training targets
+# A box narrower or lower than this inside its image counts as zero-size: in float32, after the resize and a flip,
+# its sides could meet, which torchvision's training asserts against. (COCO's boxes have 0.01 px steps.)
+MIN_BOX_EXTENT = 1e-3  # px
 # Per section: the required keys, then those of them that must be integers.
 COCO_KEYS = {"images": (("id", "file_name", "width", "height"), ("id", "width", "height")),
              "annotations": (("id", "image_id", "category_id", "bbox", "area"), ("id", "image_id", "category_id")),
@@ -56,9 +60,22 @@ def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # json parses NaN, Infinity
 
 
+def clip_box(box, width, height):
+    """xyxy of an xywh box clipped to its image: validate_coco allows BOX_TOLERANCE px outside."""
+    x, y, w, h = box
+    return max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
+
+
+def is_degenerate(box, width, height):
+    """Whether a box has (almost) no extent inside its image: such boxes score as in pycocotools, never train."""
+    x0, y0, x1, y1 = clip_box(box, width, height)
+    return min(x1 - x0, y1 - y0) < MIN_BOX_EXTENT
+
+
 def validate_coco(coco, source, allow_degenerate=False):
     """Check a COCO instances dict and fill the optional `iscrowd` (default 0). Boxes must be finite: an infinite
-    box crashes torchvision's roi_align. Zero-size boxes, refused unless allow_degenerate, score as in pycocotools."""
+    box crashes torchvision's roi_align. Zero-size boxes (is_degenerate: also those on the image's edge), refused
+    unless allow_degenerate, score as in pycocotools."""
     if not isinstance(coco, dict):
         raise ValueError(f"{source}: expected a JSON object with images/annotations/categories")
     for section, (keys, int_keys) in COCO_KEYS.items():
@@ -76,9 +93,17 @@ def validate_coco(coco, source, allow_degenerate=False):
                     raise ValueError(f"{where} {k} must be {want}, got {entry[k]!r} ({type(entry[k]).__name__})")
             if section == "images" and not (isinstance(entry["file_name"], str) and entry["file_name"]):
                 raise ValueError(f"{where} file_name must be a non-empty string, got {entry['file_name']!r}")
+            if section == "categories" and not (isinstance(entry["name"], str) and entry["name"]):
+                raise ValueError(f"{where} name must be a non-empty string, got {entry['name']!r}")
         ids = [entry["id"] for entry in coco[section]]  # a repeated category id would add a class no target ever has
         if len(set(ids)) != len(ids):
             raise ValueError(f"{source}: duplicate ids in {section!r}")
+    # Train and val are matched by id and name: a name twice would make that match ambiguous.
+    names = [c["name"] for c in coco["categories"]]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{source}: category name(s) {repeated[:5]} listed under more than one id; give each "
+                         "category one id")
     cat_ids = {c["id"] for c in coco["categories"]}
     sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
     for a in coco["annotations"]:
@@ -98,12 +123,19 @@ def validate_coco(coco, source, allow_degenerate=False):
         if min(x, y) < -BOX_TOLERANCE or max(x + w - W, y + h - H) > BOX_TOLERANCE:
             raise ValueError(f"{where} box {box} leaves its {W}x{H} image {a['image_id']} "
                              "(check the box and the image's width/height)")
+        if is_degenerate(box, W, H) and not allow_degenerate:  # on the image's edge, or next to no width
+            raise ValueError(f"{where} box {box} is under {MIN_BOX_EXTENT} px wide or high inside its {W}x{H} image "
+                             f"{a['image_id']} (pass --allow-degenerate-boxes to keep zero-size boxes)")
         if not _is_number(a["area"]) or a["area"] < 0:
             raise ValueError(f"{where} area must be a finite number >= 0, got {a['area']!r}")
+        # The area ranges read this field: one beyond the image (its box's tolerance aside) would leave every range.
+        if a["area"] > (W + 2 * BOX_TOLERANCE) * (H + 2 * BOX_TOLERANCE):
+            raise ValueError(f"{where} area {a['area']!r} exceeds the {W * H} px of its {W}x{H} image "
+                             f"{a['image_id']}: check the area (pixels of the object in the image)")
         a.setdefault("iscrowd", 0)
         if a["iscrowd"] not in (0, 1) or isinstance(a["iscrowd"], float):
             raise ValueError(f"{where} iscrowd must be 0 or 1, got {a['iscrowd']!r}")
-    if not any(not a["iscrowd"] and min(a["bbox"][2:]) > 0 for a in coco["annotations"]):
+    if not any(not a["iscrowd"] and not is_degenerate(a["bbox"], *sizes[a["image_id"]]) for a in coco["annotations"]):
         raise ValueError(f"{source}: no annotated boxes (crowd regions and zero-size boxes aside): nothing to train "
                          "on or to score against")
 
@@ -148,11 +180,9 @@ class CocoDetection(Dataset):
         sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
         self.targets = defaultdict(list)
         for a in coco["annotations"]:
-            x, y, w, h = a["bbox"]
-            W, H = sizes[a["image_id"]]
-            if not a["iscrowd"] and w > 0 and h > 0:  # clipped: validate_coco allows BOX_TOLERANCE px outside
-                self.targets[a["image_id"]].append((max(x, 0), max(y, 0), min(x + w, W), min(y + h, H),
-                                                    label[a["category_id"]]))
+            size = sizes[a["image_id"]]
+            if not a["iscrowd"] and not is_degenerate(a["bbox"], *size):
+                self.targets[a["image_id"]].append((*clip_box(a["bbox"], *size), label[a["category_id"]]))
         self.coco, self.image_dir, self.render = coco, image_dir, render
 
     def __len__(self):
@@ -383,7 +413,11 @@ def match_image(ious, dt_area, gt_area, gt_crowd, area_range):
 
 def coco_evaluate(gt, detections):
     """pycocotools COCOeval(iouType='bbox') stats in STAT_NAMES order (-1 where a slice has no GT) of detections
-    [{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}] against a GT dict."""
+    [{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}] against a GT dict.
+
+    One deviation: pycocotools records a detection's match as the matched annotation's id and tests that id for
+    truth, so a detection matched to an annotation with id 0 counts there as a false positive (or, outside the area
+    range, is ignored); here it is a true positive, as a match to any other id."""
     img_ids = sorted({im["id"] for im in gt["images"]})
     cat_ids = sorted({c["id"] for c in gt["categories"]})
     unknown = {d["image_id"] for d in detections} - set(img_ids)
@@ -493,14 +527,25 @@ RUNTIME_OPTIONS = {"output_dir", "num_workers", "log_every", "ckpt_every", "eval
                    "synthetic_val", "batch_size"}
 
 
-def save_checkpoint(path, model, optimizer, iteration, args, digest, cat_ids, **record):
+def file_digest(path):
+    """A fingerprint of a file's bytes, read in chunks (COCO's train2017 JSON is ~450 MB)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(path, model, optimizer, iteration, args, digest, train_set, **record):
     heads = {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN)}  # pyramid, RPN, RoI heads
     vit.save_atomic(path, {"model": heads, "optimizer": optimizer.state_dict(), "iteration": iteration,
-                           "args": vars(args), "backbone_digest": digest, "cat_ids": list(cat_ids), **record})
+                           "args": vars(args), "backbone_digest": digest, "cat_ids": list(train_set.cat_ids),
+                           "train_ann_digest": train_set.ann_digest, **record})
 
 
-def load_checkpoint(path, model, optimizer, args, digest, cat_ids, world_size):
+def load_checkpoint(path, model, optimizer, args, digest, train_set, world_size):
     ckpt = vit.load_resumable(path, args, ("model", "optimizer", "iteration"), "detect_eval.py", RUNTIME_OPTIONS)
+    cat_ids = train_set.cat_ids
     if ckpt.get("backbone_digest", digest) != digest:
         raise ValueError(f"{path} holds heads trained on other backbone weights than {args.pretrained} has now "
                          "(the file changed since). Use another --output-dir.")
@@ -524,13 +569,42 @@ def load_checkpoint(path, model, optimizer, args, digest, cat_ids, world_size):
         raise ValueError(f"{path} holds heads trained for {len(ckpt['cat_ids'])} categories (ids "
                          f"{ckpt['cat_ids'][:10]}), the annotations of --data {args.data} now list {len(cat_ids)} "
                          f"(ids {list(cat_ids)[:10]}). Use another --output-dir.")
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    # Or other boxes, labels or images: the heads would go on from another data set.
+    # A checkpoint without the field predates this check.
+    if ckpt.get("train_ann_digest", train_set.ann_digest) != train_set.ann_digest:
+        raise ValueError(f"{path} holds heads trained on another {train_set.ann_file}: the file changed since the "
+                         "checkpoint; use another --output-dir")
+    mismatch = f"{path} does not match this detector (different flags?): "
+    fix = "; move it away or use another --output-dir"
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    except (RuntimeError, TypeError, AttributeError) as e:  # load_state_dict's multi-line report, e.g. a shape
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if "size mismatch" in line), lines[-1]).rstrip(".")
+        raise ValueError(mismatch + reason + fix) from None
     frozen = {k for k in model.state_dict() if k.startswith(FROZEN)}
     if set(missing) != frozen or unexpected:
-        raise ValueError(f"{path} does not match this detector (different flags?): "
-                         f"missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"{mismatch}missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]}{fix}")
+    try:  # NaN heads would score AP 0.0, as if trained
+        vit.refuse_non_finite(path, ckpt["model"])
+    except ValueError as e:
+        raise ValueError(f"{e}, or move it away or use another --output-dir to train again") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     return ckpt
+
+
+def check_resizable(coco, ann_file, args):
+    """The detector resizes each side to floor(side x scale) px, scale = min(--min-size / short side, --max-size /
+    long side): an image whose short side comes out 0 px would crash torch's interpolate, after all the training."""
+    for im in coco["images"]:
+        short, long = sorted((im["width"], im["height"]))
+        if any(math.floor(short * min(s / short, args.max_size / long)) < 1 for s in args.min_size):
+            enough = math.ceil(long / short)
+            while math.floor(short * (enough / long)) < 1:  # float rounding at an exact ratio
+                enough += 1
+            raise ValueError(f"{ann_file}: image {im['id']} ({im['file_name']}) is {im['width']}x{im['height']}: "
+                             f"--min-size {' '.join(map(str, args.min_size))} and --max-size {args.max_size} scale its "
+                             f"short side to under 1 px; pass --max-size {enough} or more, or leave the image out")
 
 
 def build_data(args, is_main, distributed):
@@ -551,8 +625,20 @@ def build_data(args, is_main, distributed):
                    for s, name in (("train", args.train_split), ("val", args.val_split))}
     train, val = (CocoDetection(load_coco(ann_file, image_dir, args.allow_degenerate_boxes), image_dir, render)
                   for ann_file, image_dir, render in sources.values())
-    if train.cat_ids != val.cat_ids:
-        raise ValueError("train and val annotation files list different categories")
+    for (ann_file, _, _), dataset in zip(sources.values(), (train, val)):
+        check_resizable(dataset.coco, ann_file, args)
+    # for a resume: the synthetic set is a function of its flags, which the checkpoint's args already hold
+    train.ann_file = sources["train"][0]
+    train.ann_digest = None if args.data == "synthetic" else file_digest(train.ann_file)
+    # The heads learn train's labels by id; val is scored by id: the same id must mean the same category in both.
+    train_names, val_names = ({c["id"]: c["name"] for c in d.coco["categories"]} for d in (train, val))
+    if train_names != val_names:
+        differ = sorted(i for i in train_names.keys() | val_names.keys() if train_names.get(i) != val_names.get(i))
+        shown = ", ".join(f"id {i}: " + " vs ".join(repr(n[i]) if i in n else "absent"
+                                                    for n in (train_names, val_names)) for i in differ[:5])
+        raise ValueError(f"train and val annotation files list different categories ({sources['train'][0]} vs "
+                         f"{sources['val'][0]}: {shown}{', ...' if len(differ) > 5 else ''}); give both files the "
+                         "same category ids and names")
     return train, val
 
 
@@ -695,13 +781,16 @@ def main(argv=None):
         ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
         ckpt = {"iteration": 0}
         if os.path.lexists(ckpt_path):  # a folder or a broken link there is an error, not a fresh start
-            ckpt = load_checkpoint(ckpt_path, model, optimizer, args, digest, train_set.cat_ids, world_size)
+            ckpt = load_checkpoint(ckpt_path, model, optimizer, args, digest, train_set, world_size)
             losses.log(f"resumed from {ckpt_path} at iteration {ckpt['iteration']}")
         # every invocation that trained these heads, in time and processes (which seed the flips and samplings)
         start, trained_s = ckpt["iteration"], ckpt.get("train_time_s", 0.0)
         world_sizes = sorted({*ckpt.get("world_sizes", []), *([world_size] if start < args.iters else [])})
         sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
         batches = IterationBatches(sampler, args.batch_size, start, args.iters)
+        if rank == 0:  # records a crash wrote after the checkpoint, or a run before it, would stand beside the new ones
+            with vit.exit_on_write_error("detect_eval.py: "):
+                vit.restart_log(os.path.join(args.output_dir, "log.jsonl"), ckpt["iteration"], "iteration")
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"detect_eval.py: {e}") from None
 
@@ -742,7 +831,7 @@ def main(argv=None):
                                      {"iteration": it + 1, "lr": lr, **values})
         if rank == 0 and ((it + 1) % args.ckpt_every == 0 or it + 1 == args.iters):
             with vit.exit_on_write_error("detect_eval.py: "):
-                save_checkpoint(ckpt_path, model, optimizer, it + 1, args, digest, train_set.cat_ids,
+                save_checkpoint(ckpt_path, model, optimizer, it + 1, args, digest, train_set,
                                 global_batch=args.batch_size * world_size, world_sizes=world_sizes,
                                 train_time_s=trained_s + time.time() - t0)
     train_time = trained_s + time.time() - t0

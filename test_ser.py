@@ -3823,13 +3823,24 @@ def _edit_box(i, value):
     (_edit_box(2, float("inf")), "finite numbers"),
     (_edit_box(0, True), "finite numbers"),
     (_edit_box(0, 60.0), "leaves its 64x64 image"),
+    # within BOX_TOLERANCE of the image, but (next to) nothing of them inside it: torchvision would assert in training
+    *((lambda c, box=box: c["annotations"][0].update(bbox=box), "under 0.001 px wide or high inside its 64x64 image 1 "
+       "\\(pass --allow-degenerate-boxes") for box in ([64, 10, 0.5, 16], [-1, 10, 0.5, 16], [30, 10, 1e-6, 16],
+                                                        [10, 63.9999, 16, 1])),
     (lambda c: c["annotations"][0].update(category_id="1"), "category_id must be an integer, got '1' \\(str\\)"),
     (lambda c: c["images"][0].update(width=0), "width must be a positive integer"),
     (lambda c: c["annotations"][0].update(area=float("nan")), "area must be a finite number"),
+    # every area range would ignore it: AP -1
+    (lambda c: c["annotations"][0].update(area=1e11), "annotation 1 area 100000000000.0 exceeds the 4096 px of its "
+                                                      "64x64 image 1: check the area"),
+    (lambda c: c["annotations"][0].update(area=66 * 66 + 1), "exceeds the 4096 px"),
     (lambda c: c.update(annotations=[]), "no annotated boxes"),
     (lambda c: c["images"][0].update(file_name=None), "images\\[0\\] file_name must be a non-empty string, got None"),
     (lambda c: c["images"][1].update(file_name=7), "images\\[1\\] file_name must be a non-empty string, got 7"),
     (lambda c: c["categories"].append({"id": 1, "name": "again"}), "duplicate ids in 'categories'"),
+    (lambda c: c["categories"].append({"id": 9, "name": "circle"}), "category name\\(s\\) \\['circle'\\] listed under "
+                                                                     "more than one id"),
+    (lambda c: c["categories"][0].update(name=None), "categories\\[0\\] name must be a non-empty string"),
 ])
 def test_hostile_annotations_are_refused(tmp_path, edit, message):
     coco = detect_eval.SyntheticDetection(3, 64).coco()
@@ -3881,6 +3892,45 @@ def test_image_size_must_match_the_file_and_infinite_boxes_do_not_crash(tmp_path
                                "--iters", "1", "--warmup-iters", "0", "--num-workers", "0",
                                "--output-dir", tmp_path / "out")
     assert code == 1 and "instances_train2017.json: annotation 1 bbox must be [x, y, w, h] of finite numbers" in last
+
+
+def _coco_args(root, *flags):
+    return detect_eval.get_args_parser().parse_args(["--data", str(root), "--output-dir", str(root / "out"), *flags])
+
+
+def test_train_and_val_must_give_each_category_id_the_same_name(tmp_path):
+    coco = detect_eval.SyntheticDetection(2, 64).coco()
+    _coco_root(tmp_path, coco)
+    val = tmp_path / "annotations" / "instances_val2017.json"
+    swapped = [{**c, "name": {"circle": "square", "square": "circle"}.get(c["name"], c["name"])}
+               for c in coco["categories"]]  # same ids, ids 1 and 3 mean the other shape: AP would score nonsense
+    val.write_text(json.dumps({**coco, "categories": swapped}))
+    with pytest.raises(ValueError, match="^train and val annotation files list different categories \\(.*"
+                                         "instances_train2017.json vs .*instances_val2017.json: id 1: 'circle' vs "
+                                         "'square', id 3: 'square' vs 'circle'\\); give both files the same"):
+        detect_eval.build_data(_coco_args(tmp_path), True, False)
+    val.write_text(json.dumps({**coco, "categories": coco["categories"][:3]}))
+    with pytest.raises(ValueError, match="id 4: 'star' vs absent\\)"):
+        detect_eval.build_data(_coco_args(tmp_path), True, False)
+    val.write_text(json.dumps(coco))
+    train, val = detect_eval.build_data(_coco_args(tmp_path), True, False)
+    assert train.cat_ids == val.cat_ids == [1, 2, 3, 4]
+
+
+def test_an_image_the_resize_would_make_0_px_high_is_refused_before_training(tmp_path):
+    _coco_root(tmp_path, detect_eval.SyntheticDetection(2, 64).coco())
+    Image.new("RGB", (400, 4)).save(tmp_path / "val2017" / "thin.png")
+    thin = {"images": [{"id": 1, "file_name": "thin.png", "width": 400, "height": 4}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 0, 50, 4], "area": 200}],
+            "categories": detect_eval.SyntheticDetection(2, 64).coco()["categories"]}
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(thin))
+    # scale min(64 / 4, 64 / 400) = 0.16: 4 px -> 0.64 px, which torch's interpolate refuses after all the training
+    with pytest.raises(ValueError, match="instances_val2017.json: image 1 \\(thin.png\\) is 400x4: --min-size 32 64 "
+                                         "and --max-size 64 scale its short side to under 1 px; pass --max-size 100 "
+                                         "or more, or leave the image out"):
+        detect_eval.build_data(_coco_args(tmp_path, "--min-size", "32", "64", "--max-size", "64"), True, False)
+    detect_eval.build_data(_coco_args(tmp_path, "--min-size", "32", "64", "--max-size", "100"), True, False)  # 1 px
+
 
 # ----------------------------------------------------------------------------- model
 @pytest.mark.parametrize("patch_size", [16, 8])
@@ -3994,6 +4044,22 @@ def test_resume_continues_at_the_saved_iteration(tmp_path, backbone_path, capsys
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
 
 
+def test_detect_log_holds_each_iteration_once_after_a_resume_or_a_fresh_start(tmp_path, backbone_path):
+    out = tmp_path / "run"
+
+    def logged():
+        with open(out / "log.jsonl") as f:
+            return [json.loads(line)["iteration"] for line in f]
+
+    detect_eval.main(tiny_run_args(backbone_path, out, 2))
+    vit.append_jsonl(out / "log.jsonl", {"iteration": 3, "lr": 1.0})  # a crash's, after the checkpoint at 2
+    detect_eval.main(tiny_run_args(backbone_path, out, 4))
+    assert logged() == [1, 2, 3, 4]
+    (out / "checkpoint.pth").unlink()  # a fresh start in the same folder: the old run's records go
+    detect_eval.main(tiny_run_args(backbone_path, out, 1))
+    assert logged() == [1]
+
+
 def test_resume_refuses_an_iters_that_changes_the_lr_already_trained(tmp_path, backbone_path):
     out = tmp_path / "run"
     detect_eval.main(tiny_run_args(backbone_path, out, 2, ["--decay-at", "0.5"]))  # iteration 1 at 0.1 x --lr
@@ -4050,6 +4116,58 @@ def test_resume_refuses_another_backbone_and_reports_progress(tmp_path, backbone
     torch.save({"arch": other.arch, "backbone": other.state_dict()}, backbone_path)  # the file was overwritten
     with pytest.raises(SystemExit, match="other backbone weights"):
         detect_eval.main(tiny_run_args(backbone_path, out, 1))
+
+
+def test_boxes_with_no_extent_inside_their_image_score_but_do_not_train(tmp_path, backbone_path):
+    coco = detect_eval.SyntheticDetection(4, 64).coco()
+    edge = [[64, 10, 0.5, 16], [-1, 20, 0.5, 16], [30, 10, 1e-6, 16], [10, 63.9999, 16, 1]]
+    for image_id, box in enumerate(edge, start=1):  # one per image: every training batch holds one
+        coco["annotations"].append({"id": 100 + image_id, "image_id": image_id, "category_id": 1, "bbox": box,
+                                    "area": box[2] * box[3], "iscrowd": 0})
+    _coco_root(tmp_path / "coco", coco)
+    out = tmp_path / "run"
+    results = detect_eval.main(tiny_run_args(backbone_path, out, 2, ["--data", str(tmp_path / "coco"),
+                                                                     "--allow-degenerate-boxes"]))
+    assert results["iterations"] == 2  # trained on every image without torchvision's degenerate-box assertion
+    val = detect_eval.load_coco(str(tmp_path / "coco/annotations/instances_val2017.json"), allow_degenerate=True)
+    assert sum(a["id"] > 100 for a in val["annotations"]) == 4  # kept as ground truth for scoring
+    targets = detect_eval.CocoDetection(val, render=lambda i: None).targets
+    assert sum(map(len, targets.values())) == len(val["annotations"]) - 4
+
+
+def test_resume_refuses_a_train_annotation_file_changed_in_place(tmp_path, backbone_path):
+    coco = detect_eval.SyntheticDetection(4, 64).coco()
+    _coco_root(tmp_path / "coco", coco)
+    out, extra = tmp_path / "run", ["--data", str(tmp_path / "coco")]
+    detect_eval.main(tiny_run_args(backbone_path, out, 1, extra))
+    assert detect_eval.main(tiny_run_args(backbone_path, out, 1, extra))["iterations"] == 1  # unchanged: resumes
+    train = tmp_path / "coco" / "annotations" / "instances_train2017.json"
+    for a in coco["annotations"]:  # same categories, same images, other labels: the heads would learn a mix
+        a["category_id"] = a["category_id"] % 4 + 1
+    train.write_text(json.dumps(coco))
+    with pytest.raises(SystemExit, match="checkpoint.pth holds heads trained on another .*instances_train2017.json: "
+                                         "the file changed since the checkpoint; use another --output-dir"):
+        detect_eval.main(tiny_run_args(backbone_path, out, 2, extra))
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    del ckpt["train_ann_digest"]  # a checkpoint from before the check
+    torch.save(ckpt, out / "checkpoint.pth")
+    assert detect_eval.main(tiny_run_args(backbone_path, out, 2, extra))["iterations"] == 2
+
+
+def test_resume_refuses_non_finite_or_misshapen_heads_in_one_line(tmp_path, backbone_path):
+    out = tmp_path / "run"
+    detect_eval.main(tiny_run_args(backbone_path, out, 1))
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    name = "roi_heads.box_predictor.cls_score.weight"
+    for edit, message in [
+            (lambda t: torch.full_like(t, float("nan")),  # would score AP 0.0 as if trained
+             f"checkpoint.pth holds non-finite weights .*{name}.*use another --output-dir to train again$"),
+            (lambda t: t[:-1], "checkpoint.pth does not match this detector \\(different flags\\?\\): size mismatch "
+                               f"for {name}: .*; move it away or use another --output-dir$")]:
+        torch.save({**ckpt, "model": {**ckpt["model"], name: edit(ckpt["model"][name])}}, out / "checkpoint.pth")
+        with pytest.raises(SystemExit, match=f"^detect_eval.py: .*{message}") as e:
+            detect_eval.main(tiny_run_args(backbone_path, out, 1))
+        assert "\n" not in str(e.value)
 
 
 def test_truncated_coco_image_ends_the_run_in_one_line(tmp_path, backbone_path):
