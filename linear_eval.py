@@ -105,6 +105,9 @@ def load_probe(path):
                          f"({str(e).splitlines()[0]}); rerun linear_eval.py to write it again") from None
     for sd in (backbone.state_dict(), classifier.state_dict()):
         vit.refuse_non_finite(path, sd)
+    if num_classes != ckpt["num_classes"]:  # robustness_eval matches --data against num_classes, not the head
+        raise ValueError(f"{path}: the head predicts {num_classes} classes but its metadata says num_classes "
+                         f"{ckpt['num_classes']}; rerun linear_eval.py to write it again")
     expected = backbone.embed_dim * (ckpt["n_last_blocks"] + bool(ckpt["avgpool"]))
     if in_dim != expected:
         raise ValueError(f"{path}: the head reads {in_dim} features but its backbone gives {expected} "

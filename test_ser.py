@@ -2705,6 +2705,22 @@ def test_load_probe_errors(tmp_path):
         linear_eval.load_probe(tmp_path / "bad.pth")
 
 
+def probe_run(probe, tmp_path):
+    """robustness_eval's clean task on `probe`, as a user runs it from Python."""
+    return robustness_eval.main(robustness_eval.get_args_parser().parse_args([
+        "--probe", str(probe), "--tasks", "clean", "--num-images", "2", "--num-workers", "0",
+        "--output-dir", str(tmp_path / "rob")]))
+
+
+def test_probe_whose_head_disagrees_with_its_num_classes_is_refused(tmp_path):
+    probe = tmp_path / "linear_probe.pth"
+    model = tiny_vit(seed=0, depth=2, num_heads=2).eval()
+    linear_eval.save_probe(probe, model, linear_eval.LinearClassifier(64, 10), 1, False, 6, 32, "synthetic")
+    with pytest.raises(SystemExit, match=f"^--probe: {probe}: the head predicts 10 classes but its metadata says "
+                                         "num_classes 6; rerun linear_eval.py"):  # --data has 6: it would run
+        probe_run(probe, tmp_path)
+
+
 @pytest.mark.parametrize("extra", [
     ["--cached", "--epochs", "5", "--n-last-blocks", "2"],  # 2 x 64-d [CLS]
     ["--epochs", "1", "--n-last-blocks", "1", "--avgpool"],  # augmented path; [CLS] + avgpool, 128-d too
