@@ -2721,6 +2721,25 @@ def test_probe_whose_head_disagrees_with_its_num_classes_is_refused(tmp_path):
         probe_run(probe, tmp_path)
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"img_size": "32"}, r"its metadata has img_size '32' \(n_last_blocks, num_classes and img_size are positive"),
+    ({"n_last_blocks": "1", "avgpool": "False"}, "its metadata has n_last_blocks '1', avgpool 'False' "),
+    ({"num_classes": 6.0}, "its metadata has num_classes 6.0 "),
+    ({"img_size": 36}, "its img_size 36 is not a multiple of its backbone's patch size 8"),
+    ({"cls_after_block": 1, "n_last_blocks": 2}, r"its n_last_blocks 2 is more than its backbone's blocks that "
+                                                 r"carry \[CLS\] \(1\)")])
+def test_probe_metadata_of_the_wrong_type_or_range_is_refused_in_one_line(tmp_path, edit, message):
+    probe = tmp_path / "linear_probe.pth"
+    split = edit.get("cls_after_block", 0)  # SER's: [CLS] only in the blocks after it
+    model = tiny_vit(seed=0, depth=2, num_heads=2, cls_after_block=split).eval()
+    meta = {**dict(n_last_blocks=1, avgpool=False, num_classes=6, img_size=32, data="synthetic"),
+            **{k: v for k, v in edit.items() if k != "cls_after_block"}}
+    head = linear_eval.LinearClassifier(128 if split else 64, 6)  # as wide as 2 blocks: the features agree
+    linear_eval.save_probe(probe, model, head, **meta)
+    with pytest.raises(SystemExit, match=f"^--probe: {probe}: {message}.*rerun linear_eval.py to write it again$"):
+        probe_run(probe, tmp_path)
+
+
 @pytest.mark.parametrize("extra", [
     ["--cached", "--epochs", "5", "--n-last-blocks", "2"],  # 2 x 64-d [CLS]
     ["--epochs", "1", "--n-last-blocks", "1", "--avgpool"],  # augmented path; [CLS] + avgpool, 128-d too
