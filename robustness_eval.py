@@ -1281,9 +1281,10 @@ def evaluate(args, device, rank, world):
         raise SystemExit(f"--data {args.data} has {len(classes)} classes but the probe predicts {meta['num_classes']}")
     if classifier is not None and meta.get("classes", classes) != classes:  # older probes record no names
         only_data, only_probe = sorted(set(classes) - set(meta["classes"])), sorted(set(meta["classes"]) - set(classes))
-        raise SystemExit(f"--data {args.data}: its classes differ from the probe's (only in --data: {only_data[:5]}, "
-                         f"only in the probe: {only_probe[:5]}); labels are class positions, so pass the data "
-                         "the probe was trained on")
+        detail = (f"only in --data: {only_data[:5]}, only in the probe: {only_probe[:5]}" if only_data or only_probe
+                  else "same names in another order")
+        raise SystemExit(f"--data {args.data}: its classes differ from the probe's ({detail}); labels are class "
+                         "positions, so pass the data the probe was trained on")
     # the released data's folders, the frost photos, --p-normalizers and the outputs are checked before any work
     known = len(classes), meta.get("classes")  # the probe's number of classes and their names if it records them
     c_set = corruption_set(args, base, img_size, corruptions, *known) if "c" in tasks else None
