@@ -909,10 +909,17 @@ def _class_folders(folder, flag, num_classes, classes=None, source="the probe"):
 # by dataset index; one all-reduce (sum) then gives every rank the exact totals.
 
 class Evaluator:
-    def __init__(self, args, backbone, classifier, meta, device, rank, world):
+    def __init__(self, args, backbone, classifier, meta, device, rank, world, source):
         self.args, self.backbone, self.classifier, self.meta = args, backbone, classifier, meta
         self.device, self.rank, self.world = device, rank, world
+        self.source = source  # the flag and file the backbone came from, for errors
         self.autocast = lambda: vit.autocast(device)  # bf16 where it is native, else fp32
+
+    def refuse_non_finite(self, t):
+        """Finite weights can still overflow: an argmax or mean of NaN is a made-up number, as linear_eval refuses."""
+        if not torch.isfinite(t).all():
+            raise SystemExit(f"{self.source}: the backbone gives non-finite features (NaN or inf); "
+                             "it cannot be evaluated")
 
     def loader(self, dataset, batch_size, label):
         """This rank's batches, with progress and ETA (a pass over ImageNet-C takes minutes to hours)."""
@@ -924,8 +931,11 @@ class Evaluator:
 
     @torch.no_grad()
     def logits(self, x):
+        """Every task's logits pass here: a backbone of non-finite features stops at the run's first batch."""
         with self.autocast():
-            return predict(self.backbone, self.classifier, x, self.meta["n_last_blocks"], self.meta["avgpool"]).float()
+            logits = predict(self.backbone, self.classifier, x, self.meta["n_last_blocks"], self.meta["avgpool"])
+        self.refuse_non_finite(logits)
+        return logits.float()
 
     def hits(self, x, y):
         return (self.logits(x).argmax(1) == y).float()
@@ -948,6 +958,7 @@ class Evaluator:
                     correct[e, idx] = self.hits(apply_to_images(x, g, self.backbone.patch_size), y)
             if equivariance:
                 scores[..., idx] = equivariance_scores(self.backbone, x, elements, self.autocast, x_other)
+                self.refuse_non_finite(scores[:, :, 0, idx])  # cos is always defined: NaN only from the token maps
         correct, scores = losses.all_reduce_sum(correct).cpu(), losses.all_reduce_sum(scores).cpu().nanmean(-1)
         return names, correct, {n: {m: scores[e, :, k].tolist() for k, m in enumerate(EQUIV_METRICS)}
                                 for e, n in enumerate(names)}
@@ -1291,7 +1302,8 @@ def evaluate(args, device, rank, world):
     p_sets = perturbation_sets(args, base, img_size, perturbations, *known) if "p" in tasks else None
     normalizers = load_normalizers(args.p_normalizers, perturbations) if "p" in tasks and args.p_normalizers else None
     make_output_dirs(args, rank)
-    ev = Evaluator(args, backbone, classifier, meta, device, rank, world)
+    source = f"--probe {args.probe}" if args.probe else f"--backbone {args.backbone[0]}"
+    ev = Evaluator(args, backbone, classifier, meta, device, rank, world, source)
     results = {"num_images": len(base), "img_size": img_size, "num_classes": len(classes), "world_size": world}
     log(f"robustness_eval: {len(base)} images of {args.data} at {img_size}px, tasks {','.join(tasks)}, "
         f"{world} process(es) on {device}")
@@ -1324,7 +1336,7 @@ def compare_backbones(args, device, rank, world):
     make_output_dirs(args, rank)
     results = {"num_images": len(base), "img_size": img_size, "layer": layer, "runs": {}}
     for name, path, backbone in zip(names, args.backbone, backbones):
-        ev = Evaluator(args, backbone.to(device).eval(), None, {}, device, rank, world)
+        ev = Evaluator(args, backbone.to(device).eval(), None, {}, device, rank, world, f"--backbone {path}")
         run = {"backbone": path, "depth": backbone.depth, "cls_after_block": backbone.cls_after_block,
                "equivariance": ev.clean_pass(clean_set, img_size, False, True)[2]}
         probe = os.path.join(os.path.dirname(path), "linear", "linear_eval.json")

@@ -3463,6 +3463,26 @@ def test_two_process_equivariance_equals_one_process(tiny_probe, tmp_path):
     np.testing.assert_allclose(scores(ddp), scores(one), rtol=1e-5)
 
 
+def test_robustness_eval_refuses_a_backbone_of_non_finite_features_naming_its_file(tmp_path):
+    good, bad = tiny_vit(seed=0, depth=2, num_heads=2).eval(), tiny_vit(seed=0, depth=2, num_heads=2).eval()
+    with torch.no_grad():
+        bad.patch_embed.proj.weight.mul_(1e30)  # finite weights, tokens that overflow: NaN from the first norm
+    probe = tmp_path / "linear_probe.pth"
+    linear_eval.save_probe(probe, bad, linear_eval.LinearClassifier(64, 6), 1, False, 6, 32, "synthetic")
+    for name, model in (("good", good), ("bad", bad)):
+        os.makedirs(tmp_path / name)
+        torch.save({"arch": model.arch, "backbone": model.state_dict()}, tmp_path / name / "backbone.pth")
+    runs = [(["--probe", probe, "--tasks", "clean"], f"--probe {probe}"),
+            (["--probe", probe, "--tasks", "p", "--perturbations", "rotate", "--p-frames", "3"], f"--probe {probe}"),
+            (["--equivariance-only", "--backbone", tmp_path / "bad/backbone.pth"], "--backbone .*bad/backbone.pth"),
+            (["--equivariance-only", "--backbone", tmp_path / "good/backbone.pth", tmp_path / "bad/backbone.pth"],
+             "--backbone .*bad/backbone.pth")]  # the comparison table names the run that fails
+    for argv, source in runs:
+        with pytest.raises(SystemExit, match=f"^{source}: the backbone gives non-finite features .*be evaluated"):
+            robust(*argv, "--num-images", "2", "--num-workers", "0", "--output-dir", tmp_path / "out")
+    assert not (tmp_path / "out" / "robustness.json").exists()
+
+
 def test_robustness_outputs_are_tried_before_any_work(tiny_probe, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     argv = ["--probe", tiny_probe, "--tasks", "clean", "--num-images", "2", "--num-workers", "0",
