@@ -432,6 +432,7 @@ def main(argv=None):
 
     assert_unchanged(backbone, reference)
     results.update(backbone=args.pretrained or f"random init {args.arch}", arch=backbone.arch, data=args.data,
+                   backbone_digest=vit.weights_digest(backbone),  # robustness_eval's table: these weights' numbers
                    img_size=img_size, num_classes=num_classes, num_features=in_dim, num_fit=len(fit_idx),
                    num_holdout=len(holdout_idx), num_val=len(val_set), world_size=world,
                    time_s=round(time.time() - start, 1), args=vars(args))

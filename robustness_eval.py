@@ -1318,10 +1318,32 @@ def evaluate(args, device, rank, world):
     return results
 
 
+def linear_numbers(json_path, path, backbone):
+    """{'linear_top1', 'knn_top1'} of linear_eval.py's json_path if it was computed on backbone (loaded from path) as it
+    is now, else {} with a line saying why: a checkpoint trained on since keeps its name."""
+    if not os.path.isfile(json_path):
+        return {}
+    try:
+        with open(json_path) as f:
+            lin = json.load(f)
+        top1 = {"linear_top1": lin["linear"]["top1"], "knn_top1": lin.get("knn", {}).get("top1")}
+        if not all(isinstance(v, (int, float)) for v in top1.values() if v is not None):
+            raise TypeError("top1 is not a number")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log(f"note: {json_path} is not a readable linear_eval.py result ({type(e).__name__}: {e}); the table leaves "
+            "its cells empty")
+        return {}
+    if lin.get("backbone_digest") != vit.weights_digest(backbone):  # an older linear_eval.py records none
+        log(f"note: {json_path} was not computed on {path} as it is now (stale); the table leaves its cells empty: "
+            "rerun linear_eval.py on it")
+        return {}
+    return top1
+
+
 def compare_backbones(args, device, rank, world):
     """--equivariance-only with several --backbone: one table of, per run and group element, the mean cosine between
     f_l(g x) and rho_g f_l(x) at block L (--figure-layer: SER's split block) and at the last block, plus linear /
-    k-NN top-1 from the run's <run>/linear/linear_eval.json when linear_eval.py wrote one."""
+    k-NN top-1 from the run's <run>/linear/linear_eval.json when linear_eval.py wrote one on these weights."""
     refuse_ignored_flags(args, ["equivariance"], table=True)
     backbones, names = [load_backbone(args, p) for p in args.backbone], run_names(args.backbone)
     img_size = args.img_size or backbones[0].arch["img_size"]
@@ -1339,11 +1361,7 @@ def compare_backbones(args, device, rank, world):
         ev = Evaluator(args, backbone.to(device).eval(), None, {}, device, rank, world, f"--backbone {path}")
         run = {"backbone": path, "depth": backbone.depth, "cls_after_block": backbone.cls_after_block,
                "equivariance": ev.clean_pass(clean_set, img_size, False, True)[2]}
-        probe = os.path.join(os.path.dirname(path), "linear", "linear_eval.json")
-        if os.path.isfile(probe):
-            with open(probe) as f:
-                lin = json.load(f)
-            run["linear_top1"], run["knn_top1"] = lin["linear"]["top1"], lin.get("knn", {}).get("top1")
+        run.update(linear_numbers(os.path.join(os.path.dirname(path), "linear", "linear_eval.json"), path, backbone))
         results["runs"][name] = run
     shown = [e for e in ("rot90", "vflip", "scale1.25") if e in results["runs"][names[0]]["equivariance"]]
     log(f"\nequivariance cos(f_l(g x), rho_g f_l(x)) at block {layer} / at the last block; linear, k-NN top-1")

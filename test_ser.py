@@ -3344,6 +3344,42 @@ def test_compare_backbones_scores_every_run_at_one_block(tmp_path):
     assert str(error.value).count("bad.pth") == 1
 
 
+def test_compare_backbones_shows_linear_numbers_only_of_the_weights_evaluated(tmp_path, capsys):
+    """The table's linear / k-NN columns come from <run>/linear/linear_eval.json: only when linear_eval.py computed
+    them on the backbone as it is now, not before a resume trained it on, and a broken file is no traceback."""
+    common = "--method mocov3 --epochs 2"
+    run(common + " --stop-at-step 2", tmp_path / "run")  # mid-run: backbone.pth of step 2
+    backbone, linear = tmp_path / "run" / "backbone.pth", tmp_path / "run" / "linear" / "linear_eval.json"
+    linear_eval.main(["--pretrained", str(backbone), "--train-length", "40", "--val-length", "20", "--batch-size", "20",
+                      "--cached", "--epochs", "1", "--num-workers", "0", "--output-dir", str(linear.parent)])
+    written = json.loads(linear.read_text())
+    other = tiny_vit(seed=0, depth=3, num_heads=2)  # a second run, never linearly evaluated
+    os.makedirs(tmp_path / "other")
+    torch.save({"arch": other.arch, "backbone": other.state_dict()}, tmp_path / "other" / "backbone.pth")
+
+    def table():
+        capsys.readouterr()
+        robust("--equivariance-only", "--backbone", backbone, tmp_path / "other" / "backbone.pth", "--num-images", "2",
+               "--num-workers", "0", "--output-dir", tmp_path / "out")
+        return json.loads((tmp_path / "out" / "robustness.json").read_text())["runs"]["run"], capsys.readouterr().out
+
+    shown, _ = table()
+    assert (shown["linear_top1"], shown["knn_top1"]) == (written["linear"]["top1"], written["knn"]["top1"])
+    run(common, tmp_path / "run")  # the resume trains on: backbone.pth changes, linear_eval.json stays
+    stale, out = table()
+    assert "linear_top1" not in stale and "knn_top1" not in stale
+    assert f"{linear} was not computed on {backbone} as it is now (stale)" in out and "rerun linear_eval.py" in out
+    row = [line for line in out.splitlines() if line.strip().startswith("run ")][-1]  # under the header
+    assert row.split()[-2:] == ["-", "-"]
+    del written["backbone_digest"]  # as an older linear_eval.py wrote it
+    linear.write_text(json.dumps(written))
+    assert "(stale)" in table()[1]
+    for broken, why in (("{", "JSONDecodeError"), ('{"knn": {"top1": 50.0}}', "KeyError: 'linear'")):
+        linear.write_text(broken)
+        unread, out = table()
+        assert "linear_top1" not in unread and f"{linear} is not a readable linear_eval.py result ({why}" in out
+
+
 # ------------------------------------------------------------------------------------------- driver
 
 @pytest.fixture(scope="module")
