@@ -105,6 +105,22 @@ def load_probe(path):
                          f"({str(e).splitlines()[0]}); rerun linear_eval.py to write it again") from None
     for sd in (backbone.state_dict(), classifier.state_dict()):
         vit.refuse_non_finite(path, sd)
+    sizes = {k: ckpt[k] for k in ("n_last_blocks", "num_classes", "img_size")}
+    bad = [f"{k} {v!r}" for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+    bad += [f"avgpool {ckpt['avgpool']!r}"] if not isinstance(ckpt["avgpool"], bool) else []
+    if bad:
+        raise ValueError(f"{path}: its metadata has {', '.join(bad)} (n_last_blocks, num_classes and img_size are "
+                         "positive integers, avgpool True or False); rerun linear_eval.py to write it again")
+    max_blocks = backbone.depth - backbone.cls_after_block  # SER: no [CLS] before it joins
+    if ckpt["n_last_blocks"] > max_blocks:
+        raise ValueError(f"{path}: its n_last_blocks {ckpt['n_last_blocks']} is more than its backbone's blocks that "
+                         f"carry [CLS] ({max_blocks}); rerun linear_eval.py to write it again")
+    if ckpt["img_size"] % backbone.patch_size:
+        raise ValueError(f"{path}: its img_size {ckpt['img_size']} is not a multiple of its backbone's patch size "
+                         f"{backbone.patch_size}; rerun linear_eval.py to write it again")
+    if num_classes != ckpt["num_classes"]:  # robustness_eval matches --data against num_classes, not the head
+        raise ValueError(f"{path}: the head predicts {num_classes} classes but its metadata says num_classes "
+                         f"{ckpt['num_classes']}; rerun linear_eval.py to write it again")
     expected = backbone.embed_dim * (ckpt["n_last_blocks"] + bool(ckpt["avgpool"]))
     if in_dim != expected:
         raise ValueError(f"{path}: the head reads {in_dim} features but its backbone gives {expected} "
@@ -416,6 +432,7 @@ def main(argv=None):
 
     assert_unchanged(backbone, reference)
     results.update(backbone=args.pretrained or f"random init {args.arch}", arch=backbone.arch, data=args.data,
+                   backbone_digest=vit.weights_digest(backbone),  # robustness_eval's table: these weights' numbers
                    img_size=img_size, num_classes=num_classes, num_features=in_dim, num_fit=len(fit_idx),
                    num_holdout=len(holdout_idx), num_val=len(val_set), world_size=world,
                    time_s=round(time.time() - start, 1), args=vars(args))

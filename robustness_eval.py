@@ -909,10 +909,17 @@ def _class_folders(folder, flag, num_classes, classes=None, source="the probe"):
 # by dataset index; one all-reduce (sum) then gives every rank the exact totals.
 
 class Evaluator:
-    def __init__(self, args, backbone, classifier, meta, device, rank, world):
+    def __init__(self, args, backbone, classifier, meta, device, rank, world, source):
         self.args, self.backbone, self.classifier, self.meta = args, backbone, classifier, meta
         self.device, self.rank, self.world = device, rank, world
+        self.source = source  # the flag and file the backbone came from, for errors
         self.autocast = lambda: vit.autocast(device)  # bf16 where it is native, else fp32
+
+    def refuse_non_finite(self, t):
+        """Finite weights can still overflow: an argmax or mean of NaN is a made-up number, as linear_eval refuses."""
+        if not torch.isfinite(t).all():
+            raise SystemExit(f"{self.source}: the backbone gives non-finite features (NaN or inf); "
+                             "it cannot be evaluated")
 
     def loader(self, dataset, batch_size, label):
         """This rank's batches, with progress and ETA (a pass over ImageNet-C takes minutes to hours)."""
@@ -924,8 +931,11 @@ class Evaluator:
 
     @torch.no_grad()
     def logits(self, x):
+        """Every task's logits pass here: a backbone of non-finite features stops at the run's first batch."""
         with self.autocast():
-            return predict(self.backbone, self.classifier, x, self.meta["n_last_blocks"], self.meta["avgpool"]).float()
+            logits = predict(self.backbone, self.classifier, x, self.meta["n_last_blocks"], self.meta["avgpool"])
+        self.refuse_non_finite(logits)
+        return logits.float()
 
     def hits(self, x, y):
         return (self.logits(x).argmax(1) == y).float()
@@ -948,6 +958,7 @@ class Evaluator:
                     correct[e, idx] = self.hits(apply_to_images(x, g, self.backbone.patch_size), y)
             if equivariance:
                 scores[..., idx] = equivariance_scores(self.backbone, x, elements, self.autocast, x_other)
+                self.refuse_non_finite(scores[:, :, 0, idx])  # cos is always defined: NaN only from the token maps
         correct, scores = losses.all_reduce_sum(correct).cpu(), losses.all_reduce_sum(scores).cpu().nanmean(-1)
         return names, correct, {n: {m: scores[e, :, k].tolist() for k, m in enumerate(EQUIV_METRICS)}
                                 for e, n in enumerate(names)}
@@ -1281,16 +1292,18 @@ def evaluate(args, device, rank, world):
         raise SystemExit(f"--data {args.data} has {len(classes)} classes but the probe predicts {meta['num_classes']}")
     if classifier is not None and meta.get("classes", classes) != classes:  # older probes record no names
         only_data, only_probe = sorted(set(classes) - set(meta["classes"])), sorted(set(meta["classes"]) - set(classes))
-        raise SystemExit(f"--data {args.data}: its classes differ from the probe's (only in --data: {only_data[:5]}, "
-                         f"only in the probe: {only_probe[:5]}); labels are class positions, so pass the data "
-                         "the probe was trained on")
+        detail = (f"only in --data: {only_data[:5]}, only in the probe: {only_probe[:5]}" if only_data or only_probe
+                  else "same names in another order")
+        raise SystemExit(f"--data {args.data}: its classes differ from the probe's ({detail}); labels are class "
+                         "positions, so pass the data the probe was trained on")
     # the released data's folders, the frost photos, --p-normalizers and the outputs are checked before any work
     known = len(classes), meta.get("classes")  # the probe's number of classes and their names if it records them
     c_set = corruption_set(args, base, img_size, corruptions, *known) if "c" in tasks else None
     p_sets = perturbation_sets(args, base, img_size, perturbations, *known) if "p" in tasks else None
     normalizers = load_normalizers(args.p_normalizers, perturbations) if "p" in tasks and args.p_normalizers else None
     make_output_dirs(args, rank)
-    ev = Evaluator(args, backbone, classifier, meta, device, rank, world)
+    source = f"--probe {args.probe}" if args.probe else f"--backbone {args.backbone[0]}"
+    ev = Evaluator(args, backbone, classifier, meta, device, rank, world, source)
     results = {"num_images": len(base), "img_size": img_size, "num_classes": len(classes), "world_size": world}
     log(f"robustness_eval: {len(base)} images of {args.data} at {img_size}px, tasks {','.join(tasks)}, "
         f"{world} process(es) on {device}")
@@ -1305,10 +1318,32 @@ def evaluate(args, device, rank, world):
     return results
 
 
+def linear_numbers(json_path, path, backbone):
+    """{'linear_top1', 'knn_top1'} of linear_eval.py's json_path if it was computed on backbone (loaded from path) as it
+    is now, else {} with a line saying why: a checkpoint trained on since keeps its name."""
+    if not os.path.isfile(json_path):
+        return {}
+    try:
+        with open(json_path) as f:
+            lin = json.load(f)
+        top1 = {"linear_top1": lin["linear"]["top1"], "knn_top1": lin.get("knn", {}).get("top1")}
+        if not all(isinstance(v, (int, float)) for v in top1.values() if v is not None):
+            raise TypeError("top1 is not a number")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log(f"note: {json_path} is not a readable linear_eval.py result ({type(e).__name__}: {e}); the table leaves "
+            "its cells empty")
+        return {}
+    if lin.get("backbone_digest") != vit.weights_digest(backbone):  # an older linear_eval.py records none
+        log(f"note: {json_path} was not computed on {path} as it is now (stale); the table leaves its cells empty: "
+            "rerun linear_eval.py on it")
+        return {}
+    return top1
+
+
 def compare_backbones(args, device, rank, world):
     """--equivariance-only with several --backbone: one table of, per run and group element, the mean cosine between
     f_l(g x) and rho_g f_l(x) at block L (--figure-layer: SER's split block) and at the last block, plus linear /
-    k-NN top-1 from the run's <run>/linear/linear_eval.json when linear_eval.py wrote one."""
+    k-NN top-1 from the run's <run>/linear/linear_eval.json when linear_eval.py wrote one on these weights."""
     refuse_ignored_flags(args, ["equivariance"], table=True)
     backbones, names = [load_backbone(args, p) for p in args.backbone], run_names(args.backbone)
     img_size = args.img_size or backbones[0].arch["img_size"]
@@ -1323,14 +1358,10 @@ def compare_backbones(args, device, rank, world):
     make_output_dirs(args, rank)
     results = {"num_images": len(base), "img_size": img_size, "layer": layer, "runs": {}}
     for name, path, backbone in zip(names, args.backbone, backbones):
-        ev = Evaluator(args, backbone.to(device).eval(), None, {}, device, rank, world)
+        ev = Evaluator(args, backbone.to(device).eval(), None, {}, device, rank, world, f"--backbone {path}")
         run = {"backbone": path, "depth": backbone.depth, "cls_after_block": backbone.cls_after_block,
                "equivariance": ev.clean_pass(clean_set, img_size, False, True)[2]}
-        probe = os.path.join(os.path.dirname(path), "linear", "linear_eval.json")
-        if os.path.isfile(probe):
-            with open(probe) as f:
-                lin = json.load(f)
-            run["linear_top1"], run["knn_top1"] = lin["linear"]["top1"], lin.get("knn", {}).get("top1")
+        run.update(linear_numbers(os.path.join(os.path.dirname(path), "linear", "linear_eval.json"), path, backbone))
         results["runs"][name] = run
     shown = [e for e in ("rot90", "vflip", "scale1.25") if e in results["runs"][names[0]]["equivariance"]]
     log(f"\nequivariance cos(f_l(g x), rho_g f_l(x)) at block {layer} / at the last block; linear, k-NN top-1")

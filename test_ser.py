@@ -2746,6 +2746,41 @@ def test_load_probe_errors(tmp_path):
         linear_eval.load_probe(tmp_path / "bad.pth")
 
 
+def probe_run(probe, tmp_path):
+    """robustness_eval's clean task on `probe`, as a user runs it from Python."""
+    return robustness_eval.main(robustness_eval.get_args_parser().parse_args([
+        "--probe", str(probe), "--tasks", "clean", "--num-images", "2", "--num-workers", "0",
+        "--output-dir", str(tmp_path / "rob")]))
+
+
+def test_probe_whose_head_disagrees_with_its_num_classes_is_refused(tmp_path):
+    probe = tmp_path / "linear_probe.pth"
+    model = tiny_vit(seed=0, depth=2, num_heads=2).eval()
+    linear_eval.save_probe(probe, model, linear_eval.LinearClassifier(64, 10), 1, False, 6, 32, "synthetic")
+    with pytest.raises(SystemExit, match=f"^--probe: {probe}: the head predicts 10 classes but its metadata says "
+                                         "num_classes 6; rerun linear_eval.py"):  # --data has 6: it would run
+        probe_run(probe, tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"img_size": "32"}, r"its metadata has img_size '32' \(n_last_blocks, num_classes and img_size are positive"),
+    ({"n_last_blocks": "1", "avgpool": "False"}, "its metadata has n_last_blocks '1', avgpool 'False' "),
+    ({"num_classes": 6.0}, "its metadata has num_classes 6.0 "),
+    ({"img_size": 36}, "its img_size 36 is not a multiple of its backbone's patch size 8"),
+    ({"cls_after_block": 1, "n_last_blocks": 2}, r"its n_last_blocks 2 is more than its backbone's blocks that "
+                                                 r"carry \[CLS\] \(1\)")])
+def test_probe_metadata_of_the_wrong_type_or_range_is_refused_in_one_line(tmp_path, edit, message):
+    probe = tmp_path / "linear_probe.pth"
+    split = edit.get("cls_after_block", 0)  # SER's: [CLS] only in the blocks after it
+    model = tiny_vit(seed=0, depth=2, num_heads=2, cls_after_block=split).eval()
+    meta = {**dict(n_last_blocks=1, avgpool=False, num_classes=6, img_size=32, data="synthetic"),
+            **{k: v for k, v in edit.items() if k != "cls_after_block"}}
+    head = linear_eval.LinearClassifier(128 if split else 64, 6)  # as wide as 2 blocks: the features agree
+    linear_eval.save_probe(probe, model, head, **meta)
+    with pytest.raises(SystemExit, match=f"^--probe: {probe}: {message}.*rerun linear_eval.py to write it again$"):
+        probe_run(probe, tmp_path)
+
+
 @pytest.mark.parametrize("extra", [
     ["--cached", "--epochs", "5", "--n-last-blocks", "2"],  # 2 x 64-d [CLS]
     ["--epochs", "1", "--n-last-blocks", "1", "--avgpool"],  # augmented path; [CLS] + avgpool, 128-d too
@@ -2816,10 +2851,12 @@ def test_robustness_eval_refuses_data_with_other_classes_than_the_probe(tmp_path
     probe = tmp_path / "linear_probe.pth"
     argv = ["--probe", str(probe), "--data", str(tmp_path), "--img-size", "32", "--tasks", "clean",
             "--num-workers", "0", "--output-dir", str(tmp_path / "rob")]
-    for classes in (["a", "c"], ["b", "a"]):  # by position, 'b' would be scored as 'c', or as 'a'
+    for classes, detail in ((["a", "c"], r"only in --data: \['b'\], only in the probe: \['c'\]"),
+                            (["b", "a"], "same names in another order")):  # 'b' would be scored as 'c', or as 'a'
         linear_eval.save_probe(probe, model, linear_eval.LinearClassifier(64, 2), 1, False, 2, 32, "train data",
                                classes=classes)
-        with pytest.raises(SystemExit, match="classes differ from the probe's .*labels are class positions"):
+        with pytest.raises(SystemExit, match=f"classes differ from the probe's \\({detail}\\); labels are class "
+                                             "positions"):
             robustness_eval.main(robustness_eval.get_args_parser().parse_args(argv))
     linear_eval.save_probe(probe, model, linear_eval.LinearClassifier(64, 2), 1, False, 2, 32, "train data",
                            classes=["a", "b"])
@@ -3348,6 +3385,42 @@ def test_compare_backbones_scores_every_run_at_one_block(tmp_path):
     assert str(error.value).count("bad.pth") == 1
 
 
+def test_compare_backbones_shows_linear_numbers_only_of_the_weights_evaluated(tmp_path, capsys):
+    """The table's linear / k-NN columns come from <run>/linear/linear_eval.json: only when linear_eval.py computed
+    them on the backbone as it is now, not before a resume trained it on, and a broken file is no traceback."""
+    common = "--method mocov3 --epochs 2"
+    run(common + " --stop-at-step 2", tmp_path / "run")  # mid-run: backbone.pth of step 2
+    backbone, linear = tmp_path / "run" / "backbone.pth", tmp_path / "run" / "linear" / "linear_eval.json"
+    linear_eval.main(["--pretrained", str(backbone), "--train-length", "40", "--val-length", "20", "--batch-size", "20",
+                      "--cached", "--epochs", "1", "--num-workers", "0", "--output-dir", str(linear.parent)])
+    written = json.loads(linear.read_text())
+    other = tiny_vit(seed=0, depth=3, num_heads=2)  # a second run, never linearly evaluated
+    os.makedirs(tmp_path / "other")
+    torch.save({"arch": other.arch, "backbone": other.state_dict()}, tmp_path / "other" / "backbone.pth")
+
+    def table():
+        capsys.readouterr()
+        robust("--equivariance-only", "--backbone", backbone, tmp_path / "other" / "backbone.pth", "--num-images", "2",
+               "--num-workers", "0", "--output-dir", tmp_path / "out")
+        return json.loads((tmp_path / "out" / "robustness.json").read_text())["runs"]["run"], capsys.readouterr().out
+
+    shown, _ = table()
+    assert (shown["linear_top1"], shown["knn_top1"]) == (written["linear"]["top1"], written["knn"]["top1"])
+    run(common, tmp_path / "run")  # the resume trains on: backbone.pth changes, linear_eval.json stays
+    stale, out = table()
+    assert "linear_top1" not in stale and "knn_top1" not in stale
+    assert f"{linear} was not computed on {backbone} as it is now (stale)" in out and "rerun linear_eval.py" in out
+    row = [line for line in out.splitlines() if line.strip().startswith("run ")][-1]  # under the header
+    assert row.split()[-2:] == ["-", "-"]
+    del written["backbone_digest"]  # as an older linear_eval.py wrote it
+    linear.write_text(json.dumps(written))
+    assert "(stale)" in table()[1]
+    for broken, why in (("{", "JSONDecodeError"), ('{"knn": {"top1": 50.0}}', "KeyError: 'linear'")):
+        linear.write_text(broken)
+        unread, out = table()
+        assert "linear_top1" not in unread and f"{linear} is not a readable linear_eval.py result ({why}" in out
+
+
 # ------------------------------------------------------------------------------------------- driver
 
 @pytest.fixture(scope="module")
@@ -3465,6 +3538,26 @@ def test_two_process_equivariance_equals_one_process(tiny_probe, tmp_path):
     def scores(out):  # null (no invariance error across grid sizes) as NaN
         return np.array([[v[m] for m in robustness_eval.EQUIV_METRICS] for v in out["equivariance"].values()], float)
     np.testing.assert_allclose(scores(ddp), scores(one), rtol=1e-5)
+
+
+def test_robustness_eval_refuses_a_backbone_of_non_finite_features_naming_its_file(tmp_path):
+    good, bad = tiny_vit(seed=0, depth=2, num_heads=2).eval(), tiny_vit(seed=0, depth=2, num_heads=2).eval()
+    with torch.no_grad():
+        bad.patch_embed.proj.weight.mul_(1e30)  # finite weights, tokens that overflow: NaN from the first norm
+    probe = tmp_path / "linear_probe.pth"
+    linear_eval.save_probe(probe, bad, linear_eval.LinearClassifier(64, 6), 1, False, 6, 32, "synthetic")
+    for name, model in (("good", good), ("bad", bad)):
+        os.makedirs(tmp_path / name)
+        torch.save({"arch": model.arch, "backbone": model.state_dict()}, tmp_path / name / "backbone.pth")
+    runs = [(["--probe", probe, "--tasks", "clean"], f"--probe {probe}"),
+            (["--probe", probe, "--tasks", "p", "--perturbations", "rotate", "--p-frames", "3"], f"--probe {probe}"),
+            (["--equivariance-only", "--backbone", tmp_path / "bad/backbone.pth"], "--backbone .*bad/backbone.pth"),
+            (["--equivariance-only", "--backbone", tmp_path / "good/backbone.pth", tmp_path / "bad/backbone.pth"],
+             "--backbone .*bad/backbone.pth")]  # the comparison table names the run that fails
+    for argv, source in runs:
+        with pytest.raises(SystemExit, match=f"^{source}: the backbone gives non-finite features .*be evaluated"):
+            robust(*argv, "--num-images", "2", "--num-workers", "0", "--output-dir", tmp_path / "out")
+    assert not (tmp_path / "out" / "robustness.json").exists()
 
 
 def test_robustness_outputs_are_tried_before_any_work(tiny_probe, tmp_path, capsys):
