@@ -320,8 +320,8 @@ def _check_image_tree(data: str, folder: str):
             raise ValueError(f"--data {data}: {seen[here]} and {parent} are the same folder ({here}) through "
                              "symlinks; its images would be counted twice. Remove one of the links")
         seen[here] = parent
-        loose = [f for f in files if f.lower().endswith(datasets.folder.IMG_EXTENSIONS)]
-        if parent == folder and loose:
+        loose = [f for f in files if f.lower().endswith(datasets.folder.IMG_EXTENSIONS)] if parent == folder else []
+        if loose:
             raise ValueError(f"--data {data}: {folder} holds {len(loose)} images (e.g. {loose[0]}) beside its class "
                              "folders, which ImageFolder ignores; move them into a class folder")
         for d in dirs:
