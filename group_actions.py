@@ -162,6 +162,7 @@ def apply_to_images(x: Tensor, g: GroupElement, patch_size: int) -> Tensor:
         hw = (g.size[0] * patch_size, g.size[1] * patch_size)
         # Antialias when a side shrinks, or fine texture aliases into the view (PIL and torchvision avoid
         # it too); not when only growing, where it would just swap in PIL's cubic kernel (a=-0.5 vs -0.75).
+        # torch antialiases both sides of one call, so a side that grows while the other shrinks gets a=-0.5.
         shrink = hw[0] < H or hw[1] < W
         low = t.dtype in (torch.float16, torch.bfloat16)  # CPU has no antialiased 16-bit kernel: use fp32
         y = F.interpolate(t.float() if low else t, size=hw, mode="bicubic", align_corners=False, antialias=shrink)
