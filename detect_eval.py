@@ -711,7 +711,7 @@ def get_args_parser():
     g.add_argument("--log-every", type=int, default=20, help="iterations between loss lines")
     g.add_argument("--ckpt-every", type=int, default=100, help="iterations between checkpoints (also saved at the end)")
     g.add_argument("--output-dir", default="runs/detect", help="checkpoint.pth (resumed automatically), log.jsonl, "
-                   "detect_results.json and detections_val.json")
+                   "detect_results.json, detections_val.json (and synthetic_{train,val}.json with --data synthetic)")
     return p
 
 
@@ -735,7 +735,8 @@ def check_args(args):
     readers += [(k, synthetic, "--data synthetic") for k in ("synthetic_train", "synthetic_val", "synthetic_size",
                                                              "data_seed")]
     readers += [("decay_at", args.schedule == "step", "--schedule step"),
-                ("momentum", args.optimizer == "sgd", "--optimizer sgd")]
+                ("momentum", args.optimizer == "sgd", "--optimizer sgd"),
+                ("checkpoint_key", not args.random_init, "--pretrained")]
     parser = get_args_parser()
     augment.refuse_ignored_flags(args, parser, readers, prefix="detect_eval.py: ")
     if args.warmup_iters >= args.iters:  # the lr would warm up throughout, never reaching --lr nor its decays

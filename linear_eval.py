@@ -7,7 +7,7 @@ on its imagenet_eval split. k-NN as in DINO's eval_knn.py (k = 20, T = 0.07), on
 
     # pretrain.py's export (or its checkpoint.pth); --cached trains on cached features, fast on CPU
     python linear_eval.py --pretrained runs/default/backbone.pth --cached --output-dir runs/default/linear
-    # the untrained baseline in the architecture of pretrain.py's built-in runs
+    # an untrained baseline of the shape of pretrain.py's built-in runs (timm's initialisation, not MoCo v3's)
     python linear_eval.py --random-init --arch vit_tiny --depth 4 --patch-size 8 --img-size 32 --cached \
         --output-dir runs/random_init/linear
     # released DINO ViT-S/16 on ImageNet, DINO's augmented protocol, 8 GPUs (ViT-B: --n-last-blocks 1 --avgpool)
@@ -190,6 +190,8 @@ def knn_classify(train_features, train_labels, test_features, num_classes, k=20,
         sims, neighbours = (test @ train.T).topk(k, dim=1)  # (c, k)
         votes = torch.zeros(len(test), num_classes, device=test.device)
         votes.scatter_add_(1, train_labels[neighbours], (sims / T).exp())  # (c, C)
+        if not torch.isfinite(votes).all():  # exp(1/T) or the sum beyond float32: the same votes, scaled per row
+            votes = torch.zeros_like(votes).scatter_add_(1, train_labels[neighbours], ((sims - sims[:, :1]) / T).exp())
         ranked.append(votes.sort(dim=1, descending=True, stable=True).indices[:, :min(5, num_classes)])
     return torch.cat(ranked)
 
@@ -318,19 +320,21 @@ def check_args(args, world):
     ranges = [("--" + k.replace("_", "-"), getattr(args, k), lambda v: v >= 1, "at least 1") for k in at_least_1]
     ranges += [("--lrs", args.lrs, lambda v: v > 0, "positive"),
                ("--knn-k", args.knn_k, lambda v: v >= 0, ">= 0 (0 skips k-NN)"),
-               ("--knn-temperature", args.knn_temperature, lambda v: v >= 0.012, ">= 0.012 (exp(1/T) overflows "
-                "float32 below)"),
+               ("--knn-temperature", args.knn_temperature, lambda v: v > 0, "positive"),
                ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
                ("--holdout-fraction", args.holdout_fraction, lambda v: 0 <= v < 1, "in [0, 1)"),
                ("--batch-size", args.batch_size, lambda v: v % world == 0, f"divisible by the world size {world}")]
     augment.check_ranges(ranges)
+    readers = [("knn_temperature", args.knn_k > 0, "--knn-k above 0"), ("checkpoint_key", not args.random_init,
+                                                                          "--pretrained")]
+    augment.refuse_ignored_flags(args, get_args_parser(), readers)
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))  # before the ranks meet: a flag error is said once
     rank, world, device = losses.init_distributed()
     start, log = time.time(), losses.log
-    check_args(args, world)
     torch.manual_seed(args.seed)  # before the per-rank offset: every rank must build the same network
     backbone = vit.backbone_from_flags(args.pretrained, args.arch, args.patch_size, args.checkpoint_key,
                                        args.random_init, args.img_size or 224, args.depth)
@@ -406,7 +410,14 @@ def main(argv=None):
                              args.n_last_blocks, args.avgpool, log)
 
     select_acc, val_acc = evaluate_sweep(sweep, select_f, select_y), evaluate_sweep(sweep, val_f, val_y)
-    best = max(range(len(lrs)), key=lambda i: (select_acc[i]["top1"], -i))  # ties: the earlier of --lrs
+    finite = [i for i, head in enumerate(sweep.heads) if all(torch.isfinite(p).all() for p in head.parameters())]
+    if not finite:  # an argmax of NaN logits is a made-up accuracy
+        raise SystemExit(f"--lrs {' '.join(f'{lr:g}' for lr in args.lrs)}: every head diverged to non-finite weights; "
+                         "lower the lrs")
+    if len(finite) < len(lrs):
+        log(f"note: lr {', '.join(f'{lr:g}' for i, lr in enumerate(args.lrs) if i not in finite)} diverged to "
+            "non-finite weights; left out of the selection")
+    best = max(finite, key=lambda i: (select_acc[i]["top1"], -i))  # ties: the earlier of --lrs
     if len(lrs) > 1 and args.lrs[best] in (min(args.lrs), max(args.lrs)):
         log(f"note: the selected lr {args.lrs[best]:g} is at the edge of --lrs; widen the sweep")
     selected_on = "holdout" if holdout_idx else "val"
@@ -424,11 +435,11 @@ def main(argv=None):
     if args.knn_k > 0:
         d = backbone.embed_dim  # backbone(x), the final-norm [CLS] of the last block, is this slice of the features
         cls_slice = slice((args.n_last_blocks - 1) * d, args.n_last_blocks * d)
-        ranked = knn_classify(train_f[:, cls_slice], train_y, val_f[:, cls_slice], num_classes,
-                              args.knn_k, args.knn_temperature)
-        results["knn"] = {**topk_accuracy(ranked, val_y), "k": args.knn_k, "T": args.knn_temperature}
-        log(f"k-NN (k={args.knn_k}, T={args.knn_temperature:g}): top-1 {results['knn']['top1']:.2f}  "
-            f"top-5 {results['knn']['top5']:.2f}")
+        k = min(args.knn_k, len(train_y))  # as knn_classify: at most the whole bank
+        ranked = knn_classify(train_f[:, cls_slice], train_y, val_f[:, cls_slice], num_classes, k, args.knn_temperature)
+        results["knn"] = {**topk_accuracy(ranked, val_y), "k": k, "T": args.knn_temperature}
+        log(f"k-NN (k={k}{'' if k == args.knn_k else f', --knn-k {args.knn_k} capped at the bank'}, "
+            f"T={args.knn_temperature:g}): top-1 {results['knn']['top1']:.2f}  top-5 {results['knn']['top5']:.2f}")
 
     assert_unchanged(backbone, reference)
     results.update(backbone=args.pretrained or f"random init {args.arch}", arch=backbone.arch, data=args.data,

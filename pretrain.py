@@ -30,6 +30,7 @@ import itertools
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -863,6 +864,9 @@ def knn_data(args, rank, world):
             images, labels = zip(*(part[i] for i in range(len(part))))
             part, workers = TensorDataset(torch.stack(images), torch.tensor(labels)), 0
         return augment.make_loader(WithIndex(part), 256, rank, world, workers)
+    if len(train_idx) < args.knn_train_size or len(val_idx) < args.knn_val_size:  # k-NN numbers depend on both
+        losses.log(f"note: the k-NN monitor has {len(train_idx)} bank and {len(val_idx)} val images, fewer than "
+                   f"--knn-train-size {args.knn_train_size} / --knn-val-size {args.knn_val_size}: --data has no more")
     return loader(train, train_idx), loader(val, val_idx), train.num_classes
 
 
@@ -955,7 +959,7 @@ def knn_due(args, step, steps_per_epoch, total_steps):
 def run_summary(output_dir, seconds, resumed_at=0):
     """The end of a run in two lines: what the k-NN monitor saw (first and last entry of log.jsonl, so
     a resumed run reports its whole history) and the command to run next."""
-    backbone, linear = (os.path.join(output_dir, f) for f in ("backbone.pth", "linear"))
+    backbone, linear = (shlex.quote(os.path.join(output_dir, f)) for f in ("backbone.pth", "linear"))  # to paste
     knn = list(knn_history(output_dir).values())
     seen = (f"k-NN top-1 {knn[0]:.1f} -> {knn[-1]:.1f} ({knn[-1] - knn[0]:+.1f})" if len(knn) > 1
             else "k-NN monitor off")

@@ -1936,6 +1936,7 @@ def test_log_lines_cut_short_by_a_kill_cost_only_themselves(tmp_path):
     lines = path.read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[2]) == {"step": 8, "knn_top1": 30.0}
     assert pretrain.run_summary(str(tmp_path), 60).startswith("done: k-NN top-1 20.0 -> 30.0 (+10.0)")
+    assert f"--pretrained '{tmp_path / 'my run' / 'backbone.pth'}' " in pretrain.run_summary(str(tmp_path / "my run"), 6)
 
 
 def test_bad_configurations_give_clear_errors(tmp_path):
@@ -2054,7 +2055,7 @@ def test_broken_checkpoint_gives_a_one_line_error(tmp_path):
     assert "move it away or use another --output-dir" in last
 
 
-def test_knn_monitor_refuses_an_unreadable_val_split_and_one_class(tmp_path):
+def test_knn_monitor_refuses_an_unreadable_val_split_and_one_class(tmp_path, capsys):
     _write_png_tree(tmp_path / "data", "train", n=8)
     (tmp_path / "data" / "val" / "a").mkdir(parents=True)  # a val/ that exists but holds no images
     args = config(f"--data {tmp_path / 'data'} --warmup-epochs 0 --knn-every 1", tmp_path / "run")
@@ -2067,6 +2068,8 @@ def test_knn_monitor_refuses_an_unreadable_val_split_and_one_class(tmp_path):
         pretrain.knn_data(args, 0, 1)
     os.unlink(tmp_path / "data" / "val")
     assert pretrain.knn_data(args, 0, 1)[2] == 2  # no val/: a held-out part of train
+    out = capsys.readouterr().out  # 16 images, so both the held-out split and the smaller bank are said
+    assert "no val/; it classifies 8 held-out train images" in out and "8 bank and 8 val images, fewer than" in out
     _write_png_tree(tmp_path / "one", "train", classes=("a",), n=8)
     args.data = str(tmp_path / "one")
     with pytest.raises(SystemExit, match="has one class; the k-NN monitor needs two: pass --knn-every 0"):
@@ -2691,6 +2694,10 @@ def test_knn_vote_weights():
     query = torch.tensor([[1.0, 0.0]])
     for T, winner in [(0.07, 1), (1.0, 0)]:  # exp(0.2/0.07) = 17.4 > 2, exp(0.2) = 1.22 < 2
         assert linear_eval.knn_classify(train, labels, query, 2, k=3, T=T)[0, 0].item() == winner
+    # Beyond float32 (exp(1/0.012) = 1.4e36, 600 of them): the votes are scaled, not all inf with class 0 winning.
+    near = torch.tensor([[1.0, 0.0]]) + 1e-4 * torch.randn(1000, 2, generator=torch.Generator().manual_seed(0))
+    labels = (torch.arange(1000) < 600).long()  # 600 of class 1
+    assert linear_eval.knn_classify(near, labels, query, 2, k=1000, T=0.012)[0, 0].item() == 1
 
 
 def test_extract_features_matches_intermediate_layers():
@@ -2804,10 +2811,28 @@ def test_end_to_end(tmp_path, extra):
     assert meta["top1"] == written["linear"]["top1"]
 
 
+def test_diverged_heads_are_left_out_and_the_k_used_is_reported(tmp_path, capsys):
+    """A head whose lr made its weights non-finite never wins the selection (an argmax of NaN logits is a made-up
+    accuracy), all of them diverging is an error, and a --knn-k above the bank is reported as the k it ran with."""
+    model = tiny_vit(seed=0, depth=2, num_heads=2).eval()
+    torch.save({"arch": model.arch, "backbone": model.state_dict()}, tmp_path / "backbone.pth")
+    common = ["--pretrained", str(tmp_path / "backbone.pth"), "--img-size", "32", "--train-length", "64", "--val-length",
+              "32", "--batch-size", "32", "--cached", "--epochs", "5", "--num-workers", "0"]
+    results = linear_eval.main(common + ["--lrs", "0.03", "3e38", "--knn-k", "1000", "--output-dir", str(tmp_path / "a")])
+    assert results["linear"]["lr"] == 0.03 and "lr 3e+38 diverged to non-finite weights" in capsys.readouterr().out
+    assert results["knn"]["k"] == 64  # the whole bank
+    with pytest.raises(SystemExit, match="--lrs 3e\\+38: every head diverged to non-finite weights; lower the lrs"):
+        linear_eval.main(common + ["--lrs", "3e38", "--output-dir", str(tmp_path / "b")])
+
+
 def test_bad_flags_give_clear_errors(tmp_path):
     parser = linear_eval.get_args_parser()
     with pytest.raises(SystemExit, match="must be divisible by the world size 3"):
         linear_eval.check_args(parser.parse_args(["--batch-size", "256"]), world=3)
+    with pytest.raises(SystemExit, match="--knn-temperature is read only with --knn-k above 0; .*drop it"):
+        linear_eval.check_args(parser.parse_args(["--knn-k", "0", "--knn-temperature", "0.5"]), world=1)
+    with pytest.raises(SystemExit, match="--checkpoint-key is read only with --pretrained"):
+        linear_eval.check_args(parser.parse_args(["--random-init", "--arch", "vit_tiny", "--checkpoint-key", "x"]), 1)
     with pytest.raises(SystemExit, match="--random-init needs --arch"):
         linear_eval.main(["--random-init"])
     with pytest.raises(SystemExit, match="--pretrained"):
@@ -2827,7 +2852,7 @@ def test_bad_flags_give_clear_errors(tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--lrs 0.1 -1", "--lrs nan", "--depth 0", "--num-workers -1", "--epochs 0",
-                                  "--knn-temperature 0", "--knn-temperature 0.01", "--knn-k -1", "--holdout-fraction 1", "--n-last-blocks 0"])
+                                  "--knn-temperature 0", "--knn-k -1", "--holdout-fraction 1", "--n-last-blocks 0"])
 def test_out_of_range_linear_eval_flags_are_refused(flag):
     with pytest.raises(SystemExit, match=f"^{flag.split()[0]} must be "):
         linear_eval.check_args(linear_eval.get_args_parser().parse_args(flag.split()), world=1)
@@ -4079,6 +4104,7 @@ def test_detect_eval_flags_the_run_would_ignore_are_refused(tmp_path):
             ("--data {coco} --synthetic-size 64", "--synthetic-size is read only with --data synthetic"),
             ("--schedule cosine --decay-at 0.5", "--decay-at is read only with --schedule step"),
             ("--momentum 0.5", "--momentum is read only with --optimizer sgd"),
+            ("--random-init --arch vit_tiny --checkpoint-key student", "--checkpoint-key is read only with --pretrained"),
             ("--iters 4", "--warmup-iters 30 \\(the default\\) must be below --iters 4: pass a smaller --warmup-iters"),
             ("--iters 4 --warmup-iters 4", "--warmup-iters 4 must be below --iters 4")]:
         with pytest.raises(SystemExit, match=f"^detect_eval.py: {message}"):
