@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset, DistributedSampler, Subset
+from torch.utils.data import Dataset, Subset
 
 import augment
 import losses
@@ -227,20 +227,27 @@ def holdout_split(n, fraction):
 
 
 class FeatureLoader:
-    """This rank's shuffled batches of cached features (N, F), with a DataLoader's sampler/set_epoch/len, sliced whole
-    from the (maybe GPU) tensors: a DataLoader's per-sample indexing and collation would dominate a cached probe."""
+    """This rank's part of every global batch of cached features (N, F): one permutation per epoch from seed + epoch
+    (DistributedSampler's), each global batch split over the ranks without padding, so the heads train as in one
+    process (train_sweep weighs a rank's rows by their share). Sliced whole from the (maybe GPU) tensors: a
+    DataLoader's per-sample indexing and collation would dominate a cached probe."""
 
     def __init__(self, features, labels, batch_size, rank, world, seed=0):
-        self.features, self.labels, self.batch_size = features, labels, batch_size
-        self.sampler = DistributedSampler(range(len(labels)), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        self.features, self.labels, self.batch_size = features, labels, batch_size * world  # per rank -> global
+        self.rank, self.world, self.seed, self.epoch = rank, world, seed, 0
+        self.sampler = self  # train_sweep calls loader.sampler.set_epoch, as on a DataLoader
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
 
     def __len__(self):
-        return math.ceil(len(self.sampler) / self.batch_size)
+        return math.ceil(len(self.labels) / self.batch_size)
 
     def __iter__(self):
-        order = torch.tensor(list(self.sampler), device=self.features.device)
-        for batch in order.split(self.batch_size):
-            yield self.features[batch], self.labels[batch]
+        order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        for batch in order.to(self.features.device).split(self.batch_size):
+            lo, hi = (len(batch) * r // self.world for r in (self.rank, self.rank + 1))
+            yield self.features[batch[lo:hi]], self.labels[batch[lo:hi]]
 
 
 def train_sweep(sweep, loader, lrs, epochs, device, backbone=None, n_last_blocks=4, avgpool=False, log=print):
@@ -259,13 +266,18 @@ def train_sweep(sweep, loader, lrs, epochs, device, backbone=None, n_last_blocks
                 with torch.no_grad(), vit.autocast(device):
                     inputs = extract_features(backbone, inputs, n_last_blocks, avgpool)  # (B, F)
             logits = model(inputs.float())  # (K, B, C)
-            per_head = torch.stack([F.cross_entropy(head_logits, labels) for head_logits in logits])  # (K,)
+            # Ranks may hold unequal parts of a global batch (FeatureLoader): weighing each rank's mean by its share
+            # makes DDP's average of the ranks' gradients the global batch's; the weight is 1 in one process.
+            share = len(labels) * losses.world_size() / losses.global_count(len(labels))
+            reduction = "mean" if len(labels) else "sum"  # a rank without rows adds 0: a mean of nothing is NaN
+            per_head = torch.stack([F.cross_entropy(head_logits, labels, reduction=reduction) * share
+                                    for head_logits in logits])  # (K,)
             optimizer.zero_grad(set_to_none=True)
             per_head.sum().backward()
             optimizer.step()
             schedule.step()
             loss_sum += per_head.detach()
-        loss_per_head = (loss_sum / len(loader)).tolist()
+        loss_per_head = (losses.all_reduce_sum(loss_sum) / losses.world_size() / len(loader)).tolist()
         if epoch == 0 or (epoch + 1) % max(1, epochs // 10) == 0:  # ~10 lines per run
             log(f"epoch {epoch + 1}/{epochs}  loss per lr: " + " ".join(f"{l:.3f}" for l in loss_per_head))
     return loss_per_head

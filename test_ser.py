@@ -2651,6 +2651,33 @@ def test_feature_loader_shards_cover_the_set():
     assert not torch.equal(torch.cat([y for _, y in shards[0]]), seen[0])  # reshuffled per epoch
 
 
+def sweep_worker(rank, world, features, labels, out_dir):
+    losses.init_distributed()
+    torch.manual_seed(0)
+    sweep = linear_eval.LinearSweep(features.shape[1], 3, 2)
+    loader = linear_eval.FeatureLoader(features, labels, batch_size=2, rank=rank, world=world, seed=1)
+    loss = linear_eval.train_sweep(sweep, loader, [0.1, 1.0], epochs=3, device=torch.device("cpu"), log=lambda *a: None)
+    torch.save((sweep.state_dict(), loss), os.path.join(out_dir, f"rank{rank}.pth"))
+    losses.finish_distributed()
+
+
+@pytest.mark.slow
+def test_cached_probe_trains_alike_on_any_number_of_ranks(tmp_path):
+    """7 features in global batches of 4 (4, then 3) over 2 ranks: each rank takes its part of every global batch,
+    without the padding (repeated rows) of a DistributedSampler, and DDP's mean is weighed to the global batch's."""
+    features, labels = torch.randn(7, 5, generator=torch.Generator().manual_seed(0)), torch.arange(7) % 3
+    spawn(sweep_worker, features, labels, str(tmp_path))
+    torch.manual_seed(0)
+    sweep = linear_eval.LinearSweep(5, 3, 2)
+    loader = linear_eval.FeatureLoader(features, labels, batch_size=4, rank=0, world=1, seed=1)
+    loss = linear_eval.train_sweep(sweep, loader, [0.1, 1.0], epochs=3, device=torch.device("cpu"), log=lambda *a: None)
+    for rank in range(2):
+        state, ddp_loss = torch.load(tmp_path / f"rank{rank}.pth")
+        for k, v in sweep.state_dict().items():
+            torch.testing.assert_close(state[k], v, rtol=1e-5, atol=1e-6)
+        assert ddp_loss == pytest.approx(loss, rel=1e-5)
+
+
 def test_linear_classifier_init():
     torch.manual_seed(0)
     head = linear_eval.LinearClassifier(2000, 100)
