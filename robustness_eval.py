@@ -822,8 +822,9 @@ def corrupted_crop(u8, rng, crop, name, severity, frost_images=None, jpeg_qualit
 
 
 class Released(_Items):
-    """Released data, items (path, label): an ImageNet-C image, centre-cropped to `crop` (the official
-    eval transform: no Resize), or an ImageNet-P video extracted to a folder of frames (crop x crop as they are)."""
+    """Released data, items (path, label): an ImageNet-C image, its short side resized to `crop` (224-px images for a
+    224-px model are read as they are), or an ImageNet-P video extracted to a folder of frames (crop x crop as they
+    are)."""
 
     def __init__(self, items, entry, crop, videos=False):
         self.items, self.entry, self.crop, self.videos = items, np.array(entry), crop, videos
@@ -835,12 +836,17 @@ class Released(_Items):
         return self._image(path), label
 
     def _image(self, path, exact=False):
-        u8 = np.asarray(augment.load_rgb(path))
-        h, w = u8.shape[:2]
+        image = augment.load_rgb(path)
+        w, h = image.size
         if min(h, w) < self.crop or exact and max(h, w) > self.crop:
             raise augment.UnreadableImage(f"image file {path} is {w}x{h}; --img-size {self.crop} needs "
                                           f"{'exactly' if exact else 'at least'} {self.crop}x{self.crop}")
-        return _center_crop(u8, self.crop)
+        if not exact and min(h, w) > self.crop:
+            # The released images are already the eval crops (Resize(256) + CenterCrop(224) of each val image), read
+            # by the original test.py with a CenterCrop(224) that leaves them whole: a model at another size sees the
+            # whole image resized, as in generated ImageNet-C, not a central part of it.
+            image = TF.resize(image, self.crop, interpolation=TF.InterpolationMode.BILINEAR)
+        return _center_crop(np.asarray(image), self.crop)
 
 
 def released_corruptions(root, entries, img_size, num_classes, classes=None):

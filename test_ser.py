@@ -3785,6 +3785,20 @@ def test_released_class_folders_without_videos_and_folders_named_like_images_are
     assert robust(*argv)["imagenet_c"]["num_images"] == 2
 
 
+def test_released_c_images_larger_than_the_model_are_resized_whole_not_cropped(tmp_path):
+    """A released image is already an eval crop: a 32-px model sees all of a 64-px one, its red border too."""
+    u8 = np.zeros((64, 64, 3), np.uint8)
+    u8[..., 0] = 255
+    u8[16:48, 16:48] = (0, 255, 0)  # the part a centre crop keeps
+    Image.fromarray(u8).save(tmp_path / "big.png")
+    small = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(small).save(tmp_path / "small.png")
+    data = robustness_eval.Released([(str(tmp_path / "big.png"), 0), (str(tmp_path / "small.png"), 1)], [0, 0], 32)
+    big, _ = data.load(data.items[0])
+    assert big.shape == (32, 32, 3) and big[0, 0, 0] > 200 and big[16, 16, 1] > 200
+    assert np.array_equal(data.load(data.items[1])[0], small)  # at the model's size: read as it is
+
+
 def test_figure_paths_are_tried_before_any_work_and_the_numbers_written_first(tiny_probe, tmp_path, capsys,
                                                                               monkeypatch):
     argv = ["--probe", tiny_probe, "--tasks", "clean", "--num-images", "2", "--num-workers", "0",
