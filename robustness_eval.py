@@ -400,7 +400,10 @@ def load_frost_images(frost_dir):
     for name in sorted(os.listdir(frost_dir)):
         m = re.fullmatch(r"frost([1-5])\.(png|jpg|jpeg)", name, re.IGNORECASE)
         if m:
-            found[int(m.group(1))] = np.asarray(augment.load_rgb(os.path.join(frost_dir, name)))
+            found[int(m.group(1))] = photo = np.asarray(augment.load_rgb(os.path.join(frost_dir, name)))
+            if min(photo.shape[:2]) < 224:  # frost() crops a 224x224 field of view: a smaller photo is no frost photo
+                raise SystemExit(f"--frost-dir {frost_dir}: {name} is {photo.shape[1]}x{photo.shape[0]}, but frost "
+                                 "crops 224x224 from each photo: pass the original (larger) frost photos")
     missing = [i for i in range(1, 6) if i not in found]
     if missing:
         raise SystemExit(f"--frost-dir {frost_dir}: missing frost{missing[0]}.png/.jpg "

@@ -3178,6 +3178,10 @@ def test_frost_dir_and_procedural(tmp_path):
     (tmp_path / "frost2.png").write_bytes(b"")
     with pytest.raises(augment.UnreadableImage, match="frost2.png"):
         robustness_eval.load_frost_images(str(tmp_path))
+    for i, size in ((2, 223), (3, 260)):  # frost2 a thumbnail, that frost would stretch
+        Image.fromarray(np.full((300, size, 3), 40, np.uint8)).save(tmp_path / f"frost{i}.png")
+    with pytest.raises(SystemExit, match="^--frost-dir .*: frost2.png is 223x300, but frost crops 224x224 from each"):
+        robustness_eval.load_frost_images(str(tmp_path))
 
 
 def test_alexnet_table_reproduces_means():
