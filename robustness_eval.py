@@ -857,7 +857,12 @@ def released_corruptions(root, entries, img_size, num_classes, classes=None):
     folder with the same class folders, the probe's `classes` where it records them."""
     items, entry, source, first = [], [], "the probe", None
     for e, (name, severity) in enumerate(entries):
-        folders = [os.path.join(root, fam, name, str(severity)) for fam in ("", "noise", "blur", "weather", "digital")]
+        layouts = [os.path.join(root, fam, name) for fam in ("", "noise", "blur", "weather", "digital")]
+        found = [f for f in layouts if os.path.isdir(f)]
+        if len(found) > 1:  # else severities missing from one copy would be read from the other
+            raise SystemExit(f"--imagenet-c-dir {root}: {name} is in both {found[0]} and {found[1]}; keep one layout "
+                             "(flat or per family)")
+        folders = [os.path.join(f, str(severity)) for f in layouts]
         folder = next((f for f in folders if os.path.isdir(f)), None)
         if folder is None:
             raise SystemExit(f"--imagenet-c-dir {root}: no folder {name}/{severity} (flat or per family)")

@@ -3769,6 +3769,15 @@ def test_released_severities_must_hold_as_many_images(ab_probe, tmp_path):
     (c / "snow/3/a/1.png").unlink()  # a partial download: averaged as a whole severity
     with pytest.raises(SystemExit, match="^--imagenet-c-dir: .*snow/3 holds 3 images but .*fog/1 holds 4; every"):
         robust(*argv)
+    _png(c / "snow/3/a/1.png")
+    _released_c(c / "weather", ("snow",), per_class=2)  # a per-family copy beside the flat one
+    for k in "ab":
+        for i in range(2):
+            (c / "snow/4" / k / f"{i}.png").unlink()
+        os.rmdir(c / "snow/4" / k)
+    os.rmdir(c / "snow/4")  # flat severity 4 would be read from the family copy
+    with pytest.raises(SystemExit, match="^--imagenet-c-dir .*: snow is in both .*c/snow and .*c/weather/snow; keep"):
+        robust(*argv)
 
 
 def test_released_class_folders_without_videos_and_folders_named_like_images_are_refused(ab_probe, tmp_path):
