@@ -1052,6 +1052,22 @@ def check_args(args):
     augment.check_ranges([("--" + k.replace("_", "-"), getattr(args, k), *rule) for k, rule in ranges.items()])
 
 
+def check_scales(scales, grid):
+    """--scales on this token grid: each must change it, and to a grid of its own, else its row is labelled with
+    a rescaling that never happened (4 * 1.1 rounds to 4: the identity, perfectly equivariant)."""
+    seen = {}
+    for s in scales:
+        size = geometric_elements(1, grid, [s])[f"scale{s:g}"].size
+        effective = f"{size[0]}x{size[1]} (effective scale {size[0] / grid[0]:g})"
+        if size == tuple(grid):
+            raise SystemExit(f"--scales {s:g}: on the {grid[0]}x{grid[1]} token grid it gives {effective}, the "
+                             "identity; choose a scale that changes the grid")
+        if size in seen:
+            raise SystemExit(f"--scales {seen[size]:g} and {s:g}: on the {grid[0]}x{grid[1]} token grid both give "
+                             f"{effective}; keep one")
+        seen[size] = s
+
+
 def refuse_ignored_flags(args, tasks, table=False):
     """The flags these tasks do not read, refused if given. table: the comparison of several --backbone, which reads
     --figure-layer for its columns."""
@@ -1321,6 +1337,8 @@ def evaluate(args, device, rank, world):
     img_size = args.img_size or meta["img_size"]
     if img_size % backbone.patch_size:
         raise SystemExit(f"--img-size {img_size} is not a multiple of the patch size {backbone.patch_size}")
+    if {"geometry", "equivariance"} & set(tasks):
+        check_scales(args.scales, (img_size // backbone.patch_size,) * 2)
     if args.num_images is None and args.data == "synthetic" and not released:
         args.num_images = 200  # the whole val split x (75 corruptions + 10 sequences) takes hours on a CPU
     base, classes, clean_set = val_images(args, img_size)
@@ -1385,6 +1403,7 @@ def compare_backbones(args, device, rank, world):
     for path, b in zip(args.backbone, backbones):
         if img_size % b.patch_size:
             raise SystemExit(f"--img-size {img_size} is not a multiple of the patch size {b.patch_size} of {path}")
+        check_scales(args.scales, (img_size // b.patch_size,) * 2)
     if args.figures and len({b.patch_size for b in backbones}) > 1:  # the figure's scalings act on one token grid
         raise SystemExit("--figures needs backbones of one patch size, got "
                          + ", ".join(f"{p} ({b.patch_size})" for p, b in zip(args.backbone, backbones)))

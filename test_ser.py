@@ -3812,6 +3812,17 @@ def test_released_c_images_larger_than_the_model_are_resized_whole_not_cropped(t
     assert np.array_equal(data.load(data.items[1])[0], small)  # at the model's size: read as it is
 
 
+def test_scales_that_leave_the_token_grid_or_repeat_another_are_refused(tiny_probe, tmp_path):
+    argv = ["--probe", tiny_probe, "--tasks", "geometry", "--num-images", "2", "--num-workers", "0",
+            "--output-dir", tmp_path / "out"]  # a 4x4 token grid
+    with pytest.raises(SystemExit, match=r"^--scales 1.1: on the 4x4 token grid it gives 4x4 .effective scale 1., the"):
+        robust(*argv, "--scales", "0.5", "1.1")  # 4 * 1.1 rounds to 4: no rescaling, reported as one
+    with pytest.raises(SystemExit, match=r"^--scales 1.2 and 1.3: on the 4x4 token grid both give 5x5 .effective sc"):
+        robust(*argv, "--scales", "1.2", "1.3")
+    assert not (tmp_path / "out").exists()  # refused before any work
+    assert set(robust(*argv, "--scales", "0.5", "1.5")["geometry"]) >= {"scale0.5", "scale1.5"}
+
+
 def test_figure_paths_are_tried_before_any_work_and_the_numbers_written_first(tiny_probe, tmp_path, capsys,
                                                                               monkeypatch):
     argv = ["--probe", tiny_probe, "--tasks", "clean", "--num-images", "2", "--num-workers", "0",
