@@ -1403,10 +1403,11 @@ def compare_backbones(args, device, rank, world):
     for path, b in zip(args.backbone, backbones):
         if img_size % b.patch_size:
             raise SystemExit(f"--img-size {img_size} is not a multiple of the patch size {b.patch_size} of {path}")
-        check_scales(args.scales, (img_size // b.patch_size,) * 2)
     if args.figures and len({b.patch_size for b in backbones}) > 1:  # the figure's scalings act on one token grid
         raise SystemExit("--figures needs backbones of one patch size, got "
                          + ", ".join(f"{p} ({b.patch_size})" for p, b in zip(args.backbone, backbones)))
+    for b in backbones:
+        check_scales(args.scales, (img_size // b.patch_size,) * 2)
     base, _, clean_set = val_images(args, img_size, default=200)
     layer = figure_layer(args, backbones)
     make_output_dirs(args, rank, names)
