@@ -913,13 +913,15 @@ def _image_files(folder):
 
 
 def _class_folders(folder, flag, num_classes, classes=None, source="the probe"):
-    """folder's class (wnid) sub-folders. Labels are their positions, so they must be `classes` (which `source`
-    has) where known, else num_classes many."""
+    """folder's class (wnid) sub-folders, in label order: the names of `classes` (which `source` has) where known,
+    in its order whatever the folders' (the built-in classes are not alphabetical), else num_classes many, sorted."""
     found = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     if not found:
         raise SystemExit(f"{flag}: {folder} has no class (wnid) sub-folders")
-    if classes is not None and found != list(classes):
-        a, b = found + ["(none)"], list(classes) + ["(none)"]
+    if classes is not None and sorted(found) == sorted(classes):
+        return list(classes)  # labels by name
+    if classes is not None:
+        a, b = found + ["(none)"], sorted(classes) + ["(none)"]
         i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
         raise SystemExit(f"{flag}: {folder}: class folder {i} is {a[i]} but {source}'s is {b[i]}; labels are class "
                          "positions, so the class folders must be the same")

@@ -3823,6 +3823,19 @@ def test_scales_that_leave_the_token_grid_or_repeat_another_are_refused(tiny_pro
     assert set(robust(*argv, "--scales", "0.5", "1.5")["geometry"]) >= {"scale0.5", "scale1.5"}
 
 
+def test_released_class_folders_take_the_probe_labels_of_their_names(tmp_path):
+    """The built-in classes are not alphabetical: sorted folders get the label of their name, not of their place."""
+    classes = ["circle", "triangle", "square"]
+    for s in range(1, 6):
+        for k in classes:
+            _png(tmp_path / "fog" / str(s) / k / "0.png")
+    data = robustness_eval.released_corruptions(str(tmp_path), [("fog", s) for s in range(1, 6)], 32, 3, classes)
+    assert {os.path.basename(os.path.dirname(p)): label for p, label in data.items} == {k: i for i, k in
+                                                                                          enumerate(classes)}
+    with pytest.raises(SystemExit, match="fog/1: class folder 2 is triangle but the probe's is star; labels are"):
+        robustness_eval.released_corruptions(str(tmp_path), [("fog", 1)], 32, 3, ["circle", "square", "star"])
+
+
 def test_figure_paths_are_tried_before_any_work_and_the_numbers_written_first(tiny_probe, tmp_path, capsys,
                                                                               monkeypatch):
     argv = ["--probe", tiny_probe, "--tasks", "clean", "--num-images", "2", "--num-workers", "0",
