@@ -400,7 +400,10 @@ def load_frost_images(frost_dir):
     for name in sorted(os.listdir(frost_dir)):
         m = re.fullmatch(r"frost([1-5])\.(png|jpg|jpeg)", name, re.IGNORECASE)
         if m:
-            found[int(m.group(1))] = np.asarray(augment.load_rgb(os.path.join(frost_dir, name)))
+            found[int(m.group(1))] = photo = np.asarray(augment.load_rgb(os.path.join(frost_dir, name)))
+            if min(photo.shape[:2]) < 224:  # frost() crops a 224x224 field of view: a smaller photo is no frost photo
+                raise SystemExit(f"--frost-dir {frost_dir}: {name} is {photo.shape[1]}x{photo.shape[0]}, but frost "
+                                 "crops 224x224 from each photo: pass the original (larger) frost photos")
     missing = [i for i in range(1, 6) if i not in found]
     if missing:
         raise SystemExit(f"--frost-dir {frost_dir}: missing frost{missing[0]}.png/.jpg "
@@ -822,43 +825,61 @@ def corrupted_crop(u8, rng, crop, name, severity, frost_images=None, jpeg_qualit
 
 
 class Released(_Items):
-    """Released data, items (path, label): an ImageNet-C image, centre-cropped to `crop` (the official
-    eval transform: no Resize), or an ImageNet-P video extracted to a folder of frames (crop x crop as they are)."""
+    """Released data, items (path, label): an ImageNet-C image, its short side resized to `crop` (224-px images for a
+    224-px model are read as they are), or an ImageNet-P video extracted to a folder of frames (crop x crop as they
+    are)."""
 
-    def __init__(self, items, entry, crop):
-        self.items, self.entry, self.crop = items, np.array(entry), crop
+    def __init__(self, items, entry, crop, videos=False):
+        self.items, self.entry, self.crop, self.videos = items, np.array(entry), crop, videos
 
     def load(self, item):
         path, label = item
-        if os.path.isdir(path):
+        if self.videos:  # not os.path.isdir: a stray folder among ImageNet-C images is no video
             return np.stack([self._image(f, exact=True) for f in _image_files(path)]), label
         return self._image(path), label
 
     def _image(self, path, exact=False):
-        u8 = np.asarray(augment.load_rgb(path))
-        h, w = u8.shape[:2]
+        image = augment.load_rgb(path)
+        w, h = image.size
         if min(h, w) < self.crop or exact and max(h, w) > self.crop:
             raise augment.UnreadableImage(f"image file {path} is {w}x{h}; --img-size {self.crop} needs "
                                           f"{'exactly' if exact else 'at least'} {self.crop}x{self.crop}")
-        return _center_crop(u8, self.crop)
+        if not exact and min(h, w) > self.crop:
+            # The released images are already the eval crops (Resize(256) + CenterCrop(224) of each val image), read
+            # by the original test.py with a CenterCrop(224) that leaves them whole: a model at another size sees the
+            # whole image resized, as in generated ImageNet-C, not a central part of it.
+            image = TF.resize(image, self.crop, interpolation=TF.InterpolationMode.BILINEAR)
+        return _center_crop(np.asarray(image), self.crop)
 
 
 def released_corruptions(root, entries, img_size, num_classes, classes=None):
     """The released ImageNet-C JPEGs: <root>/<c>/<s>/<wnid>/* or <root>/<family>/<c>/<s>/<wnid>/*; every severity
     folder with the same class folders, the probe's `classes` where it records them."""
-    items, entry, source = [], [], "the probe"
+    items, entry, source, first = [], [], "the probe", None
     for e, (name, severity) in enumerate(entries):
-        folders = [os.path.join(root, fam, name, str(severity)) for fam in ("", "noise", "blur", "weather", "digital")]
+        layouts = [os.path.join(root, fam, name) for fam in ("", "noise", "blur", "weather", "digital")]
+        found = [f for f in layouts if os.path.isdir(f)]
+        if len(found) > 1:  # else severities missing from one copy would be read from the other
+            raise SystemExit(f"--imagenet-c-dir {root}: {name} is in both {found[0]} and {found[1]}; keep one layout "
+                             "(flat or per family)")
+        folders = [os.path.join(f, str(severity)) for f in layouts]
         folder = next((f for f in folders if os.path.isdir(f)), None)
         if folder is None:
             raise SystemExit(f"--imagenet-c-dir {root}: no folder {name}/{severity} (flat or per family)")
         classes, source = _class_folders(folder, "--imagenet-c-dir", num_classes, classes, source), folder
+        count = 0
         for label, wnid in enumerate(classes):
             files = _image_files(os.path.join(folder, wnid))
             if not files:  # its error would be NaN
                 raise SystemExit(f"--imagenet-c-dir: {os.path.join(folder, wnid)} holds no .jpeg/.jpg/.png images")
             items += [(path, label) for path in files]
             entry += [e] * len(files)
+            count += len(files)
+        # the release holds every val image at every severity: a partial folder would be averaged as a whole one
+        if first is not None and count != first[1]:
+            raise SystemExit(f"--imagenet-c-dir: {folder} holds {count} images but {first[0]} holds {first[1]}; "
+                             "every corruption and severity needs the same images: complete the download")
+        first = first or (folder, count)
     return Released(items, entry, img_size)
 
 
@@ -869,33 +890,38 @@ def released_sequences(root, name, difficulty, img_size, num_classes, classes=No
     if not os.path.isdir(folder):
         raise SystemExit(f"--imagenet-p-dir {root}: no folder {os.path.basename(folder)} "
                          f"(extract the MP4s to one frame folder per video)")
-    videos = [(os.path.join(folder, wnid, v), label)
-              for label, wnid in enumerate(_class_folders(folder, "--imagenet-p-dir", num_classes, classes))
-              for v in sorted(os.listdir(os.path.join(folder, wnid)))
-              if os.path.isdir(os.path.join(folder, wnid, v))]
-    if not videos:
-        raise SystemExit(f"--imagenet-p-dir: {folder} has no per-video frame folders")
+    videos = []
+    for label, wnid in enumerate(_class_folders(folder, "--imagenet-p-dir", num_classes, classes)):
+        found = [os.path.join(folder, wnid, v) for v in sorted(os.listdir(os.path.join(folder, wnid)))
+                 if os.path.isdir(os.path.join(folder, wnid, v))]
+        if not found:  # as ImageNet-C: a class left out would be scored as absent, not as failed
+            raise SystemExit(f"--imagenet-p-dir: {os.path.join(folder, wnid)} holds no per-video frame folders "
+                             "(extract its MP4s to one frame folder per video)")
+        videos += [(v, label) for v in found]
     counts = [len(_image_files(v)) for v, _ in videos]
     bad = next((i for i, n in enumerate(counts) if n < 2 or n != counts[0]), None)
     if bad is not None:  # a batch stacks videos, and a video of one frame has no pair to compare
         raise SystemExit(f"--imagenet-p-dir: {videos[bad][0]} has {counts[bad]} frame(s) but " + (
             "a video needs at least 2" if counts[bad] < 2 else f"{videos[0][0]} has {counts[0]}; all need as many"))
-    return Released(videos, [0] * len(videos), img_size), counts[0]
+    return Released(videos, [0] * len(videos), img_size, videos=True), counts[0]
 
 
 def _image_files(folder):
-    files = [os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith((".jpeg", ".jpg", ".png"))]
+    files = [os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith((".jpeg", ".jpg", ".png"))
+             and os.path.isfile(os.path.join(folder, f))]  # a folder named like an image is no image
     return sorted(files, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p)])  # 10 after 9
 
 
 def _class_folders(folder, flag, num_classes, classes=None, source="the probe"):
-    """folder's class (wnid) sub-folders. Labels are their positions, so they must be `classes` (which `source`
-    has) where known, else num_classes many."""
+    """folder's class (wnid) sub-folders, in label order: the names of `classes` (which `source` has) where known,
+    in its order whatever the folders' (the built-in classes are not alphabetical), else num_classes many, sorted."""
     found = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     if not found:
         raise SystemExit(f"{flag}: {folder} has no class (wnid) sub-folders")
-    if classes is not None and found != list(classes):
-        a, b = found + ["(none)"], list(classes) + ["(none)"]
+    if classes is not None and sorted(found) == sorted(classes):
+        return list(classes)  # labels by name
+    if classes is not None:
+        a, b = found + ["(none)"], sorted(classes) + ["(none)"]
         i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
         raise SystemExit(f"{flag}: {folder}: class folder {i} is {a[i]} but {source}'s is {b[i]}; labels are class "
                          "positions, so the class folders must be the same")
@@ -1028,6 +1054,22 @@ def check_args(args):
     augment.check_ranges([("--" + k.replace("_", "-"), getattr(args, k), *rule) for k, rule in ranges.items()])
 
 
+def check_scales(scales, grid):
+    """--scales on this token grid: each must change it, and to a grid of its own, else its row is labelled with
+    a rescaling that never happened (4 * 1.1 rounds to 4: the identity, perfectly equivariant)."""
+    seen = {}
+    for s in scales:
+        size = geometric_elements(1, grid, [s])[f"scale{s:g}"].size
+        effective = f"{size[0]}x{size[1]} (effective scale {size[0] / grid[0]:g})"
+        if size == tuple(grid):
+            raise SystemExit(f"--scales {s:g}: on the {grid[0]}x{grid[1]} token grid it gives {effective}, the "
+                             "identity; choose a scale that changes the grid")
+        if size in seen:
+            raise SystemExit(f"--scales {seen[size]:g} and {s:g}: on the {grid[0]}x{grid[1]} token grid both give "
+                             f"{effective}; keep one")
+        seen[size] = s
+
+
 def refuse_ignored_flags(args, tasks, table=False):
     """The flags these tasks do not read, refused if given. table: the comparison of several --backbone, which reads
     --figure-layer for its columns."""
@@ -1117,12 +1159,14 @@ def figure_layer(args, backbones):
     return layer
 
 
-def make_output_dirs(args, rank):
-    """--output-dir and --figures, created and tried before any work: results that cannot be written are lost."""
+def make_output_dirs(args, rank, names):
+    """--output-dir and --figures (for the runs `names`), created and tried before any work: results that cannot be
+    written are lost."""
     if rank == 0:
         vit.make_output_dir(args.output_dir, outputs=("robustness.json",))
         if args.figures:
-            vit.make_output_dir(args.figures, flag="--figures", outputs=("equivariance.png",))
+            vit.make_output_dir(args.figures, flag="--figures",
+                                outputs=("equivariance.png", *(f"attention_{n}.png" for n in names)))
 
 
 def figures(args, backbones, names, clean_set, layer, device):
@@ -1176,7 +1220,8 @@ def corruption_task(ev, c_set, num_classes, corruptions, clean_error):
     errors = {c: [1 - correct[c_set.entry == entries.index((c, s))].mean().item() for s in range(1, 6)]
               for c in corruptions}
     mean_error = _mean([e for v in errors.values() for e in v])
-    res = {"source": "released" if args.imagenet_c_dir else "generated", "top1": 100 * (1 - mean_error),
+    res = {"source": "released" if args.imagenet_c_dir else "generated", "num_images": len(c_set) // len(entries),
+           "top1": 100 * (1 - mean_error),
            "mean_error": 100 * mean_error, "errors": {c: [100 * e for e in v] for c, v in errors.items()},
            "top1_per_corruption": {c: 100 * (1 - _mean(v)) for c, v in errors.items()},
            "error_per_severity": {s: 100 * _mean([errors[c][s - 1] for c in corruptions]) for s in range(1, 6)}}
@@ -1216,6 +1261,8 @@ def load_normalizers(path, perturbations):
                          f"'t5d': {{...}}}} for every perturbation run ({e!r})") from None
     augment.check_ranges([(f"{k} {p}", v, lambda v: v > 0, "positive") for k, vs in normalizers.items()
                           for p, v in vs.items()], prefix=f"--p-normalizers {path}: ")  # they divide
+    augment.check_ranges([(f"fp {p}", v, lambda v: v <= 1, "at most 1 (FP is a probability, not a percent)")
+                          for p, v in normalizers["fp"].items()], prefix=f"--p-normalizers {path}: ")
     return normalizers
 
 
@@ -1256,17 +1303,20 @@ def perturbation_task(ev, sets, normalizers):
             scores[1, idx] = top5_distance(logits, noise, d)
             scores[2, idx] = (preds[:, first:] == y[:, None]).float().mean(1)
         fp, t5d, top1 = losses.all_reduce_sum(scores).cpu().mean(1).tolist()
-        per[name] = {"fp": 100 * fp, "t5d": t5d, "top1": 100 * top1, "frames": T}
+        per[name] = {"fp": 100 * fp, "t5d": t5d, "top1": 100 * top1, "frames": T, "num_videos": len(seq)}
     for key, field in (("top1", "top1"), ("mean_fp", "fp"), ("mean_t5d", "t5d")):
         res[key] = _mean([v[field] for v in per.values()])
-    if normalizers:
+    if normalizers and len(per) == len(PERTURBATIONS):  # as mCE: a mean over a subset is another benchmark
         res["mfr"] = 100 * _mean([per[p]["fp"] / 100 / normalizers["fp"][p] for p in per])
         res["mt5d"] = 100 * _mean([per[p]["t5d"] / normalizers["t5d"][p] for p in per])
+    elif normalizers:
+        log("mFR/mT5D skipped: they need all 10 perturbations")
     log(f"\nImageNet-P ({res['source']}, difficulty {d}): FP %, T5D, top-1 % over perturbed frames")
     for name, v in per.items():
         log(f"  {name:15s} FP {v['fp']:6.2f}  T5D {v['t5d']:6.3f}  top-1 {v['top1']:6.2f}  ({v['frames']} frames)")
     log(f"  mean top-1 {res['top1']:.2f}  mean FP {res['mean_fp']:.2f}" +
-        (f"  mFR {res['mfr']:.2f}  mT5D {res['mt5d']:.2f}" if normalizers else "  (mFR/mT5D need --p-normalizers)"))
+        (f"  mFR {res['mfr']:.2f}  mT5D {res['mt5d']:.2f}" if "mfr" in res
+         else "" if normalizers else "  (mFR/mT5D need --p-normalizers)"))
     return res
 
 
@@ -1278,6 +1328,10 @@ def evaluate(args, device, rank, world):
     refuse_ignored_flags(args, tasks)
     if args.mce == "on" and len(corruptions) < len(CORRUPTIONS) and "c" in tasks:
         raise SystemExit("--mce on needs all 15 corruptions: drop --corruptions, or use --mce auto")
+    released = [f for f, t, d in (("--imagenet-c-dir", "c", args.imagenet_c_dir),
+                                  ("--imagenet-p-dir", "p", args.imagenet_p_dir)) if d and t in tasks]
+    if args.num_images and released:  # else the clean error and the C/P errors would be over other images
+        raise SystemExit(f"--num-images with {released[0]}: the released folders fix the images: drop --num-images")
     backbone, classifier, meta = load_model(args)
     backbone.to(device).eval()
     # --equivariance-only takes a probe's backbone, not its head; without it the tasks are equivariance only
@@ -1285,7 +1339,9 @@ def evaluate(args, device, rank, world):
     img_size = args.img_size or meta["img_size"]
     if img_size % backbone.patch_size:
         raise SystemExit(f"--img-size {img_size} is not a multiple of the patch size {backbone.patch_size}")
-    if args.num_images is None and args.data == "synthetic":
+    if {"geometry", "equivariance"} & set(tasks):
+        check_scales(args.scales, (img_size // backbone.patch_size,) * 2)
+    if args.num_images is None and args.data == "synthetic" and not released:
         args.num_images = 200  # the whole val split x (75 corruptions + 10 sequences) takes hours on a CPU
     base, classes, clean_set = val_images(args, img_size)
     if classifier is not None and meta["num_classes"] != len(classes):
@@ -1301,7 +1357,8 @@ def evaluate(args, device, rank, world):
     c_set = corruption_set(args, base, img_size, corruptions, *known) if "c" in tasks else None
     p_sets = perturbation_sets(args, base, img_size, perturbations, *known) if "p" in tasks else None
     normalizers = load_normalizers(args.p_normalizers, perturbations) if "p" in tasks and args.p_normalizers else None
-    make_output_dirs(args, rank)
+    layer = figure_layer(args, [backbone]) if args.figures else None  # its range checked now, not after the work
+    make_output_dirs(args, rank, ["probe"])
     source = f"--probe {args.probe}" if args.probe else f"--backbone {args.backbone[0]}"
     ev = Evaluator(args, backbone, classifier, meta, device, rank, world, source)
     results = {"num_images": len(base), "img_size": img_size, "num_classes": len(classes), "world_size": world}
@@ -1313,9 +1370,7 @@ def evaluate(args, device, rank, world):
         results["imagenet_c"] = corruption_task(ev, c_set, len(classes), corruptions, clean_error)
     if "p" in tasks:
         results["imagenet_p"] = perturbation_task(ev, p_sets, normalizers)
-    if args.figures:
-        figures(args, [backbone], ["probe"], clean_set, figure_layer(args, [backbone]), device)
-    return results
+    return results, args.figures and partial(figures, args, [backbone], ["probe"], clean_set, layer, device)
 
 
 def linear_numbers(json_path, path, backbone):
@@ -1353,9 +1408,11 @@ def compare_backbones(args, device, rank, world):
     if args.figures and len({b.patch_size for b in backbones}) > 1:  # the figure's scalings act on one token grid
         raise SystemExit("--figures needs backbones of one patch size, got "
                          + ", ".join(f"{p} ({b.patch_size})" for p, b in zip(args.backbone, backbones)))
+    for b in backbones:
+        check_scales(args.scales, (img_size // b.patch_size,) * 2)
     base, _, clean_set = val_images(args, img_size, default=200)
     layer = figure_layer(args, backbones)
-    make_output_dirs(args, rank)
+    make_output_dirs(args, rank, names)
     results = {"num_images": len(base), "img_size": img_size, "layer": layer, "runs": {}}
     for name, path, backbone in zip(names, args.backbone, backbones):
         ev = Evaluator(args, backbone.to(device).eval(), None, {}, device, rank, world, f"--backbone {path}")
@@ -1371,9 +1428,7 @@ def compare_backbones(args, device, rank, world):
         acc = [run.get("linear_top1"), run.get("knn_top1")]
         log(f"  {name:24s} " + " ".join(f"{c[layer - 1]:6.3f}/{c[-1]:6.3f}" for c in cos) + "   "
             + " ".join(f"{a:6.2f}" if a is not None else "     -" for a in acc))
-    if args.figures:
-        figures(args, backbones, names, clean_set, layer, device)
-    return results
+    return results, args.figures and partial(figures, args, backbones, names, clean_set, layer, device)
 
 
 def main(args):
@@ -1387,13 +1442,16 @@ def main(args):
     if several and not args.equivariance_only:
         raise SystemExit("several --backbone (or --figures without --probe) need --equivariance-only")
     task = compare_backbones if several else evaluate
-    results = {"args": vars(args), "data": args.data, **task(args, device, rank, world)}
+    numbers, draw = task(args, device, rank, world)
+    results = {"args": vars(args), "data": args.data, **numbers}
     results["seconds"] = time.time() - t0
     if rank == 0:
         path = os.path.join(args.output_dir, "robustness.json")
         with vit.exit_on_write_error():
             vit.save_atomic(path, results)  # write-then-rename: a kill never leaves half a JSON
         log(f"\nwrote {path} in {results['seconds']:.0f}s")
+    if draw:  # after the numbers: a figure that cannot be written loses only itself
+        draw()
     losses.finish_distributed()
     return results
 

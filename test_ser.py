@@ -3205,6 +3205,10 @@ def test_frost_dir_and_procedural(tmp_path):
     (tmp_path / "frost2.png").write_bytes(b"")
     with pytest.raises(augment.UnreadableImage, match="frost2.png"):
         robustness_eval.load_frost_images(str(tmp_path))
+    for i, size in ((2, 223), (3, 260)):  # frost2 a thumbnail, that frost would stretch
+        Image.fromarray(np.full((300, size, 3), 40, np.uint8)).save(tmp_path / f"frost{i}.png")
+    with pytest.raises(SystemExit, match="^--frost-dir .*: frost2.png is 223x300, but frost crops 224x224 from each"):
+        robustness_eval.load_frost_images(str(tmp_path))
 
 
 def test_alexnet_table_reproduces_means():
@@ -3675,9 +3679,17 @@ def test_imagenet_p_frame_counts_and_normalizers_are_refused_before_any_work(tin
         with pytest.raises(SystemExit, match="^--p-normalizers .*: fp rotate must be positive, got"):
             robust(*argv, "--p-normalizers", norms)
         assert "ImageNet-P" not in capsys.readouterr().out
-    norms.write_text('{"fp": {"gaussian_noise": 0.5, "rotate": 0.5}, "t5d": {"gaussian_noise": 2, "rotate": 2}}')
-    p = robust(*argv, "--p-normalizers", norms)["imagenet_p"]
+    every = robustness_eval.PERTURBATIONS
+    norms.write_text(json.dumps({"fp": {k: 0.5 for k in every}, "t5d": {k: 2 for k in every}}))
+    p = robust(*argv, "--p-normalizers", norms)["imagenet_p"]  # mFR over 2 of the 10 is no mFR, as mCE
+    assert "mfr" not in p and "mt5d" not in p
+    assert "mFR/mT5D skipped: they need all 10 perturbations" in capsys.readouterr().out
+    p = robust(*argv, "--perturbations", ",".join(every), "--p-normalizers", norms)["imagenet_p"]
     assert p["mfr"] == pytest.approx(100 * p["mean_fp"] / 50) and p["mt5d"] == pytest.approx(50 * p["mean_t5d"])
+    assert all(v["num_videos"] == 2 for v in p["per_perturbation"].values())  # the videos each scored
+    norms.write_text(json.dumps({"fp": {k: 50 for k in every}, "t5d": {k: 2 for k in every}}))
+    with pytest.raises(SystemExit, match="^--p-normalizers .*: fp gaussian_noise must be at most 1 .FP is a probab"):
+        robust(*argv, "--p-normalizers", norms)  # 50 is a percent: mFR would be 100 times too small
 
 
 def _png(path, size=32):
@@ -3751,6 +3763,123 @@ def test_imagenet_p_dir_folders_videos_and_frames_are_checked(ab_probe, tmp_path
     refused(match="cannot read image file .*rotate/b/v0/2.png", error=augment.UnreadableImage)
     os.rename(p / "rotate/a", p / "rotate/c")
     refused(match="rotate: class folder 0 is b but the probe's is a")
+
+
+def _released_c(root, corruptions=("fog",), per_class=1):
+    for name in corruptions:
+        for s in range(1, 6):
+            for k in "ab":
+                for i in range(per_class):
+                    _png(root / name / str(s) / k / f"{i}.png")
+
+
+def test_released_folders_fix_the_images_and_each_task_records_its_count(ab_probe, tmp_path):
+    """--num-images cuts the clean images, never the release: relative mCE would mix errors over other images."""
+    _released_c(tmp_path / "c", per_class=2)
+    argv = ab_probe + ["--tasks", "clean,c", "--corruptions", "fog", "--imagenet-c-dir", tmp_path / "c"]
+    with pytest.raises(SystemExit, match="^--num-images with --imagenet-c-dir: the released folders fix the images"):
+        robust(*argv, "--num-images", "1")
+    out = robust(*argv)
+    assert out["num_images"] == 2 and out["imagenet_c"]["num_images"] == 4
+    for f in range(2):
+        _png(tmp_path / "p" / "rotate" / "a" / "v0" / f"{f}.png")
+        _png(tmp_path / "p" / "rotate" / "b" / "v0" / f"{f}.png")
+    with pytest.raises(SystemExit, match="^--num-images with --imagenet-p-dir: the released folders fix the images"):
+        robust(*ab_probe, "--tasks", "p", "--perturbations", "rotate", "--imagenet-p-dir", tmp_path / "p",
+               "--num-images", "1")
+
+
+def test_released_severities_must_hold_as_many_images(ab_probe, tmp_path):
+    c = tmp_path / "c"
+    _released_c(c, ("fog", "snow"), per_class=2)
+    argv = ab_probe + ["--tasks", "c", "--corruptions", "fog,snow", "--imagenet-c-dir", c]
+    (c / "snow/3/a/1.png").unlink()  # a partial download: averaged as a whole severity
+    with pytest.raises(SystemExit, match="^--imagenet-c-dir: .*snow/3 holds 3 images but .*fog/1 holds 4; every"):
+        robust(*argv)
+    _png(c / "snow/3/a/1.png")
+    _released_c(c / "weather", ("snow",), per_class=2)  # a per-family copy beside the flat one
+    for k in "ab":
+        for i in range(2):
+            (c / "snow/4" / k / f"{i}.png").unlink()
+        os.rmdir(c / "snow/4" / k)
+    os.rmdir(c / "snow/4")  # flat severity 4 would be read from the family copy
+    with pytest.raises(SystemExit, match="^--imagenet-c-dir .*: snow is in both .*c/snow and .*c/weather/snow; keep"):
+        robust(*argv)
+
+
+def test_released_class_folders_without_videos_and_folders_named_like_images_are_refused(ab_probe, tmp_path):
+    p = tmp_path / "p"
+    for k in "ab":
+        for f in range(2):
+            _png(p / "rotate" / k / "v0" / f"{f}.png")
+    os.rename(p / "rotate/b/v0", tmp_path / "v0")
+    (p / "rotate/b/v0.mp4").write_bytes(b"")  # not extracted: the class would silently drop out, as in ImageNet-C
+    with pytest.raises(SystemExit, match="^--imagenet-p-dir: .*rotate/b holds no per-video frame folders"):
+        robust(*ab_probe, "--tasks", "p", "--perturbations", "rotate", "--imagenet-p-dir", p)
+    c = tmp_path / "c"
+    _released_c(c)
+    os.makedirs(c / "fog/5/a/zzz.png")  # a folder named like an image: no image, not a video
+    argv = ab_probe + ["--tasks", "c", "--corruptions", "fog", "--imagenet-c-dir", c]
+    assert robust(*argv)["imagenet_c"]["num_images"] == 2
+    _png(c / "fog/5/a/zzz.png/0.png")
+    assert robust(*argv)["imagenet_c"]["num_images"] == 2
+
+
+def test_released_c_images_larger_than_the_model_are_resized_whole_not_cropped(tmp_path):
+    """A released image is already an eval crop: a 32-px model sees all of a 64-px one, its red border too."""
+    u8 = np.zeros((64, 64, 3), np.uint8)
+    u8[..., 0] = 255
+    u8[16:48, 16:48] = (0, 255, 0)  # the part a centre crop keeps
+    Image.fromarray(u8).save(tmp_path / "big.png")
+    small = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(small).save(tmp_path / "small.png")
+    data = robustness_eval.Released([(str(tmp_path / "big.png"), 0), (str(tmp_path / "small.png"), 1)], [0, 0], 32)
+    big, _ = data.load(data.items[0])
+    assert big.shape == (32, 32, 3) and big[0, 0, 0] > 200 and big[16, 16, 1] > 200
+    assert np.array_equal(data.load(data.items[1])[0], small)  # at the model's size: read as it is
+
+
+def test_scales_that_leave_the_token_grid_or_repeat_another_are_refused(tiny_probe, tmp_path):
+    argv = ["--probe", tiny_probe, "--tasks", "geometry", "--num-images", "2", "--num-workers", "0",
+            "--output-dir", tmp_path / "out"]  # a 4x4 token grid
+    with pytest.raises(SystemExit, match=r"^--scales 1.1: on the 4x4 token grid it gives 4x4 .effective scale 1., the"):
+        robust(*argv, "--scales", "0.5", "1.1")  # 4 * 1.1 rounds to 4: no rescaling, reported as one
+    with pytest.raises(SystemExit, match=r"^--scales 1.2 and 1.3: on the 4x4 token grid both give 5x5 .effective sc"):
+        robust(*argv, "--scales", "1.2", "1.3")
+    assert not (tmp_path / "out").exists()  # refused before any work
+    assert set(robust(*argv, "--scales", "0.5", "1.5")["geometry"]) >= {"scale0.5", "scale1.5"}
+
+
+def test_released_class_folders_take_the_probe_labels_of_their_names(tmp_path):
+    """The built-in classes are not alphabetical: sorted folders get the label of their name, not of their place."""
+    classes = ["circle", "triangle", "square"]
+    for s in range(1, 6):
+        for k in classes:
+            _png(tmp_path / "fog" / str(s) / k / "0.png")
+    data = robustness_eval.released_corruptions(str(tmp_path), [("fog", s) for s in range(1, 6)], 32, 3, classes)
+    assert {os.path.basename(os.path.dirname(p)): label for p, label in data.items} == {k: i for i, k in
+                                                                                          enumerate(classes)}
+    with pytest.raises(SystemExit, match="fog/1: class folder 2 is triangle but the probe's is star; labels are"):
+        robustness_eval.released_corruptions(str(tmp_path), [("fog", 1)], 32, 3, ["circle", "square", "star"])
+
+
+def test_figure_paths_are_tried_before_any_work_and_the_numbers_written_first(tiny_probe, tmp_path, capsys,
+                                                                              monkeypatch):
+    argv = ["--probe", tiny_probe, "--tasks", "clean", "--num-images", "2", "--num-workers", "0",
+            "--output-dir", tmp_path / "out", "--figures", tmp_path / "fig"]
+    os.makedirs(tmp_path / "fig" / "attention_probe.png")
+    with pytest.raises(SystemExit, match="^--figures .*fig: attention_probe.png there is a folder"):
+        robust(*argv)
+    assert "clean top-1" not in capsys.readouterr().out
+    os.rmdir(tmp_path / "fig" / "attention_probe.png")
+
+    def full_disk(*_, **__):
+        raise OSError(28, "No space left on device", str(tmp_path / "fig" / "equivariance.png"))
+
+    monkeypatch.setattr(robustness_eval, "write_figures", full_disk)
+    with pytest.raises(SystemExit, match="could not write .*equivariance.png"):
+        robust(*argv)
+    assert "clean" in json.loads((tmp_path / "out" / "robustness.json").read_text())  # the numbers are kept
 
 
 def test_procedural_frost_is_marked_next_to_every_number(tiny_probe, tmp_path, capsys):
