@@ -190,8 +190,10 @@ def knn_classify(train_features, train_labels, test_features, num_classes, k=20,
         sims, neighbours = (test @ train.T).topk(k, dim=1)  # (c, k)
         votes = torch.zeros(len(test), num_classes, device=test.device)
         votes.scatter_add_(1, train_labels[neighbours], (sims / T).exp())  # (c, C)
-        if not torch.isfinite(votes).all():  # exp(1/T) or the sum beyond float32: the same votes, scaled per row
-            votes = torch.zeros_like(votes).scatter_add_(1, train_labels[neighbours], ((sims - sims[:, :1]) / T).exp())
+        bad = ~torch.isfinite(votes).all(1)  # exp(1/T) or a sum beyond float32: those rows' votes, scaled per row
+        if bad.any():
+            weights = ((sims[bad] - sims[bad, :1]) / T).exp()
+            votes[bad] = torch.zeros_like(votes[bad]).scatter_add_(1, train_labels[neighbours[bad]], weights)
         ranked.append(votes.sort(dim=1, descending=True, stable=True).indices[:, :min(5, num_classes)])
     return torch.cat(ranked)
 
@@ -236,6 +238,7 @@ class FeatureLoader:
         self.features, self.labels, self.batch_size = features, labels, batch_size * world  # per rank -> global
         self.rank, self.world, self.seed, self.epoch = rank, world, seed, 0
         self.sampler = self  # train_sweep calls loader.sampler.set_epoch, as on a DataLoader
+        self.share = 1.0  # of the batch last yielded: its rows x world / the global batch's rows
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -247,6 +250,7 @@ class FeatureLoader:
         order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.seed + self.epoch))
         for batch in order.to(self.features.device).split(self.batch_size):
             lo, hi = (len(batch) * r // self.world for r in (self.rank, self.rank + 1))
+            self.share = (hi - lo) * self.world / len(batch)  # exactly 1 in one process
             yield self.features[batch[lo:hi]], self.labels[batch[lo:hi]]
 
 
@@ -267,8 +271,8 @@ def train_sweep(sweep, loader, lrs, epochs, device, backbone=None, n_last_blocks
                     inputs = extract_features(backbone, inputs, n_last_blocks, avgpool)  # (B, F)
             logits = model(inputs.float())  # (K, B, C)
             # Ranks may hold unequal parts of a global batch (FeatureLoader): weighing each rank's mean by its share
-            # makes DDP's average of the ranks' gradients the global batch's; the weight is 1 in one process.
-            share = len(labels) * losses.world_size() / losses.global_count(len(labels))
+            # makes DDP's average of the ranks' gradients the global batch's. A DataLoader's padded shards are equal.
+            share = getattr(loader, "share", 1.0)
             reduction = "mean" if len(labels) else "sum"  # a rank without rows adds 0: a mean of nothing is NaN
             per_head = torch.stack([F.cross_entropy(head_logits, labels, reduction=reduction) * share
                                     for head_logits in logits])  # (K,)

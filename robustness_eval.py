@@ -907,8 +907,8 @@ def released_sequences(root, name, difficulty, img_size, num_classes, classes=No
 
 
 def _image_files(folder):
-    files = [os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith((".jpeg", ".jpg", ".png"))
-             and os.path.isfile(os.path.join(folder, f))]  # a folder named like an image is no image
+    files = [e.path for e in os.scandir(folder)  # is_file: a folder named like an image is none (no extra stat)
+             if e.name.lower().endswith((".jpeg", ".jpg", ".png")) and e.is_file()]
     return sorted(files, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p)])  # 10 after 9
 
 
@@ -940,12 +940,17 @@ class Evaluator:
         self.device, self.rank, self.world = device, rank, world
         self.source = source  # the flag and file the backbone came from, for errors
         self.autocast = lambda: vit.autocast(device)  # bf16 where it is native, else fp32
+        self.non_finite = torch.zeros((), dtype=torch.bool, device=device)
 
     def refuse_non_finite(self, t):
-        """Finite weights can still overflow: an argmax or mean of NaN is a made-up number, as linear_eval refuses."""
-        if not torch.isfinite(t).all():
-            raise SystemExit(f"{self.source}: the backbone gives non-finite features (NaN or inf); "
-                             "it cannot be evaluated")
+        """Finite weights can still overflow: an argmax or mean of NaN is a made-up number, as linear_eval refuses.
+        Flagged on the device (a check per batch would wait for the GPU), read by check_finite with a task's sums."""
+        self.non_finite |= ~torch.isfinite(t).all()
+
+    def check_finite(self):
+        if losses.all_reduce_sum(self.non_finite.float()).item():  # every rank stops together
+            raise SystemExit(f"{self.source}: the backbone gives non-finite features (NaN or inf); it cannot be "
+                             "evaluated: pass another checkpoint")
 
     def loader(self, dataset, batch_size, label):
         """This rank's batches, with progress and ETA (a pass over ImageNet-C takes minutes to hours)."""
@@ -985,6 +990,7 @@ class Evaluator:
             if equivariance:
                 scores[..., idx] = equivariance_scores(self.backbone, x, elements, self.autocast, x_other)
                 self.refuse_non_finite(scores[:, :, 0, idx])  # cos is always defined: NaN only from the token maps
+        self.check_finite()
         correct, scores = losses.all_reduce_sum(correct).cpu(), losses.all_reduce_sum(scores).cpu().nanmean(-1)
         return names, correct, {n: {m: scores[e, :, k].tolist() for k, m in enumerate(EQUIV_METRICS)}
                                 for e, n in enumerate(names)}
@@ -1216,6 +1222,7 @@ def corruption_task(ev, c_set, num_classes, corruptions, clean_error):
     correct = torch.zeros(len(c_set), device=ev.device)
     for x, y, idx in ev.loader(c_set, args.batch_size, f"ImageNet-C ({len(entries)} sets)"):
         correct[idx] = ev.hits(x, y)
+    ev.check_finite()
     correct = losses.all_reduce_sum(correct).cpu()
     errors = {c: [1 - correct[c_set.entry == entries.index((c, s))].mean().item() for s in range(1, 6)]
               for c in corruptions}
@@ -1302,21 +1309,19 @@ def perturbation_task(ev, sets, normalizers):
             scores[0, idx] = flip_probability(preds, noise, d)
             scores[1, idx] = top5_distance(logits, noise, d)
             scores[2, idx] = (preds[:, first:] == y[:, None]).float().mean(1)
+        ev.check_finite()
         fp, t5d, top1 = losses.all_reduce_sum(scores).cpu().mean(1).tolist()
         per[name] = {"fp": 100 * fp, "t5d": t5d, "top1": 100 * top1, "frames": T, "num_videos": len(seq)}
     for key, field in (("top1", "top1"), ("mean_fp", "fp"), ("mean_t5d", "t5d")):
         res[key] = _mean([v[field] for v in per.values()])
-    if normalizers and len(per) == len(PERTURBATIONS):  # as mCE: a mean over a subset is another benchmark
+    if normalizers:  # all 10 perturbations (evaluate)
         res["mfr"] = 100 * _mean([per[p]["fp"] / 100 / normalizers["fp"][p] for p in per])
         res["mt5d"] = 100 * _mean([per[p]["t5d"] / normalizers["t5d"][p] for p in per])
-    elif normalizers:
-        log("mFR/mT5D skipped: they need all 10 perturbations")
     log(f"\nImageNet-P ({res['source']}, difficulty {d}): FP %, T5D, top-1 % over perturbed frames")
     for name, v in per.items():
         log(f"  {name:15s} FP {v['fp']:6.2f}  T5D {v['t5d']:6.3f}  top-1 {v['top1']:6.2f}  ({v['frames']} frames)")
     log(f"  mean top-1 {res['top1']:.2f}  mean FP {res['mean_fp']:.2f}" +
-        (f"  mFR {res['mfr']:.2f}  mT5D {res['mt5d']:.2f}" if "mfr" in res
-         else "" if normalizers else "  (mFR/mT5D need --p-normalizers)"))
+        (f"  mFR {res['mfr']:.2f}  mT5D {res['mt5d']:.2f}" if normalizers else "  (mFR/mT5D need --p-normalizers)"))
     return res
 
 
@@ -1357,6 +1362,9 @@ def evaluate(args, device, rank, world):
     c_set = corruption_set(args, base, img_size, corruptions, *known) if "c" in tasks else None
     p_sets = perturbation_sets(args, base, img_size, perturbations, *known) if "p" in tasks else None
     normalizers = load_normalizers(args.p_normalizers, perturbations) if "p" in tasks and args.p_normalizers else None
+    if normalizers and len(perturbations) < len(PERTURBATIONS):  # as mCE: a mean over a subset is another benchmark
+        raise SystemExit("--p-normalizers: mFR and mT5D need all 10 perturbations; drop --perturbations or "
+                         "--p-normalizers")
     layer = figure_layer(args, [backbone]) if args.figures else None  # its range checked now, not after the work
     make_output_dirs(args, rank, ["probe"])
     source = f"--probe {args.probe}" if args.probe else f"--backbone {args.backbone[0]}"

@@ -3681,9 +3681,9 @@ def test_imagenet_p_frame_counts_and_normalizers_are_refused_before_any_work(tin
         assert "ImageNet-P" not in capsys.readouterr().out
     every = robustness_eval.PERTURBATIONS
     norms.write_text(json.dumps({"fp": {k: 0.5 for k in every}, "t5d": {k: 2 for k in every}}))
-    p = robust(*argv, "--p-normalizers", norms)["imagenet_p"]  # mFR over 2 of the 10 is no mFR, as mCE
-    assert "mfr" not in p and "mt5d" not in p
-    assert "mFR/mT5D skipped: they need all 10 perturbations" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="^--p-normalizers: mFR and mT5D need all 10 perturbations"):
+        robust(*argv, "--p-normalizers", norms)  # mFR over 2 of the 10 is no mFR, as mCE
+    assert "ImageNet-P" not in capsys.readouterr().out
     p = robust(*argv, "--perturbations", ",".join(every), "--p-normalizers", norms)["imagenet_p"]
     assert p["mfr"] == pytest.approx(100 * p["mean_fp"] / 50) and p["mt5d"] == pytest.approx(50 * p["mean_t5d"])
     assert all(v["num_videos"] == 2 for v in p["per_perturbation"].values())  # the videos each scored

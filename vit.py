@@ -365,7 +365,7 @@ def restart_log(path, step, key="step"):
         return
     records = []
     if step:
-        with open(path) as f:
+        with open(path, errors="replace") as f:  # bytes a crash left are a line that does not parse, not an error
             for line in f:
                 try:
                     record = json.loads(line)
