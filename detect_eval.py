@@ -21,6 +21,7 @@ sizes; train2017 holds 2 zero-height boxes, hence --allow-degenerate-boxes:
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -184,6 +185,12 @@ class CocoDetection(Dataset):
             if not a["iscrowd"] and not is_degenerate(a["bbox"], *size):
                 self.targets[a["image_id"]].append((*clip_box(a["bbox"], *size), label[a["category_id"]]))
         self.coco, self.image_dir, self.render = coco, image_dir, render
+
+    @functools.cached_property
+    def ann_digest(self):
+        """The annotation file's fingerprint, for a resume; read on the first checkpoint written or resumed, so the
+        ranks that do neither never hash COCO's 450 MB. The synthetic set is a function of its flags (None)."""
+        return None if self.render is not None else file_digest(self.ann_file)
 
     def __len__(self):
         return len(self.images)
@@ -627,9 +634,7 @@ def build_data(args, is_main, distributed):
                   for ann_file, image_dir, render in sources.values())
     for (ann_file, _, _), dataset in zip(sources.values(), (train, val)):
         check_resizable(dataset.coco, ann_file, args)
-    # for a resume: the synthetic set is a function of its flags, which the checkpoint's args already hold
-    train.ann_file = sources["train"][0]
-    train.ann_digest = None if args.data == "synthetic" else file_digest(train.ann_file)
+    train.ann_file = sources["train"][0]  # CocoDetection.ann_digest reads it when a checkpoint is written or resumed
     # The heads learn train's labels by id; val is scored by id: the same id must mean the same category in both.
     train_names, val_names = ({c["id"]: c["name"] for c in d.coco["categories"]} for d in (train, val))
     if train_names != val_names:
