@@ -4262,9 +4262,15 @@ def test_detect_eval_flags_the_run_would_ignore_are_refused(tmp_path):
             ("--momentum 0.5", "--momentum is read only with --optimizer sgd"),
             ("--random-init --arch vit_tiny --checkpoint-key student", "--checkpoint-key is read only with --pretrained"),
             ("--iters 4", "--warmup-iters 30 \\(the default\\) must be below --iters 4: pass a smaller --warmup-iters"),
-            ("--iters 4 --warmup-iters 4", "--warmup-iters 4 must be below --iters 4")]:
+            ("--iters 4 --warmup-iters 4", "--warmup-iters 4 must be below --iters 4"),
+            ("--data {coco} --train-split val2017", "--train-split val2017 and --val-split val2017 share their "
+             "images or annotations, so the detector would be scored on its training images")]:
         with pytest.raises(SystemExit, match=f"^detect_eval.py: {message}"):
             check(flags)
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val.json").symlink_to(tmp_path / "annotations" / "instances_train.json")
+    with pytest.raises(SystemExit, match="--train-split train and --val-split val share their images or annotations"):
+        check("--data {coco} --train-split train --val-split val")  # one file under two names
     for flags in ("", "--schedule cosine", "--optimizer sgd --momentum 0.5", "--iters 31", "--iters 1 --warmup-iters 0",
                   "--data {coco} --train-split foo --val-split bar --allow-degenerate-boxes"):
         check(flags)  # defaults, and flags the run uses
