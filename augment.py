@@ -304,8 +304,9 @@ def run_script(main):
     raise SystemExit(status)
 
 
-def _check_image_tree(data: str, folder: str):
-    """Refuse what torchvision's ImageFolder would read silently wrong. It follows directory links: one back into
+def _check_image_tree(data: str, folder: str) -> frozenset:
+    """The real paths of every folder ImageFolder reads under `folder`, after refusing what it would read silently
+    wrong. It follows directory links: one back into
     the tree (`train/a/up -> ..`) adds the images again under other labels, level after level, until the OS gives
     up, and a folder reached twice (two links, or a cycle outside the tree) counts its images twice. It skips
     folders it cannot read and ignores images beside the class folders. A link to a folder outside the tree (class
@@ -334,18 +335,16 @@ def _check_image_tree(data: str, folder: str):
                 raise ValueError(f"--data {data}: {link} is a symlink to {target}, back into the image tree; "
                                  "its images would be counted again under other labels. Remove the link or point it "
                                  f"outside {folder}")
+    return frozenset(seen)
 
 
 def _refuse_shared_folders(data: str):
-    """val/ must be held out: a val/ that is, or holds, a link to train/ or one of its class folders would score
+    """val/ must be held out: a val/ that is, or holds at any depth, a link to a folder of train/ would score
     training images."""
-    def folders(split):
-        root = os.path.join(data, split)
-        return {os.path.realpath(root)} | {os.path.realpath(e.path) for e in os.scandir(root) if e.is_dir()}
-    try:
-        shared = folders("train") & folders("val")
-    except OSError:  # no readable train/: nothing to share (building train says why, if it is needed)
+    train = os.path.join(data, "train")
+    if not os.path.isdir(train):  # nothing to share (building train says why, if it is needed)
         return
+    shared = _check_image_tree(data, train) & _check_image_tree(data, os.path.join(data, "val"))
     if shared:
         raise ValueError(f"--data {data}: train/ and val/ share the folder {min(shared)} through symlinks, so val "
                          "would score training images; give val/ images of its own")

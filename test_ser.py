@@ -1552,6 +1552,10 @@ def test_image_trees_that_imagefolder_would_misread_are_refused(tmp_path, monkey
     os.symlink(tmp_path / "train" / "b", tmp_path / "val" / "b")  # one class folder shared
     with pytest.raises(ValueError, match="share the folder .*train/b"):
         augment.build_dataset(str(tmp_path), "val")
+    os.unlink(tmp_path / "val" / "b")
+    os.symlink(tmp_path / "train" / "b", tmp_path / "val" / "a" / "more")  # deeper: val/a/more is train/b
+    with pytest.raises(ValueError, match="share the folder .*train/b"):
+        augment.build_dataset(str(tmp_path), "val")
     Image.new("RGB", (3000, 2)).save(tmp_path / "train" / "a" / "thin.png")  # a few hundred bytes on disk
     data = augment.build_dataset(str(tmp_path), "train")
     with pytest.raises(augment.UnreadableImage, match="thin.png: 3000x2 px, an aspect ratio above 1000:1"):
