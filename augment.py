@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker
 from torchvision import datasets
 from torchvision.transforms import v2
 
+import losses
 import vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -285,7 +286,11 @@ def run_script(main):
         return main()
     except SystemExit as e:  # a settings error met before the ranks meet is the same line on every rank: rank 0's
         first = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if isinstance(e.code, str) and int(os.environ.get("RANK", 0)) > 0 and not first:
+        try:
+            peer = losses.launch_env()[0] > 0
+        except SystemExit:  # a malformed launch environment is said by every process
+            peer = False
+        if isinstance(e.code, str) and peer and not first:
             raise SystemExit(1) from None
         raise
     except KeyboardInterrupt:  # Ctrl-C outside pretrain's loop (which saves a checkpoint on it): no traceback

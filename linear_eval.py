@@ -348,7 +348,7 @@ def check_args(args, world):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))  # before the ranks meet: a flag error is said once
+    check_args(args, losses.launch_env()[1])  # before the ranks meet: a flag error is said once
     rank, world, device = losses.init_distributed()
     start, log = time.time(), losses.log
     torch.manual_seed(args.seed)  # before the per-rank offset: every rank must build the same network

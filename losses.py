@@ -25,11 +25,29 @@ import vit
 
 # ---------------------------------------------------------------------- distributed helpers
 # All of them are the identity without a process group.
+def launch_env():
+    """(rank, world size, local rank) from torchrun's environment, (0, 1, 0) without it; readable before the process
+    group exists, so that a flag error can be said once. A partial or malformed environment is refused: read
+    partly, it would run one process that believes it is one of several."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    given = [n for n in names if n in os.environ]
+    if not given:
+        return 0, 1, 0
+    try:
+        rank, world, local_rank = (int(os.environ[n]) for n in names)
+        if not (0 <= rank < world and 0 <= local_rank <= rank):
+            raise ValueError
+    except (KeyError, ValueError):
+        raise SystemExit("error: RANK, WORLD_SIZE, LOCAL_RANK = " + ", ".join(repr(os.environ.get(n)) for n in names)
+                         + ": launch with torchrun, which sets all three, or unset them for one process") from None
+    return rank, world, local_rank
+
+
 def init_distributed():
     """Every script's launch: under torchrun NCCL on GPUs, gloo on CPU; otherwise one plain process."""
+    rank, world, local_rank = launch_env()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if not torch.cuda.is_available():
         dist.init_process_group("gloo")
         return rank, world, torch.device("cpu")

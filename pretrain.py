@@ -244,7 +244,7 @@ def resolve_config(args):
     warmup_given = args.warmup_epochs is not None
     synthetic = args.data == "synthetic"
     lam, tau = SER_DEFAULTS[args.method] if args.addon == "ser" else ADDON_DEFAULTS[args.addon]
-    cores = max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", 1)))  # this rank's share
+    cores = max(1, (os.cpu_count() or 2) // losses.launch_env()[1])  # this rank's share
     # With 2 cores or fewer per rank a loader worker takes the step's own cores (README, Cost: 1.17-1.24x slower).
     workers = min(8, cores) if torch.cuda.is_available() or cores > 2 else 0
     defaults = {"ser_ratio": 0.01, **METHOD_DEFAULTS[args.method],  # SER's b2 share: the release's 3 of 256
@@ -258,7 +258,7 @@ def resolve_config(args):
                          prefix="error: ")
     if args.count_flops and args.benchmark:
         raise SystemExit("error: --count-flops and --benchmark each end the run; pass one")
-    if args.count_flops and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if args.count_flops and losses.launch_env()[1] > 1:
         raise SystemExit("error: --count-flops counts one process's step (set its --batch-size); run it without "
                          "torchrun")
     if args.synthetic_length and not synthetic:
@@ -1081,7 +1081,7 @@ def main(argv=None):
 def benchmark(args):
     """--benchmark STEPS: images/s, data wait and compute, peak memory, FLOPs per image, MFU, and the step
     over its floor (train_step alone, on inputs already on the device)."""
-    local_batch = args.batch_size // int(os.environ.get("WORLD_SIZE", 1))
+    local_batch = args.batch_size // losses.launch_env()[1]
     flops_per_image = count_flops_per_image(args, local_batch)  # before train() starts the process group
     return train(args, measure=functools.partial(measure_steps, flops_per_image=flops_per_image))
 

@@ -4517,6 +4517,19 @@ def test_small_scale_defaults_and_the_real_data_recipe(tmp_path):
         "--method byol --data /datasets/imagenet".split())).momentum == 0.99
 
 
+def test_a_partial_or_malformed_torchrun_environment_is_refused_in_one_line(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert losses.launch_env() == (0, 1, 0)
+    for env in ({"RANK": "1"}, {"WORLD_SIZE": "2"}, {"RANK": "0", "WORLD_SIZE": "abc", "LOCAL_RANK": "0"},
+                {"RANK": "0", "WORLD_SIZE": "0", "LOCAL_RANK": "0"}, {"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}):
+        with monkeypatch.context() as m:
+            for name, value in env.items():
+                m.setenv(name, value)
+            with pytest.raises(SystemExit, match="^error: RANK, WORLD_SIZE, LOCAL_RANK = .*: launch with torchrun"):
+                augment.run_script(lambda: linear_eval.main(["--random-init", "--arch", "vit_tiny"]))  # said, not hidden
+
+
 @pytest.mark.parametrize("cores,world,cuda,workers", [(2, 1, False, 0), (4, 2, False, 0), (3, 1, False, 3),
                                                       (32, 1, False, 8), (2, 1, True, 2), (16, 8, True, 2)])
 def test_default_loader_workers(cores, world, cuda, workers, monkeypatch):
@@ -4525,6 +4538,8 @@ def test_default_loader_workers(cores, world, cuda, workers, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
     args = pretrain.resolve_config(pretrain.get_args_parser().parse_args(["--method", "mocov3"]))
     assert args.num_workers == workers
     explicit = pretrain.resolve_config(pretrain.get_args_parser().parse_args(["--method", "mocov3", "--num-workers", "1"]))
