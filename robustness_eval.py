@@ -65,11 +65,14 @@ EQUIV_METRICS = ("cos", "rel_error", "inv_error", "chance_cos", "chance_rel_erro
 
 
 def geometric_elements(batch_size, grid, scales=(0.75, 1.25)):
+    """The elements by name. A rescaling acts on the token grid, so it is named by the scale it realises there:
+    0.75 of a 14x14 grid is 10x10, 'scale0.7143'; of a 4x4 grid 3x3, 'scale0.75'."""
     yes = torch.ones(batch_size, dtype=torch.bool)
     elements = {"rot90": GroupElement(k=1), "rot180": GroupElement(k=2), "rot270": GroupElement(k=3),
                 "hflip": GroupElement(flip=yes), "vflip": GroupElement(flip=yes, rot180=yes)}
     for s in scales:
-        elements[f"scale{s:g}"] = GroupElement(size=(max(1, round(grid[0] * s)), max(1, round(grid[1] * s))))
+        size = (max(1, round(grid[0] * s)), max(1, round(grid[1] * s)))
+        elements[f"scale{size[0] / grid[0]:.4g}"] = GroupElement(size=size)
     return elements
 
 
@@ -165,7 +168,7 @@ def _grid_image(rows, header, tile):
     return out
 
 
-def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "vflip", "scale1.25"), tile=64):
+def write_figures(backbones, names, x, out_dir, layer, tile=64):
     """<out_dir>/equivariance.png, one row per (image, g): x, g x, then per backbone f_L(g x) | rho_g f_L(x) as
     PCA->RGB token maps. Where a backbone's two panels agree, its block L is equivariant to g (what SER's L_equiv
     asks for); an invariance-trained layer shows the content in the wrong place or in other colours.
@@ -173,7 +176,8 @@ def write_figures(backbones, names, x, out_dir, layer, element_names=("rot90", "
     (DINO's), each scaled to its maximum. Returns their paths and the panels."""
     os.makedirs(out_dir, exist_ok=True)
     p = backbones[0].patch_size
-    elements = geometric_elements(len(x), (x.shape[-2] // p, x.shape[-1] // p))
+    elements = geometric_elements(len(x), (x.shape[-2] // p, x.shape[-1] // p), scales=(1.25,))
+    element_names = ("rot90", "vflip", list(elements)[-1])  # the upscaling, as its grid realises it
     panels = {n: {e: equivariance_panels(b, x, elements[e], layer) for e in element_names}
               for n, b in zip(names, backbones)}
     std, mean = torch.tensor(augment.IMAGENET_STD).view(3, 1, 1), torch.tensor(augment.IMAGENET_MEAN).view(3, 1, 1)
@@ -1062,18 +1066,21 @@ def check_args(args):
 
 def check_scales(scales, grid):
     """--scales on this token grid: each must change it, and to a grid of its own, else its row is labelled with
-    a rescaling that never happened (4 * 1.1 rounds to 4: the identity, perfectly equivariant)."""
+    a rescaling that never happened (4 * 1.1 rounds to 4: the identity, perfectly equivariant). A scale the grid
+    realises only roughly is named by what it realises (geometric_elements), and said."""
     seen = {}
     for s in scales:
-        size = geometric_elements(1, grid, [s])[f"scale{s:g}"].size
-        effective = f"{size[0]}x{size[1]} (effective scale {size[0] / grid[0]:g})"
-        if size == tuple(grid):
+        name, g = list(geometric_elements(1, grid, [s]).items())[-1]
+        effective = f"{g.size[0]}x{g.size[1]} (effective scale {g.size[0] / grid[0]:.4g})"
+        if g.size == tuple(grid):
             raise SystemExit(f"--scales {s:g}: on the {grid[0]}x{grid[1]} token grid it gives {effective}, the "
                              "identity; choose a scale that changes the grid")
-        if size in seen:
-            raise SystemExit(f"--scales {seen[size]:g} and {s:g}: on the {grid[0]}x{grid[1]} token grid both give "
+        if g.size in seen:
+            raise SystemExit(f"--scales {seen[g.size]:g} and {s:g}: on the {grid[0]}x{grid[1]} token grid both give "
                              f"{effective}; keep one")
-        seen[size] = s
+        seen[g.size] = s
+        if name != f"scale{s:.4g}":
+            log(f"note: --scales {s:g} gives the {grid[0]}x{grid[1]} token grid {effective}: its rows are {name}")
 
 
 def refuse_ignored_flags(args, tasks, table=False):
@@ -1149,6 +1156,8 @@ def val_images(args, img_size, default=None):
     except ValueError as e:
         raise SystemExit(str(e)) from None
     n = args.num_images or default
+    if args.num_images and args.num_images > len(base):
+        log(f"note: --num-images {args.num_images}, but --data {args.data} has {len(base)} val images: all are used")
     images = Subset(base, augment.class_balanced_prefix(base, n)) if n else base
     if len(images) < len(base.classes):
         log(f"note: {len(images)} val images cover {len(images)} of {len(base.classes)} classes; raise --num-images")
@@ -1159,9 +1168,12 @@ def val_images(args, img_size, default=None):
 def figure_layer(args, backbones):
     # Runs without SER are scored where SER acts (block 3 in the paper), so that base and SER rows compare one block.
     depth = min(b.depth for b in backbones)
-    layer = args.figure_layer or next((b.cls_after_block for b in backbones if b.cls_after_block), min(3, depth))
+    split = next((b.cls_after_block for b in backbones if b.cls_after_block), None)
+    layer = args.figure_layer or split or min(3, depth)
     if not 1 <= layer <= depth:
-        raise SystemExit(f"--figure-layer {layer} must be in 1..{depth}")
+        given = "" if args.figure_layer else " (the default: the first SER backbone's split block)"
+        raise SystemExit(f"--figure-layer {layer}{given} must be in 1..{depth}, the shallowest backbone's depth: "
+                         "pass --figure-layer")
     return layer
 
 
@@ -1176,6 +1188,8 @@ def make_output_dirs(args, rank, names):
 
 
 def figures(args, backbones, names, clean_set, layer, device):
+    if args.figure_images > len(clean_set):
+        log(f"note: --figure-images {args.figure_images}, but the run has {len(clean_set)} images: all are shown")
     x = torch.stack([clean_set[i][0] for i in range(min(args.figure_images, len(clean_set)))]).to(device)
     with vit.exit_on_write_error():
         paths, _ = write_figures(backbones, names, x, args.figures, layer)
@@ -1327,7 +1341,8 @@ def perturbation_task(ev, sets, normalizers):
 
 def evaluate(args, device, rank, world):
     """--tasks for one probe (or, with --equivariance-only, one backbone)."""
-    tasks = ["equivariance"] if args.equivariance_only else _choices(args.tasks or ",".join(TASKS), TASKS, "--tasks")
+    tasks = ["equivariance"] if args.equivariance_only else _choices(
+        ",".join(TASKS) if args.tasks is None else args.tasks, TASKS, "--tasks")
     corruptions = _choices(args.corruptions, CORRUPTIONS, "--corruptions")
     perturbations = _choices(args.perturbations, PERTURBATIONS, "--perturbations")
     refuse_ignored_flags(args, tasks)
@@ -1381,9 +1396,9 @@ def evaluate(args, device, rank, world):
     return results, args.figures and partial(figures, args, [backbone], ["probe"], clean_set, layer, device)
 
 
-def linear_numbers(json_path, path, backbone):
+def linear_numbers(json_path, path, backbone, data, img_size):
     """{'linear_top1', 'knn_top1'} of linear_eval.py's json_path if it was computed on backbone (loaded from path) as it
-    is now, else {} with a line saying why: a checkpoint trained on since keeps its name."""
+    is now, on `data` at img_size, else {} with a line saying why: a checkpoint trained on since keeps its name."""
     if not os.path.isfile(json_path):
         return {}
     try:
@@ -1400,6 +1415,10 @@ def linear_numbers(json_path, path, backbone):
         log(f"note: {json_path} was not computed on {path} as it is now (stale); the table leaves its cells empty: "
             "rerun linear_eval.py on it")
         return {}
+    if (lin.get("data"), lin.get("img_size")) != (data, img_size):
+        log(f"note: {json_path} was computed on --data {lin.get('data')} at {lin.get('img_size')} px, this table on "
+            f"{data} at {img_size} px; the table leaves its cells empty")
+        return {}
     return top1
 
 
@@ -1409,7 +1428,11 @@ def compare_backbones(args, device, rank, world):
     k-NN top-1 from the run's <run>/linear/linear_eval.json when linear_eval.py wrote one on these weights."""
     refuse_ignored_flags(args, ["equivariance"], table=True)
     backbones, names = [load_backbone(args, p) for p in args.backbone], run_names(args.backbone)
-    img_size = args.img_size or backbones[0].arch["img_size"]
+    sizes = {p: b.arch.get("img_size", 224) for p, b in zip(args.backbone, backbones)}
+    if not args.img_size and len(set(sizes.values())) > 1:  # one table, one input size: say which
+        raise SystemExit("--backbone: trained at different sizes (" + ", ".join(f"{p} {v} px" for p, v in sizes.items())
+                         + "); pass --img-size to compare them at one")
+    img_size = args.img_size or sizes[args.backbone[0]]
     for path, b in zip(args.backbone, backbones):
         if img_size % b.patch_size:
             raise SystemExit(f"--img-size {img_size} is not a multiple of the patch size {b.patch_size} of {path}")
@@ -1426,9 +1449,12 @@ def compare_backbones(args, device, rank, world):
         ev = Evaluator(args, backbone.to(device).eval(), None, {}, device, rank, world, f"--backbone {path}")
         run = {"backbone": path, "depth": backbone.depth, "cls_after_block": backbone.cls_after_block,
                "equivariance": ev.clean_pass(clean_set, img_size, False, True)[2]}
-        run.update(linear_numbers(os.path.join(os.path.dirname(path), "linear", "linear_eval.json"), path, backbone))
+        run.update(linear_numbers(os.path.join(os.path.dirname(path), "linear", "linear_eval.json"), path, backbone,
+                                  args.data, img_size))
         results["runs"][name] = run
-    shown = [e for e in ("rot90", "vflip", "scale1.25") if e in results["runs"][names[0]]["equivariance"]]
+    common = [e for e in results["runs"][names[0]]["equivariance"]  # scales realised alike on every grid
+              if all(e in run["equivariance"] for run in results["runs"].values())]
+    shown = [e for e in common if e in ("rot90", "vflip")] + [e for e in common if e.startswith("scale")][-1:]
     log(f"\nequivariance cos(f_l(g x), rho_g f_l(x)) at block {layer} / at the last block; linear, k-NN top-1")
     log(f"  {'run':24s} " + " ".join(f"{e:>13s}" for e in shown) + "   linear   k-NN")
     for name, run in results["runs"].items():
@@ -1443,7 +1469,7 @@ def main(args):
     t0 = time.time()
     check_args(args)
     rank, world, device = losses.init_distributed()
-    if args.probe and args.backbone or args.equivariance_only and args.tasks:  # else one of them would be ignored
+    if args.probe and args.backbone or args.equivariance_only and args.tasks is not None:  # else one of them would be ignored
         raise SystemExit("--probe holds its backbone: pass it or --backbone" if args.probe and args.backbone
                          else "--equivariance-only runs the equivariance task only: drop --tasks")
     several = args.backbone and (len(args.backbone) > 1 or args.figures and not args.probe)

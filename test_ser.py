@@ -3359,6 +3359,20 @@ def test_equivariance_scores_standin():
     assert torch.isnan(bad[:, :, 3:]).all()  # no unrelated images given, no baseline
 
 
+def test_rescalings_are_named_by_the_scale_their_token_grid_realises(capsys):
+    """0.75 of a 14x14 grid (ViT-S/16 at 224 px) is 10x10: its rows say 0.7143, not 0.75, and the run says so."""
+    assert [n for n in robustness_eval.geometric_elements(1, (14, 14)) if n.startswith("scale")] == [
+        "scale0.7143", "scale1.286"]
+    assert [n for n in robustness_eval.geometric_elements(1, (4, 4)) if n.startswith("scale")] == [
+        "scale0.75", "scale1.25"]
+    robustness_eval.check_scales([0.75, 1.25], (14, 14))
+    out = capsys.readouterr().out
+    assert "note: --scales 0.75 gives the 14x14 token grid 10x10 (effective scale 0.7143): its rows are scale0.7143" in out
+    robustness_eval.check_scales([0.75, 1.25], (4, 4))
+    robustness_eval.check_scales([0.3], (10, 10))  # 10 * 0.3 is 3.0000000000000004: still 3x3, exact
+    assert "note" not in capsys.readouterr().out
+
+
 def test_equivariance_figure_panels_and_pngs(tmp_path, monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
@@ -3439,6 +3453,16 @@ def test_compare_backbones_scores_every_run_at_one_block(tmp_path):
         compare(paths[0], str(tmp_path / "p16.pth"), "--img-size", "24")
     with pytest.raises(SystemExit, match="--figures needs backbones of one patch size"):  # panels at one grid
         compare(paths[0], str(tmp_path / "p16.pth"), "--figures", str(tmp_path / "figures"))
+    large = tiny_vit(seed=0, num_heads=2, img_size=64)
+    torch.save({"arch": large.arch, "backbone": large.state_dict()}, tmp_path / "large.pth")
+    with pytest.raises(SystemExit, match="trained at different sizes .*large.pth 64 px.*; pass --img-size"):
+        compare(paths[0], str(tmp_path / "large.pth"))  # else the first one's size, and an order-dependent table
+    assert compare(str(tmp_path / "large.pth"), paths[0], "--img-size", "32")["img_size"] == 32
+    shallow = tiny_vit(seed=0, num_heads=2, depth=1)
+    torch.save({"arch": shallow.arch, "backbone": shallow.state_dict()}, tmp_path / "shallow.pth")
+    with pytest.raises(SystemExit, match="--figure-layer 2 \\(the default: the first SER backbone's split block\\) "
+                                         "must be in 1..1, the shallowest backbone's depth: pass --figure-layer"):
+        compare(paths[2], str(tmp_path / "shallow.pth"))
     (tmp_path / "bad.pth").write_bytes(b"junk")
     with pytest.raises(SystemExit, match="^--backbone: .*bad.pth is not a readable checkpoint") as error:
         compare(str(tmp_path / "bad.pth"))
@@ -3466,6 +3490,11 @@ def test_compare_backbones_shows_linear_numbers_only_of_the_weights_evaluated(tm
 
     shown, _ = table()
     assert (shown["linear_top1"], shown["knn_top1"]) == (written["linear"]["top1"], written["knn"]["top1"])
+    linear.write_text(json.dumps({**written, "data": "/datasets/digits"}))  # the same weights, other data
+    elsewhere, out = table()
+    assert "linear_top1" not in elsewhere
+    assert "computed on --data /datasets/digits at 32 px, this table on synthetic at 32 px" in out
+    linear.write_text(json.dumps(written))
     run(common, tmp_path / "run")  # the resume trains on: backbone.pth changes, linear_eval.json stays
     stale, out = table()
     assert "linear_top1" not in stale and "knn_top1" not in stale
@@ -3539,7 +3568,8 @@ def test_driver_equivariance_only_and_errors(tiny_probe, tmp_path):
         robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--output-dir", str(tmp_path)]))
     with pytest.raises(SystemExit, match="--corruptions"):
         robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--probe", tiny_probe, "--corruptions", "fogg"]))
-    for extra, why in ((["--backbone", tiny_probe], "--probe holds its backbone"), (["--tasks", "c"], "drop --tasks")):
+    for extra, why in ((["--backbone", tiny_probe], "--probe holds its backbone"), (["--tasks", "c"], "drop --tasks"),
+                       (["--tasks", ""], "drop --tasks")):
         with pytest.raises(SystemExit, match=why):  # else --backbone or --tasks would be ignored
             robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--equivariance-only", "--probe",
                                                                                tiny_probe, *extra]))
@@ -3549,7 +3579,7 @@ def test_driver_equivariance_only_and_errors(tiny_probe, tmp_path):
             robustness_eval.check_args(robustness_eval.get_args_parser().parse_args(["--probe", tiny_probe, *flag]))
     # a duplicate would be run twice and counted toward mCE's 15; an empty list would run nothing or write NaN
     assert robustness_eval._choices("fog,snow,fog,", robustness_eval.CORRUPTIONS, "--corruptions") == ["fog", "snow"]
-    for flag in (["--tasks", ","], ["--corruptions", ""], ["--perturbations", ",,"]):
+    for flag in (["--tasks", ","], ["--tasks", ""], ["--corruptions", ""], ["--perturbations", ",,"]):
         with pytest.raises(SystemExit, match=f"^{flag[0]}: none given"):
             robust("--probe", tiny_probe, "--tasks", "clean", "--num-images", "1", "--num-workers", "0",
                    "--output-dir", tmp_path, *flag)
