@@ -54,6 +54,9 @@ def device_generator(seed: int, step: int, rank: int, view_id: int) -> torch.Gen
     return torch.Generator().manual_seed(seed_from("photometric", seed, step, rank, view_id))
 
 
+SEED_RANGE = (lambda v: 0 <= v < 2**31, "in 0..2^31-1")  # every --seed: a run's seeds add offsets to it
+
+
 def check_ranges(ranges, prefix=""):
     """Refuse out-of-range command-line values with one line naming the flag: ranges holds
     (flag, value or list of values, ok(v) -> bool, what is wanted); None means unset. math.isfinite
@@ -352,6 +355,16 @@ def _refuse_shared_folders(data: str):
     if shared:
         raise ValueError(f"--data {data}: train/ and val/ share the folder {min(shared)} through symlinks, so val "
                          "would score training images; give val/ images of its own")
+
+
+def refuse_output_in_data(data: str, path: str, flag: str = "--output-dir", prefix: str = ""):
+    """An output folder inside an ImageFolder split would be read as one of its classes (an empty one: an error
+    on every later run over that data; with images: a class of a run's figures)."""
+    for split in ("train", "val"):
+        root = os.path.realpath(os.path.join(data, split))
+        if os.path.isdir(root) and os.path.commonpath([os.path.realpath(path), root]) == root:
+            raise SystemExit(f"{prefix}{flag} {path} is inside --data {data}'s {split}/, where it would become a class "
+                             "folder; write outputs elsewhere")
 
 
 def check_same_classes(train: Dataset, val: Dataset, data: str):

@@ -721,7 +721,7 @@ def get_args_parser():
 
 
 def check_args(args):
-    at_least_0 = ("weight_decay", "num_workers", "warmup_iters", "data_seed")
+    at_least_0 = ("weight_decay", "num_workers", "warmup_iters")
     at_least_1 = ("depth", "batch_size", "iters", "eval_batch_size", "log_every", "ckpt_every", "synthetic_train",
                   "synthetic_val", "patch_size", "out_channels", "anchor_sizes", "min_size",
                   "max_size", "rpn_batch", "roi_batch", "proposals_train", "proposals_test", "box_head_dim")
@@ -731,6 +731,7 @@ def check_args(args):
               # SyntheticDetection.layout draws box sides from 12 px to 0.75 x the image side
               ("--synthetic-size", args.synthetic_size, lambda v: v >= 16, "at least 16")]
     ranges += [("--" + k.replace("_", "-"), getattr(args, k), lambda v: v >= 0, ">= 0") for k in at_least_0]
+    ranges += [(f"--{k.replace('_', '-')}", getattr(args, k), *augment.SEED_RANGE) for k in ("seed", "data_seed")]
     ranges += [("--" + k.replace("_", "-"), getattr(args, k), lambda v: v >= 1, "at least 1") for k in at_least_1]
     augment.check_ranges(ranges, prefix="detect_eval.py: ")
     if args.data != "synthetic" and not os.path.isdir(args.data):

@@ -339,8 +339,11 @@ def check_args(args, world):
                ("--knn-temperature", args.knn_temperature, lambda v: v > 0, "positive"),
                ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
                ("--holdout-fraction", args.holdout_fraction, lambda v: 0 <= v < 1, "in [0, 1)"),
-               ("--batch-size", args.batch_size, lambda v: v % world == 0, f"divisible by the world size {world}")]
+               ("--batch-size", args.batch_size, lambda v: v % world == 0, f"divisible by the world size {world}"),
+               ("--seed", args.seed, *augment.SEED_RANGE)]
+    ranges += [(f"--{k}-length", getattr(args, f"{k}_length"), lambda v: v < 2**31, "below 2^31") for k in ("train", "val")]
     augment.check_ranges(ranges)
+    augment.refuse_output_in_data(args.data, args.output_dir)
     readers = [("knn_temperature", args.knn_k > 0, "--knn-k above 0"), ("checkpoint_key", not args.random_init,
                                                                           "--pretrained")]
     augment.refuse_ignored_flags(args, get_args_parser(), readers)
@@ -380,6 +383,9 @@ def main(argv=None):
     if not fit_idx or (args.holdout_fraction > 0 and not holdout_idx):
         raise SystemExit(f"--holdout-fraction {args.holdout_fraction} leaves an empty split "
                          f"of {len(train_eval_set)} train images")
+    if args.batch_size > len(fit_idx):  # one step an epoch, its lr scaled for images that are not there
+        raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(fit_idx)} images the heads train on: pass "
+                         f"at most {len(fit_idx)}")
     log(f"backbone: {args.pretrained or 'random init ' + args.arch}  arch: {backbone.arch}"
         + (f"  (dropped head keys: {backbone.dropped_keys})" if getattr(backbone, "dropped_keys", None) else ""))
     log(f"data: {args.data} at {img_size} px, {num_classes} classes; fit {len(fit_idx)}, "

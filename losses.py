@@ -28,18 +28,17 @@ import vit
 def launch_env():
     """(rank, world size, local rank) from torchrun's environment, (0, 1, 0) without it; readable before the process
     group exists, so that a flag error can be said once. A partial or malformed environment is refused: read
-    partly, it would run one process that believes it is one of several."""
-    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-    given = [n for n in names if n in os.environ]
-    if not given:
+    partly, it would run one process that believes it is one of several, or fail inside init_process_group."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    if not any(n in os.environ for n in names[:3]):
         return 0, 1, 0
     try:
-        rank, world, local_rank = (int(os.environ[n]) for n in names)
-        if not (0 <= rank < world and 0 <= local_rank <= rank):
+        rank, world, local_rank, _, port = (int(os.environ[n]) if n != "MASTER_ADDR" else os.environ[n] for n in names)
+        if not (0 <= rank < world and 0 <= local_rank <= rank and 0 < port < 65536):
             raise ValueError
     except (KeyError, ValueError):
-        raise SystemExit("error: RANK, WORLD_SIZE, LOCAL_RANK = " + ", ".join(repr(os.environ.get(n)) for n in names)
-                         + ": launch with torchrun, which sets all three, or unset them for one process") from None
+        raise SystemExit("error: " + ", ".join(names) + " = " + ", ".join(repr(os.environ.get(n)) for n in names)
+                         + ": launch with torchrun, which sets them all, or unset them for one process") from None
     return rank, world, local_rank
 
 

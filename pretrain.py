@@ -118,8 +118,10 @@ RANGES = {
                      "warmup_teacher_temp", "equiv_tau", "ser_chunk", "peak_tflops"), (lambda v: v > 0, "positive")),
     **dict.fromkeys(("min_lr", "weight_decay", "weight_decay_end", "equiv_lambda", "num_workers", "n_local_crops",
                      "warmup_teacher_temp_epochs", "freeze_last_layer", "benchmark"), (lambda v: v >= 0, ">= 0")),
-    **dict.fromkeys(("synthetic_length", "head_hidden", "head_out", "knn_train_size", "knn_val_size", "stop_at_step"),
+    **dict.fromkeys(("head_hidden", "head_out", "knn_train_size", "knn_val_size", "stop_at_step"),
                     (lambda v: v >= 1, "at least 1")),
+    "synthetic_length": (lambda v: 1 <= v < 2**31, "in 1..2^31-1"),
+    "seed": augment.SEED_RANGE,
     "batch_size": (lambda v: v >= 2, "at least 2 (BatchNorm heads and negatives need two images a rank)"),
     "momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "clip_grad": (lambda v: v >= 0, ">= 0 (0 = off)"),
@@ -133,8 +135,10 @@ RANGES = {
 }
 # Options of one method, add-on or mode: a run without it would ignore them silently, so it refuses them.
 ONLY_FOR = {
-    **dict.fromkeys(("teacher_temp", "warmup_teacher_temp", "warmup_teacher_temp_epochs", "freeze_last_layer",
-                     "norm_last_layer", "use_bn_in_head"), ("--method dino", lambda a: a.method == "dino")),
+    **dict.fromkeys(("teacher_temp", "warmup_teacher_temp_epochs", "freeze_last_layer", "norm_last_layer",
+                     "use_bn_in_head"), ("--method dino", lambda a: a.method == "dino")),
+    "warmup_teacher_temp": ("--method dino with --warmup-teacher-temp-epochs above 0",
+                            lambda a: a.method == "dino" and a.warmup_teacher_temp_epochs > 0),
     "temperature": ("--method mocov3 or simclr", lambda a: a.method in ("mocov3", "simclr")),
     "momentum": ("an EMA teacher (--method mocov3, dino or byol)", lambda a: a.method in EMA_METHODS),
     **dict.fromkeys(("equiv_layer", "equiv_lambda"), ("an add-on", lambda a: a.addon is not None)),
@@ -142,6 +146,9 @@ ONLY_FOR = {
     **dict.fromkeys(("ser_ratio", "ser_min_images", "ser_chunk", "ser_scale"), ("--ser", lambda a: a.addon == "ser")),
     **dict.fromkeys(("compile", "grad_checkpointing"), ("a training run, not --count-flops",
                                                         lambda a: not a.count_flops)),
+    **dict.fromkeys(("knn_train_size", "knn_val_size"), ("the k-NN monitor (--knn-every above 0)",
+                                                         lambda a: a.knn_every != 0)),
+    "peak_tflops": ("--benchmark", lambda a: bool(a.benchmark)),
 }
 
 
@@ -261,15 +268,24 @@ def resolve_config(args):
     if args.count_flops and losses.launch_env()[1] > 1:
         raise SystemExit("error: --count-flops counts one process's step (set its --batch-size); run it without "
                          "torchrun")
+    augment.refuse_output_in_data(args.data, args.output_dir, prefix="error: ")
     if args.synthetic_length and not synthetic:
         raise SystemExit(f"error: --synthetic-length sets the built-in data's size, not that of --data {args.data}")
     if not 0 <= args.warmup_epochs <= args.epochs:
         raise SystemExit(f"error: --warmup-epochs {args.warmup_epochs}{'' if warmup_given else ' (the default here)'} "
                          f"must be in 0..--epochs ({args.epochs})")
+    for flag in ("warmup_teacher_temp_epochs", "freeze_last_layer"):  # else the warm-up or freeze never ends
+        if args.method == "dino" and getattr(args, flag) > args.epochs:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)} must be in 0..--epochs "
+                             f"({args.epochs})")
+    if args.min_lr > args.lr:  # the cosine would climb
+        raise SystemExit(f"error: --min-lr {args.min_lr:g} must not exceed --lr {args.lr:g}")
     if not (all(map(math.isfinite, args.ser_scale)) and 0 < args.ser_scale[0] <= args.ser_scale[1] <= 4):
         raise SystemExit(f"error: --ser-scale needs 0 < min <= max <= 4 (b2 grids up to twice the crop's side), "
                          f"got {args.ser_scale}")
     depth = args.depth or 12
+    if args.addon == "ser" and depth < 2:
+        raise SystemExit(f"error: --ser needs at least 2 blocks (L_equiv acts before the last), got --depth {depth}")
     given = args.equiv_layer is not None
     if not given:
         args.equiv_layer = 3 if args.addon == "ser" else depth
@@ -313,6 +329,19 @@ def ser_groups(global_batch, chunk, ratio, min_images):
                              "--ser-ratio/--ser-min-images or raise --batch-size/--ser-chunk")
         groups.append((hi - n, hi))
     return groups
+
+
+def check_ser_split(args, recipe):
+    """SER's b2 groups and token grids, refused or described before any work."""
+    groups = ser_groups(args.batch_size, args.ser_chunk, args.ser_ratio, args.ser_min_images)
+    if args.ser_chunk < args.batch_size and args.batch_size % args.ser_chunk:
+        losses.log(f"note: --ser-chunk {args.ser_chunk} does not divide --batch-size {args.batch_size}: the b2 groups "
+                   f"come from {len(groups)} near-equal chunks of {args.batch_size / len(groups):.3g} images")
+    grid = min(recipe.views[v].size // args.patch_size for v, _, _ in ser_pair_sources(args, recipe.photometric()))
+    if grid < 2 or grid ** 2 * args.ser_scale[0] < 1:  # sample_element would round the grid up to one token
+        raise SystemExit(f"error: --ser-scale {args.ser_scale[0]:g}: SER's {grid}x{grid}-token b2 crops would shrink "
+                         "below one token" + (f"; pass at least {1 / grid ** 2:.3g}" if grid > 1 else
+                                              "; pass a larger --img-size or a smaller --patch-size"))
 
 
 def ser_pair_sources(args, photometric):
@@ -676,7 +705,7 @@ class GlobalBatchSampler(Sampler):
             yield perm[start:start + self.local_batch].tolist()
 
 
-def resume(args, saved, total_steps, train_images, device):
+def resume(args, saved, total_steps, train_images, precision, device):
     """The step of <output-dir>/checkpoint.pth, its state loaded into `saved` (name -> object, as DINO's
     restart_from_checkpoint), and log.jsonl cut back to it; 0 without one (log.jsonl emptied), and in a
     benchmark, which leaves a run's files alone."""
@@ -687,14 +716,15 @@ def resume(args, saved, total_steps, train_images, device):
         raise SystemExit(f"error: {args.output_dir} holds a backbone.pth but no checkpoint.pth: another run's result, "
                          "which this run would overwrite; use another --output-dir or move backbone.pth away")
     # lexists: a link to a missing file is an error, not a new run
-    step = load_run_state(path, args, saved, total_steps, train_images, device) if os.path.lexists(path) else 0
+    step = load_run_state(path, args, saved, total_steps, train_images, precision, device) if os.path.lexists(path) \
+        else 0
     if losses.rank() == 0:
         with vit.exit_on_write_error("error: "):
             vit.restart_log(os.path.join(args.output_dir, "log.jsonl"), step)
     return step
 
 
-def load_run_state(path, args, saved, total_steps, train_images, device):
+def load_run_state(path, args, saved, total_steps, train_images, precision, device):
     try:
         ckpt = vit.load_resumable(path, args, ("step", *saved), "pretrain.py", RUNTIME_OPTIONS, map_location=device)
     except ValueError as e:
@@ -702,6 +732,10 @@ def load_run_state(path, args, saved, total_steps, train_images, device):
     if ckpt.get("train_images", train_images) != train_images:  # the data order and the schedule depend on it
         raise SystemExit(f"error: --data {args.data} holds {train_images} training images, {ckpt['train_images']} "
                          f"when {path} was written: the run cannot continue on it; use another --output-dir")
+    if ckpt.get("precision", precision) != precision:  # --precision auto resolves per machine
+        raise SystemExit(f"error: {path} was trained in {ckpt['precision']}, but --precision {args.precision} is "
+                         f"{precision} here; pass --precision {ckpt['precision']} to continue, or use another "
+                         "--output-dir")
     refuse_unusable_weights(path, ckpt, saved)
     for name, obj in saved.items():
         if obj is not None:
@@ -720,7 +754,7 @@ def load_run_state(path, args, saved, total_steps, train_images, device):
         # A finished run: a kill between its last two writes left backbone.pth stale or missing.
         export_backbone(os.path.join(args.output_dir, "backbone.pth"), ckpt)
         losses.log(f"the run had finished; backbone.pth exported again from {path}")
-    if args.stop_at_step is not None and args.stop_at_step <= ckpt["step"]:
+    if args.stop_at_step is not None and args.stop_at_step <= ckpt["step"] < total_steps:  # finished: nothing to do
         raise SystemExit(f"error: --stop-at-step {args.stop_at_step} is not after the resumed step {ckpt['step']}")
     return ckpt["step"]
 
@@ -748,11 +782,12 @@ def checkpoint_note(args, saved_step):
             if saved_step is not None else f"no checkpoint was written to {args.output_dir}")
 
 
-def save_checkpoint(args, step, saved, train_images, note):
+def save_checkpoint(args, step, saved, train_images, precision, note):
     """checkpoint.pth with every object of `saved`, then backbone.pth cut out of it. Non-finite weights
     are never written (a loss is checked only at log steps, the one logged is from before the last
     update); every rank checks its equal weights, so all stop together."""
     state = {"args": vars(args), "arch": saved["student"].backbone.arch, "step": step, "train_images": train_images,
+             "precision": precision,
              "eval_key": "teacher" if args.method == "dino" else "student",
              **{name: obj.state_dict() if obj is not None else None for name, obj in saved.items()}}
     weights = [v for part in ("student", "teacher") if state[part] is not None
@@ -836,7 +871,10 @@ def knn_data(args, rank, world):
     folder, or a slice of train. The built-in images are rendered once and kept (37 MB at the defaults):
     each evaluation then only runs the backbone, in less than half the time."""
     transform = augment.eval_transform(args.img_size)
-    train = load_split(args, "train", transform)
+    try:
+        train = load_split(args, "train", transform)
+    except ValueError as e:  # the tree changed since build_data read it
+        raise SystemExit(f"error: {e}") from None
     # Fixed random subsets: ImageFolder is sorted by class and the synthetic labels cycle with the index,
     # so a prefix or a stride would keep only some of the classes.
     def subset(n, size, exclude=()):
@@ -974,13 +1012,13 @@ def train(args, measure=None):
     """Pretrain as configured; measure: --benchmark's timing of this run's step instead of the loop."""
     # ============ preparing the run ============
     rank, world, device = losses.init_distributed()
-    if args.addon == "ser":
-        ser_groups(args.batch_size, args.ser_chunk, args.ser_ratio, args.ser_min_images)  # refuse a bad split now
     torch.manual_seed(augment.seed_from("init", args.seed))  # same initial weights on every rank
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     # ============ preparing data ============
     recipe = build_recipe(args)
+    if args.addon == "ser":
+        check_ser_split(args, recipe)
     dataset, sampler, loader = build_data(args, recipe, rank, world, device)
     photometric = recipe.photometric()
     steps_per_epoch = len(dataset) // args.batch_size
@@ -1002,7 +1040,7 @@ def train(args, measure=None):
     written = ("benchmark.json",) if args.benchmark else ("config.json", "log.jsonl", "checkpoint.pth", "backbone.pth")
     vit.make_output_dir(args.output_dir, prefix="error: ", outputs=written)
     saved = dict(student=student, teacher=teacher, dino_loss=dino_loss, optimizer=optimizer, scaler=scaler)
-    start_step = resume(args, saved, total_steps, len(dataset), device)
+    start_step = resume(args, saved, total_steps, len(dataset), precision, device)
 
     # ============ compiling, describing the run, wrapping the student for DDP ============
     if args.compile:
@@ -1050,7 +1088,7 @@ def train(args, measure=None):
             if stop:
                 break
         if step % steps_per_epoch == 0 or stop:
-            save_checkpoint(args, step, saved, len(dataset), checkpoint_note(args, saved_step))
+            save_checkpoint(args, step, saved, len(dataset), precision, checkpoint_note(args, saved_step))
             saved_step = step
             if knn_due(args, step, steps_per_epoch, total_steps) and not signum:  # a signal's grace time is short
                 log_knn(args, evaluated, knn, step, epoch, device)

@@ -1059,9 +1059,12 @@ def check_args(args):
     ranges = {"num_images": at_least_1, "img_size": at_least_1, "batch_size": at_least_1, "num_workers": non_negative,
               "p_frames": (lambda v: v >= 2, "at least 2"),
               "scales": (lambda v: 0 < v <= 4, "in (0, 4]"),  # 100: 3200 px images
-              "seed": non_negative, "patch_size": at_least_1, "depth": at_least_1, "figure_layer": at_least_1,
+              "seed": augment.SEED_RANGE, "patch_size": at_least_1, "depth": at_least_1, "figure_layer": at_least_1,
               "figure_images": at_least_1}
     augment.check_ranges([("--" + k.replace("_", "-"), getattr(args, k), *rule) for k, rule in ranges.items()])
+    for flag, path in (("--output-dir", args.output_dir), ("--figures", args.figures)):
+        if path:
+            augment.refuse_output_in_data(args.data, path, flag)
 
 
 def check_scales(scales, grid):

@@ -1499,7 +1499,9 @@ def test_run_script_gives_one_line_and_releases_the_loaders(capsys):
         raise SystemExit("error: --lr must be positive, got -1.0")
     for rank, code in (("0", "error: --lr must be positive, got -1.0"), ("1", 1)):  # torchrun: rank 0's line only
         with pytest.MonkeyPatch.context() as m:
-            m.setenv("RANK", rank)
+            for name, value in (("RANK", rank), ("WORLD_SIZE", "2"), ("LOCAL_RANK", rank), ("MASTER_ADDR", "h"),
+                                ("MASTER_PORT", "29500")):
+                m.setenv(name, value)
             with pytest.raises(SystemExit) as stop:
                 augment.run_script(bad_flag)
         assert stop.value.code == code
@@ -1875,10 +1877,18 @@ def test_interrupt_handler_requests_a_checkpoint():
         signal.signal(signal.SIGINT, previous[1])
 
 
-def test_resume_refuses_a_different_run(tmp_path):
+def test_resume_refuses_a_different_run(tmp_path, capsys):
     run("--method byol --stop-at-step 1", tmp_path)
     with pytest.raises(SystemExit, match="different settings: --method 'byol' \\(now 'simclr'\\)"):
         run("--method simclr --stop-at-step 1", tmp_path)
+    with pytest.MonkeyPatch.context() as m:  # --precision auto, resumed where it resolves otherwise
+        m.setattr(vit, "cpu_has_native_bf16", lambda: True)
+        with pytest.raises(SystemExit, match="checkpoint.pth was trained in fp32, but --precision auto is bf16 here; "
+                                             "pass --precision fp32 to continue"):
+            run("--method byol --stop-at-step 2", tmp_path)
+    run("--method byol --stop-at-step 2", tmp_path)  # the last step: the run is finished
+    run("--method byol --stop-at-step 2", tmp_path)  # and the same command again says so, no error
+    assert "the run had finished" in capsys.readouterr().out
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     ckpt["student"].pop("projector.layers.0.weight", None) or ckpt["student"].popitem()  # another version's keys
     torch.save(ckpt, tmp_path / "checkpoint.pth")
@@ -1943,7 +1953,7 @@ def test_log_lines_cut_short_by_a_kill_cost_only_themselves(tmp_path):
     assert f"--pretrained '{tmp_path / 'my run' / 'backbone.pth'}' " in pretrain.run_summary(str(tmp_path / "my run"), 6)
 
 
-def test_bad_configurations_give_clear_errors(tmp_path):
+def test_bad_configurations_give_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit, match="one add-on at a time"):
         config("--ser --essl", tmp_path)
     with pytest.raises(SystemExit, match="--equiv-layer"):
@@ -1961,6 +1971,15 @@ def test_bad_configurations_give_clear_errors(tmp_path):
     for scale in ("1.3 0.7", "1000 1000"):
         with pytest.raises(SystemExit, match="--ser-scale"):
             config(f"--ser --equiv-layer 2 --ser-scale {scale}", tmp_path)
+    args = config("--ser --equiv-layer 2 --ser-scale 0.01 0.01", tmp_path)  # 0.16 of a token: rounded up to 1
+    with pytest.raises(SystemExit, match="--ser-scale 0.01: SER's 4x4-token b2 crops would shrink below one token; "
+                                         "pass at least 0.0625"):
+        pretrain.check_ser_split(args, pretrain.build_recipe(args))
+    capsys.readouterr()
+    args = config("--ser --equiv-layer 2 --batch-size 16 --ser-chunk 5", tmp_path)
+    pretrain.check_ser_split(args, pretrain.build_recipe(args))
+    assert "--ser-chunk 5 does not divide --batch-size 16: the b2 groups come from 3 near-equal chunks of 5.33" \
+        in capsys.readouterr().out
     with pytest.raises(SystemExit, match="got 3 \\(the default with --ser\\)"):
         config("--ser --depth 2", tmp_path)
     for size in ("0", "1"):  # BatchNorm heads need two images
@@ -1969,7 +1988,9 @@ def test_bad_configurations_give_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="--count-flops and --benchmark each end the run"):
         config("--count-flops --benchmark 2", tmp_path)
     with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit, match="--count-flops counts one process"):
-        patch.setenv("WORLD_SIZE", "2")
+        for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "h"),
+                            ("MASTER_PORT", "29500")):
+            patch.setenv(name, value)
         config("--count-flops", tmp_path)
     with pytest.raises(SystemExit, match="--synthetic-length sets the built-in data's size"):
         config(f"--synthetic-length 32 --data {tmp_path}", tmp_path)
@@ -1977,6 +1998,19 @@ def test_bad_configurations_give_clear_errors(tmp_path):
         config("--warmup-epochs 3", tmp_path)
     with pytest.raises(SystemExit, match=r"--warmup-epochs 10 \(the default here\) must be in 0..--epochs \(2\)"):
         config(f"--data {tmp_path} --epochs 2", tmp_path)
+    (tmp_path / "train").mkdir()
+    for flags, message in [  # each would leave the run short of what was asked, without a word
+            ("--method dino --epochs 2 --warmup-teacher-temp-epochs 3", "--warmup-teacher-temp-epochs 3 must be in "
+                                                                        "0..--epochs \\(2\\)"),
+            ("--method dino --epochs 2 --freeze-last-layer 3", "--freeze-last-layer 3 must be in 0..--epochs \\(2\\)"),
+            ("--lr 1e-3 --min-lr 0.5", "--min-lr 0.5 must not exceed --lr 0.001"),
+            ("--seed 1000000000000000", "--seed must be in 0..2\\^31-1"),
+            ("--ser --depth 1", "--ser needs at least 2 blocks \\(L_equiv acts before the last\\), got --depth 1")]:
+        with pytest.raises(SystemExit, match=f"^error: {message}"):
+            config(flags, tmp_path)
+    with pytest.raises(SystemExit, match=f"^error: --output-dir {tmp_path}/train/runs is inside --data {tmp_path}'s "
+                                         "train/, where it would become a class folder"):
+        config(f"--data {tmp_path}", tmp_path / "train" / "runs")
 
 
 @pytest.mark.parametrize("flags,users", [("--method byol --temperature 0.5", "--method mocov3 or simclr"),
@@ -1987,7 +2021,11 @@ def test_bad_configurations_give_clear_errors(tmp_path):
                                          ("--method dino --ser-scale 1 2", "--ser"),
                                          ("--method byol --equiv-layer 2", "an add-on"),
                                          ("--method byol --augself --equiv-tau 0.1", "--ser or --equimod"),
-                                         ("--count-flops --compile", "a training run, not --count-flops")])
+                                         ("--count-flops --compile", "a training run, not --count-flops"),
+                                         ("--method dino --warmup-teacher-temp 0.5",
+                                          "--method dino with --warmup-teacher-temp-epochs above 0"),
+                                         ("--peak-tflops 5", "--benchmark"),
+                                         ("--knn-every 0 --knn-val-size 5", "the k-NN monitor")])
 def test_flags_a_run_would_ignore_are_refused(flags, users, tmp_path):
     config("--method dino --ser-scale 0.7 1.3", tmp_path)  # a flag given at its default changes nothing: accepted
     name = [f for f in flags.split() if f.startswith("--")][-1]  # as typed: --no-use-bn-in-head
@@ -2022,7 +2060,7 @@ def test_out_of_range_flags_stop_the_script_before_training(tmp_path):
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert result.returncode == 1, result.stderr[-500:]
         assert result.stderr.strip().splitlines() == [f"error: {flag.split()[0]} must be "
-                                                      + ("positive, got -1.0" if "lr" in flag else "at least 1, got 0")]
+                                                      + ("positive, got -1.0" if "lr" in flag else "in 1..2^31-1, got 0")]
         assert not (tmp_path / "run").exists()
 
 
@@ -2557,7 +2595,7 @@ def test_knn_monitor_survives_stops_at_epoch_ends(tmp_path, capsys, monkeypatch)
 def test_knn_monitor_keeps_the_built_in_bank_and_scores_it_as_rendered(tmp_path, monkeypatch):
     """The built-in bank and val images are rendered once and kept as tensors (no workers), and score
     exactly as the same images rendered on every pass."""
-    args = config("--method simclr --knn-train-size 24 --knn-val-size 16", tmp_path)
+    args = config("--method simclr --knn-every 1 --knn-train-size 24 --knn-val-size 16", tmp_path)
     backbone = tiny_vit(seed=0, depth=2, num_heads=2).eval()
     kept = pretrain.knn_data(args, 0, 1)
     assert all(isinstance(loader.dataset.dataset, TensorDataset) and loader.num_workers == 0 for loader in kept[:2])
@@ -2880,6 +2918,16 @@ def test_bad_flags_give_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="--img-size 36 is not a multiple of the backbone's patch size 8"):
         torch.save({"arch": tiny_vit().arch, "backbone": tiny_vit().state_dict()}, tmp_path / "backbone.pth")
         linear_eval.main(["--pretrained", str(tmp_path / "backbone.pth"), "--img-size", "36"])
+    _write_png_tree(tmp_path / "one", "train", classes=("b",))  # 2 classes, 2 x 3 images: 6 train the heads
+    _write_png_tree(tmp_path / "one", "val", classes=("b",))
+    with pytest.raises(SystemExit, match="--batch-size 7 exceeds the 6 images the heads train on: pass at most 6"):
+        linear_eval.main(tiny + ["--img-size", "32", "--data", str(tmp_path / "one"), "--holdout-fraction", "0",
+                                 "--batch-size", "7", "--num-workers", "0", "--output-dir", str(tmp_path / "lin")])
+    with pytest.raises(SystemExit, match="^--seed must be in 0..2\\^31-1"):
+        linear_eval.check_args(parser.parse_args(["--seed", str(2**64)]), world=1)
+    with pytest.raises(SystemExit, match=f"^--output-dir {tmp_path}/one/val/x is inside --data {tmp_path}/one's val/"):
+        linear_eval.check_args(parser.parse_args(["--data", f"{tmp_path}/one", "--output-dir", f"{tmp_path}/one/val/x"]),
+                               world=1)
 
 
 @pytest.mark.parametrize("flag", ["--lrs 0.1 -1", "--lrs nan", "--depth 0", "--num-workers -1", "--epochs 0",
@@ -3579,6 +3627,12 @@ def test_driver_equivariance_only_and_errors(tiny_probe, tmp_path):
             robustness_eval.check_args(robustness_eval.get_args_parser().parse_args(["--probe", tiny_probe, *flag]))
     # a duplicate would be run twice and counted toward mCE's 15; an empty list would run nothing or write NaN
     assert robustness_eval._choices("fog,snow,fog,", robustness_eval.CORRUPTIONS, "--corruptions") == ["fog", "snow"]
+    _write_png_tree(tmp_path / "tree", "val")
+    for flag, path in (("--output-dir", "val/out"), ("--figures", "val/a/figures")):
+        with pytest.raises(SystemExit, match=f"^{flag} .*/tree/{path} is inside --data .*/tree's val/, where it would "
+                                             "become a class folder"):
+            robustness_eval.check_args(robustness_eval.get_args_parser().parse_args(
+                ["--probe", tiny_probe, "--data", str(tmp_path / "tree"), flag, str(tmp_path / "tree" / path)]))
     for flag in (["--tasks", ","], ["--tasks", ""], ["--corruptions", ""], ["--perturbations", ",,"]):
         with pytest.raises(SystemExit, match=f"^{flag[0]}: none given"):
             robust("--probe", tiny_probe, "--tasks", "clean", "--num-images", "1", "--num-workers", "0",
@@ -4297,6 +4351,7 @@ def test_detect_eval_flags_the_run_would_ignore_are_refused(tmp_path):
             ("--random-init --arch vit_tiny --checkpoint-key student", "--checkpoint-key is read only with --pretrained"),
             ("--iters 4", "--warmup-iters 30 \\(the default\\) must be below --iters 4: pass a smaller --warmup-iters"),
             ("--iters 4 --warmup-iters 4", "--warmup-iters 4 must be below --iters 4"),
+            ("--data-seed 4294967296", "--data-seed must be in 0..2\\^31-1"),
             ("--data {coco} --train-split val2017", "--train-split val2017 and --val-split val2017 share their "
              "images or annotations, so the detector would be scored on its training images")]:
         with pytest.raises(SystemExit, match=f"^detect_eval.py: {message}"):
@@ -4548,15 +4603,20 @@ def test_small_scale_defaults_and_the_real_data_recipe(tmp_path):
 
 
 def test_a_partial_or_malformed_torchrun_environment_is_refused_in_one_line(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     assert losses.launch_env() == (0, 1, 0)
-    for env in ({"RANK": "1"}, {"WORLD_SIZE": "2"}, {"RANK": "0", "WORLD_SIZE": "abc", "LOCAL_RANK": "0"},
-                {"RANK": "0", "WORLD_SIZE": "0", "LOCAL_RANK": "0"}, {"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}):
+    master = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    for env in ({"RANK": "1"}, {"WORLD_SIZE": "2"}, {"RANK": "0", "WORLD_SIZE": "abc", "LOCAL_RANK": "0", **master},
+                {"RANK": "0", "WORLD_SIZE": "0", "LOCAL_RANK": "0", **master},
+                {"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", **master},
+                {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}, {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                                                                      "MASTER_ADDR": "h", "MASTER_PORT": "abc"}):
         with monkeypatch.context() as m:
             for name, value in env.items():
                 m.setenv(name, value)
-            with pytest.raises(SystemExit, match="^error: RANK, WORLD_SIZE, LOCAL_RANK = .*: launch with torchrun"):
+            with pytest.raises(SystemExit, match="^error: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT = "
+                                                 ".*: launch with torchrun"):
                 augment.run_script(lambda: linear_eval.main(["--random-init", "--arch", "vit_tiny"]))  # said, not hidden
 
 
@@ -4568,8 +4628,8 @@ def test_default_loader_workers(cores, world, cuda, workers, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("LOCAL_RANK", "0")
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
     args = pretrain.resolve_config(pretrain.get_args_parser().parse_args(["--method", "mocov3"]))
     assert args.num_workers == workers
     explicit = pretrain.resolve_config(pretrain.get_args_parser().parse_args(["--method", "mocov3", "--num-workers", "1"]))
