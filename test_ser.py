@@ -1900,7 +1900,7 @@ def test_resume_refuses_a_different_run(tmp_path, capsys):
         run("--method byol --stop-at-step 2", tmp_path)
 
 
-def test_a_run_starts_its_own_log_and_a_resume_cuts_it_back(tmp_path):
+def test_a_run_starts_its_own_log_and_a_resume_cuts_it_back(tmp_path, capsys):
     """log.jsonl holds this run's records only: a fresh start drops a failed run's lines, a resume those a crash
     wrote after the checkpoint; a resume on data that changed size since the checkpoint is refused."""
     _write_png_tree(tmp_path / "data", "train", n=10)
@@ -1909,6 +1909,8 @@ def test_a_run_starts_its_own_log_and_a_resume_cuts_it_back(tmp_path):
     common = f"--method byol --data {tmp_path / 'data'} --epochs 2 --warmup-epochs 0 --log-every 1"
     run(common + " --stop-at-step 1", tmp_path / "run")
     assert [row["step"] for row in read_log(tmp_path / "run")] == [1]
+    assert "log.jsonl held the records of a run that wrote no checkpoint; this new run starts it afresh" in \
+        capsys.readouterr().out
     vit.append_jsonl(tmp_path / "run" / "log.jsonl", {"step": 2, "loss": 1.0})  # a crash's, after the checkpoint
     with open(tmp_path / "run" / "log.jsonl", "a") as f:
         f.write('{"step": 3, "lo')  # and a line it cut short
