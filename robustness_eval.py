@@ -984,6 +984,8 @@ class Evaluator:
         correct = torch.zeros(1 + len(names), len(dataset), device=self.device)  # row 0: identity
         scores = torch.zeros(len(names), self.backbone.depth, len(EQUIV_METRICS), len(dataset), device=self.device)
         paired = equivariance and len(dataset) > 1  # the chance baseline's unrelated image, loaded with each image
+        if equivariance and not paired:
+            log("note: one image has no unrelated image to pair with: the chance baseline is NaN; raise --num-images")
         for x, y, idx in self.loader(WithPartner(dataset) if paired else dataset, self.args.batch_size, "clean pass"):
             x, x_other = (x[:, 0].contiguous(), x[:, 1].contiguous()) if paired else (x, None)
             elements = geometric_elements(len(x), grid, self.args.scales)

@@ -3863,6 +3863,17 @@ def _released_c(root, corruptions=("fog",), per_class=1):
                     _png(root / name / str(s) / k / f"{i}.png")
 
 
+def test_counts_the_run_cannot_have_are_said(tiny_probe, tmp_path, capsys):
+    """One image has no unrelated partner (the chance baseline is NaN); more images than the data holds are all."""
+    out = robust("--probe", tiny_probe, "--tasks", "equivariance", "--num-images", "1", "--num-workers", "0",
+                 "--output-dir", tmp_path)
+    assert math.isnan(out["equivariance"]["rot90"]["chance_cos"][0])
+    assert "one image has no unrelated image to pair with: the chance baseline is NaN" in capsys.readouterr().out
+    images, _, _ = robustness_eval.val_images(SimpleNamespace(data="synthetic", num_images=10**6), 32)
+    assert f"--num-images 1000000, but --data synthetic has {len(images)} val images: all are used" in \
+        capsys.readouterr().out
+
+
 def test_released_folders_fix_the_images_and_each_task_records_its_count(ab_probe, tmp_path):
     """--num-images cuts the clean images, never the release: relative mCE would mix errors over other images."""
     _released_c(tmp_path / "c", per_class=2)
