@@ -345,26 +345,34 @@ def _check_image_tree(data: str, folder: str) -> frozenset:
     return frozenset(seen)
 
 
-def _refuse_shared_folders(data: str):
-    """val/ must be held out: a val/ that is, or holds at any depth, a link to a folder of train/ would score
-    training images."""
-    train = os.path.join(data, "train")
-    if not os.path.isdir(train):  # nothing to share (building train says why, if it is needed)
+def _refuse_shared_folders(data: str, val_folders: frozenset):
+    """val/ must be held out: a val/ that is, or holds at any depth, a link into train/ or one of its class folders
+    (which may be links themselves) would score training images. Checked against train/'s top level only: a walk of
+    ImageNet's train/ for every val/ would cost seconds."""
+    try:
+        roots = {os.path.realpath(e.path) for e in os.scandir(os.path.join(data, "train")) if e.is_dir()}
+    except OSError:  # no readable train/: nothing to share (building train says why, if it is needed)
         return
-    shared = _check_image_tree(data, train) & _check_image_tree(data, os.path.join(data, "val"))
+    roots.add(os.path.realpath(os.path.join(data, "train")))
+
+    def inside(path):
+        while path not in roots and os.path.dirname(path) != path:
+            path = os.path.dirname(path)
+        return path in roots
+    shared = sorted(f for f in val_folders if inside(f))
     if shared:
-        raise ValueError(f"--data {data}: train/ and val/ share the folder {min(shared)} through symlinks, so val "
+        raise ValueError(f"--data {data}: train/ and val/ share the folder {shared[0]} through symlinks, so val "
                          "would score training images; give val/ images of its own")
 
 
 def refuse_output_in_data(data: str, path: str, flag: str = "--output-dir", prefix: str = ""):
-    """An output folder inside an ImageFolder split would be read as one of its classes (an empty one: an error
-    on every later run over that data; with images: a class of a run's figures)."""
+    """An output folder inside an ImageFolder split would be read as one of its classes, or inside one (an empty new
+    class: an error on every later run over that data; figures: images of a class)."""
     for split in ("train", "val"):
         root = os.path.realpath(os.path.join(data, split))
         if os.path.isdir(root) and os.path.commonpath([os.path.realpath(path), root]) == root:
-            raise SystemExit(f"{prefix}{flag} {path} is inside --data {data}'s {split}/, where it would become a class "
-                             "folder; write outputs elsewhere")
+            raise SystemExit(f"{prefix}{flag} {path} is inside {os.path.join(data, split)}, whose folders are the "
+                             "classes of --data; write outputs elsewhere")
 
 
 def check_same_classes(train: Dataset, val: Dataset, data: str):
@@ -411,9 +419,9 @@ def build_dataset(data: str, split: str, transform=None, img_size=64, length=Non
         if not os.path.isdir(folder):
             raise ValueError(f"--data {data}: expected an ImageFolder root with train/ and val/, "
                              f"but folder {folder} does not exist")
-        _check_image_tree(data, folder)
+        folders = _check_image_tree(data, folder)
         if split == "val":
-            _refuse_shared_folders(data)
+            _refuse_shared_folders(data, folders)
         try:
             dataset = datasets.ImageFolder(folder, transform=transform, loader=load_rgb)
         except FileNotFoundError as e:  # no class folders, or class folders without images

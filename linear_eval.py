@@ -331,9 +331,10 @@ def get_args_parser():
 
 
 def check_args(args, world):
-    at_least_1 = ("epochs", "batch_size", "patch_size", "depth", "img_size", "train_length", "val_length",
-                  "n_last_blocks")
+    at_least_1 = ("epochs", "batch_size", "patch_size", "depth", "img_size", "n_last_blocks")
     ranges = [("--" + k.replace("_", "-"), getattr(args, k), lambda v: v >= 1, "at least 1") for k in at_least_1]
+    ranges += [(f"--{k}-length", getattr(args, f"{k}_length"), lambda v: 1 <= v < 2**31, "in 1..2^31-1")
+               for k in ("train", "val")]
     ranges += [("--lrs", args.lrs, lambda v: v > 0, "positive"),
                ("--knn-k", args.knn_k, lambda v: v >= 0, ">= 0 (0 skips k-NN)"),
                ("--knn-temperature", args.knn_temperature, lambda v: v > 0, "positive"),
@@ -341,7 +342,6 @@ def check_args(args, world):
                ("--holdout-fraction", args.holdout_fraction, lambda v: 0 <= v < 1, "in [0, 1)"),
                ("--batch-size", args.batch_size, lambda v: v % world == 0, f"divisible by the world size {world}"),
                ("--seed", args.seed, *augment.SEED_RANGE)]
-    ranges += [(f"--{k}-length", getattr(args, f"{k}_length"), lambda v: v < 2**31, "below 2^31") for k in ("train", "val")]
     augment.check_ranges(ranges)
     augment.refuse_output_in_data(args.data, args.output_dir)
     readers = [("knn_temperature", args.knn_k > 0, "--knn-k above 0"), ("checkpoint_key", not args.random_init,

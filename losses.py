@@ -33,8 +33,8 @@ def launch_env():
     if not any(n in os.environ for n in names[:3]):
         return 0, 1, 0
     try:
-        rank, world, local_rank, _, port = (int(os.environ[n]) if n != "MASTER_ADDR" else os.environ[n] for n in names)
-        if not (0 <= rank < world and 0 <= local_rank <= rank and 0 < port < 65536):
+        rank, world, local_rank, port = (int(os.environ[n]) for n in names if n != "MASTER_ADDR")
+        if not (os.environ["MASTER_ADDR"] and 0 <= rank < world and 0 <= local_rank <= rank and 0 < port < 65536):
             raise ValueError
     except (KeyError, ValueError):
         raise SystemExit("error: " + ", ".join(names) + " = " + ", ".join(repr(os.environ.get(n)) for n in names)

@@ -57,9 +57,10 @@ from linear_eval import WithIndex, knn_eval  # linear_eval owns the k-NN protoco
 
 EMA_METHODS = ("mocov3", "dino", "byol")  # methods with a momentum teacher / target network
 ADDONS = ("ser", "equimod", "augself", "essl")
-# Options a resumed run may change: they do not affect what is computed.
+# Options a resumed run may change: they do not affect what is computed (precision: compared as resolved).
 RUNTIME_OPTIONS = {"output_dir", "num_workers", "log_every", "knn_every", "knn_train_size", "knn_val_size",
-                   "stop_at_step", "benchmark", "peak_tflops", "count_flops", "compile", "grad_checkpointing"}
+                   "stop_at_step", "benchmark", "peak_tflops", "count_flops", "compile", "grad_checkpointing",
+                   "precision"}
 
 # Base-method defaults: each method's official ViT-S/16 recipe at 224 px on ImageNet (facebookresearch/moco-v3
 # CONFIG.md, facebookresearch/dino README.md); lr and min_lr per 256 images. Barlow Twins: SER's, its only ViT
@@ -248,7 +249,10 @@ def resolve_config(args):
     args.addon = addons[0] if addons else None
     augment.refuse_ignored_flags(args, get_args_parser(), [(k, used(args), by) for k, (by, used) in ONLY_FOR.items()],
                                  prefix="error: ")
-    warmup_given = args.warmup_epochs is not None
+    given = {k for k, v in vars(args).items() if v is not None}  # the rest come from the recipe: said in errors
+
+    def shown(k):
+        return f"--{k.replace('_', '-')} {getattr(args, k):g}" + ("" if k in given else " (the default here)")
     synthetic = args.data == "synthetic"
     lam, tau = SER_DEFAULTS[args.method] if args.addon == "ser" else ADDON_DEFAULTS[args.addon]
     cores = max(1, (os.cpu_count() or 2) // losses.launch_env()[1])  # this rank's share
@@ -271,15 +275,13 @@ def resolve_config(args):
     augment.refuse_output_in_data(args.data, args.output_dir, prefix="error: ")
     if args.synthetic_length and not synthetic:
         raise SystemExit(f"error: --synthetic-length sets the built-in data's size, not that of --data {args.data}")
-    if not 0 <= args.warmup_epochs <= args.epochs:
-        raise SystemExit(f"error: --warmup-epochs {args.warmup_epochs}{'' if warmup_given else ' (the default here)'} "
-                         f"must be in 0..--epochs ({args.epochs})")
-    for flag in ("warmup_teacher_temp_epochs", "freeze_last_layer"):  # else the warm-up or freeze never ends
-        if args.method == "dino" and getattr(args, flag) > args.epochs:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)} must be in 0..--epochs "
-                             f"({args.epochs})")
+    # Else the warm-up never ends, or the last layer never trains (a default of 1 stays allowed for --epochs 1).
+    for k, most in (("warmup_epochs", args.epochs), ("warmup_teacher_temp_epochs", args.epochs),
+                    ("freeze_last_layer", args.epochs - ("freeze_last_layer" in given))):
+        if (args.method == "dino" or k == "warmup_epochs") and not 0 <= getattr(args, k) <= most:
+            raise SystemExit(f"error: {shown(k)} must be in 0..{most} (--epochs {args.epochs})")
     if args.min_lr > args.lr:  # the cosine would climb
-        raise SystemExit(f"error: --min-lr {args.min_lr:g} must not exceed --lr {args.lr:g}")
+        raise SystemExit(f"error: {shown('min_lr')} must not exceed {shown('lr')}")
     if not (all(map(math.isfinite, args.ser_scale)) and 0 < args.ser_scale[0] <= args.ser_scale[1] <= 4):
         raise SystemExit(f"error: --ser-scale needs 0 < min <= max <= 4 (b2 grids up to twice the crop's side), "
                          f"got {args.ser_scale}")
@@ -304,6 +306,8 @@ def resolve_config(args):
                          "number")
     if args.img_size % args.patch_size:
         raise SystemExit(f"error: --img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
+    if args.addon == "ser":
+        check_ser_split(args, build_recipe(args))
     return args
 
 
@@ -332,11 +336,11 @@ def ser_groups(global_batch, chunk, ratio, min_images):
 
 
 def check_ser_split(args, recipe):
-    """SER's b2 groups and token grids, refused or described before any work."""
+    """SER's b2 groups and token grids, refused or described before the ranks meet (said once, by rank 0)."""
     groups = ser_groups(args.batch_size, args.ser_chunk, args.ser_ratio, args.ser_min_images)
-    if args.ser_chunk < args.batch_size and args.batch_size % args.ser_chunk:
-        losses.log(f"note: --ser-chunk {args.ser_chunk} does not divide --batch-size {args.batch_size}: the b2 groups "
-                   f"come from {len(groups)} near-equal chunks of {args.batch_size / len(groups):.3g} images")
+    if args.ser_chunk < args.batch_size and args.batch_size % args.ser_chunk and losses.launch_env()[0] == 0:
+        print(f"note: --ser-chunk {args.ser_chunk} does not divide --batch-size {args.batch_size}: the b2 groups "
+              f"come from chunks of {args.batch_size / len(groups):.3g} images ({len(groups)} of them)")
     grid = min(recipe.views[v].size // args.patch_size for v, _, _ in ser_pair_sources(args, recipe.photometric()))
     if grid < 2 or grid ** 2 * args.ser_scale[0] < 1:  # sample_element would round the grid up to one token
         raise SystemExit(f"error: --ser-scale {args.ser_scale[0]:g}: SER's {grid}x{grid}-token b2 crops would shrink "
@@ -716,8 +720,9 @@ def resume(args, saved, total_steps, train_images, precision, device):
         raise SystemExit(f"error: {args.output_dir} holds a backbone.pth but no checkpoint.pth: another run's result, "
                          "which this run would overwrite; use another --output-dir or move backbone.pth away")
     # lexists: a link to a missing file is an error, not a new run
-    step = load_run_state(path, args, saved, total_steps, train_images, precision, device) if os.path.lexists(path) \
-        else 0
+    step = 0
+    if os.path.lexists(path):
+        step = load_run_state(path, args, saved, total_steps, train_images, precision, device)
     if losses.rank() == 0:
         with vit.exit_on_write_error("error: "):
             vit.restart_log(os.path.join(args.output_dir, "log.jsonl"), step)
@@ -732,10 +737,11 @@ def load_run_state(path, args, saved, total_steps, train_images, precision, devi
     if ckpt.get("train_images", train_images) != train_images:  # the data order and the schedule depend on it
         raise SystemExit(f"error: --data {args.data} holds {train_images} training images, {ckpt['train_images']} "
                          f"when {path} was written: the run cannot continue on it; use another --output-dir")
-    if ckpt.get("precision", precision) != precision:  # --precision auto resolves per machine
-        raise SystemExit(f"error: {path} was trained in {ckpt['precision']}, but --precision {args.precision} is "
-                         f"{precision} here; pass --precision {ckpt['precision']} to continue, or use another "
-                         "--output-dir")
+    # --precision auto resolves per machine: the precision computed in is compared (older checkpoints: the flag)
+    before, now = (ckpt["precision"], precision) if "precision" in ckpt else (ckpt["args"]["precision"], args.precision)
+    if before != now:
+        raise SystemExit(f"error: {path} was trained in {before}, this run would use {now} (--precision "
+                         f"{args.precision}); pass --precision {before} to continue, or use another --output-dir")
     refuse_unusable_weights(path, ckpt, saved)
     for name, obj in saved.items():
         if obj is not None:
@@ -1017,8 +1023,6 @@ def train(args, measure=None):
 
     # ============ preparing data ============
     recipe = build_recipe(args)
-    if args.addon == "ser":
-        check_ser_split(args, recipe)
     dataset, sampler, loader = build_data(args, recipe, rank, world, device)
     photometric = recipe.photometric()
     steps_per_epoch = len(dataset) // args.batch_size

@@ -1420,7 +1420,9 @@ def linear_numbers(json_path, path, backbone, data, img_size):
         log(f"note: {json_path} was not computed on {path} as it is now (stale); the table leaves its cells empty: "
             "rerun linear_eval.py on it")
         return {}
-    if (lin.get("data"), lin.get("img_size")) != (data, img_size):
+    def where(d):  # a folder however it is written: trailing slash, relative, through a link
+        return os.path.realpath(d) if isinstance(d, str) and os.path.isdir(d) else d
+    if (where(lin.get("data")), lin.get("img_size")) != (where(data), img_size):
         log(f"note: {json_path} was computed on --data {lin.get('data')} at {lin.get('img_size')} px, this table on "
             f"{data} at {img_size} px; the table leaves its cells empty")
         return {}
@@ -1459,7 +1461,8 @@ def compare_backbones(args, device, rank, world):
         results["runs"][name] = run
     common = [e for e in results["runs"][names[0]]["equivariance"]  # scales realised alike on every grid
               if all(e in run["equivariance"] for run in results["runs"].values())]
-    shown = [e for e in common if e in ("rot90", "vflip")] + [e for e in common if e.startswith("scale")][-1:]
+    scales = sorted((float(e[len("scale"):]), e) for e in common if e.startswith("scale"))  # the upscale, as figures
+    shown = [e for e in common if e in ("rot90", "vflip")] + [e for s, e in scales if s > 1][:1]
     log(f"\nequivariance cos(f_l(g x), rho_g f_l(x)) at block {layer} / at the last block; linear, k-NN top-1")
     log(f"  {'run':24s} " + " ".join(f"{e:>13s}" for e in shown) + "   linear   k-NN")
     for name, run in results["runs"].items():
@@ -1473,10 +1476,10 @@ def compare_backbones(args, device, rank, world):
 def main(args):
     t0 = time.time()
     check_args(args)
-    rank, world, device = losses.init_distributed()
-    if args.probe and args.backbone or args.equivariance_only and args.tasks is not None:  # else one of them would be ignored
+    if args.probe and args.backbone or args.equivariance_only and args.tasks is not None:  # one would be ignored
         raise SystemExit("--probe holds its backbone: pass it or --backbone" if args.probe and args.backbone
                          else "--equivariance-only runs the equivariance task only: drop --tasks")
+    rank, world, device = losses.init_distributed()
     several = args.backbone and (len(args.backbone) > 1 or args.figures and not args.probe)
     if several and not args.equivariance_only:
         raise SystemExit("several --backbone (or --figures without --probe) need --equivariance-only")

@@ -1558,6 +1558,10 @@ def test_image_trees_that_imagefolder_would_misread_are_refused(tmp_path, monkey
     os.symlink(tmp_path / "train" / "b", tmp_path / "val" / "a" / "more")  # deeper: val/a/more is train/b
     with pytest.raises(ValueError, match="share the folder .*train/b"):
         augment.build_dataset(str(tmp_path), "val")
+    os.unlink(tmp_path / "val" / "a" / "more")
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "stray.png")  # train's own flaw: said when train is read
+    assert len(augment.build_dataset(str(tmp_path), "val")) == 3
+    os.unlink(tmp_path / "train" / "stray.png")
     Image.new("RGB", (3000, 2)).save(tmp_path / "train" / "a" / "thin.png")  # a few hundred bytes on disk
     data = augment.build_dataset(str(tmp_path), "train")
     with pytest.raises(augment.UnreadableImage, match="thin.png: 3000x2 px, an aspect ratio above 1000:1"):
@@ -1883,9 +1887,18 @@ def test_resume_refuses_a_different_run(tmp_path, capsys):
         run("--method simclr --stop-at-step 1", tmp_path)
     with pytest.MonkeyPatch.context() as m:  # --precision auto, resumed where it resolves otherwise
         m.setattr(vit, "cpu_has_native_bf16", lambda: True)
-        with pytest.raises(SystemExit, match="checkpoint.pth was trained in fp32, but --precision auto is bf16 here; "
-                                             "pass --precision fp32 to continue"):
+        with pytest.raises(SystemExit, match="checkpoint.pth was trained in fp32, this run would use bf16 \\(--precision "
+                                             "auto\\); pass --precision fp32 to continue"):
             run("--method byol --stop-at-step 2", tmp_path)
+        run("--method byol --stop-at-step 2 --precision fp32", tmp_path)  # as the message says
+        assert read_log(tmp_path)[-1]["step"] == 2
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    del ckpt["precision"]  # as an older pretrain.py wrote it: the flag is compared
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    with pytest.raises(SystemExit, match="was trained in fp32, this run would use auto"):
+        run("--method byol --stop-at-step 2", tmp_path)
+    ckpt["args"]["precision"] = "auto"
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
     run("--method byol --stop-at-step 2", tmp_path)  # the last step: the run is finished
     run("--method byol --stop-at-step 2", tmp_path)  # and the same command again says so, no error
     assert "the run had finished" in capsys.readouterr().out
@@ -1973,14 +1986,12 @@ def test_bad_configurations_give_clear_errors(tmp_path, capsys):
     for scale in ("1.3 0.7", "1000 1000"):
         with pytest.raises(SystemExit, match="--ser-scale"):
             config(f"--ser --equiv-layer 2 --ser-scale {scale}", tmp_path)
-    args = config("--ser --equiv-layer 2 --ser-scale 0.01 0.01", tmp_path)  # 0.16 of a token: rounded up to 1
     with pytest.raises(SystemExit, match="--ser-scale 0.01: SER's 4x4-token b2 crops would shrink below one token; "
                                          "pass at least 0.0625"):
-        pretrain.check_ser_split(args, pretrain.build_recipe(args))
+        config("--ser --equiv-layer 2 --ser-scale 0.01 0.01", tmp_path)  # 0.16 of a token: rounded up to 1
     capsys.readouterr()
-    args = config("--ser --equiv-layer 2 --batch-size 16 --ser-chunk 5", tmp_path)
-    pretrain.check_ser_split(args, pretrain.build_recipe(args))
-    assert "--ser-chunk 5 does not divide --batch-size 16: the b2 groups come from 3 near-equal chunks of 5.33" \
+    config("--ser --equiv-layer 2 --batch-size 16 --ser-chunk 5", tmp_path)
+    assert "--ser-chunk 5 does not divide --batch-size 16: the b2 groups come from chunks of 5.33 images (3 of them)" \
         in capsys.readouterr().out
     with pytest.raises(SystemExit, match="got 3 \\(the default with --ser\\)"):
         config("--ser --depth 2", tmp_path)
@@ -1998,20 +2009,21 @@ def test_bad_configurations_give_clear_errors(tmp_path, capsys):
         config(f"--synthetic-length 32 --data {tmp_path}", tmp_path)
     with pytest.raises(SystemExit, match="--warmup-epochs 3 must be"):
         config("--warmup-epochs 3", tmp_path)
-    with pytest.raises(SystemExit, match=r"--warmup-epochs 10 \(the default here\) must be in 0..--epochs \(2\)"):
+    with pytest.raises(SystemExit, match=r"--warmup-epochs 10 \(the default here\) must be in 0..2 \(--epochs 2\)"):
         config(f"--data {tmp_path} --epochs 2", tmp_path)
     (tmp_path / "train").mkdir()
     for flags, message in [  # each would leave the run short of what was asked, without a word
             ("--method dino --epochs 2 --warmup-teacher-temp-epochs 3", "--warmup-teacher-temp-epochs 3 must be in "
-                                                                        "0..--epochs \\(2\\)"),
-            ("--method dino --epochs 2 --freeze-last-layer 3", "--freeze-last-layer 3 must be in 0..--epochs \\(2\\)"),
+                                                                        "0..2 \\(--epochs 2\\)"),
+            ("--method dino --epochs 2 --freeze-last-layer 2", "--freeze-last-layer 2 must be in 0..1 \\(--epochs 2\\)"),
             ("--lr 1e-3 --min-lr 0.5", "--min-lr 0.5 must not exceed --lr 0.001"),
+            ("--method simclr --min-lr 0.01", "--min-lr 0.01 must not exceed --lr 0.0015 \\(the default here\\)"),
             ("--seed 1000000000000000", "--seed must be in 0..2\\^31-1"),
             ("--ser --depth 1", "--ser needs at least 2 blocks \\(L_equiv acts before the last\\), got --depth 1")]:
         with pytest.raises(SystemExit, match=f"^error: {message}"):
             config(flags, tmp_path)
-    with pytest.raises(SystemExit, match=f"^error: --output-dir {tmp_path}/train/runs is inside --data {tmp_path}'s "
-                                         "train/, where it would become a class folder"):
+    with pytest.raises(SystemExit, match=f"^error: --output-dir {tmp_path}/train/runs is inside {tmp_path}/train, "
+                                         "whose folders are the classes of --data; write outputs elsewhere"):
         config(f"--data {tmp_path}", tmp_path / "train" / "runs")
 
 
@@ -2927,13 +2939,14 @@ def test_bad_flags_give_clear_errors(tmp_path):
                                  "--batch-size", "7", "--num-workers", "0", "--output-dir", str(tmp_path / "lin")])
     with pytest.raises(SystemExit, match="^--seed must be in 0..2\\^31-1"):
         linear_eval.check_args(parser.parse_args(["--seed", str(2**64)]), world=1)
-    with pytest.raises(SystemExit, match=f"^--output-dir {tmp_path}/one/val/x is inside --data {tmp_path}/one's val/"):
+    with pytest.raises(SystemExit, match=f"^--output-dir {tmp_path}/one/val/x is inside {tmp_path}/one/val, whose"):
         linear_eval.check_args(parser.parse_args(["--data", f"{tmp_path}/one", "--output-dir", f"{tmp_path}/one/val/x"]),
                                world=1)
 
 
 @pytest.mark.parametrize("flag", ["--lrs 0.1 -1", "--lrs nan", "--depth 0", "--num-workers -1", "--epochs 0",
-                                  "--knn-temperature 0", "--knn-k -1", "--holdout-fraction 1", "--n-last-blocks 0"])
+                                  "--knn-temperature 0", "--knn-k -1", "--holdout-fraction 1", "--n-last-blocks 0",
+                                  "--train-length 2147483648", "--val-length 0"])
 def test_out_of_range_linear_eval_flags_are_refused(flag):
     with pytest.raises(SystemExit, match=f"^{flag.split()[0]} must be "):
         linear_eval.check_args(linear_eval.get_args_parser().parse_args(flag.split()), world=1)
@@ -3545,6 +3558,12 @@ def test_compare_backbones_shows_linear_numbers_only_of_the_weights_evaluated(tm
     assert "linear_top1" not in elsewhere
     assert "computed on --data /datasets/digits at 32 px, this table on synthetic at 32 px" in out
     linear.write_text(json.dumps(written))
+    model, folder = tiny_vit(seed=0, depth=2, num_heads=2), tmp_path / "data"
+    folder.mkdir()
+    (tmp_path / "lin.json").write_text(json.dumps({"linear": {"top1": 50.0}, "backbone_digest": vit.weights_digest(model),
+                                                   "data": str(folder), "img_size": 32}))
+    for data in (f"{folder}/", os.path.relpath(folder)):  # one folder, written another way
+        assert robustness_eval.linear_numbers(str(tmp_path / "lin.json"), "b.pth", model, data, 32)["linear_top1"] == 50
     run(common, tmp_path / "run")  # the resume trains on: backbone.pth changes, linear_eval.json stays
     stale, out = table()
     assert "linear_top1" not in stale and "knn_top1" not in stale
@@ -3631,8 +3650,8 @@ def test_driver_equivariance_only_and_errors(tiny_probe, tmp_path):
     assert robustness_eval._choices("fog,snow,fog,", robustness_eval.CORRUPTIONS, "--corruptions") == ["fog", "snow"]
     _write_png_tree(tmp_path / "tree", "val")
     for flag, path in (("--output-dir", "val/out"), ("--figures", "val/a/figures")):
-        with pytest.raises(SystemExit, match=f"^{flag} .*/tree/{path} is inside --data .*/tree's val/, where it would "
-                                             "become a class folder"):
+        with pytest.raises(SystemExit, match=f"^{flag} .*/tree/{path} is inside .*/tree/val, whose folders are the "
+                                             "classes of --data"):
             robustness_eval.check_args(robustness_eval.get_args_parser().parse_args(
                 ["--probe", tiny_probe, "--data", str(tmp_path / "tree"), flag, str(tmp_path / "tree" / path)]))
     for flag in (["--tasks", ","], ["--tasks", ""], ["--corruptions", ""], ["--perturbations", ",,"]):
@@ -4365,14 +4384,18 @@ def test_detect_eval_flags_the_run_would_ignore_are_refused(tmp_path):
             ("--iters 4", "--warmup-iters 30 \\(the default\\) must be below --iters 4: pass a smaller --warmup-iters"),
             ("--iters 4 --warmup-iters 4", "--warmup-iters 4 must be below --iters 4"),
             ("--data-seed 4294967296", "--data-seed must be in 0..2\\^31-1"),
-            ("--data {coco} --train-split val2017", "--train-split val2017 and --val-split val2017 share their "
-             "images or annotations, so the detector would be scored on its training images")]:
+            ("--data {coco} --train-split val2017", "--train-split val2017 and --val-split val2017 read one "
+             "annotation file, so the detector would be scored on its training images")]:
         with pytest.raises(SystemExit, match=f"^detect_eval.py: {message}"):
             check(flags)
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "instances_val.json").symlink_to(tmp_path / "annotations" / "instances_train.json")
-    with pytest.raises(SystemExit, match="--train-split train and --val-split val share their images or annotations"):
+    with pytest.raises(SystemExit, match="--train-split train and --val-split val read one annotation file"):
         check("--data {coco} --train-split train --val-split val")  # one file under two names
+    (tmp_path / "annotations" / "instances_val.json").unlink()
+    (tmp_path / "annotations" / "instances_val.json").write_text("{}")
+    os.symlink(tmp_path / "train", tmp_path / "val")  # held-out images of one folder: two files select them
+    check("--data {coco} --train-split train --val-split val")
     for flags in ("", "--schedule cosine", "--optimizer sgd --momentum 0.5", "--iters 31", "--iters 1 --warmup-iters 0",
                   "--data {coco} --train-split foo --val-split bar --allow-degenerate-boxes"):
         check(flags)  # defaults, and flags the run uses
@@ -4620,6 +4643,10 @@ def test_a_partial_or_malformed_torchrun_environment_is_refused_in_one_line(monk
         monkeypatch.delenv(name, raising=False)
     assert losses.launch_env() == (0, 1, 0)
     master = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    with monkeypatch.context() as m:  # the second node of two, 4 processes each
+        for name, value in {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", **master}.items():
+            m.setenv(name, value)
+        assert losses.launch_env() == (5, 8, 1)
     for env in ({"RANK": "1"}, {"WORLD_SIZE": "2"}, {"RANK": "0", "WORLD_SIZE": "abc", "LOCAL_RANK": "0", **master},
                 {"RANK": "0", "WORLD_SIZE": "0", "LOCAL_RANK": "0", **master},
                 {"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", **master},
