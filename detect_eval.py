@@ -2,8 +2,10 @@
 
 Only the pyramid (ViTDet: Li et al., ECCV 2022; detectron2 projects/ViTDet) and torchvision's RPN and RoI heads
 train; the ViT stays frozen (eval mode, no gradients, checked unchanged at the end), so the score measures how
-much localisable information its patch tokens carry. Boxes are scored by a numpy re-implementation of
-pycocotools' COCOeval (cocodataset/cocoapi cocoeval.py): the 12 standard stats, in its order.
+much localisable information its patch tokens carry. Every image is padded to one --max-size square, as ViTDet pads
+to 1024 x 1024 (torchvision pads a batch to its largest image: a ViT, attending to the padding, would then detect an
+image differently in other company). Boxes are scored by a numpy re-implementation of pycocotools' COCOeval
+(cocodataset/cocoapi cocoeval.py): the 12 standard stats, in its order.
 
     python detect_eval.py --random-init --arch vit_tiny     # built-in synthetic set, offline; CPU, a few minutes
     python detect_eval.py --pretrained runs/ser/backbone.pth --output-dir runs/det_ser
@@ -154,6 +156,11 @@ def load_coco(ann_file, image_dir=None, allow_degenerate=False):
         raise ValueError(f"{ann_file} is not valid JSON: {e}") from None
     validate_coco(coco, ann_file, allow_degenerate)
     if image_dir is not None:
+        outside = [im["file_name"] for im in coco["images"]
+                   if os.path.isabs(im["file_name"]) or os.path.normpath(im["file_name"]).startswith("..")]
+        if outside:  # e.g. val entries pointing into train/: the detector scored on its training images
+            raise ValueError(f"{ann_file}: {len(outside)} file_name(s) outside {image_dir}, e.g. {outside[:3]}; give "
+                             "names relative to the split's folder")
         paths = [os.path.join(image_dir, im["file_name"]) for im in coco["images"]]
         absent = [im["file_name"] for im, path in zip(coco["images"], paths) if not os.path.isfile(path)]
         if absent:
@@ -366,8 +373,11 @@ def build_detector(backbone, num_classes, args):
         box_head=TwoMLPHead(args.out_channels * 7 * 7, args.box_head_dim),  # on 7x7 RoIAlign crops
         box_predictor=FastRCNNPredictor(args.box_head_dim, num_classes + 1),
         box_detections_per_img=100,  # COCO's maxDets
-        # Padding to 2p keeps the ViT input divisible by p and makes the stride-2p level exact.
-        size_divisible=max(32, 2 * backbone.patch_size))
+        # Every image padded to one S x S square (ViTDet: 1024 x 1024), S = --max-size rounded up to a multiple of 2p
+        # (the ViT input divisible by p, the stride-2p level exact): a ViT attends to the padding, so a batch padded
+        # to its largest image would give an image other features in other company, and --eval-batch-size or the
+        # number of ranks would change the AP.
+        size_divisible=-(-args.max_size // max(32, 2 * backbone.patch_size)) * max(32, 2 * backbone.patch_size))
 
 
 # ----------------------------------------------------------------------------- COCO evaluation (numpy)
@@ -545,6 +555,9 @@ def file_digest(path):
 
 def save_checkpoint(path, model, optimizer, iteration, args, digest, train_set, **record):
     heads = {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN)}  # pyramid, RPN, RoI heads
+    if not all(torch.isfinite(v).all() for v in heads.values() if v.is_floating_point()):  # a resume refuses them
+        raise SystemExit(f"detect_eval.py: non-finite weights by iteration {iteration}; lower --lr ({path} was not "
+                         "replaced)")
     vit.save_atomic(path, {"model": heads, "optimizer": optimizer.state_dict(), "iteration": iteration,
                            "args": vars(args), "backbone_digest": digest, "cat_ids": list(train_set.cat_ids),
                            "train_ann_digest": train_set.ann_digest, **record})
@@ -614,35 +627,33 @@ def check_resizable(coco, ann_file, args):
                              f"short side to under 1 px; pass --max-size {enough} or more, or leave the image out")
 
 
-def build_data(args, is_main, distributed):
-    """Train and val datasets (their COCO dicts in .coco); the synthetic set goes through the COCO JSON path."""
-    if args.data == "synthetic":
-        sources = {}
-        for split, n in (("train", args.synthetic_train), ("val", args.synthetic_val)):
-            synth = SyntheticDetection(n, args.synthetic_size, args.data_seed, split)
-            ann_file = os.path.join(args.output_dir, f"synthetic_{split}.json")
-            if is_main:
-                vit.save_atomic(ann_file, synth.coco(), indent=None)
-            sources[split] = (ann_file, None, synth.render)
-        if distributed:
-            dist.barrier()  # the JSON files exist before anyone reads them
-    else:
-        sources = {s: (os.path.join(args.data, "annotations", f"instances_{name}.json"),
-                       os.path.join(args.data, name), None)
-                   for s, name in (("train", args.train_split), ("val", args.val_split))}
-    train, val = (CocoDetection(load_coco(ann_file, image_dir, args.allow_degenerate_boxes), image_dir, render)
-                  for ann_file, image_dir, render in sources.values())
-    for (ann_file, _, _), dataset in zip(sources.values(), (train, val)):
-        check_resizable(dataset.coco, ann_file, args)
-    train.ann_file = sources["train"][0]  # CocoDetection.ann_digest reads it when a checkpoint is written or resumed
+def build_data(args):
+    """Train and val datasets (their COCO dicts in .coco). The synthetic set is validated as a COCO file would be;
+    main writes its synthetic_{split}.json once the run is accepted (a refused resume changes no file)."""
+    sources = {}
+    for split, name, n in (("train", args.train_split, args.synthetic_train),
+                           ("val", args.val_split, args.synthetic_val)):
+        if args.data == "synthetic":
+            synth, source = SyntheticDetection(n, args.synthetic_size, args.data_seed, split), f"synthetic_{split}.json"
+            coco = synth.coco()
+            validate_coco(coco, source)
+            sources[split] = (source, CocoDetection(coco, render=synth.render))
+        else:
+            source = os.path.join(args.data, "annotations", f"instances_{name}.json")
+            coco = load_coco(source, os.path.join(args.data, name), args.allow_degenerate_boxes)
+            sources[split] = (source, CocoDetection(coco, os.path.join(args.data, name)))
+    (train_file, train), (val_file, val) = sources["train"], sources["val"]
+    for source, dataset in sources.values():
+        check_resizable(dataset.coco, source, args)
+    train.ann_file = train_file  # CocoDetection.ann_digest reads it when a checkpoint is written or resumed
     # The heads learn train's labels by id; val is scored by id: the same id must mean the same category in both.
     train_names, val_names = ({c["id"]: c["name"] for c in d.coco["categories"]} for d in (train, val))
     if train_names != val_names:
         differ = sorted(i for i in train_names.keys() | val_names.keys() if train_names.get(i) != val_names.get(i))
         shown = ", ".join(f"id {i}: " + " vs ".join(repr(n[i]) if i in n else "absent"
                                                     for n in (train_names, val_names)) for i in differ[:5])
-        raise ValueError(f"train and val annotation files list different categories ({sources['train'][0]} vs "
-                         f"{sources['val'][0]}: {shown}{', ...' if len(differ) > 5 else ''}); give both files the "
+        raise ValueError(f"train and val annotation files list different categories ({train_file} vs "
+                         f"{val_file}: {shown}{', ...' if len(differ) > 5 else ''}); give both files the "
                          "same category ids and names")
     return train, val
 
@@ -729,11 +740,18 @@ def check_args(args):
               ("--momentum", args.momentum, lambda v: 0 <= v <= 1, "in [0, 1]"),
               ("--decay-at", args.decay_at, lambda v: 0 < v < 1, "fractions in (0, 1)"),
               # SyntheticDetection.layout draws box sides from 12 px to 0.75 x the image side
-              ("--synthetic-size", args.synthetic_size, lambda v: v >= 16, "at least 16")]
+              ("--synthetic-size", args.synthetic_size, lambda v: 16 <= v <= 8192, "in 16..8192"),
+              ("--min-size", args.min_size, lambda v: v <= args.max_size, f"at most --max-size {args.max_size}"),
+              ("--max-size", args.max_size, lambda v: v <= 8192, "at most 8192"),
+              # LayerNorm2d over one channel subtracts each value from itself: a pyramid blind to the image
+              ("--out-channels", args.out_channels, lambda v: v >= 2, "at least 2")]
     ranges += [("--" + k.replace("_", "-"), getattr(args, k), lambda v: v >= 0, ">= 0") for k in at_least_0]
     ranges += [(f"--{k.replace('_', '-')}", getattr(args, k), *augment.SEED_RANGE) for k in ("seed", "data_seed")]
     ranges += [("--" + k.replace("_", "-"), getattr(args, k), lambda v: v >= 1, "at least 1") for k in at_least_1]
     augment.check_ranges(ranges, prefix="detect_eval.py: ")
+    if os.path.lexists(os.path.join(args.output_dir, "backbone.pth")):  # its log.jsonl would be replaced by ours
+        raise SystemExit(f"detect_eval.py: --output-dir {args.output_dir} holds a pretraining run (backbone.pth); "
+                         f"pass another, e.g. {os.path.join(args.output_dir, 'detect')}")
     if args.data != "synthetic" and not os.path.isdir(args.data):
         raise SystemExit(f"detect_eval.py: --data {args.data} is not a folder: pass a COCO root or 'synthetic'")
     synthetic = args.data == "synthetic"
@@ -771,7 +789,7 @@ def main(argv=None):
     backbone = vit.backbone_from_flags(args.pretrained, args.arch, args.patch_size, args.checkpoint_key,
                                        args.random_init, depth=args.depth)
     try:  # bad data or flags, or a checkpoint of another run: one line naming the file
-        train_set, val_set = build_data(args, rank == 0, world_size > 1)
+        train_set, val_set = build_data(args)
         model = build_detector(backbone, len(train_set.cat_ids), args).to(device)
         torch.manual_seed(args.seed + rank)
         reference, digest = linear_eval.snapshot(backbone), vit.weights_digest(backbone)
@@ -803,6 +821,10 @@ def main(argv=None):
         if rank == 0:  # records a crash wrote after the checkpoint, or a run before it, would stand beside the new ones
             with vit.exit_on_write_error("detect_eval.py: "):
                 vit.restart_log(os.path.join(args.output_dir, "log.jsonl"), ckpt["iteration"], "iteration")
+                if args.data == "synthetic":  # the sets scored, as COCO files for pycocotools
+                    for split, dataset in (("train", train_set), ("val", val_set)):
+                        vit.save_atomic(os.path.join(args.output_dir, f"synthetic_{split}.json"), dataset.coco,
+                                        indent=None)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"detect_eval.py: {e}") from None
 
@@ -833,7 +855,7 @@ def main(argv=None):
         if (it + 1) % args.log_every == 0 or it + 1 == args.iters:
             values = {k: v.item() for k, v in loss_terms.items()}  # sync only at log steps
             if not math.isfinite(loss.item()):
-                raise SystemExit(f"detect_eval.py: non-finite loss at iteration {it}: {values}")
+                raise SystemExit(f"detect_eval.py: non-finite loss by iteration {it + 1}: {values}; lower --lr")
             losses.log(f"it {it + 1}/{args.iters} lr {lr:.2e} loss {loss.item():.3f} "
                 + " ".join(f"{k.replace('loss_', '')} {v:.3f}" for k, v in values.items())
                 + f" ({time.time() - t0:.0f}s)")

@@ -4280,6 +4280,11 @@ def test_image_size_must_match_the_file_and_infinite_boxes_do_not_crash(tmp_path
     _coco_root(tmp_path / "wrong", coco, size=(80, 64))
     with pytest.raises(ValueError, match="is 64x64 in the JSON but .* is 80x64"):
         detect_eval.load_coco(str(tmp_path / "wrong/annotations/instances_val2017.json"), str(tmp_path / "wrong/val2017"))
+    ann = tmp_path / "wrong/annotations/instances_val2017.json"
+    for name in ("../train2017/x.png", str(tmp_path / "wrong/train2017/x.png")):  # val scored on train's images
+        ann.write_text(json.dumps({**coco, "images": [{**coco["images"][0], "file_name": name}, *coco["images"][1:]]}))
+        with pytest.raises(ValueError, match="1 file_name\\(s\\) outside .*val2017, e.g. .*; give names relative"):
+            detect_eval.load_coco(str(ann), str(tmp_path / "wrong/val2017"))
     coco["annotations"][0]["bbox"] = [10, 10, float("inf"), 20]  # json writes Infinity, Python reads it back
     _coco_root(tmp_path / "inf", coco)
     code, last, _ = run_script("detect_eval.py", "--data", tmp_path / "inf", "--random-init", "--arch", "vit_tiny",
@@ -4302,12 +4307,12 @@ def test_train_and_val_must_give_each_category_id_the_same_name(tmp_path):
     with pytest.raises(ValueError, match="^train and val annotation files list different categories \\(.*"
                                          "instances_train2017.json vs .*instances_val2017.json: id 1: 'circle' vs "
                                          "'square', id 3: 'square' vs 'circle'\\); give both files the same"):
-        detect_eval.build_data(_coco_args(tmp_path), True, False)
+        detect_eval.build_data(_coco_args(tmp_path))
     val.write_text(json.dumps({**coco, "categories": coco["categories"][:3]}))
     with pytest.raises(ValueError, match="id 4: 'star' vs absent\\)"):
-        detect_eval.build_data(_coco_args(tmp_path), True, False)
+        detect_eval.build_data(_coco_args(tmp_path))
     val.write_text(json.dumps(coco))
-    train, val = detect_eval.build_data(_coco_args(tmp_path), True, False)
+    train, val = detect_eval.build_data(_coco_args(tmp_path))
     assert train.cat_ids == val.cat_ids == [1, 2, 3, 4]
 
 
@@ -4322,8 +4327,8 @@ def test_an_image_the_resize_would_make_0_px_high_is_refused_before_training(tmp
     with pytest.raises(ValueError, match="instances_val2017.json: image 1 \\(thin.png\\) is 400x4: --min-size 32 64 "
                                          "and --max-size 64 scale its short side to under 1 px; pass --max-size 100 "
                                          "or more, or leave the image out"):
-        detect_eval.build_data(_coco_args(tmp_path, "--min-size", "32", "64", "--max-size", "64"), True, False)
-    detect_eval.build_data(_coco_args(tmp_path, "--min-size", "32", "64", "--max-size", "100"), True, False)  # 1 px
+        detect_eval.build_data(_coco_args(tmp_path, "--min-size", "32", "64", "--max-size", "64"))
+    detect_eval.build_data(_coco_args(tmp_path, "--min-size", "32", "64", "--max-size", "100"))  # 1 px
 
 
 # ----------------------------------------------------------------------------- model
@@ -4384,6 +4389,9 @@ def test_detect_eval_flags_the_run_would_ignore_are_refused(tmp_path):
             ("--iters 4", "--warmup-iters 30 \\(the default\\) must be below --iters 4: pass a smaller --warmup-iters"),
             ("--iters 4 --warmup-iters 4", "--warmup-iters 4 must be below --iters 4"),
             ("--data-seed 4294967296", "--data-seed must be in 0..2\\^31-1"),
+            ("--out-channels 1", "--out-channels must be at least 2"),
+            ("--min-size 64 256", "--min-size must be at most --max-size 128, got 256"),
+            ("--synthetic-size 100000", "--synthetic-size must be in 16..8192"),
             ("--data {coco} --train-split val2017", "--train-split val2017 and --val-split val2017 read one "
              "annotation file, so the detector would be scored on its training images")]:
         with pytest.raises(SystemExit, match=f"^detect_eval.py: {message}"):
@@ -4431,6 +4439,48 @@ def test_tiny_end_to_end_run(tmp_path, backbone_path):
     assert ckpt["iteration"] == 3 and not any(k.startswith("backbone.backbone.") for k in ckpt["model"])
     assert set(ckpt["optimizer"]["state"])  # optimizer moments are saved
     assert (out / "synthetic_val.json").exists()
+
+
+def test_an_image_is_detected_alike_in_any_batch(backbone_path):
+    """Every image is padded to one --max-size square: batched with a larger one, or alone, it gives the same
+    detections (a ViT attends to the padding, so a batch padded to its largest image would not)."""
+    args = detect_eval.get_args_parser().parse_args(tiny_run_args(backbone_path, "unused", 1) + ["--max-size", "96"])
+    torch.manual_seed(0)
+    model = detect_eval.build_detector(vit.load_backbone(str(backbone_path)), 3, args).eval()
+    model.rpn.score_thresh, model.roi_heads.score_thresh = 0.0, 0.0
+    small, large = torch.rand(3, 64, 64), torch.rand(3, 64, 96)  # alone, small would be padded to 64 x 64 only
+    with torch.no_grad():
+        alone, together = model([small])[0], model([small, large])[0]
+    assert len(alone["boxes"]) > 0
+    torch.testing.assert_close(alone["boxes"], together["boxes"])
+    torch.testing.assert_close(alone["scores"], together["scores"])
+
+
+def test_loading_a_backbone_leaves_the_random_generator_alone(backbone_path):
+    """detect_eval seeds its heads after loading: passing an --arch that agrees with the checkpoint (which builds a
+    second ViT to compare) must not change them."""
+    state = torch.get_rng_state()
+    vit.load_backbone(str(backbone_path))
+    vit.load_backbone(str(backbone_path), dict(name="vit_tiny", patch_size=16, depth=2, num_heads=2, embed_dim=64))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_refused_or_diverged_detection_runs_leave_their_files(tmp_path, backbone_path):
+    out = tmp_path / "run"
+    detect_eval.main(tiny_run_args(backbone_path, out, 1))
+    files = {f: (out / f).read_bytes() for f in ("synthetic_train.json", "synthetic_val.json", "checkpoint.pth")}
+    with pytest.raises(SystemExit, match="different settings: --synthetic-train 8 \\(now 16\\)"):
+        detect_eval.main(tiny_run_args(backbone_path, out, 1, ["--synthetic-train", "16"]))
+    assert all((out / f).read_bytes() == data for f, data in files.items())  # the refused run wrote nothing
+    diverged = tmp_path / "diverged"  # checkpoints between log steps: the loss is not looked at there
+    with pytest.raises(SystemExit, match="non-finite weights by iteration 2; lower --lr .*checkpoint.pth was not "
+                                         "replaced"):
+        detect_eval.main(tiny_run_args(backbone_path, diverged, 4, ["--lr", "1e30", "--log-every", "100",
+                                                                    "--ckpt-every", "1"]))
+    assert torch.load(diverged / "checkpoint.pth", weights_only=True)["iteration"] == 1
+    with pytest.raises(SystemExit, match=f"--output-dir {tmp_path} holds a pretraining run \\(backbone.pth\\); "
+                                         "pass another"):
+        detect_eval.main(tiny_run_args(backbone_path, tmp_path, 1))  # its log.jsonl would be replaced
 
 
 def test_resume_continues_at_the_saved_iteration(tmp_path, backbone_path, capsys):

@@ -493,7 +493,8 @@ def load_backbone(path, arch=None, key=None):
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
 
     if saved_arch is not None and arch is not None:
-        requested = build_vit(arch).arch
+        with torch.random.fork_rng(devices=[]):  # models built to be overwritten leave the caller's generator alone
+            requested = build_vit(arch).arch
         trained_with = ("patch_size", "embed_dim", "depth", "num_heads", "cls_after_block")
         clash = {k: (saved_arch.get(k), requested[k]) for k in trained_with if saved_arch.get(k) != requested[k]}
         if clash:
@@ -510,7 +511,8 @@ def load_backbone(path, arch=None, key=None):
     if saved_arch is None and "depth" not in arch and blocks:  # and its depth, off the block keys
         arch = {**arch, "depth": 1 + max(blocks)}
     try:
-        model = build_vit(saved_arch if saved_arch is not None else arch)
+        with torch.random.fork_rng(devices=[]):
+            model = build_vit(saved_arch if saved_arch is not None else arch)
     except (TypeError, ValueError) as e:  # a recorded arch with unknown keys or values of the wrong type
         raise ValueError(f"{path}: its recorded architecture does not build a ViT ({e}); it was not written by "
                          "pretrain.py") from None
