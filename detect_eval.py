@@ -364,6 +364,7 @@ def build_detector(backbone, num_classes, args):
     if len(args.anchor_sizes) != 5:
         raise ValueError(f"--anchor-sizes needs one size per pyramid level (5), got {args.anchor_sizes}")
     anchors = AnchorGenerator(tuple((s,) for s in args.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+    multiple = max(32, 2 * backbone.patch_size)
     return FasterRCNN(
         pyramid, min_size=tuple(args.min_size), max_size=args.max_size,
         image_mean=augment.IMAGENET_MEAN, image_std=augment.IMAGENET_STD, rpn_anchor_generator=anchors,
@@ -377,7 +378,7 @@ def build_detector(backbone, num_classes, args):
         # (the ViT input divisible by p, the stride-2p level exact): a ViT attends to the padding, so a batch padded
         # to its largest image would give an image other features in other company, and --eval-batch-size or the
         # number of ranks would change the AP.
-        size_divisible=-(-args.max_size // max(32, 2 * backbone.patch_size)) * max(32, 2 * backbone.patch_size))
+        size_divisible=math.ceil(args.max_size / multiple) * multiple)
 
 
 # ----------------------------------------------------------------------------- COCO evaluation (numpy)
