@@ -137,6 +137,33 @@ def test_state_dict_roundtrip_and_export_loading(tmp_path):
     assert torch.equal(loaded(x), m(x))
 
 
+def test_released_weights_that_would_load_into_another_function_are_refused(tmp_path):
+    """Head counts do not show in weights: MoCo v3's vit_small has 12 (timm's and DINO's: 6). A named --arch keeps
+    its depth (a 6-block file is no 12-block ViT-Ti), and keys of ViT variants this one does not compute are named."""
+    sd = tiny_vit(seed=0).state_dict()
+    moco = {"arch": "vit_small", "state_dict": {"module.base_encoder." + k: v for k, v in sd.items()}}
+    torch.save(moco, tmp_path / "moco.pth")
+    with pytest.raises(ValueError, match="is a MoCo v3 checkpoint, whose vit_small has 12 heads .*--arch vit_small_mocov3"):
+        vit.load_backbone(tmp_path / "moco.pth", dict(name="vit_small", patch_size=16))
+    assert vit.build_vit(dict(name="vit_small_mocov3")).arch["num_heads"] == 12
+    torch.save({0: torch.zeros(1)}, tmp_path / "int_keys.pth")
+    with pytest.raises(ValueError, match="int_keys.pth: the file holds no network weights"):
+        vit.load_backbone(tmp_path / "int_keys.pth", dict(name="vit_tiny"))
+    six = {k: v for k, v in vit.build_vit(dict(name="vit_tiny", patch_size=8, img_size=32)).state_dict().items()
+           if not (k.startswith("blocks.") and int(k.split(".")[1]) >= 6)}
+    torch.save(six, tmp_path / "six.pth")
+    with pytest.raises(ValueError, match="does not fit a 192-dim, depth-12 ViT .*missing keys"):
+        vit.load_backbone(tmp_path / "six.pth", dict(name="vit_tiny", patch_size=8))
+    assert vit.load_backbone(tmp_path / "six.pth", dict(name="vit_tiny", patch_size=8, depth=6)).depth == 6
+    arch = {k: tiny_vit().arch[k] for k in ("patch_size", "embed_dim", "num_heads")}
+    for extra, feature in (({"fc_norm.weight": torch.ones(64)}, "timm's global-pool fc_norm"),
+                           ({"blocks.0.ls1.gamma": torch.ones(64)}, "layer scale"),
+                           ({"reg_token": torch.zeros(1, 4, 64)}, "register tokens")):
+        torch.save({**sd, **extra}, tmp_path / "variant.pth")
+        with pytest.raises(ValueError, match=f"variant.pth holds {feature}, which this ViT .* does not compute"):
+            vit.load_backbone(tmp_path / "variant.pth", arch)
+
+
 def test_prefix_stripping_released_formats(tmp_path):
     torch.manual_seed(0)
     m = tiny_vit().eval()

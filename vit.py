@@ -237,8 +237,14 @@ class VisionTransformer(nn.Module):
 
 # The sizes of timm's and DINO's vit_tiny/small/base; every other option keeps VisionTransformer's default.
 ARCHS = {"vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
-         "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+         "vit_small": dict(embed_dim=384, depth=12, num_heads=6),  # timm's, DINO's and the SER release's
+         # facebookresearch/moco-v3 vits.py vit_small: 12 heads of 32 dims, which no weight shape shows
+         "vit_small_mocov3": dict(embed_dim=384, depth=12, num_heads=12),
          "vit_base": dict(embed_dim=768, depth=12, num_heads=12)}
+# Keys of ViT variants this ViT does not compute; loading around them would change the network's function.
+UNSUPPORTED_KEYS = {"fc_norm": "timm's global-pool fc_norm", "reg_token": "register tokens",
+                    "dist_token": "DeiT's distillation token", "ls1": "layer scale", "mask_token": "a mask token",
+                    "masked_embed": "a mask token", "decoder_embed": "MAE's decoder"}
 
 
 def build_vit(arch):
@@ -483,11 +489,15 @@ def load_backbone(path, arch=None, key=None):
     else:  # the first network entry of the known layouts, else a bare state dict
         sd = next((ckpt[k] for k in ("backbone", "teacher", "student", "state_dict", "model")
                    if isinstance(ckpt.get(k), dict)), ckpt)
-    if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
+    if not (isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())):
         networks = sorted(k for k, v in ckpt.items() if isinstance(v, dict) and any(
             str(n).endswith("pos_embed") and isinstance(t, torch.Tensor) for n, t in v.items()))  # ViT weights
         raise ValueError(f"{path}: {repr(key) if key else 'the file'} holds no network weights; pass --checkpoint-key "
                          f"with one of {networks}")
+    if (isinstance(ckpt.get("arch"), str) or any("base_encoder." in k for k in sd)) and (arch or {}).get("name") == \
+            "vit_small":  # weights read alike into 6 or 12 heads: the function would differ silently
+        raise ValueError(f"{path} is a MoCo v3 checkpoint, whose vit_small has 12 heads (timm's and DINO's: 6); pass "
+                         "--arch vit_small_mocov3")
     sd = strip_prefixes(sd)
     dropped_head = sorted(k for k in sd if k.startswith("head."))  # timm classifier / MoCo projector
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
@@ -508,7 +518,7 @@ def load_backbone(path, arch=None, key=None):
         side = math.isqrt(table.shape[1] - 1)  # resolution, read off the position table ([CLS] row first)
         arch = {**arch, "img_size": side * arch.get("patch_size", 16)}
     blocks = [int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()]
-    if saved_arch is None and "depth" not in arch and blocks:  # and its depth, off the block keys
+    if saved_arch is None and "depth" not in arch and "name" not in arch and blocks:  # its depth, off the block keys
         arch = {**arch, "depth": 1 + max(blocks)}
     try:
         with torch.random.fork_rng(devices=[]):
@@ -521,6 +531,11 @@ def load_backbone(path, arch=None, key=None):
     unexpected = sorted(set(sd) - set(expected))
     shape_mismatch = [(k, tuple(sd[k].shape), tuple(expected[k].shape))
                       for k in sorted(set(sd) & set(expected)) if sd[k].shape != expected[k].shape]
+    feature = next((UNSUPPORTED_KEYS[part] for k in unexpected for part in k.split(".") if part in UNSUPPORTED_KEYS),
+                   None)
+    if feature:
+        raise ValueError(f"{path} holds {feature}, which this ViT (timm's plain VisionTransformer) does not compute: "
+                         "it cannot be evaluated here")
     if missing or unexpected or shape_mismatch:
         raise ValueError(f"{path} does not fit a {model.arch['embed_dim']}-dim, depth-{model.arch['depth']} ViT with "
                          f"patch {model.patch_size}: {len(missing)} missing keys {missing[:3]}, {len(unexpected)} "
