@@ -4,7 +4,8 @@ Only the pyramid (ViTDet: Li et al., ECCV 2022; detectron2 projects/ViTDet) and 
 train; the ViT stays frozen (eval mode, no gradients, checked unchanged at the end), so the score measures how
 much localisable information its patch tokens carry. Every image is padded to one --max-size square, as ViTDet pads
 to 1024 x 1024 (torchvision pads a batch to its largest image: a ViT, attending to the padding, would then detect an
-image differently in other company). Boxes are scored by a numpy re-implementation of pycocotools' COCOeval
+image differently in other company); at --max-size 1333 that is 84 x 84 ViT-S/16 tokens, twice those of a 4:3 image
+resized to 1066 x 800. Boxes are scored by a numpy re-implementation of pycocotools' COCOeval
 (cocodataset/cocoapi cocoeval.py): the 12 standard stats, in its order.
 
     python detect_eval.py --random-init --arch vit_tiny     # built-in synthetic set, offline; CPU, a few minutes
@@ -157,7 +158,7 @@ def load_coco(ann_file, image_dir=None, allow_degenerate=False):
     validate_coco(coco, ann_file, allow_degenerate)
     if image_dir is not None:
         outside = [im["file_name"] for im in coco["images"]
-                   if os.path.isabs(im["file_name"]) or os.path.normpath(im["file_name"]).startswith("..")]
+                   if os.path.isabs(im["file_name"]) or os.path.normpath(im["file_name"]).split(os.sep)[0] == ".."]
         if outside:  # e.g. val entries pointing into train/: the detector scored on its training images
             raise ValueError(f"{ann_file}: {len(outside)} file_name(s) outside {image_dir}, e.g. {outside[:3]}; give "
                              "names relative to the split's folder")
@@ -561,12 +562,15 @@ def save_checkpoint(path, model, optimizer, iteration, args, digest, train_set, 
                          "replaced)")
     vit.save_atomic(path, {"model": heads, "optimizer": optimizer.state_dict(), "iteration": iteration,
                            "args": vars(args), "backbone_digest": digest, "cat_ids": list(train_set.cat_ids),
-                           "train_ann_digest": train_set.ann_digest, **record})
+                           "train_ann_digest": train_set.ann_digest, "padding": "square", **record})
 
 
 def load_checkpoint(path, model, optimizer, args, digest, train_set, world_size):
     ckpt = vit.load_resumable(path, args, ("model", "optimizer", "iteration"), "detect_eval.py", RUNTIME_OPTIONS)
     cat_ids = train_set.cat_ids
+    if ckpt.get("padding") != "square":  # heads that saw batch-padded images would go on, or be scored, on squares
+        raise ValueError(f"{path} holds heads trained on images padded per batch, not to one --max-size square (an "
+                         "earlier detect_eval.py); use another --output-dir")
     if ckpt.get("backbone_digest", digest) != digest:
         raise ValueError(f"{path} holds heads trained on other backbone weights than {args.pretrained} has now "
                          "(the file changed since). Use another --output-dir.")
@@ -703,7 +707,8 @@ def get_args_parser():
     g.add_argument("--min-size", type=int, nargs="+", default=[128],
                    help="shorter side after resizing (several: random per image in training, the last at test); "
                         "COCO: 640..800. Equal to the synthetic size means no resizing")
-    g.add_argument("--max-size", type=int, default=128, help="cap on the longer side; COCO: 1333")
+    g.add_argument("--max-size", type=int, default=128, help="cap on the longer side, and the side of the square "
+                   "every image is padded to; COCO: 1333 (ViTDet's 1024: 0.6x the ViT tokens)")
     g.add_argument("--rpn-batch", type=int, default=64, help="anchors sampled per image for the RPN loss; COCO: 256")
     g.add_argument("--roi-batch", type=int, default=64, help="proposals sampled per image for the box head; COCO: 512")
     g.add_argument("--proposals-train", type=int, default=512, help="RPN proposals kept per image; COCO: 2000")
@@ -735,15 +740,15 @@ def get_args_parser():
 def check_args(args):
     at_least_0 = ("weight_decay", "num_workers", "warmup_iters")
     at_least_1 = ("depth", "batch_size", "iters", "eval_batch_size", "log_every", "ckpt_every", "synthetic_train",
-                  "synthetic_val", "patch_size", "out_channels", "anchor_sizes", "min_size",
-                  "max_size", "rpn_batch", "roi_batch", "proposals_train", "proposals_test", "box_head_dim")
+                  "synthetic_val", "patch_size", "anchor_sizes", "rpn_batch", "roi_batch", "proposals_train",
+                  "proposals_test", "box_head_dim")
     ranges = [("--lr", args.lr, lambda v: v > 0, "positive"),
               ("--momentum", args.momentum, lambda v: 0 <= v <= 1, "in [0, 1]"),
               ("--decay-at", args.decay_at, lambda v: 0 < v < 1, "fractions in (0, 1)"),
               # SyntheticDetection.layout draws box sides from 12 px to 0.75 x the image side
               ("--synthetic-size", args.synthetic_size, lambda v: 16 <= v <= 8192, "in 16..8192"),
-              ("--min-size", args.min_size, lambda v: v <= args.max_size, f"at most --max-size {args.max_size}"),
-              ("--max-size", args.max_size, lambda v: v <= 8192, "at most 8192"),
+              ("--max-size", args.max_size, lambda v: 1 <= v <= 8192, "in 1..8192"),
+              ("--min-size", args.min_size, lambda v: 1 <= v <= args.max_size, f"in 1..--max-size ({args.max_size})"),
               # LayerNorm2d over one channel subtracts each value from itself: a pyramid blind to the image
               ("--out-channels", args.out_channels, lambda v: v >= 2, "at least 2")]
     ranges += [("--" + k.replace("_", "-"), getattr(args, k), lambda v: v >= 0, ">= 0") for k in at_least_0]

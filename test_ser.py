@@ -146,6 +146,11 @@ def test_released_weights_that_would_load_into_another_function_are_refused(tmp_
     with pytest.raises(ValueError, match="is a MoCo v3 checkpoint, whose vit_small has 12 heads .*--arch vit_small_mocov3"):
         vit.load_backbone(tmp_path / "moco.pth", dict(name="vit_small", patch_size=16))
     assert vit.build_vit(dict(name="vit_small_mocov3")).arch["num_heads"] == 12
+    with pytest.raises(ValueError, match="records no architecture .*pass the arch, e.g. --arch vit_small_mocov3"):
+        vit.load_backbone(tmp_path / "moco.pth")
+    torch.save({**moco, "arch": "vit_small_patch16_224"}, tmp_path / "timm.pth")  # timm's saver records its model
+    with pytest.raises(ValueError, match="does not fit a 384-dim"):  # not refused as MoCo v3 (tiny weights here)
+        vit.load_backbone(tmp_path / "timm.pth", dict(name="vit_small", patch_size=16))
     torch.save({0: torch.zeros(1)}, tmp_path / "int_keys.pth")
     with pytest.raises(ValueError, match="int_keys.pth: the file holds no network weights"):
         vit.load_backbone(tmp_path / "int_keys.pth", dict(name="vit_tiny"))
@@ -156,6 +161,9 @@ def test_released_weights_that_would_load_into_another_function_are_refused(tmp_
         vit.load_backbone(tmp_path / "six.pth", dict(name="vit_tiny", patch_size=8))
     assert vit.load_backbone(tmp_path / "six.pth", dict(name="vit_tiny", patch_size=8, depth=6)).depth == 6
     arch = {k: tiny_vit().arch[k] for k in ("patch_size", "embed_dim", "num_heads")}
+    mae = {**sd, "mask_token": torch.zeros(1, 1, 64), "decoder_embed.weight": torch.zeros(32, 64)}  # pretraining only
+    torch.save(mae, tmp_path / "mae.pth")
+    assert vit.load_backbone(tmp_path / "mae.pth", arch).dropped_keys == ["decoder_embed.weight", "mask_token"]
     for extra, feature in (({"fc_norm.weight": torch.ones(64)}, "timm's global-pool fc_norm"),
                            ({"blocks.0.ls1.gamma": torch.ones(64)}, "layer scale"),
                            ({"reg_token": torch.zeros(1, 4, 64)}, "register tokens")):
@@ -4312,6 +4320,10 @@ def test_image_size_must_match_the_file_and_infinite_boxes_do_not_crash(tmp_path
         ann.write_text(json.dumps({**coco, "images": [{**coco["images"][0], "file_name": name}, *coco["images"][1:]]}))
         with pytest.raises(ValueError, match="1 file_name\\(s\\) outside .*val2017, e.g. .*; give names relative"):
             detect_eval.load_coco(str(ann), str(tmp_path / "wrong/val2017"))
+    Image.new("RGB", (64, 64)).save(tmp_path / "wrong/val2017/..dots.png")  # a name, not a step up
+    ann.write_text(json.dumps({**coco, "images": [{**coco["images"][0], "file_name": "..dots.png"}, *coco["images"][1:]]}))
+    Image.new("RGB", (64, 64)).save(tmp_path / "wrong/val2017" / coco["images"][1]["file_name"])  # the JSON's size
+    assert len(detect_eval.load_coco(str(ann), str(tmp_path / "wrong/val2017"))["images"]) == 2
     coco["annotations"][0]["bbox"] = [10, 10, float("inf"), 20]  # json writes Infinity, Python reads it back
     _coco_root(tmp_path / "inf", coco)
     code, last, _ = run_script("detect_eval.py", "--data", tmp_path / "inf", "--random-init", "--arch", "vit_tiny",
@@ -4417,7 +4429,8 @@ def test_detect_eval_flags_the_run_would_ignore_are_refused(tmp_path):
             ("--iters 4 --warmup-iters 4", "--warmup-iters 4 must be below --iters 4"),
             ("--data-seed 4294967296", "--data-seed must be in 0..2\\^31-1"),
             ("--out-channels 1", "--out-channels must be at least 2"),
-            ("--min-size 64 256", "--min-size must be at most --max-size 128, got 256"),
+            ("--min-size 64 256", "--min-size must be in 1..--max-size \\(128\\), got 256"),
+            ("--max-size 0", "--max-size must be in 1..8192, got 0"), ("--max-size 8193", "--max-size must be in 1..8192"),
             ("--synthetic-size 100000", "--synthetic-size must be in 16..8192"),
             ("--data {coco} --train-split val2017", "--train-split val2017 and --val-split val2017 read one "
              "annotation file, so the detector would be scored on its training images")]:
@@ -4499,6 +4512,11 @@ def test_refused_or_diverged_detection_runs_leave_their_files(tmp_path, backbone
     with pytest.raises(SystemExit, match="different settings: --synthetic-train 8 \\(now 16\\)"):
         detect_eval.main(tiny_run_args(backbone_path, out, 1, ["--synthetic-train", "16"]))
     assert all((out / f).read_bytes() == data for f, data in files.items())  # the refused run wrote nothing
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    del ckpt["padding"]  # as an earlier detect_eval.py wrote it, its images padded per batch
+    torch.save(ckpt, out / "checkpoint.pth")
+    with pytest.raises(SystemExit, match="holds heads trained on images padded per batch, not to one --max-size square"):
+        detect_eval.main(tiny_run_args(backbone_path, out, 1))
     diverged = tmp_path / "diverged"  # checkpoints between log steps: the loss is not looked at there
     with pytest.raises(SystemExit, match="non-finite weights by iteration 2; lower --lr .*checkpoint.pth was not "
                                          "replaced"):

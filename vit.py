@@ -243,8 +243,7 @@ ARCHS = {"vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
          "vit_base": dict(embed_dim=768, depth=12, num_heads=12)}
 # Keys of ViT variants this ViT does not compute; loading around them would change the network's function.
 UNSUPPORTED_KEYS = {"fc_norm": "timm's global-pool fc_norm", "reg_token": "register tokens",
-                    "dist_token": "DeiT's distillation token", "ls1": "layer scale", "mask_token": "a mask token",
-                    "masked_embed": "a mask token", "decoder_embed": "MAE's decoder"}
+                    "dist_token": "DeiT's distillation token", "ls1": "layer scale"}
 
 
 def build_vit(arch):
@@ -494,13 +493,17 @@ def load_backbone(path, arch=None, key=None):
             str(n).endswith("pos_embed") and isinstance(t, torch.Tensor) for n, t in v.items()))  # ViT weights
         raise ValueError(f"{path}: {repr(key) if key else 'the file'} holds no network weights; pass --checkpoint-key "
                          f"with one of {networks}")
-    if (isinstance(ckpt.get("arch"), str) or any("base_encoder." in k for k in sd)) and (arch or {}).get("name") == \
-            "vit_small":  # weights read alike into 6 or 12 heads: the function would differ silently
+    # facebookresearch/moco-v3 main_moco.py saves {'arch': 'vit_small', 'state_dict': {'module.base_encoder...'}}, a
+    # 12-head ViT-S whose weights read alike into 6 heads: the function would differ silently.
+    moco_v3 = ckpt.get("arch") == "vit_small" and any(k.startswith(("module.base_encoder.", "base_encoder."))
+                                                      for k in sd)
+    if moco_v3 and (arch or {}).get("name") == "vit_small":
         raise ValueError(f"{path} is a MoCo v3 checkpoint, whose vit_small has 12 heads (timm's and DINO's: 6); pass "
                          "--arch vit_small_mocov3")
     sd = strip_prefixes(sd)
-    dropped_head = sorted(k for k in sd if k.startswith("head."))  # timm classifier / MoCo projector
-    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    # Heads (timm's classifier, MoCo v3's projector) and what only pretraining reads (MAE's decoder, mask tokens).
+    dropped_head = sorted(k for k in sd if k.startswith(("head.", "decoder", "mask_token", "masked_embed")))
+    sd = {k: v for k, v in sd.items() if k not in dropped_head}
 
     if saved_arch is not None and arch is not None:
         with torch.random.fork_rng(devices=[]):  # models built to be overwritten leave the caller's generator alone
@@ -511,8 +514,9 @@ def load_backbone(path, arch=None, key=None):
             raise ValueError(f"{path}: the checkpoint's architecture differs from the requested one: "
                              + ", ".join(f"{k} saved={a} requested={b}" for k, (a, b) in clash.items()))
     if saved_arch is None and arch is None:
-        raise ValueError(f"{path} records no architecture (a released checkpoint?): pass the arch, "
-                         "e.g. --arch vit_small --patch-size 16; the head count cannot be read off the weights")
+        raise ValueError(f"{path} records no architecture (a released checkpoint?): pass the arch, e.g. --arch "
+                         f"{'vit_small_mocov3' if moco_v3 else 'vit_small'} --patch-size 16; the head count cannot be "
+                         "read off the weights")
     table = sd.get("pos_embed")
     if saved_arch is None and table is not None and table.dim() == 3 and table.shape[1] > 1:  # its training
         side = math.isqrt(table.shape[1] - 1)  # resolution, read off the position table ([CLS] row first)
