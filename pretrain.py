@@ -57,10 +57,10 @@ from linear_eval import WithIndex, knn_eval  # linear_eval owns the k-NN protoco
 
 EMA_METHODS = ("mocov3", "dino", "byol")  # methods with a momentum teacher / target network
 ADDONS = ("ser", "equimod", "augself", "essl")
-# Options a resumed run may change: they do not affect what is computed (precision: compared as resolved).
+# Options a resumed run may change: they do not affect what is computed (precision: compared as resolved; not
+# --compile, whose graphs draw drop-path masks from Inductor's generator).
 RUNTIME_OPTIONS = {"output_dir", "num_workers", "log_every", "knn_every", "knn_train_size", "knn_val_size",
-                   "stop_at_step", "benchmark", "peak_tflops", "count_flops", "compile", "grad_checkpointing",
-                   "precision"}
+                   "stop_at_step", "benchmark", "peak_tflops", "count_flops", "grad_checkpointing", "precision"}
 
 # Base-method defaults: each method's official ViT-S/16 recipe at 224 px on ImageNet (facebookresearch/moco-v3
 # CONFIG.md, facebookresearch/dino README.md); lr and min_lr per 256 images. Barlow Twins: SER's, its only ViT
@@ -494,7 +494,8 @@ class Student(nn.Module):
         res = {}
         if self.addon == "ser":
             cls, res["ser"] = self._b2(batch, cls)
-        # Heads run per view, so BatchNorm statistics are per view as in MoCo v3 and BYOL.
+        # Heads run per view, so BatchNorm statistics are per view as in MoCo v3 and BYOL (DINO's MultiCropWrapper and
+        # SimCLR normalise all views together: a deviation, README).
         res["proj"] = [self.projector(c) for c in cls]
         if self.predictor is not None:
             res["pred"] = [self.predictor(z) for z in res["proj"]]

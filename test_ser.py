@@ -1934,6 +1934,8 @@ def test_resume_refuses_a_different_run(tmp_path, capsys):
         run("--method byol --stop-at-step 2", tmp_path)
     ckpt["args"]["precision"] = "auto"
     torch.save(ckpt, tmp_path / "checkpoint.pth")
+    with pytest.raises(SystemExit, match="different settings: --compile False \\(now True\\)"):
+        run("--method byol --stop-at-step 2 --compile", tmp_path)  # compiled graphs draw drop-path masks otherwise
     run("--method byol --stop-at-step 2", tmp_path)  # the last step: the run is finished
     run("--method byol --stop-at-step 2", tmp_path)  # and the same command again says so, no error
     assert "the run had finished" in capsys.readouterr().out
