@@ -1462,16 +1462,22 @@ def test_corrupt_image_names_the_file(tmp_path):
 
 
 def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
-    grey = np.array([[0, 257 * 100], [257 * 200, 65535]], np.uint16)
+    grey = np.array([[0, 257 * 100 + 128, 257 * 100 + 129], [257 * 200, 65534, 65535]], np.uint16)
     Image.fromarray(grey).save(tmp_path / "g.png")  # PIL opens it as mode I;16
     rgb = np.asarray(augment.load_rgb(str(tmp_path / "g.png")))
-    assert rgb.shape == (2, 2, 3) and rgb[..., 0].tolist() == [[0, 100], [200, 255]]
+    assert rgb.shape == (2, 3, 3) and rgb[..., 0].tolist() == [[0, 100, 101], [200, 255, 255]]  # round(v / 257)
     Image.fromarray(np.ones((2, 2), np.float32)).save(tmp_path / "f.tiff")  # mode F: no range to scale from
-    with pytest.raises(augment.UnreadableImage, match="f.tiff: 32-bit float pixels"):
+    with pytest.raises(augment.UnreadableImage, match="f.tiff: float or signed pixels"):
         augment.load_rgb(str(tmp_path / "f.tiff"))
     Image.fromarray(np.full((2, 2), 10 ** 6, np.int32)).save(tmp_path / "i.tiff")  # mode I beyond 16 bits
-    with pytest.raises(augment.UnreadableImage, match="i.tiff: integer pixels beyond 16 bits"):
+    with pytest.raises(augment.UnreadableImage, match="i.tiff: (float or signed pixels|integer pixels beyond 16 bits)"):
         augment.load_rgb(str(tmp_path / "i.tiff"))
+    Image.fromarray(np.array([[0, 65535]], np.uint16)).save(tmp_path / "wiz.tiff", tiffinfo={262: 0})
+    with pytest.raises(augment.UnreadableImage, match="wiz.tiff: 16-bit white-is-zero pixels"):  # read as black-is-zero
+        augment.load_rgb(str(tmp_path / "wiz.tiff"))
+    os.mkfifo(tmp_path / "pipe.png")  # open() would wait for a writer for good
+    with pytest.raises(augment.UnreadableImage, match="pipe.png: not a regular file"):
+        augment.load_rgb(str(tmp_path / "pipe.png"))
 
 
 def test_load_rgb_reads_palette_transparency_without_a_warning(tmp_path):
