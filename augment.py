@@ -277,10 +277,11 @@ def load_rgb(path: str) -> Image.Image:
             if image.mode == "P" and "transparency" in image.info:  # PIL warns on P -> RGB; same colours via RGBA
                 image = image.convert("RGBA")
             if image.mode.startswith("I"):
-                if image.mode == "I" and not 0 <= np.asarray(image).min() <= np.asarray(image).max() <= 65535:
+                pixels = np.asarray(image)
+                if image.mode == "I" and not 0 <= pixels.min() <= pixels.max() <= 65535:
                     raise ValueError("integer pixels beyond 16 bits; save it with 8 or 16 bits per channel")
                 # round(v / 257) in integers: float64 copies of a 12000^2 image took 2.5 GB
-                image = Image.fromarray(((np.asarray(image).astype(np.uint32) * 2 + 257) // 514).astype(np.uint8))
+                image = Image.fromarray(((pixels.astype(np.uint32) * 2 + 257) // 514).astype(np.uint8))
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UnreadableImage(f"cannot read image file {path}: {e}; remove or replace it") from None

@@ -502,8 +502,8 @@ def load_backbone(path, arch=None, key=None):
                          "--arch vit_small_mocov3")
     sd = strip_prefixes(sd)
     # Heads (timm's classifier, MoCo v3's projector) and what only pretraining reads (MAE's decoder, mask tokens).
-    dropped_head = sorted(k for k in sd if k.startswith(("head.", "decoder", "mask_token", "masked_embed")))
-    sd = {k: v for k, v in sd.items() if k not in dropped_head}
+    dropped = sorted(k for k in sd if k.startswith(("head.", "decoder", "mask_token", "masked_embed")))
+    sd = {k: v for k, v in sd.items() if k not in dropped}
 
     if saved_arch is not None and arch is not None:
         with torch.random.fork_rng(devices=[]):  # models built to be overwritten leave the caller's generator alone
@@ -547,7 +547,7 @@ def load_backbone(path, arch=None, key=None):
                          "check --arch, --patch-size, --depth")
     refuse_non_finite(path, sd)
     model.load_state_dict(sd, strict=True)
-    model.dropped_keys = dropped_head  # reported by the evaluation scripts
+    model.dropped_keys = dropped  # reported by the evaluation scripts
     return model.eval()
 
 
