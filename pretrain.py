@@ -56,6 +56,7 @@ import vit
 from linear_eval import WithIndex, knn_eval  # linear_eval owns the k-NN protocol (DINO eval_knn)
 
 EMA_METHODS = ("mocov3", "dino", "byol")  # methods with a momentum teacher / target network
+JOINT_HEAD_METHODS = ("dino", "simclr")  # heads called once on all views (run_head)
 ADDONS = ("ser", "equimod", "augself", "essl")
 # Options a resumed run may change: they do not affect what is computed (precision: compared as resolved; not
 # --compile, whose graphs draw drop-path masks from Inductor's generator).
@@ -450,13 +451,24 @@ def make_step_inputs(batch, photometric, step, args, rank, world, device):
     return out
 
 
+def run_head(head, views, joint):
+    """head on each view's (N_v, D) rows. joint: one call on all views, so a head's BatchNorm normalises them
+    together, as DINO's MultiCropWrapper (facebookresearch/dino utils.py) and SimCLR's release (google-research/
+    simclr model.py: the views concatenated along the batch) do; MoCo v3, BYOL, Barlow Twins and VICReg call theirs
+    per view."""
+    if joint:
+        return list(head(torch.cat(views)).split([v.shape[0] for v in views]))
+    return [head(v) for v in views]
+
+
 class Student(nn.Module):
     """Backbone + the method's heads + the add-on head: everything that trains, behind one forward
     (so DDP sees every parameter used in the step)."""
 
-    def __init__(self, backbone, projector, predictor=None, addon=None, addon_head=None, addon_layer=None):
+    def __init__(self, backbone, projector, predictor=None, addon=None, addon_head=None, addon_layer=None,
+                 joint_head=False):
         super().__init__()
-        self.backbone, self.projector, self.predictor = backbone, projector, predictor
+        self.backbone, self.projector, self.predictor, self.joint_head = backbone, projector, predictor, joint_head
         self.addon, self.addon_head = addon, addon_head
         self.addon_layer = addon_layer  # None: the add-on reads the final [CLS]; l: the raw [CLS] of block l
         self.addon_key = "cls" if addon_layer is None else "cls_at_layer"
@@ -494,9 +506,7 @@ class Student(nn.Module):
         res = {}
         if self.addon == "ser":
             cls, res["ser"] = self._b2(batch, cls)
-        # Heads run per view, so BatchNorm statistics are per view as in MoCo v3 and BYOL (DINO's MultiCropWrapper and
-        # SimCLR normalise all views together: a deviation, README).
-        res["proj"] = [self.projector(c) for c in cls]
+        res["proj"] = run_head(self.projector, cls, self.joint_head)
         if self.predictor is not None:
             res["pred"] = [self.predictor(z) for z in res["proj"]]
         if self.addon == "equimod":
@@ -535,9 +545,9 @@ class Student(nn.Module):
 class Teacher(nn.Module):
     """EMA copy of backbone + projector (MoCo v3 momentum encoder, DINO teacher, BYOL target), on Student's streams."""
 
-    def __init__(self, backbone, projector):
+    def __init__(self, backbone, projector, joint_head=False):
         super().__init__()
-        self.backbone, self.projector = backbone, projector
+        self.backbone, self.projector, self.joint_head = backbone, projector, joint_head
 
     @torch.no_grad()
     def forward(self, batch):
@@ -549,7 +559,7 @@ class Teacher(nn.Module):
                 for x, stream in zip((pair.x1, pair.x2), pair.streams):
                     if stream < len(cls):
                         cls[stream].append(self.backbone.forward_features(x, layer=layer)["cls"])
-        return [self.projector(torch.cat(c)) for c in cls]
+        return run_head(self.projector, [torch.cat(c) for c in cls], self.joint_head)
 
 
 def build_models(args):
@@ -572,14 +582,15 @@ def build_models(args):
     if args.addon in ("equimod", "augself", "essl"):
         head = {"equimod": losses.EquiModHead, "augself": losses.AugSelfHead, "essl": losses.ESSLHead}[args.addon]
         addon_head = head(D, input_norm=addon_layer is not None)  # a decoupled layer's [CLS] is not normalised yet
-    student = Student(backbone, projector, predictor, args.addon, addon_head, addon_layer)
+    joint = args.method in JOINT_HEAD_METHODS
+    student = Student(backbone, projector, predictor, args.addon, addon_head, addon_layer, joint)
     teacher = None
     if args.method in EMA_METHODS:
         # The teacher starts as a copy of the student, without stochastic depth (DINO). BYOL's
         # official target starts from its own random init; a copy is the MoCo/DINO convention.
         teacher_backbone = vit.build_vit({**backbone.arch, "drop_path_rate": 0.0})
         teacher_backbone.load_state_dict(backbone.state_dict())
-        teacher = Teacher(teacher_backbone, deepcopy(projector)).requires_grad_(False)
+        teacher = Teacher(teacher_backbone, deepcopy(projector), joint).requires_grad_(False)
     return student, teacher
 
 

@@ -2415,6 +2415,29 @@ def test_mocov3_multicrop_losses_equal_a_hand_written_reference(addon, tmp_path)
         torch.testing.assert_close(terms["equiv"].double(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method, extra, joint", [("dino", "--use-bn-in-head --n-local-crops 2 --ser --equiv-layer 2", True),
+                                                  ("simclr", "", True), ("mocov3", "", False), ("byol", "", False),
+                                                  ("barlowtwins", "", False), ("vicreg", "", False)])
+def test_heads_see_all_views_at_once_where_the_official_code_does(method, extra, joint, tmp_path):
+    """DINO's MultiCropWrapper and SimCLR's release call the projection head once on every view (b2 rows
+    included), so its BatchNorm normalises them together; MoCo v3, BYOL, Barlow Twins and VICReg call it per view."""
+    args = config(f"--method {method} {extra}", tmp_path)
+    student, teacher = pretrain.build_models(args)
+    recipe = pretrain.build_recipe(args)
+    batch = pretrain.make_step_inputs(fake_global_batch(recipe, 16), recipe.photometric(), 0, args, 0, 1,
+                                      torch.device("cpu"))
+    calls = {"student": [], "teacher": []}
+    for name, model in (("student", student), ("teacher", teacher)):
+        if model is not None:
+            model.projector.register_forward_pre_hook(lambda m, inp, name=name: calls[name].append(inp[0].shape[0]))
+    out = student(batch)
+    rows = [z.shape[0] for z in out["proj"]]
+    assert calls["student"] == ([sum(rows)] if joint else rows) and len(rows) == len(recipe.views)
+    if teacher is not None:
+        keys = [k.shape[0] for k in teacher(batch)]
+        assert calls["teacher"] == ([sum(keys)] if joint else keys) and len(keys) == 2
+
+
 def test_benchmark_mode_counts_the_ser_flops(tmp_path):
     base = pretrain.benchmark(config("--method mocov3 --benchmark 1 --batch-size 32 --synthetic-length 64",
                                  tmp_path / "base"))
