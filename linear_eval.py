@@ -387,7 +387,8 @@ def main(argv=None):
         raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(fit_idx)} images the heads train on: pass "
                          f"at most {len(fit_idx)}")
     log(f"backbone: {args.pretrained or 'random init ' + args.arch}  arch: {backbone.arch}"
-        + (f"  (dropped head keys: {backbone.dropped_keys})" if getattr(backbone, "dropped_keys", None) else ""))
+        + (f"  (dropped heads and pretraining-only keys: {backbone.dropped_keys})"
+           if getattr(backbone, "dropped_keys", None) else ""))
     log(f"data: {args.data} at {img_size} px, {num_classes} classes; fit {len(fit_idx)}, "
         f"holdout {len(holdout_idx)}, val {len(val_set)}; world {world}, batch {args.batch_size} "
         f"({per_rank_batch} per rank)")

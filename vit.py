@@ -547,7 +547,7 @@ def load_backbone(path, arch=None, key=None):
                          "check --arch, --patch-size, --depth")
     refuse_non_finite(path, sd)
     model.load_state_dict(sd, strict=True)
-    model.dropped_keys = dropped  # reported by the evaluation scripts
+    model.dropped_keys = dropped  # linear_eval.py reports them
     return model.eval()
 
 
