@@ -322,10 +322,8 @@ def run_script(main):
 
 def _check_image_tree(data: str, folder: str) -> frozenset:
     """The real paths of every folder ImageFolder reads under `folder`, after refusing what it would read silently
-    wrong. It follows directory links: one back into the tree (`train/a/up -> ..`) adds the images again under
-    other labels, level after level, until the OS gives up, and a folder reached twice (two links, or a cycle
-    outside the tree) counts its images twice. It skips folders it cannot read and ignores images beside the class
-    folders. A link to a folder outside the tree (class folders on another disk) is fine."""
+    wrong (each error says how). It follows directory links: one back into the tree (`train/a/up -> ..`) adds the
+    images again, level after level, until the OS gives up; a link to a folder outside the tree is fine."""
     top, seen = os.path.realpath(folder), {}
 
     def unreadable(e):

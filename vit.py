@@ -369,8 +369,6 @@ def restart_log(path, step, key="step"):
     if not os.path.exists(path):
         return
     records = []
-    if not step and os.path.getsize(path):  # called on rank 0 only
-        print(f"note: {path} held the records of a run that wrote no checkpoint; this new run starts it afresh")
     if step:
         with open(path, errors="replace") as f:  # bytes a crash left are a line that does not parse, not an error
             for line in f:
@@ -380,6 +378,8 @@ def restart_log(path, step, key="step"):
                     continue
                 if isinstance(record, dict) and isinstance(record.get(key), (int, float)) and record[key] <= step:
                     records.append(record)
+    elif os.path.getsize(path):  # called on rank 0 only
+        print(f"note: {path} held the records of a run that wrote no checkpoint; this new run starts it afresh")
     save_atomic(path, records)
 
 
