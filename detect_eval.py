@@ -54,10 +54,10 @@ BOX_TOLERANCE = 1.0  # px a box may overshoot its image (annotation rounding); c
 # A box narrower or lower than this inside its image counts as zero-size: in float32, after the resize and a flip,
 # its sides could meet, which torchvision's training asserts against. (COCO's boxes have 0.01 px steps.)
 MIN_BOX_EXTENT = 1e-3  # px
-# Per section: the required keys, then those of them that must be integers.
-COCO_KEYS = {"images": (("id", "file_name", "width", "height"), ("id", "width", "height")),
-             "annotations": (("id", "image_id", "category_id", "bbox", "area"), ("id", "image_id", "category_id")),
-             "categories": (("id", "name"), ("id",))}
+# Per section: the required keys, those of them that must be integers, and those that must be non-empty strings.
+COCO_KEYS = {"images": (("id", "file_name", "width", "height"), ("id", "width", "height"), ("file_name",)),
+             "annotations": (("id", "image_id", "category_id", "bbox", "area"), ("id", "image_id", "category_id"), ()),
+             "categories": (("id", "name"), ("id",), ("name",))}
 
 
 def _is_number(v):
@@ -82,7 +82,7 @@ def validate_coco(coco, source, allow_degenerate=False):
     unless allow_degenerate, score as in pycocotools."""
     if not isinstance(coco, dict):
         raise ValueError(f"{source}: expected a JSON object with images/annotations/categories")
-    for section, (keys, int_keys) in COCO_KEYS.items():
+    for section, (keys, int_keys, str_keys) in COCO_KEYS.items():
         if not isinstance(coco.get(section), list):
             raise ValueError(f"{source}: missing top-level list {section!r}")
         for i, entry in enumerate(coco[section]):
@@ -95,10 +95,9 @@ def validate_coco(coco, source, allow_degenerate=False):
                 if type(entry[k]) is not int or (k in ("width", "height") and entry[k] < 1):
                     want = "a positive integer" if k in ("width", "height") else "an integer"
                     raise ValueError(f"{where} {k} must be {want}, got {entry[k]!r} ({type(entry[k]).__name__})")
-            if section == "images" and not (isinstance(entry["file_name"], str) and entry["file_name"]):
-                raise ValueError(f"{where} file_name must be a non-empty string, got {entry['file_name']!r}")
-            if section == "categories" and not (isinstance(entry["name"], str) and entry["name"]):
-                raise ValueError(f"{where} name must be a non-empty string, got {entry['name']!r}")
+            for k in str_keys:
+                if not (isinstance(entry[k], str) and entry[k]):
+                    raise ValueError(f"{where} {k} must be a non-empty string, got {entry[k]!r}")
         ids = [entry["id"] for entry in coco[section]]  # a repeated category id would add a class no target ever has
         if len(set(ids)) != len(ids):
             raise ValueError(f"{source}: duplicate ids in {section!r}")
@@ -182,7 +181,7 @@ class CocoDetection(Dataset):
     """Images and Faster R-CNN targets of a validated COCO dict: labels 1..K in sorted category id order (0 is
     torchvision's background); crowd regions and zero-size boxes only count for scoring, not in the targets."""
 
-    def __init__(self, coco, image_dir=None, render=None):
+    def __init__(self, coco, image_dir=None, render=None, ann_file=None):
         self.images = sorted(coco["images"], key=lambda im: im["id"])
         self.cat_ids = sorted(c["id"] for c in coco["categories"])
         label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
@@ -192,7 +191,7 @@ class CocoDetection(Dataset):
             size = sizes[a["image_id"]]
             if not a["iscrowd"] and not is_degenerate(a["bbox"], *size):
                 self.targets[a["image_id"]].append((*clip_box(a["bbox"], *size), label[a["category_id"]]))
-        self.coco, self.image_dir, self.render = coco, image_dir, render
+        self.coco, self.image_dir, self.render, self.ann_file = coco, image_dir, render, ann_file
 
     @functools.cached_property
     def ann_digest(self):
@@ -375,10 +374,9 @@ def build_detector(backbone, num_classes, args):
         box_head=TwoMLPHead(args.out_channels * 7 * 7, args.box_head_dim),  # on 7x7 RoIAlign crops
         box_predictor=FastRCNNPredictor(args.box_head_dim, num_classes + 1),
         box_detections_per_img=100,  # COCO's maxDets
-        # Every image padded to one S x S square (ViTDet: 1024 x 1024), S = --max-size rounded up to a multiple of 2p
-        # (the ViT input divisible by p, the stride-2p level exact): a ViT attends to the padding, so a batch padded
-        # to its largest image would give an image other features in other company, and --eval-batch-size or the
-        # number of ranks would change the AP.
+        # Every image padded to one S x S square (see the module docstring), S = --max-size rounded up to a multiple
+        # of 2p (the ViT input divisible by p, the stride-2p level exact): padded per batch, an image would get other
+        # features in other company, and --eval-batch-size or the number of ranks would change the AP.
         size_divisible=math.ceil(args.max_size / multiple) * multiple)
 
 
@@ -498,7 +496,7 @@ def format_stats(stats):
     """The 12 stats as pycocotools' COCOeval.summarize prints them."""
     kinds = ["Precision"] * 6 + ["Recall"] * 6
     ious = ["0.50:0.95", "0.50", "0.75"] + ["0.50:0.95"] * 9
-    areas = ["all"] * 3 + ["small", "medium", "large"] + ["all"] * 3 + ["small", "medium", "large"]
+    areas = (["all"] * 3 + ["small", "medium", "large"]) * 2
     max_dets = [100] * 6 + [1, 10, 100] + [100] * 3
     return "\n".join(f" Average {kind:<9} (A{kind[0]}) @[ IoU={iou:<9} | area={area:>6} | maxDets={md:>3} ] = {s:0.3f}"
                      for kind, iou, area, md, s in zip(kinds, ious, areas, max_dets, stats))
@@ -561,13 +559,12 @@ def save_checkpoint(path, model, optimizer, iteration, args, digest, train_set, 
         raise SystemExit(f"detect_eval.py: non-finite weights by iteration {iteration}; lower --lr ({path} was not "
                          "replaced)")
     vit.save_atomic(path, {"model": heads, "optimizer": optimizer.state_dict(), "iteration": iteration,
-                           "args": vars(args), "backbone_digest": digest, "cat_ids": list(train_set.cat_ids),
+                           "args": vars(args), "backbone_digest": digest, "cat_ids": train_set.cat_ids,
                            "train_ann_digest": train_set.ann_digest, "padding": "square", **record})
 
 
 def load_checkpoint(path, model, optimizer, args, digest, train_set, world_size):
     ckpt = vit.load_resumable(path, args, ("model", "optimizer", "iteration"), "detect_eval.py", RUNTIME_OPTIONS)
-    cat_ids = train_set.cat_ids
     if ckpt.get("padding") != "square":  # heads that saw batch-padded images would go on, or be scored, on squares
         raise ValueError(f"{path} holds heads trained on images padded per batch, not to one --max-size square (an "
                          "earlier detect_eval.py); use another --output-dir")
@@ -590,12 +587,12 @@ def load_checkpoint(path, model, optimizer, args, digest, train_set, world_size)
                          f"{args.batch_size * world_size} (--batch-size {args.batch_size} per process x {world_size});"
                          f" resume at a global batch of {global_batch}, or use another --output-dir")
     # The same --data can hold other annotations since: the box head has one output per category.
-    if ckpt.get("cat_ids", list(cat_ids)) != list(cat_ids):
+    cat_ids = train_set.cat_ids
+    if ckpt.get("cat_ids", cat_ids) != cat_ids:
         raise ValueError(f"{path} holds heads trained for {len(ckpt['cat_ids'])} categories (ids "
                          f"{ckpt['cat_ids'][:10]}), the annotations of --data {args.data} now list {len(cat_ids)} "
-                         f"(ids {list(cat_ids)[:10]}). Use another --output-dir.")
-    # Or other boxes, labels or images: the heads would go on from another data set.
-    # A checkpoint without the field predates this check.
+                         f"(ids {cat_ids[:10]}). Use another --output-dir.")
+    # Or other boxes, labels or images: the heads would go on from another data set (absent: an older checkpoint).
     if ckpt.get("train_ann_digest", train_set.ann_digest) != train_set.ann_digest:
         raise ValueError(f"{path} holds heads trained on another {train_set.ann_file}: the file changed since the "
                          "checkpoint; use another --output-dir")
@@ -635,30 +632,29 @@ def check_resizable(coco, ann_file, args):
 def build_data(args):
     """Train and val datasets (their COCO dicts in .coco). The synthetic set is validated as a COCO file would be;
     main writes its synthetic_{split}.json once the run is accepted (a refused resume changes no file)."""
-    sources = {}
+    datasets = []
     for split, name, n in (("train", args.train_split, args.synthetic_train),
                            ("val", args.val_split, args.synthetic_val)):
         if args.data == "synthetic":
             synth, source = SyntheticDetection(n, args.synthetic_size, args.data_seed, split), f"synthetic_{split}.json"
             coco = synth.coco()
             validate_coco(coco, source)
-            sources[split] = (source, CocoDetection(coco, render=synth.render))
+            datasets.append(CocoDetection(coco, render=synth.render, ann_file=source))
         else:
             source = os.path.join(args.data, "annotations", f"instances_{name}.json")
             coco = load_coco(source, os.path.join(args.data, name), args.allow_degenerate_boxes)
-            sources[split] = (source, CocoDetection(coco, os.path.join(args.data, name)))
-    (train_file, train), (val_file, val) = sources["train"], sources["val"]
-    for source, dataset in sources.values():
-        check_resizable(dataset.coco, source, args)
-    train.ann_file = train_file  # CocoDetection.ann_digest reads it when a checkpoint is written or resumed
+            datasets.append(CocoDetection(coco, os.path.join(args.data, name), ann_file=source))
+    for dataset in datasets:
+        check_resizable(dataset.coco, dataset.ann_file, args)
+    train, val = datasets
     # The heads learn train's labels by id; val is scored by id: the same id must mean the same category in both.
     train_names, val_names = ({c["id"]: c["name"] for c in d.coco["categories"]} for d in (train, val))
     if train_names != val_names:
         differ = sorted(i for i in train_names.keys() | val_names.keys() if train_names.get(i) != val_names.get(i))
         shown = ", ".join(f"id {i}: " + " vs ".join(repr(n[i]) if i in n else "absent"
                                                     for n in (train_names, val_names)) for i in differ[:5])
-        raise ValueError(f"train and val annotation files list different categories ({train_file} vs "
-                         f"{val_file}: {shown}{', ...' if len(differ) > 5 else ''}); give both files the "
+        raise ValueError(f"train and val annotation files list different categories ({train.ann_file} vs "
+                         f"{val.ann_file}: {shown}{', ...' if len(differ) > 5 else ''}); give both files the "
                          "same category ids and names")
     return train, val
 
