@@ -1182,11 +1182,16 @@ def figure_layer(args, backbones):
     return layer
 
 
+def results_source(args):
+    """What robustness.json is of: the probe, or the backbones (resolved paths)."""
+    return " ".join(os.path.realpath(p) for p in ([args.probe] if args.probe else args.backbone or []))
+
+
 def make_output_dirs(args, rank, names):
     """--output-dir and --figures (for the runs `names`), created and tried before any work: results that cannot be
     written are lost."""
     if rank == 0:
-        vit.make_output_dir(args.output_dir, outputs=("robustness.json",))
+        vit.make_output_dir(args.output_dir, outputs=("robustness.json",), source=results_source(args))
         if args.figures:
             vit.make_output_dir(args.figures, flag="--figures",
                                 outputs=("equivariance.png", *(f"attention_{n}.png" for n in names)))
@@ -1485,7 +1490,7 @@ def main(args):
         raise SystemExit("several --backbone (or --figures without --probe) need --equivariance-only")
     task = compare_backbones if several else evaluate
     numbers, draw = task(args, device, rank, world)
-    results = {"args": vars(args), "data": args.data, **numbers}
+    results = {"args": vars(args), "source": results_source(args), "data": args.data, **numbers}
     results["seconds"] = time.time() - t0
     if rank == 0:
         path = os.path.join(args.output_dir, "robustness.json")

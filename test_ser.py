@@ -2974,6 +2974,36 @@ def test_diverged_heads_are_left_out_and_the_k_used_is_reported(tmp_path, capsys
         linear_eval.main(common + ["--lrs", "3e38", "--output-dir", str(tmp_path / "b")])
 
 
+def test_evaluations_keep_the_results_of_other_weights_in_their_folder(tmp_path, tiny_probe):
+    """The default output folders are shared (runs/linear, runs/robustness): an evaluation of other weights refuses
+    a folder holding another's results, before any work, where DINO's scripts would overwrite them; a rerun on the
+    same file replaces its own. A results file that records no source (or is not JSON) does not block."""
+    model = tiny_vit(seed=0, depth=2, num_heads=2).eval()
+    for name in ("a", "b"):
+        torch.save({"arch": model.arch, "backbone": model.state_dict()}, tmp_path / f"{name}.pth")
+    common = ["--img-size", "32", "--train-length", "64", "--val-length", "32", "--batch-size", "32", "--cached",
+              "--epochs", "1", "--lrs", "0.03", "--num-workers", "0", "--output-dir", str(tmp_path / "linear")]
+    first = linear_eval.main(["--pretrained", str(tmp_path / "a.pth"), *common])
+    assert first["source"] == os.path.realpath(tmp_path / "a.pth")
+    written = (tmp_path / "linear" / "linear_eval.json").read_bytes()
+    with pytest.raises(SystemExit, match=f"--output-dir {tmp_path / 'linear'} holds the linear_eval.json of "
+                                         f"{tmp_path / 'a.pth'}, this run is of .*b.pth: choose another"):
+        linear_eval.main(["--pretrained", str(tmp_path / "b.pth"), *common])
+    assert (tmp_path / "linear" / "linear_eval.json").read_bytes() == written
+    linear_eval.main(["--pretrained", os.path.relpath(tmp_path / "a.pth"), *common])  # the same file, written otherwise
+    rob = ["--tasks", "clean", "--num-images", "6", "--img-size", "32", "--num-workers", "0", "--output-dir",
+           str(tmp_path / "rob")]
+    robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--probe", tiny_probe, *rob]))
+    other = tmp_path / "other_probe.pth"
+    other.write_bytes(open(tiny_probe, "rb").read())
+    with pytest.raises(SystemExit, match="holds the robustness.json of .*linear_probe.pth, this run is of "
+                                         ".*other_probe.pth"):
+        robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--probe", str(other), *rob]))
+    for unrelated in ("{", "[1]", json.dumps({"args": {}})):  # not JSON, not an object, no source recorded
+        (tmp_path / "rob" / "robustness.json").write_text(unrelated)
+        vit.make_output_dir(str(tmp_path / "rob"), outputs=("robustness.json",), source=str(other))
+
+
 def test_bad_flags_give_clear_errors(tmp_path):
     parser = linear_eval.get_args_parser()
     with pytest.raises(SystemExit, match="must be divisible by the world size 3"):

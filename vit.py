@@ -393,9 +393,11 @@ def exit_on_write_error(prefix=""):
         raise SystemExit(prefix + message) from None
 
 
-def make_output_dir(path, prefix="", flag="--output-dir", outputs=()):
+def make_output_dir(path, prefix="", flag="--output-dir", outputs=(), source=None):
     """An output folder, created and tried before any work, so that a run never computes results it cannot write;
-    `outputs`: the files the run will write there, none of which may be a folder."""
+    `outputs`: the files the run will write there, none of which may be a folder, the results JSON last. `source`:
+    what the results are of (a resolved path), recorded in that JSON; a rerun on the same source replaces them, one on
+    another is refused rather than lose them (the evaluation scripts' default folders are shared)."""
     try:
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
@@ -405,6 +407,14 @@ def make_output_dir(path, prefix="", flag="--output-dir", outputs=()):
         if os.path.isdir(os.path.join(path, name)):
             raise SystemExit(f"{prefix}{flag} {path}: {name} there is a folder, where the run writes a file; move it "
                              "away or choose another")
+    try:
+        with open(os.path.join(path, outputs[-1])) as f:
+            earlier = json.load(f).get("source")
+    except (IndexError, OSError, ValueError, AttributeError):  # none yet, or not a results file of this project
+        earlier = None
+    if source is not None and earlier not in (None, source):
+        raise SystemExit(f"{prefix}{flag} {path} holds the {outputs[-1]} of {earlier}, this run is of {source}: "
+                         f"choose another {flag} (or move that one away)")
 
 
 def load_checkpoint(path, map_location="cpu"):
