@@ -34,6 +34,7 @@ import shlex
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass, field
 
@@ -268,46 +269,45 @@ def resolve_config(args):
             setattr(args, k, v)
     augment.check_ranges([(f"--{k.replace('_', '-')}", getattr(args, k), ok, want) for k, (ok, want) in RANGES.items()],
                          prefix="error: ")
-    if args.count_flops and args.benchmark:
-        raise SystemExit("error: --count-flops and --benchmark each end the run; pass one")
-    if args.count_flops and losses.launch_env()[1] > 1:
-        raise SystemExit("error: --count-flops counts one process's step (set its --batch-size); run it without "
-                         "torchrun")
     augment.refuse_output_in_data(args.data, args.output_dir, prefix="error: ")
-    if args.synthetic_length and not synthetic:
-        raise SystemExit(f"error: --synthetic-length sets the built-in data's size, not that of --data {args.data}")
-    # Else the warm-up never ends, or the last layer never trains (a default of 1 stays allowed for --epochs 1).
-    for k, most in (("warmup_epochs", args.epochs), ("warmup_teacher_temp_epochs", args.epochs),
-                    ("freeze_last_layer", args.epochs - ("freeze_last_layer" in given))):
-        if (args.method == "dino" or k == "warmup_epochs") and not 0 <= getattr(args, k) <= most:
-            raise SystemExit(f"error: {shown(k)} must be in 0..{most} (--epochs {args.epochs})")
-    if args.min_lr > args.lr:  # the cosine would climb
-        raise SystemExit(f"error: {shown('min_lr')} must not exceed {shown('lr')}")
-    if not (all(map(math.isfinite, args.ser_scale)) and 0 < args.ser_scale[0] <= args.ser_scale[1] <= 4):
-        raise SystemExit(f"error: --ser-scale needs 0 < min <= max <= 4 (b2 grids up to twice the crop's side), "
-                         f"got {args.ser_scale}")
     depth = args.depth or 12
-    if args.addon == "ser" and depth < 2:
-        raise SystemExit(f"error: --ser needs at least 2 blocks (L_equiv acts before the last), got --depth {depth}")
-    given = args.equiv_layer is not None
-    if not given:
-        args.equiv_layer = 3 if args.addon == "ser" else depth
-    if not 1 <= args.equiv_layer <= depth or (args.addon == "ser" and args.equiv_layer == depth):
-        raise SystemExit(f"error: --equiv-layer must be in 1..{depth - (args.addon == 'ser')} for a depth-{depth} "
-                         f"ViT, got {args.equiv_layer}{'' if given else ' (the default with --ser)'}")
-    if args.n_local_crops and args.method not in ("dino", "mocov3"):
-        raise SystemExit(f"error: --n-local-crops: multi-crop is not part of the official {args.method} recipe "
-                         "(only DINO's and SER's MoCo v3 '2+4 views' use it)")
-    if args.n_local_crops and args.addon in ("equimod", "augself") + (("essl",) if args.method == "dino" else ()):
-        name = "DINO" if args.method == "dino" else "MoCo v3"
-        raise SystemExit(f"error: --{args.addon} with {name} multi-crop is not supported; use --n-local-crops 0")
-    if args.addon == "ser" and args.method == "mocov3" and args.n_local_crops % 2:
-        raise SystemExit(f"error: --n-local-crops {args.n_local_crops}: SER's MoCo v3 multi-crop takes its b2 pairs "
-                         "from every other local crop (#0, #2, ..), each view joining one local stream; use an even "
-                         "number")
-    if args.img_size % args.patch_size:
-        raise SystemExit(f"error: --img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
-    if args.addon == "ser":
+    ser = args.addon == "ser"  # L_equiv acts before the last block: --equiv-layer up to depth - 1
+    if args.equiv_layer is None:
+        args.equiv_layer = 3 if ser else depth
+    multicrop = "DINO" if args.method == "dino" else "MoCo v3"
+    refusals = [  # in this order
+        (args.count_flops and args.benchmark, "--count-flops and --benchmark each end the run; pass one"),
+        (args.count_flops and losses.launch_env()[1] > 1,
+         "--count-flops counts one process's step (set its --batch-size); run it without torchrun"),
+        (args.synthetic_length and not synthetic,
+         f"--synthetic-length sets the built-in data's size, not that of --data {args.data}"),
+        # else the warm-up never ends, or the last layer never trains (a default of 1 stays allowed for --epochs 1)
+        *[((args.method == "dino" or k == "warmup_epochs") and not 0 <= getattr(args, k) <= most,
+           f"{shown(k)} must be in 0..{most} (--epochs {args.epochs})")
+          for k, most in (("warmup_epochs", args.epochs), ("warmup_teacher_temp_epochs", args.epochs),
+                          ("freeze_last_layer", args.epochs - ("freeze_last_layer" in given)))],
+        (args.min_lr > args.lr, f"{shown('min_lr')} must not exceed {shown('lr')}"),  # the cosine would climb
+        (not (all(map(math.isfinite, args.ser_scale)) and 0 < args.ser_scale[0] <= args.ser_scale[1] <= 4),
+         f"--ser-scale needs 0 < min <= max <= 4 (b2 grids up to twice the crop's side), got {args.ser_scale}"),
+        (ser and depth < 2, f"--ser needs at least 2 blocks (L_equiv acts before the last), got --depth {depth}"),
+        (not 1 <= args.equiv_layer <= depth - ser,
+         f"--equiv-layer must be in 1..{depth - ser} for a depth-{depth} ViT, got {args.equiv_layer}"
+         + ("" if "equiv_layer" in given else " (the default with --ser)")),
+        (args.n_local_crops and args.method not in ("dino", "mocov3"),
+         f"--n-local-crops: multi-crop is not part of the official {args.method} recipe (only DINO's and SER's "
+         "MoCo v3 '2+4 views' use it)"),
+        (args.n_local_crops and args.addon in ("equimod", "augself") + (("essl",) if args.method == "dino" else ()),
+         f"--{args.addon} with {multicrop} multi-crop is not supported; use --n-local-crops 0"),
+        (ser and args.method == "mocov3" and args.n_local_crops % 2,
+         f"--n-local-crops {args.n_local_crops}: SER's MoCo v3 multi-crop takes its b2 pairs from every other "
+         "local crop (#0, #2, ..), each view joining one local stream; use an even number"),
+        (args.img_size % args.patch_size,
+         f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}"),
+    ]
+    for refused, message in refusals:
+        if refused:
+            raise SystemExit(f"error: {message}")
+    if ser:
         check_ser_split(args, build_recipe(args))
     return args
 
@@ -721,6 +721,15 @@ class GlobalBatchSampler(Sampler):
             yield perm[start:start + self.local_batch].tolist()
 
 
+@contextmanager
+def exit_on_value_error():
+    """A ValueError of the helpers (a bad checkpoint or data) ends the run with its message: one line, no traceback."""
+    try:
+        yield
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def resume(args, saved, total_steps, train_images, precision, device):
     """The step of <output-dir>/checkpoint.pth, its state loaded into `saved` (name -> object, as DINO's
     restart_from_checkpoint), and log.jsonl cut back to it; 0 without one (log.jsonl emptied), and in a
@@ -735,17 +744,13 @@ def resume(args, saved, total_steps, train_images, precision, device):
     step = 0
     if os.path.lexists(path):
         step = load_run_state(path, args, saved, total_steps, train_images, precision, device)
-    if losses.rank() == 0:
-        with vit.exit_on_write_error("error: "):
-            vit.restart_log(os.path.join(args.output_dir, "log.jsonl"), step)
+    write_on_rank0(vit.restart_log, os.path.join(args.output_dir, "log.jsonl"), step)
     return step
 
 
 def load_run_state(path, args, saved, total_steps, train_images, precision, device):
-    try:
+    with exit_on_value_error():
         ckpt = vit.load_resumable(path, args, ("step", *saved), "pretrain.py", RUNTIME_OPTIONS, map_location=device)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
     if ckpt.get("train_images", train_images) != train_images:  # the data order and the schedule depend on it
         raise SystemExit(f"error: --data {args.data} holds {train_images} training images, {ckpt['train_images']} "
                          f"when {path} was written: the run cannot continue on it; use another --output-dir")
@@ -788,10 +793,8 @@ def refuse_unusable_weights(path, ckpt, saved):
         if other:
             raise SystemExit(f"error: {path}: its {part} holds {ckpt[part][other[0]].dtype} weights where this run "
                              f"keeps {own[other[0]].dtype} ({other[0]}); move it away or use another --output-dir")
-        try:
+        with exit_on_value_error():
             vit.refuse_non_finite(path, ckpt[part])
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
 
 
 def checkpoint_note(args, saved_step):
@@ -812,10 +815,8 @@ def save_checkpoint(args, step, saved, train_images, precision, note):
                for v in state[part].values() if v.is_floating_point()]
     if not bool(torch.stack([torch.isfinite(t).all() for t in weights]).all()):  # one host sync
         raise SystemExit(f"error: non-finite weights at step {step}; {note}. {DIVERGED}")
-    if losses.rank() == 0:
-        with vit.exit_on_write_error("error: "):
-            vit.save_atomic(os.path.join(args.output_dir, "checkpoint.pth"), state)
-            export_backbone(os.path.join(args.output_dir, "backbone.pth"), state)
+    write_on_rank0(vit.save_atomic, os.path.join(args.output_dir, "checkpoint.pth"), state)
+    write_on_rank0(export_backbone, os.path.join(args.output_dir, "backbone.pth"), state)
 
 
 def export_backbone(path, state):
@@ -825,10 +826,11 @@ def export_backbone(path, state):
                            "addon": state["args"]["addon"]})
 
 
-def append_jsonl(path, record):
+def write_on_rank0(write, *args):
+    """write(*args) on rank 0 alone; a failed write ends the run with one line naming the file."""
     if losses.rank() == 0:
         with vit.exit_on_write_error("error: "):
-            vit.append_jsonl(path, record)
+            write(*args)
 
 
 class Meter:
@@ -857,7 +859,8 @@ class Meter:
         losses.log(f"epoch {epoch} step {step}/{total_steps} " + " ".join(f"{k} {v:.4f}" for k, v in values.items())
                    + f" lr {lr:.3g} {speed}")
         self.warm = True
-        append_jsonl(self.path, {"step": step, "epoch": epoch, "lr": lr, "wd": wd, "img_per_s": rate, **values})
+        write_on_rank0(vit.append_jsonl, self.path,
+                       {"step": step, "epoch": epoch, "lr": lr, "wd": wd, "img_per_s": rate, **values})
         self.sums, self.steps, self.since = {}, 0, now
 
 
@@ -868,10 +871,8 @@ def load_split(args, split, transform):
 
 def build_data(args, recipe, rank, world, device):
     """The training views of --data (their crops and flips made in the loader workers), batched by rank."""
-    try:
+    with exit_on_value_error():
         dataset = augment.MultiViewDataset(load_split(args, "train", None), recipe, seed=args.seed)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
     if len(dataset) < args.batch_size:
         raise SystemExit(f"error: {args.data} has {len(dataset)} training images, fewer than --batch-size "
                          f"{args.batch_size}")
@@ -889,10 +890,8 @@ def knn_data(args, rank, world):
     folder, or a slice of train. The built-in images are rendered once and kept (37 MB at the defaults):
     each evaluation then only runs the backbone, in less than half the time."""
     transform = augment.eval_transform(args.img_size)
-    try:
+    with exit_on_value_error():  # the tree may have changed since build_data read it
         train = load_split(args, "train", transform)
-    except ValueError as e:  # the tree changed since build_data read it
-        raise SystemExit(f"error: {e}") from None
     # Fixed random subsets: ImageFolder is sorted by class and the synthetic labels cycle with the index,
     # so a prefix or a stride would keep only some of the classes.
     def subset(n, size, exclude=()):
@@ -908,10 +907,8 @@ def knn_data(args, rank, world):
         train_idx = subset(len(train), min(args.knn_train_size, len(train) // 2))
         val_idx = subset(len(train), args.knn_val_size, exclude=set(train_idx))
         losses.log(f"k-NN monitor: --data {args.data} has no val/; it classifies {len(val_idx)} held-out train images")
-    try:
+    with exit_on_value_error():
         augment.check_same_classes(train, val, args.data)  # labels are class positions in both splits
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
     if train.num_classes < 2:  # one class: a k-NN top-1 of 100% that says nothing
         raise SystemExit(f"error: --data {args.data} has one class; the k-NN monitor needs two: pass --knn-every 0")
     def loader(dataset, idx):
@@ -930,8 +927,8 @@ def log_knn(args, backbone, knn, step, epoch, device):
     acc = knn_eval(backbone, *knn, device)
     losses.log(f"{'initialisation' if step == 0 else f'epoch {epoch}'}: k-NN top-1 {acc['top1']:.2f} "
                f"top-5 {acc['top5']:.2f}")
-    append_jsonl(os.path.join(args.output_dir, "log.jsonl"),
-                 {"step": step, "epoch": epoch, "knn_top1": acc["top1"], "knn_top5": acc["top5"]})
+    write_on_rank0(vit.append_jsonl, os.path.join(args.output_dir, "log.jsonl"),
+                   {"step": step, "epoch": epoch, "knn_top1": acc["top1"], "knn_top5": acc["top5"]})
 
 
 def ignore_stop_signals(worker_id):
@@ -1046,8 +1043,7 @@ def train(args, measure=None):
     dino_loss = losses.DINOLoss(args.head_out or 65536).to(device) if args.method == "dino" else None
 
     # ============ preparing the optimizer and the precision ============
-    # fused: one kernel per tensor on GPUs and CPUs (torch >= 2.4); on CPU the default for-loop AdamW
-    # took 5-10x longer for ViT-Ti/16 with DINO's 65536-dim head
+    # fused (torch >= 2.4, GPUs and CPUs): on CPU the for-loop AdamW took 5-10x longer (ViT-Ti/16, DINO's head)
     optimizer = torch.optim.AdamW(param_groups(student, args.method), lr=0.0, weight_decay=0.0, fused=True)
     precision = resolve_precision(args.precision, device)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
@@ -1068,10 +1064,9 @@ def train(args, measure=None):
     losses.log(f"trainable parameters: {sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6:.2f}M; "
                f"weight decay on {len(optimizer.param_groups[0]['params'])} tensors, "
                f"none on {len(optimizer.param_groups[1]['params'])}")
-    if rank == 0 and not args.benchmark:
-        with vit.exit_on_write_error("error: "):
-            vit.save_atomic(os.path.join(args.output_dir, "config.json"),
-                            {"argv": sys.argv, "world_size": world, "precision_used": precision, **vars(args)})
+    if not args.benchmark:
+        write_on_rank0(vit.save_atomic, os.path.join(args.output_dir, "config.json"),
+                       {"argv": sys.argv, "world_size": world, "precision_used": precision, **vars(args)})
     losses.log(json.dumps(vars(args)))
     ddp_student = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else student
