@@ -773,9 +773,9 @@ def load_run_state(path, args, saved, total_steps, train_images, precision, devi
         raise SystemExit(f"error: {path}: its optimizer state does not fit this run's parameters; move it away or "
                          "use another --output-dir")
     losses.log(f"resumed from {path} at step {ckpt['step']}")
-    if ckpt["step"] >= total_steps and losses.rank() == 0:
+    if ckpt["step"] >= total_steps:
         # A finished run: a kill between its last two writes left backbone.pth stale or missing.
-        export_backbone(os.path.join(args.output_dir, "backbone.pth"), ckpt)
+        write_on_rank0(export_backbone, os.path.join(args.output_dir, "backbone.pth"), ckpt)
         losses.log(f"the run had finished; backbone.pth exported again from {path}")
     if args.stop_at_step is not None and args.stop_at_step <= ckpt["step"] < total_steps:  # finished: nothing to do
         raise SystemExit(f"error: --stop-at-step {args.stop_at_step} is not after the resumed step {ckpt['step']}")

@@ -1945,6 +1945,13 @@ def test_resume_refuses_a_different_run(tmp_path, capsys):
     run("--method byol --stop-at-step 2", tmp_path)  # the last step: the run is finished
     run("--method byol --stop-at-step 2", tmp_path)  # and the same command again says so, no error
     assert "the run had finished" in capsys.readouterr().out
+
+    def full_disk(path, state):
+        raise OSError(28, "No space left on device", path)
+    with pytest.MonkeyPatch.context() as m:  # the finished run's backbone.pth, exported again, fails in one line too
+        m.setattr(pretrain, "export_backbone", full_disk)
+        with pytest.raises(SystemExit, match="^error: could not write .*backbone.pth: No space left on device$"):
+            run("--method byol --stop-at-step 2", tmp_path)
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     ckpt["student"].pop("projector.layers.0.weight", None) or ckpt["student"].popitem()  # another version's keys
     torch.save(ckpt, tmp_path / "checkpoint.pth")
