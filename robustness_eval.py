@@ -58,8 +58,7 @@ from losses import log
 
 
 # ---------------------------------------------------------------------------------------------------
-# Geometry and equivariance: does block l map g x to rho_g f_l(x)? Elements act on a whole batch
-# (group_actions conventions).
+# Geometry and equivariance: does block l map g x to rho_g f_l(x)? Elements act on a whole batch (group_actions).
 
 EQUIV_METRICS = ("cos", "rel_error", "inv_error", "chance_cos", "chance_rel_error")
 
@@ -829,9 +828,8 @@ def corrupted_crop(u8, rng, crop, name, severity, frost_images=None, jpeg_qualit
 
 
 class Released(_Items):
-    """Released data, items (path, label): an ImageNet-C image, its short side resized to `crop` (224-px images for a
-    224-px model are read as they are), or an ImageNet-P video extracted to a folder of frames (crop x crop as they
-    are)."""
+    """Released data, items (path, label): an ImageNet-C image, its short side resized to `crop` (not at all where it
+    is `crop`), or an ImageNet-P video extracted to a folder of crop x crop frames."""
 
     def __init__(self, items, entry, crop, videos=False):
         self.items, self.entry, self.crop, self.videos = items, np.array(entry), crop, videos
@@ -866,19 +864,18 @@ def released_corruptions(root, entries, img_size, num_classes, classes=None):
         if len(found) > 1:  # else severities missing from one copy would be read from the other
             raise SystemExit(f"--imagenet-c-dir {root}: {name} is in both {found[0]} and {found[1]}; keep one layout "
                              "(flat or per family)")
-        folders = [os.path.join(f, str(severity)) for f in layouts]
-        folder = next((f for f in folders if os.path.isdir(f)), None)
-        if folder is None:
+        folder = os.path.join(found[0], str(severity)) if found else ""
+        if not os.path.isdir(folder):
             raise SystemExit(f"--imagenet-c-dir {root}: no folder {name}/{severity} (flat or per family)")
         classes, source = _class_folders(folder, "--imagenet-c-dir", num_classes, classes, source), folder
-        count = 0
+        start = len(items)
         for label, wnid in enumerate(classes):
             files = _image_files(os.path.join(folder, wnid))
             if not files:  # its error would be NaN
                 raise SystemExit(f"--imagenet-c-dir: {os.path.join(folder, wnid)} holds no .jpeg/.jpg/.png images")
             items += [(path, label) for path in files]
             entry += [e] * len(files)
-            count += len(files)
+        count = len(items) - start
         # the release holds every val image at every severity: a partial folder would be averaged as a whole one
         if first is not None and count != first[1]:
             raise SystemExit(f"--imagenet-c-dir: {folder} holds {count} images but {first[0]} holds {first[1]}; "
@@ -922,7 +919,7 @@ def _class_folders(folder, flag, num_classes, classes=None, source="the probe"):
     found = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     if not found:
         raise SystemExit(f"{flag}: {folder} has no class (wnid) sub-folders")
-    if classes is not None and sorted(found) == sorted(classes):
+    if classes is not None and found == sorted(classes):
         return list(classes)  # labels by name
     if classes is not None:
         a, b = found + ["(none)"], sorted(classes) + ["(none)"]
@@ -1093,21 +1090,20 @@ def refuse_ignored_flags(args, tasks, table=False):
     --figure-layer for its columns."""
     c, p = "c" in tasks, "p" in tasks
     generated_c, generated_p = c and not args.imagenet_c_dir, p and not args.imagenet_p_dir
-    task_c, task_p = "the ImageNet-C task (c in --tasks)", "the ImageNet-P task (p in --tasks)"
     readers = [  # (flag, whether this run reads it, what reads it)
-        ("corruptions", c, task_c), ("imagenet_c_dir", c, task_c), ("mce", c, task_c),
+        *[(k, c, "the ImageNet-C task (c in --tasks)") for k in ("corruptions", "imagenet_c_dir", "mce")],
         ("c_jpeg", generated_c, "generated ImageNet-C (c in --tasks, no --imagenet-c-dir)"),
         ("frost_dir", generated_c and "frost" in args.corruptions.split(","),
          "generated ImageNet-C frost (c in --tasks, frost in --corruptions, no --imagenet-c-dir)"),
-        ("perturbations", p, task_p), ("imagenet_p_dir", p, task_p), ("p_difficulty", p, task_p),
-        ("p_normalizers", p, task_p),
+        *[(k, p, "the ImageNet-P task (p in --tasks)")
+          for k in ("perturbations", "imagenet_p_dir", "p_difficulty", "p_normalizers")],
         ("p_frames", generated_p, "generated ImageNet-P (p in --tasks, no --imagenet-p-dir)"),
         ("seed", generated_c or generated_p, "generated ImageNet-C or -P"),
         ("scales", {"geometry", "equivariance"} & set(tasks), "the geometry and equivariance tasks"),
         ("figure_layer", args.figures or table, "--figures or the table of several --backbone"),
         ("figure_images", args.figures, "--figures"),
-        *[(k, args.backbone, "--backbone (a --probe records its own)") for k in ("checkpoint_key", "arch",
-                                                                                   "patch_size", "depth")]]
+        *[(k, args.backbone, "--backbone (a --probe records its own)")
+          for k in ("checkpoint_key", "arch", "patch_size", "depth")]]
     augment.refuse_ignored_flags(args, get_args_parser(), readers)
 
 
@@ -1397,8 +1393,7 @@ def evaluate(args, device, rank, world):
     results = {"num_images": len(base), "img_size": img_size, "num_classes": len(classes), "world_size": world}
     log(f"robustness_eval: {len(base)} images of {args.data} at {img_size}px, tasks {','.join(tasks)}, "
         f"{world} process(es) on {device}")
-    needs_clean_pass = set(tasks) & {"clean", "c", "geometry", "equivariance"}
-    clean_error = clean_tasks(ev, clean_set, img_size, tasks, results) if needs_clean_pass else None
+    clean_error = None if tasks == ["p"] else clean_tasks(ev, clean_set, img_size, tasks, results)  # all others read it
     if "c" in tasks:
         results["imagenet_c"] = corruption_task(ev, c_set, len(classes), corruptions, clean_error)
     if "p" in tasks:
@@ -1409,6 +1404,12 @@ def evaluate(args, device, rank, world):
 def linear_numbers(json_path, path, backbone, data, img_size):
     """{'linear_top1', 'knn_top1'} of linear_eval.py's json_path if it was computed on backbone (loaded from path) as it
     is now, on `data` at img_size, else {} with a line saying why: a checkpoint trained on since keeps its name."""
+    def empty(why, fix=""):  # the note for each reason the cells stay empty
+        log(f"note: {json_path} {why}; the table leaves its cells empty{fix}")
+        return {}
+
+    def where(d):  # a folder however it is written: trailing slash, relative, through a link
+        return os.path.realpath(d) if isinstance(d, str) and os.path.isdir(d) else d
     if not os.path.isfile(json_path):
         return {}
     try:
@@ -1418,19 +1419,12 @@ def linear_numbers(json_path, path, backbone, data, img_size):
         if not all(isinstance(v, (int, float)) for v in top1.values() if v is not None):
             raise TypeError("top1 is not a number")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        log(f"note: {json_path} is not a readable linear_eval.py result ({type(e).__name__}: {e}); the table leaves "
-            "its cells empty")
-        return {}
+        return empty(f"is not a readable linear_eval.py result ({type(e).__name__}: {e})")
     if lin.get("backbone_digest") != vit.weights_digest(backbone):  # an older linear_eval.py records none
-        log(f"note: {json_path} was not computed on {path} as it is now (stale); the table leaves its cells empty: "
-            "rerun linear_eval.py on it")
-        return {}
-    def where(d):  # a folder however it is written: trailing slash, relative, through a link
-        return os.path.realpath(d) if isinstance(d, str) and os.path.isdir(d) else d
+        return empty(f"was not computed on {path} as it is now (stale)", ": rerun linear_eval.py on it")
     if (where(lin.get("data")), lin.get("img_size")) != (where(data), img_size):
-        log(f"note: {json_path} was computed on --data {lin.get('data')} at {lin.get('img_size')} px, this table on "
-            f"{data} at {img_size} px; the table leaves its cells empty")
-        return {}
+        return empty(f"was computed on --data {lin.get('data')} at {lin.get('img_size')} px, this table on {data} at "
+                     f"{img_size} px")
     return top1
 
 
