@@ -402,9 +402,9 @@ def main(argv=None):
                              "it cannot be evaluated")
         return f, y
 
-    source = os.path.realpath(args.pretrained) if args.pretrained else f"random init {args.arch}"
+    sources = [os.path.realpath(args.pretrained) if args.pretrained else f"random init {args.arch}"]
     if rank == 0:  # after the cheap checks, before the features: a bad flag leaves no folder behind
-        vit.make_output_dir(args.output_dir, outputs=("linear_probe.pth", "linear_eval.json"), source=source)
+        vit.make_output_dir(args.output_dir, outputs=("linear_probe.pth", "linear_eval.json"), sources=sources)
     val_f, val_y = features_of(val_set, "val")  # (M, F)
     if args.cached or args.knn_k > 0:
         train_f, train_y = features_of(train_eval_set, "train")  # (N, F)
@@ -466,7 +466,7 @@ def main(argv=None):
             f"T={args.knn_temperature:g}): top-1 {results['knn']['top1']:.2f}  top-5 {results['knn']['top5']:.2f}")
 
     assert_unchanged(backbone, reference)
-    results.update(backbone=args.pretrained or f"random init {args.arch}", source=source, arch=backbone.arch,
+    results.update(backbone=args.pretrained or f"random init {args.arch}", source=sources, arch=backbone.arch,
                    data=args.data,
                    backbone_digest=vit.weights_digest(backbone),  # robustness_eval's table: these weights' numbers
                    img_size=img_size, num_classes=num_classes, num_features=in_dim, num_fit=len(fit_idx),

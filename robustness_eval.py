@@ -1180,14 +1180,14 @@ def figure_layer(args, backbones):
 
 def results_source(args):
     """What robustness.json is of: the probe, or the backbones (resolved paths)."""
-    return " ".join(os.path.realpath(p) for p in ([args.probe] if args.probe else args.backbone or []))
+    return [os.path.realpath(p) for p in ([args.probe] if args.probe else args.backbone or [])]
 
 
 def make_output_dirs(args, rank, names):
     """--output-dir and --figures (for the runs `names`), created and tried before any work: results that cannot be
     written are lost."""
     if rank == 0:
-        vit.make_output_dir(args.output_dir, outputs=("robustness.json",), source=results_source(args))
+        vit.make_output_dir(args.output_dir, outputs=("robustness.json",), sources=results_source(args))
         if args.figures:
             vit.make_output_dir(args.figures, flag="--figures",
                                 outputs=("equivariance.png", *(f"attention_{n}.png" for n in names)))

@@ -2991,10 +2991,11 @@ def test_evaluations_keep_the_results_of_other_weights_in_their_folder(tmp_path,
     common = ["--img-size", "32", "--train-length", "64", "--val-length", "32", "--batch-size", "32", "--cached",
               "--epochs", "1", "--lrs", "0.03", "--num-workers", "0", "--output-dir", str(tmp_path / "linear")]
     first = linear_eval.main(["--pretrained", str(tmp_path / "a.pth"), *common])
-    assert first["source"] == os.path.realpath(tmp_path / "a.pth")
+    assert first["source"] == [os.path.realpath(tmp_path / "a.pth")]
     written = (tmp_path / "linear" / "linear_eval.json").read_bytes()
     with pytest.raises(SystemExit, match=f"--output-dir {tmp_path / 'linear'} holds the linear_eval.json of "
-                                         f"{tmp_path / 'a.pth'}, this run is of .*b.pth: choose another"):
+                                         f"{tmp_path / 'a.pth'}, this run's \\(.*b.pth\\) would replace it: choose "
+                                         "another --output-dir"):
         linear_eval.main(["--pretrained", str(tmp_path / "b.pth"), *common])
     assert (tmp_path / "linear" / "linear_eval.json").read_bytes() == written
     linear_eval.main(["--pretrained", os.path.relpath(tmp_path / "a.pth"), *common])  # the same file, written otherwise
@@ -3003,12 +3004,20 @@ def test_evaluations_keep_the_results_of_other_weights_in_their_folder(tmp_path,
     robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--probe", tiny_probe, *rob]))
     other = tmp_path / "other_probe.pth"
     other.write_bytes(open(tiny_probe, "rb").read())
-    with pytest.raises(SystemExit, match="holds the robustness.json of .*linear_probe.pth, this run is of "
-                                         ".*other_probe.pth"):
+    with pytest.raises(SystemExit, match="holds the robustness.json of .*linear_probe.pth, this run's "
+                                         "\\(.*other_probe.pth\\) would replace it"):
         robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--probe", str(other), *rob]))
-    for unrelated in ("{", "[1]", json.dumps({"args": {}})):  # not JSON, not an object, no source recorded
-        (tmp_path / "rob" / "robustness.json").write_text(unrelated)
-        vit.make_output_dir(str(tmp_path / "rob"), outputs=("robustness.json",), source=str(other))
+    # A comparison may replace one of fewer runs, as when runs/*/backbone.pth has one more; not one missing a run.
+    table = tmp_path / "table"
+    vit.make_output_dir(str(table), outputs=("robustness.json",), sources=["/r/a.pth"])
+    (table / "robustness.json").write_text(json.dumps({"source": ["/r/a.pth"]}))
+    vit.make_output_dir(str(table), outputs=("robustness.json",), sources=["/r/a.pth", "/r/b.pth"])
+    (table / "robustness.json").write_text(json.dumps({"source": ["/r/a.pth", "/r/b.pth"]}))
+    with pytest.raises(SystemExit, match="holds the robustness.json of /r/b.pth, this run's \\(/r/a.pth\\)"):
+        vit.make_output_dir(str(table), outputs=("robustness.json",), sources=["/r/a.pth"])
+    for unrelated in ("{", "[1]", json.dumps({"args": {}}), json.dumps({"source": 5})):  # not a results file here
+        (table / "robustness.json").write_text(unrelated)
+        vit.make_output_dir(str(table), outputs=("robustness.json",), sources=[str(other)])
 
 
 def test_bad_flags_give_clear_errors(tmp_path):
@@ -3603,11 +3612,12 @@ def test_compare_backbones_scores_every_run_at_one_block(tmp_path):
                                                                "method": "mocov3", "addon": "ser" if split else None})
         paths.append(str(tmp_path / name / "backbone.pth"))
 
-    def compare(*backbones):  # then further flags
+    def compare(*backbones):  # then further flags; a folder per table (one would refuse to replace another's)
+        out = tmp_path / f"out{len(os.listdir(tmp_path))}"
         robustness_eval.main(robustness_eval.get_args_parser().parse_args(
             ["--equivariance-only", "--backbone", *backbones, "--num-images", "4", "--num-workers", "0",
-             "--output-dir", str(tmp_path / "out")]))
-        return json.loads((tmp_path / "out" / "robustness.json").read_text())
+             "--output-dir", str(out)]))
+        return json.loads((out / "robustness.json").read_text())
 
     both = compare(paths[0], paths[2])
     assert both["layer"] == 2 and list(both["runs"]) == ["base", "ser"]

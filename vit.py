@@ -393,11 +393,12 @@ def exit_on_write_error(prefix=""):
         raise SystemExit(prefix + message) from None
 
 
-def make_output_dir(path, prefix="", flag="--output-dir", outputs=(), source=None):
+def make_output_dir(path, prefix="", flag="--output-dir", outputs=(), sources=None):
     """An output folder, created and tried before any work, so that a run never computes results it cannot write;
-    `outputs`: the files the run will write there, none of which may be a folder, the results JSON last. `source`:
-    what the results are of (a resolved path), recorded in that JSON; a rerun on the same source replaces them, one on
-    another is refused rather than lose them (the evaluation scripts' default folders are shared)."""
+    `outputs`: the files the run will write there, none of which may be a folder, the results JSON last. `sources`:
+    what the results are of (resolved paths), recorded in that JSON as "source": results of these, or of some of them,
+    are replaced (a rerun, a comparison with one more run), those of anything else are kept: the run is refused (the
+    evaluation scripts' default folders are shared)."""
     try:
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
@@ -410,11 +411,14 @@ def make_output_dir(path, prefix="", flag="--output-dir", outputs=(), source=Non
     try:
         with open(os.path.join(path, outputs[-1])) as f:
             earlier = json.load(f).get("source")
-    except (IndexError, OSError, ValueError, AttributeError):  # none yet, or not a results file of this project
+    except (IndexError, OSError, ValueError, AttributeError):
         earlier = None
-    if source is not None and earlier not in (None, source):
-        raise SystemExit(f"{prefix}{flag} {path} holds the {outputs[-1]} of {earlier}, this run is of {source}: "
-                         f"choose another {flag} (or move that one away)")
+    if not isinstance(earlier, list):  # none yet, or not a results file of this project
+        earlier = []
+    lost = [s for s in earlier if s not in (sources or earlier)]
+    if lost:
+        raise SystemExit(f"{prefix}{flag} {path} holds the {outputs[-1]} of {', '.join(map(str, lost))}, this run's "
+                         f"({', '.join(sources)}) would replace it: choose another {flag} (or move that one away)")
 
 
 def load_checkpoint(path, map_location="cpu"):
