@@ -402,7 +402,8 @@ def main(argv=None):
                              "it cannot be evaluated")
         return f, y
 
-    sources = [os.path.realpath(args.pretrained) if args.pretrained else f"random init {args.arch}"]
+    sources = [vit.weights_source(args.pretrained, args.checkpoint_key) if args.pretrained
+               else f"random init {args.arch}"]
     if rank == 0:  # after the cheap checks, before the features: a bad flag leaves no folder behind
         vit.make_output_dir(args.output_dir, outputs=("linear_probe.pth", "linear_eval.json"), sources=sources)
     val_f, val_y = features_of(val_set, "val")  # (M, F)

@@ -759,6 +759,9 @@ def load_run_state(path, args, saved, total_steps, train_images, precision, devi
     if before != now:
         raise SystemExit(f"error: {path} was trained in {before}, this run would use {now} (--precision "
                          f"{args.precision}); pass --precision {before} to continue, or use another --output-dir")
+    if ckpt.get("joint_heads", False) != (args.method in JOINT_HEAD_METHODS):  # older checkpoints: per view
+        raise SystemExit(f"error: {path} was trained with the head called on each view apart, which --method "
+                         f"{args.method} no longer does (run_head): the run cannot continue; use another --output-dir")
     refuse_unusable_weights(path, ckpt, saved)
     for name, obj in saved.items():
         if obj is not None:
@@ -808,7 +811,7 @@ def save_checkpoint(args, step, saved, train_images, precision, note):
     are never written (a loss is checked only at log steps, the one logged is from before the last
     update); every rank checks its equal weights, so all stop together."""
     state = {"args": vars(args), "arch": saved["student"].backbone.arch, "step": step, "train_images": train_images,
-             "precision": precision,
+             "precision": precision, "joint_heads": args.method in JOINT_HEAD_METHODS,
              "eval_key": "teacher" if args.method == "dino" else "student",
              **{name: obj.state_dict() if obj is not None else None for name, obj in saved.items()}}
     weights = [v for part in ("student", "teacher") if state[part] is not None

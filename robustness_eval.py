@@ -1179,8 +1179,10 @@ def figure_layer(args, backbones):
 
 
 def results_source(args):
-    """What robustness.json is of: the probe, or the backbones (resolved paths)."""
-    return [os.path.realpath(p) for p in ([args.probe] if args.probe else args.backbone or [])]
+    """What robustness.json is of: the probe, or the backbones."""
+    if args.probe:
+        return [vit.weights_source(args.probe)]
+    return [vit.weights_source(p, args.checkpoint_key) for p in args.backbone or []]
 
 
 def make_output_dirs(args, rank, names):

@@ -1922,6 +1922,22 @@ def test_interrupt_handler_requests_a_checkpoint():
         signal.signal(signal.SIGINT, previous[1])
 
 
+def test_resume_refuses_a_run_whose_heads_saw_each_view_apart(tmp_path):
+    """A checkpoint whose SimCLR or DINO head was called on each view apart (an earlier pretrain.py) would go on
+    with other BatchNorm statistics: refused. MoCo v3's head is called per view either way: its checkpoints resume."""
+    for method, joint in (("simclr", True), ("mocov3", False)):
+        run(f"--method {method} --stop-at-step 1", tmp_path / method)
+        ckpt = torch.load(tmp_path / method / "checkpoint.pth", weights_only=True)
+        assert ckpt.pop("joint_heads") is joint
+        torch.save(ckpt, tmp_path / method / "checkpoint.pth")
+        if joint:
+            with pytest.raises(SystemExit, match="trained with the head called on each view apart, which --method "
+                                                 "simclr no longer does"):
+                run(f"--method {method} --stop-at-step 2", tmp_path / method)
+        else:
+            assert run(f"--method {method} --stop-at-step 2", tmp_path / method)["step"] == 2
+
+
 def test_resume_refuses_a_different_run(tmp_path, capsys):
     run("--method byol --stop-at-step 1", tmp_path)
     with pytest.raises(SystemExit, match="different settings: --method 'byol' \\(now 'simclr'\\)"):
@@ -3015,9 +3031,14 @@ def test_evaluations_keep_the_results_of_other_weights_in_their_folder(tmp_path,
     (table / "robustness.json").write_text(json.dumps({"source": ["/r/a.pth", "/r/b.pth"]}))
     with pytest.raises(SystemExit, match="holds the robustness.json of /r/b.pth, this run's \\(/r/a.pth\\)"):
         vit.make_output_dir(str(table), outputs=("robustness.json",), sources=["/r/a.pth"])
-    for unrelated in ("{", "[1]", json.dumps({"args": {}}), json.dumps({"source": 5})):  # not a results file here
+    for unrelated in ("{", "[1]", json.dumps({"args": {}}), json.dumps({"source": 5}), "[" * 100_000):  # not ours
         (table / "robustness.json").write_text(unrelated)
         vit.make_output_dir(str(table), outputs=("robustness.json",), sources=[str(other)])
+    (table / "robustness.json").unlink()
+    os.mkfifo(table / "robustness.json")  # never opened: it would block
+    vit.make_output_dir(str(table), outputs=("robustness.json",), sources=[str(other)])
+    # Another network of the same file is another source.
+    assert vit.weights_source(str(other), "student") == os.path.realpath(other) + " (student)"
 
 
 def test_bad_flags_give_clear_errors(tmp_path):

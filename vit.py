@@ -393,6 +393,11 @@ def exit_on_write_error(prefix=""):
         raise SystemExit(prefix + message) from None
 
 
+def weights_source(path, key=None):
+    """What an evaluation's results are of, for make_output_dir: the resolved file, and the network in it if named."""
+    return os.path.realpath(path) + (f" ({key})" if key else "")
+
+
 def make_output_dir(path, prefix="", flag="--output-dir", outputs=(), sources=None):
     """An output folder, created and tried before any work, so that a run never computes results it cannot write;
     `outputs`: the files the run will write there, none of which may be a folder, the results JSON last. `sources`:
@@ -408,14 +413,18 @@ def make_output_dir(path, prefix="", flag="--output-dir", outputs=(), sources=No
         if os.path.isdir(os.path.join(path, name)):
             raise SystemExit(f"{prefix}{flag} {path}: {name} there is a folder, where the run writes a file; move it "
                              "away or choose another")
-    try:
-        with open(os.path.join(path, outputs[-1])) as f:
-            earlier = json.load(f).get("source")
-    except (IndexError, OSError, ValueError, AttributeError):
-        earlier = None
+    if sources is None:
+        return
+    results, earlier = os.path.join(path, outputs[-1]), None
+    try:  # a regular file of a results file's size: not a pipe, a device or a checkpoint
+        if os.path.isfile(results) and os.path.getsize(results) < 2**24:
+            with open(results) as f:
+                earlier = json.load(f).get("source")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        pass
     if not isinstance(earlier, list):  # none yet, or not a results file of this project
         earlier = []
-    lost = [s for s in earlier if s not in (sources or earlier)]
+    lost = [s for s in earlier if s not in sources]
     if lost:
         raise SystemExit(f"{prefix}{flag} {path} holds the {outputs[-1]} of {', '.join(map(str, lost))}, this run's "
                          f"({', '.join(sources)}) would replace it: choose another {flag} (or move that one away)")
