@@ -356,7 +356,8 @@ def main(argv=None):
     start, log = time.time(), losses.log
     torch.manual_seed(args.seed)  # before the per-rank offset: every rank must build the same network
     backbone = vit.backbone_from_flags(args.pretrained, args.arch, args.patch_size, args.checkpoint_key,
-                                       args.random_init, args.img_size or 224, args.depth)
+                                       args.random_init, args.img_size or 224, args.depth,
+                                       equiv_layer=args.equiv_layer)
     backbone.requires_grad_(False).to(device)  # in place, as every Module.to
     reference = snapshot(backbone)
     max_blocks = backbone.depth - backbone.cls_after_block  # SER: no [CLS] before it joins

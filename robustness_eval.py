@@ -1017,6 +1017,8 @@ def get_args_parser():
     g.add_argument("--arch", default=None, choices=sorted(vit.ARCHS), help="with --backbone for released weights")
     g.add_argument("--patch-size", type=int, default=None, help="with --arch only (default 16)")
     g.add_argument("--depth", type=int, default=None, help="with --arch only (default 12)")
+    g.add_argument("--equiv-layer", type=int, default=None, help="with --arch, for SER release weights: the block "
+                   "after which their [CLS] joins (3 in their runs)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", help="val split of 'synthetic' (built in) or an ImageFolder root "
                    "(ImageNet: enables mCE); clean images and the source of generated C/P")
@@ -1103,7 +1105,7 @@ def refuse_ignored_flags(args, tasks, table=False):
         ("figure_layer", args.figures or table, "--figures or the table of several --backbone"),
         ("figure_images", args.figures, "--figures"),
         *[(k, args.backbone, "--backbone (a --probe records its own)")
-          for k in ("checkpoint_key", "arch", "patch_size", "depth")]]
+          for k in ("checkpoint_key", "arch", "patch_size", "depth", "equiv_layer")]]
     augment.refuse_ignored_flags(args, get_args_parser(), readers)
 
 
@@ -1122,7 +1124,7 @@ def _mean(values):
 
 def load_backbone(args, path):
     return vit.backbone_from_flags(path, args.arch, args.patch_size, key=args.checkpoint_key, depth=args.depth,
-                                   flag="--backbone")  # its errors name the path
+                                   flag="--backbone", equiv_layer=args.equiv_layer)  # its errors name the path
 
 
 def load_model(args):

@@ -396,6 +396,39 @@ def test_load_checkpoint_runs_no_code_and_names_broken_files(tmp_path):
         vit.load_checkpoint(tmp_path / "missing.pth")
 
 
+def test_ser_release_weights_load_with_their_split_block(tmp_path):
+    """aitrics-chris/SER main_dino.py saves {'student': MultiCropWrapper keys, 'args': a Namespace, loss lists}: the
+    objects are refused (re-saved as the message says, its state dicts load); their ViT has no [CLS] position and a
+    norm_equiv, and [CLS] joins after --equiv-layer, which no weight shape shows: asked for, then the same function."""
+    torch.manual_seed(0)
+    model = tiny_vit(embed_dim=192, num_heads=3, cls_after_block=2).eval()  # vit_tiny, 4 blocks, 32 px / 8 px
+    assert model.pos_embed.shape[1] == 16 and "norm_equiv.weight" in model.state_dict()
+    student = {f"module.backbone.{k}": v for k, v in model.state_dict().items()}
+    student["module.head.last_layer.weight_g"] = torch.ones(8, 1)
+    release = tmp_path / "checkpoint.pth"
+    torch.save({"student": student, "teacher": student, "epoch": 100, "args": SimpleNamespace(equiv_layer=2),
+                "loss_list_inv": np.zeros(3)}, release)
+    with pytest.raises(ValueError, match="holds Python objects beyond tensors .*isinstance\\(v, dict\\)"):
+        vit.load_checkpoint(release)
+    c = torch.load(release, weights_only=False)  # the re-save the message gives
+    torch.save({k: v for k, v in c.items() if isinstance(v, dict)}, tmp_path / "weights.pth")
+    flags = dict(arch="vit_tiny", patch_size=8, key="teacher", depth=4)
+    with pytest.raises(SystemExit, match="SER release weights .*pass --equiv-layer as in its run"):
+        vit.backbone_from_flags(str(tmp_path / "weights.pth"), **flags)
+    with pytest.raises(SystemExit, match="--equiv-layer 4: \\[CLS\\] joins after one of blocks 1..3"):
+        vit.backbone_from_flags(str(tmp_path / "weights.pth"), equiv_layer=4, **flags)
+    loaded = vit.backbone_from_flags(str(tmp_path / "weights.pth"), equiv_layer=2, **flags)
+    assert (loaded.cls_after_block, loaded.arch["img_size"]) == (2, 32)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours, theirs = loaded.forward_features(x, layer=2), model.forward_features(x, layer=2)
+    assert torch.equal(ours["cls"], theirs["cls"]) and torch.equal(ours["token_map"], theirs["token_map"])
+    parse = robustness_eval.get_args_parser().parse_args  # robustness_eval's --backbone reads the flag too
+    args = parse(["--arch", "vit_tiny", "--patch-size", "8", "--depth", "4", "--equiv-layer", "2",
+                  "--checkpoint-key", "teacher"])
+    assert robustness_eval.load_backbone(args, str(tmp_path / "weights.pth")).cls_after_block == 2
+
+
 def test_load_backbone_refuses_non_finite_weights(tmp_path):
     model = tiny_vit()
     sd = model.state_dict()

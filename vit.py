@@ -446,8 +446,9 @@ def load_checkpoint(path, map_location="cpu"):
             raise ValueError(
                 f"{path} holds Python objects beyond tensors and plain values ({found.group(1)}); it was not "
                 "loaded because unpickling them can run code. If you trust the file, re-save it without them, "
-                f"e.g. python -c \"import torch; c = torch.load('{path}', weights_only=False); c.pop('args', None); "
-                f"torch.save(c, 'weights.pth')\", and pass weights.pth") from None
+                f"e.g. python -c \"import torch; c = torch.load('{path}', weights_only=False); "
+                "torch.save({k: v for k, v in c.items() if isinstance(v, dict)}, 'weights.pth')\" (its state dicts), "
+                "and pass weights.pth") from None
         first_line = textwrap.shorten((message.strip().splitlines() or [""])[0], 100)
         reason = f"{type(e).__name__}: {first_line}" if first_line else type(e).__name__
         raise ValueError(f"{path} is not a readable checkpoint ({reason}): it is truncated, empty or not a "
@@ -526,6 +527,9 @@ def load_backbone(path, arch=None, key=None):
     sd = strip_prefixes(sd)
     # Heads (timm's classifier, MoCo v3's projector) and what only pretraining reads (MAE's decoder, mask tokens).
     dropped = sorted(k for k in sd if k.startswith(("head.", "decoder", "mask_token", "masked_embed")))
+    if "norm_equiv.weight" in sd and saved_arch is None and not (arch or {}).get("cls_after_block"):
+        raise ValueError(f"{path} holds SER release weights (aitrics-chris/SER), whose [CLS] joins after a block no "
+                         "weight shape shows: pass --equiv-layer as in its run (3 in its run_pretrain.sh)")
     sd = {k: v for k, v in sd.items() if k not in dropped}
 
     if saved_arch is not None and arch is not None:
@@ -542,7 +546,7 @@ def load_backbone(path, arch=None, key=None):
                          "read off the weights")
     table = sd.get("pos_embed")
     if saved_arch is None and table is not None and table.dim() == 3 and table.shape[1] > 1:  # its training
-        side = math.isqrt(table.shape[1] - 1)  # resolution, read off the position table ([CLS] row first)
+        side = math.isqrt(table.shape[1] - (not arch.get("cls_after_block")))  # resolution, off the position table
         arch = {**arch, "img_size": side * arch.get("patch_size", 16)}
     blocks = [int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()]
     if saved_arch is None and "depth" not in arch and "name" not in arch and blocks:  # its depth, off the block keys
@@ -578,7 +582,7 @@ def add_backbone_flags(parser):
     """The backbone flags of linear_eval.py and detect_eval.py, read by backbone_from_flags."""
     g = parser.add_argument_group("backbone")
     g.add_argument("--pretrained", default=None, help="pretrain.py export (backbone.pth) or full checkpoint, or "
-                   "released DINO/timm/MoCo v3 weights (then also --arch/--patch-size)")
+                   "released DINO/timm/MoCo v3/SER weights (then also --arch/--patch-size; SER: --equiv-layer)")
     g.add_argument("--checkpoint-key", default=None, help="network of a full checkpoint; default: the one its "
                    "method evaluates (DINO: 'teacher'). Use 'student' to follow SER's lincls_parallel.py")
     g.add_argument("--arch", default=None, choices=sorted(ARCHS), help="required for released weights (they "
@@ -586,19 +590,28 @@ def add_backbone_flags(parser):
     g.add_argument("--patch-size", type=int, default=None, help="with --arch only (default 16): 8 for DINO's /8 models")
     g.add_argument("--depth", type=int, default=None, help="with --arch: its number of blocks (default 12; "
                    "pretrain.py's built-in runs: 4)")
+    g.add_argument("--equiv-layer", type=int, default=None, help="with --arch, for SER release weights: the block "
+                   "after which their [CLS] joins (its --equiv-layer; 3); ours record it")
     g.add_argument("--random-init", action="store_true", help="an untrained --arch: the baseline at initialisation")
 
 
 def backbone_from_flags(path, arch=None, patch_size=None, key=None, random_init=False, img_size=224, depth=None,
-                        flag="--pretrained"):
+                        flag="--pretrained", equiv_layer=None):
     """The frozen ViT (eval mode) that a script's backbone flags name (add_backbone_flags, or
     robustness_eval.py's --backbone), every error a one-line SystemExit naming `flag`. `depth` overrides the
-    --arch's 12 blocks. --random-init draws from torch's generator: seed it alike on every rank first."""
-    if arch is None and (patch_size or depth) is not None:  # our checkpoints record both: a silent no-op otherwise
-        raise SystemExit("--patch-size and --depth describe released weights or --random-init: pass them with --arch")
+    --arch's 12 blocks; `equiv_layer` is SER's split. --random-init draws from torch's generator: seed it alike on
+    every rank first."""
+    if arch is None and (patch_size or depth or equiv_layer) is not None:  # ours record them: a no-op otherwise
+        raise SystemExit("--patch-size, --depth and --equiv-layer describe released weights or --random-init: pass "
+                         "them with --arch")
     requested = dict(name=arch, patch_size=patch_size or 16)
     if depth is not None:
         requested["depth"] = depth
+    if equiv_layer is not None:
+        blocks = depth or ARCHS[arch]["depth"]
+        if not 1 <= equiv_layer < blocks:
+            raise SystemExit(f"--equiv-layer {equiv_layer}: [CLS] joins after one of blocks 1..{blocks - 1}")
+        requested["cls_after_block"] = equiv_layer
     if random_init:
         if path is not None:
             raise SystemExit("--random-init and --pretrained exclude each other")
