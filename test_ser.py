@@ -3089,7 +3089,7 @@ def test_bad_flags_give_clear_errors(tmp_path):
     tiny = ["--random-init", "--arch", "vit_tiny", "--depth", "2", "--patch-size", "8"]
     with pytest.raises(SystemExit, match="--random-init --arch vit_tiny: img_size 30 is not divisible"):
         linear_eval.main(tiny + ["--img-size", "30"])
-    with pytest.raises(SystemExit, match="--patch-size and --depth describe released weights"):
+    with pytest.raises(SystemExit, match="--patch-size, --depth and --equiv-layer describe released weights"):
         linear_eval.main(["--pretrained", "backbone.pth", "--depth", "7"])  # ours record theirs: it would be ignored
     _write_png_tree(tmp_path / "one", "train", classes=("a",))
     _write_png_tree(tmp_path / "one", "val", classes=("a",))
