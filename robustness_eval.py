@@ -1239,10 +1239,15 @@ def corruption_set(args, base, img_size, corruptions, num_classes, classes):
                                       for e, (c, s) in enumerate(entries)], args.seed)
 
 
-def corruption_task(ev, c_set, num_classes, corruptions, clean_error):
-    """ImageNet-C top-1 error per corruption and severity, its means and, on ImageNet, mCE."""
+def corruption_task(ev, c_set, num_classes, corruptions, clean_error, clean_count):
+    """ImageNet-C top-1 error per corruption and severity, its means and, on ImageNet, mCE; relative mCE only where
+    the clean error is of as many images (the released sets hold all of theirs, whatever --num-images says)."""
     args = ev.args
     entries = [(c, s) for c in corruptions for s in range(1, 6)]
+    if clean_error is not None and len(c_set) // len(entries) != clean_count:
+        log(f"note: the released ImageNet-C holds {len(c_set) // len(entries)} images a set, the clean error is of "
+            f"{clean_count} images of --data: relative mCE is left out (it subtracts one from the other)")
+        clean_error = None
     correct = torch.zeros(len(c_set), device=ev.device)
     for x, y, idx in ev.loader(c_set, args.batch_size, f"ImageNet-C ({len(entries)} sets)"):
         correct[idx] = ev.hits(x, y)
@@ -1271,7 +1276,8 @@ def corruption_task(ev, c_set, num_classes, corruptions, clean_error):
     for c in corruptions:
         log(f"  {c:18s} " + " ".join(f"{100 * e:6.2f}" for e in errors[c])
             + f"   top-1 {res['top1_per_corruption'][c]:.2f}{mark if c == 'frost' else ''}")
-    mce = f"   mCE {res['mce']:.2f}{mark}  relative mCE {res['relative_mce']:.2f}{mark}" if "mce" in res else ""
+    mce = f"   mCE {res['mce']:.2f}{mark}" if "mce" in res else ""
+    mce += f"  relative mCE {res['relative_mce']:.2f}{mark}" if "relative_mce" in res else ""
     log(f"  mean top-1 over {len(corruptions)}x5: {res['top1']:.2f}{mark}" + mce)
     if mark:
         log(f"  * {FROST_NOTE}")
@@ -1399,7 +1405,7 @@ def evaluate(args, device, rank, world):
         f"{world} process(es) on {device}")
     clean_error = None if tasks == ["p"] else clean_tasks(ev, clean_set, img_size, tasks, results)  # all others read it
     if "c" in tasks:
-        results["imagenet_c"] = corruption_task(ev, c_set, len(classes), corruptions, clean_error)
+        results["imagenet_c"] = corruption_task(ev, c_set, len(classes), corruptions, clean_error, len(clean_set))
     if "p" in tasks:
         results["imagenet_p"] = perturbation_task(ev, p_sets, normalizers)
     return results, args.figures and partial(figures, args, [backbone], ["probe"], clean_set, layer, device)

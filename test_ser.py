@@ -4068,6 +4068,12 @@ def test_released_folders_fix_the_images_and_each_task_records_its_count(ab_prob
         robust(*argv, "--num-images", "1")
     out = robust(*argv)
     assert out["num_images"] == 2 and out["imagenet_c"]["num_images"] == 4
+    _released_c(tmp_path / "c", robustness_eval.CORRUPTIONS, per_class=2)  # 4 images a set against 2 clean ones
+    full = robust(*ab_probe, "--tasks", "clean,c", "--imagenet-c-dir", tmp_path / "c", "--mce", "on")["imagenet_c"]
+    assert "mce" in full and "relative_mce" not in full  # which subtracts the clean error of other images
+    _released_c(tmp_path / "c1", robustness_eval.CORRUPTIONS, per_class=1)
+    assert "relative_mce" in robust(*ab_probe, "--tasks", "clean,c", "--imagenet-c-dir", tmp_path / "c1", "--mce",
+                                    "on")["imagenet_c"]
     for f in range(2):
         _png(tmp_path / "p" / "rotate" / "a" / "v0" / f"{f}.png")
         _png(tmp_path / "p" / "rotate" / "b" / "v0" / f"{f}.png")
