@@ -931,7 +931,8 @@ def log_knn(args, backbone, knn, step, epoch, device):
     losses.log(f"{'initialisation' if step == 0 else f'epoch {epoch}'}: k-NN top-1 {acc['top1']:.2f} "
                f"top-5 {acc['top5']:.2f}")
     write_on_rank0(vit.append_jsonl, os.path.join(args.output_dir, "log.jsonl"),
-                   {"step": step, "epoch": epoch, "knn_top1": acc["top1"], "knn_top5": acc["top5"]})
+                   {"step": step, "epoch": epoch, "knn_top1": acc["top1"], "knn_top5": acc["top5"],
+                    "knn_images": [len(knn[0].dataset), len(knn[1].dataset)]})  # bank, val: a resume may change them
 
 
 def ignore_stop_signals(worker_id):
@@ -993,14 +994,15 @@ def resolve_precision(requested, device):
 
 
 def knn_history(output_dir):
-    """{step: k-NN top-1} of the monitor's records in log.jsonl, in the order written (a resumed run's included)."""
+    """{step: (k-NN top-1, [bank, val] images)} of the monitor's records in log.jsonl, in the order written (a resumed
+    run's included)."""
     knn, log_path = {}, os.path.join(output_dir, "log.jsonl")
     if os.path.exists(log_path):
         with open(log_path) as f:
             for line in f:
                 try:
                     record = json.loads(line)
-                    knn[record["step"]] = record["knn_top1"]
+                    knn[record["step"]] = (float(record["knn_top1"]), record.get("knn_images"))
                 except (ValueError, KeyError, TypeError):  # another record, or a line a kill cut short
                     pass
     return knn
@@ -1013,12 +1015,18 @@ def knn_due(args, step, steps_per_epoch, total_steps):
 
 
 def run_summary(output_dir, seconds, resumed_at=0):
-    """The end of a run in two lines: what the k-NN monitor saw (first and last entry of log.jsonl, so
-    a resumed run reports its whole history) and the command to run next."""
+    """The end of a run in two lines: what the k-NN monitor saw (first and last entry of log.jsonl with the last's
+    bank and val sizes, so a resumed run reports its whole history) and the command to run next."""
     backbone, linear = (shlex.quote(os.path.join(output_dir, f)) for f in ("backbone.pth", "linear"))  # to paste
-    knn = list(knn_history(output_dir).values())
-    seen = (f"k-NN top-1 {knn[0]:.1f} -> {knn[-1]:.1f} ({knn[-1] - knn[0]:+.1f})" if len(knn) > 1
-            else "k-NN monitor off")
+    history = knn_history(output_dir)
+    sizes = list(history.values())[-1][1] if history else None
+    knn = {step: top1 for step, (top1, images) in history.items() if images == sizes}  # comparable to the last
+    steps, seen = list(knn), "k-NN monitor off"
+    if len(steps) > 1:
+        a, b = knn[steps[0]], knn[steps[-1]]
+        seen = f"k-NN top-1 {a:.1f} -> {b:.1f} ({b - a:+.1f})"
+        if len(knn) < len(history):
+            seen += f" since step {steps[0]} (before it, the monitor had other --knn-train-size / --knn-val-size)"
     since = f" since the resume at step {resumed_at}" if resumed_at else ""
     return (f"done: {seen} in {seconds / 60:.1f} min{since}; backbone: {backbone}\n"
             f"next: python linear_eval.py --pretrained {backbone} --cached --output-dir {linear}")

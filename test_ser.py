@@ -2065,6 +2065,11 @@ def test_log_lines_cut_short_by_a_kill_cost_only_themselves(tmp_path):
     assert len(lines) == 3 and json.loads(lines[2]) == {"step": 8, "knn_top1": 30.0}
     assert pretrain.run_summary(str(tmp_path), 60).startswith("done: k-NN top-1 20.0 -> 30.0 (+10.0)")
     assert f"--pretrained '{tmp_path / 'my run' / 'backbone.pth'}' " in pretrain.run_summary(str(tmp_path / "my run"), 6)
+    # A resume with another --knn-val-size: the summary compares the records of the last bank and val sizes only.
+    for step, top1, images in ((10, 40.0, [2000, 1000]), (12, 45.0, [2000, 12]), (14, 47.5, [2000, 12])):
+        vit.append_jsonl(path, {"step": step, "knn_top1": top1, "knn_images": images})
+    assert pretrain.run_summary(str(tmp_path), 60).startswith(
+        "done: k-NN top-1 45.0 -> 47.5 (+2.5) since step 12 (before it, the monitor had other --knn-train-size")
 
 
 def test_bad_configurations_give_clear_errors(tmp_path, capsys):
@@ -2693,6 +2698,7 @@ def test_knn_monitor_reports_initialisation_and_epochs(tmp_path, capsys):
     run("--method simclr --knn-every 1 --knn-train-size 16 --knn-val-size 16", tmp_path)
     knn = [row for row in read_log(tmp_path) if "knn_top1" in row]
     assert [row["step"] for row in knn] == [0, 2] and all(0 <= row["knn_top1"] <= 100 for row in knn)
+    assert all(row["knn_images"] == [16, 16] for row in knn)  # bank and val images
     # The last lines say what happened and what to run next, from the whole log (resumes included).
     first, last = knn[0]["knn_top1"], knn[-1]["knn_top1"]
     out = capsys.readouterr().out
@@ -2701,7 +2707,7 @@ def test_knn_monitor_reports_initialisation_and_epochs(tmp_path, capsys):
     assert f"done: k-NN top-1 {first:.1f} -> {last:.1f} ({last - first:+.1f}) in " in out
     assert f"backbone: {tmp_path / 'backbone.pth'}" in out and "next: python linear_eval.py --pretrained" in out
     with open(tmp_path / "log.jsonl", "a") as f:
-        f.write(json.dumps({"step": 4, "epoch": 1, "knn_top1": last + 10.0}) + "\n")
+        f.write(json.dumps({"step": 4, "epoch": 1, "knn_top1": last + 10.0, "knn_images": [16, 16]}) + "\n")
     assert f"-> {last + 10:.1f} ({last + 10 - first:+.1f})" in pretrain.run_summary(str(tmp_path), 60)
     # Every --knn-every epochs, and the last one whatever the count (2 steps an epoch here).
     run("--method simclr --epochs 3 --knn-every 2 --knn-train-size 16 --knn-val-size 16", tmp_path / "every2")
