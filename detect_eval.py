@@ -789,7 +789,8 @@ def main(argv=None):
     # ============ building the frozen backbone, the detector and the data ============
     torch.manual_seed(args.seed)  # not yet offset by rank: every rank must build the same networks
     backbone = vit.backbone_from_flags(args.pretrained, args.arch, args.patch_size, args.checkpoint_key,
-                                       args.random_init, depth=args.depth, equiv_layer=args.equiv_layer)
+                                       args.random_init, depth=args.depth, equiv_layer=args.equiv_layer,
+                                       log=losses.log)
     try:  # bad data or flags, or a checkpoint of another run: one line naming the file
         train_set, val_set = build_data(args)
         model = build_detector(backbone, len(train_set.cat_ids), args).to(device)

@@ -357,7 +357,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # before the per-rank offset: every rank must build the same network
     backbone = vit.backbone_from_flags(args.pretrained, args.arch, args.patch_size, args.checkpoint_key,
                                        args.random_init, args.img_size or 224, args.depth,
-                                       equiv_layer=args.equiv_layer)
+                                       equiv_layer=args.equiv_layer, log=log)
     backbone.requires_grad_(False).to(device)  # in place, as every Module.to
     reference = snapshot(backbone)
     max_blocks = backbone.depth - backbone.cls_after_block  # SER: no [CLS] before it joins
@@ -469,6 +469,7 @@ def main(argv=None):
 
     assert_unchanged(backbone, reference)
     results.update(backbone=args.pretrained or f"random init {args.arch}", source=sources, arch=backbone.arch,
+                   backbone_unfinished=getattr(backbone, "unfinished", None),  # [step, total steps] of its run
                    data=args.data,
                    backbone_digest=vit.weights_digest(backbone),  # robustness_eval's table: these weights' numbers
                    img_size=img_size, num_classes=num_classes, num_features=in_dim, num_fit=len(fit_idx),

@@ -20,7 +20,7 @@ split); compute_losses calls losses.py, whose ser_loss aligns token maps with gr
 
 Outputs, in --output-dir (an existing checkpoint.pth is resumed): config.json, log.jsonl (a JSON line per log step
 and per epoch, cut back to the checkpoint on resume), checkpoint.pth (all state; every epoch and on SIGTERM/SIGINT)
-and backbone.pth (the evaluated backbone: bare timm keys and its architecture), which linear_eval.py,
+and backbone.pth (the evaluated backbone: bare timm keys, its architecture and step), which linear_eval.py,
 robustness_eval.py and detect_eval.py load.
 """
 
@@ -806,11 +806,12 @@ def checkpoint_note(args, saved_step):
             if saved_step is not None else f"no checkpoint was written to {args.output_dir}")
 
 
-def save_checkpoint(args, step, saved, train_images, precision, note):
+def save_checkpoint(args, step, total_steps, saved, train_images, precision, note):
     """checkpoint.pth with every object of `saved`, then backbone.pth cut out of it. Non-finite weights
     are never written (a loss is checked only at log steps, the one logged is from before the last
     update); every rank checks its equal weights, so all stop together."""
-    state = {"args": vars(args), "arch": saved["student"].backbone.arch, "step": step, "train_images": train_images,
+    state = {"args": vars(args), "arch": saved["student"].backbone.arch, "step": step, "total_steps": total_steps,
+             "train_images": train_images,
              "precision": precision, "joint_heads": args.method in JOINT_HEAD_METHODS,
              "eval_key": "teacher" if args.method == "dino" else "student",
              **{name: obj.state_dict() if obj is not None else None for name, obj in saved.items()}}
@@ -826,7 +827,8 @@ def export_backbone(path, state):
     """A checkpoint state's evaluated backbone (state['eval_key']), in bare timm key format with its architecture."""
     backbone = {k[len("backbone."):]: v for k, v in state[state["eval_key"]].items() if k.startswith("backbone.")}
     vit.save_atomic(path, {"arch": state["arch"], "backbone": backbone, "method": state["args"]["method"],
-                           "addon": state["args"]["addon"]})
+                           "addon": state["args"]["addon"], "step": state["step"],
+                           "total_steps": state.get("total_steps")})  # the evaluations note an unfinished run
 
 
 def write_on_rank0(write, *args):
@@ -1110,7 +1112,7 @@ def train(args, measure=None):
             if stop:
                 break
         if step % steps_per_epoch == 0 or stop:
-            save_checkpoint(args, step, saved, len(dataset), precision, checkpoint_note(args, saved_step))
+            save_checkpoint(args, step, total_steps, saved, len(dataset), precision, checkpoint_note(args, saved_step))
             saved_step = step
             if knn_due(args, step, steps_per_epoch, total_steps) and not signum:  # a signal's grace time is short
                 log_knn(args, evaluated, knn, step, epoch, device)

@@ -1124,7 +1124,7 @@ def _mean(values):
 
 def load_backbone(args, path):
     return vit.backbone_from_flags(path, args.arch, args.patch_size, key=args.checkpoint_key, depth=args.depth,
-                                   flag="--backbone", equiv_layer=args.equiv_layer)  # its errors name the path
+                                   flag="--backbone", equiv_layer=args.equiv_layer, log=log)  # errors name the path
 
 
 def load_model(args):

@@ -1955,6 +1955,17 @@ def test_interrupt_handler_requests_a_checkpoint():
         signal.signal(signal.SIGINT, previous[1])
 
 
+def test_the_backbone_of_an_unfinished_run_is_noted_by_the_evaluations(tmp_path):
+    """backbone.pth is exported at every epoch's end and on a signal: it records how far its run had come, and
+    the evaluations' loader says so while the run has not finished."""
+    run("--method mocov3 --stop-at-step 1", tmp_path)
+    notes, path = [], str(tmp_path / "backbone.pth")
+    assert vit.backbone_from_flags(path, log=notes.append).unfinished == (1, 2)
+    assert notes == [f"note: {path} is of step 1 of 2: its run has not finished"]
+    run("--method mocov3", tmp_path)
+    assert vit.backbone_from_flags(path, log=notes.append).unfinished is None and len(notes) == 1
+
+
 def test_resume_refuses_a_run_whose_heads_saw_each_view_apart(tmp_path):
     """A checkpoint whose SimCLR or DINO head was called on each view apart (an earlier pretrain.py) would go on
     with other BatchNorm statistics: refused. MoCo v3's head is called per view either way: its checkpoints resume."""

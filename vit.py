@@ -575,6 +575,8 @@ def load_backbone(path, arch=None, key=None):
     refuse_non_finite(path, sd)
     model.load_state_dict(sd, strict=True)
     model.dropped_keys = dropped  # linear_eval.py reports them
+    steps = (ckpt.get("step"), ckpt.get("total_steps"))  # pretrain.py's: how far its run had come
+    model.unfinished = steps if all(type(s) is int for s in steps) and steps[0] < steps[1] else None
     return model.eval()
 
 
@@ -596,11 +598,11 @@ def add_backbone_flags(parser):
 
 
 def backbone_from_flags(path, arch=None, patch_size=None, key=None, random_init=False, img_size=224, depth=None,
-                        flag="--pretrained", equiv_layer=None):
+                        flag="--pretrained", equiv_layer=None, log=print):
     """The frozen ViT (eval mode) that a script's backbone flags name (add_backbone_flags, or
-    robustness_eval.py's --backbone), every error a one-line SystemExit naming `flag`. `depth` overrides the
-    --arch's 12 blocks; `equiv_layer` is SER's split. --random-init draws from torch's generator: seed it alike on
-    every rank first."""
+    robustness_eval.py's --backbone), every error a one-line SystemExit naming `flag`, and a note through `log`
+    when its run had not finished. `depth` overrides the --arch's 12 blocks; `equiv_layer` is SER's split.
+    --random-init draws from torch's generator: seed it alike on every rank first."""
     if arch is None and (patch_size or depth or equiv_layer) is not None:  # ours record them: a no-op otherwise
         raise SystemExit("--patch-size, --depth and --equiv-layer describe released weights or --random-init: pass "
                          "them with --arch")
@@ -624,6 +626,9 @@ def backbone_from_flags(path, arch=None, patch_size=None, key=None, random_init=
     if path is None:
         raise SystemExit(f"pass {flag} PATH, or --random-init --arch NAME for the baseline at initialisation")
     try:
-        return load_backbone(path, requested if arch else None, key)
+        model = load_backbone(path, requested if arch else None, key)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise SystemExit(f"{flag}: {e}") from None
+    if model.unfinished:  # a backbone.pth exported at an epoch's end or on a signal
+        log(f"note: {path} is of step {model.unfinished[0]} of {model.unfinished[1]}: its run has not finished")
+    return model
