@@ -1435,7 +1435,11 @@ def linear_numbers(json_path, path, backbone, data, img_size):
     if (where(lin.get("data")), lin.get("img_size")) != (where(data), img_size):
         return empty(f"was computed on --data {lin.get('data')} at {lin.get('img_size')} px, this table on {data} at "
                      f"{img_size} px")
-    return top1
+    settings = lin["args"] if isinstance(lin.get("args"), dict) else {}
+    protocol = {k: lin.get(k) for k in ("num_fit", "num_holdout", "num_val")}  # compare_backbones compares them
+    protocol.update({k: settings.get(k) for k in ("cached", "epochs", "lrs", "batch_size", "n_last_blocks", "avgpool",
+                                                  "knn_k")})
+    return {**top1, "linear_protocol": protocol}
 
 
 def compare_backbones(args, device, rank, world):
@@ -1468,6 +1472,11 @@ def compare_backbones(args, device, rank, world):
         run.update(linear_numbers(os.path.join(os.path.dirname(path), "linear", "linear_eval.json"), path, backbone,
                                   args.data, img_size))
         results["runs"][name] = run
+    protocols = [run["linear_protocol"] for run in results["runs"].values() if "linear_protocol" in run]
+    differ = [k for k in protocols[0] if len({json.dumps(p[k]) for p in protocols}) > 1] if protocols else []
+    if differ:  # numbers of other protocols side by side would read as one comparison
+        log(f"note: the runs' linear_eval.py settings differ ({', '.join(differ)}): their linear and k-NN columns are "
+            "not one protocol; rerun linear_eval.py alike on each to compare them")
     common = [e for e in results["runs"][names[0]]["equivariance"]  # scales realised alike on every grid
               if all(e in run["equivariance"] for run in results["runs"].values())]
     scales = sorted((float(e[len("scale"):]), e) for e in common if e.startswith("scale"))  # the upscale, as figures

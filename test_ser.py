@@ -3735,8 +3735,16 @@ def test_compare_backbones_shows_linear_numbers_only_of_the_weights_evaluated(tm
                "--num-workers", "0", "--output-dir", tmp_path / "out")
         return json.loads((tmp_path / "out" / "robustness.json").read_text())["runs"]["run"], capsys.readouterr().out
 
-    shown, _ = table()
+    shown, out = table()
     assert (shown["linear_top1"], shown["knn_top1"]) == (written["linear"]["top1"], written["knn"]["top1"])
+    assert "settings differ" not in out
+    other_linear = tmp_path / "other" / "linear" / "linear_eval.json"  # its numbers, from 100 epochs
+    os.makedirs(other_linear.parent)
+    other_linear.write_text(json.dumps({**written, "backbone_digest": vit.weights_digest(other),
+                                        "args": {**written["args"], "epochs": 100}}))
+    assert "note: the runs' linear_eval.py settings differ (epochs): their linear and k-NN columns are not one " \
+        "protocol" in table()[1]
+    os.remove(other_linear)
     linear.write_text(json.dumps({**written, "data": "/datasets/digits"}))  # the same weights, other data
     elsewhere, out = table()
     assert "linear_top1" not in elsewhere
