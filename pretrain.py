@@ -811,8 +811,7 @@ def save_checkpoint(args, step, total_steps, saved, train_images, precision, not
     are never written (a loss is checked only at log steps, the one logged is from before the last
     update); every rank checks its equal weights, so all stop together."""
     state = {"args": vars(args), "arch": saved["student"].backbone.arch, "step": step, "total_steps": total_steps,
-             "train_images": train_images,
-             "precision": precision, "joint_heads": args.method in JOINT_HEAD_METHODS,
+             "train_images": train_images, "precision": precision, "joint_heads": args.method in JOINT_HEAD_METHODS,
              "eval_key": "teacher" if args.method == "dino" else "student",
              **{name: obj.state_dict() if obj is not None else None for name, obj in saved.items()}}
     weights = [v for part in ("student", "teacher") if state[part] is not None
