@@ -28,6 +28,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
@@ -296,7 +297,7 @@ def run_script(main):
     try:
         return main()
     except SystemExit as e:  # a settings error met before the ranks meet is the same line on every rank: rank 0's
-        first = torch.distributed.is_available() and torch.distributed.is_initialized()
+        first = dist.is_available() and dist.is_initialized()
         try:
             peer = losses.launch_env()[0] > 0
         except SystemExit:  # a malformed launch environment is said by every process
@@ -311,13 +312,46 @@ def run_script(main):
     except Exception as e:
         if isinstance(e, UnreadableImage):
             status = "error: " + str(e).strip().splitlines()[-1].split("UnreadableImage: ")[-1]
-        elif isinstance(e, torch.distributed.DistNetworkError) or "Connection closed by peer" in str(e):
+        elif isinstance(e, dist.DistNetworkError) or "Connection closed by peer" in str(e):
             status = "error: another rank stopped (its own error says why); this one stops with it"
         else:
             traceback.print_exc()
             status = 1
         traceback.clear_frames(e.__traceback__)  # the loaders in them, kept by a reference cycle, go now
     raise SystemExit(status)
+
+
+def ignore_stop_signals(worker_id):
+    """Workers ignore the scheduler's signal to the process group: a dead worker would crash the main
+    process before it saves. They exit when the main process does."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class Interrupt:
+    """SIGTERM/SIGINT (preemption, Ctrl-C) ask the loop to save a checkpoint and stop; the process then
+    exits with 128 + the signal number, so a scheduler sees it did not finish."""
+
+    def __init__(self, world=1):
+        self.signum, self.world, self.vote = 0, world, None  # signum: the signal received, 0 while none
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: setattr(self, "signum", signum))
+
+    def poll(self):
+        """The signal every rank stops on after this step (0: go on). Ranks may see a signal at different
+        steps but must stop at the same one: the signal number is max-reduced on the host-side group
+        without waiting, and read one step later (so at the first step no rank stops on its own flag)."""
+        if self.world == 1:
+            return self.signum
+        agreed = int(self.close().item()) if self.vote is not None else 0
+        flag = torch.tensor([self.signum])
+        self.vote = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=losses.cpu_group(), async_op=True))
+        return agreed
+
+    def close(self):
+        if self.vote is not None:
+            self.vote[1].wait()
+            return self.vote[0]
 
 
 def _check_image_tree(data: str, folder: str) -> frozenset:

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import time
 from collections import OrderedDict, defaultdict
 
@@ -727,7 +728,8 @@ def get_args_parser():
     g.add_argument("--num-workers", type=int, default=2, help="data-loading processes per training process")
     g.add_argument("--seed", type=int, default=0, help="seed of the heads' init, flips, scales and RPN/RoI sampling")
     g.add_argument("--log-every", type=int, default=20, help="iterations between loss lines")
-    g.add_argument("--ckpt-every", type=int, default=100, help="iterations between checkpoints (also saved at the end)")
+    g.add_argument("--ckpt-every", type=int, default=100, help="iterations between checkpoints (also saved at the end "
+                   "and on SIGTERM/SIGINT, which then stop the run: rerun the same command to resume)")
     g.add_argument("--output-dir", default="runs/detect", help="checkpoint.pth (resumed automatically), log.jsonl, "
                    "detect_results.json, detections_val.json (and synthetic_{train,val}.json with --data synthetic)")
     return p
@@ -835,9 +837,9 @@ def main(argv=None):
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world_size > 1 else model
     loader = DataLoader(train_set, batch_sampler=batches, num_workers=args.num_workers, collate_fn=collate,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", worker_init_fn=augment.ignore_stop_signals)
     model.train()
-    t0 = time.time()
+    t0, interrupt = time.time(), augment.Interrupt(world_size)  # SIGTERM/SIGINT: checkpoint, then stop
     for it, (images, targets) in enumerate(loader, start=start):
         # Reseeding from (seed, iteration, rank) makes flips, multi-scale sizes and the RPN/RoI
         # sampling a function of the iteration, so resuming replays the uninterrupted run.
@@ -854,6 +856,7 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        signum = interrupt.poll()
 
         if (it + 1) % args.log_every == 0 or it + 1 == args.iters:
             values = {k: v.item() for k, v in loss_terms.items()}  # sync only at log steps
@@ -866,11 +869,17 @@ def main(argv=None):
                 with vit.exit_on_write_error("detect_eval.py: "):
                     vit.append_jsonl(os.path.join(args.output_dir, "log.jsonl"),
                                      {"iteration": it + 1, "lr": lr, **values})
-        if rank == 0 and ((it + 1) % args.ckpt_every == 0 or it + 1 == args.iters):
+        if rank == 0 and ((it + 1) % args.ckpt_every == 0 or it + 1 == args.iters or signum):
             with vit.exit_on_write_error("detect_eval.py: "):
                 save_checkpoint(ckpt_path, model, optimizer, it + 1, args, digest, train_set,
                                 global_batch=args.batch_size * world_size, world_sizes=world_sizes,
                                 train_time_s=trained_s + time.time() - t0)
+        if signum:  # checkpointed, not finished: a scheduler must not count it as done
+            losses.log(f"stopped at iteration {it + 1} on {signal.Signals(signum).name}, exit status {128 + signum}; "
+                       f"checkpoint saved to {ckpt_path}; rerun the same command to resume")
+            losses.finish_distributed()
+            raise SystemExit(128 + signum)
+    interrupt.close()
     train_time = trained_s + time.time() - t0
 
     # ============ evaluating on the val split ============

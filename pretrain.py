@@ -39,7 +39,6 @@ from copy import deepcopy
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler, Subset, TensorDataset
@@ -882,7 +881,7 @@ def build_data(args, recipe, rank, world, device):
                          f"{args.batch_size}")
     sampler = GlobalBatchSampler(len(dataset), args.batch_size, rank, world, args.seed)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals)
+                        persistent_workers=args.num_workers > 0, worker_init_fn=augment.ignore_stop_signals)
     return dataset, sampler, loader
 
 
@@ -934,39 +933,6 @@ def log_knn(args, backbone, knn, step, epoch, device):
     write_on_rank0(vit.append_jsonl, os.path.join(args.output_dir, "log.jsonl"),
                    {"step": step, "epoch": epoch, "knn_top1": acc["top1"], "knn_top5": acc["top5"],
                     "knn_images": [len(knn[0].dataset), len(knn[1].dataset)]})  # bank, val: a resume may change them
-
-
-def ignore_stop_signals(worker_id):
-    """Workers ignore the scheduler's signal to the process group: a dead worker would crash the main
-    process before it saves. They exit when the main process does."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-class Interrupt:
-    """SIGTERM/SIGINT (preemption, Ctrl-C) ask the loop to save a checkpoint and stop; the process then
-    exits with 128 + the signal number (EXIT_CODES), so a scheduler sees it did not finish."""
-
-    def __init__(self, world=1):
-        self.signum, self.world, self.vote = 0, world, None  # signum: the signal received, 0 while none
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: setattr(self, "signum", signum))
-
-    def poll(self):
-        """The signal every rank stops on after this step (0: go on). Ranks may see a signal at different
-        steps but must stop at the same one: the signal number is max-reduced on the host-side group
-        without waiting, and read one step later (so at the first step no rank stops on its own flag)."""
-        if self.world == 1:
-            return self.signum
-        agreed = int(self.close().item()) if self.vote is not None else 0
-        flag = torch.tensor([self.signum])
-        self.vote = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=losses.cpu_group(), async_op=True))
-        return agreed
-
-    def close(self):
-        if self.vote is not None:
-            self.vote[1].wait()
-            return self.vote[0]
 
 
 def compile_backbones(student, teacher):
@@ -1095,7 +1061,7 @@ def train(args, measure=None):
     elif knn_due(args, start_step, steps_per_epoch, total_steps) and start_step not in knn_history(args.output_dir):
         # A signal stopped the run where the monitor was due (every rank reads the log, as it read the checkpoint).
         log_knn(args, evaluated, knn, start_step, start_step // steps_per_epoch - 1, device)
-    interrupt, meter = Interrupt(world), Meter(os.path.join(args.output_dir, "log.jsonl"), args.batch_size)
+    interrupt, meter = augment.Interrupt(world), Meter(os.path.join(args.output_dir, "log.jsonl"), args.batch_size)
     step, saved_step, signum, stop, t_start = start_step, start_step or None, 0, False, time.time()
     while step < total_steps and not stop:
         epoch, in_epoch = divmod(step, steps_per_epoch)

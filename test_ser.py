@@ -1947,7 +1947,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
 def test_interrupt_handler_requests_a_checkpoint():
     previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
-        interrupt = pretrain.Interrupt()
+        interrupt = augment.Interrupt()
         os.kill(os.getpid(), signal.SIGTERM)
         assert interrupt.poll() == signal.SIGTERM
     finally:
@@ -2735,7 +2735,7 @@ def test_knn_monitor_survives_stops_at_epoch_ends(tmp_path, capsys, monkeypatch)
         capsys.readouterr().out
     polls = iter([0, signal.SIGTERM])  # a signal after step 4, an epoch's last
     with monkeypatch.context() as patch, pytest.raises(SystemExit) as stop:
-        patch.setattr(pretrain.Interrupt, "poll", lambda self: next(polls))
+        patch.setattr(augment.Interrupt, "poll", lambda self: next(polls))
         run(flags, tmp_path)
     assert stop.value.code == 143 and knn_steps() == [0, 2]
     run(flags, tmp_path)
@@ -4705,6 +4705,24 @@ def test_resume_continues_at_the_saved_iteration(tmp_path, backbone_path, capsys
     b = torch.load(resumed / "checkpoint.pth", weights_only=False)
     assert a["iteration"] == b["iteration"] == 4
     for k in a["model"]:  # same batches, flips and samplings: the resumed run retraces the straight one
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_signal_checkpoints_the_detection_heads_and_the_rerun_resumes(tmp_path, backbone_path, capsys, monkeypatch):
+    """SIGTERM (preemption) after iteration 2 of 4, between checkpoints: the heads are saved there, the run exits 143
+    with a line saying so, and the same command goes on from iteration 2 to the heads of a run never stopped."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    detect_eval.main(tiny_run_args(backbone_path, straight, 4, ["--ckpt-every", "100"]))
+    polls = iter([0, signal.SIGTERM])
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as stop:
+        patch.setattr(augment.Interrupt, "poll", lambda self: next(polls))
+        detect_eval.main(tiny_run_args(backbone_path, stopped, 4, ["--ckpt-every", "100"]))
+    assert stop.value.code == 143 and torch.load(stopped / "checkpoint.pth", weights_only=True)["iteration"] == 2
+    assert "stopped at iteration 2 on SIGTERM, exit status 143; checkpoint saved to" in capsys.readouterr().out
+    detect_eval.main(tiny_run_args(backbone_path, stopped, 4, ["--ckpt-every", "100"]))
+    a, b = (torch.load(d / "checkpoint.pth", weights_only=True) for d in (straight, stopped))
+    assert a["iteration"] == b["iteration"] == 4
+    for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
 
 
