@@ -786,7 +786,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     vit.make_output_dir(args.output_dir, prefix="detect_eval.py: ", outputs=(
         "checkpoint.pth", "log.jsonl", "detections_val.json", "detect_results.json", "synthetic_train.json",
-        "synthetic_val.json"))
+        "synthetic_val.json"), lock=rank == 0)
 
     # ============ building the frozen backbone, the detector and the data ============
     torch.manual_seed(args.seed)  # not yet offset by rank: every rank must build the same networks

@@ -406,7 +406,8 @@ def main(argv=None):
     sources = [vit.weights_source(args.pretrained, args.checkpoint_key) if args.pretrained
                else f"random init {args.arch}"]
     if rank == 0:  # after the cheap checks, before the features: a bad flag leaves no folder behind
-        vit.make_output_dir(args.output_dir, outputs=("linear_probe.pth", "linear_eval.json"), sources=sources)
+        vit.make_output_dir(args.output_dir, outputs=("linear_probe.pth", "linear_eval.json"), sources=sources,
+                            lock=True)
     val_f, val_y = features_of(val_set, "val")  # (M, F)
     if args.cached or args.knn_k > 0:
         train_f, train_y = features_of(train_eval_set, "train")  # (N, F)

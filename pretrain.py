@@ -1028,7 +1028,7 @@ def train(args, measure=None):
 
     # ============ optionally resuming training ============
     written = ("benchmark.json",) if args.benchmark else ("config.json", "log.jsonl", "checkpoint.pth", "backbone.pth")
-    vit.make_output_dir(args.output_dir, prefix="error: ", outputs=written)
+    vit.make_output_dir(args.output_dir, prefix="error: ", outputs=written, lock=rank == 0)
     saved = dict(student=student, teacher=teacher, dino_loss=dino_loss, optimizer=optimizer, scaler=scaler)
     start_step = resume(args, saved, total_steps, len(dataset), precision, device)
 

@@ -1191,7 +1191,7 @@ def make_output_dirs(args, rank, names):
     """--output-dir and --figures (for the runs `names`), created and tried before any work: results that cannot be
     written are lost."""
     if rank == 0:
-        vit.make_output_dir(args.output_dir, outputs=("robustness.json",), sources=results_source(args))
+        vit.make_output_dir(args.output_dir, outputs=("robustness.json",), sources=results_source(args), lock=True)
         if args.figures:
             vit.make_output_dir(args.figures, flag="--figures",
                                 outputs=("equivariance.png", *(f"attention_{n}.png" for n in names)))

@@ -3047,6 +3047,26 @@ def test_diverged_heads_are_left_out_and_the_k_used_is_reported(tmp_path, capsys
         linear_eval.main(common + ["--lrs", "3e38", "--output-dir", str(tmp_path / "b")])
 
 
+def test_an_output_folder_holds_one_run_at_a_time(tmp_path, monkeypatch):
+    """Another process (a requeued job while the first still runs) waits for the folder's lock, then is refused in
+    one line; this process's later runs share the lock it holds, and the lock goes with the process that held it."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {REPO!r}); import vit; "
+                               f"vit.make_output_dir({str(out)!r}, lock=True); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(vit, "LOCK_WAIT_S", 1)
+        with pytest.raises(SystemExit, match=f"^--output-dir {out} is in use by another run \\(it holds .*\\.lock\\): "
+                                             "wait for it to end or choose another --output-dir$"):
+            vit.make_output_dir(str(out), lock=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    vit.make_output_dir(str(out), lock=True)  # the holder is gone
+    vit.make_output_dir(str(out), lock=True)  # and this process holds it now: its next run goes on
+
+
 def test_evaluations_keep_the_results_of_other_weights_in_their_folder(tmp_path, tiny_probe):
     """The default output folders are shared (runs/linear, runs/robustness): an evaluation of other weights refuses
     a folder holding another's results, before any work, where DINO's scripts would overwrite them; a rerun on the
@@ -3217,7 +3237,7 @@ def test_outputs_are_replaced_atomically_results_last(tmp_path, monkeypatch):
         linear_eval.main(argv + ["--seed", "1"])
     monkeypatch.setattr(torch, "save", real_save)
     assert (out / "linear_probe.pth").read_bytes() == probe and (out / "linear_eval.json").read_bytes() == results
-    assert sorted(os.listdir(out)) == ["linear_eval.json", "linear_probe.pth"]
+    assert sorted(os.listdir(out)) == [".lock", "linear_eval.json", "linear_probe.pth"]  # no temporary file left
 
 
 def test_feature_pass_reports_progress(tmp_path, capsys):
@@ -4031,6 +4051,7 @@ def test_imagenet_c_dir_folders_classes_and_images_are_checked(ab_probe, tmp_pat
     with pytest.raises(augment.UnreadableImage, match="fog/3/b/0.png is 24x24; --img-size 32 needs at least 32x32"):
         robust(*argv)
     (c / "fog/3/b/0.png").write_bytes(b"")  # as the user runs it: one line naming the file
+    argv[argv.index(tmp_path / "out")] = tmp_path / "cli_out"  # this process holds its runs' folder (lock_output_dir)
     code, last, _ = run_script("robustness_eval.py", *argv)
     assert code == 1 and last.startswith("error: cannot read image file") and "fog/3/b/0.png" in last
 

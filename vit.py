@@ -18,6 +18,7 @@ import os
 import re
 import tempfile
 import textwrap
+import time
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 
@@ -26,6 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.checkpoint import checkpoint
+
+try:
+    import fcntl  # output-folder locks; Unix only
+except ImportError:
+    fcntl = None
 
 
 class DropPath(nn.Module):
@@ -398,12 +404,42 @@ def weights_source(path, key=None):
     return os.path.realpath(path) + (f" ({key})" if key else "")
 
 
-def make_output_dir(path, prefix="", flag="--output-dir", outputs=(), sources=None):
+_LOCKED = {}  # output folders this process holds: resolved path -> its open .lock file
+LOCK_WAIT_S = 60  # a requeued job may start while its predecessor still saves on its signal
+
+
+def lock_output_dir(path, prefix="", flag="--output-dir"):
+    """One run at a time in an output folder: a second one (a job requeued while the first still runs, a typo) would
+    interleave its log and checkpoints with the first's. An flock on <path>/.lock, which the OS drops when the holder
+    exits, waited for up to LOCK_WAIT_S; a process takes it once, so its runs one after another share it."""
+    key = os.path.realpath(path)
+    if fcntl is None or key in _LOCKED:
+        return
+    lock = open(os.path.join(path, ".lock"), "a")
+    for waited in range(LOCK_WAIT_S + 1):
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _LOCKED[key] = lock
+            return
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):  # a file system without locks: go on without one
+                lock.close()
+                return
+        if waited == 0:
+            print(f"{path} is in use by another run; waiting up to {LOCK_WAIT_S} s for it to end", flush=True)
+        if waited < LOCK_WAIT_S:
+            time.sleep(1)
+    lock.close()
+    raise SystemExit(f"{prefix}{flag} {path} is in use by another run (it holds {path}/.lock): wait for it to end or "
+                     f"choose another {flag}")
+
+
+def make_output_dir(path, prefix="", flag="--output-dir", outputs=(), sources=None, lock=False):
     """An output folder, created and tried before any work, so that a run never computes results it cannot write;
     `outputs`: the files the run will write there, none of which may be a folder, the results JSON last. `sources`:
     what the results are of (resolved paths), recorded in that JSON as "source": results of these, or of some of them,
     are replaced (a rerun, a comparison with one more run), those of anything else are kept: the run is refused (the
-    evaluation scripts' default folders are shared)."""
+    evaluation scripts' default folders are shared). `lock`: hold the folder (lock_output_dir), on one rank only."""
     try:
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
@@ -413,6 +449,8 @@ def make_output_dir(path, prefix="", flag="--output-dir", outputs=(), sources=No
         if os.path.isdir(os.path.join(path, name)):
             raise SystemExit(f"{prefix}{flag} {path}: {name} there is a folder, where the run writes a file; move it "
                              "away or choose another")
+    if lock:
+        lock_output_dir(path, prefix, flag)
     if sources is None:
         return
     results, earlier = os.path.join(path, outputs[-1]), None
