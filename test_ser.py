@@ -3065,6 +3065,10 @@ def test_an_output_folder_holds_one_run_at_a_time(tmp_path, monkeypatch):
         holder.wait()
     vit.make_output_dir(str(out), lock=True)  # the holder is gone
     vit.make_output_dir(str(out), lock=True)  # and this process holds it now: its next run goes on
+    for odd in ("folder", "pipe"):  # a .lock that is no file: no lock, and no hang
+        (tmp_path / odd).mkdir()
+        (tmp_path / odd / ".lock").mkdir() if odd == "folder" else os.mkfifo(tmp_path / odd / ".lock")
+        vit.make_output_dir(str(tmp_path / odd), lock=True)
 
 
 def test_evaluations_keep_the_results_of_other_weights_in_their_folder(tmp_path, tiny_probe):

@@ -404,7 +404,7 @@ def weights_source(path, key=None):
     return os.path.realpath(path) + (f" ({key})" if key else "")
 
 
-_LOCKED = {}  # output folders this process holds: resolved path -> its open .lock file
+_LOCKED = {}  # output folders this process holds: resolved path -> the descriptor of its .lock
 LOCK_WAIT_S = 60  # a requeued job may start while its predecessor still saves on its signal
 
 
@@ -415,21 +415,24 @@ def lock_output_dir(path, prefix="", flag="--output-dir"):
     key = os.path.realpath(path)
     if fcntl is None or key in _LOCKED:
         return
-    lock = open(os.path.join(path, ".lock"), "a")
+    try:  # non-blocking: a pipe named .lock must not hang the run
+        lock = os.open(os.path.join(path, ".lock"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK)
+    except OSError:  # a folder or a pipe by that name: go on without a lock, as where the file system has none
+        return
     for waited in range(LOCK_WAIT_S + 1):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             _LOCKED[key] = lock
             return
         except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):  # a file system without locks: go on without one
-                lock.close()
+            if e.errno not in (errno.EAGAIN, errno.EACCES):  # a file system without locks
+                os.close(lock)
                 return
         if waited == 0:
             print(f"{path} is in use by another run; waiting up to {LOCK_WAIT_S} s for it to end", flush=True)
         if waited < LOCK_WAIT_S:
             time.sleep(1)
-    lock.close()
+    os.close(lock)
     raise SystemExit(f"{prefix}{flag} {path} is in use by another run (it holds {path}/.lock): wait for it to end or "
                      f"choose another {flag}")
 
