@@ -198,11 +198,18 @@ def knn_classify(train_features, train_labels, test_features, num_classes, k=20,
     return torch.cat(ranked)
 
 
-def topk_accuracy(ranked, labels):
-    """Top-1 / top-5 accuracy in % from class rankings (M, >= 1), best first."""
+def topk_accuracy(ranked, labels, num_classes):
+    """Top-1 / top-5 accuracy in % from class rankings (M, >= 1), best first. Top-5 is None with <= 5 classes:
+    any 5 of them hold the true one, so its 100% would say nothing."""
     hits = ranked[:, :5] == labels[:, None]  # (M, <=5)
     n = len(labels)  # counts, not float32 means, so the JSON holds clean percentages
-    return {"top1": 100.0 * hits[:, 0].sum().item() / n, "top5": 100.0 * hits.any(dim=1).sum().item() / n}
+    top5 = 100.0 * hits.any(dim=1).sum().item() / n if num_classes > 5 else None
+    return {"top1": 100.0 * hits[:, 0].sum().item() / n, "top5": top5}
+
+
+def top5_text(top5, spec=".2f"):
+    """'top-5 <top5>' for a log line, or why there is none (topk_accuracy)."""
+    return "top-5 n/a (<= 5 classes)" if top5 is None else f"top-5 {top5:{spec}}"
 
 
 @torch.no_grad()
@@ -216,7 +223,7 @@ def knn_eval(backbone, train_loader, val_loader, num_classes, device, k=20, T=0.
         val_f, val_y = gather_features(backbone, val_loader, device)  # (M, D)
     finally:
         backbone.train(was_training)
-    return topk_accuracy(knn_classify(train_f, train_y, val_f, num_classes, k, T), val_y)
+    return topk_accuracy(knn_classify(train_f, train_y, val_f, num_classes, k, T), val_y, num_classes)
 
 
 # ---------------------------------------------------------------------- linear training
@@ -289,9 +296,9 @@ def train_sweep(sweep, loader, lrs, epochs, device, backbone=None, n_last_blocks
 
 @torch.no_grad()
 def evaluate_sweep(sweep, features, labels, chunk_size=1024):
-    """[{'top1', 'top5'}] per head on cached features (M, F)."""
+    """[{'top1', 'top5'}] per head on cached features (M, F); top5 None with <= 5 classes (topk_accuracy)."""
     logits = torch.cat([sweep(f) for f in features.split(chunk_size)], dim=1)  # (K, M, C)
-    return [topk_accuracy(l.topk(min(5, l.shape[-1]), dim=1).indices, labels) for l in logits]
+    return [topk_accuracy(l.topk(min(5, l.shape[-1]), dim=1).indices, labels, l.shape[-1]) for l in logits]
 
 
 # ---------------------------------------------------------------------- script
@@ -455,8 +462,8 @@ def main(argv=None):
                          for lr, slr, loss, s, v in zip(args.lrs, lrs, final_loss, select_acc, val_acc)]}
     for row in results["sweep"]:  # without a holdout, selection is on val: its column once
         selection = f"holdout top-1 {row['holdout_top1']:6.2f}   " if holdout_idx else ""
-        log(f"  lr {row['lr']:<6g} {selection}val top-1 {row['val_top1']:6.2f}  top-5 {row['val_top5']:6.2f}")
-    log(f"linear: top-1 {val_acc[best]['top1']:.2f}  top-5 {val_acc[best]['top5']:.2f}  "
+        log(f"  lr {row['lr']:<6g} {selection}val top-1 {row['val_top1']:6.2f}  {top5_text(row['val_top5'], '6.2f')}")
+    log(f"linear: top-1 {val_acc[best]['top1']:.2f}  {top5_text(val_acc[best]['top5'])}  "
         f"(lr {args.lrs[best]:g} selected on {selected_on})")
 
     if args.knn_k > 0:
@@ -464,9 +471,9 @@ def main(argv=None):
         cls_slice = slice((args.n_last_blocks - 1) * d, args.n_last_blocks * d)
         k = min(args.knn_k, len(train_y))  # as knn_classify: at most the whole bank
         ranked = knn_classify(train_f[:, cls_slice], train_y, val_f[:, cls_slice], num_classes, k, args.knn_temperature)
-        results["knn"] = {**topk_accuracy(ranked, val_y), "k": k, "T": args.knn_temperature}
+        results["knn"] = {**topk_accuracy(ranked, val_y, num_classes), "k": k, "T": args.knn_temperature}
         log(f"k-NN (k={k}{'' if k == args.knn_k else f', --knn-k {args.knn_k} capped at the bank'}, "
-            f"T={args.knn_temperature:g}): top-1 {results['knn']['top1']:.2f}  top-5 {results['knn']['top5']:.2f}")
+            f"T={args.knn_temperature:g}): top-1 {results['knn']['top1']:.2f}  {top5_text(results['knn']['top5'])}")
 
     assert_unchanged(backbone, reference)
     results.update(backbone=args.pretrained or f"random init {args.arch}", source=sources, arch=backbone.arch,

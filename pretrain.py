@@ -53,7 +53,7 @@ import augment
 import group_actions
 import losses
 import vit
-from linear_eval import WithIndex, knn_eval  # linear_eval owns the k-NN protocol (DINO eval_knn)
+from linear_eval import WithIndex, knn_eval, top5_text  # linear_eval owns the k-NN protocol (DINO eval_knn)
 
 EMA_METHODS = ("mocov3", "dino", "byol")  # methods with a momentum teacher / target network
 JOINT_HEAD_METHODS = ("dino", "simclr")  # heads called once on all views (run_head)
@@ -931,7 +931,7 @@ def knn_data(args, rank, world):
 def log_knn(args, backbone, knn, step, epoch, device):
     acc = knn_eval(backbone, *knn, device)
     losses.log(f"{'initialisation' if step == 0 else f'epoch {epoch}'}: k-NN top-1 {acc['top1']:.2f} "
-               f"top-5 {acc['top5']:.2f}")
+               f"{top5_text(acc['top5'])}")
     write_on_rank0(vit.append_jsonl, os.path.join(args.output_dir, "log.jsonl"),
                    {"step": step, "epoch": epoch, "knn_top1": acc["top1"], "knn_top5": acc["top5"],
                     "knn_images": [len(knn[0].dataset), len(knn[1].dataset)]})  # bank, val: a resume may change them

@@ -2834,7 +2834,25 @@ def test_linear_probe_separates_separable_features():
     linear_eval.train_sweep(sweep, loader, [0.1, 1.0], epochs=10, device=torch.device("cpu"), log=lambda *a: None)
     accuracies = linear_eval.evaluate_sweep(sweep, features[500:], labels[500:])
     assert max(a["top1"] for a in accuracies) == 100.0
-    assert all(a["top5"] == 100.0 for a in accuracies)
+    assert all(a["top5"] is None for a in accuracies)  # 5 classes: any top-5 holds the true one
+
+
+@pytest.mark.parametrize("num_classes", [3, 5, 6])
+def test_top5_is_none_with_at_most_5_classes(num_classes):
+    """Any 5 of <= 5 classes hold the true one: the probe's and k-NN's top-5 are None there, not a 100% that says
+    nothing, and the log lines say so; with 6 classes a ranking can miss."""
+    torch.manual_seed(0)
+    labels = torch.arange(8) % num_classes
+    loader = augment.make_loader(linear_eval.WithIndex(TensorDataset(torch.randn(8, 3, 32, 32), labels)), 4, 0, 1, 0)
+    knn = linear_eval.knn_eval(tiny_vit(seed=0, depth=2, num_heads=2).eval(), loader, loader, num_classes,
+                               torch.device("cpu"), k=3)
+    probe = linear_eval.evaluate_sweep(linear_eval.LinearSweep(16, num_classes, 2), torch.randn(8, 16), labels)
+    for acc in [knn, *probe]:
+        if num_classes <= 5:
+            assert acc["top5"] is None and linear_eval.top5_text(acc["top5"]) == "top-5 n/a (<= 5 classes)"
+        else:
+            assert 0 <= acc["top1"] <= acc["top5"] <= 100
+            assert linear_eval.top5_text(acc["top5"]) == f"top-5 {acc['top5']:.2f}"
 
 
 def test_feature_loader_shards_cover_the_set():
@@ -2905,7 +2923,7 @@ def test_knn_matches_hand_computation():
     # Query 1: classes 2 and 3 receive exactly equal votes (45 and -45 degrees): the smaller index ranks first,
     # and the vote-less classes 1, 4 complete the top-5 in index order.
     assert ranked[0].tolist() == [0, 2, 3, 1, 4]
-    acc = linear_eval.topk_accuracy(ranked, query_labels)
+    acc = linear_eval.topk_accuracy(ranked, query_labels, num_classes)
     assert acc["top1"] == pytest.approx(100 / 3) and acc["top5"] == pytest.approx(200 / 3)
 
 
