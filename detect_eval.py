@@ -541,8 +541,10 @@ def hflip(image, target):
 FROZEN = "backbone.backbone."  # the ViT inside the detector: it comes from --pretrained, checkpoints leave it out
 # Options a resumed run may change: they do not change what the heads learn. --batch-size is per process: the global
 # batch, checked on its own, must stay; --iters may grow only where the lr of the iterations trained stays the same.
+# --pretrained may name the file another way (an absolute path, ./), or where it moved: its weights digest, checked
+# on its own, tells whether the backbone is the one the heads were trained on.
 RUNTIME_OPTIONS = {"output_dir", "num_workers", "log_every", "ckpt_every", "eval_batch_size", "iters", "val_split",
-                   "synthetic_val", "batch_size"}
+                   "synthetic_val", "batch_size", "pretrained"}
 
 
 def file_digest(path):
@@ -569,18 +571,23 @@ def load_checkpoint(path, model, optimizer, args, digest, train_set, world_size)
     if ckpt.get("padding") != "square":  # heads that saw batch-padded images would go on, or be scored, on squares
         raise ValueError(f"{path} holds heads trained on images padded per batch, not to one --max-size square (an "
                          "earlier detect_eval.py); use another --output-dir")
+    # An altered count would train extra iterations (below 0: at a negative warm-up lr) or fail on its type.
+    if type(ckpt["iteration"]) is not int or ckpt["iteration"] < 0:
+        raise ValueError(f"{path} holds iteration {ckpt['iteration']!r}, not a count of iterations trained: the file "
+                         "was altered; move it away or use another --output-dir")
+    if ckpt["iteration"] > args.iters:  # trained heads cannot be untrained: results would claim fewer iterations
+        raise ValueError(f"{path} holds heads trained for {ckpt['iteration']} iterations, more than --iters "
+                         f"{args.iters}; pass --iters {ckpt['iteration']} or more (as many only evaluates them), "
+                         "or use another --output-dir")
     if ckpt.get("backbone_digest", digest) != digest:
         raise ValueError(f"{path} holds heads trained on other backbone weights than {args.pretrained} has now "
-                         "(the file changed since). Use another --output-dir.")
+                         f"(they came from {ckpt['args'].get('pretrained')}, or the file changed since). Use another "
+                         "--output-dir.")
     saved = argparse.Namespace(**ckpt["args"])  # --decay-at and the cosine are fractions of --iters
     if any(learning_rate(it, saved) != learning_rate(it, args) for it in range(ckpt["iteration"])):
         raise ValueError(f"{path}: --iters {args.iters} (was {saved.iters}) changes the lr of the {ckpt['iteration']} "
                          f"iterations already trained; pass --iters {saved.iters}, or use another --output-dir to "
                          f"train {args.iters} iterations from the start")
-    if ckpt["iteration"] > args.iters:  # trained heads cannot be untrained: results would claim fewer iterations
-        raise ValueError(f"{path} holds heads trained for {ckpt['iteration']} iterations, more than --iters "
-                         f"{args.iters}; pass --iters {ckpt['iteration']} or more (as many only evaluates them), "
-                         "or use another --output-dir")
     # A checkpoint without it predates this check: --batch-size per process had to match, as it does here.
     global_batch = ckpt.get("global_batch", saved.batch_size * world_size)
     if global_batch != args.batch_size * world_size:
@@ -784,9 +791,11 @@ def main(argv=None):
     rank, world_size, device = losses.init_distributed()
     # The fp32 heads (see SimpleFeaturePyramid.forward) may use TF32 tensor cores, as detectron2 does.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    sources = [vit.weights_source(args.pretrained, args.checkpoint_key) if args.pretrained
+               else f"random init {args.arch}"]
     vit.make_output_dir(args.output_dir, prefix="detect_eval.py: ", outputs=(
-        "checkpoint.pth", "log.jsonl", "detections_val.json", "detect_results.json", "synthetic_train.json",
-        "synthetic_val.json"), lock=rank == 0)
+        "checkpoint.pth", "log.jsonl", "detections_val.json", "synthetic_train.json", "synthetic_val.json",
+        "detect_results.json"), sources=sources, lock=rank == 0)
 
     # ============ building the frozen backbone, the detector and the data ============
     torch.manual_seed(args.seed)  # not yet offset by rank: every rank must build the same networks
@@ -890,7 +899,8 @@ def main(argv=None):
         stats = coco_evaluate(val_set.coco, detections)
         losses.log(format_stats(stats))
         results = {"stats": dict(zip(STAT_NAMES, stats)), "iterations": args.iters,
-                   "backbone": args.pretrained or f"random init {args.arch}", "num_val_images": len(val_set),
+                   "backbone": args.pretrained or f"random init {args.arch}", "source": sources,
+                   "num_val_images": len(val_set),
                    "num_detections": len(detections), "train_time_s": train_time,
                    "eval_time_s": time.time() - t0, "world_size": world_size, "train_world_sizes": world_sizes,
                    "global_batch_size": args.batch_size * world_size, "args": vars(args)}

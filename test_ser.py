@@ -4827,7 +4827,7 @@ def test_resume_refuses_another_backbone_and_reports_progress(tmp_path, backbone
     torch.manual_seed(1)
     other = tiny_vit(img_size=64, patch_size=16, depth=2, num_heads=2)
     torch.save({"arch": other.arch, "backbone": other.state_dict()}, tmp_path / "other.pth")
-    with pytest.raises(SystemExit, match="different settings: --pretrained .*other.pth"):
+    with pytest.raises(SystemExit, match="holds the detect_results.json of .*backbone.pth, this run's .*other.pth"):
         detect_eval.main(tiny_run_args(tmp_path / "other.pth", out, 1))
     with pytest.raises(SystemExit, match="different settings: --out-channels 32 \\(now 16\\)"):
         detect_eval.main(tiny_run_args(backbone_path, out, 1, ["--out-channels", "16"]))
@@ -4923,6 +4923,50 @@ def test_two_process_run_gathers_every_prediction(tmp_path, backbone_path):
     single = detect_eval.main(argv + ["--batch-size", "2"])
     assert single["num_detections"] == ddp_stats["num_detections"]
     assert single["stats"] == pytest.approx(ddp_stats["stats"], abs=1e-6)
+
+
+def test_detect_results_of_another_backbone_are_kept(tmp_path, backbone_path, capsys, monkeypatch):
+    """detect_results.json records its backbone's resolved path: a rerun of that file, however written, resumes and
+    replaces it; another backbone's run is refused before any training, also where only the checkpoint is there."""
+    monkeypatch.chdir(tmp_path)
+    detect_eval.main(tiny_run_args("backbone.pth", "run", 1))
+    source = json.loads((tmp_path / "run" / "detect_results.json").read_text())["source"]
+    assert source == [os.path.realpath(backbone_path)]
+    for written in ("./backbone.pth", backbone_path):  # the same file: its digest, not its spelling, is checked
+        capsys.readouterr()
+        assert detect_eval.main(tiny_run_args(written, "run", 2))["iterations"] == 2
+        assert "resumed from" in capsys.readouterr().out
+    torch.manual_seed(1)
+    other = tiny_vit(img_size=64, patch_size=16, depth=2, num_heads=2)
+    torch.save({"arch": other.arch, "backbone": other.state_dict()}, tmp_path / "other.pth")
+    (tmp_path / "run" / "checkpoint.pth").unlink()  # a fresh start in the folder would replace the results
+    files = {f: f.read_bytes() for f in (tmp_path / "run").iterdir() if f.is_file()}
+    with pytest.raises(SystemExit, match=f"^detect_eval.py: --output-dir run holds the detect_results.json of "
+                                         f"{os.path.realpath(backbone_path)}, this run's \\(.*other.pth\\) would "
+                                         "replace it: choose another --output-dir") as e:
+        detect_eval.main(tiny_run_args("other.pth", "run", 2))
+    assert "\n" not in str(e.value) and "it 1/2" not in capsys.readouterr().out
+    assert {f: f.read_bytes() for f in (tmp_path / "run").iterdir() if f.is_file()} == files
+    detect_eval.main(tiny_run_args("backbone.pth", "part", 2))
+    (tmp_path / "part" / "detect_results.json").unlink()  # stopped before its results: the checkpoint refuses
+    with pytest.raises(SystemExit, match="part/checkpoint.pth holds heads trained on other backbone weights than "
+                                         "other.pth has now \\(they came from backbone.pth, or the file changed"):
+        detect_eval.main(tiny_run_args("other.pth", "part", 2))
+
+
+def test_resume_refuses_an_altered_iteration_count(tmp_path, backbone_path):
+    out = tmp_path / "run"
+    detect_eval.main(tiny_run_args(backbone_path, out, 2))
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    for iteration in (-2, "3", 2.5, True):  # -2 trained 4 more iterations, at a negative lr; "3", 2.5 a TypeError
+        torch.save({**ckpt, "iteration": iteration}, out / "checkpoint.pth")
+        with pytest.raises(SystemExit, match=f"^detect_eval.py: {out}/checkpoint.pth holds iteration "
+                                             f"{iteration!r}, not a count of iterations trained: the "
+                                             "file was altered; move it away or use another --output-dir$"):
+            detect_eval.main(tiny_run_args(backbone_path, out, 2))
+    torch.save({**ckpt, "iteration": 10**12}, out / "checkpoint.pth")  # refused before its lr is compared
+    with pytest.raises(SystemExit, match="holds heads trained for 1000000000000 iterations, more than --iters 2"):
+        detect_eval.main(tiny_run_args(backbone_path, out, 2))
 
 
 def test_small_scale_defaults_and_the_real_data_recipe(tmp_path):
