@@ -486,6 +486,90 @@ def test_native_bf16_detection_reads_the_cpu_flags(monkeypatch):
         assert detect() == expected
 
 
+def test_a_pipe_given_as_a_checkpoint_is_refused_at_once(tmp_path):
+    """torch.load would wait on a FIFO for a writer for good (linear_eval's --pretrained, robustness_eval's --probe, a
+    pipe at pretrain.py's checkpoint.pth): refused by name first; links are followed, to a pipe or to a checkpoint."""
+    model = tiny_vit()
+    torch.save({"arch": model.arch, "backbone": model.state_dict()}, tmp_path / "good.pth")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "to_fifo").symlink_to(tmp_path / "fifo")
+    (tmp_path / "to_good").symlink_to(tmp_path / "good.pth")
+
+    def hung(signum, frame):
+        raise TimeoutError("load_checkpoint waited on a pipe")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)  # a regression fails here instead of hanging the suite
+    try:
+        for name in ("fifo", "to_fifo"):
+            with pytest.raises(ValueError, match=f"^{tmp_path / name} is not a regular file \\(a pipe or a device\\)"):
+                vit.load_checkpoint(tmp_path / name)
+        with pytest.raises(SystemExit, match=f"^--pretrained: {tmp_path / 'fifo'} is not a regular file"):
+            vit.backbone_from_flags(str(tmp_path / "fifo"))
+        args = SimpleNamespace(epochs=1)
+        with pytest.raises(ValueError, match="is not a regular file .*; move it away or use another --output-dir$"):
+            vit.load_resumable(tmp_path / "fifo", args, ["student"], "pretrain.py", ())
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    with pytest.raises(ValueError, match=f"^{tmp_path} is a folder, not a checkpoint file$"):
+        vit.load_checkpoint(tmp_path)
+    assert vit.load_backbone(tmp_path / "to_good").arch == model.arch
+
+
+@pytest.mark.parametrize("add_on", [False, True])
+def test_ser_release_baselines_load_as_the_standard_vit_they_are(tmp_path, add_on):
+    """aitrics-chris/SER's baselines and add-ons (--equiv-mode inv/augself/equimod/essl) keep the [CLS] position row
+    (197 rows at ViT-S/16, 224 px) and save a norm_equiv: the final norm again (--equiv-layer 12), or a LayerNorm of
+    an add-on's input alone. The table decides: no --equiv-layer asked, norm_equiv dropped, the source's features."""
+    torch.manual_seed(0)
+    model = tiny_vit(embed_dim=192, num_heads=3).eval()  # vit_tiny, 4 blocks, 32 px / 8 px: 1 + 16 rows
+    sd = model.state_dict()
+    assert sd["pos_embed"].shape[1] == 17
+    norm = {k: (torch.randn_like(v) if add_on else v.clone()) for k, v in sd.items() if k.startswith("norm.")}
+    sd.update({"norm_equiv" + k[len("norm"):]: v for k, v in norm.items()})
+    student = {f"module.backbone.{k}": v for k, v in sd.items()}
+    student["module.head.last_layer.weight_g"] = torch.ones(8, 1)
+    torch.save({"student": student, "teacher": student}, tmp_path / "weights.pth")
+    flags = dict(arch="vit_tiny", patch_size=8, key="teacher", depth=4)
+    loaded = vit.backbone_from_flags(str(tmp_path / "weights.pth"), **flags)
+    assert (loaded.cls_after_block, loaded.arch["img_size"]) == (0, 32)
+    assert loaded.dropped_keys == ["norm_equiv.bias", "norm_equiv.weight"]  # (the head goes with its wrapper)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours, theirs = loaded.get_intermediate_layers(x, 2), model.get_intermediate_layers(x, 2)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    with pytest.raises(SystemExit, match="is a standard ViT \\(its position table has a \\[CLS\\] row, 17 rows\\): "
+                                         "its \\[CLS\\] joins before block 1; drop --equiv-layer$"):
+        vit.backbone_from_flags(str(tmp_path / "weights.pth"), equiv_layer=2, **flags)
+
+
+def test_results_that_record_no_source_are_kept(tmp_path):
+    """Results JSON of an earlier version name their one source as a string; an object that records none may be any
+    weights' results and is refused, not replaced. A file that is not a results object (or none) does not block."""
+    out, results = tmp_path / "rob", tmp_path / "rob" / "robustness.json"
+    out.mkdir()
+    results.write_text(json.dumps({"source": "/r/a.pth", "top1": 1.0}))
+    vit.make_output_dir(str(out), outputs=("robustness.json",), sources=["/r/a.pth"])  # its own rerun
+    with pytest.raises(SystemExit, match=f"^--output-dir {out} holds the robustness.json of /r/a.pth, this run's "
+                                         "\\(/r/b.pth\\) would replace it"):
+        vit.make_output_dir(str(out), outputs=("robustness.json",), sources=["/r/b.pth"])
+    for unsourced in ({"top1": 1.0}, {"source": 5}, {"source": None}):
+        results.write_text(json.dumps(unsourced))
+        with pytest.raises(SystemExit, match=f"^--output-dir {out} holds a robustness.json that records no source, "
+                                             "which this run would replace: move it away or choose another "
+                                             "--output-dir$"):
+            vit.make_output_dir(str(out), outputs=("robustness.json",), sources=["/r/a.pth"])
+    for unrelated in ("{", "[1]", '"/r/b.pth"', ""):
+        results.write_text(unrelated)
+        vit.make_output_dir(str(out), outputs=("robustness.json",), sources=["/r/a.pth"])
+    results.unlink()
+    vit.make_output_dir(str(out), outputs=("robustness.json",), sources=["/r/a.pth"], lock=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out / ".lock").st_mode & 0o777 == 0o644 & ~umask  # no executable bits on a lock
+
+
 # ================================================================================================
 # group_actions.py: the group on pixels and token maps
 # ================================================================================================
@@ -3092,7 +3176,7 @@ def test_an_output_folder_holds_one_run_at_a_time(tmp_path, monkeypatch):
 def test_evaluations_keep_the_results_of_other_weights_in_their_folder(tmp_path, tiny_probe):
     """The default output folders are shared (runs/linear, runs/robustness): an evaluation of other weights refuses
     a folder holding another's results, before any work, where DINO's scripts would overwrite them; a rerun on the
-    same file replaces its own. A results file that records no source (or is not JSON) does not block."""
+    same file replaces its own. A results file that is not JSON does not block."""
     model = tiny_vit(seed=0, depth=2, num_heads=2).eval()
     for name in ("a", "b"):
         torch.save({"arch": model.arch, "backbone": model.state_dict()}, tmp_path / f"{name}.pth")
@@ -3123,7 +3207,7 @@ def test_evaluations_keep_the_results_of_other_weights_in_their_folder(tmp_path,
     (table / "robustness.json").write_text(json.dumps({"source": ["/r/a.pth", "/r/b.pth"]}))
     with pytest.raises(SystemExit, match="holds the robustness.json of /r/b.pth, this run's \\(/r/a.pth\\)"):
         vit.make_output_dir(str(table), outputs=("robustness.json",), sources=["/r/a.pth"])
-    for unrelated in ("{", "[1]", json.dumps({"args": {}}), json.dumps({"source": 5}), "[" * 100_000):  # not ours
+    for unrelated in ("{", "[1]", "[" * 100_000):  # not ours
         (table / "robustness.json").write_text(unrelated)
         vit.make_output_dir(str(table), outputs=("robustness.json",), sources=[str(other)])
     (table / "robustness.json").unlink()

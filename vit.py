@@ -416,7 +416,7 @@ def lock_output_dir(path, prefix="", flag="--output-dir"):
     if fcntl is None or key in _LOCKED:
         return
     try:  # non-blocking: a pipe named .lock must not hang the run
-        lock = os.open(os.path.join(path, ".lock"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK)
+        lock = os.open(os.path.join(path, ".lock"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o644)
     except OSError:  # a folder or a pipe by that name: go on without a lock, as where the file system has none
         return
     for waited in range(LOCK_WAIT_S + 1):
@@ -456,15 +456,19 @@ def make_output_dir(path, prefix="", flag="--output-dir", outputs=(), sources=No
         lock_output_dir(path, prefix, flag)
     if sources is None:
         return
-    results, earlier = os.path.join(path, outputs[-1]), None
+    results, record = os.path.join(path, outputs[-1]), None
     try:  # a regular file of a results file's size: not a pipe, a device or a checkpoint
         if os.path.isfile(results) and os.path.getsize(results) < 2**24:
             with open(results) as f:
-                earlier = json.load(f).get("source")
-    except (OSError, ValueError, AttributeError, RecursionError):
+                record = json.load(f)
+    except (OSError, ValueError, RecursionError):
         pass
-    if not isinstance(earlier, list):  # none yet, or not a results file of this project
-        earlier = []
+    earlier = record.get("source") if isinstance(record, dict) else []  # none yet, or not JSON results
+    if isinstance(earlier, str):  # an earlier version's: one source
+        earlier = [earlier]
+    if not isinstance(earlier, list):  # results that do not say what they are of may be anyone's: not guessed
+        raise SystemExit(f"{prefix}{flag} {path} holds a {outputs[-1]} that records no source, which this run would "
+                         f"replace: move it away or choose another {flag}")
     lost = [s for s in earlier if s not in sources]
     if lost:
         raise SystemExit(f"{prefix}{flag} {path} holds the {outputs[-1]} of {', '.join(map(str, lost))}, this run's "
@@ -474,12 +478,13 @@ def make_output_dir(path, prefix="", flag="--output-dir", outputs=(), sources=No
 def load_checkpoint(path, map_location="cpu"):
     """torch.load(path, weights_only=True): tensors and plain values only, so a crafted file cannot run code.
     Every failure is a one-line error naming the file: FileNotFoundError when it is missing, else ValueError."""
+    if os.path.exists(path) and not os.path.isfile(path):  # torch.load would wait on a pipe for a writer for good
+        raise ValueError(f"{path} is a folder, not a checkpoint file" if os.path.isdir(path) else
+                         f"{path} is not a regular file (a pipe or a device), so not a checkpoint file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint not found: {path}") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path} is a folder, not a checkpoint file") from None
     except Exception as e:
         message = str(e)
         found = re.search(r"GLOBAL ([\w.]+)", message)
@@ -568,9 +573,19 @@ def load_backbone(path, arch=None, key=None):
     sd = strip_prefixes(sd)
     # Heads (timm's classifier, MoCo v3's projector) and what only pretraining reads (MAE's decoder, mask tokens).
     dropped = sorted(k for k in sd if k.startswith(("head.", "decoder", "mask_token", "masked_embed")))
-    if "norm_equiv.weight" in sd and saved_arch is None and not (arch or {}).get("cls_after_block"):
-        raise ValueError(f"{path} holds SER release weights (aitrics-chris/SER), whose [CLS] joins after a block no "
-                         "weight shape shows: pass --equiv-layer as in its run (3 in its run_pretrain.sh)")
+    table = sd.get("pos_embed")
+    rows = table.shape[1] if isinstance(table, torch.Tensor) and table.dim() == 3 else 0
+    cls_row = rows > 1 and math.isqrt(rows - 1) ** 2 == rows - 1  # [CLS] slot + grid^2 (a grid^2 table has none)
+    if saved_arch is None and cls_row and (arch or {}).get("cls_after_block"):
+        raise ValueError(f"{path} is a standard ViT (its position table has a [CLS] row, {rows} rows): its [CLS] "
+                         "joins before block 1; drop --equiv-layer")
+    if "norm_equiv.weight" in sd and saved_arch is None:
+        if cls_row:  # the SER release's baselines and add-ons (--equiv-mode inv, augself, equimod, essl): a standard
+            # ViT, whose norm_equiv is the final norm again or normalises only an add-on's input, not the features
+            dropped += sorted(k for k in sd if k.startswith("norm_equiv."))
+        elif not (arch or {}).get("cls_after_block"):
+            raise ValueError(f"{path} holds SER release weights (aitrics-chris/SER), whose [CLS] joins after a block "
+                             "no weight shape shows: pass --equiv-layer as in its run (3 in its run_pretrain.sh)")
     sd = {k: v for k, v in sd.items() if k not in dropped}
 
     if saved_arch is not None and arch is not None:
@@ -585,8 +600,7 @@ def load_backbone(path, arch=None, key=None):
         raise ValueError(f"{path} records no architecture (a released checkpoint?): pass the arch, e.g. --arch "
                          f"{'vit_small_mocov3' if moco_v3 else 'vit_small'} --patch-size 16; the head count cannot be "
                          "read off the weights")
-    table = sd.get("pos_embed")
-    if saved_arch is None and table is not None and table.dim() == 3 and table.shape[1] > 1:  # its training
+    if saved_arch is None and rows > 1:  # its training
         side = math.isqrt(table.shape[1] - (not arch.get("cls_after_block")))  # resolution, off the position table
         arch = {**arch, "img_size": side * arch.get("patch_size", 16)}
     blocks = [int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()]
