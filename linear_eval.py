@@ -18,6 +18,7 @@ on its imagenet_eval split. k-NN as in DINO's eval_knn.py (k = 20, T = 0.07), on
 import argparse
 import math
 import os
+import reprlib
 import time
 
 import torch
@@ -121,6 +122,15 @@ def load_probe(path):
     if num_classes != ckpt["num_classes"]:  # robustness_eval matches --data against num_classes, not the head
         raise ValueError(f"{path}: the head predicts {num_classes} classes but its metadata says num_classes "
                          f"{ckpt['num_classes']}; rerun linear_eval.py to write it again")
+    classes, unfinished = ckpt.get("classes"), ckpt.get("backbone_unfinished")  # older probes record neither
+    if "classes" in ckpt and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+                                  and len(set(classes)) == len(classes) == num_classes):
+        raise ValueError(f"{path}: its classes {reprlib.repr(classes)} are not a list of its {num_classes} "
+                         "distinct class names; rerun linear_eval.py to write it again")  # matched to --data
+    if unfinished is not None and not (isinstance(unfinished, (list, tuple)) and len(unfinished) == 2
+                                       and all(type(s) is int for s in unfinished)):
+        raise ValueError(f"{path}: its backbone_unfinished {reprlib.repr(unfinished)} is not [step, total steps] of "
+                         "its backbone's run; rerun linear_eval.py to write it again")
     expected = backbone.embed_dim * (ckpt["n_last_blocks"] + bool(ckpt["avgpool"]))
     if in_dim != expected:
         raise ValueError(f"{path}: the head reads {in_dim} features but its backbone gives {expected} "
@@ -488,6 +498,7 @@ def main(argv=None):
             save_probe(os.path.join(args.output_dir, "linear_probe.pth"), backbone, sweep.heads[best],
                        args.n_last_blocks, args.avgpool, num_classes, img_size, args.data,
                        classes=list(train_eval_set.classes),  # robustness_eval.py compares them with its --data
+                       backbone_unfinished=getattr(backbone, "unfinished", None),  # and records it
                        lr=args.lrs[best], top1=val_acc[best]["top1"], top5=val_acc[best]["top5"])
             vit.save_atomic(os.path.join(args.output_dir, "linear_eval.json"), results)
         log(f"wrote {args.output_dir}/linear_eval.json and linear_probe.pth ({results['time_s']:.0f}s)")

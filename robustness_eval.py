@@ -1043,7 +1043,8 @@ def get_args_parser():
     g.add_argument("--scales", type=float, nargs="+", default=[0.75, 1.25],
                    help="input rescalings, each in (0, 4] (geometry, equivariance)")
     g.add_argument("--figures", default=None, metavar="DIR", help="also write PNG figures there: equivariance.png "
-                   "(f_L(g x) next to rho_g f_L(x) per backbone) and attention_<run>.png ([CLS] attention per head)")
+                   "(f_L(g x) next to rho_g f_L(x) per backbone), attention_<run>.png ([CLS] attention per head) and "
+                   "figures.json (their sources; a run of other weights is refused there)")
     g.add_argument("--figure-layer", type=int, default=None, help="block L of the figures and of the comparison "
                    "table (default: the SER split block of the first backbone that has one, else 3 as in the paper)")
     g.add_argument("--figure-images", type=int, default=4, help="val images shown in the figures")
@@ -1131,9 +1132,13 @@ def load_model(args):
     """(backbone, classifier or None, meta) on the CPU."""
     if args.probe:
         try:
-            return load_probe(args.probe)
+            backbone, classifier, meta = load_probe(args.probe)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"--probe: {e}") from None
+        if meta.get("backbone_unfinished"):  # as backbone_from_flags notes a --backbone's
+            step, total = meta["backbone_unfinished"]
+            log(f"note: {args.probe}: its backbone is of step {step} of {total}: its run has not finished")
+        return backbone, classifier, meta
     if not args.equivariance_only:
         raise SystemExit("--probe is required (a linear_eval.py linear_probe.pth), "
                          "or pass --equivariance-only with --backbone")
@@ -1149,6 +1154,12 @@ def run_names(paths):
     if len(set(names)) < len(names):
         names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     return names if len(set(names)) == len(names) else [f"run{i}" for i in range(len(paths))]
+
+
+def probe_name(path):
+    """The probe's run, named as run_names does: linear_eval.py's <run>/linear/linear_probe.pth -> run."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return run_names([folder if os.path.basename(folder) == "linear" else path])[0]
 
 
 def val_images(args, img_size, default=None):
@@ -1189,19 +1200,22 @@ def results_source(args):
 
 def make_output_dirs(args, rank, names):
     """--output-dir and --figures (for the runs `names`), created and tried before any work: results that cannot be
-    written are lost."""
+    written are lost. The figures' folder records their sources in figures.json, so that another run's figures
+    (equivariance.png is one for all) are never replaced."""
     if rank == 0:
-        vit.make_output_dir(args.output_dir, outputs=("robustness.json",), sources=results_source(args), lock=True)
-        if args.figures:
-            vit.make_output_dir(args.figures, flag="--figures",
-                                outputs=("equivariance.png", *(f"attention_{n}.png" for n in names)))
+        sources = results_source(args)
+        vit.make_output_dir(args.output_dir, outputs=("robustness.json",), sources=sources, lock=True)
+        if args.figures:  # the lock is taken once per folder: --figures may be --output-dir
+            vit.make_output_dir(args.figures, flag="--figures", sources=sources, lock=True,
+                                outputs=("equivariance.png", *(f"attention_{n}.png" for n in names), "figures.json"))
 
 
 def figures(args, backbones, names, clean_set, layer, device):
     if args.figure_images > len(clean_set):
         log(f"note: --figure-images {args.figure_images}, but the run has {len(clean_set)} images: all are shown")
     x = torch.stack([clean_set[i][0] for i in range(min(args.figure_images, len(clean_set)))]).to(device)
-    with vit.exit_on_write_error():
+    with vit.exit_on_write_error():  # the record first: a kill between them leaves no figures of unrecorded sources
+        vit.save_atomic(os.path.join(args.figures, "figures.json"), {"source": results_source(args)})
         paths, _ = write_figures(backbones, names, x, args.figures, layer)
     log("figures: " + ", ".join(paths))
 
@@ -1397,10 +1411,12 @@ def evaluate(args, device, rank, world):
         raise SystemExit("--p-normalizers: mFR and mT5D need all 10 perturbations; drop --perturbations or "
                          "--p-normalizers")
     layer = figure_layer(args, [backbone]) if args.figures else None  # its range checked now, not after the work
-    make_output_dirs(args, rank, ["probe"])
+    names = [probe_name(args.probe)] if args.probe else run_names(args.backbone)
+    make_output_dirs(args, rank, names)
     source = f"--probe {args.probe}" if args.probe else f"--backbone {args.backbone[0]}"
     ev = Evaluator(args, backbone, classifier, meta, device, rank, world, source)
-    results = {"num_images": len(base), "img_size": img_size, "num_classes": len(classes), "world_size": world}
+    results = {"num_images": len(base), "img_size": img_size, "num_classes": len(classes), "world_size": world,
+               "backbone_unfinished": meta.get("backbone_unfinished") if args.probe else backbone.unfinished}
     log(f"robustness_eval: {len(base)} images of {args.data} at {img_size}px, tasks {','.join(tasks)}, "
         f"{world} process(es) on {device}")
     clean_error = None if tasks == ["p"] else clean_tasks(ev, clean_set, img_size, tasks, results)  # all others read it
@@ -1408,7 +1424,7 @@ def evaluate(args, device, rank, world):
         results["imagenet_c"] = corruption_task(ev, c_set, len(classes), corruptions, clean_error, len(clean_set))
     if "p" in tasks:
         results["imagenet_p"] = perturbation_task(ev, p_sets, normalizers)
-    return results, args.figures and partial(figures, args, [backbone], ["probe"], clean_set, layer, device)
+    return results, args.figures and partial(figures, args, [backbone], names, clean_set, layer, device)
 
 
 def linear_numbers(json_path, path, backbone, data, img_size):
@@ -1467,7 +1483,8 @@ def compare_backbones(args, device, rank, world):
     results = {"num_images": len(base), "img_size": img_size, "layer": layer, "runs": {}}
     for name, path, backbone in zip(names, args.backbone, backbones):
         ev = Evaluator(args, backbone.to(device).eval(), None, {}, device, rank, world, f"--backbone {path}")
-        run = {"backbone": path, "depth": backbone.depth, "cls_after_block": backbone.cls_after_block,
+        run = {"backbone": path, "backbone_unfinished": backbone.unfinished,  # [step, total steps] of its run
+               "depth": backbone.depth, "cls_after_block": backbone.cls_after_block,
                "equivariance": ev.clean_pass(clean_set, img_size, False, True)[2]}
         run.update(linear_numbers(os.path.join(os.path.dirname(path), "linear", "linear_eval.json"), path, backbone,
                                   args.data, img_size))

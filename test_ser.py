@@ -3410,6 +3410,23 @@ def test_ddp_gather_equals_single_process(tmp_path):
         assert torch.equal(ddp_labels, labels) and ddp_knn == knn
 
 
+@pytest.mark.parametrize("entry, value, message", [
+    ("classes", None, "its classes None are not a list of its 6 distinct class names"),
+    ("classes", 5, "its classes 5 are not"), ("classes", [[1]] * 6, r"its classes \[\[1\], \[1\], .*\] are not"),
+    ("classes", ["a"] * 6, "its classes .* are not"), ("classes", list("abcde"), "its classes .* are not"),
+    ("classes", tuple("abcdef"), "its classes .* are not"),  # --data's names are a list: never equal
+    ("backbone_unfinished", [1], r"its backbone_unfinished \[1\] is not \[step, total steps\] of its backbone's run"),
+    ("backbone_unfinished", "1 of 2", "its backbone_unfinished '1 of 2' is not")])
+def test_probe_classes_and_run_steps_of_the_wrong_form_are_refused_in_one_line(tmp_path, entry, value, message):
+    """robustness_eval matches a probe's classes to --data's names and records its backbone's steps: anything but a
+    list of the head's number of distinct names, or a [step, total steps] pair, is a malformed probe there."""
+    probe = tmp_path / "linear_probe.pth"
+    linear_eval.save_probe(probe, tiny_vit(seed=0, depth=2, num_heads=2).eval(), linear_eval.LinearClassifier(64, 6), 1,
+                           False, 6, 32, "synthetic", **{entry: value})
+    with pytest.raises(SystemExit, match=f"^--probe: {probe}: {message}.*; rerun linear_eval.py to write it again$"):
+        probe_run(probe, tmp_path)
+
+
 # ================================================================================================
 # robustness_eval.py: ImageNet-C/P, geometry, equivariance scores
 # ================================================================================================
@@ -4312,11 +4329,12 @@ def test_figure_paths_are_tried_before_any_work_and_the_numbers_written_first(ti
                                                                               monkeypatch):
     argv = ["--probe", tiny_probe, "--tasks", "clean", "--num-images", "2", "--num-workers", "0",
             "--output-dir", tmp_path / "out", "--figures", tmp_path / "fig"]
-    os.makedirs(tmp_path / "fig" / "attention_probe.png")
-    with pytest.raises(SystemExit, match="^--figures .*fig: attention_probe.png there is a folder"):
+    attention = f"attention_{robustness_eval.probe_name(tiny_probe)}.png"
+    os.makedirs(tmp_path / "fig" / attention)
+    with pytest.raises(SystemExit, match=f"^--figures .*fig: {attention} there is a folder"):
         robust(*argv)
     assert "clean top-1" not in capsys.readouterr().out
-    os.rmdir(tmp_path / "fig" / "attention_probe.png")
+    os.rmdir(tmp_path / "fig" / attention)
 
     def full_disk(*_, **__):
         raise OSError(28, "No space left on device", str(tmp_path / "fig" / "equivariance.png"))
@@ -4358,6 +4376,63 @@ def test_motion_blur_matches_imagemagick_q16_bit_for_bit():
                        [168, 123, 57, 98, 138, 176, 207, 225]])
     out = robustness_eval.magick_motion_blur(image, 3.0, 1.5, 20.0)
     assert np.array_equal(out[..., 0], magick) and np.array_equal(out[..., 2], magick)
+
+
+def test_figures_of_other_weights_are_refused_in_their_folder(tiny_probe, tmp_path, capsys):
+    """--figures records what its figures are of (figures.json): a run of another probe or of other backbones is
+    refused there in one line before any work (equivariance.png is one for all of them), a rerun of the same one
+    replaces them. A probe's attention map is named after its run."""
+    other = tmp_path / "other" / "linear" / "linear_probe.pth"  # linear_eval.py's <run>/linear
+    os.makedirs(other.parent)
+    other.write_bytes(open(tiny_probe, "rb").read())
+    model = tiny_vit(seed=0, depth=2, num_heads=2)
+    os.makedirs(tmp_path / "base")
+    torch.save({"arch": model.arch, "backbone": model.state_dict()}, tmp_path / "base" / "backbone.pth")
+    fig = tmp_path / "fig"
+    common = ["--equivariance-only", "--num-images", "2", "--num-workers", "0", "--figure-images", "1",
+              "--figures", fig]
+    robust(*common, "--probe", tiny_probe, "--output-dir", tmp_path / "a")
+    assert json.loads((fig / "figures.json").read_text()) == {"source": [os.path.realpath(tiny_probe)]}
+    name = os.path.basename(os.path.dirname(tiny_probe))
+    assert robustness_eval.probe_name(tiny_probe) == name and (fig / f"attention_{name}.png").is_file()
+    assert robustness_eval.probe_name(str(other)) == "other"
+    written = {p.name: p.read_bytes() for p in fig.iterdir()}
+    capsys.readouterr()
+    refused = (f"^--figures {fig} holds the figures.json of {os.path.realpath(tiny_probe)}, this run's \\(.*\\) "
+               "would replace it: choose another --figures \\(or move that one away\\)$")
+    for argv, out in ((["--probe", other], "b"), (["--backbone", tmp_path / "base" / "backbone.pth"], "c")):
+        with pytest.raises(SystemExit, match=refused):
+            robust(*common, *argv, "--output-dir", tmp_path / out)
+        assert "equivariance per block" not in capsys.readouterr().out
+        assert not (tmp_path / out / "robustness.json").exists()
+    assert {p.name: p.read_bytes() for p in fig.iterdir()} == written
+    robust(*common, "--probe", tiny_probe, "--output-dir", tmp_path / "a")  # a rerun replaces its own
+    robust(*common, "--probe", tiny_probe, "--output-dir", fig)  # one folder for both: its lock is taken once
+    assert {"robustness.json", "figures.json", "equivariance.png"} <= set(os.listdir(fig))
+
+
+def test_robustness_json_records_an_unfinished_runs_backbone(tmp_path, capsys):
+    """As linear_eval.json: robustness.json says when the backbone is of a run that had not finished (a
+    backbone.pth exported at an epoch's end or on a signal), of a --backbone or of the one a probe was trained on;
+    the comparison table per run."""
+    model = tiny_vit(seed=0, depth=2, num_heads=2)
+    for name, steps in (("done", {}), ("early", {"step": 1, "total_steps": 2})):
+        os.makedirs(tmp_path / name)
+        torch.save({"arch": model.arch, "backbone": model.state_dict(), **steps}, tmp_path / name / "backbone.pth")
+    linear_eval.main(["--pretrained", str(tmp_path / "early" / "backbone.pth"), "--train-length", "64",
+                      "--val-length", "32", "--batch-size", "32", "--cached", "--epochs", "1", "--lrs", "0.03",
+                      "--knn-k", "0", "--num-workers", "0", "--output-dir", str(tmp_path / "early" / "linear")])
+    capsys.readouterr()
+    common = ["--equivariance-only", "--num-images", "2", "--num-workers", "0"]
+    robust(*common, "--probe", tmp_path / "early" / "linear" / "linear_probe.pth", "--output-dir", tmp_path / "a")
+    assert "linear_probe.pth: its backbone is of step 1 of 2: its run has not finished" in capsys.readouterr().out
+    for backbone, out in (("early", "b"), ("done", "c")):
+        robust(*common, "--backbone", tmp_path / backbone / "backbone.pth", "--output-dir", tmp_path / out)
+    robust(*common, "--backbone", *(tmp_path / n / "backbone.pth" for n in ("done", "early")),
+           "--output-dir", tmp_path / "d")
+    written = {d: json.loads((tmp_path / d / "robustness.json").read_text()) for d in "abcd"}
+    assert [written[d].get("backbone_unfinished", "absent") for d in "abc"] == [[1, 2], [1, 2], None]
+    assert {n: run["backbone_unfinished"] for n, run in written["d"]["runs"].items()} == {"done": None, "early": [1, 2]}
 
 # ================================================================================================
 # detect_eval.py: ViTDet pyramid, Faster R-CNN, COCO mAP
