@@ -150,8 +150,11 @@ ONLY_FOR = {
     **dict.fromkeys(("ser_ratio", "ser_min_images", "ser_chunk", "ser_scale"), ("--ser", lambda a: a.addon == "ser")),
     **dict.fromkeys(("compile", "grad_checkpointing"), ("a training run, not --count-flops",
                                                         lambda a: not a.count_flops)),
-    **dict.fromkeys(("knn_train_size", "knn_val_size"), ("the k-NN monitor (--knn-every above 0)",
-                                                         lambda a: a.knn_every != 0)),
+    **dict.fromkeys(("stop_at_step", "log_every"), ("a training run, not --benchmark", lambda a: not a.benchmark)),
+    "knn_every": ("a training run, not --benchmark",  # --knn-every 0 asks for what a benchmark does anyway
+                  lambda a: not a.benchmark or a.knn_every == 0),
+    **dict.fromkeys(("knn_train_size", "knn_val_size"), ("the k-NN monitor (--knn-every above 0, not --benchmark)",
+                                                         lambda a: a.knn_every != 0 and not a.benchmark)),
     "peak_tflops": ("--benchmark", lambda a: bool(a.benchmark)),
 }
 
@@ -752,9 +755,15 @@ def resume(args, saved, total_steps, train_images, precision, device):
 def load_run_state(path, args, saved, total_steps, train_images, precision, device):
     with exit_on_value_error():
         ckpt = vit.load_resumable(path, args, ("step", *saved), "pretrain.py", RUNTIME_OPTIONS, map_location=device)
+    refuse_altered_values(path, ckpt, {"train_images": (lambda v: type(v) is int, "a count of images")})
     if ckpt.get("train_images", train_images) != train_images:  # the data order and the schedule depend on it
         raise SystemExit(f"error: --data {args.data} holds {train_images} training images, {ckpt['train_images']} "
                          f"when {path} was written: the run cannot continue on it; use another --output-dir")
+    refuse_altered_values(path, ckpt, {
+        "step": (lambda v: type(v) is int and 0 <= v <= total_steps, f"a step of this run (0..{total_steps})"),
+        "total_steps": (lambda v: type(v) is int and v == total_steps, f"this run's {total_steps}"),
+        "precision": (lambda v: v in vit.PRECISIONS[1:], " or ".join(vit.PRECISIONS[1:])),  # as resolved
+        "joint_heads": (lambda v: type(v) is bool, "True or False")})
     # --precision auto resolves per machine: the precision computed in is compared (older checkpoints: the flag)
     before, now = (ckpt["precision"], precision) if "precision" in ckpt else (ckpt["args"]["precision"], args.precision)
     if before != now:
@@ -776,6 +785,10 @@ def load_run_state(path, args, saved, total_steps, train_images, precision, devi
            for p in group["params"] for s in optimizer.state.get(p, {}).values()):
         raise SystemExit(f"error: {path}: its optimizer state does not fit this run's parameters; move it away or "
                          "use another --output-dir")
+    # Every step fills AdamW's state, except steps that fp16's loss scaler skips (non-finite gradients).
+    if ckpt["step"] and not optimizer.state and not saved["scaler"].is_enabled():
+        raise SystemExit(f"error: {path}: its optimizer state is empty at step {ckpt['step']} (AdamW's moments would "
+                         "start again from zero); move it away or use another --output-dir")
     losses.log(f"resumed from {path} at step {ckpt['step']}")
     if ckpt["step"] >= total_steps:
         # A finished run: a kill between its last two writes left backbone.pth stale or missing.
@@ -784,6 +797,17 @@ def load_run_state(path, args, saved, total_steps, train_images, precision, devi
     if args.stop_at_step is not None and args.stop_at_step <= ckpt["step"] < total_steps:  # finished: nothing to do
         raise SystemExit(f"error: --stop-at-step {args.stop_at_step} is not after the resumed step {ckpt['step']}")
     return ckpt["step"]
+
+
+def refuse_altered_values(path, ckpt, expected):
+    """Values save_checkpoint never writes (an altered file), which would resume wrongly or stop in a traceback later.
+    expected: key -> (ok(value), what it must be); a key the checkpoint lacks (an older version) is not checked."""
+    for key, (ok, want) in expected.items():
+        value = ckpt.get(key)
+        if key in ckpt and not (isinstance(value, (bool, int, str)) and ok(value)):  # a tensor would compare per item
+            plain = value is None or type(value) in (bool, int, float, str)
+            raise SystemExit(f"error: {path}: its {key} is {repr(value) if plain else 'a ' + type(value).__name__}, "
+                             f"not {want}; move it away or use another --output-dir")
 
 
 def refuse_unusable_weights(path, ckpt, saved):
@@ -983,19 +1007,23 @@ def knn_due(args, step, steps_per_epoch, total_steps):
     return bool(args.knn_every) and in_epoch == 0 and (epoch % args.knn_every == 0 or step == total_steps)
 
 
-def run_summary(output_dir, seconds, resumed_at=0):
+def run_summary(output_dir, seconds, resumed_at=0, total_steps=None):
     """The end of a run in two lines: what the k-NN monitor saw (first and last entry of log.jsonl with the last's
-    bank and val sizes, so a resumed run reports its whole history) and the command to run next."""
+    bank and val sizes, so a resumed run reports its whole history, and the step of the last when it is not the
+    run's last: a resume may turn the monitor off) and the command to run next."""
     backbone, linear = (shlex.quote(os.path.join(output_dir, f)) for f in ("backbone.pth", "linear"))  # to paste
     history = knn_history(output_dir)
     sizes = list(history.values())[-1][1] if history else None
     knn = {step: top1 for step, (top1, images) in history.items() if images == sizes}  # comparable to the last
     steps, seen = list(knn), "k-NN monitor off"
+    other = " (before it, the monitor had other --knn-train-size / --knn-val-size)" if len(knn) < len(history) else ""
+    of_total = f" of {total_steps}" if steps and total_steps is not None and steps[-1] != total_steps else ""
     if len(steps) > 1:
         a, b = knn[steps[0]], knn[steps[-1]]
-        seen = f"k-NN top-1 {a:.1f} -> {b:.1f} ({b - a:+.1f})"
-        if len(knn) < len(history):
-            seen += f" since step {steps[0]} (before it, the monitor had other --knn-train-size / --knn-val-size)"
+        seen = (f"k-NN top-1 {a:.1f} -> {b:.1f} ({b - a:+.1f})" + (f" since step {steps[0]}{other}" if other else "")
+                + (f", last measured at step {steps[-1]}{of_total}" if of_total else ""))
+    elif steps:
+        seen = f"k-NN top-1 {knn[steps[0]]:.1f} at step {steps[0]}{of_total}{other}"
     since = f" since the resume at step {resumed_at}" if resumed_at else ""
     return (f"done: {seen} in {seconds / 60:.1f} min{since}; backbone: {backbone}\n"
             f"next: python linear_eval.py --pretrained {backbone} --cached --output-dir {linear}")
@@ -1090,7 +1118,7 @@ def train(args, measure=None):
                            f"{how} to resume")
     interrupt.close()
     if step >= total_steps and not signum:
-        losses.log(run_summary(args.output_dir, time.time() - t_start, start_step))
+        losses.log(run_summary(args.output_dir, time.time() - t_start, start_step, total_steps))
     losses.finish_distributed()
     if signum:
         sys.exit(128 + signum)  # checkpointed, but not finished: a scheduler must not count it as done
@@ -1190,7 +1218,8 @@ def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, 
         print(json.dumps(result, indent=1))
         print(f"step / floor: {result['step_over_floor']:.3f} ({result['step_ms']:.1f} ms per step, "
               f"{result['floor_ms']:.1f} ms of bare compute)")
-        vit.save_atomic(os.path.join(args.output_dir, "benchmark.json"), result)
+        with vit.exit_on_write_error("error: "):
+            vit.save_atomic(os.path.join(args.output_dir, "benchmark.json"), result)
     losses.finish_distributed()
     return result
 

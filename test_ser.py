@@ -1949,6 +1949,7 @@ TINY = ("--epochs 1 --synthetic-length 32 --batch-size 16 --img-size 32 --patch-
 
 def config(extra, out):
     tiny = TINY.replace("--synthetic-length 32 ", "") if "--data " in extra else TINY  # built-in data only
+    tiny = tiny.replace(" --log-every 1000", "") if "--benchmark" in extra else tiny  # a benchmark logs no steps
     return pretrain.resolve_config(pretrain.get_args_parser().parse_args(f"{tiny} {extra} --output-dir {out}".split()))
 
 
@@ -2900,6 +2901,73 @@ def test_equimod_plain_view_joins_the_global_call(tmp_path, monkeypatch):
     h_plain = original(plain, layer=2)["cls_at_layer"]
     want_t, want_hat_t = student.addon_head(h_plain, h_views, params)
     assert torch.allclose(y_t, want_t, atol=1e-5) and torch.allclose(y_hat_t, want_hat_t, atol=1e-5)
+
+
+def test_run_summary_after_a_resume_that_changed_the_knn_monitor(tmp_path, capsys):
+    """A resume may change the monitor's sizes or turn it off: the summary never says 'off' while records exist,
+    reports a lone comparable record as such, and names the step of the last record when it is not the run's last."""
+    first = "--method simclr --epochs 2 --knn-every 1 --knn-train-size 16 --knn-val-size 16"  # 2 steps an epoch
+    for out, resumed in (("sizes", "--knn-every 1 --knn-train-size 16 --knn-val-size 8"), ("off", "--knn-every 0")):
+        run(first + " --stop-at-step 2", tmp_path / out)
+        run(f"--method simclr --epochs 2 {resumed}", tmp_path / out)
+    out = capsys.readouterr().out
+    knn = {d: {row["step"]: row["knn_top1"] for row in read_log(tmp_path / d) if "knn_top1" in row}
+           for d in ("sizes", "off")}
+    assert list(knn["sizes"]) == [0, 2, 4] and list(knn["off"]) == [0, 2]
+    assert (f"done: k-NN top-1 {knn['sizes'][4]:.1f} at step 4 (before it, the monitor had other --knn-train-size / "
+            "--knn-val-size) in ") in out
+    a, b = knn["off"][0], knn["off"][2]
+    assert f"done: k-NN top-1 {a:.1f} -> {b:.1f} ({b - a:+.1f}), last measured at step 2 of 4 in " in out
+    (tmp_path / "one").mkdir()
+    vit.append_jsonl(tmp_path / "one" / "log.jsonl", {"step": 0, "knn_top1": 20.0, "knn_images": [16, 16]})
+    assert pretrain.run_summary(str(tmp_path / "one"), 60, 0, 4).startswith("done: k-NN top-1 20.0 at step 0 of 4 in")
+    assert pretrain.run_summary(str(tmp_path / "none"), 60, 0, 4).startswith("done: k-NN monitor off in")
+
+
+def test_resume_refuses_altered_checkpoint_values(tmp_path):
+    """Values save_checkpoint never writes stop the resume in one line naming checkpoint.pth (they resumed at the
+    wrong step, or crashed in the schedule, the seed or the optimizer), and so does an emptied optimizer state."""
+    run("--method byol --stop-at-step 1", tmp_path)  # 2 steps in all
+    good = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    tampered = [("step", True, "its step is True, not a step of this run (0..2)"),
+                ("step", -3, "its step is -3, not a step"), ("step", 3, "its step is 3, not a step"),
+                ("step", "1", "its step is '1', not a step"), ("step", 1.0, "its step is 1.0, not a step"),
+                ("step", torch.tensor(1), "its step is a Tensor, not a step"),
+                ("train_images", "32", "its train_images is '32', not a count of images"),
+                ("total_steps", 4, "its total_steps is 4, not this run's 2"),
+                ("precision", None, "its precision is None, not bf16 or fp16 or fp32"),
+                ("joint_heads", None, "its joint_heads is None, not True or False"),
+                ("joint_heads", "yes", "its joint_heads is 'yes', not True or False"),
+                ("optimizer", {**good["optimizer"], "state": {}}, "its optimizer state is empty at step 1 (AdamW's")]
+    for key, value, message in tampered:
+        torch.save({**good, key: value}, tmp_path / "checkpoint.pth")
+        with pytest.raises(SystemExit) as stop:
+            run("--method byol --stop-at-step 2", tmp_path)
+        line = str(stop.value)
+        assert line.startswith(f"error: {tmp_path / 'checkpoint.pth'}: {message}") and "\n" not in line
+        assert line.endswith("; move it away or use another --output-dir")
+    torch.save(good, tmp_path / "checkpoint.pth")
+    assert run("--method byol --stop-at-step 2", tmp_path)["step"] == 2
+
+
+@pytest.mark.parametrize("flags,users", [("--stop-at-step 1", "a training run, not --benchmark"),
+                                         ("--log-every 5", "a training run, not --benchmark"),
+                                         ("--knn-every 1", "a training run, not --benchmark"),
+                                         ("--knn-train-size 5", "the k-NN monitor \\(--knn-every above 0, not "
+                                                                "--benchmark\\)")])
+def test_benchmark_refuses_the_flags_of_a_training_run(flags, users, tmp_path):
+    config("--method byol --benchmark 1 --knn-every 0", tmp_path)  # the monitor off, as a benchmark runs anyway
+    with pytest.raises(SystemExit, match=f"^error: {flags.split()[0]} is read only with {users}; this run would "
+                                         "ignore it: drop it$"):
+        config(f"--method byol --benchmark 1 {flags}", tmp_path)
+
+
+def test_benchmark_json_that_cannot_be_written_stops_in_one_line(tmp_path, monkeypatch):
+    def full_disk(path, state):
+        raise OSError(28, "No space left on device", path)
+    monkeypatch.setattr(vit, "save_atomic", full_disk)
+    with pytest.raises(SystemExit, match="^error: could not write .*benchmark.json: No space left on device$"):
+        pretrain.benchmark(config("--method byol --benchmark 1 --peak-tflops 1", tmp_path))
 
 
 # ================================================================================================
