@@ -150,11 +150,13 @@ ONLY_FOR = {
     **dict.fromkeys(("ser_ratio", "ser_min_images", "ser_chunk", "ser_scale"), ("--ser", lambda a: a.addon == "ser")),
     **dict.fromkeys(("compile", "grad_checkpointing"), ("a training run, not --count-flops",
                                                         lambda a: not a.count_flops)),
-    **dict.fromkeys(("stop_at_step", "log_every"), ("a training run, not --benchmark", lambda a: not a.benchmark)),
-    "knn_every": ("a training run, not --benchmark",  # --knn-every 0 asks for what a benchmark does anyway
-                  lambda a: not a.benchmark or a.knn_every == 0),
-    **dict.fromkeys(("knn_train_size", "knn_val_size"), ("the k-NN monitor (--knn-every above 0, not --benchmark)",
-                                                         lambda a: a.knn_every != 0 and not a.benchmark)),
+    **dict.fromkeys(("stop_at_step", "log_every"), ("a training run, not --benchmark or --count-flops",
+                                                    lambda a: not a.benchmark and not a.count_flops)),
+    "knn_every": ("a training run, not --benchmark or --count-flops",  # 0 asks for what they do anyway
+                  lambda a: not a.benchmark and not a.count_flops or a.knn_every == 0),
+    **dict.fromkeys(("knn_train_size", "knn_val_size"), ("the k-NN monitor (--knn-every above 0, a training run)",
+                                                         lambda a: a.knn_every != 0 and not a.benchmark
+                                                         and not a.count_flops)),
     "peak_tflops": ("--benchmark", lambda a: bool(a.benchmark)),
 }
 

@@ -1949,7 +1949,8 @@ TINY = ("--epochs 1 --synthetic-length 32 --batch-size 16 --img-size 32 --patch-
 
 def config(extra, out):
     tiny = TINY.replace("--synthetic-length 32 ", "") if "--data " in extra else TINY  # built-in data only
-    tiny = tiny.replace(" --log-every 1000", "") if "--benchmark" in extra else tiny  # a benchmark logs no steps
+    measures = "--benchmark" in extra or "--count-flops" in extra
+    tiny = tiny.replace(" --log-every 1000", "") if measures else tiny  # a benchmark or FLOP count logs no steps
     return pretrain.resolve_config(pretrain.get_args_parser().parse_args(f"{tiny} {extra} --output-dir {out}".split()))
 
 
@@ -2236,6 +2237,8 @@ def test_bad_configurations_give_clear_errors(tmp_path, capsys):
                                          ("--method byol --equiv-layer 2", "an add-on"),
                                          ("--method byol --augself --equiv-tau 0.1", "--ser or --equimod"),
                                          ("--count-flops --compile", "a training run, not --count-flops"),
+                                         ("--count-flops --stop-at-step 1", "a training run, not --benchmark or --c"),
+                                         ("--count-flops --knn-every 1", "a training run, not --benchmark or --c"),
                                          ("--method dino --warmup-teacher-temp 0.5",
                                           "--method dino with --warmup-teacher-temp-epochs above 0"),
                                          ("--peak-tflops 5", "--benchmark"),
@@ -2950,11 +2953,11 @@ def test_resume_refuses_altered_checkpoint_values(tmp_path):
     assert run("--method byol --stop-at-step 2", tmp_path)["step"] == 2
 
 
-@pytest.mark.parametrize("flags,users", [("--stop-at-step 1", "a training run, not --benchmark"),
-                                         ("--log-every 5", "a training run, not --benchmark"),
-                                         ("--knn-every 1", "a training run, not --benchmark"),
-                                         ("--knn-train-size 5", "the k-NN monitor \\(--knn-every above 0, not "
-                                                                "--benchmark\\)")])
+@pytest.mark.parametrize("flags,users", [("--stop-at-step 1", "a training run, not --benchmark or --count-flops"),
+                                         ("--log-every 5", "a training run, not --benchmark or --count-flops"),
+                                         ("--knn-every 1", "a training run, not --benchmark or --count-flops"),
+                                         ("--knn-train-size 5", "the k-NN monitor \\(--knn-every above 0, a "
+                                                                "training run\\)")])
 def test_benchmark_refuses_the_flags_of_a_training_run(flags, users, tmp_path):
     config("--method byol --benchmark 1 --knn-every 0", tmp_path)  # the monitor off, as a benchmark runs anyway
     with pytest.raises(SystemExit, match=f"^error: {flags.split()[0]} is read only with {users}; this run would "
