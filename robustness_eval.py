@@ -868,20 +868,36 @@ def released_corruptions(root, entries, img_size, num_classes, classes=None):
         if not os.path.isdir(folder):
             raise SystemExit(f"--imagenet-c-dir {root}: no folder {name}/{severity} (flat or per family)")
         classes, source = _class_folders(folder, "--imagenet-c-dir", num_classes, classes, source), folder
-        start = len(items)
+        start, names = len(items), {}
         for label, wnid in enumerate(classes):
             files = _image_files(os.path.join(folder, wnid))
             if not files:  # its error would be NaN
                 raise SystemExit(f"--imagenet-c-dir: {os.path.join(folder, wnid)} holds no .jpeg/.jpg/.png images")
             items += [(path, label) for path in files]
             entry += [e] * len(files)
+            names[wnid] = [os.path.basename(path) for path in files]
         count = len(items) - start
         # the release holds every val image at every severity: a partial folder would be averaged as a whole one
         if first is not None and count != first[1]:
             raise SystemExit(f"--imagenet-c-dir: {folder} holds {count} images but {first[0]} holds {first[1]}; "
                              "every corruption and severity needs the same images: complete the download")
-        first = first or (folder, count)
+        if first is not None and names != first[2]:  # as many, but of another class mix: an error over other images
+            _same_images(folder, names, first[0], first[2])
+        first = first or (folder, count, names)
     return Released(items, entry, img_size)
+
+
+def _same_images(folder, names, first, first_names):
+    """Refuses, naming the first class whose image files in `folder` differ from those of the `first` severity."""
+    wnid = next(w for w in names if names[w] != first_names[w])
+    here, there = os.path.join(folder, wnid), os.path.join(first, wnid)
+    a, b = names[wnid], first_names[wnid]
+    if len(a) != len(b):
+        how = f"{here} holds {len(a)} images but {there} holds {len(b)}"
+    else:
+        how = f"{here} lacks {min(set(b) - set(a))} of {there} and holds {min(set(a) - set(b))} instead"
+    raise SystemExit(f"--imagenet-c-dir: {how}; every corruption and severity needs the same images (the release has "
+                     "the same file names in every severity): complete the download")
 
 
 def released_sequences(root, name, difficulty, img_size, num_classes, classes=None):
@@ -899,7 +915,16 @@ def released_sequences(root, name, difficulty, img_size, num_classes, classes=No
             raise SystemExit(f"--imagenet-p-dir: {os.path.join(folder, wnid)} holds no per-video frame folders "
                              "(extract its MP4s to one frame folder per video)")
         videos += [(v, label) for v in found]
-    counts = [len(_image_files(v)) for v, _ in videos]
+    counts = []
+    for v, _ in videos:
+        seen = {}
+        for f in map(os.path.basename, _image_files(v)):
+            stem = os.path.splitext(f)[0]
+            if stem in seen:  # e.g. 1.jpg..5.jpg beside 1.png..5.png: else one video of their frames interleaved
+                raise SystemExit(f"--imagenet-p-dir: {v} holds frame {stem} twice ({seen[stem]} and {f}); keep one "
+                                 "file per frame")
+            seen[stem] = f
+        counts.append(len(seen))
     bad = next((i for i, n in enumerate(counts) if n < 2 or n != counts[0]), None)
     if bad is not None:  # a batch stacks videos, and a video of one frame has no pair to compare
         raise SystemExit(f"--imagenet-p-dir: {videos[bad][0]} has {counts[bad]} frame(s) but " + (
@@ -1300,14 +1325,20 @@ def corruption_task(ev, c_set, num_classes, corruptions, clean_error, clean_coun
 
 def load_normalizers(path, perturbations):
     """--p-normalizers: AlexNet's FP and T5D per perturbation, {'fp': {pert: value}, 't5d': {...}}."""
+    def number(v):
+        if isinstance(v, bool):  # float(True) is 1.0
+            raise TypeError(f"{v!r} is no number")
+        return float(v)
     try:
+        if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block open() for good, /dev/zero never end
+            raise OSError("not a regular file")
         with open(path) as f:
             normalizers = json.load(f)
-        normalizers = {k: {p: float(normalizers[k][p]) for p in perturbations} for k in ("fp", "t5d")}
+        normalizers = {k: {p: number(normalizers[k][p]) for p in perturbations} for k in ("fp", "t5d")}
     except OSError as e:  # also the JSON itself passed inline
         raise SystemExit(f"--p-normalizers {path}: cannot read it ({e.strerror or e}); pass the path of a JSON file "
                          "{'fp': {pert: value}, 't5d': {...}}") from None
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OverflowError) as e:
         raise SystemExit(f"--p-normalizers {path}: need {{'fp': {{pert: value}}, "
                          f"'t5d': {{...}}}} for every perturbation run ({e!r})") from None
     augment.check_ranges([(f"{k} {p}", v, lambda v: v > 0, "positive") for k, vs in normalizers.items()

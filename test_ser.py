@@ -4505,6 +4505,66 @@ def test_robustness_json_records_an_unfinished_runs_backbone(tmp_path, capsys):
     assert [written[d].get("backbone_unfinished", "absent") for d in "abc"] == [[1, 2], [1, 2], None]
     assert {n: run["backbone_unfinished"] for n, run in written["d"]["runs"].items()} == {"done": None, "early": [1, 2]}
 
+
+def test_released_severities_must_hold_the_same_images_in_each_class(tmp_path):
+    """As many images in all is not enough: 7+1 in one severity against 4+4 in the others weighs its classes
+    otherwise, and other files are other val images."""
+    sets = [("gaussian_noise", s) for s in range(1, 6)]
+    for s in range(1, 6):
+        for k, n in zip("ab", (7, 1) if s == 3 else (4, 4)):
+            for i in range(n):
+                _png(tmp_path / "gaussian_noise" / str(s) / k / f"{i}.jpg")
+    with pytest.raises(SystemExit, match="^--imagenet-c-dir: .*gaussian_noise/3/a holds 7 images but .*gaussian_noise"
+                                         "/1/a holds 4; every corruption and severity needs the same images"):
+        robustness_eval.released_corruptions(str(tmp_path), sets, 32, 2, ["a", "b"])
+    for i in range(4, 7):
+        os.rename(tmp_path / f"gaussian_noise/3/a/{i}.jpg", tmp_path / f"gaussian_noise/3/b/{i - 3}.jpg")
+    os.rename(tmp_path / "gaussian_noise/5/b/2.jpg", tmp_path / "gaussian_noise/5/b/9.jpg")
+    with pytest.raises(SystemExit, match="^--imagenet-c-dir: .*gaussian_noise/5/b lacks 2.jpg of .*gaussian_noise/1/b "
+                                         "and holds 9.jpg instead; every"):
+        robustness_eval.released_corruptions(str(tmp_path), sets, 32, 2, ["a", "b"])
+    os.rename(tmp_path / "gaussian_noise/5/b/9.jpg", tmp_path / "gaussian_noise/5/b/2.jpg")
+    assert len(robustness_eval.released_corruptions(str(tmp_path), sets, 32, 2, ["a", "b"])) == 40
+
+
+def test_released_video_frames_saved_twice_are_refused(tmp_path):
+    """1.jpg..3.jpg beside 1.png..3.png in every video would be read as videos of 6 interleaved frames."""
+    for k in "ab":
+        for f in range(1, 4):
+            _png(tmp_path / "rotate" / k / "v0" / f"{f}.png")
+            _png(tmp_path / "rotate" / k / "v0" / f"{f}.jpg")
+    with pytest.raises(SystemExit, match=r"^--imagenet-p-dir: .*rotate/a/v0 holds frame 1 twice \(1.jpg and 1.png\); "
+                                         "keep one file per frame$"):
+        robustness_eval.released_sequences(str(tmp_path), "rotate", 1, 32, 2, ["a", "b"])
+    for k in "ab":
+        for f in range(1, 4):
+            (tmp_path / "rotate" / k / "v0" / f"{f}.jpg").unlink()
+    assert robustness_eval.released_sequences(str(tmp_path), "rotate", 1, 32, 2, ["a", "b"])[1] == 3
+
+
+def test_p_normalizers_that_are_no_file_or_no_numbers_are_refused_in_one_line(tmp_path):
+    """A FIFO would block open() for good; a number beyond a float overflows and true is no FP of 1."""
+    os.mkfifo(tmp_path / "fifo")
+
+    def hung(signum, frame):
+        raise TimeoutError("load_normalizers waited on a pipe")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)  # a regression fails here instead of hanging the suite
+    try:
+        with pytest.raises(SystemExit, match="^--p-normalizers .*fifo: cannot read it .not a regular file.; pass"):
+            robustness_eval.load_normalizers(str(tmp_path / "fifo"), ["rotate"])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    norms = tmp_path / "normalizers.json"
+    for fp in ("9" * 400, "true"):
+        norms.write_text('{"fp": {"rotate": %s}, "t5d": {"rotate": 1}}' % fp)
+        with pytest.raises(SystemExit, match="^--p-normalizers .*: need {'fp': {pert: value}, 't5d': {...}} for every"):
+            robustness_eval.load_normalizers(str(norms), ["rotate"])
+    norms.write_text('{"fp": {"rotate": 0.5}, "t5d": {"rotate": 1}}')
+    assert robustness_eval.load_normalizers(str(norms), ["rotate"]) == {"fp": {"rotate": 0.5}, "t5d": {"rotate": 1}}
+
 # ================================================================================================
 # detect_eval.py: ViTDet pyramid, Faster R-CNN, COCO mAP
 # ================================================================================================
