@@ -354,55 +354,119 @@ class Interrupt:
             return self.vote[0]
 
 
-def _check_image_tree(data: str, folder: str) -> frozenset:
-    """The real paths of every folder ImageFolder reads under `folder`, after refusing what it would read silently
-    wrong (each error says how). It follows directory links: one back into the tree (`train/a/up -> ..`) adds the
-    images again, level after level, until the OS gives up; a link to a folder outside the tree is fine."""
-    top, seen = os.path.realpath(folder), {}
+def _inside(path: str, roots) -> str | None:
+    """The folder of `roots` (real paths) that holds the real path `path` at any depth, or None."""
+    while path not in roots and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path if path in roots else None
 
-    def unreadable(e):
-        raise ValueError(f"--data {data}: cannot read folder {e.filename} ({e.strerror}); fix its permissions")
-    for parent, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
+
+def _check_image_tree(data: str, folder: str) -> tuple[frozenset, frozenset]:
+    """The real paths of every folder ImageFolder reads under `folder` and of every symlinked folder or image in it,
+    after refusing what it would read silently wrong (each error says how). It follows directory links: one back into
+    the tree (`train/a/up -> ..`) adds the images again, level after level, until the OS gives up; a link to a folder
+    outside the tree is fine. One pass over the tree's listings: symlinks and folders are told apart by the listing,
+    so only links cost a system call."""
+    top, seen, linked, real_dirs = os.path.realpath(folder), {}, set(), {}
+    classes = {}  # real path of each class folder -> its name: a linked image keeps the label of its own folder
+    listed = datasets.folder.IMG_EXTENSIONS
+    skipped_kinds = {e for e, kind in Image.registered_extensions().items() if kind in Image.OPEN} - set(listed)
+    loose, skipped = [], []
+    stack = [(folder, None, False)]  # (folder, its class (None: the split itself), under a hidden folder)
+    while stack:
+        parent, label, hidden = stack.pop()
+        try:
+            with os.scandir(parent) as listing:
+                entries = list(listing)
+        except OSError as e:
+            raise ValueError(f"--data {data}: cannot read folder {e.filename} ({e.strerror}); fix its permissions") \
+                from None
         here = os.path.realpath(parent)
         if here in seen:
             raise ValueError(f"--data {data}: {seen[here]} and {parent} are the same folder ({here}) through "
                              "symlinks; its images would be counted twice. Remove one of the links")
         seen[here] = parent
-        loose = [f for f in files if f.lower().endswith(datasets.folder.IMG_EXTENSIONS)] if parent == folder else []
-        if loose:
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()
+            except OSError:  # as os.walk and ImageFolder: not a folder
+                is_dir = False
+            path = entry.path
+            if is_dir:
+                if label is None and entry.name.startswith("."):
+                    raise ValueError(f"--data {data}: {path} is a hidden folder, which ImageFolder would read as one "
+                                     f"more class; remove it or move it out of {folder}")
+                if entry.is_symlink():
+                    target = os.path.realpath(path)
+                    loops = os.path.commonpath([here, target]) == target  # the target contains the link itself
+                    if loops or os.path.commonpath([target, top]) == top:
+                        raise ValueError(f"--data {data}: {path} is a symlink to {target}, back into the image tree; "
+                                         "its images would be counted again under other labels. Remove the link or "
+                                         f"point it outside {folder}")
+                    linked.add(target)
+                if label is None:
+                    classes[os.path.realpath(path)] = entry.name
+                stack.append((path, label or entry.name, hidden or entry.name.startswith(".")))
+                continue
+            if label is None and entry.is_symlink():  # a class folder whose link is broken: ImageFolder skips it
+                what = "not a folder" if os.path.exists(path) else "which does not exist"
+                raise ValueError(f"--data {data}: {path} is a symlink to {os.path.realpath(path)}, {what}, so "
+                                 "ImageFolder would skip it as a class; point it at a class folder or remove it")
+            name = entry.name.lower()
+            if not name.endswith(listed):
+                if os.path.splitext(name)[1] in skipped_kinds:
+                    skipped.append(path)
+                continue
+            if label is None:
+                loose.append(entry.name)
+                continue
+            if hidden or name.startswith("."):
+                raise ValueError(f"--data {data}: {path} is hidden (a '.' name, or in a '.' folder), yet ImageFolder "
+                                 f"would read it as an image of class {label} (macOS '._' files are metadata, not "
+                                 "images); remove it")
+            if entry.is_symlink():
+                # Its folder resolved once: a symlink farm (ImageNet's val/ into class folders) links 50k images
+                head, tail = os.path.split(os.path.join(here, os.readlink(path)))
+                if head not in real_dirs:
+                    real_dirs[head] = os.path.realpath(head)
+                target = os.path.join(real_dirs[head], tail)
+                target = os.path.realpath(target) if os.path.islink(target) else target
+                linked.add(target)
+                owner = _inside(target, classes)
+                if owner is not None and classes[owner] != label:
+                    raise ValueError(f"--data {data}: {path} is a symlink to {target} in class folder "
+                                     f"{classes[owner]}, so one image would carry two labels; remove the link")
+        if loose:  # only the top holds loose images, and it is read first
             raise ValueError(f"--data {data}: {folder} holds {len(loose)} images (e.g. {loose[0]}) beside its class "
                              "folders, which ImageFolder ignores; move them into a class folder")
-        for d in dirs:
-            link = os.path.join(parent, d)
-            if not os.path.islink(link):
-                continue
-            target = os.path.realpath(link)
-            loops = os.path.commonpath([here, target]) == target  # the target contains the link itself
-            if loops or os.path.commonpath([target, top]) == top:
-                raise ValueError(f"--data {data}: {link} is a symlink to {target}, back into the image tree; "
-                                 "its images would be counted again under other labels. Remove the link or point it "
-                                 f"outside {folder}")
-    return frozenset(seen)
+    if skipped:
+        kinds = sorted({os.path.splitext(p)[1].lower() for p in skipped})
+        raise ValueError(f"--data {data}: {folder} holds {len(skipped)} images ImageFolder skips for their extension "
+                         f"({', '.join(kinds)}; e.g. {', '.join(skipped[:3])}); convert them to .png or .jpg, or move "
+                         "them out of the tree")
+    return frozenset(seen), frozenset(linked)
 
 
-def _refuse_shared_folders(data: str, val_folders: frozenset):
+def _refuse_shared_folders(data: str, split: str, folders: frozenset, linked: frozenset):
     """val/ must be held out: a val/ that is, or holds at any depth, a link into train/ or one of its class folders
-    (which may be links themselves) would score training images. Checked against train/'s top level only: a walk of
-    ImageNet's train/ for every val/ would cost seconds."""
-    try:
-        roots = {os.path.realpath(e.path) for e in os.scandir(os.path.join(data, "train")) if e.is_dir()}
-    except OSError:  # no readable train/: nothing to share (building train says why, if it is needed)
+    (which may be links themselves), or a link to an image in them, would score training images; so would a link in
+    train/ into val/. Checked against the other split's top level only: a walk of ImageNet's train/ for every
+    val/ would cost seconds."""
+    other, own = "val" if split == "train" else "train", {os.path.realpath(os.path.join(data, split))}
+    # train/ may be what val/ links to (building val says so), but may not link into val/ itself
+    paths = folders | linked if split == "val" else {p for p in linked if not _inside(p, own)}
+    if not paths:
         return
-    roots.add(os.path.realpath(os.path.join(data, "train")))
-
-    def inside(path):
-        while path not in roots and os.path.dirname(path) != path:
-            path = os.path.dirname(path)
-        return path in roots
-    shared = sorted(f for f in val_folders if inside(f))
+    try:
+        roots = {os.path.realpath(e.path) for e in os.scandir(os.path.join(data, other)) if e.is_dir()}
+    except OSError:  # no readable other split: nothing to share (building it says why, if it is needed)
+        return
+    roots.add(os.path.realpath(os.path.join(data, other)))
+    shared = sorted(p for p in paths if _inside(p, roots))
     if shared:
-        raise ValueError(f"--data {data}: train/ and val/ share the folder {shared[0]} through symlinks, so val "
-                         "would score training images; give val/ images of its own")
+        what = "folder" if os.path.isdir(shared[0]) else "image"
+        raise ValueError(f"--data {data}: train/ and val/ share the {what} {shared[0]} through symlinks, so val "
+                         f"would score training images; give {split}/ images of its own")
 
 
 def refuse_output_in_data(data: str, path: str, flag: str = "--output-dir", prefix: str = ""):
@@ -425,6 +489,23 @@ def check_same_classes(train: Dataset, val: Dataset, data: str):
                   else "same names in another order")
         raise ValueError(f"--data {data}: the train and val splits have different classes ({detail}); "
                          "labels are class positions, so both splits need the same class folders")
+
+
+def _stl10_classes(data: str, dataset) -> list[str]:
+    """STL-10's class names, from its class_names.txt, which torchvision's checksums leave out and it reads as is:
+    a missing file would leave no classes, a blank line one class more, a lost line labels beyond the names."""
+    path = os.path.join(dataset.root, dataset.base_folder, dataset.class_names_file)
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "not UTF-8 text"
+        raise ValueError(f"--data {data}: cannot read {path} ({reason}); restore it from the STL-10 archive") from None
+    top = int(dataset.labels.max()) if len(dataset.labels) else 0
+    if len(names) != 10 or top >= len(names):
+        raise ValueError(f"--data {data}: {path} names {len(names)} classes, STL-10 has 10 (labels up to {top}); "
+                         "restore it from the STL-10 archive")
+    return names
 
 
 def build_dataset(data: str, split: str, transform=None, img_size=64, length=None) -> Dataset:
@@ -451,6 +532,7 @@ def build_dataset(data: str, split: str, transform=None, img_size=64, length=Non
             else:
                 dataset = datasets.STL10(root, split="train" if split == "train" else "test",
                                          transform=transform, download=False)
+                dataset.classes = _stl10_classes(data, dataset)
         except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
             raise ValueError(f"--data {data}: no readable {kind} files under {root} ({e}); "
                              f"place the extracted torchvision archive there (we never download)") from None
@@ -459,9 +541,7 @@ def build_dataset(data: str, split: str, transform=None, img_size=64, length=Non
         if not os.path.isdir(folder):
             raise ValueError(f"--data {data}: expected an ImageFolder root with train/ and val/, "
                              f"but folder {folder} does not exist")
-        folders = _check_image_tree(data, folder)
-        if split == "val":
-            _refuse_shared_folders(data, folders)
+        _refuse_shared_folders(data, split, *_check_image_tree(data, folder))
         try:
             dataset = datasets.ImageFolder(folder, transform=transform, loader=load_rgb)
         except FileNotFoundError as e:  # no class folders, or class folders without images

@@ -1745,6 +1745,119 @@ def test_progress_reports_counts_and_eta():
     list(augment.progress(range(4), 4, "pass", lines.append))  # fast: only the final line
     assert len(lines) == 1 and lines[0].startswith("pass 4/4")
 
+
+def test_images_imagefolder_skips_for_their_extension_are_refused(tmp_path):
+    """A .gif or .jfif in a class folder is an image PIL reads but ImageFolder does not list: a class would train on
+    what is left of it. Other files (notes, PIL's save-only .pdf) stay ignored."""
+    _write_png_tree(tmp_path, "train", n=1)
+    for name in ("1.gif", "2.gif", "3.jfif"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / "a" / name, format="GIF" if name.endswith("gif") else "JPEG")
+    (tmp_path / "train" / "b" / "notes.txt").write_text("labels checked")
+    (tmp_path / "train" / "b" / "scan.pdf").write_bytes(b"%PDF-1.4")
+    with pytest.raises(ValueError, match=r"train holds 3 images ImageFolder skips for their extension \(.gif, .jfif; "
+                                         r"e\.g\. .*train/a/.*\); convert them to .png or .jpg"):
+        augment.build_dataset(str(tmp_path), "train")
+    for name in ("1.gif", "2.gif", "3.jfif"):
+        os.unlink(tmp_path / "train" / "a" / name)
+    assert len(augment.build_dataset(str(tmp_path), "train")) == 2
+
+
+def test_broken_class_folder_links_are_refused(tmp_path):
+    """A class folder whose link is broken, or points at a file, is no class to ImageFolder: it would vanish."""
+    _write_png_tree(tmp_path, "train")
+    os.symlink(tmp_path / "moved" / "c", tmp_path / "train" / "c")
+    with pytest.raises(ValueError, match="train/c is a symlink to .*moved/c, which does not exist, so ImageFolder "
+                                         "would skip it as a class"):
+        augment.build_dataset(str(tmp_path), "train")
+    os.unlink(tmp_path / "train" / "c")
+    (tmp_path / "c.tar").write_bytes(b"an archive")
+    os.symlink(tmp_path / "c.tar", tmp_path / "train" / "c")
+    with pytest.raises(ValueError, match="train/c is a symlink to .*c.tar, not a folder"):
+        augment.build_dataset(str(tmp_path), "train")
+
+
+def test_image_links_across_splits_and_classes_are_refused(tmp_path):
+    """A linked image is held to what a linked folder is: val/ may not score a train/ image (nor train/ learn a val/
+    one), and one image may not sit in two classes. Links elsewhere (a symlink farm) or within a class are fine."""
+    _write_png_tree(tmp_path, "train")
+    _write_png_tree(tmp_path, "val")
+    _write_png_tree(tmp_path / "store", "flat", classes=("x",))
+    os.symlink("../../train/a/0.png", tmp_path / "val" / "a" / "leak.png")
+    with pytest.raises(ValueError, match="train/ and val/ share the image .*train/a/0.png through symlinks, so val "
+                                         "would score training images; give val/ images of its own"):
+        augment.build_dataset(str(tmp_path), "val")
+    os.unlink(tmp_path / "val" / "a" / "leak.png")
+    os.symlink(tmp_path / "train" / "a" / "0.png", tmp_path / "store" / "chain.png")  # through a second link
+    os.symlink(tmp_path / "store" / "chain.png", tmp_path / "val" / "a" / "leak.png")
+    with pytest.raises(ValueError, match="share the image .*train/a/0.png"):
+        augment.build_dataset(str(tmp_path), "val")
+    os.unlink(tmp_path / "val" / "a" / "leak.png")
+    os.symlink("../../val/b/1.png", tmp_path / "train" / "b" / "leak.png")
+    with pytest.raises(ValueError, match="share the image .*val/b/1.png .*give train/ images of its own"):
+        augment.build_dataset(str(tmp_path), "train")
+    os.unlink(tmp_path / "train" / "b" / "leak.png")
+    os.symlink("../a/0.png", tmp_path / "train" / "b" / "twice.png")
+    with pytest.raises(ValueError, match="train/b/twice.png is a symlink to .*train/a/0.png in class folder a, so one "
+                                         "image would carry two labels"):
+        augment.build_dataset(str(tmp_path), "train")
+    os.unlink(tmp_path / "train" / "b" / "twice.png")
+    os.symlink("0.png", tmp_path / "train" / "a" / "again.png")
+    for i in range(3):
+        os.symlink(f"../../store/flat/x/{i}.png", tmp_path / "val" / "b" / f"farm{i}.png")
+    assert len(augment.build_dataset(str(tmp_path), "train")) == 7
+    assert len(augment.build_dataset(str(tmp_path), "val")) == 9
+    os.rename(tmp_path / "val", tmp_path / "old_val")
+    os.symlink(tmp_path / "train", tmp_path / "val")  # refused when val is read, not for train's own links
+    assert len(augment.build_dataset(str(tmp_path), "train")) == 7
+
+
+def test_hidden_entries_imagefolder_would_read_are_refused(tmp_path):
+    """macOS '._' files end in .jpg but hold metadata; a hidden folder in a split is one more class, an empty one a
+    puzzling error. Hidden files ImageFolder ignores (.DS_Store) stay allowed."""
+    _write_png_tree(tmp_path, "train")
+    (tmp_path / "train" / "a" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    assert len(augment.build_dataset(str(tmp_path), "train")) == 6
+    (tmp_path / "train" / "a" / "._0.png").write_bytes(b"\0\5\26\7AppleDouble")
+    with pytest.raises(ValueError, match="train/a/._0.png is hidden .*an image of class a .*; remove it"):
+        augment.build_dataset(str(tmp_path), "train")
+    os.unlink(tmp_path / "train" / "a" / "._0.png")
+    (tmp_path / "train" / "a" / ".thumbs").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "train" / "a" / ".thumbs" / "0.png")
+    with pytest.raises(ValueError, match="train/a/.thumbs/0.png is hidden"):
+        augment.build_dataset(str(tmp_path), "train")
+    os.rename(tmp_path / "train" / "a" / ".thumbs", tmp_path / "train" / ".thumbs")
+    with pytest.raises(ValueError, match="train/.thumbs is a hidden folder, which ImageFolder would read as one more "
+                                         "class; remove it"):
+        augment.build_dataset(str(tmp_path), "train")
+    os.unlink(tmp_path / "train" / ".thumbs" / "0.png")
+    os.rename(tmp_path / "train" / ".thumbs", tmp_path / "train" / ".ipynb_checkpoints")
+    with pytest.raises(ValueError, match="train/.ipynb_checkpoints is a hidden folder"):
+        augment.build_dataset(str(tmp_path), "train")
+
+
+def test_stl10_class_names_are_checked(tmp_path, monkeypatch):
+    """class_names.txt is outside torchvision's checksums and read as is: missing, short, or with a blank line it
+    would give no classes, labels beyond the names, or an 11th class ''."""
+    labels = np.arange(20) % 10
+    monkeypatch.setattr(augment.datasets.STL10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(augment.datasets.STL10, "_STL10__loadfile",
+                        lambda self, images, labels_file=None: (np.zeros((20, 3, 96, 96), np.uint8), labels))
+    names = tmp_path / "stl10_binary" / "class_names.txt"
+    names.parent.mkdir()
+    with pytest.raises(ValueError, match="--data stl10:.*: cannot read .*class_names.txt \\(No such file or directory"):
+        augment.build_dataset(f"stl10:{tmp_path}", "train")
+    ten = [f"class{i}" for i in range(10)]
+    names.write_text("\n".join(ten[:9]) + "\n")
+    with pytest.raises(ValueError, match="class_names.txt names 9 classes, STL-10 has 10 .*; restore it"):
+        augment.build_dataset(f"stl10:{tmp_path}", "val")
+    names.write_text("\n".join(ten) + "\n\n")
+    data = augment.build_dataset(f"stl10:{tmp_path}", "train")
+    assert data.classes == ten and data.num_classes == 10
+    labels = np.arange(20) % 11  # a label beyond the names
+    with pytest.raises(ValueError, match="names 10 classes, STL-10 has 10 \\(labels up to 10\\)"):
+        augment.build_dataset(f"stl10:{tmp_path}", "train")
+
+
 # ---------------------------------------------------------------------------- worker-side views
 
 def test_multicrop_shapes_and_params():
