@@ -102,6 +102,14 @@ def validate_coco(coco, source, allow_degenerate=False):
         ids = [entry["id"] for entry in coco[section]]  # a repeated category id would add a class no target ever has
         if len(set(ids)) != len(ids):
             raise ValueError(f"{source}: duplicate ids in {section!r}")
+    # One file under two ids trains twice as often, and in val the copy's detections all count as false positives.
+    first = {}
+    for im in coco["images"]:
+        name = os.path.normpath(im["file_name"])
+        if name in first:
+            raise ValueError(f"{source}: images {first[name]} and {im['id']} share file_name {im['file_name']!r}; "
+                             "list each image once")
+        first[name] = im["id"]
     # Train and val are matched by id and name: a name twice would make that match ambiguous.
     names = [c["name"] for c in coco["categories"]]
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -146,6 +154,9 @@ def validate_coco(coco, source, allow_degenerate=False):
 
 def load_coco(ann_file, image_dir=None, allow_degenerate=False):
     """validate_coco on a JSON file; with image_dir, also each image file's presence and size (PIL reads the header)."""
+    if os.path.exists(ann_file) and not os.path.isfile(ann_file) and not os.path.isdir(ann_file):
+        # open() would wait on a pipe for a writer for good, json.load read /dev/zero without end
+        raise ValueError(f"{ann_file} is not a regular file (a pipe or a device), so not an annotation file")
     try:
         with open(ann_file) as f:
             coco = json.load(f)
@@ -153,7 +164,7 @@ def load_coco(ann_file, image_dir=None, allow_degenerate=False):
         raise FileNotFoundError(f"annotation file not found: {ann_file}") from None
     except OSError as e:  # a folder, no permission
         raise ValueError(f"cannot read annotation file {ann_file}: {e.strerror}") from None
-    except ValueError as e:  # not JSON, or not UTF-8 (UnicodeDecodeError)
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8 (UnicodeDecodeError), nested beyond the stack
         raise ValueError(f"{ann_file} is not valid JSON: {e}") from None
     validate_coco(coco, ann_file, allow_degenerate)
     if image_dir is not None:
@@ -664,6 +675,16 @@ def build_data(args):
         raise ValueError(f"train and val annotation files list different categories ({train.ann_file} vs "
                          f"{val.ann_file}: {shown}{', ...' if len(differ) > 5 else ''}); give both files the "
                          "same category ids and names")
+    if args.data != "synthetic":
+        # load_coco keeps file names inside their split's folder, but a link (the folder or an image) may still lead
+        # into the other split's images: the detector would be scored on images it trained on.
+        trained = {os.path.realpath(os.path.join(train.image_dir, im["file_name"])) for im in train.coco["images"]}
+        for im in val.coco["images"]:
+            path = os.path.realpath(os.path.join(val.image_dir, im["file_name"]))
+            if path in trained:
+                raise ValueError(f"{val.ann_file}: image {im['id']} ({im['file_name']}) is the file {path}, which "
+                                 f"{train.ann_file} lists too: the detector would be scored on an image it trained "
+                                 "on; give val images of its own")
     return train, val
 
 

@@ -4979,6 +4979,75 @@ def test_an_image_the_resize_would_make_0_px_high_is_refused_before_training(tmp
     detect_eval.build_data(_coco_args(tmp_path, "--min-size", "32", "64", "--max-size", "100"))  # 1 px
 
 
+
+def test_an_annotation_file_that_is_a_pipe_or_nested_too_deep_is_refused_in_one_line(tmp_path):
+    """open() would wait on a FIFO for a writer for good; json.load recurses once per nesting level."""
+    _coco_root(tmp_path / "coco", detect_eval.SyntheticDetection(2, 64).coco())
+    ann = tmp_path / "coco" / "annotations" / "instances_train2017.json"
+    ann.unlink()
+    os.mkfifo(ann)
+    (tmp_path / "to_fifo.json").symlink_to(ann)
+
+    def hung(signum, frame):
+        raise TimeoutError("load_coco waited on a pipe")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)  # a regression fails here instead of hanging the suite
+    try:
+        for path in (ann, tmp_path / "to_fifo.json"):
+            with pytest.raises(ValueError, match=f"^{path} is not a regular file \\(a pipe or a device\\), so not an "
+                                                 "annotation file$"):
+                detect_eval.load_coco(str(path))
+        with pytest.raises(SystemExit, match="^detect_eval.py: .*instances_train2017.json is not a regular file"):
+            detect_eval.main(["--data", str(tmp_path / "coco"), "--random-init", "--arch", "vit_tiny", "--depth", "1",
+                              "--output-dir", str(tmp_path / "out")])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ValueError, match="deep.json is not valid JSON: maximum recursion depth exceeded"):
+        detect_eval.load_coco(str(deep))
+
+
+def test_one_image_file_listed_under_two_ids_is_refused(tmp_path):
+    """It would train twice as often; in val the copy's detections would all count as false positives."""
+    for name in ("000000.png", "./000000.png"):
+        coco = detect_eval.SyntheticDetection(3, 64).coco()
+        coco["images"][2]["file_name"] = name
+        with pytest.raises(ValueError, match=f"instances.json: images 1 and 3 share file_name '{name}'; "
+                                             "list each image once$"):
+            detect_eval.load_coco(_write(tmp_path, coco))
+
+
+def test_val_images_linked_to_train_images_are_refused(tmp_path):
+    """Names stay inside val2017, but a linked folder or image leads to the very files the detector trained on."""
+    coco = detect_eval.SyntheticDetection(2, 64).coco()
+    _coco_root(tmp_path, coco)
+    val = tmp_path / "val2017"
+    (val / "000001.png").unlink()
+    (val / "000001.png").symlink_to(tmp_path / "train2017" / "000001.png")
+    message = (f"^{tmp_path}/annotations/instances_val2017.json: image 2 \\(000001.png\\) is the file "
+               f"{tmp_path}/train2017/000001.png, which .*instances_train2017.json lists too: the detector would be "
+               "scored on an image it trained on; give val images of its own$")
+    with pytest.raises(ValueError, match=message):
+        detect_eval.build_data(_coco_args(tmp_path))
+    for f in val.iterdir():
+        f.unlink()
+    val.rmdir()
+    val.symlink_to(tmp_path / "train2017")
+    with pytest.raises(ValueError, match=message.replace("image 2 \\(000001", "image 1 \\(000000")
+                       .replace("train2017/000001", "train2017/000000")):
+        detect_eval.build_data(_coco_args(tmp_path))
+    # One folder holding both splits' images is fine as long as no image is in both.
+    held_out = {**coco, "images": [{**im, "file_name": "v" + im["file_name"]} for im in coco["images"]]}
+    for im in held_out["images"]:
+        Image.new("RGB", (64, 64)).save(val / im["file_name"])
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(held_out))
+    train, val = detect_eval.build_data(_coco_args(tmp_path))
+    assert len(train) == len(val) == 2
+
+
 # ----------------------------------------------------------------------------- model
 @pytest.mark.parametrize("patch_size", [16, 8])
 def test_pyramid_strides_shapes_and_frozen_backbone(patch_size):
