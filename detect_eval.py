@@ -814,9 +814,13 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     sources = [vit.weights_source(args.pretrained, args.checkpoint_key) if args.pretrained
                else f"random init {args.arch}"]
+    # the scored set: --val-split and --synthetic-val may change on a resume, which evaluates the heads on it anew
+    data = (f"{os.path.realpath(args.data)} --val-split {args.val_split}" if args.data != "synthetic" else
+            f"synthetic --synthetic-val {args.synthetic_val} --synthetic-size {args.synthetic_size} "
+            f"--data-seed {args.data_seed}")
     vit.make_output_dir(args.output_dir, prefix="detect_eval.py: ", outputs=(
         "checkpoint.pth", "log.jsonl", "detections_val.json", "synthetic_train.json", "synthetic_val.json",
-        "detect_results.json"), sources=sources, lock=rank == 0)
+        "detect_results.json"), sources=sources, lock=rank == 0, data=data)
 
     # ============ building the frozen backbone, the detector and the data ============
     torch.manual_seed(args.seed)  # not yet offset by rank: every rank must build the same networks
@@ -920,7 +924,7 @@ def main(argv=None):
         stats = coco_evaluate(val_set.coco, detections)
         losses.log(format_stats(stats))
         results = {"stats": dict(zip(STAT_NAMES, stats)), "iterations": args.iters,
-                   "backbone": args.pretrained or f"random init {args.arch}", "source": sources,
+                   "backbone": args.pretrained or f"random init {args.arch}", "source": sources, "data": data,
                    "num_val_images": len(val_set),
                    "num_detections": len(detections), "train_time_s": train_time,
                    "eval_time_s": time.time() - t0, "world_size": world_size, "train_world_sizes": world_sizes,

@@ -394,6 +394,11 @@ def main(argv=None):
         augment.check_same_classes(train_eval_set, val_set, args.data)  # labels are class positions
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e) if str(e).startswith("--data") else f"--data {args.data}: {e}") from None
+    # build_dataset keeps a real split whole at a larger length, which the results would record as its size
+    for split, dataset, length in (("train", train_eval_set, args.train_length), ("val", val_set, args.val_length)):
+        if length is not None and length > len(dataset):
+            raise SystemExit(f"--{split}-length {length} exceeds the {len(dataset)} images of --data {args.data}'s "
+                             f"{split} split: pass at most {len(dataset)}, or drop it for all of them")
     num_classes = train_eval_set.num_classes
     if num_classes < 2:
         raise SystemExit(f"--data {args.data} has one class: every accuracy would be 100%; pass labelled data")
@@ -424,7 +429,7 @@ def main(argv=None):
                else f"random init {args.arch}"]
     if rank == 0:  # after the cheap checks, before the features: a bad flag leaves no folder behind
         vit.make_output_dir(args.output_dir, outputs=("linear_probe.pth", "linear_eval.json"), sources=sources,
-                            lock=True)
+                            lock=True, data=args.data)
     val_f, val_y = features_of(val_set, "val")  # (M, F)
     if args.cached or args.knn_k > 0:
         train_f, train_y = features_of(train_eval_set, "train")  # (N, F)

@@ -1225,13 +1225,13 @@ def results_source(args):
 
 def make_output_dirs(args, rank, names):
     """--output-dir and --figures (for the runs `names`), created and tried before any work: results that cannot be
-    written are lost. The figures' folder records their sources in figures.json, so that another run's figures
-    (equivariance.png is one for all) are never replaced."""
+    written are lost. The figures' folder records their sources and --data in figures.json, so that another run's
+    figures (equivariance.png is one for all) are never replaced."""
     if rank == 0:
         sources = results_source(args)
-        vit.make_output_dir(args.output_dir, outputs=("robustness.json",), sources=sources, lock=True)
+        vit.make_output_dir(args.output_dir, outputs=("robustness.json",), sources=sources, lock=True, data=args.data)
         if args.figures:  # the lock is taken once per folder: --figures may be --output-dir
-            vit.make_output_dir(args.figures, flag="--figures", sources=sources, lock=True,
+            vit.make_output_dir(args.figures, flag="--figures", sources=sources, lock=True, data=args.data,
                                 outputs=("equivariance.png", *(f"attention_{n}.png" for n in names), "figures.json"))
 
 
@@ -1240,7 +1240,7 @@ def figures(args, backbones, names, clean_set, layer, device):
         log(f"note: --figure-images {args.figure_images}, but the run has {len(clean_set)} images: all are shown")
     x = torch.stack([clean_set[i][0] for i in range(min(args.figure_images, len(clean_set)))]).to(device)
     with vit.exit_on_write_error():  # the record first: a kill between them leaves no figures of unrecorded sources
-        vit.save_atomic(os.path.join(args.figures, "figures.json"), {"source": results_source(args)})
+        vit.save_atomic(os.path.join(args.figures, "figures.json"), {"source": results_source(args), "data": args.data})
         paths, _ = write_figures(backbones, names, x, args.figures, layer)
     log("figures: " + ", ".join(paths))
 
@@ -1465,8 +1465,6 @@ def linear_numbers(json_path, path, backbone, data, img_size):
         log(f"note: {json_path} {why}; the table leaves its cells empty{fix}")
         return {}
 
-    def where(d):  # a folder however it is written: trailing slash, relative, through a link
-        return os.path.realpath(d) if isinstance(d, str) and os.path.isdir(d) else d
     if not os.path.isfile(json_path):
         return {}
     try:
@@ -1479,7 +1477,7 @@ def linear_numbers(json_path, path, backbone, data, img_size):
         return empty(f"is not a readable linear_eval.py result ({type(e).__name__}: {e})")
     if lin.get("backbone_digest") != vit.weights_digest(backbone):  # an older linear_eval.py records none
         return empty(f"was not computed on {path} as it is now (stale)", ": rerun linear_eval.py on it")
-    if (where(lin.get("data")), lin.get("img_size")) != (where(data), img_size):
+    if (vit.data_location(lin.get("data")), lin.get("img_size")) != (vit.data_location(data), img_size):
         return empty(f"was computed on --data {lin.get('data')} at {lin.get('img_size')} px, this table on {data} at "
                      f"{img_size} px")
     settings = lin["args"] if isinstance(lin.get("args"), dict) else {}

@@ -3611,6 +3611,89 @@ def test_probe_classes_and_run_steps_of_the_wrong_form_are_refused_in_one_line(t
         probe_run(probe, tmp_path)
 
 
+def test_results_of_the_same_weights_on_other_data_are_kept_in_their_folder(tmp_path, tiny_probe, capsys):
+    """Results are of weights on data: the same weights on another --data (or, in detect_eval, another scored val
+    set) refuse a folder holding the others' results in one line before any work; the same data, however written,
+    replaces them, and results of an earlier version, which record no data, do not block."""
+    model = tiny_vit(seed=0, depth=2, num_heads=2).eval()
+    torch.save({"arch": model.arch, "backbone": model.state_dict()}, tmp_path / "a.pth")
+    tree = tmp_path / "tree"
+    for split in ("train", "val"):
+        _write_png_tree(tree, split)
+    out = tmp_path / "linear"
+    common = ["--pretrained", str(tmp_path / "a.pth"), "--img-size", "32", "--batch-size", "4", "--cached",
+              "--epochs", "1", "--lrs", "0.03", "--knn-k", "0", "--holdout-fraction", "0", "--num-workers", "0",
+              "--output-dir", str(out)]
+    assert linear_eval.main(common + ["--train-length", "8", "--val-length", "4"])["data"] == "synthetic"
+    written = (out / "linear_eval.json").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=f"^--output-dir {out} holds the linear_eval.json of "
+                                         f"{os.path.realpath(tmp_path / 'a.pth')} on synthetic, this run's on {tree} "
+                                         "would replace it: choose another --output-dir \\(or move that one away\\)$"):
+        linear_eval.main(common + ["--data", str(tree)])
+    assert (out / "linear_eval.json").read_bytes() == written and "features of" not in capsys.readouterr().out
+    os.symlink(tree, tmp_path / "link")
+    lin = tmp_path / "lin_tree"
+    linear_eval.main(common + ["--data", str(tree), "--output-dir", str(lin)])
+    linear_eval.main(common + ["--data", f"{tmp_path / 'link'}/", "--output-dir", str(lin)])  # the same folder
+    # robustness_eval: robustness.json and the --figures folder
+    rob = ["--equivariance-only", "--probe", tiny_probe, "--num-images", "2", "--num-workers", "0"]
+    fig = ["--figures", tmp_path / "fig", "--figure-images", "1"]
+    robust(*rob, "--output-dir", tmp_path / "rob", *fig)
+    for folders, flag, name in (([tmp_path / "rob"], "--output-dir", "robustness.json"),
+                                ([tmp_path / "rob2", *fig], "--figures", "figures.json")):
+        with pytest.raises(SystemExit, match=f"^{flag} .* holds the {name} of {os.path.realpath(tiny_probe)} on "
+                                             f"synthetic, this run's on {tree} would replace it: choose another "
+                                             f"{flag} "):
+            robust(*rob, "--data", tree, "--output-dir", *folders)
+    assert not (tmp_path / "rob2" / "robustness.json").exists()
+    robust(*rob, "--output-dir", tmp_path / "rob", *fig)  # a rerun replaces its own
+    # an earlier version's results, of the same weights: no data recorded, not checked
+    for folder, name in ((out, "linear_eval.json"), (tmp_path / "rob", "robustness.json")):
+        record = json.loads((folder / name).read_text())
+        del record["data"]
+        (folder / name).write_text(json.dumps(record))
+    linear_eval.main(common + ["--data", str(tree)])
+    robust(*rob, "--data", tree, "--output-dir", tmp_path / "rob")
+    # 'cifar10:<dir>' by its folder's real path; anything else as given
+    results = tmp_path / "table"
+    vit.make_output_dir(str(results), outputs=("r.json",), sources=["w"])
+    (results / "r.json").write_text(json.dumps({"source": ["w"], "data": f"cifar10:{tree}"}))
+    vit.make_output_dir(str(results), outputs=("r.json",), sources=["w"], data=f"cifar10:{tmp_path / 'link'}/")
+    with pytest.raises(SystemExit, match=f"holds the r.json of w on cifar10:{tree}, this run's on stl10:{tree}"):
+        vit.make_output_dir(str(results), outputs=("r.json",), sources=["w"], data=f"stl10:{tree}")
+
+
+def test_detection_scores_on_another_val_set_are_kept_in_their_folder(tmp_path, backbone_path):
+    """--synthetic-val (as --val-split of COCO) may change on a resume, which evaluates the trained heads anew on that
+    set: detect_results.json and detections_val.json of the other one are kept, a plain resume replaces its own."""
+    out = tmp_path / "run"
+    first = detect_eval.main(tiny_run_args(backbone_path, out, 1))
+    assert first["data"] == "synthetic --synthetic-val 5 --synthetic-size 64 --data-seed 0"
+    written = {f: (out / f).read_bytes() for f in ("detect_results.json", "detections_val.json", "synthetic_val.json")}
+    with pytest.raises(SystemExit, match=f"^detect_eval.py: --output-dir {out} holds the detect_results.json of "
+                                         f".*backbone.pth on synthetic --synthetic-val 5 --synthetic-size 64 "
+                                         "--data-seed 0, this run's on synthetic --synthetic-val 6 .* would replace"):
+        detect_eval.main(tiny_run_args(backbone_path, out, 1, ["--synthetic-val", "6"]))
+    assert all((out / f).read_bytes() == data for f, data in written.items())
+    assert detect_eval.main(tiny_run_args(backbone_path, out, 1))["num_val_images"] == 5  # a resume: evaluated again
+
+
+def test_lengths_beyond_a_real_split_are_refused(tmp_path):
+    """On real data --train-length / --val-length take an evenly strided subset: a larger one would keep the whole
+    split while the results record the flag as its size."""
+    for split in ("train", "val"):
+        _write_png_tree(tmp_path, split)  # 6 images each
+    argv = ["--random-init", "--arch", "vit_tiny", "--depth", "1", "--patch-size", "8", "--img-size", "32", "--data",
+            str(tmp_path), "--num-workers", "0", "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=f"^--train-length 7 exceeds the 6 images of --data {tmp_path}'s train split: "
+                                         "pass at most 6, or drop it for all of them$"):
+        linear_eval.main(argv + ["--train-length", "7"])
+    with pytest.raises(SystemExit, match="^--val-length 100000 exceeds the 6 images of .*'s val split: pass at most 6"):
+        linear_eval.main(argv + ["--train-length", "6", "--val-length", "100000"])  # the whole train split is fine
+    assert not (tmp_path / "out").exists()
+
+
 # ================================================================================================
 # robustness_eval.py: ImageNet-C/P, geometry, equivariance scores
 # ================================================================================================
@@ -4576,7 +4659,8 @@ def test_figures_of_other_weights_are_refused_in_their_folder(tiny_probe, tmp_pa
     common = ["--equivariance-only", "--num-images", "2", "--num-workers", "0", "--figure-images", "1",
               "--figures", fig]
     robust(*common, "--probe", tiny_probe, "--output-dir", tmp_path / "a")
-    assert json.loads((fig / "figures.json").read_text()) == {"source": [os.path.realpath(tiny_probe)]}
+    assert json.loads((fig / "figures.json").read_text()) == {"source": [os.path.realpath(tiny_probe)],
+                                                              "data": "synthetic"}
     name = os.path.basename(os.path.dirname(tiny_probe))
     assert robustness_eval.probe_name(tiny_probe) == name and (fig / f"attention_{name}.png").is_file()
     assert robustness_eval.probe_name(str(other)) == "other"

@@ -437,12 +437,25 @@ def lock_output_dir(path, prefix="", flag="--output-dir"):
                      f"choose another {flag}")
 
 
-def make_output_dir(path, prefix="", flag="--output-dir", outputs=(), sources=None, lock=False):
+def data_location(data):
+    """--data however it is written (trailing slash, relative, through a link): a folder, or the folder of
+    'cifar10:<dir>', by its real path; anything else ('synthetic') as given."""
+    if not isinstance(data, str):
+        return data
+    if os.path.isdir(data):
+        return os.path.realpath(data)
+    kind, colon, root = data.partition(":")
+    return f"{kind}:{os.path.realpath(root)}" if colon and os.path.isdir(root) else data
+
+
+def make_output_dir(path, prefix="", flag="--output-dir", outputs=(), sources=None, lock=False, data=None):
     """An output folder, created and tried before any work, so that a run never computes results it cannot write;
     `outputs`: the files the run will write there, none of which may be a folder, the results JSON last. `sources`:
     what the results are of (resolved paths), recorded in that JSON as "source": results of these, or of some of them,
     are replaced (a rerun, a comparison with one more run), those of anything else are kept: the run is refused (the
-    evaluation scripts' default folders are shared). `lock`: hold the folder (lock_output_dir), on one rank only."""
+    evaluation scripts' default folders are shared). `data`: what they are computed on, recorded there as "data":
+    results of the same weights on other data are kept alike (a JSON without it, of an earlier version, is not
+    checked). `lock`: hold the folder (lock_output_dir), on one rank only."""
     try:
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
@@ -473,6 +486,11 @@ def make_output_dir(path, prefix="", flag="--output-dir", outputs=(), sources=No
     if lost:
         raise SystemExit(f"{prefix}{flag} {path} holds the {outputs[-1]} of {', '.join(map(str, lost))}, this run's "
                          f"({', '.join(sources)}) would replace it: choose another {flag} (or move that one away)")
+    before = record.get("data") if isinstance(record, dict) else None
+    if data is not None and before is not None and data_location(before) != data_location(data):
+        raise SystemExit(f"{prefix}{flag} {path} holds the {outputs[-1]} of {', '.join(map(str, earlier))} on "
+                         f"{before}, this run's on {data} would replace it: choose another {flag} (or move that one "
+                         "away)")
 
 
 def load_checkpoint(path, map_location="cpu"):
