@@ -12,6 +12,7 @@ gathers, and the means the official code takes per rank (BYOL, DINO, VICReg's MS
 """
 
 import os
+import sys
 from typing import NamedTuple
 
 import torch
@@ -43,17 +44,37 @@ def launch_env():
 
 
 def init_distributed():
-    """Every script's launch: under torchrun NCCL on GPUs, gloo on CPU; otherwise one plain process."""
+    """Every script's launch: under torchrun NCCL on GPUs, gloo on CPU; otherwise, and for a world of one, one plain
+    process (every collective is the identity without a process group, and a rendezvous with no one could only wait:
+    on an unreachable MASTER_ADDR, for half an hour)."""
     rank, world, local_rank = launch_env()
-    if "RANK" not in os.environ:
+    if world == 1:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        dist.init_process_group("gloo")
-        return rank, world, torch.device("cpu")
-    torch.cuda.set_device(local_rank)
-    device = torch.device("cuda", local_rank)
-    dist.init_process_group("nccl", device_id=device)
-    return rank, world, device
+    if torch.cuda.is_available() and local_rank >= torch.cuda.device_count():
+        _stop(f"error: LOCAL_RANK {local_rank}, but this machine has {torch.cuda.device_count()} GPUs: "
+              f"launch at most {torch.cuda.device_count()} processes per node")
+    address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    if local_rank == 0:  # one line per node: a rank started alone would otherwise wait without a word
+        print(f"rank {rank}: waiting for the other {world - 1} of {world} ranks at {address} (torchrun variables)",
+              flush=True)
+    try:
+        if not torch.cuda.is_available():
+            dist.init_process_group("gloo")
+            return rank, world, torch.device("cpu")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=device)
+        return rank, world, device
+    except (dist.DistNetworkError, dist.DistStoreError) as e:  # the store: a port taken, a master never reached
+        _stop(f"error: cannot start the process group at {address} ({(str(e).strip().splitlines() or [''])[0]}); "
+              "choose a free MASTER_PORT or unset the torchrun variables")
+
+
+def _stop(line):
+    # Printed here, not raised as SystemExit(line): run_script keeps only rank 0's line of an error met before the
+    # ranks meet, since a flag error is the same on every rank, but this one is this rank's own.
+    print(line, file=sys.stderr, flush=True)
+    raise SystemExit(1)
 
 
 def finish_distributed():

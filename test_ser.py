@@ -5595,6 +5595,54 @@ def test_default_loader_workers(cores, world, cuda, workers, monkeypatch):
     assert explicit.num_workers == 1
 
 
+def _torchrun_env(monkeypatch, rank, world, local_rank, addr, port):
+    for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local_rank), ("MASTER_ADDR", addr),
+                        ("MASTER_PORT", port)):
+        monkeypatch.setenv(name, str(value))
+
+
+def test_torchrun_variables_for_one_process_run_as_a_plain_run(tmp_path, monkeypatch):
+    """WORLD_SIZE=1 needs no rendezvous: on an unreachable MASTER_ADDR one used to retry for half an hour."""
+    flags = ["--random-init", "--arch", "vit_tiny", "--depth", "1", "--patch-size", "8", "--img-size", "32",
+             "--train-length", "40", "--val-length", "20", "--batch-size", "20", "--cached", "--epochs", "1",
+             "--knn-k", "0", "--lrs", "0.1", "1", "--num-workers", "0"]
+    runs = []
+    for name in ("plain", "torchrun"):
+        if name == "torchrun":
+            _torchrun_env(monkeypatch, 0, 1, 0, "no.such.host.invalid", 29521)
+        code, last, _ = run_script("linear_eval.py", *flags, "--output-dir", tmp_path / name, timeout=90)
+        assert code == 0, last
+        with open(tmp_path / name / "linear_eval.json") as f:
+            runs.append({k: v for k, v in json.load(f).items() if k != "args"})
+    assert runs[0] == runs[1]
+
+
+def test_a_taken_master_port_is_said_in_one_line(monkeypatch):
+    """Rank 0's store cannot listen on a port in use: said as such at once, not as another rank's stop."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        _torchrun_env(monkeypatch, 0, 2, 0, "127.0.0.1", port)
+        code, last, out = run_script("-c", "import augment, losses; augment.run_script(losses.init_distributed)",
+                                     timeout=60)
+    assert code == 1 and last.startswith(f"error: cannot start the process group at 127.0.0.1:{port} (") \
+        and "EADDRINUSE" in last and last.endswith("); choose a free MASTER_PORT or unset the torchrun variables"), last
+    assert f"rank 0: waiting for the other 1 of 2 ranks at 127.0.0.1:{port} (torchrun variables)" in out  # not a silent wait
+
+
+def test_a_local_rank_beyond_the_gpus_is_refused_by_its_own_rank(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device reached"))
+    _torchrun_env(monkeypatch, 2, 4, 2, "127.0.0.1", 29500)  # rank 0 is fine: only this rank can say it
+    with pytest.raises(SystemExit) as stop:
+        augment.run_script(losses.init_distributed)
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == ("error: LOCAL_RANK 2, but this machine has 2 GPUs: "
+                                       "launch at most 2 processes per node\n")
+
+
 def test_readme_tables_are_whole_and_ci_runs_the_readme_test_command():
     """Every README table row has its header's cells (a stray row in the results table once mixed costs into
     accuracies), and .ci/run runs the test command the README gives."""
