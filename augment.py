@@ -370,7 +370,10 @@ def _check_image_tree(data: str, folder: str) -> tuple[frozenset, frozenset]:
     top, seen, linked, real_dirs = os.path.realpath(folder), {}, set(), {}
     classes = {}  # real path of each class folder -> its name: a linked image keeps the label of its own folder
     listed = datasets.folder.IMG_EXTENSIONS
-    skipped_kinds = {e for e, kind in Image.registered_extensions().items() if kind in Image.OPEN} - set(listed)
+    # Raster formats people keep photos in that ImageFolder does not list (Pillow's registry also holds video, HDF5
+    # and PostScript stubs, which are no images to convert)
+    skipped_kinds = {".gif", ".jfif", ".jpe", ".apng", ".avif", ".heic", ".heif", ".jp2", ".j2k", ".jpx", ".pnm",
+                     ".pbm", ".ico", ".tga", ".psd", ".qoi", ".dib", ".pcx", ".sgi"} - set(listed)
     loose, skipped = [], []
     stack = [(folder, None, False)]  # (folder, its class (None: the split itself), under a hidden folder)
     while stack:
@@ -408,10 +411,11 @@ def _check_image_tree(data: str, folder: str) -> tuple[frozenset, frozenset]:
                     classes[os.path.realpath(path)] = entry.name
                 stack.append((path, label or entry.name, hidden or entry.name.startswith(".")))
                 continue
-            if label is None and entry.is_symlink():  # a class folder whose link is broken: ImageFolder skips it
-                what = "not a folder" if os.path.exists(path) else "which does not exist"
-                raise ValueError(f"--data {data}: {path} is a symlink to {os.path.realpath(path)}, {what}, so "
-                                 "ImageFolder would skip it as a class; point it at a class folder or remove it")
+            if label is None and entry.is_symlink() and not os.path.exists(path):  # a class folder's broken link:
+                # ImageFolder would skip the class (a link to a file, e.g. a labels .csv, is no class: ignored)
+                raise ValueError(f"--data {data}: {path} is a symlink to {os.path.realpath(path)}, which does not "
+                                 "exist, so ImageFolder would skip it as a class; point it at a class folder or "
+                                 "remove it")
             name = entry.name.lower()
             if not name.endswith(listed):
                 if os.path.splitext(name)[1] in skipped_kinds:

@@ -154,9 +154,7 @@ def validate_coco(coco, source, allow_degenerate=False):
 
 def load_coco(ann_file, image_dir=None, allow_degenerate=False):
     """validate_coco on a JSON file; with image_dir, also each image file's presence and size (PIL reads the header)."""
-    if os.path.exists(ann_file) and not os.path.isfile(ann_file) and not os.path.isdir(ann_file):
-        # open() would wait on a pipe for a writer for good, json.load read /dev/zero without end
-        raise ValueError(f"{ann_file} is not a regular file (a pipe or a device), so not an annotation file")
+    vit.refuse_special_file(ann_file, "an annotation file")
     try:
         with open(ann_file) as f:
             coco = json.load(f)

@@ -492,8 +492,8 @@ def main(argv=None):
 
     assert_unchanged(backbone, reference)
     results.update(backbone=args.pretrained or f"random init {args.arch}", source=sources, arch=backbone.arch,
-                   backbone_unfinished=getattr(backbone, "unfinished", None),  # [step, total steps] of its run
-                   data=args.data,
+                   backbone_unfinished=getattr(backbone, "unfinished", None),
+                   data=vit.data_location(args.data),  # resolved: a rerun from another folder compares it
                    backbone_digest=vit.weights_digest(backbone),  # robustness_eval's table: these weights' numbers
                    img_size=img_size, num_classes=num_classes, num_features=in_dim, num_fit=len(fit_idx),
                    num_holdout=len(holdout_idx), num_val=len(val_set), world_size=world,
@@ -503,7 +503,7 @@ def main(argv=None):
             save_probe(os.path.join(args.output_dir, "linear_probe.pth"), backbone, sweep.heads[best],
                        args.n_last_blocks, args.avgpool, num_classes, img_size, args.data,
                        classes=list(train_eval_set.classes),  # robustness_eval.py compares them with its --data
-                       backbone_unfinished=getattr(backbone, "unfinished", None),  # and records it
+                       backbone_unfinished=getattr(backbone, "unfinished", None),  # robustness_eval notes it
                        lr=args.lrs[best], top1=val_acc[best]["top1"], top5=val_acc[best]["top5"])
             vit.save_atomic(os.path.join(args.output_dir, "linear_eval.json"), results)
         log(f"wrote {args.output_dir}/linear_eval.json and linear_probe.pth ({results['time_s']:.0f}s)")

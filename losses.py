@@ -66,8 +66,10 @@ def init_distributed():
         dist.init_process_group("nccl", device_id=device)
         return rank, world, device
     except (dist.DistNetworkError, dist.DistStoreError) as e:  # the store: a port taken, a master never reached
-        _stop(f"error: cannot start the process group at {address} ({(str(e).strip().splitlines() or [''])[0]}); "
-              "choose a free MASTER_PORT or unset the torchrun variables")
+        first = (str(e).strip().splitlines() or [""])[0]
+        what = ("choose a free MASTER_PORT" if "EADDRINUSE" in str(e) or "in use" in str(e) else
+                "check that every rank was started with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE")
+        _stop(f"error: cannot start the process group at {address} ({first}); {what}")
 
 
 def _stop(line):

@@ -1240,7 +1240,8 @@ def figures(args, backbones, names, clean_set, layer, device):
         log(f"note: --figure-images {args.figure_images}, but the run has {len(clean_set)} images: all are shown")
     x = torch.stack([clean_set[i][0] for i in range(min(args.figure_images, len(clean_set)))]).to(device)
     with vit.exit_on_write_error():  # the record first: a kill between them leaves no figures of unrecorded sources
-        vit.save_atomic(os.path.join(args.figures, "figures.json"), {"source": results_source(args), "data": args.data})
+        record = {"source": results_source(args), "data": vit.data_location(args.data)}
+        vit.save_atomic(os.path.join(args.figures, "figures.json"), record)
         paths, _ = write_figures(backbones, names, x, args.figures, layer)
     log("figures: " + ", ".join(paths))
 
@@ -1330,8 +1331,10 @@ def load_normalizers(path, perturbations):
             raise TypeError(f"{v!r} is no number")
         return float(v)
     try:
-        if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block open() for good, /dev/zero never end
-            raise OSError("not a regular file")
+        vit.refuse_special_file(path, "a JSON file")
+    except ValueError as e:
+        raise SystemExit(f"--p-normalizers: {e}") from None
+    try:
         with open(path) as f:
             normalizers = json.load(f)
         normalizers = {k: {p: number(normalizers[k][p]) for p in perturbations} for k in ("fp", "t5d")}
@@ -1512,7 +1515,7 @@ def compare_backbones(args, device, rank, world):
     results = {"num_images": len(base), "img_size": img_size, "layer": layer, "runs": {}}
     for name, path, backbone in zip(names, args.backbone, backbones):
         ev = Evaluator(args, backbone.to(device).eval(), None, {}, device, rank, world, f"--backbone {path}")
-        run = {"backbone": path, "backbone_unfinished": backbone.unfinished,  # [step, total steps] of its run
+        run = {"backbone": path, "backbone_unfinished": backbone.unfinished,
                "depth": backbone.depth, "cls_after_block": backbone.cls_after_block,
                "equivariance": ev.clean_pass(clean_set, img_size, False, True)[2]}
         run.update(linear_numbers(os.path.join(os.path.dirname(path), "linear", "linear_eval.json"), path, backbone,
@@ -1549,7 +1552,8 @@ def main(args):
         raise SystemExit("several --backbone (or --figures without --probe) need --equivariance-only")
     task = compare_backbones if several else evaluate
     numbers, draw = task(args, device, rank, world)
-    results = {"args": vars(args), "source": results_source(args), "data": args.data, **numbers}
+    results = {"args": vars(args), "source": results_source(args), "data": vit.data_location(args.data),
+               **numbers}
     results["seconds"] = time.time() - t0
     if rank == 0:
         path = os.path.join(args.output_dir, "robustness.json")

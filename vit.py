@@ -487,18 +487,26 @@ def make_output_dir(path, prefix="", flag="--output-dir", outputs=(), sources=No
         raise SystemExit(f"{prefix}{flag} {path} holds the {outputs[-1]} of {', '.join(map(str, lost))}, this run's "
                          f"({', '.join(sources)}) would replace it: choose another {flag} (or move that one away)")
     before = record.get("data") if isinstance(record, dict) else None
-    if data is not None and before is not None and data_location(before) != data_location(data):
+    # Recorded resolved (data_location); an older file's relative path, resolved here, is compared as well.
+    if data is not None and before is not None and data_location(data) not in (before, data_location(before)):
         raise SystemExit(f"{prefix}{flag} {path} holds the {outputs[-1]} of {', '.join(map(str, earlier))} on "
                          f"{before}, this run's on {data} would replace it: choose another {flag} (or move that one "
                          "away)")
 
 
+def refuse_special_file(path, what):
+    """ValueError naming `path` where it exists but is neither a regular file nor a folder: open() would wait on a
+    pipe for a writer for good, and read a device such as /dev/zero without end."""
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise ValueError(f"{path} is not a regular file (a pipe or a device), so not {what}")
+
+
 def load_checkpoint(path, map_location="cpu"):
     """torch.load(path, weights_only=True): tensors and plain values only, so a crafted file cannot run code.
     Every failure is a one-line error naming the file: FileNotFoundError when it is missing, else ValueError."""
-    if os.path.exists(path) and not os.path.isfile(path):  # torch.load would wait on a pipe for a writer for good
-        raise ValueError(f"{path} is a folder, not a checkpoint file" if os.path.isdir(path) else
-                         f"{path} is not a regular file (a pipe or a device), so not a checkpoint file")
+    refuse_special_file(path, "a checkpoint file")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not a checkpoint file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
