@@ -563,6 +563,13 @@ def test_results_that_record_no_source_are_kept(tmp_path):
     for unrelated in ("{", "[1]", '"/r/b.pth"', ""):
         results.write_text(unrelated)
         vit.make_output_dir(str(out), outputs=("robustness.json",), sources=["/r/a.pth"])
+    (tmp_path / "a.pth").write_bytes(b"weights")  # linear_eval's and detect_eval's before "source": their "backbone"
+    for backbone, source in ((str(tmp_path / "a.pth"), os.path.realpath(tmp_path / "a.pth")),
+                             ("random init vit_tiny", "random init vit_tiny")):
+        results.write_text(json.dumps({"backbone": backbone, "stats": {}}))
+        vit.make_output_dir(str(out), outputs=("robustness.json",), sources=[source])
+        with pytest.raises(SystemExit, match=f"holds the robustness.json of {backbone}, this run's \\(/r/b.pth\\)"):
+            vit.make_output_dir(str(out), outputs=("robustness.json",), sources=["/r/b.pth"])
     results.unlink()
     vit.make_output_dir(str(out), outputs=("robustness.json",), sources=["/r/a.pth"], lock=True)
     umask = os.umask(0)

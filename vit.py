@@ -477,6 +477,9 @@ def make_output_dir(path, prefix="", flag="--output-dir", outputs=(), sources=No
     except (OSError, ValueError, RecursionError):
         pass
     earlier = record.get("source") if isinstance(record, dict) else []  # none yet, or not JSON results
+    if isinstance(record, dict) and "source" not in record and isinstance(record.get("backbone"), str):
+        # an earlier version's linear_eval or detect_eval results: their weights as given, resolved from here
+        earlier = [weights_source(record["backbone"]) if os.path.exists(record["backbone"]) else record["backbone"]]
     if isinstance(earlier, str):  # an earlier version's: one source
         earlier = [earlier]
     if not isinstance(earlier, list):  # results that do not say what they are of may be anyone's: not guessed
