@@ -852,8 +852,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="samples.png", help="where to write the sample grid")
     parser.add_argument("--img-size", type=int, default=64, help="image side in pixels")
     args = parser.parse_args()
-    check_ranges([("--img-size", args.img_size, lambda v: v >= 8, "at least 8")])
-    if os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+    check_ranges([("--img-size", args.img_size, lambda v: 8 <= v <= 1024, "in 8..1024 (48 images of that side)")])
+    if os.path.splitext(args.out)[1].lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"):
         raise SystemExit(f"--out {args.out}: not an image file name; end it in .png or .jpg")
     data = SyntheticShapes("train", 10_000, args.img_size)
     rows = [np.concatenate([data.render(c + j * data.num_classes)[0] for j in range(8)], 1)

@@ -175,8 +175,10 @@ def write_figures(backbones, names, x, out_dir, layer, tile=64):
     (DINO's), each scaled to its maximum. Returns their paths and the panels."""
     os.makedirs(out_dir, exist_ok=True)
     p = backbones[0].patch_size
-    elements = geometric_elements(len(x), (x.shape[-2] // p, x.shape[-1] // p), scales=(1.25,))
-    element_names = ("rot90", "vflip", list(elements)[-1])  # the upscaling, as its grid realises it
+    grid = (x.shape[-2] // p, x.shape[-1] // p)
+    elements = geometric_elements(len(x), grid, scales=(1.25,))
+    upscale = list(elements)[-1]  # as its grid realises it: on a grid under 3x3 the identity, whose panels always agree
+    element_names = ("rot90", "vflip") + ((upscale,) if elements[upscale].size != grid else ())
     panels = {n: {e: equivariance_panels(b, x, elements[e], layer) for e in element_names}
               for n, b in zip(names, backbones)}
     std, mean = torch.tensor(augment.IMAGENET_STD).view(3, 1, 1), torch.tensor(augment.IMAGENET_MEAN).view(3, 1, 1)
@@ -1509,7 +1511,7 @@ def compare_backbones(args, device, rank, world):
                          + ", ".join(f"{p} ({b.patch_size})" for p, b in zip(args.backbone, backbones)))
     for b in backbones:
         check_scales(args.scales, (img_size // b.patch_size,) * 2)
-    base, _, clean_set = val_images(args, img_size, default=200)
+    base, _, clean_set = val_images(args, img_size, default=200 if args.data == "synthetic" else None)
     layer = figure_layer(args, backbones)
     make_output_dirs(args, rank, names)
     results = {"num_images": len(base), "img_size": img_size, "layer": layer, "runs": {}}

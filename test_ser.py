@@ -4075,6 +4075,27 @@ def test_equivariance_figure_panels_and_pngs(tmp_path, monkeypatch):
     assert attn.shape == (2, 4, 4, 4) and torch.all(attn.flatten(2).sum(-1) <= 1 + 1e-5)
 
 
+def test_no_figure_row_or_image_count_stands_for_what_did_not_happen(tmp_path, monkeypatch):
+    """On a token grid under 3x3 the figure's 1.25 upscale rounds to the identity, whose two panels agree for any
+    network: its row is left out. The comparison table's 200 images are the built-in data's default only."""
+    vits = [tiny_vit(seed=0, depth=2, num_heads=2)]
+    for side, shown in ((16, ["rot90", "vflip"]), (32, ["rot90", "vflip", "scale1.25"])):
+        _, panels = robustness_eval.write_figures(vits, ["base"], torch.randn(1, 3, side, side), str(tmp_path), 1)
+        assert list(panels["base"]) == shown
+    defaults = []
+    monkeypatch.setattr(robustness_eval, "val_images", lambda args, img_size, default=None: defaults.append(default)
+                        or (_ for _ in ()).throw(SystemExit("stop")))
+    torch.save({"arch": vits[0].arch, "backbone": vits[0].state_dict()}, tmp_path / "a.pth")
+    tree = tmp_path / "tree"
+    for split in ("train", "val"):
+        _write_png_tree(tree, split)
+    for data in ("synthetic", tree):
+        with pytest.raises(SystemExit, match="stop"):
+            robust("--equivariance-only", "--backbone", tmp_path / "a.pth", tmp_path / "a.pth", "--data", data,
+                   "--num-workers", "0", "--output-dir", tmp_path / "out")
+    assert defaults == [200, None]
+
+
 def test_figures_and_the_sample_grid_are_replaced_atomically(tmp_path, monkeypatch):
     x, vits = torch.randn(1, 3, 32, 32), [tiny_vit(seed=0, depth=2, num_heads=2)]
     paths, _ = robustness_eval.write_figures(vits, ["base"], x, str(tmp_path), layer=1, tile=16)
@@ -4083,6 +4104,12 @@ def test_figures_and_the_sample_grid_are_replaced_atomically(tmp_path, monkeypat
     runpy.run_path(os.path.join(REPO, "augment.py"), run_name="__main__")  # augment.py's preview
     before = {p: open(p, "rb").read() for p in [*paths, samples]}
     assert Image.open(samples).size == (8 * 8, 6 * 8)
+    for flags, message in ((["--img-size", "2000"], "--img-size must be in 8..1024"),
+                           (["--out", str(tmp_path / "x.ico")], "not an image file name")):  # an .ico is resized
+        monkeypatch.setattr(sys, "argv", ["augment.py", "--out", samples, *flags])
+        with pytest.raises(SystemExit, match=message):
+            runpy.run_path(os.path.join(REPO, "augment.py"), run_name="__main__")
+    monkeypatch.setattr(sys, "argv", ["augment.py", "--out", samples, "--img-size", "8"])
 
     def full_disk(image, fp, format=None, **kw):  # the write fails halfway
         with (open(fp, "wb") if isinstance(fp, (str, os.PathLike)) else nullcontext(fp)) as f:
