@@ -1030,6 +1030,9 @@ class Evaluator:
 # Command line: one function per task, main() dispatches
 
 TASKS = ("clean", "c", "p", "geometry", "equivariance")
+# robustness.json's result sections: per task, and the comparison table of several --backbone
+SECTIONS = {"clean": "clean", "c": "imagenet_c", "p": "imagenet_p", "geometry": "geometry",
+            "equivariance": "equivariance", "table": "runs"}
 
 
 def get_args_parser():
@@ -1225,13 +1228,15 @@ def results_source(args):
     return [vit.weights_source(p, args.checkpoint_key) for p in args.backbone or []]
 
 
-def make_output_dirs(args, rank, names):
+def make_output_dirs(args, rank, names, written):
     """--output-dir and --figures (for the runs `names`), created and tried before any work: results that cannot be
-    written are lost. The figures' folder records their sources and --data in figures.json, so that another run's
-    figures (equivariance.png is one for all) are never replaced."""
+    written are lost, and so would be the sections of robustness.json other than those `written` (hours of
+    ImageNet-C under a rerun of -P alone). The figures' folder records their sources and --data in figures.json, so
+    that another run's figures (equivariance.png is one for all) are never replaced."""
     if rank == 0:
         sources = results_source(args)
-        vit.make_output_dir(args.output_dir, outputs=("robustness.json",), sources=sources, lock=True, data=args.data)
+        vit.make_output_dir(args.output_dir, outputs=("robustness.json",), sources=sources, lock=True, data=args.data,
+                            drops=[s for s in SECTIONS.values() if s not in written])
         if args.figures:  # the lock is taken once per folder: --figures may be --output-dir
             vit.make_output_dir(args.figures, flag="--figures", sources=sources, lock=True, data=args.data,
                                 outputs=("equivariance.png", *(f"attention_{n}.png" for n in names), "figures.json"))
@@ -1448,7 +1453,8 @@ def evaluate(args, device, rank, world):
                          "--p-normalizers")
     layer = figure_layer(args, [backbone]) if args.figures else None  # its range checked now, not after the work
     names = [probe_name(args.probe)] if args.probe else run_names(args.backbone)
-    make_output_dirs(args, rank, names)
+    clean = ["clean"] if classifier is not None and tasks != ["p"] else []  # clean_tasks writes it for the others
+    make_output_dirs(args, rank, names, [SECTIONS[t] for t in tasks + clean])
     source = f"--probe {args.probe}" if args.probe else f"--backbone {args.backbone[0]}"
     ev = Evaluator(args, backbone, classifier, meta, device, rank, world, source)
     results = {"num_images": len(base), "img_size": img_size, "num_classes": len(classes), "world_size": world,
@@ -1513,7 +1519,7 @@ def compare_backbones(args, device, rank, world):
         check_scales(args.scales, (img_size // b.patch_size,) * 2)
     base, _, clean_set = val_images(args, img_size, default=200 if args.data == "synthetic" else None)
     layer = figure_layer(args, backbones)
-    make_output_dirs(args, rank, names)
+    make_output_dirs(args, rank, names, [SECTIONS["table"]])
     results = {"num_images": len(base), "img_size": img_size, "layer": layer, "runs": {}}
     for name, path, backbone in zip(names, args.backbone, backbones):
         ev = Evaluator(args, backbone.to(device).eval(), None, {}, device, rank, world, f"--backbone {path}")

@@ -4309,6 +4309,19 @@ def robust(*argv):
     return robustness_eval.main(robustness_eval.get_args_parser().parse_args([str(a) for a in argv]))
 
 
+def test_a_rerun_of_other_tasks_keeps_the_results_of_the_first(tiny_probe, tmp_path):
+    """robustness.json is replaced whole: a rerun that leaves out a task of the run before it would lose its
+    results (hours of ImageNet-C under a run of -P alone), so it is refused until it runs that task too."""
+    common = ["--probe", tiny_probe, "--num-images", "2", "--num-workers", "0", "--output-dir", tmp_path]
+    robust(*common, "--tasks", "geometry")
+    written = (tmp_path / "robustness.json").read_bytes()
+    with pytest.raises(SystemExit, match=f"^--output-dir {tmp_path} holds robustness.json results of geometry, which "
+                                         "this run would drop: run those again with it, or choose another"):
+        robust(*common, "--tasks", "equivariance")
+    assert (tmp_path / "robustness.json").read_bytes() == written
+    assert {"geometry", "equivariance"} <= robust(*common, "--tasks", "equivariance,geometry").keys()
+
+
 def test_robustness_json_is_strict_json(tiny_probe, tmp_path):
     def refuse(constant):
         raise ValueError(f"{constant} is not JSON")

@@ -448,14 +448,16 @@ def data_location(data):
     return f"{kind}:{os.path.realpath(root)}" if colon and os.path.isdir(root) else data
 
 
-def make_output_dir(path, prefix="", flag="--output-dir", outputs=(), sources=None, lock=False, data=None):
+def make_output_dir(path, prefix="", flag="--output-dir", outputs=(), sources=None, lock=False, data=None,
+                    drops=()):
     """An output folder, created and tried before any work, so that a run never computes results it cannot write;
     `outputs`: the files the run will write there, none of which may be a folder, the results JSON last. `sources`:
     what the results are of (resolved paths), recorded in that JSON as "source": results of these, or of some of them,
     are replaced (a rerun, a comparison with one more run), those of anything else are kept: the run is refused (the
     evaluation scripts' default folders are shared). `data`: what they are computed on, recorded there as "data":
     results of the same weights on other data are kept alike (a JSON without it, of an earlier version, is not
-    checked). `lock`: hold the folder (lock_output_dir), on one rank only."""
+    checked). `drops`: the result sections of that JSON this run does not write, kept alike. `lock`: hold the folder
+    (lock_output_dir), on one rank only."""
     try:
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
@@ -489,6 +491,10 @@ def make_output_dir(path, prefix="", flag="--output-dir", outputs=(), sources=No
     if lost:
         raise SystemExit(f"{prefix}{flag} {path} holds the {outputs[-1]} of {', '.join(map(str, lost))}, this run's "
                          f"({', '.join(sources)}) would replace it: choose another {flag} (or move that one away)")
+    lost = [k for k in drops if isinstance(record, dict) and k in record]  # sections this run would not write again
+    if lost:
+        raise SystemExit(f"{prefix}{flag} {path} holds {outputs[-1]} results of {', '.join(lost)}, which this run "
+                         f"would drop: run those again with it, or choose another {flag}")
     before = record.get("data") if isinstance(record, dict) else None
     # Recorded resolved (data_location); an older file's relative path, resolved here, is compared as well.
     if data is not None and before is not None and data_location(data) not in (before, data_location(before)):
