@@ -1022,7 +1022,9 @@ def run_summary(output_dir, seconds, resumed_at=0, total_steps=None):
     of_total = f" of {total_steps}" if steps and total_steps is not None and steps[-1] != total_steps else ""
     if len(steps) > 1:
         a, b = knn[steps[0]], knn[steps[-1]]
-        seen = (f"k-NN top-1 {a:.1f} -> {b:.1f} ({b - a:+.1f})" + (f" since step {steps[0]}{other}" if other else "")
+        # from a later step than 0: a log cut short or lost before the resume, or the monitor's sizes changed
+        start = f" since step {steps[0]}{other}" if steps[0] or other else ""
+        seen = (f"k-NN top-1 {a:.1f} -> {b:.1f} ({b - a:+.1f}){start}"
                 + (f", last measured at step {steps[-1]}{of_total}" if of_total else ""))
     elif steps:
         seen = f"k-NN top-1 {knn[steps[0]]:.1f} at step {steps[0]}{of_total}{other}"

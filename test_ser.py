@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -83,6 +83,20 @@ def spawn(fn, *args, world=2):
     starts a rank (RANK, WORLD_SIZE, MASTER_*), so fn joins the group with init_process_group("gloo") or
     a script's losses.init_distributed."""
     mp.spawn(_spawned, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+
+
+@contextmanager
+def no_hang(what, seconds=20):
+    """A regression that waits on a pipe fails here with `what` instead of hanging the suite."""
+    def hung(signum, frame):
+        raise TimeoutError(what)
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def tiny_vit(seed=None, **kw):
@@ -495,12 +509,7 @@ def test_a_pipe_given_as_a_checkpoint_is_refused_at_once(tmp_path):
     (tmp_path / "to_fifo").symlink_to(tmp_path / "fifo")
     (tmp_path / "to_good").symlink_to(tmp_path / "good.pth")
 
-    def hung(signum, frame):
-        raise TimeoutError("load_checkpoint waited on a pipe")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(20)  # a regression fails here instead of hanging the suite
-    try:
+    with no_hang("load_checkpoint waited on a pipe"):
         for name in ("fifo", "to_fifo"):
             with pytest.raises(ValueError, match=f"^{tmp_path / name} is not a regular file \\(a pipe or a device\\)"):
                 vit.load_checkpoint(tmp_path / name)
@@ -509,9 +518,6 @@ def test_a_pipe_given_as_a_checkpoint_is_refused_at_once(tmp_path):
         args = SimpleNamespace(epochs=1)
         with pytest.raises(ValueError, match="is not a regular file .*; move it away or use another --output-dir$"):
             vit.load_resumable(tmp_path / "fifo", args, ["student"], "pretrain.py", ())
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
     with pytest.raises(ValueError, match=f"^{tmp_path} is a folder, not a checkpoint file$"):
         vit.load_checkpoint(tmp_path)
     assert vit.load_backbone(tmp_path / "to_good").arch == model.arch
@@ -3048,6 +3054,11 @@ def test_run_summary_after_a_resume_that_changed_the_knn_monitor(tmp_path, capsy
     vit.append_jsonl(tmp_path / "one" / "log.jsonl", {"step": 0, "knn_top1": 20.0, "knn_images": [16, 16]})
     assert pretrain.run_summary(str(tmp_path / "one"), 60, 0, 4).startswith("done: k-NN top-1 20.0 at step 0 of 4 in")
     assert pretrain.run_summary(str(tmp_path / "none"), 60, 0, 4).startswith("done: k-NN monitor off in")
+    (tmp_path / "cut").mkdir()  # a log that lost its step-0 record before the resume
+    for step, top1 in ((2, 25.0), (4, 30.0)):
+        vit.append_jsonl(tmp_path / "cut" / "log.jsonl", {"step": step, "knn_top1": top1, "knn_images": [16, 16]})
+    assert pretrain.run_summary(str(tmp_path / "cut"), 60, 2, 4).startswith("done: k-NN top-1 25.0 -> 30.0 (+5.0) "
+                                                                            "since step 2 in")
 
 
 def test_resume_refuses_altered_checkpoint_values(tmp_path):
@@ -3086,6 +3097,18 @@ def test_benchmark_refuses_the_flags_of_a_training_run(flags, users, tmp_path):
     with pytest.raises(SystemExit, match=f"^error: {flags.split()[0]} is read only with {users}; this run would "
                                          "ignore it: drop it$"):
         config(f"--method byol --benchmark 1 {flags}", tmp_path)
+
+
+def test_a_log_that_is_a_pipe_is_refused_on_resume(tmp_path):
+    """A resume reads log.jsonl to cut it back to the checkpoint: a FIFO there would block it for good, a link to
+    /dev/zero fill the memory."""
+    run("--method byol --stop-at-step 1", tmp_path)
+    (tmp_path / "log.jsonl").unlink()
+    os.mkfifo(tmp_path / "log.jsonl")
+    with no_hang("the resume waited on a pipe"), pytest.raises(
+            SystemExit, match="^error: could not write .*log.jsonl: not a regular file \\(a pipe or a device\\); "
+                              "move it away$"):
+        run("--method byol", tmp_path)
 
 
 def test_benchmark_json_that_cannot_be_written_stops_in_one_line(tmp_path, monkeypatch):
@@ -4799,18 +4822,10 @@ def test_p_normalizers_that_are_no_file_or_no_numbers_are_refused_in_one_line(tm
     """A FIFO would block open() for good; a number beyond a float overflows and true is no FP of 1."""
     os.mkfifo(tmp_path / "fifo")
 
-    def hung(signum, frame):
-        raise TimeoutError("load_normalizers waited on a pipe")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(20)  # a regression fails here instead of hanging the suite
-    try:
+    with no_hang("load_normalizers waited on a pipe"):
         with pytest.raises(SystemExit, match="^--p-normalizers: .*fifo is not a regular file .a pipe or a device., so "
                                              "not a JSON file$"):
             robustness_eval.load_normalizers(str(tmp_path / "fifo"), ["rotate"])
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
     norms = tmp_path / "normalizers.json"
     for fp in ("9" * 400, "true"):
         norms.write_text('{"fp": {"rotate": %s}, "t5d": {"rotate": 1}}' % fp)
@@ -5129,12 +5144,7 @@ def test_an_annotation_file_that_is_a_pipe_or_nested_too_deep_is_refused_in_one_
     os.mkfifo(ann)
     (tmp_path / "to_fifo.json").symlink_to(ann)
 
-    def hung(signum, frame):
-        raise TimeoutError("load_coco waited on a pipe")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(20)  # a regression fails here instead of hanging the suite
-    try:
+    with no_hang("load_coco waited on a pipe"):
         for path in (ann, tmp_path / "to_fifo.json"):
             with pytest.raises(ValueError, match=f"^{path} is not a regular file \\(a pipe or a device\\), so not an "
                                                  "annotation file$"):
@@ -5142,9 +5152,6 @@ def test_an_annotation_file_that_is_a_pipe_or_nested_too_deep_is_refused_in_one_
         with pytest.raises(SystemExit, match="^detect_eval.py: .*instances_train2017.json is not a regular file"):
             detect_eval.main(["--data", str(tmp_path / "coco"), "--random-init", "--arch", "vit_tiny", "--depth", "1",
                               "--output-dir", str(tmp_path / "out")])
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(ValueError, match="deep.json is not valid JSON: maximum recursion depth exceeded"):

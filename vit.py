@@ -374,6 +374,8 @@ def restart_log(path, step, key="step"):
     after the checkpoint, or a failed run before it, would otherwise stand beside the new ones."""
     if not os.path.exists(path):
         return
+    if not os.path.isfile(path):  # reading a pipe would wait for a writer for good, /dev/zero fill the memory
+        raise OSError(errno.EINVAL, "not a regular file (a pipe or a device); move it away", path)
     records = []
     if step:
         with open(path, errors="replace") as f:  # bytes a crash left are a line that does not parse, not an error
