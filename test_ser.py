@@ -1622,7 +1622,7 @@ def test_load_rgb_reads_palette_transparency_without_a_warning(tmp_path):
 
 
 def test_augment_preview_refuses_bad_flags_in_one_line(tmp_path, monkeypatch):
-    for argv, message in [(["--img-size", "0"], "--img-size must be at least 8, got 0"),
+    for argv, message in [(["--img-size", "0"], "--img-size must be in 8..1024 .*, got 0"),
                           (["--out", str(tmp_path / "s.jpgx")], "not an image file name; end it in .png or .jpg")]:
         monkeypatch.setattr(sys, "argv", ["augment.py", "--out", str(tmp_path / "s.png"), *argv])
         with pytest.raises(SystemExit, match=message):
@@ -4447,7 +4447,7 @@ def test_every_ignored_flag_is_named_and_the_read_ones_run(tiny_probe, tmp_path)
     assert set(out["geometry"]) == {"rot90", "rot180", "rot270", "hflip", "vflip", "scale0.5"}
     figures = robust("--equivariance-only", "--probe", tiny_probe, "--num-images", "2", "--num-workers", "0",
                      "--figures", tmp_path / "figures", "--figure-layer", "1", "--figure-images", "1",
-                     "--output-dir", tmp_path)
+                     "--output-dir", tmp_path / "equivariance")  # not the geometry run's: its results stay
     assert "equivariance" in figures and (tmp_path / "figures" / "equivariance.png").is_file()
 
 
