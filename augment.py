@@ -335,7 +335,13 @@ class Interrupt:
     def __init__(self, world=1):
         self.signum, self.world, self.vote = 0, world, None  # signum: the signal received, 0 while none
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: setattr(self, "signum", signum))
+            signal.signal(sig, self._received)
+
+    def _received(self, signum, frame):
+        if not self.signum and losses.rank() == 0:  # said at once: a k-NN pass or a save may take minutes first
+            # os.write: a print here could interrupt a print of the loop's (a reentrant call on the stream)
+            os.write(2, f"{signal.Signals(signum).name}: saving a checkpoint and stopping after this step\n".encode())
+        self.signum = signum
 
     def poll(self):
         """The signal every rank stops on after this step (0: go on). Ranks may see a signal at different

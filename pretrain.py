@@ -1076,7 +1076,7 @@ def train(args, measure=None):
     losses.log(f"trainable parameters: {sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6:.2f}M; "
                f"weight decay on {len(optimizer.param_groups[0]['params'])} tensors, "
                f"none on {len(optimizer.param_groups[1]['params'])}")
-    if not args.benchmark:
+    if not args.benchmark and start_step < total_steps:  # a finished run's rerun computes nothing: its config stays
         write_on_rank0(vit.save_atomic, os.path.join(args.output_dir, "config.json"),
                        {"argv": sys.argv, "world_size": world, "precision_used": precision, **vars(args)})
     losses.log(json.dumps(vars(args)))

@@ -3099,6 +3099,26 @@ def test_benchmark_refuses_the_flags_of_a_training_run(flags, users, tmp_path):
         config(f"--method byol --benchmark 1 {flags}", tmp_path)
 
 
+def test_a_stop_signal_is_said_at_once_and_a_finished_run_keeps_its_config(tmp_path, capfd):
+    """The loop stops on a signal only after its step (and a due k-NN pass, minutes on real data): the signal is said
+    when it arrives, once. A rerun of a finished run, with other runtime options, leaves config.json as it ran."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        interrupt = augment.Interrupt()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupt.poll() == signal.SIGINT
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    err = capfd.readouterr().err
+    assert err == "SIGTERM: saving a checkpoint and stopping after this step\n", err
+    run("--method byol", tmp_path)
+    config = (tmp_path / "config.json").read_bytes()
+    run("--method byol --log-every 5", tmp_path)
+    assert (tmp_path / "config.json").read_bytes() == config
+
+
 def test_a_log_that_is_a_pipe_is_refused_on_resume(tmp_path):
     """A resume reads log.jsonl to cut it back to the checkpoint: a FIFO there would block it for good, a link to
     /dev/zero fill the memory."""
