@@ -813,7 +813,7 @@ def main(argv=None):
     sources = [vit.weights_source(args.pretrained, args.checkpoint_key) if args.pretrained
                else f"random init {args.arch}"]
     # the scored set: --val-split and --synthetic-val may change on a resume, which evaluates the heads on it anew
-    data = (f"{os.path.realpath(args.data)} --val-split {args.val_split}" if args.data != "synthetic" else
+    data = (f"{vit.data_location(args.data)} --val-split {args.val_split}" if args.data != "synthetic" else
             f"synthetic --synthetic-val {args.synthetic_val} --synthetic-size {args.synthetic_size} "
             f"--data-seed {args.data_seed}")
     vit.make_output_dir(args.output_dir, prefix="detect_eval.py: ", outputs=(
