@@ -303,8 +303,7 @@ def frost(x, c, rng, frost_images=None, **_):
 def fog(x, c, rng, **_):
     H, W = x.shape[:2]
     peak = x.max()
-    # the original's 256 map cropped to 224: the next power of two, cropped to the image
-    x = x + c[0] * plasma_fractal(_next_pow2(max(H, W)), c[1], rng)[:H, :W, None]
+    x = x + c[0] * _plasma(H, W, c[1], rng)[..., None]
     return np.clip(x * peak / (peak + c[0]), 0, 1) * 255
 
 
@@ -432,15 +431,14 @@ def procedural_frost(height, width, rng):
             for t in (0.3, 0.55, 0.8):
                 bx, by = x + t * (x1 - x), y + t * (y1 - y)
                 for side in (-1, 1):
-                    dendrite(bx, by, angle + side * math.pi / 3, 0.45 * (1 - t) * length, depth - 1,
-                             int(value * 0.85))
+                    dendrite(bx, by, angle + side * math.pi / 3, 0.45 * (1 - t) * length, depth - 1, int(value * 0.85))
 
     for _ in range(8 + int(60 * height * width / 224 ** 2)):
         dendrite(rng.uniform(0, width * ss), rng.uniform(0, height * ss), rng.uniform(0, 2 * math.pi),
                  rng.uniform(0.04, 0.2) * size * ss, 2, int(rng.integers(110, 256)))
     crystals = np.asarray(canvas.resize((width, height), Image.BILINEAR), np.float64) / 255  # (H, W)
     crystals = np.maximum(crystals, gaussian_filter(crystals, max(0.5, size / 224)) * 1.5)  # glow
-    haze = plasma_fractal(_next_pow2(max(height, width)), 2.0, rng)[:height, :width]
+    haze = _plasma(height, width, 2.0, rng)
     frost = np.clip(0.25 + 0.3 * haze + 0.75 * crystals, 0, 1)
     return frost[..., None] * np.array([0.86, 0.93, 1.0]) * 255
 
@@ -616,8 +614,9 @@ def disk_kernel(radius, alias_blur):
     return _correlate2d(disk[..., None], np.outer(g, g))[..., 0]
 
 
-def _next_pow2(n):
-    return 1 << max(1, math.ceil(math.log2(n)))
+def _plasma(height, width, decay, rng):
+    """The original's 256 map cropped to 224: plasma_fractal of the next power of two, cropped to the image."""
+    return plasma_fractal(1 << max(1, math.ceil(math.log2(max(height, width)))), decay, rng)[:height, :width]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1170,8 +1169,7 @@ def load_model(args):
             log(f"note: {args.probe}: its backbone is of step {step} of {total}: its run has not finished")
         return backbone, classifier, meta
     if not args.equivariance_only:
-        raise SystemExit("--probe is required (a linear_eval.py linear_probe.pth), "
-                         "or pass --equivariance-only with --backbone")
+        raise SystemExit("--probe is required (linear_eval.py's linear_probe.pth), or --equivariance-only --backbone")
     if not args.backbone:
         raise SystemExit("--equivariance-only needs --backbone (or --probe)")
     backbone = load_backbone(args, args.backbone[0])
@@ -1449,8 +1447,7 @@ def evaluate(args, device, rank, world):
     p_sets = perturbation_sets(args, base, img_size, perturbations, *known) if "p" in tasks else None
     normalizers = load_normalizers(args.p_normalizers, perturbations) if "p" in tasks and args.p_normalizers else None
     if normalizers and len(perturbations) < len(PERTURBATIONS):  # as mCE: a mean over a subset is another benchmark
-        raise SystemExit("--p-normalizers: mFR and mT5D need all 10 perturbations; drop --perturbations or "
-                         "--p-normalizers")
+        raise SystemExit("--p-normalizers: mFR and mT5D need all 10 perturbations; drop it or --perturbations")
     layer = figure_layer(args, [backbone]) if args.figures else None  # its range checked now, not after the work
     names = [probe_name(args.probe)] if args.probe else run_names(args.backbone)
     clean = ["clean"] if classifier is not None and tasks != ["p"] else []  # clean_tasks writes it for the others
@@ -1560,8 +1557,7 @@ def main(args):
         raise SystemExit("several --backbone (or --figures without --probe) need --equivariance-only")
     task = compare_backbones if several else evaluate
     numbers, draw = task(args, device, rank, world)
-    results = {"args": vars(args), "source": results_source(args), "data": vit.data_location(args.data),
-               **numbers}
+    results = {"args": vars(args), "source": results_source(args), "data": vit.data_location(args.data), **numbers}
     results["seconds"] = time.time() - t0
     if rank == 0:
         path = os.path.join(args.output_dir, "robustness.json")
