@@ -807,9 +807,8 @@ class Generated(_Items):
 
 
 class WithPartner(Dataset):
-    """Item i of `dataset` with its image stacked on that of image (i + N // 2) % N of the N: a fixed other image
-    for each, whatever the batch size and number of processes, and half the set away, so mostly of another class
-    in class-sorted folders."""
+    """Item i of `dataset`, its image stacked on that of image (i + N // 2) % N: a fixed other image whatever the
+    batch size and number of processes, half the set away, so mostly of another class in class-sorted folders."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -1118,8 +1117,7 @@ def check_scales(scales, grid):
 
 
 def refuse_ignored_flags(args, tasks, table=False):
-    """The flags these tasks do not read, refused if given. table: the comparison of several --backbone, which reads
-    --figure-layer for its columns."""
+    """The flags these tasks do not read, refused if given. table: several --backbone's table (reads --figure-layer)."""
     c, p = "c" in tasks, "p" in tasks
     generated_c, generated_p = c and not args.imagenet_c_dir, p and not args.imagenet_p_dir
     readers = [  # (flag, whether this run reads it, what reads it)
@@ -1191,8 +1189,7 @@ def probe_name(path):
 
 
 def val_images(args, img_size, default=None):
-    """--num-images (else `default`, else all) val images of --data, every class in turn: (PIL images, classes,
-    clean set)."""
+    """--num-images (else `default`, else all) val images of --data, classes in turn: (images, classes, clean set)."""
     try:
         base = augment.build_dataset(args.data, "val", transform=None, img_size=img_size)
     except ValueError as e:
