@@ -746,9 +746,8 @@ def resume(args, saved, total_steps, train_images, precision, device):
     if not os.path.lexists(path) and os.path.lexists(os.path.join(args.output_dir, "backbone.pth")):
         raise SystemExit(f"error: {args.output_dir} holds a backbone.pth but no checkpoint.pth: another run's result, "
                          "which this run would overwrite; use another --output-dir or move backbone.pth away")
-    # lexists: a link to a missing file is an error, not a new run
     step = 0
-    if os.path.lexists(path):
+    if os.path.lexists(path):  # lexists: a link to a missing file is an error, not a new run
         step = load_run_state(path, args, saved, total_steps, train_images, precision, device)
     write_on_rank0(vit.restart_log, os.path.join(args.output_dir, "log.jsonl"), step)
     return step
@@ -896,8 +895,7 @@ class Meter:
 
 
 def load_split(args, split, transform):
-    length = dict(length=args.synthetic_length) if args.data == "synthetic" else {}
-    return augment.build_dataset(args.data, split, transform, img_size=args.img_size, **length)
+    return augment.build_dataset(args.data, split, transform, img_size=args.img_size, length=args.synthetic_length)
 
 
 def build_data(args, recipe, rank, world, device):
