@@ -163,17 +163,13 @@ def _texture(rng, size):
 
 
 class SyntheticShapes(Dataset):
-    """Procedural images of one object on a textured background, generated from (seed, split, index).
-
-    The class is the object's geometry (`classes`); label = index % num_classes, so classes are balanced.
-    Colours, background texture, position, scale and rotation are random and carry no label. Objects stay
-    within MAX_ROTATION degrees of upright and are lit from above, so that, as in photographs, a rot90 is
-    detectable (E-SSL's task is learnable; SER's rot90 is not a symmetry of the data).
-
-    Nuisances are muted (grey levels, a background pattern at 30% contrast) because a self-supervised loss
-    learns first the most distinctive property two views of an image share: SATURATION 0.3 / 0.1 / 0 gave
-    SimCLR 27.1 / 32.8 / 46.2% k-NN after 75 steps.
-    """
+    """Procedural images of one object on a textured background, generated from (seed, split, index). The class is
+    the object's geometry (`classes`); label = index % num_classes, so classes are balanced. Colours, background
+    texture, position, scale and rotation are random and carry no label. Objects stay within MAX_ROTATION degrees of
+    upright and are lit from above, so that, as in photographs, a rot90 is detectable (E-SSL's task is learnable;
+    SER's rot90 is not a symmetry of the data). Nuisances are muted (grey levels, a background pattern at 30%
+    contrast) because a self-supervised loss learns first the most distinctive property two views of an image
+    share: SATURATION 0.3 / 0.1 / 0 gave SimCLR 27.1 / 32.8 / 46.2% k-NN after 75 steps."""
 
     SPLITS = {"train": 0, "val": 1}
     SATURATION, BACKGROUND_CONTRAST, MAX_ROTATION = 0.0, 0.3, 30.0
@@ -369,10 +365,9 @@ def _inside(path: str, roots) -> str | None:
 
 def _check_image_tree(data: str, folder: str) -> tuple[frozenset, frozenset]:
     """The real paths of every folder ImageFolder reads under `folder` and of every symlinked folder or image in it,
-    after refusing what it would read silently wrong (each error says how). It follows directory links: one back into
-    the tree (`train/a/up -> ..`) adds the images again, level after level, until the OS gives up; a link to a folder
-    outside the tree is fine. One pass over the tree's listings: symlinks and folders are told apart by the listing,
-    so only links cost a system call."""
+    after refusing what it would read silently wrong. It follows directory links: one back into the tree
+    (`train/a/up -> ..`) adds the images again, level after level, until the OS gives up; one outside is fine.
+    One pass over the listings, which tell symlinks and folders apart: only links cost a system call."""
     top, seen, linked, real_dirs = os.path.realpath(folder), {}, set(), {}
     classes = {}  # real path of each class folder -> its name: a linked image keeps the label of its own folder
     listed = datasets.folder.IMG_EXTENSIONS
