@@ -452,14 +452,13 @@ def data_location(data):
 
 def make_output_dir(path, prefix="", flag="--output-dir", outputs=(), sources=None, lock=False, data=None,
                     drops=()):
-    """An output folder, created and tried before any work, so that a run never computes results it cannot write;
-    `outputs`: the files the run will write there, none of which may be a folder, the results JSON last. `sources`:
-    what the results are of (resolved paths), recorded in that JSON as "source": results of these, or of some of them,
-    are replaced (a rerun, a comparison with one more run), those of anything else are kept: the run is refused (the
-    evaluation scripts' default folders are shared). `data`: what they are computed on, recorded there as "data":
-    results of the same weights on other data are kept alike (a JSON without it, of an earlier version, is not
-    checked). `drops`: the result sections of that JSON this run does not write, kept alike. `lock`: hold the folder
-    (lock_output_dir), on one rank only."""
+    """An output folder, created and tried before any work, so that a run never computes results it cannot write.
+    `outputs`: the files the run will write there (none may be a folder), the results JSON last. `sources`: what the
+    results are of (resolved paths), recorded in that JSON as "source": results of these or of some of them are
+    replaced (a rerun, a comparison with one more run), those of anything else kept by refusing the run (evaluation
+    scripts share default folders). `data`: what they are computed on, recorded as "data": results of the same weights
+    on other data are kept alike (an earlier version's JSON lacks it: not checked). `drops`: the result sections of
+    that JSON this run does not write, kept alike. `lock`: hold the folder (lock_output_dir), on one rank only."""
     try:
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
@@ -613,19 +612,28 @@ def load_backbone(path, arch=None, key=None):
     table = sd.get("pos_embed")
     rows = table.shape[1] if isinstance(table, torch.Tensor) and table.dim() == 3 else 0
     cls_row = rows > 1 and math.isqrt(rows - 1) ** 2 == rows - 1  # [CLS] slot + grid^2 (a grid^2 table has none)
-    if saved_arch is None and cls_row and (arch or {}).get("cls_after_block"):
-        raise ValueError(f"{path} is a standard ViT (its position table has a [CLS] row, {rows} rows): its [CLS] "
-                         "joins before block 1; drop --equiv-layer")
-    if "norm_equiv.weight" in sd and saved_arch is None:
-        if cls_row:  # the SER release's baselines and add-ons (--equiv-mode inv, augself, equimod, essl): a standard
-            # ViT, whose norm_equiv is the final norm again or normalises only an add-on's input, not the features
+    split = (arch or {}).get("cls_after_block")
+    if saved_arch is None:  # released weights: what they were trained with, read off them where it shows
+        if cls_row and split:
+            raise ValueError(f"{path} is a standard ViT (its position table has a [CLS] row, {rows} rows): its [CLS] "
+                             "joins before block 1; drop --equiv-layer")
+        # The SER release's baselines and add-ons (--equiv-mode inv, augself, equimod, essl) are standard ViTs, whose
+        # norm_equiv is the final norm again or normalises only an add-on's input, not the features.
+        if "norm_equiv.weight" in sd and cls_row:
             dropped += sorted(k for k in sd if k.startswith("norm_equiv."))
-        elif not (arch or {}).get("cls_after_block"):
+        elif "norm_equiv.weight" in sd and not split:
             raise ValueError(f"{path} holds SER release weights (aitrics-chris/SER), whose [CLS] joins after a block "
                              "no weight shape shows: pass --equiv-layer as in its run (3 in its run_pretrain.sh)")
-    sd = {k: v for k, v in sd.items() if k not in dropped}
-
-    if saved_arch is not None and arch is not None:
+        if arch is None:
+            raise ValueError(f"{path} records no architecture (a released checkpoint?): pass the arch, e.g. --arch "
+                             f"{'vit_small_mocov3' if moco_v3 else 'vit_small'} --patch-size 16; the head count cannot "
+                             "be read off the weights")
+        if rows > 1:  # its training resolution, off the position table
+            arch = {**arch, "img_size": math.isqrt(rows - (not split)) * arch.get("patch_size", 16)}
+        blocks = [int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()]
+        if "depth" not in arch and "name" not in arch and blocks:  # its depth, off the block keys
+            arch = {**arch, "depth": 1 + max(blocks)}
+    elif arch is not None:
         with torch.random.fork_rng(devices=[]):  # models built to be overwritten leave the caller's generator alone
             requested = build_vit(arch).arch
         trained_with = ("patch_size", "embed_dim", "depth", "num_heads", "cls_after_block")
@@ -633,16 +641,7 @@ def load_backbone(path, arch=None, key=None):
         if clash:
             raise ValueError(f"{path}: the checkpoint's architecture differs from the requested one: "
                              + ", ".join(f"{k} saved={a} requested={b}" for k, (a, b) in clash.items()))
-    if saved_arch is None and arch is None:
-        raise ValueError(f"{path} records no architecture (a released checkpoint?): pass the arch, e.g. --arch "
-                         f"{'vit_small_mocov3' if moco_v3 else 'vit_small'} --patch-size 16; the head count cannot be "
-                         "read off the weights")
-    if saved_arch is None and rows > 1:  # its training
-        side = math.isqrt(table.shape[1] - (not arch.get("cls_after_block")))  # resolution, off the position table
-        arch = {**arch, "img_size": side * arch.get("patch_size", 16)}
-    blocks = [int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()]
-    if saved_arch is None and "depth" not in arch and "name" not in arch and blocks:  # its depth, off the block keys
-        arch = {**arch, "depth": 1 + max(blocks)}
+    sd = {k: v for k, v in sd.items() if k not in dropped}
     try:
         with torch.random.fork_rng(devices=[]):
             model = build_vit(saved_arch if saved_arch is not None else arch)
@@ -691,10 +690,9 @@ def add_backbone_flags(parser):
 
 def backbone_from_flags(path, arch=None, patch_size=None, key=None, random_init=False, img_size=224, depth=None,
                         flag="--pretrained", equiv_layer=None, log=print):
-    """The frozen ViT (eval mode) that a script's backbone flags name (add_backbone_flags, or
-    robustness_eval.py's --backbone), every error a one-line SystemExit naming `flag`, and a note through `log`
-    when its run had not finished. `depth` overrides the --arch's 12 blocks; `equiv_layer` is SER's split.
-    --random-init draws from torch's generator: seed it alike on every rank first."""
+    """The frozen ViT (eval mode) that a script's backbone flags name (add_backbone_flags, robustness_eval.py's
+    --backbone), every error a one-line SystemExit naming `flag`, and a note through `log` when its run had not
+    finished. --random-init draws from torch's generator: seed it alike on every rank first."""
     if arch is None and (patch_size or depth or equiv_layer) is not None:  # ours record them: a no-op otherwise
         raise SystemExit("--patch-size, --depth and --equiv-layer describe released weights or --random-init: pass "
                          "them with --arch")
