@@ -455,8 +455,7 @@ def _check_image_tree(data: str, folder: str) -> tuple[frozenset, frozenset]:
 def _refuse_shared_folders(data: str, split: str, folders: frozenset, linked: frozenset):
     """val/ must be held out: a val/ that is, or holds at any depth, a link into train/ or one of its class folders
     (which may be links themselves), or a link to an image in them, would score training images; so would a link in
-    train/ into val/. Checked against the other split's top level only: a walk of ImageNet's train/ for every
-    val/ would cost seconds."""
+    train/ into val/. Only the other split's top level is checked: walking ImageNet's train/ per val/ costs seconds."""
     other, own = "val" if split == "train" else "train", {os.path.realpath(os.path.join(data, split))}
     # train/ may be what val/ links to (building val says so), but may not link into val/ itself
     paths = folders | linked if split == "val" else {p for p in linked if not _inside(p, own)}
