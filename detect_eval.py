@@ -105,11 +105,10 @@ def validate_coco(coco, source, allow_degenerate=False):
     # One file under two ids trains twice as often, and in val the copy's detections all count as false positives.
     first = {}
     for im in coco["images"]:
-        name = os.path.normpath(im["file_name"])
-        if name in first:
-            raise ValueError(f"{source}: images {first[name]} and {im['id']} share file_name {im['file_name']!r}; "
+        earlier = first.setdefault(os.path.normpath(im["file_name"]), im["id"])  # ids are unique by now
+        if earlier != im["id"]:
+            raise ValueError(f"{source}: images {earlier} and {im['id']} share file_name {im['file_name']!r}; "
                              "list each image once")
-        first[name] = im["id"]
     # Train and val are matched by id and name: a name twice would make that match ambiguous.
     names = [c["name"] for c in coco["categories"]]
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -205,9 +204,15 @@ class CocoDetection(Dataset):
 
     @functools.cached_property
     def ann_digest(self):
-        """The annotation file's fingerprint, for a resume; read on the first checkpoint written or resumed, so the
-        ranks that do neither never hash COCO's 450 MB. The synthetic set is a function of its flags (None)."""
-        return None if self.render is not None else file_digest(self.ann_file)
+        """The annotation file's fingerprint, for a resume; read in chunks on the first checkpoint written or resumed,
+        so the ranks that do neither never hash COCO's 450 MB. The synthetic set is a function of its flags (None)."""
+        if self.render is not None:
+            return None
+        h = hashlib.blake2b(digest_size=16)
+        with open(self.ann_file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
 
     def __len__(self):
         return len(self.images)
@@ -554,15 +559,6 @@ FROZEN = "backbone.backbone."  # the ViT inside the detector: it comes from --pr
 # on its own, tells whether the backbone is the one the heads were trained on.
 RUNTIME_OPTIONS = {"output_dir", "num_workers", "log_every", "ckpt_every", "eval_batch_size", "iters", "val_split",
                    "synthetic_val", "batch_size", "pretrained"}
-
-
-def file_digest(path):
-    """A fingerprint of a file's bytes, read in chunks (COCO's train2017 JSON is ~450 MB)."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_checkpoint(path, model, optimizer, iteration, args, digest, train_set, **record):
@@ -923,8 +919,7 @@ def main(argv=None):
         losses.log(format_stats(stats))
         results = {"stats": dict(zip(STAT_NAMES, stats)), "iterations": args.iters,
                    "backbone": args.pretrained or f"random init {args.arch}", "source": sources, "data": data,
-                   "num_val_images": len(val_set),
-                   "num_detections": len(detections), "train_time_s": train_time,
+                   "num_val_images": len(val_set), "num_detections": len(detections), "train_time_s": train_time,
                    "eval_time_s": time.time() - t0, "world_size": world_size, "train_world_sizes": world_sizes,
                    "global_batch_size": args.batch_size * world_size, "args": vars(args)}
         # each file replaced in one step, the results last; the detections in pycocotools' loadRes format
