@@ -348,8 +348,7 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_out):
         batch_center = all_reduce_sum(teacher_out.sum(0, keepdim=True)) / global_count(teacher_out.shape[0])  # (1, K)
-        self.center.mul_(self.center_momentum).add_(batch_center.to(self.center.dtype),
-                                                    alpha=1 - self.center_momentum)
+        self.center.mul_(self.center_momentum).add_(batch_center.to(self.center.dtype), alpha=1 - self.center_momentum)
 
 
 def teacher_temp_schedule(epoch, warmup_teacher_temp, teacher_temp, warmup_epochs):
@@ -378,9 +377,8 @@ def barlow_twins_loss(z1, z2, lambd=0.0051):
 
 
 def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
-    """VICReg on the (N, D) expander outputs. Convention: the official forward (facebookresearch/vicreg
-    main_vicreg.py) with a global-mean MSE; variance and covariance on the global batch gathered with
-    gradients, as the official FullGatherLayer."""
+    """VICReg on the (N, D) expander outputs. Convention: the official forward (facebookresearch/vicreg main_vicreg.py)
+    with a global-mean MSE; variance and covariance over the global batch, gathered with gradients (FullGatherLayer)."""
     z1, z2 = _upcast(z1), _upcast(z2)
     repr_loss = _global_mean_of_sum((z1 - z2).pow(2).sum(), global_count(z1.shape[0]) * z1.shape[1])
     std_loss, cov_loss = 0.0, 0.0
@@ -466,12 +464,11 @@ def _tokens(m):  # (n, C, h, w) -> (n*h*w, C), image-major
 
 
 def ser_loss(groups, temperature):
-    """SER's L_equiv, symmetric: 0.5 * [NTX(rho_g z1, z2) + NTX(z1, rho_{g^-1} z2)] over the SERGroups of
-    one pair on this rank, g = relative_action(g1, g2, base_size) carrying view 1 onto view 2's grid. The
-    aligned tokens of all groups and ranks form one NT-Xent (negatives: every token of every other image),
-    averaged over all anchors. Conventions vs the release (aitrics-chris/SER builder/moco.py `MoCo.equiv`,
-    builder/dino.py): the paper's negatives, the other images' tokens in both views (the release: cross-view
-    only), and gradients into both views (the release gathers under no_grad: its L_equiv has none)."""
+    """SER's L_equiv, symmetric: 0.5 * [NTX(rho_g z1, z2) + NTX(z1, rho_{g^-1} z2)] over this rank's SERGroups of one
+    pair, g = relative_action(g1, g2, base_size) carrying view 1 onto view 2's grid. The aligned tokens of all groups
+    and ranks form one NT-Xent, averaged over all anchors. Conventions vs the release (aitrics-chris/SER builder/moco.py
+    `MoCo.equiv`, builder/dino.py): the paper's negatives, the other images' tokens in both views (the release:
+    cross-view only), and gradients into both views (the release gathers under no_grad: its L_equiv has none)."""
     if not groups:
         raise ValueError("ser_loss needs at least one group (an empty SERGroup on a rank without b2 images)")
     fwd, bwd, offset = [], [], 0  # per direction, one (anchor tokens, partner tokens, image ids) per group
@@ -495,8 +492,7 @@ def ser_loss(groups, temperature):
 
 
 # ---------------------------------------------------------------------- add-on baselines: EquiMod, AugSelf, E-SSL
-# Each head can read the final [CLS] or the raw [CLS] of block L (the paper's layer decoupling);
-# `input_norm=True` adds the LayerNorm the raw one needs.
+# A head can read the final [CLS] or block L's raw one (the paper's layer decoupling), LayerNormed by `input_norm=True`.
 def equimod_param_vector(params):
     """(B, 18) augmentation-parameter vector from a view-parameter dict of augment.py: [crop top, left,
     height, width, flip | jitter applied, order/3 x4, brightness, contrast, saturation, hue, gray |
