@@ -2,10 +2,9 @@
 
     g(x) = R90^k( Resize_size( F^flip( R180^rot180(x) ) ) )
 
-read right to left, the order in which the release builds SER's "b2" views (aitrics-chris/SER,
-`Aug_equi.aug_equiv`); R90 is a counter-clockwise torch.rot90 on dims (-2, -1). flip and rot180 are
-per sample; k and size are shared by the batch, since a quarter turn of a non-square grid or a resize
-changes the shape: the output grid is `size` for even k, `size` transposed for odd k.
+read right to left, the order the release builds SER's "b2" views in (aitrics-chris/SER, `Aug_equi.aug_equiv`); R90 is a
+counter-clockwise torch.rot90 on dims (-2, -1). flip and rot180 are per sample, k and size shared by the batch, as a
+quarter turn of a non-square grid or a resize changes the shape: the output grid is `size`, transposed for odd k.
 
 Exactness: D4 parts (k, flip, rot180) compose and invert bit for bit. As continuous maps two resizes
 compose into the last one (align_corners=False keeps pixel centres aligned), so compose keeps the last
@@ -77,8 +76,7 @@ def _check_batch(x: Tensor, g: GroupElement, what: str) -> None:
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"{what} must be a (B, C, H, W) tensor, got {_describe(x)}")
     if g.batch_size is not None and g.batch_size != x.shape[0]:
-        raise ValueError(f"{what} has batch size {x.shape[0]} but the GroupElement's per-sample "
-                         f"flip/rot180 flags have {g.batch_size} entries")
+        raise ValueError(f"{what} has batch size {x.shape[0]} but the GroupElement has {g.batch_size} per-sample flags")
     if g.size is not None and not x.is_floating_point():
         raise ValueError(f"{what} must be floating point to be resized (bicubic), got {x.dtype}")
 
