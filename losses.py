@@ -171,7 +171,6 @@ def all_gather_rows(x):
 
 
 def all_reduce_sum(x):
-    """Autograd-aware SUM all-reduce."""
     return _AllReduceSum.apply(x) if _distributed() else x
 
 
