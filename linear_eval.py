@@ -87,9 +87,6 @@ def save_probe(path, backbone, classifier, n_last_blocks, avgpool, num_classes, 
 
 def load_probe(path):
     """(backbone, classifier, meta) of a linear_probe.pth, both in eval mode; meta: the other entries."""
-    def refuse(why):  # a malformed probe: writing it again is the mend
-        raise ValueError(f"{path}: {why}; rerun linear_eval.py to write it again") from None
-
     try:
         ckpt = vit.load_checkpoint(path)  # tensors and plain values only
     except FileNotFoundError:
@@ -105,30 +102,35 @@ def load_probe(path):
         classifier = LinearClassifier(in_dim, num_classes)
         classifier.load_state_dict(ckpt["classifier"])
     except (RuntimeError, KeyError, TypeError, ValueError) as e:  # load_state_dict's multi-line report
-        refuse(f"its backbone or head does not match its recorded architecture ({str(e).splitlines()[0]})")
+        raise ValueError(f"{path}: its backbone or head does not match its recorded architecture "
+                         f"({str(e).splitlines()[0]}); rerun linear_eval.py to write it again") from None
     for sd in (backbone.state_dict(), classifier.state_dict()):
         vit.refuse_non_finite(path, sd)
     sizes = {k: ckpt[k] for k in ("n_last_blocks", "num_classes", "img_size")}
     bad = [f"{k} {v!r}" for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
     bad += [f"avgpool {ckpt['avgpool']!r}"] if not isinstance(ckpt["avgpool"], bool) else []
     if bad:
-        refuse(f"its metadata has {', '.join(bad)} (n_last_blocks, num_classes and img_size are positive integers, "
-               "avgpool True or False)")
+        raise ValueError(f"{path}: its metadata has {', '.join(bad)} (n_last_blocks, num_classes and img_size are "
+                         "positive integers, avgpool True or False); rerun linear_eval.py to write it again")
     max_blocks = backbone.depth - backbone.cls_after_block  # SER: no [CLS] before it joins
     if ckpt["n_last_blocks"] > max_blocks:
-        refuse(f"its n_last_blocks {ckpt['n_last_blocks']} is more than its backbone's blocks that carry [CLS] "
-               f"({max_blocks})")
+        raise ValueError(f"{path}: its n_last_blocks {ckpt['n_last_blocks']} is more than its backbone's blocks that "
+                         f"carry [CLS] ({max_blocks}); rerun linear_eval.py to write it again")
     if ckpt["img_size"] % backbone.patch_size:
-        refuse(f"its img_size {ckpt['img_size']} is not a multiple of its backbone's patch size {backbone.patch_size}")
+        raise ValueError(f"{path}: its img_size {ckpt['img_size']} is not a multiple of its backbone's patch size "
+                         f"{backbone.patch_size}; rerun linear_eval.py to write it again")
     if num_classes != ckpt["num_classes"]:  # robustness_eval matches --data against num_classes, not the head
-        refuse(f"the head predicts {num_classes} classes but its metadata says num_classes {ckpt['num_classes']}")
+        raise ValueError(f"{path}: the head predicts {num_classes} classes but its metadata says num_classes "
+                         f"{ckpt['num_classes']}; rerun linear_eval.py to write it again")
     classes, unfinished = ckpt.get("classes"), ckpt.get("backbone_unfinished")  # older probes record neither
     if "classes" in ckpt and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
-                                  and len(set(classes)) == len(classes) == num_classes):  # matched to --data
-        refuse(f"its classes {reprlib.repr(classes)} are not a list of its {num_classes} distinct class names")
+                                  and len(set(classes)) == len(classes) == num_classes):
+        raise ValueError(f"{path}: its classes {reprlib.repr(classes)} are not a list of its {num_classes} "
+                         "distinct class names; rerun linear_eval.py to write it again")  # matched to --data
     if unfinished is not None and not (isinstance(unfinished, (list, tuple)) and len(unfinished) == 2
                                        and all(type(s) is int for s in unfinished)):
-        refuse(f"its backbone_unfinished {reprlib.repr(unfinished)} is not [step, total steps] of its backbone's run")
+        raise ValueError(f"{path}: its backbone_unfinished {reprlib.repr(unfinished)} is not [step, total steps] of "
+                         "its backbone's run; rerun linear_eval.py to write it again")
     expected = backbone.embed_dim * (ckpt["n_last_blocks"] + bool(ckpt["avgpool"]))
     if in_dim != expected:
         raise ValueError(f"{path}: the head reads {in_dim} features but its backbone gives {expected} "
