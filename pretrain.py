@@ -158,6 +158,7 @@ ONLY_FOR = {
                                                          lambda a: a.knn_every != 0 and not a.benchmark
                                                          and not a.count_flops)),
     "peak_tflops": ("--benchmark", lambda a: bool(a.benchmark)),
+    "output_dir": ("a training run or --benchmark (--count-flops prints its numbers)", lambda a: not a.count_flops),
 }
 
 

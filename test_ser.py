@@ -2080,7 +2080,8 @@ def config(extra, out):
     tiny = TINY.replace("--synthetic-length 32 ", "") if "--data " in extra else TINY  # built-in data only
     measures = "--benchmark" in extra or "--count-flops" in extra
     tiny = tiny.replace(" --log-every 1000", "") if measures else tiny  # a benchmark or FLOP count logs no steps
-    return pretrain.resolve_config(pretrain.get_args_parser().parse_args(f"{tiny} {extra} --output-dir {out}".split()))
+    tiny += "" if "--count-flops" in extra else f" --output-dir {out}"  # a FLOP count writes nothing
+    return pretrain.resolve_config(pretrain.get_args_parser().parse_args(f"{tiny} {extra}".split()))
 
 
 def run(extra, out):
@@ -2368,6 +2369,7 @@ def test_bad_configurations_give_clear_errors(tmp_path, capsys):
                                          ("--count-flops --compile", "a training run, not --count-flops"),
                                          ("--count-flops --stop-at-step 1", "a training run, not --benchmark or --c"),
                                          ("--count-flops --knn-every 1", "a training run, not --benchmark or --c"),
+                                         ("--count-flops --output-dir runs/x", "a training run or --benchmark"),
                                          ("--method dino --warmup-teacher-temp 0.5",
                                           "--method dino with --warmup-teacher-temp-epochs above 0"),
                                          ("--peak-tflops 5", "--benchmark"),
