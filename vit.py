@@ -402,7 +402,11 @@ def exit_on_write_error(prefix=""):
 
 
 def weights_source(path, key=None):
-    """What an evaluation's results are of, for make_output_dir: the resolved file, and the network in it if named."""
+    """What an evaluation's results are of, for make_output_dir: the resolved file, and the network in it if named
+    other than the one it is evaluated by (--checkpoint-key teacher of a DINO run is the run's default source)."""
+    if key and os.path.isfile(path):
+        ckpt = load_checkpoint(path)
+        key = None if isinstance(ckpt, dict) and key == default_network_key(ckpt) else key
     return os.path.realpath(path) + (f" ({key})" if key else "")
 
 
@@ -576,6 +580,15 @@ def refuse_non_finite(path, state_dict):
                          "the run that wrote it diverged; use an earlier checkpoint")
 
 
+def default_network_key(ckpt):
+    """The network of a full checkpoint read without --checkpoint-key: the one ours evaluate (eval_key), else the
+    first entry of the known layouts; None for a bare state dict."""
+    if isinstance(ckpt.get("eval_key"), str) and ckpt["eval_key"] in ckpt:
+        return ckpt["eval_key"]
+    return next((k for k in ("backbone", "teacher", "student", "state_dict", "model") if isinstance(ckpt.get(k), dict)),
+                None)
+
+
 def load_backbone(path, arch=None, key=None):
     """A frozen-ready ViT (eval mode) from pretrain.py's export ({'arch', 'backbone'}) or full checkpoint (the
     network `key` names, else the one its method evaluates: DINO's teacher, the others' online encoder), or from
@@ -585,15 +598,10 @@ def load_backbone(path, arch=None, key=None):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
 
     saved_arch = ckpt["arch"] if isinstance(ckpt.get("arch"), dict) else None  # MoCo v3 saves a name string there
-    if key is not None:
-        if key not in ckpt:
-            raise ValueError(f"{path}: no key {key!r}; top-level keys are {sorted(ckpt)}")
-        sd = ckpt[key]
-    elif isinstance(ckpt.get("eval_key"), str) and ckpt["eval_key"] in ckpt:  # ours name the network they evaluate
-        sd = ckpt[ckpt["eval_key"]]
-    else:  # the first network entry of the known layouts, else a bare state dict
-        sd = next((ckpt[k] for k in ("backbone", "teacher", "student", "state_dict", "model")
-                   if isinstance(ckpt.get(k), dict)), ckpt)
+    if key is not None and key not in ckpt:
+        raise ValueError(f"{path}: no key {key!r}; top-level keys are {sorted(ckpt)}")
+    network = key if key is not None else default_network_key(ckpt)
+    sd = ckpt if network is None else ckpt[network]
     if not (isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())):
         networks = sorted(k for k, v in ckpt.items() if isinstance(v, dict) and any(
             str(n).endswith("pos_embed") and isinstance(t, torch.Tensor) for n, t in v.items()))  # ViT weights
