@@ -326,12 +326,12 @@ def ignore_stop_signals(worker_id):
 
 class Interrupt:
     """SIGTERM/SIGINT (preemption, Ctrl-C) ask the loop to save a checkpoint and stop; the process then
-    exits with 128 + the signal number, so a scheduler sees it did not finish."""
+    exits with 128 + the signal number, so a scheduler sees it did not finish. close() gives the signals back their
+    earlier handlers: after the loop nothing is checkpointed (detect_eval's evaluation), so a signal stops at once."""
 
     def __init__(self, world=1):
         self.signum, self.world, self.vote = 0, world, None  # signum: the signal received, 0 while none
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._received)
+        self.previous = {sig: signal.signal(sig, self._received) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _received(self, signum, frame):
         if not self.signum and losses.rank() == 0:  # said at once: a k-NN pass or a save may take minutes first
@@ -345,7 +345,10 @@ class Interrupt:
         without waiting, and read one step later (so at the first step no rank stops on its own flag)."""
         if self.world == 1:
             return self.signum
-        agreed = int(self.close().item()) if self.vote is not None else 0
+        agreed = 0
+        if self.vote is not None:
+            self.vote[1].wait()
+            agreed = int(self.vote[0].item())
         flag = torch.tensor([self.signum])
         self.vote = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=losses.cpu_group(), async_op=True))
         return agreed
@@ -353,7 +356,8 @@ class Interrupt:
     def close(self):
         if self.vote is not None:
             self.vote[1].wait()
-            return self.vote[0]
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _inside(path: str, roots) -> str | None:

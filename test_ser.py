@@ -2166,6 +2166,8 @@ def test_interrupt_handler_requests_a_checkpoint():
         interrupt = augment.Interrupt()
         os.kill(os.getpid(), signal.SIGTERM)
         assert interrupt.poll() == signal.SIGTERM
+        interrupt.close()  # after the loop a signal stops at once (detect_eval's evaluation ignored them)
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == previous
     finally:
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])
