@@ -254,6 +254,18 @@ class UnreadableImage(ValueError):
     """An image file that does not decode; the message names it (run_script turns it into the script's last line)."""
 
 
+def check_header(image):
+    """What load_rgb refuses from an image's header alone, so that a list of images can be checked before any work."""
+    tiff_tags = getattr(image, "tag_v2", {})
+    if image.mode == "F" or tiff_tags.get(339) in (2, 3):  # float or signed pixels: no agreed range
+        raise ValueError("float or signed pixels; save it with unsigned 8 or 16 bits per channel")
+    if image.mode.startswith("I") and tiff_tags.get(262) == 0:  # PIL leaves 16-bit white-is-zero unflipped
+        raise ValueError("16-bit white-is-zero pixels; save it black-is-zero")
+    if max(image.size) > MAX_ASPECT * min(image.size):  # e.g. 3,000,000 x 1 px: a few KB on disk
+        raise ValueError(f"{image.size[0]}x{image.size[1]} px, an aspect ratio above {MAX_ASPECT}:1; the "
+                         "evaluations' short-side resize would make it billions of pixels")
+
+
 def load_rgb(path: str) -> Image.Image:
     """An image file as 8-bit RGB, naming the file when decoding fails (torchvision's loader would not).
     16-bit greyscale (PIL modes I;16, I) is scaled to 8 bits: convert('RGB') would clip it at 255. As torchvision's
@@ -263,14 +275,7 @@ def load_rgb(path: str) -> Image.Image:
             raise ValueError("not a regular file")
         with open(path, "rb") as f:
             image = Image.open(f)
-            tiff_tags = getattr(image, "tag_v2", {})
-            if image.mode == "F" or tiff_tags.get(339) in (2, 3):  # float or signed pixels: no agreed range
-                raise ValueError("float or signed pixels; save it with unsigned 8 or 16 bits per channel")
-            if image.mode.startswith("I") and tiff_tags.get(262) == 0:  # PIL leaves 16-bit white-is-zero unflipped
-                raise ValueError("16-bit white-is-zero pixels; save it black-is-zero")
-            if max(image.size) > MAX_ASPECT * min(image.size):  # e.g. 3,000,000 x 1 px: a few KB on disk
-                raise ValueError(f"{image.size[0]}x{image.size[1]} px, an aspect ratio above {MAX_ASPECT}:1; the "
-                                 "evaluations' short-side resize would make it billions of pixels")
+            check_header(image)
             if image.mode == "P" and "transparency" in image.info:  # PIL warns on P -> RGB; same colours via RGBA
                 image = image.convert("RGBA")
             if image.mode.startswith("I"):

@@ -178,7 +178,8 @@ def load_coco(ann_file, image_dir=None, allow_degenerate=False):
             try:
                 with Image.open(path) as f:
                     size = f.size
-            except (OSError, Image.DecompressionBombError) as e:
+                    augment.check_header(f)  # refused before training, not when the val pass reads it
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
                 raise ValueError(f"cannot read image file {path}: {e}") from None
             if size != (im["width"], im["height"]):
                 raise ValueError(f"{ann_file}: image {im['id']} is {im['width']}x{im['height']} in the JSON but "

@@ -5116,6 +5116,13 @@ def test_image_size_must_match_the_file_and_infinite_boxes_do_not_crash(tmp_path
     ann.write_text(json.dumps({**coco, "images": [{**coco["images"][0], "file_name": "..dots.png"}, *coco["images"][1:]]}))
     Image.new("RGB", (64, 64)).save(tmp_path / "wrong/val2017" / coco["images"][1]["file_name"])  # the JSON's size
     assert len(detect_eval.load_coco(str(ann), str(tmp_path / "wrong/val2017"))["images"]) == 2
+    thin = {**coco["images"][1], "width": 1001, "height": 1}  # load_rgb refuses it: before training, not after
+    Image.new("RGB", (1001, 1)).save(tmp_path / "wrong/val2017" / thin["file_name"])
+    boxes = [a for a in coco["annotations"] if a["image_id"] != thin["id"]]
+    dots = {**coco["images"][0], "file_name": "..dots.png"}
+    ann.write_text(json.dumps({**coco, "images": [dots, thin], "annotations": boxes}))
+    with pytest.raises(ValueError, match="cannot read image file .*: 1001x1 px, an aspect ratio above 1000:1"):
+        detect_eval.load_coco(str(ann), str(tmp_path / "wrong/val2017"))
     coco["annotations"][0]["bbox"] = [10, 10, float("inf"), 20]  # json writes Infinity, Python reads it back
     _coco_root(tmp_path / "inf", coco)
     code, last, _ = run_script("detect_eval.py", "--data", tmp_path / "inf", "--random-init", "--arch", "vit_tiny",
