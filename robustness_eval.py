@@ -1488,7 +1488,7 @@ def linear_numbers(json_path, path, backbone, data, img_size):
     settings = lin["args"] if isinstance(lin.get("args"), dict) else {}
     protocol = {k: lin.get(k) for k in ("num_fit", "num_holdout", "num_val")}  # compare_backbones compares them
     protocol.update({k: settings.get(k) for k in ("cached", "epochs", "lrs", "batch_size", "n_last_blocks", "avgpool",
-                                                  "knn_k")})
+                                                  "knn_k", "knn_temperature")})
     return {**top1, "linear_protocol": protocol}
 
 

@@ -4243,10 +4243,11 @@ def test_compare_backbones_shows_linear_numbers_only_of_the_weights_evaluated(tm
     assert "settings differ" not in out
     other_linear = tmp_path / "other" / "linear" / "linear_eval.json"  # its numbers, from 100 epochs
     os.makedirs(other_linear.parent)
-    other_linear.write_text(json.dumps({**written, "backbone_digest": vit.weights_digest(other),
-                                        "args": {**written["args"], "epochs": 100}}))
-    assert "note: the runs' linear_eval.py settings differ (epochs): their linear and k-NN columns are not one " \
-        "protocol" in table()[1]
+    for setting, value in (("epochs", 100), ("knn_temperature", 5.0)):
+        other_linear.write_text(json.dumps({**written, "backbone_digest": vit.weights_digest(other),
+                                            "args": {**written["args"], setting: value}}))
+        assert f"note: the runs' linear_eval.py settings differ ({setting}): their linear and k-NN columns are not " \
+            "one protocol" in table()[1]
     os.remove(other_linear)
     linear.write_text(json.dumps({**written, "data": "/datasets/digits"}))  # the same weights, other data
     elsewhere, out = table()
