@@ -218,9 +218,11 @@ def test_prefix_stripping_released_formats(tmp_path):
     torch.save({"arch": "vit_tiny", "epoch": 3, "state_dict": {"module.base_encoder." + k: v for k, v in sd.items()}},
                tmp_path / "moco_main.pth")  # MoCo v3's main_moco.py records the arch as a name
     assert torch.equal(vit.load_backbone(tmp_path / "moco_main.pth", arch=requested)(x), m(x))
-    torch.save({"student": student, "step": 3}, tmp_path / "ckpt.pth")
-    with pytest.raises(ValueError, match="'step' holds no network weights; pass --checkpoint-key with one of \\['student'\\]"):
-        vit.load_backbone(tmp_path / "ckpt.pth", arch=arch, key="step")
+    torch.save({"student": student, "step": 3, "scaler": {}}, tmp_path / "ckpt.pth")
+    for key in ("step", "scaler"):  # an empty entry is no network either (it "fitted" with every key missing)
+        with pytest.raises(ValueError, match=f"'{key}' holds no network weights; pass --checkpoint-key with one of "
+                                             "\\['student'\\]"):
+            vit.load_backbone(tmp_path / "ckpt.pth", arch=arch, key=key)
     # Recorded architectures, which hold a pos_embed *setting*, are not offered as networks, nor break the loader.
     torch.save({"arch": m.arch, "student": student, "eval_key": ["student"]}, tmp_path / "ours.pth")
     loaded = vit.load_backbone(tmp_path / "ours.pth")  # an eval_key that is not a name is ignored, not a crash

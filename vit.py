@@ -602,7 +602,8 @@ def load_backbone(path, arch=None, key=None):
         raise ValueError(f"{path}: no key {key!r}; top-level keys are {sorted(ckpt)}")
     network = key if key is not None else default_network_key(ckpt)
     sd = ckpt if network is None else ckpt[network]
-    if not (isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())):
+    tensors = isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())
+    if not (tensors and sd):  # an empty entry (a scaler's state) would "fit" with every key missing
         networks = sorted(k for k, v in ckpt.items() if isinstance(v, dict) and any(
             str(n).endswith("pos_embed") and isinstance(t, torch.Tensor) for n, t in v.items()))  # ViT weights
         raise ValueError(f"{path}: {repr(key) if key else 'the file'} holds no network weights; pass --checkpoint-key "
