@@ -1548,6 +1548,8 @@ def main(args):
     if args.probe and args.backbone or args.equivariance_only and args.tasks is not None:  # one would be ignored
         raise SystemExit("--probe holds its backbone: pass it or --backbone" if args.probe and args.backbone
                          else "--equivariance-only runs the equivariance task only: drop --tasks")
+    if args.backbone and len({os.path.realpath(p) for p in args.backbone}) < len(args.backbone):
+        raise SystemExit("--backbone names a file twice (its table rows would be one run's): give each run once")
     rank, world, device = losses.init_distributed()
     several = args.backbone and (len(args.backbone) > 1 or args.figures and not args.probe)
     if several and not args.equivariance_only:

@@ -4340,6 +4340,8 @@ def test_driver_equivariance_only_and_errors(tiny_probe, tmp_path):
         with pytest.raises(SystemExit, match=why):  # else --backbone or --tasks would be ignored
             robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--equivariance-only", "--probe",
                                                                                tiny_probe, *extra]))
+    with pytest.raises(SystemExit, match="^--backbone names a file twice"):
+        robust("--equivariance-only", "--backbone", tiny_probe, os.path.relpath(tiny_probe), "--output-dir", tmp_path)
     for flag in (["--num-images", "0"], ["--scales", "nan"], ["--batch-size", "0"], ["--scales", "100"],
                  ["--seed", "-1"], ["--patch-size", "0"]):  # 0 images meant all of them; scale 100: 3200 px images
         with pytest.raises(SystemExit, match=f"{flag[0]} must be"):
