@@ -3532,6 +3532,9 @@ def test_robustness_eval_refuses_data_with_other_classes_than_the_probe(tmp_path
         with pytest.raises(SystemExit, match=f"classes differ from the probe's \\({detail}\\); labels are class "
                                              "positions"):
             robustness_eval.main(robustness_eval.get_args_parser().parse_args(argv))
+    linear_eval.save_probe(probe, model, linear_eval.LinearClassifier(64, 2), 1, False, 2, 32, "train data")
+    with pytest.raises(SystemExit, match="the probe was trained on train data and records no class names"):
+        robustness_eval.main(robustness_eval.get_args_parser().parse_args(argv))  # an older probe, on other data
     linear_eval.save_probe(probe, model, linear_eval.LinearClassifier(64, 2), 1, False, 2, 32, "train data",
                            classes=["a", "b"])
     assert robustness_eval.main(robustness_eval.get_args_parser().parse_args(argv))["num_images"] == 6
