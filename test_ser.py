@@ -2182,6 +2182,10 @@ def test_the_backbone_of_an_unfinished_run_is_noted_by_the_evaluations(tmp_path)
     notes, path = [], str(tmp_path / "backbone.pth")
     assert vit.backbone_from_flags(path, log=notes.append).unfinished == (1, 2)
     assert notes == [f"note: {path} is of step 1 of 2: its run has not finished"]
+    backbone, probe = vit.load_backbone(path), str(tmp_path / "linear_probe.pth")  # the same weights in a probe
+    linear_eval.save_probe(probe, backbone, linear_eval.LinearClassifier(backbone.embed_dim, 6), 1, False, 6, 32,
+                           "synthetic", backbone_unfinished=[1, 2])
+    assert vit.load_backbone(probe).unfinished == (1, 2)
     run("--method mocov3", tmp_path)
     assert vit.backbone_from_flags(path, log=notes.append).unfinished is None and len(notes) == 1
 

@@ -675,8 +675,10 @@ def load_backbone(path, arch=None, key=None):
     refuse_non_finite(path, sd)
     model.load_state_dict(sd, strict=True)
     model.dropped_keys = dropped  # linear_eval.py reports them
-    steps = (ckpt.get("step"), ckpt.get("total_steps"))  # pretrain.py's: how far its run had come
-    model.unfinished = steps if all(type(s) is int for s in steps) and steps[0] < steps[1] else None
+    # How far its run had come: pretrain.py's step of total_steps, or what a linear_probe.pth recorded of its backbone
+    probe_record, run_record = ckpt.get("backbone_unfinished"), (ckpt.get("step"), ckpt.get("total_steps"))
+    steps = tuple(probe_record) if isinstance(probe_record, (list, tuple)) else run_record
+    model.unfinished = steps if len(steps) == 2 and all(type(s) is int for s in steps) and steps[0] < steps[1] else None
     return model.eval()
 
 
