@@ -262,6 +262,7 @@ def resolve_config(args):
 
     def shown(k):
         return f"--{k.replace('_', '-')} {getattr(args, k):g}" + ("" if k in given else " (the default here)")
+    args.data = vit.data_location(args.data)  # recorded where it is: a resume from another folder reads the same data
     synthetic = args.data == "synthetic"
     lam, tau = SER_DEFAULTS[args.method] if args.addon == "ser" else ADDON_DEFAULTS[args.addon]
     cores = max(1, (os.cpu_count() or 2) // losses.launch_env()[1])  # this rank's share

@@ -2453,6 +2453,20 @@ def test_broken_checkpoint_gives_a_one_line_error(tmp_path):
     assert "move it away or use another --output-dir" in last
 
 
+def test_a_resume_reads_the_data_it_was_written_on(tmp_path, monkeypatch):
+    """--data is recorded where it is: the same relative --data from another folder is other data (it resumed on it);
+    a trailing slash, or a typed default (--ser-scale 0.7 1.3), is no change."""
+    for folder in ("x", "y"):
+        _write_png_tree(tmp_path / folder / "data", "train", n=8)
+    flags = "--data data --method mocov3 --ser --equiv-layer 2 --warmup-epochs 0 --epochs 3"
+    monkeypatch.chdir(tmp_path / "x")
+    run(f"{flags} --ser-scale 0.7 1.3 --stop-at-step 1", tmp_path / "run")
+    assert run(f"{flags.replace('--data data', '--data data/')} --stop-at-step 2", tmp_path / "run")["step"] == 2
+    monkeypatch.chdir(tmp_path / "y")
+    with pytest.raises(SystemExit, match="different settings: --data .*x/data' \\(now .*y/data'\\)"):
+        run(flags, tmp_path / "run")
+
+
 def test_knn_monitor_refuses_an_unreadable_val_split_and_one_class(tmp_path, capsys):
     _write_png_tree(tmp_path / "data", "train", n=8)
     (tmp_path / "data" / "val" / "a").mkdir(parents=True)  # a val/ that exists but holds no images

@@ -446,7 +446,7 @@ def lock_output_dir(path, prefix="", flag="--output-dir"):
 def data_location(data):
     """--data however it is written (trailing slash, relative, through a link): a folder, or the folder of
     'cifar10:<dir>', by its real path; anything else ('synthetic') as given."""
-    if not isinstance(data, str):
+    if not isinstance(data, str) or data == "synthetic":  # the built-in data, whatever folder has that name
         return data
     if os.path.isdir(data):
         return os.path.realpath(data)
@@ -550,10 +550,14 @@ def load_resumable(path, args, keys, script, runtime_options, map_location="cpu"
         raise ValueError(f"{e}; move it away or use another --output-dir") from None
     if not (isinstance(ckpt, dict) and {"args", *keys} <= set(ckpt) and isinstance(ckpt["args"], dict)):
         raise ValueError(f"{path} is not a {script} checkpoint; move it away or use another --output-dir")
-    saved, absent = ckpt["args"], "(absent)"  # a setting that one side lacks differs too (another code version)
-    names = [*saved, *sorted(vars(args).keys() - saved.keys())]
-    changed = [(k, saved.get(k, absent), getattr(args, k, absent)) for k in names
-               if k not in runtime_options and saved.get(k, absent) != getattr(args, k, absent)]
+    saved, now, absent = ckpt["args"], vars(args), "(absent)"  # a setting one side lacks differs too (another version)
+
+    def setting(values, k):  # --data by where it is (a trailing slash is no change); a typed list is its default tuple
+        v = values.get(k, absent)
+        return data_location(v) if k == "data" else list(v) if isinstance(v, tuple) else v
+    names = [*saved, *sorted(now.keys() - saved.keys())]
+    changed = [(k, saved.get(k, absent), now.get(k, absent)) for k in names
+               if k not in runtime_options and setting(saved, k) != setting(now, k)]
     if changed:
         raise ValueError(f"{path} was written with different settings: "
                          + ", ".join(f"--{k.replace('_', '-')} {a!r} (now {b!r})" for k, a, b in changed)
