@@ -998,7 +998,7 @@ def knn_history(output_dir):
                 try:
                     record = json.loads(line)
                     knn[record["step"]] = (float(record["knn_top1"]), record.get("knn_images"))
-                except (ValueError, KeyError, TypeError):  # another record, or a line a kill cut short
+                except (ValueError, KeyError, TypeError, RecursionError):  # another record, a line cut short
                     pass
     return knn
 

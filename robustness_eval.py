@@ -1343,7 +1343,7 @@ def load_normalizers(path, perturbations):
     except OSError as e:  # also the JSON itself passed inline
         raise SystemExit(f"--p-normalizers {path}: cannot read it ({e.strerror or e}); pass the path of a JSON file "
                          "{'fp': {pert: value}, 't5d': {...}}") from None
-    except (ValueError, KeyError, TypeError, OverflowError) as e:
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
         raise SystemExit(f"--p-normalizers {path}: need {{'fp': {{pert: value}}, "
                          f"'t5d': {{...}}}} for every perturbation run ({e!r})") from None
     augment.check_ranges([(f"{k} {p}", v, lambda v: v > 0, "positive") for k, vs in normalizers.items()
@@ -1482,7 +1482,7 @@ def linear_numbers(json_path, path, backbone, data, img_size):
         top1 = {"linear_top1": lin["linear"]["top1"], "knn_top1": lin.get("knn", {}).get("top1")}
         if not all(isinstance(v, (int, float)) for v in top1.values() if v is not None):
             raise TypeError("top1 is not a number")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         return empty(f"is not a readable linear_eval.py result ({type(e).__name__}: {e})")
     if lin.get("backbone_digest") != vit.weights_digest(backbone):  # an older linear_eval.py records none
         return empty(f"was not computed on {path} as it is now (stale)", ": rerun linear_eval.py on it")

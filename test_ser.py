@@ -3153,6 +3153,10 @@ def test_a_log_that_is_a_pipe_is_refused_on_resume(tmp_path):
             SystemExit, match="^error: could not write .*log.jsonl: not a regular file \\(a pipe or a device\\); "
                               "move it away$"):
         run("--method byol", tmp_path)
+    (tmp_path / "log.jsonl").unlink()
+    (tmp_path / "log.jsonl").write_text("[" * 100_000 + "\n")  # too deep for json: not a record, not a traceback
+    run("--method byol", tmp_path)
+    assert [r["step"] for r in read_log(tmp_path)] == [2]
 
 
 def test_benchmark_json_that_cannot_be_written_stops_in_one_line(tmp_path, monkeypatch):
@@ -4880,7 +4884,7 @@ def test_p_normalizers_that_are_no_file_or_no_numbers_are_refused_in_one_line(tm
                                              "not a JSON file$"):
             robustness_eval.load_normalizers(str(tmp_path / "fifo"), ["rotate"])
     norms = tmp_path / "normalizers.json"
-    for fp in ("9" * 400, "true"):
+    for fp in ("9" * 400, "true", "[" * 100_000):  # the last too deep for json
         norms.write_text('{"fp": {"rotate": %s}, "t5d": {"rotate": 1}}' % fp)
         with pytest.raises(SystemExit, match="^--p-normalizers .*: need {'fp': {pert: value}, 't5d': {...}} for every"):
             robustness_eval.load_normalizers(str(norms), ["rotate"])

@@ -382,7 +382,7 @@ def restart_log(path, step, key="step"):
             for line in f:
                 try:
                     record = json.loads(line)
-                except ValueError:  # a line that a kill cut short
+                except (ValueError, RecursionError):  # a line that a kill cut short, or not ours
                     continue
                 if isinstance(record, dict) and isinstance(record.get(key), (int, float)) and record[key] <= step:
                     records.append(record)
