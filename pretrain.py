@@ -113,7 +113,8 @@ SYNTHETIC_METHOD_DEFAULTS = {"dino": dict(weight_decay=0.1, weight_decay_end=0.1
 EXIT_CODES = ("exit status: 0 finished or stopped at --stop-at-step; 1 an error; 143 (SIGTERM) or 130 (SIGINT) after "
               "a signal made the run save checkpoint.pth and stop: rerun the same command to resume")
 
-DIVERGED = "Try --precision fp32, a lower --lr or --clip-grad."  # the advice of every non-finite stop
+# The advice of every non-finite stop: a resume keeps its run's settings, so a changed one starts anew elsewhere.
+DIVERGED = "Try --precision fp32, a lower --lr or --clip-grad, with another --output-dir."
 
 
 # Ranges of the numeric options: option -> (ok(v), what the error asks for); None (unset) is not checked.
