@@ -438,6 +438,9 @@ def _check_image_tree(data: str, folder: str) -> tuple[frozenset, frozenset]:
                 raise ValueError(f"--data {data}: {path} is hidden (a '.' name, or in a '.' folder), yet ImageFolder "
                                  f"would read it as an image of class {label} (macOS '._' files are metadata, not "
                                  "images); remove it")
+            if not entry.is_file():  # follows a link (a stat); a run would meet it mid-epoch or hang on a pipe
+                raise ValueError(f"--data {data}: {path} is no regular file (a broken link, a pipe or a device), yet "
+                                 "ImageFolder would list it as an image; remove or replace it")
             if entry.is_symlink():
                 # Its folder resolved once: a symlink farm (ImageNet's val/ into class folders) links 50k images
                 head, tail = os.path.split(os.path.join(here, os.readlink(path)))

@@ -1792,6 +1792,14 @@ def test_broken_class_folder_links_are_refused(tmp_path):
     (tmp_path / "labels.csv").write_text("a,b\n")
     os.symlink(tmp_path / "labels.csv", tmp_path / "train" / "labels.csv")
     assert augment.build_dataset(str(tmp_path), "train").classes == ["a", "b"]
+    # An image that is a broken link or a pipe: read mid-epoch (or never: a pipe blocks), so refused up front.
+    for odd in ("link", "pipe"):
+        path = tmp_path / "train" / "a" / f"{odd}.png"
+        os.symlink(tmp_path / "moved.png", path) if odd == "link" else os.mkfifo(path)
+        with pytest.raises(ValueError, match=f"train/a/{odd}.png is no regular file \\(a broken link, a pipe or a "
+                                             "device\\), yet ImageFolder would list it as an image; remove or replace"):
+            augment.build_dataset(str(tmp_path), "train")
+        path.unlink()
 
 
 def test_image_links_across_splits_and_classes_are_refused(tmp_path):
