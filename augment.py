@@ -549,9 +549,13 @@ def build_dataset(data: str, split: str, transform=None, img_size=64, length=Non
                 dataset = datasets.STL10(root, split="train" if split == "train" else "test",
                                          transform=transform, download=False)
                 dataset.classes = _stl10_classes(data, dataset)
-        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
-            raise ValueError(f"--data {data}: no readable {kind} files under {root} ({e}); "
-                             f"place the extracted torchvision archive there (we never download)") from None
+        except RuntimeError:  # torchvision's "not found or corrupted", which advises download=True
+            files = datasets.CIFAR10 if kind == "cifar10" else datasets.STL10  # STL-10's also needs unlabeled_X.bin
+            folder = os.path.join(root, files.base_folder)
+            absent = [f for f, _ in files.train_list + files.test_list if not os.path.isfile(os.path.join(folder, f))]
+            why = f"missing {', '.join(absent)}" if absent else "a file fails torchvision's checksum"
+            raise ValueError(f"--data {data}: the {kind} files in {folder}: {why}; place the extracted torchvision "
+                             "archive there (nothing is downloaded)") from None
     else:
         folder = os.path.join(data, split)
         if not os.path.isdir(folder):

@@ -1577,8 +1577,17 @@ def test_missing_and_empty_folders(tmp_path):
     (tmp_path / "val" / "cls").mkdir()  # a class folder without images
     with pytest.raises(ValueError, match="no images"):
         augment.build_dataset(str(tmp_path), "val")
-    with pytest.raises(ValueError, match="cifar10"):
+    with pytest.raises(ValueError, match="cifar10 files in .*cifar-10-batches-py: missing data_batch_1, .*test_batch; "
+                                         "place the extracted torchvision archive there"):
         augment.build_dataset(f"cifar10:{tmp_path}", "train")
+    (tmp_path / "stl10_binary").mkdir()
+    for name in ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"):  # torchvision checks all five
+        (tmp_path / "stl10_binary" / name).write_bytes(b"")
+    with pytest.raises(ValueError, match="stl10 files in .*stl10_binary: missing unlabeled_X.bin; place"):
+        augment.build_dataset(f"stl10:{tmp_path}", "train")
+    (tmp_path / "stl10_binary" / "unlabeled_X.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="stl10 files in .*stl10_binary: a file fails torchvision's checksum; place"):
+        augment.build_dataset(f"stl10:{tmp_path}", "train")
     with pytest.raises(ValueError, match="does not exist"):
         augment.build_dataset(f"stl10:{tmp_path / 'nowhere'}", "train")
 
