@@ -884,7 +884,9 @@ def released_corruptions(root, entries, img_size, num_classes, classes=None):
         if first is not None and names != first[2]:  # as many, but of another class mix: an error over other images
             _same_images(folder, names, first[0], first[2])
         first = first or (folder, count, names)
-    return Released(items, entry, img_size)
+    released = Released(items, entry, img_size)
+    released.load(items[0])  # its size against --img-size before any work, as the others' when they are read
+    return released
 
 
 def _same_images(folder, names, first, first_names):
@@ -929,7 +931,9 @@ def released_sequences(root, name, difficulty, img_size, num_classes, classes=No
     if bad is not None:  # a batch stacks videos, and a video of one frame has no pair to compare
         raise SystemExit(f"--imagenet-p-dir: {videos[bad][0]} has {counts[bad]} frame(s) but " + (
             "a video needs at least 2" if counts[bad] < 2 else f"{videos[0][0]} has {counts[0]}; all need as many"))
-    return Released(videos, [0] * len(videos), img_size, videos=True), counts[0]
+    released = Released(videos, [0] * len(videos), img_size, videos=True)
+    released.load(videos[0])  # its frame size against --img-size before any work
+    return released, counts[0]
 
 
 def _image_files(folder):

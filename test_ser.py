@@ -4571,7 +4571,7 @@ def ab_probe(tmp_path):
     return ["--probe", probe, "--data", tmp_path, "--num-workers", "0", "--output-dir", tmp_path / "out"]
 
 
-def test_imagenet_c_dir_folders_classes_and_images_are_checked(ab_probe, tmp_path):
+def test_imagenet_c_dir_folders_classes_and_images_are_checked(ab_probe, tmp_path, capsys):
     c = tmp_path / "c"
     for s in range(1, 6):
         for k in "ab":
@@ -4597,6 +4597,12 @@ def test_imagenet_c_dir_folders_classes_and_images_are_checked(ab_probe, tmp_pat
     argv[argv.index(tmp_path / "out")] = tmp_path / "cli_out"  # this process holds its runs' folder (lock_output_dir)
     code, last, _ = run_script("robustness_eval.py", *argv)
     assert code == 1 and last.startswith("error: cannot read image file") and "fog/3/b/0.png" in last
+    _png(c / "fog/3/b/0.png")
+    _png(c / "fog/1/a/0.png", size=24)  # the first image's size is checked before the clean pass, not after it
+    capsys.readouterr()
+    with pytest.raises(augment.UnreadableImage, match="fog/1/a/0.png is 24x24; --img-size 32 needs at least"):
+        robust(*argv)
+    assert "clean top-1" not in capsys.readouterr().out
 
 
 def test_imagenet_p_dir_folders_videos_and_frames_are_checked(ab_probe, tmp_path, capsys):
@@ -4626,6 +4632,14 @@ def test_imagenet_p_dir_folders_videos_and_frames_are_checked(ab_probe, tmp_path
     refused(match="rotate/b/v0/2.png is 40x40; --img-size 32 needs exactly 32x32", error=augment.UnreadableImage)
     (p / "rotate/b/v0/2.png").write_bytes(b"")
     refused(match="cannot read image file .*rotate/b/v0/2.png", error=augment.UnreadableImage)
+    _png(p / "rotate/b/v0/2.png")
+    for k in "ab":  # a second perturbation whose frames are of another size: refused before rotate's pass
+        for f in range(3):
+            _png(p / "scale" / k / "v0" / f"{f}.png", size=40)
+    capsys.readouterr()
+    refused("--perturbations", "rotate,scale", match="scale/a/v0/0.png is 40x40; --img-size 32 needs exactly",
+            error=augment.UnreadableImage)
+    assert "ImageNet-P rotate" not in capsys.readouterr().out
     os.rename(p / "rotate/a", p / "rotate/c")
     refused(match="rotate: class folder 0 is b but the probe's is a")
 
