@@ -795,8 +795,10 @@ def load_run_state(path, args, saved, total_steps, train_images, precision, devi
                          "start again from zero); move it away or use another --output-dir")
     losses.log(f"resumed from {path} at step {ckpt['step']}")
     if ckpt["step"] >= total_steps:
-        # A finished run: a kill between its last two writes left backbone.pth stale or missing.
-        write_on_rank0(export_backbone, os.path.join(args.output_dir, "backbone.pth"), ckpt)
+        # A finished run: a kill between its last two writes left backbone.pth stale or missing. Cut out of the
+        # weights as loaded (checked), with this run's architecture and evaluated network, as save_checkpoint does.
+        state = checkpoint_state(args, ckpt["step"], total_steps, saved, train_images, precision)
+        write_on_rank0(export_backbone, os.path.join(args.output_dir, "backbone.pth"), state)
         losses.log(f"the run had finished; backbone.pth exported again from {path}")
     if args.stop_at_step is not None and args.stop_at_step <= ckpt["step"] < total_steps:  # finished: nothing to do
         raise SystemExit(f"error: --stop-at-step {args.stop_at_step} is not after the resumed step {ckpt['step']}")
@@ -835,14 +837,18 @@ def checkpoint_note(args, saved_step):
             if saved_step is not None else f"no checkpoint was written to {args.output_dir}")
 
 
+def checkpoint_state(args, step, total_steps, saved, train_images, precision):
+    return {"args": vars(args), "arch": saved["student"].backbone.arch, "step": step, "total_steps": total_steps,
+            "train_images": train_images, "precision": precision, "joint_heads": args.method in JOINT_HEAD_METHODS,
+            "eval_key": "teacher" if args.method == "dino" else "student",
+            **{name: obj.state_dict() if obj is not None else None for name, obj in saved.items()}}
+
+
 def save_checkpoint(args, step, total_steps, saved, train_images, precision, note):
     """checkpoint.pth with every object of `saved`, then backbone.pth cut out of it. Non-finite weights
     are never written (a loss is checked only at log steps, the one logged is from before the last
     update); every rank checks its equal weights, so all stop together."""
-    state = {"args": vars(args), "arch": saved["student"].backbone.arch, "step": step, "total_steps": total_steps,
-             "train_images": train_images, "precision": precision, "joint_heads": args.method in JOINT_HEAD_METHODS,
-             "eval_key": "teacher" if args.method == "dino" else "student",
-             **{name: obj.state_dict() if obj is not None else None for name, obj in saved.items()}}
+    state = checkpoint_state(args, step, total_steps, saved, train_images, precision)
     weights = [v for part in ("student", "teacher") if state[part] is not None
                for v in state[part].values() if v.is_floating_point()]
     if not bool(torch.stack([torch.isfinite(t).all() for t in weights]).all()):  # one host sync

@@ -2246,6 +2246,15 @@ def test_resume_refuses_a_different_run(tmp_path, capsys):
     run("--method byol --stop-at-step 2", tmp_path)  # the last step: the run is finished
     run("--method byol --stop-at-step 2", tmp_path)  # and the same command again says so, no error
     assert "the run had finished" in capsys.readouterr().out
+    exported, saved = torch.load(tmp_path / "backbone.pth"), (tmp_path / "checkpoint.pth").read_bytes()
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    ckpt["eval_key"], ckpt["arch"] = "teacher", "vit_small"  # read by no export: it takes the run's own
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    run("--method byol --stop-at-step 2", tmp_path)
+    again = torch.load(tmp_path / "backbone.pth")
+    assert again["arch"] == exported["arch"] and all(torch.equal(v, again["backbone"][k])
+                                                     for k, v in exported["backbone"].items())
+    (tmp_path / "checkpoint.pth").write_bytes(saved)
 
     def full_disk(path, state):
         raise OSError(28, "No space left on device", path)
