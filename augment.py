@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 import traceback
+import unicodedata
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -503,6 +504,9 @@ def check_same_classes(train: Dataset, val: Dataset, data: str):
         only_train, only_val = sorted(set(a) - set(b)), sorted(set(b) - set(a))
         detail = (f"only in train: {only_train[:5]}, only in val: {only_val[:5]}" if only_train or only_val
                   else "same names in another order")
+        if only_train and {unicodedata.normalize("NFC", c) for c in only_train} == {
+                unicodedata.normalize("NFC", c) for c in only_val}:  # names that print alike
+            detail = f"train's {ascii(only_train[:5])} are val's {ascii(only_val[:5])} in another Unicode form"
         raise ValueError(f"--data {data}: the train and val splits have different classes ({detail}); "
                          "labels are class positions, so both splits need the same class folders")
 
