@@ -878,6 +878,7 @@ if __name__ == "__main__":
     data = SyntheticShapes("train", 10_000, args.img_size)
     rows = [np.concatenate([data.render(c + j * data.num_classes)[0] for j in range(8)], 1)
             for c in range(data.num_classes)]  # 8 images of class c in row c
-    with vit.exit_on_write_error():
+    with vit.exit_on_write_error():  # its folder made as the scripts make --output-dir
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         vit.save_atomic(args.out, Image.fromarray(np.concatenate(rows, 0)))  # write-then-rename, as every output
     print(f"wrote {args.out}: rows are {data.classes}")

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import runpy
+import shutil
 import signal
 import socket
 import subprocess
@@ -4210,6 +4211,10 @@ def test_figures_and_the_sample_grid_are_replaced_atomically(tmp_path, monkeypat
     runpy.run_path(os.path.join(REPO, "augment.py"), run_name="__main__")  # augment.py's preview
     before = {p: open(p, "rb").read() for p in [*paths, samples]}
     assert Image.open(samples).size == (8 * 8, 6 * 8)
+    monkeypatch.setattr(sys, "argv", ["augment.py", "--out", str(tmp_path / "new" / "s.png"), "--img-size", "8"])
+    runpy.run_path(os.path.join(REPO, "augment.py"), run_name="__main__")  # into a folder it makes
+    assert Image.open(tmp_path / "new" / "s.png").size == (8 * 8, 6 * 8)
+    shutil.rmtree(tmp_path / "new")
     for flags, message in ((["--img-size", "2000"], "--img-size must be in 8..1024"),
                            (["--out", str(tmp_path / "x.ico")], "not an image file name")):  # an .ico is resized
         monkeypatch.setattr(sys, "argv", ["augment.py", "--out", samples, *flags])
