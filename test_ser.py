@@ -4193,12 +4193,13 @@ def test_no_figure_row_or_image_count_stands_for_what_did_not_happen(tmp_path, m
     monkeypatch.setattr(robustness_eval, "val_images", lambda args, img_size, default=None: defaults.append(default)
                         or (_ for _ in ()).throw(SystemExit("stop")))
     torch.save({"arch": vits[0].arch, "backbone": vits[0].state_dict()}, tmp_path / "a.pth")
+    shutil.copy(tmp_path / "a.pth", tmp_path / "b.pth")
     tree = tmp_path / "tree"
     for split in ("train", "val"):
         _write_png_tree(tree, split)
     for data in ("synthetic", tree):
         with pytest.raises(SystemExit, match="stop"):
-            robust("--equivariance-only", "--backbone", tmp_path / "a.pth", tmp_path / "a.pth", "--data", data,
+            robust("--equivariance-only", "--backbone", tmp_path / "a.pth", tmp_path / "b.pth", "--data", data,
                    "--num-workers", "0", "--output-dir", tmp_path / "out")
     assert defaults == [200, None]
 
