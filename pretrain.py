@@ -149,7 +149,7 @@ ONLY_FOR = {
     **dict.fromkeys(("equiv_layer", "equiv_lambda"), ("an add-on", lambda a: a.addon is not None)),
     "equiv_tau": ("--ser or --equimod", lambda a: a.addon in ("ser", "equimod")),
     **dict.fromkeys(("ser_ratio", "ser_min_images", "ser_chunk", "ser_scale"), ("--ser", lambda a: a.addon == "ser")),
-    **dict.fromkeys(("compile", "grad_checkpointing"), ("a training run, not --count-flops",
+    **dict.fromkeys(("compile", "grad_checkpointing", "precision"), ("a training run, not --count-flops",
                                                         lambda a: not a.count_flops)),
     **dict.fromkeys(("stop_at_step", "log_every"), ("a training run, not --benchmark or --count-flops",
                                                     lambda a: not a.benchmark and not a.count_flops)),

@@ -2402,6 +2402,7 @@ def test_bad_configurations_give_clear_errors(tmp_path, capsys):
                                          ("--method byol --equiv-layer 2", "an add-on"),
                                          ("--method byol --augself --equiv-tau 0.1", "--ser or --equimod"),
                                          ("--count-flops --compile", "a training run, not --count-flops"),
+                                         ("--count-flops --precision fp32", "a training run, not --count-flops"),
                                          ("--count-flops --stop-at-step 1", "a training run, not --benchmark or --c"),
                                          ("--count-flops --knn-every 1", "a training run, not --benchmark or --c"),
                                          ("--count-flops --output-dir runs/x", "a training run or --benchmark"),
