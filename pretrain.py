@@ -26,6 +26,7 @@ robustness_eval.py and detect_eval.py load.
 
 import argparse
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -1042,8 +1043,9 @@ def run_summary(output_dir, seconds, resumed_at=0, total_steps=None):
 
 # ============ training ============
 
-def train(args, measure=None):
-    """Pretrain as configured; measure: --benchmark's timing of this run's step instead of the loop."""
+def train(args, measure=None, measured_source=None):
+    """Pretrain as configured; measure: --benchmark's timing of this run's step instead of the loop, its results
+    recorded as of measured_source."""
     # ============ preparing the run ============
     rank, world, device = losses.init_distributed()
     torch.manual_seed(augment.seed_from("init", args.seed))  # same initial weights on every rank
@@ -1069,7 +1071,8 @@ def train(args, measure=None):
 
     # ============ optionally resuming training ============
     written = ("benchmark.json",) if args.benchmark else ("config.json", "log.jsonl", "checkpoint.pth", "backbone.pth")
-    vit.make_output_dir(args.output_dir, prefix="error: ", outputs=written, lock=rank == 0)
+    vit.make_output_dir(args.output_dir, prefix="error: ", outputs=written, lock=rank == 0,
+                        sources=[measured_source] if measured_source else None)
     saved = dict(student=student, teacher=teacher, dino_loss=dino_loss, optimizer=optimizer, scaler=scaler)
     start_step = resume(args, saved, total_steps, len(dataset), precision, device)
 
@@ -1151,7 +1154,8 @@ def benchmark(args):
     over its floor (train_step alone, on inputs already on the device)."""
     local_batch = args.batch_size // losses.launch_env()[1]
     flops_per_image = count_flops_per_image(args, local_batch)  # before train() starts the process group
-    return train(args, measure=functools.partial(measure_steps, flops_per_image=flops_per_image))
+    return train(args, measure=functools.partial(measure_steps, flops_per_image=flops_per_image),
+                 measured_source=benchmark_source(args))
 
 
 def timed(fn, device):
@@ -1213,8 +1217,9 @@ def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, 
     else:
         peak_mem = "unknown (no resource module)"
     achieved = flops_per_image * local_batch / (compute / n) / 1e12
-    result = {"method": args.method, "addon": args.addon, "arch": args.arch, "img_size": args.img_size,
-              "global_batch": args.batch_size, "world_size": world, "device": str(device), "precision": precision,
+    result = {"source": [benchmark_source(args)], "method": args.method, "addon": args.addon, "arch": args.arch,
+              "img_size": args.img_size, "global_batch": args.batch_size, "world_size": world, "device": str(device),
+              "precision": precision,
               "images_per_s": args.batch_size / step_time, "step_ms": 1000 * step_time,
               "data_wait_ms": 1000 * wait / n, "compute_ms": 1000 * compute / n,
               "floor_ms": 1000 * floor / n, "step_over_floor": step_time / (floor / n),
@@ -1233,6 +1238,13 @@ def measure_steps(args, step_fn, photometric, loader, sampler, dataset, device, 
             vit.save_atomic(os.path.join(args.output_dir, "benchmark.json"), result)
     losses.finish_distributed()
     return result
+
+
+def benchmark_source(args):
+    """What a benchmark.json is of, for make_output_dir: every setting, so that another configuration's is kept."""
+    settings = json.dumps({k: v for k, v in sorted(vars(args).items()) if k != "output_dir"}, default=str)
+    addon = f" --{args.addon}" if args.addon else ""
+    return f"--method {args.method}{addon} (settings {hashlib.blake2b(settings.encode(), digest_size=6).hexdigest()})"
 
 
 def count_flops_per_image(args, n_rank, **overrides):

@@ -2799,7 +2799,7 @@ def test_benchmark_reports_the_distance_to_the_compute_floor(tmp_path, capsys):
     assert saved["step_over_floor"] == result["step_over_floor"] and saved["precision"] == "fp32"
     # No --peak-tflops: MFU against a measured matmul peak; with it: against the given number.
     assert saved["peak_source"].startswith("measured") and saved["peak_tflops"] > 0 and saved["mfu_compute"] > 0
-    given = pretrain.benchmark(config("--method mocov3 --benchmark 1 --peak-tflops 2", tmp_path))
+    given = pretrain.benchmark(config("--method mocov3 --benchmark 1 --peak-tflops 2", tmp_path / "given"))
     assert given["peak_tflops"] == 2 and given["peak_source"] == "--peak-tflops"
     assert given["mfu_compute"] == pytest.approx(given["achieved_tflops_per_rank"] / 2)
 
@@ -2815,7 +2815,7 @@ def test_benchmark_times_only_steps_it_has_warmed_up(tmp_path, monkeypatch):
                                ("--method mocov3", [0, 1, 2], [0, 1, 2, 3, 3, 4, 4]),
                                ("--method mocov3 --num-workers 1", [0, 1, 2], [3, 4, 0, 1, 2, 3, 4])):
         steps.clear()
-        pretrain.benchmark(config(f"{flags} --benchmark 2", tmp_path))
+        pretrain.benchmark(config(f"{flags} --benchmark 2", tmp_path / flags.replace(" ", "")))
         assert steps == warm + timed
 
 
@@ -3185,6 +3185,15 @@ def test_a_log_that_is_a_pipe_is_refused_on_resume(tmp_path):
     (tmp_path / "log.jsonl").write_text("[" * 100_000 + "\n")  # too deep for json: not a record, not a traceback
     run("--method byol", tmp_path)
     assert [r["step"] for r in read_log(tmp_path)] == [2]
+
+
+def test_a_benchmark_keeps_the_results_of_another_configuration(tmp_path):
+    """benchmark.json records the settings it measured: a rerun of them replaces it, other ones are refused."""
+    for _ in range(2):
+        pretrain.benchmark(config("--method byol --benchmark 1 --peak-tflops 1", tmp_path))
+    with pytest.raises(SystemExit, match="^error: --output-dir .* holds the benchmark.json of --method byol "
+                                         "\\(settings [0-9a-f]{12}\\), this run's \\(--method byol --ser"):
+        pretrain.benchmark(config("--method byol --ser --equiv-layer 2 --benchmark 1 --peak-tflops 1", tmp_path))
 
 
 def test_benchmark_json_that_cannot_be_written_stops_in_one_line(tmp_path, monkeypatch):
