@@ -3517,9 +3517,6 @@ def test_evaluations_keep_the_results_of_other_weights_in_their_folder(tmp_path,
     vit.make_output_dir(str(table), outputs=("robustness.json",), sources=[str(other)])
     # Another network of the same file is another source.
     assert vit.weights_source(str(other), "student") == os.path.realpath(other) + " (student)"
-    # Naming the network a file is read by anyway is the same source: --checkpoint-key teacher of a DINO run.
-    torch.save({"eval_key": "teacher", "teacher": {}, "student": {}}, tmp_path / "dino.pth")
-    assert vit.weights_source(str(tmp_path / "dino.pth"), "teacher") == os.path.realpath(tmp_path / "dino.pth")
 
 
 def test_bad_flags_give_clear_errors(tmp_path):

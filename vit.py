@@ -402,11 +402,7 @@ def exit_on_write_error(prefix=""):
 
 
 def weights_source(path, key=None):
-    """What an evaluation's results are of, for make_output_dir: the resolved file, and the network in it if named
-    other than the one it is evaluated by (--checkpoint-key teacher of a DINO run is the run's default source)."""
-    if key and os.path.isfile(path):
-        ckpt = load_checkpoint(path)
-        key = None if isinstance(ckpt, dict) and key == default_network_key(ckpt) else key
+    """What an evaluation's results are of, for make_output_dir: the resolved file, and the network in it if named."""
     return os.path.realpath(path) + (f" ({key})" if key else "")
 
 
