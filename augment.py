@@ -377,7 +377,8 @@ def _check_image_tree(data: str, folder: str) -> tuple[frozenset, frozenset]:
     """The real paths of every folder ImageFolder reads under `folder` and of every symlinked folder or image in it,
     after refusing what it would read silently wrong. It follows directory links: one back into the tree
     (`train/a/up -> ..`) adds the images again, level after level, until the OS gives up; one outside is fine.
-    One pass over the listings, which tell symlinks and folders apart: only links cost a system call."""
+    One pass over the listings, which tell files, symlinks and folders apart: only links cost system calls (a few
+    each: a symlink farm of ImageNet's 50k val images, a fraction of a second on a local disk)."""
     top, seen, linked, real_dirs = os.path.realpath(folder), {}, set(), {}
     classes = {}  # real path of each class folder -> its name: a linked image keeps the label of its own folder
     listed = datasets.folder.IMG_EXTENSIONS
@@ -439,7 +440,11 @@ def _check_image_tree(data: str, folder: str) -> tuple[frozenset, frozenset]:
                 raise ValueError(f"--data {data}: {path} is hidden (a '.' name, or in a '.' folder), yet ImageFolder "
                                  f"would read it as an image of class {label} (macOS '._' files are metadata, not "
                                  "images); remove it")
-            if not entry.is_file():  # follows a link (a stat); a run would meet it mid-epoch or hang on a pipe
+            try:  # follows a link (a stat); a run would meet it mid-epoch or hang on a pipe
+                regular = entry.is_file()
+            except OSError:  # a link to itself, or into a folder that cannot be searched
+                regular = False
+            if not regular:
                 raise ValueError(f"--data {data}: {path} is no regular file (a broken link, a pipe or a device), yet "
                                  "ImageFolder would list it as an image; remove or replace it")
             if entry.is_symlink():
@@ -506,7 +511,8 @@ def check_same_classes(train: Dataset, val: Dataset, data: str):
                   else "same names in another order")
         if only_train and {unicodedata.normalize("NFC", c) for c in only_train} == {
                 unicodedata.normalize("NFC", c) for c in only_val}:  # names that print alike
-            detail = f"train's {ascii(only_train[:5])} are val's {ascii(only_val[:5])} in another Unicode form"
+            detail = (f"train's {ascii(only_train[:5])} are val's {ascii(only_val[:5])} in another Unicode form: "
+                      "rename one split's folders")
         raise ValueError(f"--data {data}: the train and val splits have different classes ({detail}); "
                          "labels are class positions, so both splits need the same class folders")
 
@@ -556,7 +562,9 @@ def build_dataset(data: str, split: str, transform=None, img_size=64, length=Non
         except RuntimeError:  # torchvision's "not found or corrupted", which advises download=True
             files = datasets.CIFAR10 if kind == "cifar10" else datasets.STL10  # STL-10's also needs unlabeled_X.bin
             folder = os.path.join(root, files.base_folder)
-            absent = [f for f, _ in files.train_list + files.test_list if not os.path.isfile(os.path.join(folder, f))]
+            names = [f for f, _ in files.train_list + files.test_list] + ([files.meta["filename"]]
+                                                                            if hasattr(files, "meta") else [])
+            absent = [f for f in names if not os.path.isfile(os.path.join(folder, f))]
             why = f"missing {', '.join(absent)}" if absent else "a file fails torchvision's checksum"
             raise ValueError(f"--data {data}: the {kind} files in {folder}: {why}; place the extracted torchvision "
                              "archive there (nothing is downloaded)") from None

@@ -1578,7 +1578,7 @@ def test_missing_and_empty_folders(tmp_path):
     (tmp_path / "val" / "cls").mkdir()  # a class folder without images
     with pytest.raises(ValueError, match="no images"):
         augment.build_dataset(str(tmp_path), "val")
-    with pytest.raises(ValueError, match="cifar10 files in .*cifar-10-batches-py: missing data_batch_1, .*test_batch; "
+    with pytest.raises(ValueError, match="cifar10 files in .*cifar-10-batches-py: missing data_batch_1, .*test_batch, batches.meta; "
                                          "place the extracted torchvision archive there"):
         augment.build_dataset(f"cifar10:{tmp_path}", "train")
     (tmp_path / "stl10_binary").mkdir()
@@ -1803,9 +1803,9 @@ def test_broken_class_folder_links_are_refused(tmp_path):
     os.symlink(tmp_path / "labels.csv", tmp_path / "train" / "labels.csv")
     assert augment.build_dataset(str(tmp_path), "train").classes == ["a", "b"]
     # An image that is a broken link or a pipe: read mid-epoch (or never: a pipe blocks), so refused up front.
-    for odd in ("link", "pipe"):
+    for odd in ("link", "loop", "pipe"):
         path = tmp_path / "train" / "a" / f"{odd}.png"
-        os.symlink(tmp_path / "moved.png", path) if odd == "link" else os.mkfifo(path)
+        os.symlink({"link": tmp_path / "moved.png", "loop": path}[odd], path) if odd != "pipe" else os.mkfifo(path)
         with pytest.raises(ValueError, match=f"train/a/{odd}.png is no regular file \\(a broken link, a pipe or a "
                                              "device\\), yet ImageFolder would list it as an image; remove or replace"):
             augment.build_dataset(str(tmp_path), "train")
@@ -3571,7 +3571,8 @@ def test_class_names_of_the_splits_must_match(tmp_path):
                                "--data", tmp_path, "--num-workers", "0", "--output-dir", tmp_path / "out")
     assert code == 1 and "different classes (only in train: ['a'], only in val: ['c'])" in last
     # é composed in train/, decomposed in val/ (as some file systems store it): names that print alike
-    with pytest.raises(ValueError, match=r"train's \['\\xe9'\] are val's \['e\\u0301'\] in another Unicode form"):
+    with pytest.raises(ValueError, match=r"train's \['\\xe9'\] are val's \['e\\u0301'\] in another Unicode form: "
+                                         "rename one split's folders"):
         augment.check_same_classes(SimpleNamespace(classes=["\u00e9"]), SimpleNamespace(classes=["e\u0301"]), "nf")
     with pytest.raises(SystemExit, match="different classes"):  # the k-NN monitor of pretrain.py too
         args = config(f"--data {tmp_path} --warmup-epochs 0", tmp_path / "run")
