@@ -857,7 +857,7 @@ class Released(_Items):
 def released_corruptions(root, entries, img_size, num_classes, classes=None):
     """The released ImageNet-C JPEGs: <root>/<c>/<s>/<wnid>/* or <root>/<family>/<c>/<s>/<wnid>/*; every severity
     folder with the same class folders, the probe's `classes` where it records them."""
-    items, entry, source, first = [], [], "the probe", None
+    items, entry, source, first, starts = [], [], "the probe", None, []
     for e, (name, severity) in enumerate(entries):
         layouts = [os.path.join(root, fam, name) for fam in ("", "noise", "blur", "weather", "digital")]
         found = [f for f in layouts if os.path.isdir(f)]
@@ -869,6 +869,7 @@ def released_corruptions(root, entries, img_size, num_classes, classes=None):
             raise SystemExit(f"--imagenet-c-dir {root}: no folder {name}/{severity} (flat or per family)")
         classes, source = _class_folders(folder, "--imagenet-c-dir", num_classes, classes, source), folder
         start, names = len(items), {}
+        starts.append(start)
         for label, wnid in enumerate(classes):
             files = _image_files(os.path.join(folder, wnid))
             if not files:  # its error would be NaN
@@ -885,7 +886,8 @@ def released_corruptions(root, entries, img_size, num_classes, classes=None):
             _same_images(folder, names, first[0], first[2])
         first = first or (folder, count, names)
     released = Released(items, entry, img_size)
-    released.load(items[0])  # its size against --img-size before any work, as the others' when they are read
+    for start in starts:  # one image of each set against --img-size before any work (the others when read)
+        released.load(items[start])
     return released
 
 
@@ -1556,8 +1558,12 @@ def main(args):
     if args.probe and args.backbone or args.equivariance_only and args.tasks is not None:  # one would be ignored
         raise SystemExit("--probe holds its backbone: pass it or --backbone" if args.probe and args.backbone
                          else "--equivariance-only runs the equivariance task only: drop --tasks")
-    if args.backbone and len({os.path.realpath(p) for p in args.backbone}) < len(args.backbone):
-        raise SystemExit("--backbone names a file twice (its table rows would be one run's): give each run once")
+    named = {}  # real path -> as given
+    for path in args.backbone or []:
+        if os.path.realpath(path) in named:  # two rows of one run's numbers
+            raise SystemExit(f"--backbone names {named[os.path.realpath(path)]} twice (again as {path}): give each "
+                             "run once")
+        named[os.path.realpath(path)] = path
     rank, world, device = losses.init_distributed()
     several = args.backbone and (len(args.backbone) > 1 or args.figures and not args.probe)
     if several and not args.equivariance_only:

@@ -4408,7 +4408,7 @@ def test_driver_equivariance_only_and_errors(tiny_probe, tmp_path):
         with pytest.raises(SystemExit, match=why):  # else --backbone or --tasks would be ignored
             robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--equivariance-only", "--probe",
                                                                                tiny_probe, *extra]))
-    with pytest.raises(SystemExit, match="^--backbone names a file twice"):
+    with pytest.raises(SystemExit, match=f"^--backbone names {tiny_probe} twice \\(again as .*\\): give each run"):
         robust("--equivariance-only", "--backbone", tiny_probe, os.path.relpath(tiny_probe), "--output-dir", tmp_path)
     for flag in (["--num-images", "0"], ["--scales", "nan"], ["--batch-size", "0"], ["--scales", "100"],
                  ["--seed", "-1"], ["--patch-size", "0"]):  # 0 images meant all of them; scale 100: 3200 px images
@@ -4624,9 +4624,9 @@ def test_imagenet_c_dir_folders_classes_and_images_are_checked(ab_probe, tmp_pat
     code, last, _ = run_script("robustness_eval.py", *argv)
     assert code == 1 and last.startswith("error: cannot read image file") and "fog/3/b/0.png" in last
     _png(c / "fog/3/b/0.png")
-    _png(c / "fog/1/a/0.png", size=24)  # the first image's size is checked before the clean pass, not after it
+    _png(c / "fog/3/a/0.png", size=24)  # one image of each set is checked before the clean pass, not after it
     capsys.readouterr()
-    with pytest.raises(augment.UnreadableImage, match="fog/1/a/0.png is 24x24; --img-size 32 needs at least"):
+    with pytest.raises(augment.UnreadableImage, match="fog/3/a/0.png is 24x24; --img-size 32 needs at least"):
         robust(*argv)
     assert "clean top-1" not in capsys.readouterr().out
 
