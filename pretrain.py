@@ -839,6 +839,7 @@ def checkpoint_note(args, saved_step):
 
 
 def checkpoint_state(args, step, total_steps, saved, train_images, precision):
+    """Everything a resume reads, and what backbone.pth is cut from (eval_key: the network the method evaluates)."""
     return {"args": vars(args), "arch": saved["student"].backbone.arch, "step": step, "total_steps": total_steps,
             "train_images": train_images, "precision": precision, "joint_heads": args.method in JOINT_HEAD_METHODS,
             "eval_key": "teacher" if args.method == "dino" else "student",

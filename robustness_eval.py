@@ -1446,8 +1446,9 @@ def evaluate(args, device, rank, world):
                          "positions, so pass the data the probe was trained on")
     unnamed = classifier is not None and "classes" not in meta  # an older probe: its labels are positions only
     if unnamed and vit.data_location(meta["data"]) != vit.data_location(args.data):
-        raise SystemExit(f"--data {args.data}: the probe was trained on {meta['data']} and records no class names to "
-                         "match its labels by; pass that data, or rerun linear_eval.py on this one")
+        raise SystemExit(f"--data {args.data}: the probe was trained on {meta['data']} (as written where "
+                         "linear_eval.py ran) and records no class names to match its labels by; pass that data, or "
+                         "rerun linear_eval.py on this one")
     # the released data's folders, the frost photos, --p-normalizers and the outputs are checked before any work
     known = len(classes), meta.get("classes")  # the probe's number of classes and their names if it records them
     c_set = corruption_set(args, base, img_size, corruptions, *known) if "c" in tasks else None

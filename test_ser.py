@@ -2493,6 +2493,8 @@ def test_a_resume_reads_the_data_it_was_written_on(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "y")
     with pytest.raises(SystemExit, match="different settings: --data .*x/data' \\(now .*y/data'\\)"):
         run(flags, tmp_path / "run")
+    (tmp_path / "y" / "synthetic").mkdir()  # a folder of that name here is no --data synthetic
+    assert config("--method byol", tmp_path / "built_in").data == "synthetic"
 
 
 def test_knn_monitor_refuses_an_unreadable_val_split_and_one_class(tmp_path, capsys):
@@ -3593,7 +3595,7 @@ def test_robustness_eval_refuses_data_with_other_classes_than_the_probe(tmp_path
                                              "positions"):
             robustness_eval.main(robustness_eval.get_args_parser().parse_args(argv))
     linear_eval.save_probe(probe, model, linear_eval.LinearClassifier(64, 2), 1, False, 2, 32, "train data")
-    with pytest.raises(SystemExit, match="the probe was trained on train data and records no class names"):
+    with pytest.raises(SystemExit, match="the probe was trained on train data \\(as written .*\\) and records no class names"):
         robustness_eval.main(robustness_eval.get_args_parser().parse_args(argv))  # an older probe, on other data
     linear_eval.save_probe(probe, model, linear_eval.LinearClassifier(64, 2), 1, False, 2, 32, "train data",
                            classes=["a", "b"])

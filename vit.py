@@ -551,6 +551,7 @@ def load_resumable(path, args, keys, script, runtime_options, map_location="cpu"
     def setting(values, k):  # --data by where it is (a trailing slash is no change); a typed list is its default tuple
         v = values.get(k, absent)
         return data_location(v) if k == "data" else list(v) if isinstance(v, tuple) else v
+
     names = [*saved, *sorted(now.keys() - saved.keys())]
     changed = [(k, saved.get(k, absent), now.get(k, absent)) for k in names
                if k not in runtime_options and setting(saved, k) != setting(now, k)]
