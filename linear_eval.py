@@ -354,6 +354,9 @@ def check_args(args, world):
                for k in ("train", "val")]
     ranges += [("--lrs", args.lrs, lambda v: v > 0, "positive"),
                ("--knn-k", args.knn_k, lambda v: v >= 0, ">= 0 (0 skips k-NN)"),
+               ("--lrs", args.lrs, lambda v: v * args.batch_size / 256 < torch.finfo(torch.float32).max,
+                f"below {torch.finfo(torch.float32).max * 256 / args.batch_size:.3g} (times --batch-size/256, the "
+                "lr must be a float32)"),
                ("--knn-temperature", args.knn_temperature, lambda v: v > 0, "positive"),
                ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),
                ("--holdout-fraction", args.holdout_fraction, lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -425,11 +428,12 @@ def main(argv=None):
                              "it cannot be evaluated")
         return f, y
 
+    # A random init by its weights: baselines of another --depth or --seed are other results
     sources = [vit.weights_source(args.pretrained, args.checkpoint_key) if args.pretrained
-               else f"random init {args.arch}"]
+               else f"random init {args.arch} (weights {vit.weights_digest(backbone)[:12]})"]
     if rank == 0:  # after the cheap checks, before the features: a bad flag leaves no folder behind
         vit.make_output_dir(args.output_dir, outputs=("linear_probe.pth", "linear_eval.json"), sources=sources,
-                            lock=True, data=args.data)
+                            lock=True, data=args.data, drops=[] if args.knn_k else ["knn"])
     val_f, val_y = features_of(val_set, "val")  # (M, F)
     if args.cached or args.knn_k > 0:
         train_f, train_y = features_of(train_eval_set, "train")  # (N, F)
@@ -459,13 +463,14 @@ def main(argv=None):
                              args.n_last_blocks, args.avgpool, log)
 
     select_acc, val_acc = evaluate_sweep(sweep, select_f, select_y), evaluate_sweep(sweep, val_f, val_y)
-    finite = [i for i, head in enumerate(sweep.heads) if all(torch.isfinite(p).all() for p in head.parameters())]
+    finite = [i for i, head in enumerate(sweep.heads) if all(torch.isfinite(p).all() for p in head.parameters())
+              and all(torch.isfinite(head(f)).all() for f in (select_f, val_f))]  # finite weights can still overflow
     if not finite:  # an argmax of NaN logits is a made-up accuracy
-        raise SystemExit(f"--lrs {' '.join(f'{lr:g}' for lr in args.lrs)}: every head diverged to non-finite weights; "
-                         "lower the lrs")
+        raise SystemExit(f"--lrs {' '.join(f'{lr:g}' for lr in args.lrs)}: every head diverged (non-finite weights "
+                         "or logits); lower the lrs")
     if len(finite) < len(lrs):
-        log(f"note: lr {', '.join(f'{lr:g}' for i, lr in enumerate(args.lrs) if i not in finite)} diverged to "
-            "non-finite weights; left out of the selection")
+        log(f"note: lr {', '.join(f'{lr:g}' for i, lr in enumerate(args.lrs) if i not in finite)} diverged "
+            "(non-finite weights or logits); left out of the selection")
     best = max(finite, key=lambda i: (select_acc[i]["top1"], -i))  # ties: the earlier of --lrs
     if len(lrs) > 1 and args.lrs[best] in (min(args.lrs), max(args.lrs)):
         log(f"note: the selected lr {args.lrs[best]:g} is at the edge of --lrs; widen the sweep")

@@ -3447,10 +3447,33 @@ def test_diverged_heads_are_left_out_and_the_k_used_is_reported(tmp_path, capsys
     common = ["--pretrained", str(tmp_path / "backbone.pth"), "--img-size", "32", "--train-length", "64", "--val-length",
               "32", "--batch-size", "32", "--cached", "--epochs", "5", "--num-workers", "0"]
     results = linear_eval.main(common + ["--lrs", "0.03", "3e38", "--knn-k", "1000", "--output-dir", str(tmp_path / "a")])
-    assert results["linear"]["lr"] == 0.03 and "lr 3e+38 diverged to non-finite weights" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert results["linear"]["lr"] == 0.03 and "lr 3e+38 diverged (non-finite weights or logits)" in out, out
     assert results["knn"]["k"] == 64  # the whole bank
-    with pytest.raises(SystemExit, match="--lrs 3e\\+38: every head diverged to non-finite weights; lower the lrs"):
+    with pytest.raises(SystemExit, match="--lrs 3e\\+38: every head diverged \\(non-finite weights or logits\\); lower"):
         linear_eval.main(common + ["--lrs", "3e38", "--output-dir", str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="--lrs must be below 2.72e\\+39 \\(times --batch-size/256"):  # SGD's float
+        linear_eval.main(common + ["--lrs", "0.03", "3e39", "--output-dir", str(tmp_path / "c")])
+    with torch.no_grad():  # features of 1e18: one step at lr 1000 leaves finite weights whose logits overflow
+        model.norm.weight.fill_(1e18)
+    torch.save({"arch": model.arch, "backbone": model.state_dict()}, tmp_path / "backbone.pth")
+    one_step = [a if a != "5" else "1" for a in common] + ["--batch-size", "58"]  # the fit split in one batch
+    with pytest.raises(SystemExit, match="--lrs 1000: every head diverged \\(non-finite weights or logits\\)"):
+        linear_eval.main(one_step + ["--lrs", "1000", "--output-dir", str(tmp_path / "d")])
+
+
+def test_a_rerun_keeps_the_k_nn_result_and_random_inits_are_told_apart(tmp_path):
+    """--knn-k 0 in a rerun would drop the earlier k-NN numbers; a random init of another --depth is other weights."""
+    flags = ["--random-init", "--arch", "vit_tiny", "--depth", "1", "--patch-size", "8", "--img-size", "32",
+             "--train-length", "40", "--val-length", "20", "--batch-size", "20", "--cached", "--epochs", "1",
+             "--lrs", "0.1", "--num-workers", "0", "--output-dir", str(tmp_path)]
+    linear_eval.main(flags)
+    with pytest.raises(SystemExit, match="holds linear_eval.json results of knn, which this run would drop"):
+        linear_eval.main(flags + ["--knn-k", "0"])
+    with pytest.raises(SystemExit, match="holds the linear_eval.json of random init vit_tiny \\(weights [0-9a-f]{12}\\), "
+                                         "this run's \\(random init vit_tiny \\(weights"):
+        linear_eval.main(flags + ["--depth", "2"])
+    linear_eval.main(flags)  # the same init again: a rerun
 
 
 def test_an_output_folder_holds_one_run_at_a_time(tmp_path, monkeypatch):
