@@ -314,7 +314,8 @@ def run_script(main):
     except Exception as e:
         if isinstance(e, UnreadableImage):
             status = "error: " + str(e).strip().splitlines()[-1].split("UnreadableImage: ")[-1]
-        elif isinstance(e, dist.DistNetworkError) or "Connection closed by peer" in str(e):
+        elif isinstance(e, dist.DistNetworkError) or any(m in str(e) for m in ("Connection closed by peer",
+                                                                               "Connection reset by peer")):
             status = "error: another rank stopped (its own error says why); this one stops with it"
         else:
             traceback.print_exc()

@@ -816,6 +816,7 @@ def main(argv=None):
     vit.make_output_dir(args.output_dir, prefix="detect_eval.py: ", outputs=(
         "checkpoint.pth", "log.jsonl", "detections_val.json", "synthetic_train.json", "synthetic_val.json",
         "detect_results.json"), sources=sources, lock=rank == 0, data=data)
+    losses.barrier()  # the others read the folder once rank 0 holds it: a run ending meanwhile changes its checkpoint
 
     # ============ building the frozen backbone, the detector and the data ============
     torch.manual_seed(args.seed)  # not yet offset by rank: every rank must build the same networks
@@ -847,6 +848,8 @@ def main(argv=None):
         if os.path.lexists(ckpt_path):  # a folder or a broken link there is an error, not a fresh start
             ckpt = load_checkpoint(ckpt_path, model, optimizer, args, digest, train_set, world_size)
             losses.log(f"resumed from {ckpt_path} at iteration {ckpt['iteration']}")
+        losses.refuse_disagreement(ckpt["iteration"], "the iteration to resume from (--output-dir must be one folder "
+                                   "every node sees)")
         # every invocation that trained these heads, in time and processes (which seed the flips and samplings)
         start, trained_s = ckpt["iteration"], ckpt.get("train_time_s", 0.0)
         world_sizes = sorted({*ckpt.get("world_sizes", []), *([world_size] if start < args.iters else [])})

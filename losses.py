@@ -122,6 +122,21 @@ def cpu_group():
     return _CPU_GROUPS[default]
 
 
+def barrier():
+    """The ranks wait for each other, host-side (an NCCL barrier would need the GPU)."""
+    if world_size() > 1:
+        dist.barrier(group=cpu_group())
+
+
+def refuse_disagreement(value, what):
+    """Every rank stops in one line where the ranks hold different ints for `what` (a resume step read from
+    node-local disks, a flag given per node): each would wait for the others' collectives for good."""
+    values = _gather_counts(value) if world_size() > 1 else [value]
+    if len(set(values)) > 1:
+        raise SystemExit(f"error: the ranks disagree on {what}: " + ", ".join(f"rank {r} {v}" for r, v in
+                                                                             enumerate(values)))
+
+
 def _gather_counts(n):
     counts = [torch.zeros(1, dtype=torch.long) for _ in range(world_size())]
     dist.all_gather(counts, torch.tensor([n], dtype=torch.long), group=cpu_group())

@@ -1074,8 +1074,11 @@ def train(args, measure=None, measured_source=None):
     written = ("benchmark.json",) if args.benchmark else ("config.json", "log.jsonl", "checkpoint.pth", "backbone.pth")
     vit.make_output_dir(args.output_dir, prefix="error: ", outputs=written, lock=rank == 0,
                         sources=[measured_source] if measured_source else None)
+    losses.barrier()  # the others read the folder once rank 0 holds it: a run ending meanwhile changes its checkpoint
     saved = dict(student=student, teacher=teacher, dino_loss=dino_loss, optimizer=optimizer, scaler=scaler)
     start_step = resume(args, saved, total_steps, len(dataset), precision, device)
+    losses.refuse_disagreement(total_steps, "the total steps (pass the same flags to every node)")
+    losses.refuse_disagreement(start_step, "the step to resume from (--output-dir must be one folder every node sees)")
 
     # ============ compiling, describing the run, wrapping the student for DDP ============
     if args.compile:

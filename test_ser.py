@@ -1454,6 +1454,23 @@ def losses_ddp_worker(rank, world, out_dir):
         dist.destroy_process_group()
 
 
+def disagreement_worker(rank, world):
+    dist.init_process_group("gloo")
+    try:
+        losses.refuse_disagreement(7, "a count")  # the same on every rank: nothing to say
+        with pytest.raises(SystemExit, match="^error: the ranks disagree on the step: rank 0 0, rank 1 1$"):
+            losses.refuse_disagreement(rank, "the step")  # e.g. a checkpoint on one node's disk only
+        losses.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_that_disagree_stop_together_in_one_line():
+    """Ranks that resume from different steps would wait for each other's collectives for good."""
+    spawn(disagreement_worker)
+
+
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("ddp"))
@@ -1659,11 +1676,12 @@ def test_run_script_gives_one_line_and_releases_the_loaders(capsys):
             augment.run_script(main)
         assert stop.value.code == "error: cannot read image file x.png: truncated"
 
-    def peer_gone():  # gloo's error in a rank whose peer has exited (the peer printed its own one line)
-        raise RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:55215")
-    with pytest.raises(SystemExit) as stop:
-        augment.run_script(peer_gone)
-    assert stop.value.code.startswith("error: another rank stopped")
+    for gloo in ("Connection closed by peer", "Read error [127.0.0.1]:11151: Connection reset by peer"):
+        def peer_gone():  # gloo's error in a rank whose peer has exited or was killed (the OOM killer)
+            raise RuntimeError(f"[gloo/transport/tcp/pair.cc:561] {gloo} [127.0.0.1]:55215")
+        with pytest.raises(SystemExit) as stop:
+            augment.run_script(peer_gone)
+        assert stop.value.code.startswith("error: another rank stopped")
 
     def interrupted():
         raise KeyboardInterrupt
