@@ -128,7 +128,8 @@ RANGES = {
                     (lambda v: v >= 1, "at least 1")),
     "synthetic_length": (lambda v: 1 <= v < 2**31, "in 1..2^31-1"),
     "seed": augment.SEED_RANGE,
-    "batch_size": (lambda v: v >= 2, "at least 2 (BatchNorm heads and negatives need two images a rank)"),
+    "batch_size": (lambda v: 2 <= v <= 2**24, "at least 2 (BatchNorm heads and negatives need two images a rank) "
+                   "and at most 2^24 (SER's groups are listed up front)"),
     "momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "clip_grad": (lambda v: v >= 0, ">= 0 (0 = off)"),
     "drop_path": (lambda v: 0 <= v < 1, "in [0, 1)"),

@@ -2379,9 +2379,9 @@ def test_bad_configurations_give_clear_errors(tmp_path, capsys):
         in capsys.readouterr().out
     with pytest.raises(SystemExit, match="got 3 \\(the default with --ser\\)"):
         config("--ser --depth 2", tmp_path)
-    for size in ("0", "1"):  # BatchNorm heads need two images
-        with pytest.raises(SystemExit, match="--batch-size must be at least 2"):
-            config(f"--batch-size {size}", tmp_path)
+    for size in ("0", "1", str(10**11)):  # BatchNorm heads need two images; 10^11 listed SER groups for minutes
+        with pytest.raises(SystemExit, match="--batch-size must be at least 2 .* and at most 2\\^24"):
+            config(f"--ser --equiv-layer 2 --batch-size {size}", tmp_path)
     with pytest.raises(SystemExit, match="--count-flops and --benchmark each end the run"):
         config("--count-flops --benchmark 2", tmp_path)
     with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit, match="--count-flops counts one process"):
