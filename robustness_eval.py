@@ -1282,9 +1282,11 @@ def corruption_set(args, base, img_size, corruptions, num_classes, classes):
     if args.imagenet_c_dir:
         return released_corruptions(args.imagenet_c_dir, entries, img_size, num_classes, classes)
     frost_images = load_frost_images(args.frost_dir) if args.frost_dir and "frost" in corruptions else None
-    return Generated(base, img_size, [(e, partial(corrupted_crop, crop=img_size, name=c, severity=s,
-                                                  frost_images=frost_images, jpeg_quality=85 if args.c_jpeg else None))
-                                      for e, (c, s) in enumerate(entries)], args.seed)
+    # Each (corruption, severity) draws from its own key, whatever else --corruptions lists: a subset run gives the
+    # full run's rows (the default list keeps its keys 0..74)
+    return Generated(base, img_size, [(CORRUPTIONS.index(c) * 5 + s - 1, partial(
+        corrupted_crop, crop=img_size, name=c, severity=s, frost_images=frost_images,
+        jpeg_quality=85 if args.c_jpeg else None)) for c, s in entries], args.seed)
 
 
 def corruption_task(ev, c_set, num_classes, corruptions, clean_error, clean_count):

@@ -4073,6 +4073,15 @@ def test_mce_by_hand():
         robustness_eval.corruption_errors({c: v for c, v in errors.items() if c != "fog"})
 
 
+def test_a_generated_corruption_does_not_depend_on_the_others_listed():
+    """Each (corruption, severity) draws from its own key: shot noise alone is shot noise after gaussian noise."""
+    base = augment.build_dataset("synthetic", "val", img_size=32, length=2)
+    args = SimpleNamespace(imagenet_c_dir=None, frost_dir=None, c_jpeg=False, seed=0)
+    alone = robustness_eval.corruption_set(args, base, 32, ["shot_noise"], 6, None)
+    after = robustness_eval.corruption_set(args, base, 32, ["gaussian_noise", "shot_noise"], 6, None)
+    assert len(alone) == 10 and all(torch.equal(alone[i][0], after[10 + i][0]) for i in range(10))
+
+
 # ------------------------------------------------------------------------------------------- ImageNet-P
 
 def test_flip_probability_noise_vs_consecutive():
