@@ -1098,6 +1098,9 @@ def check_args(args):
               "seed": augment.SEED_RANGE, "patch_size": at_least_1, "depth": at_least_1, "figure_layer": at_least_1,
               "figure_images": at_least_1}
     augment.check_ranges([("--" + k.replace("_", "-"), getattr(args, k), *rule) for k, rule in ranges.items()])
+    for k in ("probe", "imagenet_c_dir", "imagenet_p_dir", "frost_dir", "p_normalizers", "figures"):
+        if getattr(args, k) == "":  # e.g. an unset shell variable: read as not given, the run would ignore it
+            raise SystemExit(f"--{k.replace('_', '-')} is empty: pass a path, or drop the flag")
     for flag, path in (("--output-dir", args.output_dir), ("--figures", args.figures)):
         if path:
             augment.refuse_output_in_data(args.data, path, flag)

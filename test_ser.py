@@ -4455,6 +4455,9 @@ def test_driver_equivariance_only_and_errors(tiny_probe, tmp_path):
         robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--output-dir", str(tmp_path)]))
     with pytest.raises(SystemExit, match="--corruptions"):
         robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--probe", tiny_probe, "--corruptions", "fogg"]))
+    for flag in ("--imagenet-c-dir", "--imagenet-p-dir", "--frost-dir", "--p-normalizers", "--figures"):
+        with pytest.raises(SystemExit, match=f"^{flag} is empty: pass a path, or drop the flag$"):  # "$UNSET"
+            robust("--probe", tiny_probe, flag, "", "--output-dir", tmp_path)
     for extra, why in ((["--backbone", tiny_probe], "--probe holds its backbone"), (["--tasks", "c"], "drop --tasks"),
                        (["--tasks", ""], "drop --tasks")):
         with pytest.raises(SystemExit, match=why):  # else --backbone or --tasks would be ignored
