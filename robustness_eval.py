@@ -1150,7 +1150,7 @@ def _choices(text, allowed, flag):
     items = list(dict.fromkeys(t for t in text.split(",") if t))  # a duplicate would be run and counted twice
     bad = [t for t in items if t not in allowed]
     if bad or not items:
-        what = f"unknown {', '.join(bad)}" if bad else "none given"
+        what = f"unknown {', '.join(map(repr, bad))}" if bad else "none given"  # quoted: ' c' of "clean, c"
         raise SystemExit(f"{flag}: {what}; choose from {', '.join(allowed)}")
     return items
 

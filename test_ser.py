@@ -4453,8 +4453,10 @@ def test_driver_equivariance_only_and_errors(tiny_probe, tmp_path):
     assert set(out) >= {"equivariance"} and "clean" not in out
     with pytest.raises(SystemExit, match="--probe"):
         robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--output-dir", str(tmp_path)]))
-    with pytest.raises(SystemExit, match="--corruptions"):
+    with pytest.raises(SystemExit, match="^--corruptions: unknown 'fogg'; choose from"):
         robustness_eval.main(robustness_eval.get_args_parser().parse_args(["--probe", tiny_probe, "--corruptions", "fogg"]))
+    with pytest.raises(SystemExit, match="^--tasks: unknown ' c'; choose from"):  # a space after the comma
+        robust("--probe", tiny_probe, "--tasks", "clean, c", "--output-dir", tmp_path)
     for flag in ("--imagenet-c-dir", "--imagenet-p-dir", "--frost-dir", "--p-normalizers", "--figures"):
         with pytest.raises(SystemExit, match=f"^{flag} is empty: pass a path, or drop the flag$"):  # "$UNSET"
             robust("--probe", tiny_probe, flag, "", "--output-dir", tmp_path)
