@@ -1244,6 +1244,10 @@ def make_output_dirs(args, rank, names, written):
         if args.figures:  # the lock is taken once per folder: --figures may be --output-dir
             vit.make_output_dir(args.figures, flag="--figures", sources=sources, lock=True, data=args.data,
                                 outputs=("equivariance.png", *(f"attention_{n}.png" for n in names), "figures.json"))
+            unrecorded = os.path.join(args.figures, "equivariance.png")  # an earlier version's, or not ours
+            if os.path.lexists(unrecorded) and not os.path.lexists(os.path.join(args.figures, "figures.json")):
+                raise SystemExit(f"--figures {args.figures} holds an equivariance.png that no figures.json records, "
+                                 "which this run would replace: move it away or choose another --figures")
 
 
 def figures(args, backbones, names, clean_set, layer, device):

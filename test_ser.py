@@ -4927,6 +4927,9 @@ def test_figures_of_other_weights_are_refused_in_their_folder(tiny_probe, tmp_pa
     robust(*common, "--probe", tiny_probe, "--output-dir", tmp_path / "a")  # a rerun replaces its own
     robust(*common, "--probe", tiny_probe, "--output-dir", fig)  # one folder for both: its lock is taken once
     assert {"robustness.json", "figures.json", "equivariance.png"} <= set(os.listdir(fig))
+    (fig / "figures.json").unlink()  # figures that record nothing (an earlier version's): kept, not replaced
+    with pytest.raises(SystemExit, match=f"^--figures {fig} holds an equivariance.png that no figures.json records"):
+        robust(*common, "--probe", tiny_probe, "--output-dir", tmp_path / "a")
 
 
 def test_robustness_json_records_an_unfinished_runs_backbone(tmp_path, capsys):
