@@ -428,9 +428,10 @@ def main(argv=None):
                              "it cannot be evaluated")
         return f, y
 
+    digest = vit.weights_digest(backbone)  # the frozen weights (assert_unchanged): robustness_eval's table reads it
     # A random init by its weights: baselines of another --depth or --seed are other results
     sources = [vit.weights_source(args.pretrained, args.checkpoint_key) if args.pretrained
-               else f"random init {args.arch} (weights {vit.weights_digest(backbone)[:12]})"]
+               else f"random init {args.arch} (weights {digest[:12]})"]
     if rank == 0:  # after the cheap checks, before the features: a bad flag leaves no folder behind
         vit.make_output_dir(args.output_dir, outputs=("linear_probe.pth", "linear_eval.json"), sources=sources,
                             lock=True, data=args.data, drops=[] if args.knn_k else ["knn"])
@@ -499,7 +500,7 @@ def main(argv=None):
     results.update(backbone=args.pretrained or f"random init {args.arch}", source=sources, arch=backbone.arch,
                    backbone_unfinished=getattr(backbone, "unfinished", None),
                    data=vit.data_location(args.data),  # resolved: a rerun from another folder compares it
-                   backbone_digest=vit.weights_digest(backbone),  # robustness_eval's table: these weights' numbers
+                   backbone_digest=digest,
                    img_size=img_size, num_classes=num_classes, num_features=in_dim, num_fit=len(fit_idx),
                    num_holdout=len(holdout_idx), num_val=len(val_set), world_size=world,
                    time_s=round(time.time() - start, 1), args=vars(args))
