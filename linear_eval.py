@@ -352,10 +352,10 @@ def check_args(args, world):
     ranges = [("--" + k.replace("_", "-"), getattr(args, k), lambda v: v >= 1, "at least 1") for k in at_least_1]
     ranges += [(f"--{k}-length", getattr(args, f"{k}_length"), lambda v: 1 <= v < 2**31, "in 1..2^31-1")
                for k in ("train", "val")]
+    largest_lr = torch.finfo(torch.float32).max * 256 / max(1, args.batch_size)  # --batch-size 0: refused below
     ranges += [("--lrs", args.lrs, lambda v: v > 0, "positive"),
                ("--knn-k", args.knn_k, lambda v: v >= 0, ">= 0 (0 skips k-NN)"),
-               ("--lrs", args.lrs, lambda v: v * args.batch_size / 256 < torch.finfo(torch.float32).max,
-                f"below {torch.finfo(torch.float32).max * 256 / args.batch_size:.3g} (times --batch-size/256, the "
+               ("--lrs", args.lrs, lambda v: v < largest_lr, f"below {largest_lr:.3g} (times --batch-size/256, the "
                 "lr must be a float32)"),
                ("--knn-temperature", args.knn_temperature, lambda v: v > 0, "positive"),
                ("--num-workers", args.num_workers, lambda v: v >= 0, ">= 0"),

@@ -3566,6 +3566,8 @@ def test_bad_flags_give_clear_errors(tmp_path):
     parser = linear_eval.get_args_parser()
     with pytest.raises(SystemExit, match="must be divisible by the world size 3"):
         linear_eval.check_args(parser.parse_args(["--batch-size", "256"]), world=3)
+    with pytest.raises(SystemExit, match="^--batch-size must be at least 1, got 0$"):  # not a ZeroDivisionError
+        linear_eval.check_args(parser.parse_args(["--batch-size", "0"]), world=1)
     with pytest.raises(SystemExit, match="--knn-temperature is read only with --knn-k above 0; .*drop it"):
         linear_eval.check_args(parser.parse_args(["--knn-k", "0", "--knn-temperature", "0.5"]), world=1)
     with pytest.raises(SystemExit, match="--checkpoint-key is read only with --pretrained"):
