@@ -306,9 +306,11 @@ def train_sweep(sweep, loader, lrs, epochs, device, backbone=None, n_last_blocks
 
 @torch.no_grad()
 def evaluate_sweep(sweep, features, labels, chunk_size=1024):
-    """[{'top1', 'top5'}] per head on cached features (M, F); top5 None with <= 5 classes (topk_accuracy)."""
+    """[{'top1', 'top5', 'finite'}] per head on cached features (M, F); top5 None with <= 5 classes (topk_accuracy);
+    finite: whether all its logits are (non-finite weights give non-finite logits, and finite ones may overflow)."""
     logits = torch.cat([sweep(f) for f in features.split(chunk_size)], dim=1)  # (K, M, C)
-    return [topk_accuracy(l.topk(min(5, l.shape[-1]), dim=1).indices, labels, l.shape[-1]) for l in logits]
+    return [{**topk_accuracy(l.topk(min(5, l.shape[-1]), dim=1).indices, labels, l.shape[-1]),
+             "finite": bool(torch.isfinite(l).all())} for l in logits]
 
 
 # ---------------------------------------------------------------------- script
@@ -464,8 +466,7 @@ def main(argv=None):
                              args.n_last_blocks, args.avgpool, log)
 
     select_acc, val_acc = evaluate_sweep(sweep, select_f, select_y), evaluate_sweep(sweep, val_f, val_y)
-    finite = [i for i, head in enumerate(sweep.heads) if all(torch.isfinite(p).all() for p in head.parameters())
-              and all(torch.isfinite(head(f)).all() for f in (select_f, val_f))]  # finite weights can still overflow
+    finite = [i for i in range(len(lrs)) if select_acc[i]["finite"] and val_acc[i]["finite"]]
     if not finite:  # an argmax of NaN logits is a made-up accuracy
         raise SystemExit(f"--lrs {' '.join(f'{lr:g}' for lr in args.lrs)}: every head diverged (non-finite weights "
                          "or logits); lower the lrs")
@@ -476,8 +477,8 @@ def main(argv=None):
     if len(lrs) > 1 and args.lrs[best] in (min(args.lrs), max(args.lrs)):
         log(f"note: the selected lr {args.lrs[best]:g} is at the edge of --lrs; widen the sweep")
     selected_on = "holdout" if holdout_idx else "val"
-    results = {"linear": {**val_acc[best], "lr": args.lrs[best], "scaled_lr": lrs[best],
-                          f"{selected_on}_top1": select_acc[best]["top1"]},
+    results = {"linear": {"top1": val_acc[best]["top1"], "top5": val_acc[best]["top5"], "lr": args.lrs[best],
+                          "scaled_lr": lrs[best], f"{selected_on}_top1": select_acc[best]["top1"]},
                "sweep": [{"lr": lr, "scaled_lr": slr, "final_loss": loss, f"{selected_on}_top1": s["top1"],
                           f"{selected_on}_top5": s["top5"], "val_top1": v["top1"], "val_top5": v["top5"]}
                          for lr, slr, loss, s, v in zip(args.lrs, lrs, final_loss, select_acc, val_acc)]}
