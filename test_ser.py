@@ -547,7 +547,7 @@ def test_ser_release_baselines_load_as_the_standard_vit_they_are(tmp_path, add_o
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ours, theirs = loaded.get_intermediate_layers(x, 2), model.get_intermediate_layers(x, 2)
-    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert len(ours) == len(theirs) == 2 and all(torch.equal(a, b) for a, b in zip(ours, theirs))
     with pytest.raises(SystemExit, match="is a standard ViT \\(its position table has a \\[CLS\\] row, 17 rows\\): "
                                          "its \\[CLS\\] joins before block 1; drop --equiv-layer$"):
         vit.backbone_from_flags(str(tmp_path / "weights.pth"), equiv_layer=2, **flags)
@@ -1863,6 +1863,8 @@ def test_image_links_across_splits_and_classes_are_refused(tmp_path):
     os.rename(tmp_path / "val", tmp_path / "old_val")
     os.symlink(tmp_path / "train", tmp_path / "val")  # refused when val is read, not for train's own links
     assert len(augment.build_dataset(str(tmp_path), "train")) == 7
+    with pytest.raises(ValueError, match="train/ and val/ share the folder .*train through symlinks"):
+        augment.build_dataset(str(tmp_path), "val")
 
 
 def test_hidden_entries_imagefolder_would_read_are_refused(tmp_path):
@@ -4260,7 +4262,7 @@ def test_no_figure_row_or_image_count_stands_for_what_did_not_happen(tmp_path, m
     for split in ("train", "val"):
         _write_png_tree(tree, split)
     for data in ("synthetic", tree):
-        with pytest.raises(SystemExit, match="stop"):
+        with pytest.raises(SystemExit, match="^stop$"):
             robust("--equivariance-only", "--backbone", tmp_path / "a.pth", tmp_path / "b.pth", "--data", data,
                    "--num-workers", "0", "--output-dir", tmp_path / "out")
     assert defaults == [200, None]
